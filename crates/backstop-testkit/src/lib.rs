@@ -1,0 +1,213 @@
+//! Test support for Backstop: the broker fixture (address, `rabbitmqctl`
+//! helpers, publishing, waiting with deadlines) and [`FaultProxy`], a TCP proxy
+//! that cuts or blackholes connections on demand.
+//!
+//! Everything stays on loopback: the proxy listens on 127.0.0.1 and refuses an
+//! upstream that is not a loopback address.
+
+mod proxy;
+
+pub use proxy::FaultProxy;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The default broker address, used when `BACKSTOP_AMQP_URL` is not set.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The broker the tests use: `BACKSTOP_AMQP_URL`, or the local default.
+pub fn amqp_url() -> String {
+    std::env::var("BACKSTOP_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
+}
+
+/// The broker's `host:port`, as a socket address.
+pub fn broker_addr() -> SocketAddr {
+    let url = amqp_url();
+    let uri: lapin::uri::AMQPUri = url
+        .parse()
+        .unwrap_or_else(|e| panic!("BACKSTOP_AMQP_URL is not a valid AMQP URI: {e}"));
+    let host = if uri.authority.host == "localhost" {
+        "127.0.0.1".to_owned()
+    } else {
+        uri.authority.host.clone()
+    };
+    format!("{host}:{}", uri.authority.port)
+        .parse()
+        .unwrap_or_else(|e| panic!("broker host must be an IP address on loopback: {e}"))
+}
+
+/// `url` with its host and port replaced by `addr` (a proxy's address).
+pub fn url_via(url: &str, addr: SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url));
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let userinfo = authority
+        .rfind('@')
+        .map(|at| &authority[..=at])
+        .unwrap_or("");
+    format!("{scheme}://{userinfo}{addr}{}", &rest[authority_end..])
+}
+
+/// A name no other test (or earlier run) uses: `prefix.<pid>.<time>.<n>`.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    format!(
+        "{prefix}.{}.{}.{}",
+        std::process::id(),
+        millis % 100_000_000,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Polls `check` until it returns true, panicking with `what` after `timeout`.
+/// Returns how long it took.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `rabbitmqctl` with `args`; stdout on success, stderr on failure.
+pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "rabbitmqctl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout)
+        ))
+    }
+}
+
+/// What the broker says about a queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    /// Messages ready for delivery.
+    pub ready: u64,
+    /// Messages delivered and not yet acknowledged.
+    pub unacked: u64,
+    /// Consumers subscribed.
+    pub consumers: u64,
+}
+
+/// The broker's counts for `queue`, read with `rabbitmqctl list_queues`;
+/// `None` when the queue does not exist.
+pub fn queue_counts(queue: &str) -> Option<QueueCounts> {
+    let out = rabbitmqctl(&[
+        "-q",
+        "list_queues",
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+        "messages_unacknowledged",
+        "consumers",
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    out.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            [name, ready, unacked, consumers] if *name == queue => Some(QueueCounts {
+                ready: ready.parse().unwrap_or(0),
+                unacked: unacked.parse().unwrap_or(0),
+                consumers: consumers.parse().unwrap_or(0),
+            }),
+            _ => None,
+        }
+    })
+}
+
+/// A plain lapin connection to the test broker, for arranging and inspecting.
+pub async fn connect() -> Connection {
+    Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot connect to the test broker at {}: {e}",
+                broker_addr()
+            )
+        })
+}
+
+/// Publishes `count` persistent messages to `queue` through the default
+/// exchange with publisher confirms. Message `i` has message id `prefix-i`
+/// and body `body(i)`.
+pub async fn publish(
+    connection: &Connection,
+    queue: &str,
+    count: u64,
+    id_prefix: &str,
+    body: impl Fn(u64) -> Vec<u8>,
+) {
+    let channel = connection
+        .create_channel()
+        .await
+        .unwrap_or_else(|e| panic!("channel: {e}"));
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("confirm.select: {e}"));
+    let mut pending = Vec::with_capacity(1000);
+    for i in 0..count {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_message_id(format!("{id_prefix}-{i}").into());
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body(i),
+                props,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("publish: {e}"));
+        pending.push(confirm);
+        if pending.len() == 1000 {
+            for confirm in pending.drain(..) {
+                let c = confirm.await.unwrap_or_else(|e| panic!("confirm: {e}"));
+                assert!(c.is_ack(), "the broker nacked a published message");
+            }
+        }
+    }
+    for confirm in pending {
+        let c = confirm.await.unwrap_or_else(|e| panic!("confirm: {e}"));
+        assert!(c.is_ack(), "the broker nacked a published message");
+    }
+    let _ = channel.close(200, "published".into()).await;
+}
+
+/// Deletes `queue` if it exists.
+pub async fn delete_queue(connection: &Connection, queue: &str) {
+    if let Ok(channel) = connection.create_channel().await {
+        let _ = channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await;
+        let _ = channel.close(200, "deleted".into()).await;
+    }
+}

@@ -1,0 +1,775 @@
+//! The connection supervisor: one task that owns the AMQP connection, brings it
+//! back after every way it can die, and tells everyone what state it is in.
+//!
+//! lapin's own auto-recover is deliberately not used: after an 8-second broker
+//! restart it never reconnects. The supervisor instead runs an explicit state
+//! machine ([`ConnectionState`]) and reconnects with exponential backoff and
+//! full jitter ([`Backoff`]), trying each configured address in turn.
+//!
+//! Each successful connect gets a new *generation* number. Consumers ask for
+//! the current [`LiveConnection`], open their channels on it, and tag their
+//! deliveries with its generation, so a late ack from an older connection is
+//! never sent on a newer one.
+//!
+//! ```no_run
+//! # async fn example() -> backstop::Result<()> {
+//! use backstop::connection::{ConnectionConfig, ConnectionSupervisor};
+//! use std::time::Duration;
+//!
+//! let config = ConnectionConfig::new("amqp://guest:guest@127.0.0.1:5672/%2f")
+//!     .heartbeat(Duration::from_secs(10))
+//!     .connection_name("orders-consumer");
+//! let supervisor = ConnectionSupervisor::start(config)?;
+//! let live = supervisor.connection().await?;
+//! let channel = live.create_channel().await?;
+//! # drop(channel);
+//! # Ok(()) }
+//! ```
+
+use crate::error::{Error, RedactedUri, Result};
+use crate::wait_true;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::uri::AMQPUri;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tracing::{debug, error, info, warn};
+
+/// Exponential backoff with *full* jitter: the delay before attempt `n` is
+/// uniform in `[0, min(max, initial * 2^n)]`.
+///
+/// Full jitter (rather than the additive jitter of the `backon` crate already
+/// in the tree) is what spreads a fleet of consumers that all lost the broker at
+/// the same instant, so they do not reconnect in lockstep.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Backoff {
+    /// The ceiling of the first delay.
+    pub initial: Duration,
+    /// The ceiling no delay exceeds.
+    pub max: Duration,
+    /// Give up after this many failed attempts in a row. `None` retries forever.
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+            max_attempts: None,
+        }
+    }
+}
+
+impl Backoff {
+    /// The ceiling of the delay before attempt `attempt` (counted from 0).
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.min(31));
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+
+    /// A delay drawn uniformly from `[0, ceiling(attempt)]`.
+    pub fn delay(&self, attempt: u32, rng: &mut fastrand::Rng) -> Duration {
+        self.ceiling(attempt).mul_f64(rng.f64())
+    }
+}
+
+/// How the supervisor connects.
+#[derive(Clone)]
+pub struct ConnectionConfig {
+    addresses: Vec<String>,
+    heartbeat: Duration,
+    connection_name: String,
+    backoff: Backoff,
+    connect_timeout: Duration,
+}
+
+impl fmt::Debug for ConnectionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let addresses: Vec<RedactedUri> =
+            self.addresses.iter().map(|a| RedactedUri::new(a)).collect();
+        f.debug_struct("ConnectionConfig")
+            .field("addresses", &addresses)
+            .field("heartbeat", &self.heartbeat)
+            .field("connection_name", &self.connection_name)
+            .field("backoff", &self.backoff)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl ConnectionConfig {
+    /// A configuration for one broker address, with the defaults: heartbeat
+    /// 10 s, backoff 100 ms to 30 s with unlimited attempts, connect timeout 10 s.
+    pub fn new(uri: impl Into<String>) -> Self {
+        ConnectionConfig {
+            addresses: vec![uri.into()],
+            heartbeat: Duration::from_secs(10),
+            connection_name: "backstop".to_owned(),
+            backoff: Backoff::default(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Adds another broker address; addresses are tried in turn.
+    pub fn address(mut self, uri: impl Into<String>) -> Self {
+        self.addresses.push(uri.into());
+        self
+    }
+
+    /// The heartbeat to ask the broker for. A dead peer is detected after two
+    /// missed heartbeats. Overrides a `heartbeat` in the URI's query.
+    pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
+        self.heartbeat = heartbeat;
+        self
+    }
+
+    /// The connection name shown by the broker (`rabbitmqctl list_connections
+    /// client_properties`, the management UI).
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.connection_name = name.into();
+        self
+    }
+
+    /// The reconnect backoff.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// How long one connection attempt (TCP, TLS and the AMQP handshake) may take.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The configured addresses, redacted.
+    pub fn redacted_addresses(&self) -> Vec<RedactedUri> {
+        self.addresses.iter().map(|a| RedactedUri::new(a)).collect()
+    }
+
+    /// Parses and checks every address and setting, naming the first problem.
+    pub fn validate(&self) -> Result<Vec<AMQPUri>> {
+        if self.addresses.is_empty() {
+            return Err(Error::Config {
+                key: "addresses",
+                reason: "at least one broker address is needed".into(),
+            });
+        }
+        if self.backoff.initial.is_zero() || self.backoff.max < self.backoff.initial {
+            return Err(Error::Config {
+                key: "backoff",
+                reason: "initial must be above zero and not above max".into(),
+            });
+        }
+        let heartbeat = u16::try_from(self.heartbeat.as_secs()).map_err(|_| Error::Config {
+            key: "heartbeat",
+            reason: format!("{:?} is above the AMQP limit of 65535 s", self.heartbeat),
+        })?;
+        self.addresses
+            .iter()
+            .map(|address| {
+                let mut uri = parse_uri(address)?;
+                uri.query.heartbeat = Some(heartbeat);
+                Ok(uri)
+            })
+            .collect()
+    }
+}
+
+/// Parses an AMQP URI, turning the parser's message into an error that names
+/// the (redacted) address.
+pub fn parse_uri(address: &str) -> Result<AMQPUri> {
+    let invalid = |reason: String| Error::InvalidUri {
+        uri: RedactedUri::new(address).to_string(),
+        reason,
+    };
+    if !(address.starts_with("amqp://") || address.starts_with("amqps://")) {
+        return Err(invalid("the scheme must be amqp:// or amqps://".into()));
+    }
+    let uri: AMQPUri = address.parse().map_err(invalid)?;
+    if uri.authority.host.is_empty() {
+        return Err(invalid("the host is empty".into()));
+    }
+    Ok(uri)
+}
+
+/// Where the supervisor is. Every transition is logged with its reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// The first connection is being made.
+    Connecting {
+        /// Failed attempts so far.
+        attempt: u32,
+    },
+    /// A connection is open and usable.
+    Connected {
+        /// The connection's generation, counted from 1.
+        generation: u64,
+    },
+    /// The broker blocked publishing on the connection (a resource alarm).
+    /// Consuming and acking still work.
+    Blocked {
+        /// The connection's generation.
+        generation: u64,
+        /// The broker's reason, for example `low on memory`.
+        reason: String,
+    },
+    /// The connection was lost and a new one is being made.
+    Reconnecting {
+        /// Failed attempts since the loss.
+        attempt: u32,
+        /// Why the previous connection or attempt failed.
+        reason: String,
+    },
+    /// The supervisor stopped, on request or because it gave up.
+    Closed {
+        /// Why it stopped.
+        reason: String,
+    },
+}
+
+impl ConnectionState {
+    /// True when a connection is open (connected or blocked).
+    pub fn is_up(&self) -> bool {
+        matches!(
+            self,
+            ConnectionState::Connected { .. } | ConnectionState::Blocked { .. }
+        )
+    }
+}
+
+/// An open connection of one generation.
+#[derive(Clone)]
+pub struct LiveConnection {
+    generation: u64,
+    connection: Arc<lapin::Connection>,
+}
+
+impl fmt::Debug for LiveConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LiveConnection")
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+impl LiveConnection {
+    /// The generation of this connection, counted from 1.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// True while lapin considers the connection open.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Opens a channel on this connection.
+    pub async fn create_channel(&self) -> Result<lapin::Channel> {
+        self.connection
+            .create_channel()
+            .await
+            .map_err(Error::amqp("channel.open"))
+    }
+}
+
+/// Counters kept by the supervisor.
+#[derive(Debug, Default)]
+struct Counters {
+    reconnects: AtomicU64,
+    failed_attempts: AtomicU64,
+}
+
+/// Why the supervisor stopped for good, kept to answer later callers.
+#[derive(Clone, Debug)]
+enum Fatal {
+    AccessRefused { uri: String, reason: String },
+    GaveUp { attempts: u32, last_error: String },
+}
+
+struct Shared {
+    state: watch::Sender<ConnectionState>,
+    current: watch::Sender<Option<LiveConnection>>,
+    fatal: std::sync::Mutex<Option<Fatal>>,
+    counters: Counters,
+    lost_tx: mpsc::UnboundedSender<(u64, String)>,
+    shutdown: watch::Sender<bool>,
+    connected_since: std::sync::Mutex<Option<Instant>>,
+}
+
+/// Owns the connection and keeps it up. Cheap to clone; all clones share one
+/// supervisor task, which stops when [`close`](Self::close) is called.
+#[derive(Clone)]
+pub struct ConnectionSupervisor {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for ConnectionSupervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionSupervisor")
+            .field("state", &*self.shared.state.borrow())
+            .finish()
+    }
+}
+
+impl ConnectionSupervisor {
+    /// Validates the configuration and starts the supervisor task on the
+    /// current tokio runtime. Fails at once, naming the problem, on a bad
+    /// address or setting; never fails because the broker is down.
+    pub fn start(config: ConnectionConfig) -> Result<Self> {
+        let uris = config.validate()?;
+        let (state, _) = watch::channel(ConnectionState::Connecting { attempt: 0 });
+        let (current, _) = watch::channel(None);
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            state,
+            current,
+            fatal: std::sync::Mutex::new(None),
+            counters: Counters::default(),
+            lost_tx,
+            shutdown,
+            connected_since: std::sync::Mutex::new(None),
+        });
+        let task = SupervisorTask {
+            shared: shared.clone(),
+            config,
+            uris,
+            lost_rx,
+            rng: fastrand::Rng::new(),
+        };
+        tokio::spawn(task.run());
+        Ok(ConnectionSupervisor { shared })
+    }
+
+    /// A receiver of the supervisor's state.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.state.subscribe()
+    }
+
+    /// Waits for an open connection. Fails only when the supervisor is closed
+    /// or gave up (refused credentials, maximum attempts reached).
+    pub async fn connection(&self) -> Result<LiveConnection> {
+        let mut current = self.shared.current.subscribe();
+        let mut state = self.shared.state.subscribe();
+        loop {
+            if let Some(live) = current.borrow_and_update().clone()
+                && live.is_connected()
+            {
+                return Ok(live);
+            }
+            if let ConnectionState::Closed { .. } = &*state.borrow_and_update() {
+                return Err(self.closed_error());
+            }
+            tokio::select! {
+                changed = current.changed() => if changed.is_err() { return Err(Error::Closed) },
+                changed = state.changed() => if changed.is_err() { return Err(Error::Closed) },
+            }
+        }
+    }
+
+    fn closed_error(&self) -> Error {
+        let fatal = self
+            .shared
+            .fatal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match fatal {
+            Some(Fatal::AccessRefused { uri, reason }) => Error::AccessRefused { uri, reason },
+            Some(Fatal::GaveUp {
+                attempts,
+                last_error,
+            }) => Error::GaveUp {
+                attempts,
+                last_error,
+            },
+            None => Error::Closed,
+        }
+    }
+
+    /// Tells the supervisor that a user of generation `generation` saw the
+    /// connection fail. Reports for older generations are ignored.
+    pub fn report_lost(&self, generation: u64, reason: impl Into<String>) {
+        let _ = self.shared.lost_tx.send((generation, reason.into()));
+    }
+
+    /// How many times a lost connection was replaced by a new one.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.counters.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// How long the current connection has been up, if one is.
+    pub fn uptime(&self) -> Option<Duration> {
+        let since = *self
+            .shared
+            .connected_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        since.map(|s| s.elapsed())
+    }
+
+    /// Closes the connection and stops the supervisor. Consumers should be
+    /// shut down first so their acks are flushed.
+    pub async fn close(&self) {
+        self.shared.shutdown.send_replace(true);
+        let mut state = self.state();
+        let _ = state
+            .wait_for(|s| matches!(s, ConnectionState::Closed { .. }))
+            .await;
+    }
+}
+
+struct SupervisorTask {
+    shared: Arc<Shared>,
+    config: ConnectionConfig,
+    uris: Vec<AMQPUri>,
+    lost_rx: mpsc::UnboundedReceiver<(u64, String)>,
+    rng: fastrand::Rng,
+}
+
+enum AttemptError {
+    Fatal(String),
+    Retry(String),
+}
+
+impl SupervisorTask {
+    fn transition(&self, next: ConnectionState, reason: &str) {
+        let previous = self.shared.state.send_replace(next.clone());
+        if previous != next {
+            match &next {
+                ConnectionState::Reconnecting { .. } | ConnectionState::Blocked { .. } => {
+                    warn!(from = ?previous, to = ?next, reason, "connection state")
+                }
+                ConnectionState::Closed { .. } => {
+                    info!(from = ?previous, to = ?next, reason, "connection state")
+                }
+                _ => info!(from = ?previous, to = ?next, reason, "connection state"),
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let mut generation = 0u64;
+        let mut attempt = 0u32;
+        let mut next_address = 0usize;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let index = next_address % self.uris.len();
+            next_address += 1;
+            let shown = RedactedUri::new(&self.config.addresses[index]);
+            debug!(address = %shown, attempt, "connecting");
+            let outcome = tokio::select! {
+                outcome = self.connect_once(index) => outcome,
+                _ = wait_true(&mut shutdown) => break,
+            };
+            match outcome {
+                Ok(connection) => {
+                    generation += 1;
+                    if generation > 1 {
+                        self.shared
+                            .counters
+                            .reconnects
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    attempt = 0;
+                    let closed = self
+                        .hold(connection, generation, &shown, &mut shutdown)
+                        .await;
+                    match closed {
+                        Held::Shutdown => break,
+                        Held::Lost(reason) => {
+                            self.transition(
+                                ConnectionState::Reconnecting {
+                                    attempt: 0,
+                                    reason: reason.clone(),
+                                },
+                                &reason,
+                            );
+                            // Lost after being up: the first retry is immediate
+                            // plus jitter over the initial delay.
+                        }
+                    }
+                }
+                Err(AttemptError::Fatal(reason)) => {
+                    error!(address = %shown, %reason, "connection refused; not retrying");
+                    *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Fatal::AccessRefused {
+                            uri: shown.to_string(),
+                            reason: reason.clone(),
+                        });
+                    self.finish(&reason);
+                    return;
+                }
+                Err(AttemptError::Retry(reason)) => {
+                    attempt += 1;
+                    self.shared
+                        .counters
+                        .failed_attempts
+                        .fetch_add(1, Ordering::Relaxed);
+                    let last_error = reason.clone();
+                    warn!(address = %shown, attempt, %reason, "connection attempt failed");
+                    if let Some(max) = self.config.backoff.max_attempts
+                        && attempt >= max
+                    {
+                        let reason = format!("gave up after {attempt} attempts: {last_error}");
+                        *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Fatal::GaveUp {
+                                attempts: attempt,
+                                last_error: last_error.clone(),
+                            });
+                        self.finish(&reason);
+                        return;
+                    }
+                    let state = if generation == 0 {
+                        ConnectionState::Connecting { attempt }
+                    } else {
+                        ConnectionState::Reconnecting {
+                            attempt,
+                            reason: reason.clone(),
+                        }
+                    };
+                    self.transition(state, &reason);
+                }
+            }
+            // Back off before the next round; a full pass over the address
+            // list counts as one step of the exponential schedule.
+            let step = attempt.saturating_sub(1) / self.uris.len() as u32;
+            let delay = if attempt == 0 {
+                self.config.backoff.delay(0, &mut self.rng)
+            } else {
+                self.config.backoff.delay(step, &mut self.rng)
+            };
+            debug!(?delay, "backing off before the next connection attempt");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = wait_true(&mut shutdown) => break,
+            }
+        }
+        self.finish("closed on request");
+    }
+
+    fn finish(&self, reason: &str) {
+        if let Some(live) = self.shared.current.send_replace(None) {
+            let connection = live.connection.clone();
+            tokio::spawn(async move {
+                let _ = connection.close(200, "backstop shutting down".into()).await;
+            });
+        }
+        *self
+            .shared
+            .connected_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        self.transition(
+            ConnectionState::Closed {
+                reason: reason.to_owned(),
+            },
+            reason,
+        );
+    }
+
+    async fn connect_once(&self, index: usize) -> Result<lapin::Connection, AttemptError> {
+        let props = lapin::ConnectionProperties::default()
+            .with_connection_name(self.config.connection_name.clone().into())
+            .with_client_property("product".into(), "backstop".into())
+            .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
+        let uri = self.uris[index].clone();
+        match tokio::time::timeout(
+            self.config.connect_timeout,
+            lapin::Connection::connect_uri(uri, props),
+        )
+        .await
+        {
+            Err(_) => Err(AttemptError::Retry(format!(
+                "timed out after {:?}",
+                self.config.connect_timeout
+            ))),
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(err)) => Err(classify_connect_error(&err)),
+        }
+    }
+
+    /// Publishes the connection and waits until it is lost or shutdown is asked.
+    async fn hold(
+        &mut self,
+        connection: lapin::Connection,
+        generation: u64,
+        shown: &RedactedUri,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Held {
+        let mut events = connection.events_listener();
+        let connection = Arc::new(connection);
+        let live = LiveConnection {
+            generation,
+            connection: connection.clone(),
+        };
+        *self
+            .shared
+            .connected_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.shared.current.send_replace(Some(live));
+        self.transition(
+            ConnectionState::Connected { generation },
+            &format!("connected to {shown}"),
+        );
+        // Belt and braces: lapin reports most losses as an event, but the
+        // status is polled too so that a missed event cannot leave us holding
+        // a dead connection.
+        let mut poll = tokio::time::interval(Duration::from_millis(500));
+        let reason = loop {
+            tokio::select! {
+                _ = wait_true(shutdown) => {
+                    self.shared.current.send_replace(None);
+                    let _ = connection.close(200, "backstop shutting down".into()).await;
+                    return Held::Shutdown;
+                }
+                event = events.next() => match event {
+                    Some(lapin::Event::ConnectionBlocked(reason)) => {
+                        self.transition(
+                            ConnectionState::Blocked { generation, reason: reason.clone() },
+                            &reason,
+                        );
+                    }
+                    Some(lapin::Event::ConnectionUnblocked) => {
+                        self.transition(ConnectionState::Connected { generation }, "unblocked by the broker");
+                    }
+                    Some(lapin::Event::Error(err)) => break describe(&err),
+                    Some(_) => {}
+                    None => break "the connection's event stream ended".to_owned(),
+                },
+                lost = self.lost_rx.recv() => {
+                    if let Some((lost_generation, reason)) = lost
+                        && lost_generation == generation
+                        && !connection.status().connected()
+                    {
+                        break reason;
+                    }
+                }
+                _ = poll.tick() => {
+                    if !connection.status().connected() {
+                        break "lapin reports the connection as no longer connected".to_owned();
+                    }
+                }
+            }
+        };
+        self.shared.current.send_replace(None);
+        *self
+            .shared
+            .connected_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        // Make sure the socket is gone; errors here only repeat the loss.
+        let closing = connection.clone();
+        tokio::spawn(async move {
+            let _ = closing.close(320, "backstop: connection lost".into()).await;
+        });
+        Held::Lost(reason)
+    }
+}
+
+enum Held {
+    Shutdown,
+    Lost(String),
+}
+
+/// A readable, credential-free description of a lapin error.
+pub(crate) fn describe(err: &lapin::Error) -> String {
+    match err.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => {
+            format!("{:?}: {}", amqp.kind(), amqp.get_message())
+        }
+        lapin::ErrorKind::MissingHeartbeatError => {
+            "missed heartbeats: nothing received from the broker for two heartbeat intervals"
+                .to_owned()
+        }
+        _ => err.to_string(),
+    }
+}
+
+fn classify_connect_error(err: &lapin::Error) -> AttemptError {
+    if let lapin::ErrorKind::ProtocolError(amqp) = err.kind() {
+        let message = amqp.get_message().to_string();
+        match amqp.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => {
+                return AttemptError::Fatal(format!("ACCESS_REFUSED: {message}"));
+            }
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
+                return AttemptError::Fatal(format!(
+                    "ACCESS_REFUSED (NOT_ALLOWED: virtual host): {message}"
+                ));
+            }
+            _ => {}
+        }
+        if message.starts_with("ACCESS_REFUSED") {
+            return AttemptError::Fatal(message);
+        }
+    }
+    AttemptError::Retry(describe(err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_ceiling_doubles_up_to_the_cap() {
+        let b = Backoff::default();
+        assert_eq!(b.ceiling(0), Duration::from_millis(100));
+        assert_eq!(b.ceiling(1), Duration::from_millis(200));
+        assert_eq!(b.ceiling(5), Duration::from_millis(3200));
+        assert_eq!(b.ceiling(9), Duration::from_secs(30));
+        assert_eq!(b.ceiling(400), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn full_jitter_stays_within_the_ceiling_and_spreads() {
+        let b = Backoff::default();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let delays: Vec<Duration> = (0..1000).map(|_| b.delay(6, &mut rng)).collect();
+        assert!(delays.iter().all(|d| *d <= b.ceiling(6)));
+        let min = delays.iter().min().copied().unwrap_or_default();
+        let max = delays.iter().max().copied().unwrap_or_default();
+        // Full jitter covers the whole range, not just its upper half.
+        assert!(min < b.ceiling(6) / 10, "min {min:?}");
+        assert!(max > b.ceiling(6) * 9 / 10, "max {max:?}");
+    }
+
+    #[test]
+    fn invalid_uris_are_named() {
+        let err = ConnectionConfig::new("amqp://guest:pw@127.0.0.1:notaport/%2f")
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("invalid AMQP URI"), "{err}");
+        assert!(err.contains("127.0.0.1:notaport"), "{err}");
+        assert!(!err.contains("pw@"), "{err}");
+
+        let err = ConnectionConfig::new("http://127.0.0.1/")
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("scheme"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_is_written_into_every_uri() {
+        let uris = ConnectionConfig::new("amqp://127.0.0.1:5672/%2f?heartbeat=60")
+            .address("amqp://127.0.0.1:5673/%2f")
+            .heartbeat(Duration::from_secs(2))
+            .validate()
+            .unwrap_or_default();
+        assert_eq!(uris.len(), 2);
+        assert!(uris.iter().all(|u| u.query.heartbeat == Some(2)));
+    }
+}

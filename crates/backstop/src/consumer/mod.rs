@@ -1,0 +1,761 @@
+//! The consumer runtime: subscribes to a queue through the supervised
+//! connection, runs at most N handlers at once, and settles every delivery
+//! only after its handler is done.
+//!
+//! One *session* is one channel: open it, apply the topology, set the
+//! prefetch, subscribe, dispatch. Anything that ends a session (the connection
+//! drops, the broker cancels the consumer because the queue was deleted, a
+//! channel error such as `PRECONDITION_FAILED`) leads to a new session, on the
+//! same connection when it is still up and on the supervisor's next one when
+//! not. The topology and the prefetch are therefore applied again every time.
+//!
+//! Each session has its own *generation*. A handler that finishes after its
+//! session ended carries the old generation, and its tag is dropped and
+//! counted rather than acked on the new channel: the broker has already put
+//! that message back and will deliver it again.
+//!
+//! Acks are coalesced (see `ack.rs`): one `basic.ack(multiple=true)` per
+//! contiguous run of completed tags, sent when a batch is full or a few
+//! milliseconds after the first unsent ack.
+//!
+//! ```no_run
+//! use backstop::connection::{ConnectionConfig, ConnectionSupervisor};
+//! use backstop::consumer::{Consumer, ConsumerConfig};
+//! use backstop::handler::{handler_fn, Delivery};
+//! use backstop::topology::{Queue, Topology};
+//!
+//! # async fn example() -> backstop::Result<()> {
+//! let supervisor = ConnectionSupervisor::start(ConnectionConfig::new(
+//!     "amqp://guest:guest@127.0.0.1:5672/%2f",
+//! ))?;
+//! let config = ConsumerConfig::new("orders")
+//!     .topology(Topology::new().queue(Queue::quorum("orders")))
+//!     .prefetch(100)
+//!     .concurrency(8);
+//! let handler = handler_fn(|delivery: Delivery| async move {
+//!     println!("{} bytes", delivery.body().len());
+//! });
+//! let report = Consumer::new(supervisor.clone(), config, handler)
+//!     .run_until(async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await?;
+//! println!("handled {}", report.handled);
+//! supervisor.close().await;
+//! # Ok(()) }
+//! ```
+
+mod ack;
+
+use crate::connection::{Backoff, ConnectionSupervisor, LiveConnection, describe};
+use crate::error::{Error, Result};
+use crate::handler::{Delivery, Handler, Outcome};
+use crate::topology::Topology;
+use crate::wait_true;
+use ack::AckCoalescer;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_stream::StreamExt;
+use tracing::{debug, error, info, warn};
+
+/// How a consumer consumes.
+#[derive(Clone, Debug)]
+pub struct ConsumerConfig {
+    queue: String,
+    topology: Topology,
+    prefetch: u16,
+    concurrency: usize,
+    ack_batch: Option<usize>,
+    ack_flush: Duration,
+    ack_gap_timeout: Duration,
+    shutdown_timeout: Duration,
+    max_retry_delay: Duration,
+    session_backoff: Backoff,
+}
+
+impl ConsumerConfig {
+    /// Consumes `queue` with the defaults: prefetch 100, concurrency 8, acks
+    /// flushed after 5 ms or a quarter of the prefetch, shutdown timeout 30 s.
+    pub fn new(queue: impl Into<String>) -> Self {
+        ConsumerConfig {
+            queue: queue.into(),
+            topology: Topology::new(),
+            prefetch: 100,
+            concurrency: 8,
+            ack_batch: None,
+            ack_flush: Duration::from_millis(5),
+            ack_gap_timeout: Duration::from_millis(250),
+            shutdown_timeout: Duration::from_secs(30),
+            max_retry_delay: Duration::from_secs(30),
+            session_backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(5),
+                max_attempts: None,
+            },
+        }
+    }
+
+    /// The topology applied on every new channel, before subscribing.
+    pub fn topology(mut self, topology: Topology) -> Self {
+        self.topology = topology;
+        self
+    }
+
+    /// The most unacknowledged deliveries the broker sends this consumer.
+    /// Bounds the memory held by deliveries waiting for a handler.
+    pub fn prefetch(mut self, prefetch: u16) -> Self {
+        self.prefetch = prefetch;
+        self
+    }
+
+    /// The most handlers running at once.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency;
+        self
+    }
+
+    /// Send the coalesced ack as soon as this many tags are ready.
+    /// Defaults to a quarter of the prefetch.
+    pub fn ack_batch(mut self, batch: usize) -> Self {
+        self.ack_batch = Some(batch);
+        self
+    }
+
+    /// Send the coalesced ack at most this long after the first ready tag.
+    pub fn ack_flush(mut self, after: Duration) -> Self {
+        self.ack_flush = after;
+        self
+    }
+
+    /// How long graceful shutdown waits for running handlers.
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The longest in-process wait an [`Outcome::Retry`] delay gets before the
+    /// message is requeued.
+    pub fn max_retry_delay(mut self, max: Duration) -> Self {
+        self.max_retry_delay = max;
+        self
+    }
+
+    /// The queue consumed.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.queue.is_empty() {
+            return Err(Error::Config {
+                key: "queue",
+                reason: "the queue name is empty".into(),
+            });
+        }
+        if self.prefetch == 0 {
+            return Err(Error::Config {
+                key: "prefetch",
+                reason: "0 means unlimited to the broker; give a bound of at least 1".into(),
+            });
+        }
+        if self.concurrency == 0 {
+            return Err(Error::Config {
+                key: "concurrency",
+                reason: "at least one handler must be allowed to run".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Live counters of a consumer, shared with its handle.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    delivered: AtomicU64,
+    acked: AtomicU64,
+    rejected: AtomicU64,
+    requeued: AtomicU64,
+    panics: AtomicU64,
+    stale_tags_dropped: AtomicU64,
+    ack_frames: AtomicU64,
+    sessions: AtomicU64,
+    session_errors: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// A snapshot of [`ConsumerStats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerReport {
+    /// Deliveries received from the broker (redeliveries included).
+    pub delivered: u64,
+    /// Deliveries whose handler succeeded and whose ack was sent.
+    pub handled: u64,
+    /// Deliveries rejected as permanent failures.
+    pub rejected: u64,
+    /// Deliveries put back on the queue (retry, requeue, panic).
+    pub requeued: u64,
+    /// Handler panics caught.
+    pub panics: u64,
+    /// Completions from an older channel generation, dropped unacked.
+    pub stale_tags_dropped: u64,
+    /// `basic.ack` frames sent (each may cover many deliveries).
+    pub ack_frames: u64,
+    /// Sessions (channels with a subscription) started.
+    pub sessions: u64,
+    /// Sessions that ended because of an error or a broker cancel.
+    pub session_errors: u64,
+    /// Handlers running now.
+    pub in_flight: u64,
+}
+
+impl ConsumerStats {
+    /// The current values.
+    pub fn snapshot(&self) -> ConsumerReport {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ConsumerReport {
+            delivered: get(&self.delivered),
+            handled: get(&self.acked),
+            rejected: get(&self.rejected),
+            requeued: get(&self.requeued),
+            panics: get(&self.panics),
+            stale_tags_dropped: get(&self.stale_tags_dropped),
+            ack_frames: get(&self.ack_frames),
+            sessions: get(&self.sessions),
+            session_errors: get(&self.session_errors),
+            in_flight: get(&self.in_flight),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// A consumer of one queue, not yet running.
+pub struct Consumer<H> {
+    supervisor: ConnectionSupervisor,
+    config: ConsumerConfig,
+    handler: Arc<H>,
+}
+
+impl<H> std::fmt::Debug for Consumer<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running consumer.
+#[derive(Debug)]
+pub struct ConsumerHandle {
+    stats: Arc<ConsumerStats>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<()>>,
+}
+
+impl ConsumerHandle {
+    /// The consumer's live counters.
+    pub fn stats(&self) -> ConsumerReport {
+        self.stats.snapshot()
+    }
+
+    /// The shared counters, for metrics exporters.
+    pub fn stats_ref(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// True once the consumer stopped by itself (a fatal error).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops gracefully: cancels the subscription, lets running handlers
+    /// finish within the shutdown timeout, flushes acks and closes the
+    /// channel. What did not finish stays unacked and the broker redelivers it.
+    pub async fn shutdown(self) -> Result<ConsumerReport> {
+        self.stop.send_replace(true);
+        let result = self.task.await.map_err(|e| Error::Config {
+            key: "consumer",
+            reason: format!("the consumer task failed: {e}"),
+        })?;
+        result.map(|()| self.stats.snapshot())
+    }
+}
+
+impl<H: Handler> Consumer<H> {
+    /// A consumer of `config.queue()` on `supervisor`'s connections.
+    pub fn new(supervisor: ConnectionSupervisor, config: ConsumerConfig, handler: H) -> Self {
+        Consumer {
+            supervisor,
+            config,
+            handler: Arc::new(handler),
+        }
+    }
+
+    /// Starts consuming in the background.
+    pub fn spawn(self) -> Result<ConsumerHandle> {
+        self.config.validate()?;
+        let stats = Arc::new(ConsumerStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let runtime = Runtime {
+            supervisor: self.supervisor,
+            config: self.config,
+            handler: self.handler,
+            stats: stats.clone(),
+            stop: stop_rx,
+            handlers: JoinSet::new(),
+            running: HashMap::new(),
+            generation: 0,
+            rng: fastrand::Rng::new(),
+        };
+        let task = tokio::spawn(runtime.run());
+        Ok(ConsumerHandle { stats, stop, task })
+    }
+
+    /// Consumes until `stop` completes, then shuts down gracefully.
+    /// Returns early with the error if the consumer fails for good (for
+    /// example, the broker refused the credentials).
+    pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<ConsumerReport> {
+        let mut handle = self.spawn()?;
+        tokio::select! {
+            () = stop => {}
+            result = &mut handle.task => {
+                return match result {
+                    Ok(Ok(())) => Ok(handle.stats.snapshot()),
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(Error::Config { key: "consumer", reason: format!("the consumer task failed: {e}") }),
+                };
+            }
+        }
+        handle.shutdown().await
+    }
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    Stop,
+    Broken(String),
+}
+
+/// A handler's result, tagged with where its delivery came from.
+struct Completion {
+    generation: u64,
+    tag: u64,
+    outcome: Outcome,
+}
+
+struct Runtime<H> {
+    supervisor: ConnectionSupervisor,
+    config: ConsumerConfig,
+    handler: Arc<H>,
+    stats: Arc<ConsumerStats>,
+    stop: watch::Receiver<bool>,
+    handlers: JoinSet<Completion>,
+    /// Task id to (generation, tag), to settle a handler that panicked.
+    running: HashMap<tokio::task::Id, (u64, u64)>,
+    generation: u64,
+    rng: fastrand::Rng,
+}
+
+/// One channel with its subscription.
+struct Session {
+    live: LiveConnection,
+    channel: lapin::Channel,
+    consumer: lapin::Consumer,
+    generation: u64,
+    acks: AckCoalescer,
+}
+
+impl<H: Handler> Runtime<H> {
+    async fn run(mut self) -> Result<()> {
+        let queue = self.config.queue.clone();
+        let mut failures = 0u32;
+        let mut stop = self.stop.clone();
+        loop {
+            if *self.stop.borrow() {
+                break;
+            }
+            let live = tokio::select! {
+                live = self.supervisor.connection() => match live {
+                    Ok(live) => live,
+                    Err(e) => {
+                        error!(%queue, error = %e, "consumer stopping: no connection will come");
+                        self.abandon_handlers().await;
+                        return Err(e);
+                    }
+                },
+                _ = wait_true(&mut stop) => break,
+            };
+            self.generation += 1;
+            let session = match self.open(live.clone()).await {
+                Ok(session) => session,
+                Err(e) => {
+                    failures += 1;
+                    bump(&self.stats.session_errors, 1);
+                    warn!(%queue, error = %e, attempt = failures, "could not start consuming");
+                    if !live.is_connected() {
+                        self.supervisor
+                            .report_lost(live.generation(), e.to_string());
+                    }
+                    self.pause(failures).await;
+                    continue;
+                }
+            };
+            failures = 0;
+            bump(&self.stats.sessions, 1);
+            info!(%queue, generation = session.generation, connection = live.generation(),
+                prefetch = self.config.prefetch, "consuming");
+            match self.pump(session).await {
+                SessionEnd::Stop => break,
+                SessionEnd::Broken(reason) => {
+                    bump(&self.stats.session_errors, 1);
+                    warn!(%queue, %reason, "consumer session ended; subscribing again");
+                    if !live.is_connected() {
+                        self.supervisor.report_lost(live.generation(), reason);
+                    }
+                    // A short pause so a queue that keeps failing does not spin.
+                    self.pause(1).await;
+                }
+            }
+        }
+        // Stopped while no session was up: whatever is still running belongs
+        // to a closed channel and cannot be acked any more.
+        self.abandon_handlers().await;
+        Ok(())
+    }
+
+    async fn pause(&mut self, failures: u32) {
+        let delay = self
+            .config
+            .session_backoff
+            .delay(failures.saturating_sub(1), &mut self.rng);
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = wait_true(&mut stop) => {}
+        }
+    }
+
+    async fn open(&mut self, live: LiveConnection) -> Result<Session> {
+        let channel = live.create_channel().await?;
+        let result = async {
+            self.config.topology.apply(&channel).await?;
+            channel
+                .basic_qos(self.config.prefetch, BasicQosOptions { global: false })
+                .await
+                .map_err(Error::amqp("basic.qos"))?;
+            channel
+                .basic_consume(
+                    self.config.queue.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|source| Error::Declare {
+                    what: "consumer on queue",
+                    name: self.config.queue.clone(),
+                    reason: describe(&source),
+                })
+        }
+        .await;
+        match result {
+            Ok(consumer) => {
+                let batch = self
+                    .config
+                    .ack_batch
+                    .unwrap_or(usize::from(self.config.prefetch) / 4);
+                Ok(Session {
+                    live,
+                    channel,
+                    consumer,
+                    generation: self.generation,
+                    acks: AckCoalescer::new(
+                        batch,
+                        self.config.ack_flush,
+                        self.config.ack_gap_timeout,
+                    ),
+                })
+            }
+            Err(e) => {
+                let _ = channel.close(200, "backstop: setup failed".into()).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Dispatches deliveries and settles completions until the session ends.
+    async fn pump(&mut self, mut session: Session) -> SessionEnd {
+        let concurrency = self.config.concurrency;
+        let far_future = || tokio::time::Instant::now() + Duration::from_secs(3600);
+        let mut stop = self.stop.clone();
+        loop {
+            let deadline = session
+                .acks
+                .deadline()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(far_future);
+            let has_deadline = session.acks.deadline().is_some();
+            tokio::select! {
+                biased;
+                _ = wait_true(&mut stop) => {
+                    return self.drain(session).await;
+                }
+                Some(joined) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
+                    if let Some(completion) = self.completion(joined)
+                        && let Err(reason) = self.settle(&mut session, completion).await
+                    {
+                        return self.end(session, reason).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if has_deadline => {
+                    if let Err(reason) = self.flush(&mut session).await {
+                        return self.end(session, reason).await;
+                    }
+                }
+                next = session.consumer.next(), if self.handlers.len() < concurrency => {
+                    match next {
+                        Some(Ok(delivery)) => self.dispatch(session.generation, delivery),
+                        Some(Err(e)) => {
+                            let reason = describe(&e);
+                            return self.end(session, reason).await;
+                        }
+                        None => {
+                            let reason = if session.live.is_connected() {
+                                "the broker cancelled the consumer (queue deleted or node down)".to_owned()
+                            } else {
+                                "the connection closed".to_owned()
+                            };
+                            return self.end(session, reason).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, generation: u64, delivery: lapin::message::Delivery) {
+        bump(&self.stats.delivered, 1);
+        let (tag, delivery) = Delivery::from_lapin(delivery);
+        let handler = self.handler.clone();
+        let max_delay = self.config.max_retry_delay;
+        let abort = self.handlers.spawn(async move {
+            let outcome = handler.handle(delivery).await;
+            // Until delayed retries move to broker-side tiers, the delay is
+            // waited out here, holding the delivery (and a concurrency slot).
+            if let Outcome::Retry {
+                delay: Some(delay), ..
+            } = &outcome
+            {
+                tokio::time::sleep((*delay).min(max_delay)).await;
+            }
+            Completion {
+                generation,
+                tag,
+                outcome,
+            }
+        });
+        self.running.insert(abort.id(), (generation, tag));
+        self.stats
+            .in_flight
+            .store(self.handlers.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Turns a joined handler task into a completion; a panic becomes a
+    /// transient failure of the same delivery.
+    fn completion(
+        &mut self,
+        joined: std::result::Result<(tokio::task::Id, Completion), tokio::task::JoinError>,
+    ) -> Option<Completion> {
+        self.stats
+            .in_flight
+            .store(self.handlers.len() as u64, Ordering::Relaxed);
+        match joined {
+            Ok((id, completion)) => {
+                self.running.remove(&id);
+                Some(completion)
+            }
+            Err(err) => {
+                let (generation, tag) = self.running.remove(&err.id())?;
+                if err.is_panic() {
+                    bump(&self.stats.panics, 1);
+                    let reason = panic_message(err);
+                    warn!(queue = %self.config.queue, tag, %reason, "handler panicked; requeueing");
+                    Some(Completion {
+                        generation,
+                        tag,
+                        outcome: Outcome::retry(format!("handler panicked: {reason}")),
+                    })
+                } else {
+                    // Aborted at shutdown: stays unacked, the broker redelivers it.
+                    None
+                }
+            }
+        }
+    }
+
+    /// Carries out one outcome. `Err` means the channel is unusable.
+    async fn settle(
+        &mut self,
+        session: &mut Session,
+        completion: Completion,
+    ) -> std::result::Result<(), String> {
+        let Completion {
+            generation,
+            tag,
+            outcome,
+        } = completion;
+        if generation != session.generation {
+            bump(&self.stats.stale_tags_dropped, 1);
+            debug!(
+                tag,
+                generation,
+                current = session.generation,
+                "dropping a tag from an older channel"
+            );
+            return Ok(());
+        }
+        let now = Instant::now();
+        match outcome {
+            Outcome::Ack => {
+                if session.acks.complete(tag, true, now) && session.acks.batch_full() {
+                    self.flush(session).await?;
+                }
+            }
+            Outcome::Reject { reason } => {
+                if session.acks.complete(tag, false, now) {
+                    debug!(tag, %reason, "rejecting");
+                    session
+                        .channel
+                        .basic_reject(tag, BasicRejectOptions { requeue: false })
+                        .await
+                        .map_err(|e| describe(&e))?;
+                    bump(&self.stats.rejected, 1);
+                }
+            }
+            Outcome::Retry { .. } | Outcome::Requeue => {
+                if session.acks.complete(tag, false, now) {
+                    session
+                        .channel
+                        .basic_nack(
+                            tag,
+                            BasicNackOptions {
+                                multiple: false,
+                                requeue: true,
+                            },
+                        )
+                        .await
+                        .map_err(|e| describe(&e))?;
+                    bump(&self.stats.requeued, 1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, session: &mut Session) -> std::result::Result<(), String> {
+        let unsent = session.acks.unsent() as u64;
+        let flush = session.acks.flush(Instant::now());
+        if flush.is_empty() {
+            return Ok(());
+        }
+        let sent_before = unsent - session.acks.unsent() as u64;
+        for tag in &flush.singles {
+            session
+                .channel
+                .basic_ack(*tag, BasicAckOptions { multiple: false })
+                .await
+                .map_err(|e| describe(&e))?;
+        }
+        if let Some(tag) = flush.multiple_up_to {
+            session
+                .channel
+                .basic_ack(tag, BasicAckOptions { multiple: true })
+                .await
+                .map_err(|e| describe(&e))?;
+        }
+        bump(&self.stats.ack_frames, flush.tags() as u64);
+        bump(&self.stats.acked, sent_before);
+        Ok(())
+    }
+
+    /// Ends a broken session: closes its channel if it still stands so the
+    /// broker requeues what it holds, and lets in-flight handlers go stale.
+    async fn end(&mut self, session: Session, reason: String) -> SessionEnd {
+        if session.channel.status().connected() {
+            let _ = session
+                .channel
+                .close(200, "backstop: resubscribing".into())
+                .await;
+        }
+        SessionEnd::Broken(reason)
+    }
+
+    /// Graceful shutdown of a live session.
+    async fn drain(&mut self, mut session: Session) -> SessionEnd {
+        let queue = self.config.queue.clone();
+        let tag = session.consumer.tag();
+        info!(%queue, in_flight = self.handlers.len(), "shutting down: cancelling the subscription");
+        if let Err(e) = session
+            .channel
+            .basic_cancel(tag, BasicCancelOptions::default())
+            .await
+        {
+            warn!(%queue, error = %describe(&e), "basic.cancel failed");
+        }
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
+        while !self.handlers.is_empty() {
+            let joined = tokio::select! {
+                joined = self.handlers.join_next_with_id() => joined,
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(%queue, left = self.handlers.len(), "shutdown timeout: unfinished handlers stay unacked");
+                    break;
+                }
+            };
+            let Some(joined) = joined else { break };
+            if let Some(completion) = self.completion(joined)
+                && let Err(reason) = self.settle(&mut session, completion).await
+            {
+                warn!(%queue, %reason, "settling during shutdown failed; the broker redelivers");
+                break;
+            }
+        }
+        if let Err(reason) = self.flush(&mut session).await {
+            warn!(%queue, %reason, "final ack flush failed; the broker redelivers");
+        }
+        self.abandon_handlers().await;
+        let _ = session
+            .channel
+            .close(200, "backstop: shutdown".into())
+            .await;
+        info!(%queue, "consumer stopped");
+        SessionEnd::Stop
+    }
+
+    async fn abandon_handlers(&mut self) {
+        self.handlers.abort_all();
+        while self.handlers.join_next().await.is_some() {}
+        self.running.clear();
+        self.stats.in_flight.store(0, Ordering::Relaxed);
+    }
+}
+
+fn panic_message(err: tokio::task::JoinError) -> String {
+    match err.try_into_panic() {
+        Ok(payload) => payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".to_owned()),
+        Err(err) => err.to_string(),
+    }
+}

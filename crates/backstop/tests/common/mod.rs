@@ -1,0 +1,137 @@
+//! Shared fixtures of the integration tests: a recording handler and a
+//! consumer wired through the fault proxy.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use backstop::connection::{Backoff, ConnectionConfig, ConnectionSupervisor};
+use backstop::consumer::{Consumer, ConsumerConfig, ConsumerHandle};
+use backstop::handler::{Delivery, Handler, Outcome};
+use backstop::topology::{Queue, Topology};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "backstop=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Records every call by message id, tracks concurrency, and runs `behave`
+/// to decide the outcome.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    pub calls: Arc<Mutex<HashMap<String, u32>>>,
+    pub handled: Arc<Mutex<HashMap<String, u32>>>,
+    pub running: Arc<AtomicU64>,
+    pub max_running: Arc<AtomicU64>,
+}
+
+impl Recorder {
+    pub fn distinct_handled(&self) -> usize {
+        self.handled.lock().map(|h| h.len()).unwrap_or(0)
+    }
+
+    pub fn calls_of(&self, id: &str) -> u32 {
+        self.calls
+            .lock()
+            .map(|c| c.get(id).copied().unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn duplicates(&self) -> u32 {
+        self.handled
+            .lock()
+            .map(|h| h.values().map(|n| n - 1).sum())
+            .unwrap_or(0)
+    }
+}
+
+pub struct RecordingHandler<F> {
+    pub recorder: Recorder,
+    pub behave: F,
+}
+
+impl<F, Fut> Handler for RecordingHandler<F>
+where
+    F: Fn(Delivery, u32) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    async fn handle(&self, delivery: Delivery) -> Outcome {
+        let id = delivery.message_id().unwrap_or("<none>").to_owned();
+        let call = {
+            let mut calls = self.recorder.calls.lock().expect("calls lock");
+            let n = calls.entry(id.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let now = self.recorder.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.recorder.max_running.fetch_max(now, Ordering::SeqCst);
+        let outcome = (self.behave)(delivery, call).await;
+        self.recorder.running.fetch_sub(1, Ordering::SeqCst);
+        if outcome == Outcome::Ack {
+            *self
+                .recorder
+                .handled
+                .lock()
+                .expect("handled lock")
+                .entry(id)
+                .or_insert(0) += 1;
+        }
+        outcome
+    }
+}
+
+pub fn fast_backoff() -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(1000),
+        max_attempts: None,
+    }
+}
+
+pub fn supervisor(url: &str, heartbeat: Duration) -> ConnectionSupervisor {
+    ConnectionSupervisor::start(
+        ConnectionConfig::new(url)
+            .heartbeat(heartbeat)
+            .connection_name("backstop-test")
+            .backoff(fast_backoff())
+            .connect_timeout(Duration::from_secs(2)),
+    )
+    .expect("valid supervisor config")
+}
+
+pub fn classic(queue: &str) -> Topology {
+    Topology::new().queue(Queue::classic(queue))
+}
+
+pub fn spawn<F, Fut>(
+    supervisor: &ConnectionSupervisor,
+    config: ConsumerConfig,
+    recorder: &Recorder,
+    behave: F,
+) -> ConsumerHandle
+where
+    F: Fn(Delivery, u32) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Outcome> + Send,
+{
+    Consumer::new(
+        supervisor.clone(),
+        config,
+        RecordingHandler {
+            recorder: recorder.clone(),
+            behave,
+        },
+    )
+    .spawn()
+    .expect("valid consumer config")
+}
+
+pub async fn ack(_: Delivery, _: u32) -> Outcome {
+    Outcome::Ack
+}

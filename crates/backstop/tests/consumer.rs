@@ -1,0 +1,556 @@
+//! The consumer runtime against the real broker, with faults from the test
+//! kit's proxy. Every test uses its own queue, so they run in parallel.
+
+mod common;
+
+use backstop::connection::ConnectionState;
+use backstop::consumer::ConsumerConfig;
+use backstop::handler::Outcome;
+use backstop::topology::{Queue, Topology};
+use backstop_testkit::{
+    FaultProxy, amqp_url, broker_addr, connect, delete_queue, publish, queue_counts, unique,
+    url_via, wait_until,
+};
+use common::*;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+async fn declare(topology: &Topology) {
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    topology.apply(&channel).await.expect("declare");
+    let _ = connection.close(200, "declared".into()).await;
+}
+
+async fn queue_drained(queue: &str) -> bool {
+    let queue = queue.to_owned();
+    tokio::task::spawn_blocking(move || {
+        queue_counts(&queue).is_some_and(|c| c.ready == 0 && c.unacked == 0)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+async fn counts(queue: &str) -> backstop_testkit::QueueCounts {
+    let queue = queue.to_owned();
+    tokio::task::spawn_blocking(move || queue_counts(&queue).expect("queue exists"))
+        .await
+        .expect("rabbitmqctl task")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_close_every_500ms_loses_nothing() {
+    init_tracing();
+    let queue = unique("forced-close");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 10_000, "m", |i| {
+        format!("{i}").into_bytes()
+    })
+    .await;
+
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let supervisor = supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .prefetch(200)
+            .concurrency(8),
+        &recorder,
+        |_, _| async {
+            // A little work per message so the run spans many cuts.
+            tokio::time::sleep(Duration::from_micros(500)).await;
+            Outcome::Ack
+        },
+    );
+
+    let cutter = {
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            let mut cuts = 0u32;
+            while recorder.distinct_handled() < 10_000 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                proxy.cut();
+                cuts += 1;
+            }
+            (proxy, cuts)
+        })
+    };
+    wait_until(
+        "all 10,000 messages handled",
+        Duration::from_secs(240),
+        || {
+            let n = recorder.distinct_handled();
+            async move { n == 10_000 }
+        },
+    )
+    .await;
+    let (proxy, cuts) = cutter.await.expect("cutter");
+    assert!(!consumer.is_finished(), "the runtime must never stop");
+    wait_until("the queue to be empty", Duration::from_secs(60), || {
+        queue_drained(&queue)
+    })
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert!(cuts >= 3, "the run must span several cuts, saw {cuts}");
+    assert!(
+        supervisor.reconnects() >= 2,
+        "reconnects: {}",
+        supervisor.reconnects()
+    );
+    assert!(proxy.accepted() >= 3);
+    assert!(report.handled >= 10_000, "{report:?}");
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blackhole_is_detected_and_consumption_resumes_within_three_heartbeats() {
+    init_tracing();
+    let queue = unique("blackhole");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let heartbeat = Duration::from_secs(2);
+    let supervisor = supervisor(&url_via(&amqp_url(), proxy.addr()), heartbeat);
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology).prefetch(50),
+        &recorder,
+        ack,
+    );
+    publish(&publisher, &queue, 100, "before", |_| b"x".to_vec()).await;
+    wait_until("the first batch", Duration::from_secs(30), || {
+        let n = recorder.distinct_handled();
+        async move { n == 100 }
+    })
+    .await;
+
+    proxy.blackhole();
+    let mut state = supervisor.state();
+    // Only a bool is kept: holding the watch guard would block the supervisor.
+    let detected = tokio::time::timeout(Duration::from_secs(15), state.wait_for(|s| !s.is_up()))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    assert!(detected, "the loss must be detected by heartbeats");
+    // The cable stays out a little longer; work arrives meanwhile.
+    publish(&publisher, &queue, 100, "after", |_| b"y".to_vec()).await;
+    tokio::time::sleep(heartbeat).await;
+    proxy.restore();
+    let took = wait_until("the second batch", Duration::from_secs(30), || {
+        let n = recorder.distinct_handled();
+        async move { n == 200 }
+    })
+    .await;
+    assert!(
+        took <= heartbeat * 3,
+        "consumption resumed {took:?} after forwarding was restored"
+    );
+    consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_at_start_is_retried_until_it_appears() {
+    init_tracing();
+    let queue = unique("down-at-start");
+    let topology = classic(&queue);
+    // A loopback port with nothing behind it yet.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let supervisor = supervisor(&url_via(&amqp_url(), port), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology),
+        &recorder,
+        ack,
+    );
+    let mut state = supervisor.state();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        state.wait_for(|s| matches!(s, ConnectionState::Connecting { attempt } if *attempt >= 3)),
+    )
+    .await
+    .expect("the supervisor keeps retrying")
+    .expect("state channel");
+    assert!(!consumer.is_finished());
+
+    let proxy = FaultProxy::start_on(port, broker_addr())
+        .await
+        .expect("the broker appears");
+    let publisher = connect().await;
+    wait_until("the consumer to subscribe", Duration::from_secs(30), || {
+        let sessions = consumer.stats().sessions;
+        async move { sessions >= 1 }
+    })
+    .await;
+    publish(&publisher, &queue, 20, "m", |_| b"x".to_vec()).await;
+    wait_until(
+        "messages after the broker appeared",
+        Duration::from_secs(30),
+        || {
+            let n = recorder.distinct_handled();
+            async move { n == 20 }
+        },
+    )
+    .await;
+    consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    drop(proxy);
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_loses_nothing_and_acks_each_tag_once() {
+    init_tracing();
+    let queue = unique("shutdown");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 50, "m", |_| b"x".to_vec()).await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology.clone())
+            .prefetch(20)
+            .concurrency(5)
+            .shutdown_timeout(Duration::from_secs(10)),
+        &recorder,
+        |_, _| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Outcome::Ack
+        },
+    );
+    wait_until("five handlers in flight", Duration::from_secs(30), || {
+        let running = recorder.running.load(Ordering::SeqCst);
+        async move { running == 5 }
+    })
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    // Every handler that was running finished and was acked.
+    assert_eq!(recorder.running.load(Ordering::SeqCst), 0);
+    assert_eq!(report.handled as usize, recorder.distinct_handled());
+    assert!(report.handled >= 5, "{report:?}");
+    // A tag acked twice would have closed the channel with PRECONDITION_FAILED.
+    assert_eq!(report.session_errors, 0, "{report:?}");
+    assert_eq!(report.sessions, 1, "{report:?}");
+    let remaining = 50 - report.handled;
+    wait_until(
+        "the unfinished messages to be back",
+        Duration::from_secs(30),
+        || {
+            let queue = queue.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    queue_counts(&queue).is_some_and(|c| c.unacked == 0 && c.ready == remaining)
+                })
+                .await
+                .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+
+    // A second consumer gets exactly the rest: nothing was lost.
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology),
+        &recorder,
+        ack,
+    );
+    wait_until("all 50 handled", Duration::from_secs(30), || {
+        let n = recorder.distinct_handled();
+        async move { n == 50 }
+    })
+    .await;
+    consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(recorder.duplicates(), 0);
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_handlers_never_exceed_the_limit() {
+    init_tracing();
+    let queue = unique("concurrency");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 200, "m", |_| b"x".to_vec()).await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .prefetch(50)
+            .concurrency(4),
+        &recorder,
+        |_, _| async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Outcome::Ack
+        },
+    );
+    wait_until("all handled", Duration::from_secs(60), || {
+        let n = recorder.distinct_handled();
+        async move { n == 200 }
+    })
+    .await;
+    consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(recorder.max_running.load(Ordering::SeqCst), 4);
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_never_exceeds_the_prefetch_even_after_a_reconnect() {
+    init_tracing();
+    let queue = unique("prefetch");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 2_000, "m", |_| b"x".to_vec()).await;
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let supervisor = supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let prefetch = 10u16;
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .prefetch(prefetch)
+            .concurrency(2),
+        &recorder,
+        |_, _| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Outcome::Ack
+        },
+    );
+    let mut seen_full = false;
+    for round in 0..2 {
+        for _ in 0..4 {
+            let c = counts(&queue).await;
+            assert!(
+                c.unacked <= u64::from(prefetch),
+                "round {round}: broker holds {} unacked with prefetch {prefetch}",
+                c.unacked
+            );
+            seen_full |= c.unacked == u64::from(prefetch);
+        }
+        if round == 0 {
+            proxy.cut();
+            wait_until("a second session", Duration::from_secs(30), || {
+                let sessions = consumer.stats().sessions;
+                async move { sessions >= 2 }
+            })
+            .await;
+        }
+    }
+    assert!(
+        seen_full,
+        "the prefetch window should fill with slow handlers"
+    );
+    consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_transient_failure() {
+    init_tracing();
+    let queue = unique("panic");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 20, "m", |_| b"x".to_vec()).await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology),
+        &recorder,
+        |delivery, call| async move {
+            if delivery.message_id() == Some("m-7") && call == 1 {
+                panic!("boom on the first try");
+            }
+            Outcome::Ack
+        },
+    );
+    wait_until("all handled", Duration::from_secs(30), || {
+        let n = recorder.distinct_handled();
+        async move { n == 20 }
+    })
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(report.panics, 1);
+    assert_eq!(recorder.calls_of("m-7"), 2);
+    assert_eq!(report.session_errors, 0);
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_ack_from_an_old_channel_is_dropped_and_the_message_redelivered() {
+    init_tracing();
+    let queue = unique("stale");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let supervisor = supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology),
+        &recorder,
+        |_, call| async move {
+            if call == 1 {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+            Outcome::Ack
+        },
+    );
+    publish(&publisher, &queue, 1, "slow", |_| b"x".to_vec()).await;
+    wait_until("the slow handler to start", Duration::from_secs(30), || {
+        let calls = recorder.calls_of("slow-0");
+        async move { calls == 1 }
+    })
+    .await;
+    proxy.cut();
+    wait_until(
+        "the redelivery to be handled",
+        Duration::from_secs(30),
+        || {
+            let n = recorder.distinct_handled();
+            async move { n == 1 }
+        },
+    )
+    .await;
+    wait_until(
+        "the stale completion to be dropped",
+        Duration::from_secs(30),
+        || {
+            let stale = consumer.stats().stale_tags_dropped;
+            async move { stale == 1 }
+        },
+    )
+    .await;
+    wait_until("the queue to be empty", Duration::from_secs(30), || {
+        queue_drained(&queue)
+    })
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(recorder.calls_of("slow-0"), 2);
+    assert!(report.sessions >= 2);
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_queue_is_declared_again_and_consumed() {
+    init_tracing();
+    let queue = unique("cancelled");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology),
+        &recorder,
+        ack,
+    );
+    wait_until("the first subscription", Duration::from_secs(30), || {
+        let sessions = consumer.stats().sessions;
+        async move { sessions == 1 }
+    })
+    .await;
+    delete_queue(&publisher, &queue).await;
+    wait_until("a new subscription", Duration::from_secs(30), || {
+        let sessions = consumer.stats().sessions;
+        async move { sessions >= 2 }
+    })
+    .await;
+    publish(&publisher, &queue, 10, "m", |_| b"x".to_vec()).await;
+    wait_until(
+        "messages on the re-declared queue",
+        Duration::from_secs(30),
+        || {
+            let n = recorder.distinct_handled();
+            async move { n == 10 }
+        },
+    )
+    .await;
+    consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reject_and_requeue_are_settled_per_tag() {
+    init_tracing();
+    let queue = unique("outcomes");
+    let dead = format!("{queue}.dead");
+    let topology = Topology::new().queue(Queue::classic(&dead)).queue(
+        Queue::classic(&queue)
+            .dead_letter_exchange("")
+            .dead_letter_routing_key(&dead),
+    );
+    declare(&topology).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 30, "m", |i| format!("{i}").into_bytes()).await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology),
+        &recorder,
+        |delivery, call| async move {
+            let n: u32 = std::str::from_utf8(delivery.body())
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            match (n % 3, call) {
+                (0, _) => Outcome::reject("divisible by three"),
+                (1, 1) => Outcome::Requeue,
+                _ => Outcome::Ack,
+            }
+        },
+    );
+    wait_until(
+        "20 acked and 10 dead-lettered",
+        Duration::from_secs(30),
+        || {
+            let n = recorder.distinct_handled();
+            let dead = dead.clone();
+            async move {
+                n == 20
+                    && tokio::task::spawn_blocking(move || {
+                        queue_counts(&dead).is_some_and(|c| c.ready == 10)
+                    })
+                    .await
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(report.rejected, 10);
+    assert_eq!(report.requeued, 10);
+    assert_eq!(report.session_errors, 0, "{report:?}");
+    assert_eq!(recorder.calls_of("m-1"), 2);
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+    delete_queue(&publisher, &dead).await;
+}
