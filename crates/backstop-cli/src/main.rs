@@ -1,1 +1,83 @@
-fn main() {}
+//! The `backstop` command: a thin layer over the library that parses
+//! arguments, runs one command and maps failures to exit codes
+//! (0 ok, 1 runtime failure, 2 bad usage or configuration).
+
+mod bench;
+mod demo;
+mod ui;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// RabbitMQ consumers that never lose a message.
+#[derive(Debug, Parser)]
+#[command(name = "backstop", version, about)]
+struct Cli {
+    /// Log filter, for example `info` or `backstop=debug`. `RUST_LOG` wins when set.
+    #[arg(long, global = true, default_value = "warn,lapin=off")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Publish, then consume through a proxy that keeps cutting and
+    /// blackholing the connection; prints a ledger that must show lost=0.
+    Demo(demo::DemoArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Consume throughput against the broker's auto-ack ceiling, in one run.
+    Consume(bench::ConsumeArgs),
+}
+
+/// An error the CLI reports with exit code 2: bad usage or configuration.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Bench(BenchCommand::Consume(args)) => bench::consume(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            let usage = err.downcast_ref::<UsageError>().is_some()
+                || err
+                    .downcast_ref::<backstop::Error>()
+                    .is_some_and(backstop::Error::is_config);
+            ExitCode::from(if usage { 2 } else { 1 })
+        }
+    }
+}

@@ -156,7 +156,7 @@ pub async fn connect() -> Connection {
 
 /// Publishes `count` persistent messages to `queue` through the default
 /// exchange with publisher confirms. Message `i` has message id `prefix-i`
-/// and body `body(i)`.
+/// and body `body(i)`. Panics on failure; see [`try_publish`].
 pub async fn publish(
     connection: &Connection,
     queue: &str,
@@ -168,11 +168,28 @@ pub async fn publish(
         .create_channel()
         .await
         .unwrap_or_else(|e| panic!("channel: {e}"));
+    try_publish(&channel, queue, count, id_prefix, body, |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("publish to {queue}: {e}"));
+    let _ = channel.close(200, "published".into()).await;
+}
+
+/// Publishes like [`publish`] on `channel`, confirming in windows of 1,000
+/// and calling `progress` with the number confirmed so far. Fails if the
+/// broker nacks a message or the channel fails.
+pub async fn try_publish(
+    channel: &lapin::Channel,
+    queue: &str,
+    count: u64,
+    id_prefix: &str,
+    body: impl Fn(u64) -> Vec<u8>,
+    mut progress: impl FnMut(u64),
+) -> Result<(), lapin::Error> {
     channel
         .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("confirm.select: {e}"));
+        .await?;
     let mut pending = Vec::with_capacity(1000);
+    let mut confirmed = 0;
     for i in 0..count {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -185,21 +202,21 @@ pub async fn publish(
                 &body(i),
                 props,
             )
-            .await
-            .unwrap_or_else(|e| panic!("publish: {e}"));
+            .await?;
         pending.push(confirm);
-        if pending.len() == 1000 {
+        if pending.len() == 1000 || i + 1 == count {
             for confirm in pending.drain(..) {
-                let c = confirm.await.unwrap_or_else(|e| panic!("confirm: {e}"));
-                assert!(c.is_ack(), "the broker nacked a published message");
+                if !confirm.await?.is_ack() {
+                    return Err(lapin::Error::from(std::io::Error::other(
+                        "the broker nacked a published message",
+                    )));
+                }
+                confirmed += 1;
             }
+            progress(confirmed);
         }
     }
-    for confirm in pending {
-        let c = confirm.await.unwrap_or_else(|e| panic!("confirm: {e}"));
-        assert!(c.is_ack(), "the broker nacked a published message");
-    }
-    let _ = channel.close(200, "published".into()).await;
+    Ok(())
 }
 
 /// Deletes `queue` if it exists.

@@ -8,8 +8,7 @@ use std::time::Duration;
 #[tokio::test]
 async fn an_invalid_uri_is_named_before_anything_runs() {
     let err = ConnectionSupervisor::start(ConnectionConfig::new("amqp://guest:pw@127.0.0.1:56x2/"))
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert!(matches!(err, Error::InvalidUri { .. }), "{err}");
     assert!(err.is_config());
     assert!(err.to_string().contains("127.0.0.1:56x2"), "{err}");
@@ -23,8 +22,7 @@ async fn wrong_credentials_are_access_refused() {
     let err = tokio::time::timeout(Duration::from_secs(30), supervisor.connection())
         .await
         .expect("refused quickly, not retried forever")
-        .err()
-        .expect("must fail");
+        .expect_err("must fail");
     assert!(err.is_access_refused(), "{err}");
     assert!(err.to_string().contains("ACCESS_REFUSED"), "{err}");
     assert!(!err.to_string().contains("wrong-password"), "{err}");

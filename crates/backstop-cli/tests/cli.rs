@@ -1,0 +1,63 @@
+//! The real `backstop` binary, run as a user would.
+
+use backstop_testkit::{broker_addr, unique, url_via};
+use std::process::Command;
+
+fn backstop(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(args)
+        .env_remove("BACKSTOP_AMQP_URL")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run backstop");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_demo_loses_nothing_under_faults() {
+    let queue = unique("cli-demo");
+    let uri = url_via(&backstop_testkit::amqp_url(), broker_addr());
+    let (code, stdout, stderr) = backstop(&["demo", "--queue", &queue, "--uri", &uri]);
+    let ledger = stdout
+        .lines()
+        .find(|l| l.starts_with("ledger: "))
+        .unwrap_or_else(|| panic!("no ledger line; stdout: {stdout}\nstderr: {stderr}"));
+    assert!(ledger.contains("published=10000 handled=10000"), "{ledger}");
+    assert!(ledger.contains(" lost=0 "), "{ledger}");
+    let reconnects: u64 = ledger
+        .rsplit_once("reconnects=")
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(reconnects >= 2, "faults must have been injected: {ledger}");
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn an_invalid_uri_exits_2_and_names_the_problem() {
+    let (code, _, stderr) = backstop(&["demo", "--uri", "amqp://guest:secret@127.0.0.1:99999/"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("invalid AMQP URI"), "{stderr}");
+    assert!(stderr.contains("127.0.0.1:99999"), "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+}
+
+#[test]
+fn wrong_credentials_exit_2_with_access_refused() {
+    let uri = url_via("amqp://guest:not-the-password@x/%2f", broker_addr());
+    let (code, _, stderr) = backstop(&["demo", "--uri", &uri]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("ACCESS_REFUSED"), "{stderr}");
+    assert!(!stderr.contains("not-the-password"), "{stderr}");
+}
+
+#[test]
+fn bad_bench_arguments_exit_2() {
+    let (code, _, stderr) = backstop(&["bench", "consume", "--prefetch", "0"]);
+    assert_eq!(code, 2, "{stderr}");
+    let (code, _, _) = backstop(&["bench", "consume", "--messages", "many"]);
+    assert_eq!(code, 2);
+}
