@@ -15,20 +15,8 @@ use common::*;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-async fn declare(topology: &Topology) {
-    let connection = connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    topology.apply(&channel).await.expect("declare");
-    let _ = connection.close(200, "declared".into()).await;
-}
-
 async fn queue_drained(queue: &str) -> bool {
-    let queue = queue.to_owned();
-    tokio::task::spawn_blocking(move || {
-        queue_counts(&queue).is_some_and(|c| c.ready == 0 && c.unacked == 0)
-    })
-    .await
-    .unwrap_or(false)
+    queue_is(queue, |c| c.ready == 0 && c.unacked == 0).await
 }
 
 async fn counts(queue: &str) -> backstop_testkit::QueueCounts {
@@ -79,15 +67,13 @@ async fn forced_close_every_500ms_loses_nothing() {
             (proxy, cuts)
         })
     };
-    wait_until(
-        "all 10,000 messages handled",
-        Duration::from_secs(240),
-        || {
-            let n = recorder.distinct_handled();
-            async move { n == 10_000 }
-        },
-    )
-    .await;
+    recorder
+        .wait_handled(
+            10_000,
+            "all 10,000 messages handled",
+            Duration::from_secs(240),
+        )
+        .await;
     let (proxy, cuts) = cutter.await.expect("cutter");
     assert!(!consumer.is_finished(), "the runtime must never stop");
     wait_until("the queue to be empty", Duration::from_secs(60), || {
@@ -125,11 +111,9 @@ async fn blackhole_is_detected_and_consumption_resumes_within_three_heartbeats()
         ack,
     );
     publish(&publisher, &queue, 100, "before", |_| b"x".to_vec()).await;
-    wait_until("the first batch", Duration::from_secs(30), || {
-        let n = recorder.distinct_handled();
-        async move { n == 100 }
-    })
-    .await;
+    recorder
+        .wait_handled(100, "the first batch", Duration::from_secs(30))
+        .await;
 
     proxy.blackhole();
     let mut state = supervisor.state();
@@ -142,18 +126,14 @@ async fn blackhole_is_detected_and_consumption_resumes_within_three_heartbeats()
     publish(&publisher, &queue, 100, "after", |_| b"y".to_vec()).await;
     tokio::time::sleep(heartbeat).await;
     proxy.restore();
-    let took = wait_until("the second batch", Duration::from_secs(30), || {
-        let n = recorder.distinct_handled();
-        async move { n == 200 }
-    })
-    .await;
+    let took = recorder
+        .wait_handled(200, "the second batch", Duration::from_secs(30))
+        .await;
     assert!(
         took <= heartbeat * 3,
         "consumption resumed {took:?} after forwarding was restored"
     );
-    consumer.shutdown().await.expect("clean shutdown");
-    supervisor.close().await;
-    delete_queue(&publisher, &queue).await;
+    finish(consumer, &supervisor, &publisher, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,21 +167,15 @@ async fn broker_down_at_start_is_retried_until_it_appears() {
         .await
         .expect("the broker appears");
     let publisher = connect().await;
-    wait_until("the consumer to subscribe", Duration::from_secs(30), || {
-        let sessions = consumer.stats().sessions;
-        async move { sessions >= 1 }
-    })
-    .await;
+    wait_stats(&consumer, "the consumer to subscribe", |s| s.sessions >= 1).await;
     publish(&publisher, &queue, 20, "m", |_| b"x".to_vec()).await;
-    wait_until(
-        "messages after the broker appeared",
-        Duration::from_secs(30),
-        || {
-            let n = recorder.distinct_handled();
-            async move { n == 20 }
-        },
-    )
-    .await;
+    recorder
+        .wait_handled(
+            20,
+            "messages after the broker appeared",
+            Duration::from_secs(30),
+        )
+        .await;
     consumer.shutdown().await.expect("clean shutdown");
     supervisor.close().await;
     drop(proxy);
@@ -248,16 +222,7 @@ async fn graceful_shutdown_loses_nothing_and_acks_each_tag_once() {
     wait_until(
         "the unfinished messages to be back",
         Duration::from_secs(30),
-        || {
-            let queue = queue.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    queue_counts(&queue).is_some_and(|c| c.unacked == 0 && c.ready == remaining)
-                })
-                .await
-                .unwrap_or(false)
-            }
-        },
+        || queue_is(&queue, move |c| c.unacked == 0 && c.ready == remaining),
     )
     .await;
 
@@ -268,11 +233,9 @@ async fn graceful_shutdown_loses_nothing_and_acks_each_tag_once() {
         &recorder,
         ack,
     );
-    wait_until("all 50 handled", Duration::from_secs(30), || {
-        let n = recorder.distinct_handled();
-        async move { n == 50 }
-    })
-    .await;
+    recorder
+        .wait_handled(50, "all 50 handled", Duration::from_secs(30))
+        .await;
     consumer.shutdown().await.expect("clean shutdown");
     assert_eq!(recorder.duplicates(), 0);
     supervisor.close().await;
@@ -301,11 +264,9 @@ async fn concurrent_handlers_never_exceed_the_limit() {
             Outcome::Ack
         },
     );
-    wait_until("all handled", Duration::from_secs(60), || {
-        let n = recorder.distinct_handled();
-        async move { n == 200 }
-    })
-    .await;
+    recorder
+        .wait_handled(200, "all handled", Duration::from_secs(60))
+        .await;
     consumer.shutdown().await.expect("clean shutdown");
     assert_eq!(recorder.max_running.load(Ordering::SeqCst), 4);
     supervisor.close().await;
@@ -349,20 +310,14 @@ async fn unacked_never_exceeds_the_prefetch_even_after_a_reconnect() {
         }
         if round == 0 {
             proxy.cut();
-            wait_until("a second session", Duration::from_secs(30), || {
-                let sessions = consumer.stats().sessions;
-                async move { sessions >= 2 }
-            })
-            .await;
+            wait_stats(&consumer, "a second session", |s| s.sessions >= 2).await;
         }
     }
     assert!(
         seen_full,
         "the prefetch window should fill with slow handlers"
     );
-    consumer.shutdown().await.expect("clean shutdown");
-    supervisor.close().await;
-    delete_queue(&publisher, &queue).await;
+    finish(consumer, &supervisor, &publisher, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,11 +341,9 @@ async fn a_panicking_handler_is_a_transient_failure() {
             Outcome::Ack
         },
     );
-    wait_until("all handled", Duration::from_secs(30), || {
-        let n = recorder.distinct_handled();
-        async move { n == 20 }
-    })
-    .await;
+    recorder
+        .wait_handled(20, "all handled", Duration::from_secs(30))
+        .await;
     let report = consumer.shutdown().await.expect("clean shutdown");
     assert_eq!(report.panics, 1);
     assert_eq!(recorder.calls_of("m-7"), 2);
@@ -427,23 +380,12 @@ async fn a_late_ack_from_an_old_channel_is_dropped_and_the_message_redelivered()
     })
     .await;
     proxy.cut();
-    wait_until(
-        "the redelivery to be handled",
-        Duration::from_secs(30),
-        || {
-            let n = recorder.distinct_handled();
-            async move { n == 1 }
-        },
-    )
-    .await;
-    wait_until(
-        "the stale completion to be dropped",
-        Duration::from_secs(30),
-        || {
-            let stale = consumer.stats().stale_tags_dropped;
-            async move { stale == 1 }
-        },
-    )
+    recorder
+        .wait_handled(1, "the redelivery to be handled", Duration::from_secs(30))
+        .await;
+    wait_stats(&consumer, "the stale completion to be dropped", |s| {
+        s.stale_tags_dropped == 1
+    })
     .await;
     wait_until("the queue to be empty", Duration::from_secs(30), || {
         queue_drained(&queue)
@@ -471,30 +413,18 @@ async fn a_deleted_queue_is_declared_again_and_consumed() {
         &recorder,
         ack,
     );
-    wait_until("the first subscription", Duration::from_secs(30), || {
-        let sessions = consumer.stats().sessions;
-        async move { sessions == 1 }
-    })
-    .await;
+    wait_stats(&consumer, "the first subscription", |s| s.sessions == 1).await;
     delete_queue(&publisher, &queue).await;
-    wait_until("a new subscription", Duration::from_secs(30), || {
-        let sessions = consumer.stats().sessions;
-        async move { sessions >= 2 }
-    })
-    .await;
+    wait_stats(&consumer, "a new subscription", |s| s.sessions >= 2).await;
     publish(&publisher, &queue, 10, "m", |_| b"x".to_vec()).await;
-    wait_until(
-        "messages on the re-declared queue",
-        Duration::from_secs(30),
-        || {
-            let n = recorder.distinct_handled();
-            async move { n == 10 }
-        },
-    )
-    .await;
-    consumer.shutdown().await.expect("clean shutdown");
-    supervisor.close().await;
-    delete_queue(&publisher, &queue).await;
+    recorder
+        .wait_handled(
+            10,
+            "messages on the re-declared queue",
+            Duration::from_secs(30),
+        )
+        .await;
+    finish(consumer, &supervisor, &publisher, &queue).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,14 +464,7 @@ async fn reject_and_requeue_are_settled_per_tag() {
         || {
             let n = recorder.distinct_handled();
             let dead = dead.clone();
-            async move {
-                n == 20
-                    && tokio::task::spawn_blocking(move || {
-                        queue_counts(&dead).is_some_and(|c| c.ready == 10)
-                    })
-                    .await
-                    .unwrap_or(false)
-            }
+            async move { n == 20 && queue_is(&dead, |c| c.ready == 10).await }
         },
     )
     .await;

@@ -37,6 +37,15 @@ impl Recorder {
         self.handled.lock().map(|h| h.len()).unwrap_or(0)
     }
 
+    /// Waits until `n` distinct message ids were handled successfully.
+    pub async fn wait_handled(&self, n: usize, what: &str, timeout: Duration) -> Duration {
+        backstop_testkit::wait_until(what, timeout, || {
+            let handled = self.distinct_handled();
+            async move { handled == n }
+        })
+        .await
+    }
+
     pub fn calls_of(&self, id: &str) -> u32 {
         self.calls
             .lock()
@@ -134,4 +143,50 @@ where
 
 pub async fn ack(_: Delivery, _: u32) -> Outcome {
     Outcome::Ack
+}
+
+/// Stops the consumer cleanly, closes the supervisor and deletes the queue.
+pub async fn finish(
+    consumer: ConsumerHandle,
+    supervisor: &ConnectionSupervisor,
+    publisher: &lapin::Connection,
+    queue: &str,
+) -> backstop::consumer::ConsumerReport {
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    backstop_testkit::delete_queue(publisher, queue).await;
+    report
+}
+
+/// Whether the broker's counts for `queue` satisfy `check` (false when the
+/// queue does not exist).
+pub async fn queue_is(
+    queue: &str,
+    check: impl Fn(backstop_testkit::QueueCounts) -> bool + Send + 'static,
+) -> bool {
+    let queue = queue.to_owned();
+    tokio::task::spawn_blocking(move || backstop_testkit::queue_counts(&queue).is_some_and(check))
+        .await
+        .unwrap_or(false)
+}
+
+/// Waits (up to 30 s) until the consumer's counters satisfy `check`.
+pub async fn wait_stats(
+    consumer: &ConsumerHandle,
+    what: &str,
+    check: impl Fn(&backstop::consumer::ConsumerReport) -> bool,
+) {
+    backstop_testkit::wait_until(what, Duration::from_secs(30), || {
+        let ok = check(&consumer.stats());
+        async move { ok }
+    })
+    .await;
+}
+
+/// Declares `topology` on a short-lived connection of its own.
+pub async fn declare(topology: &Topology) {
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    topology.apply(&channel).await.expect("declare");
+    let _ = connection.close(200, "declared".into()).await;
 }

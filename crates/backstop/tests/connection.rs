@@ -1,0 +1,181 @@
+//! The connection supervisor against the real broker.
+
+mod common;
+
+use backstop::connection::{ConnectionConfig, ConnectionState, ConnectionSupervisor};
+use backstop::consumer::ConsumerConfig;
+use backstop::topology::{Queue, Topology};
+use backstop_testkit::{
+    FaultProxy, amqp_url, broker_addr, connect, delete_queue, publish, unique, url_via, wait_until,
+};
+use common::*;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_are_tried_in_turn() {
+    init_tracing();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let supervisor = ConnectionSupervisor::start(
+        ConnectionConfig::new(url_via(&amqp_url(), dead))
+            .address(amqp_url())
+            .backoff(fast_backoff()),
+    )
+    .expect("valid");
+    let live = tokio::time::timeout(Duration::from_secs(20), supervisor.connection())
+        .await
+        .expect("the second address is reached")
+        .expect("connected");
+    assert_eq!(live.generation(), 1);
+    supervisor.close().await;
+    assert!(matches!(
+        &*supervisor.state().borrow(),
+        ConnectionState::Closed { .. }
+    ));
+}
+
+/// Collects everything the subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut v) = self.0.lock() {
+            v.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// One thread, so the thread-local subscriber sees the supervisor's logs too.
+#[tokio::test(flavor = "current_thread")]
+async fn transitions_are_logged_with_reasons_and_without_credentials() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("backstop=debug")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let url = url_via(&amqp_url(), proxy.addr());
+    assert!(url.contains(":guest@"), "the test URL carries a password");
+    let supervisor = ConnectionSupervisor::start(
+        ConnectionConfig::new(&url)
+            .backoff(fast_backoff())
+            .connection_name("backstop-log-test"),
+    )
+    .expect("valid");
+    supervisor.connection().await.expect("connected");
+    proxy.cut();
+    let mut state = supervisor.state();
+    let reconnected = tokio::time::timeout(
+        Duration::from_secs(20),
+        state.wait_for(
+            |s| matches!(s, ConnectionState::Connected { generation } if *generation == 2),
+        ),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(reconnected);
+    supervisor.close().await;
+
+    let logs = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
+    assert!(logs.contains("to=Reconnecting"), "{logs}");
+    assert!(logs.contains("to=Connected { generation: 2 }"), "{logs}");
+    assert!(logs.contains("reason="), "{logs}");
+    assert!(logs.contains("guest:***@"), "{logs}");
+    assert!(
+        !logs.contains(":guest@"),
+        "a password reached the logs:\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_error_during_setup_is_retried_on_a_new_channel() {
+    init_tracing();
+    let queue = unique("conflict");
+    // Someone else declared the queue with other arguments: our declaration
+    // fails with PRECONDITION_FAILED, which closes the channel.
+    let other = Topology::new().queue(Queue::classic(&queue).max_length(5));
+    let publisher = connect().await;
+    let channel = publisher.create_channel().await.expect("channel");
+    other.apply(&channel).await.expect("declare");
+
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(classic(&queue)),
+        &recorder,
+        ack,
+    );
+    wait_stats(&consumer, "repeated setup failures", |s| {
+        s.session_errors >= 2
+    })
+    .await;
+    assert!(
+        !consumer.is_finished(),
+        "a channel error must not stop the runtime"
+    );
+    assert_eq!(consumer.stats().sessions, 0);
+
+    delete_queue(&publisher, &queue).await;
+    wait_stats(&consumer, "a session once the conflict is gone", |s| {
+        s.sessions == 1
+    })
+    .await;
+    publish(&publisher, &queue, 5, "m", |_| b"x".to_vec()).await;
+    recorder
+        .wait_handled(5, "messages handled", Duration::from_secs(30))
+        .await;
+    finish(consumer, &supervisor, &publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_that_outlive_the_shutdown_timeout_stay_unacked() {
+    init_tracing();
+    let queue = unique("slow-shutdown");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 10, "m", |_| b"x".to_vec()).await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .concurrency(3)
+            .shutdown_timeout(Duration::from_millis(300)),
+        &recorder,
+        |_, _| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            backstop::handler::Outcome::Ack
+        },
+    );
+    wait_until("three handlers running", Duration::from_secs(30), || {
+        let running = recorder.running.load(std::sync::atomic::Ordering::SeqCst);
+        async move { running == 3 }
+    })
+    .await;
+    let report = tokio::time::timeout(Duration::from_secs(10), consumer.shutdown())
+        .await
+        .expect("shutdown honours its timeout")
+        .expect("clean shutdown");
+    assert_eq!(report.handled, 0);
+    wait_until("all ten back in the queue", Duration::from_secs(30), || {
+        queue_is(&queue, |c| c.ready == 10 && c.unacked == 0)
+    })
+    .await;
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
