@@ -11,8 +11,6 @@ use backstop_testkit::try_publish;
 use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
 
@@ -28,6 +26,9 @@ pub(crate) struct ConsumeArgs {
     /// Concurrent handlers of the Backstop consumer.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Alternating rounds of (a) and (b); the medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// The broker (default: BACKSTOP_AMQP_URL, then the local broker).
     #[arg(long)]
     uri: Option<String>,
@@ -55,13 +56,13 @@ fn peak_rss_kib() -> Option<u64> {
 }
 
 pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
-    if args.messages == 0 || args.prefetch == 0 || args.concurrency == 0 {
+    if args.messages == 0 || args.prefetch == 0 || args.concurrency == 0 || args.rounds == 0 {
         return Err(UsageError(
-            "--messages, --prefetch and --concurrency must be at least 1".into(),
+            "--messages, --prefetch, --concurrency and --rounds must be at least 1".into(),
         )
         .into());
     }
-    let uri = ui::broker_uri(args.uri)?;
+    let uri = ui::broker_uri(args.uri.clone())?;
     let supervisor = ui::direct_supervisor(&uri, "backstop-bench")?;
     let live = supervisor.connection().await?;
     let queue = format!("backstop.bench.{}", std::process::id());
@@ -69,113 +70,173 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     let channel = live.create_channel().await?;
     topology.apply(&channel).await?;
     let body = vec![b'x'; 256];
-
-    // (a) The ceiling: the broker pushing as fast as it can with auto-ack.
-    fill(&channel, &queue, args.messages, &body).await?;
-    let ceiling_channel = live.create_channel().await?;
-    let mut stream = ceiling_channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .context("subscribing with auto-ack")?;
-    let bar = ui::progress(args.messages, "ceiling");
-    let started = Instant::now();
-    let mut received = 0u64;
-    while received < args.messages {
-        match stream.next().await {
-            Some(Ok(_)) => {
-                received += 1;
-                if received.is_multiple_of(1000) {
-                    bar.set_position(received);
-                }
-            }
-            Some(Err(e)) => return Err(e).context("auto-ack consume"),
-            None => anyhow::bail!("the auto-ack consumer was cancelled"),
-        }
-    }
-    let ceiling_time = started.elapsed();
-    bar.finish_and_clear();
-    let _ = ceiling_channel.close(200, "ceiling measured".into()).await;
-    let ceiling = args.messages as f64 / ceiling_time.as_secs_f64();
-    println!(
-        "ceiling (auto-ack): {} messages in {:.2}s = {ceiling:.0} msg/s",
-        args.messages,
-        ceiling_time.as_secs_f64()
-    );
-
-    // (b) Backstop: manual acks after a no-op handler.
-    fill(&channel, &queue, args.messages, &body).await?;
-    let seen = Arc::new(AtomicU64::new(0));
-    let handler = {
-        let seen = seen.clone();
-        handler_fn(move |_: Delivery| {
-            seen.fetch_add(1, Ordering::Relaxed);
-            async {}
-        })
+    let run = Run {
+        supervisor: &supervisor,
+        live: &live,
+        channel: &channel,
+        queue: &queue,
+        topology: &topology,
+        body: &body,
+        args: &args,
     };
-    let bar = ui::progress(args.messages, "backstop");
-    let cpu_before = cpu_time();
-    let started = Instant::now();
-    let consumer = Consumer::new(
-        supervisor.clone(),
-        ConsumerConfig::new(&queue)
-            .topology(topology)
-            .prefetch(args.prefetch)
-            .concurrency(args.concurrency),
-        handler,
-    )
-    .spawn()?;
-    // Done when the last ack is sent, not merely when the handler ran.
-    loop {
-        let stats = consumer.stats();
-        if stats.handled >= args.messages {
-            break;
-        }
-        if consumer.is_finished() {
-            anyhow::bail!("the consumer stopped early: {stats:?}");
-        }
-        bar.set_position(stats.handled);
-        tokio::time::sleep(Duration::from_millis(1)).await;
+
+    // The broker's throughput drifts by tens of percent from one second to
+    // the next on a small machine, so (a) and (b) alternate for several
+    // rounds and the medians are compared.
+    let mut ceilings = Vec::new();
+    let mut backstops = Vec::new();
+    for round in 1..=args.rounds {
+        let ceiling = run.ceiling().await?;
+        let backstop = run.backstop().await?;
+        println!(
+            "round {round}: ceiling (auto-ack) {:.0} msg/s, {:.1} us cpu/msg; \
+             backstop (prefetch {}, concurrency {}) {:.0} msg/s, {:.1} us cpu/msg, {} ack frames",
+            ceiling.rate,
+            ceiling.cpu_us,
+            args.prefetch,
+            args.concurrency,
+            backstop.rate,
+            backstop.cpu_us,
+            backstop.ack_frames
+        );
+        ceilings.push(ceiling);
+        backstops.push(backstop);
     }
-    let backstop_time = started.elapsed();
-    let cpu_after = cpu_time();
-    bar.finish_and_clear();
-    let report = consumer.shutdown().await?;
-    let backstop = args.messages as f64 / backstop_time.as_secs_f64();
-    println!(
-        "backstop (prefetch {}, concurrency {}): {} messages in {:.2}s = {backstop:.0} msg/s, {} ack frames",
-        args.prefetch,
-        args.concurrency,
-        args.messages,
-        backstop_time.as_secs_f64(),
-        report.ack_frames
-    );
-    let cpu_us = match (cpu_before, cpu_after) {
-        (Some(a), Some(b)) => (b - a).as_secs_f64() * 1e6 / args.messages as f64,
-        _ => f64::NAN,
-    };
     if let Some(kib) = peak_rss_kib() {
         println!("peak RSS: {:.1} MiB", kib as f64 / 1024.0);
     }
-
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await
         .context("deleting the bench queue")?;
     let _ = channel.close(200, "bench done".into()).await;
     supervisor.close().await;
+    let ceiling = median(ceilings.iter().map(|m| m.rate));
+    let backstop = median(backstops.iter().map(|m| m.rate));
+    let cpu_us = median(backstops.iter().map(|m| m.cpu_us));
     println!(
         "bench: ceiling={ceiling:.0} msg/s backstop={backstop:.0} msg/s ratio={:.2} cpu_us_per_msg={cpu_us:.1}",
         backstop / ceiling
     );
     Ok(ExitCode::SUCCESS)
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.collect();
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// One measurement.
+struct Measured {
+    rate: f64,
+    cpu_us: f64,
+    ack_frames: u64,
+}
+
+/// What every measurement shares.
+struct Run<'a> {
+    supervisor: &'a backstop::connection::ConnectionSupervisor,
+    live: &'a backstop::connection::LiveConnection,
+    channel: &'a lapin::Channel,
+    queue: &'a str,
+    topology: &'a Topology,
+    body: &'a [u8],
+    args: &'a ConsumeArgs,
+}
+
+impl Run<'_> {
+    fn measured(
+        &self,
+        started: Instant,
+        cpu_before: Option<Duration>,
+        ack_frames: u64,
+    ) -> Measured {
+        let elapsed = started.elapsed();
+        let messages = self.args.messages as f64;
+        let cpu_us = match (cpu_before, cpu_time()) {
+            (Some(a), Some(b)) => (b.saturating_sub(a)).as_secs_f64() * 1e6 / messages,
+            _ => f64::NAN,
+        };
+        Measured {
+            rate: messages / elapsed.as_secs_f64(),
+            cpu_us,
+            ack_frames,
+        }
+    }
+
+    /// (a) The ceiling: the broker pushing as fast as it can with auto-ack.
+    async fn ceiling(&self) -> anyhow::Result<Measured> {
+        fill(self.channel, self.queue, self.args.messages, self.body).await?;
+        let channel = self.live.create_channel().await?;
+        let mut stream = channel
+            .basic_consume(
+                self.queue.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("subscribing with auto-ack")?;
+        let bar = ui::progress(self.args.messages, "ceiling");
+        let cpu_before = cpu_time();
+        let started = Instant::now();
+        let mut received = 0u64;
+        while received < self.args.messages {
+            match stream.next().await {
+                Some(Ok(_)) => {
+                    received += 1;
+                    if received.is_multiple_of(1000) {
+                        bar.set_position(received);
+                    }
+                }
+                Some(Err(e)) => return Err(e).context("auto-ack consume"),
+                None => anyhow::bail!("the auto-ack consumer was cancelled"),
+            }
+        }
+        let measured = self.measured(started, cpu_before, 0);
+        bar.finish_and_clear();
+        let _ = channel.close(200, "ceiling measured".into()).await;
+        Ok(measured)
+    }
+
+    /// (b) Backstop: manual, coalesced acks after a no-op handler.
+    async fn backstop(&self) -> anyhow::Result<Measured> {
+        fill(self.channel, self.queue, self.args.messages, self.body).await?;
+        let handler = handler_fn(|_: Delivery| async {});
+        let bar = ui::progress(self.args.messages, "backstop");
+        let cpu_before = cpu_time();
+        let started = Instant::now();
+        let consumer = Consumer::new(
+            self.supervisor.clone(),
+            ConsumerConfig::new(self.queue)
+                .topology(self.topology.clone())
+                .prefetch(self.args.prefetch)
+                .concurrency(self.args.concurrency),
+            handler,
+        )
+        .spawn()?;
+        // Done when the last ack is sent, not merely when the handler ran.
+        loop {
+            let stats = consumer.stats();
+            if stats.handled >= self.args.messages {
+                break;
+            }
+            if consumer.is_finished() {
+                anyhow::bail!("the consumer stopped early: {stats:?}");
+            }
+            bar.set_position(stats.handled);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let ack_frames = consumer.stats().ack_frames;
+        let measured = self.measured(started, cpu_before, ack_frames);
+        bar.finish_and_clear();
+        consumer.shutdown().await?;
+        Ok(measured)
+    }
 }
 
 async fn fill(

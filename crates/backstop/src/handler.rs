@@ -23,13 +23,17 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, ShortString};
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A message handed to a handler. The delivery tag stays with the consumer:
 /// the handler decides the outcome, the consumer settles it.
-#[derive(Debug)]
+///
+/// Cloning is cheap for the body (shared), so the consumer can keep the
+/// message for a retry or dead-letter copy after the handler consumed it.
+#[derive(Clone, Debug)]
 pub struct Delivery {
-    body: Vec<u8>,
+    body: Arc<Vec<u8>>,
     properties: BasicProperties,
     exchange: ShortString,
     routing_key: ShortString,
@@ -41,7 +45,7 @@ impl Delivery {
         (
             delivery.delivery_tag,
             Delivery {
-                body: delivery.data,
+                body: Arc::new(delivery.data),
                 properties: delivery.properties,
                 exchange: delivery.exchange,
                 routing_key: delivery.routing_key,
@@ -53,7 +57,7 @@ impl Delivery {
     /// Builds a delivery by hand, for unit tests of handlers.
     pub fn for_test(body: impl Into<Vec<u8>>, properties: BasicProperties) -> Self {
         Delivery {
-            body: body.into(),
+            body: Arc::new(body.into()),
             properties,
             exchange: ShortString::from(""),
             routing_key: ShortString::from(""),
@@ -66,9 +70,9 @@ impl Delivery {
         &self.body
     }
 
-    /// Takes the payload out without copying.
+    /// Takes the payload out, copying only if a clone still shares it.
     pub fn into_body(self) -> Vec<u8> {
-        self.body
+        Arc::try_unwrap(self.body).unwrap_or_else(|shared| (*shared).clone())
     }
 
     /// The AMQP properties (message id, headers, content type, ...).

@@ -13,12 +13,20 @@
 //! - [`consumer`]: the runtime that subscribes, bounds concurrency and the
 //!   prefetch, coalesces acks and recovers its subscription;
 //! - [`handler`]: the trait user code implements and the [`handler::Outcome`]
-//!   it returns.
+//!   it returns;
+//! - [`retry`]: the policy for failures: in-process retries, broker-side
+//!   delay tiers, then the dead-letter queue;
+//! - [`breaker`]: the circuit breaker that pauses consumption while the
+//!   downstream keeps failing;
+//! - [`publish`]: the confirmed publisher behind every copy the consumer makes.
 
+pub mod breaker;
 pub mod connection;
 pub mod consumer;
 mod error;
 pub mod handler;
+pub mod publish;
+pub mod retry;
 pub mod topology;
 
 pub use error::{Error, RedactedUri, Result};

@@ -188,6 +188,22 @@ impl Queue {
         self.argument("x-delivery-limit", AMQPValue::LongLongInt(i64::from(limit)))
     }
 
+    /// Dead-letters (expired, rejected, over the delivery limit) into
+    /// `<name>.dlq` through the default exchange: the same parking lot the
+    /// retry policy publishes to.
+    pub fn dead_letter_to_dlq(self) -> Self {
+        let dlq = crate::retry::RetryPolicy::dead_letter_queue(&self.name);
+        self.dead_letter_exchange("").dead_letter_routing_key(&dlq)
+    }
+
+    /// Quorum queues: `x-dead-letter-strategy=at-least-once`, so the broker
+    /// keeps a dead-lettered message until the dead-letter queue has confirmed
+    /// it. RabbitMQ requires `x-overflow=reject-publish` with it, which is set too.
+    pub fn at_least_once_dead_lettering(self) -> Self {
+        self.argument("x-dead-letter-strategy", long_string("at-least-once"))
+            .argument("x-overflow", long_string("reject-publish"))
+    }
+
     /// `x-max-length`: the most messages the queue holds.
     pub fn max_length(self, max: u64) -> Self {
         let max = i64::try_from(max).unwrap_or(i64::MAX);

@@ -44,25 +44,31 @@
 //! ```
 
 mod ack;
+mod process;
 
+use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::connection::{Backoff, ConnectionSupervisor, LiveConnection, describe};
 use crate::error::{Error, Result};
-use crate::handler::{Delivery, Handler, Outcome};
+use crate::handler::{Delivery, Handler};
+use crate::publish::ConfirmedPublisher;
+use crate::retry::{Exhausted, RetryPolicy};
 use crate::topology::Topology;
 use crate::wait_true;
 use ack::AckCoalescer;
+use futures_util::stream::FuturesUnordered;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     BasicRejectOptions,
 };
 use lapin::types::FieldTable;
-use std::collections::HashMap;
+use process::{ProcessContext, Settlement, Verdict};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tracing::{debug, error, info, warn};
 
@@ -79,6 +85,8 @@ pub struct ConsumerConfig {
     shutdown_timeout: Duration,
     max_retry_delay: Duration,
     session_backoff: Backoff,
+    retry: Option<RetryPolicy>,
+    breaker: Option<BreakerConfig>,
 }
 
 impl ConsumerConfig {
@@ -100,6 +108,8 @@ impl ConsumerConfig {
                 max: Duration::from_secs(5),
                 max_attempts: None,
             },
+            retry: None,
+            breaker: None,
         }
     }
 
@@ -148,6 +158,21 @@ impl ConsumerConfig {
         self
     }
 
+    /// Retries failures through delay tiers and parks exhausted messages
+    /// (see [`crate::retry`]). The tier queues and `<queue>.dlq` are added to
+    /// the topology. Without a policy, a retry requeues the message and a
+    /// rejection is a plain `basic.reject`.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = Some(policy);
+        self
+    }
+
+    /// Turns the circuit breaker on (see [`crate::breaker`]).
+    pub fn circuit_breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = Some(config);
+        self
+    }
+
     /// The queue consumed.
     pub fn queue(&self) -> &str {
         &self.queue
@@ -172,6 +197,17 @@ impl ConsumerConfig {
                 reason: "at least one handler must be allowed to run".into(),
             });
         }
+        if let Some(policy) = &self.retry
+            && policy.exhausted_to() == Exhausted::Store
+        {
+            return Err(Error::Config {
+                key: "retry.exhausted",
+                reason: "\"store\" needs a compensation store, and none is configured".into(),
+            });
+        }
+        if let Some(breaker) = &self.breaker {
+            breaker.validate()?;
+        }
         Ok(())
     }
 }
@@ -189,6 +225,9 @@ pub struct ConsumerStats {
     sessions: AtomicU64,
     session_errors: AtomicU64,
     in_flight: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    publish_failures: AtomicU64,
 }
 
 /// A snapshot of [`ConsumerStats`].
@@ -214,6 +253,13 @@ pub struct ConsumerReport {
     pub session_errors: u64,
     /// Handlers running now.
     pub in_flight: u64,
+    /// Retry copies published to a delay tier (confirmed).
+    pub retried: u64,
+    /// Copies published to the dead-letter queue (confirmed).
+    pub dead_lettered: u64,
+    /// Retry or dead-letter copies the broker did not confirm; their
+    /// originals were requeued, not acked.
+    pub publish_failures: u64,
 }
 
 impl ConsumerStats {
@@ -231,6 +277,9 @@ impl ConsumerStats {
             sessions: get(&self.sessions),
             session_errors: get(&self.session_errors),
             in_flight: get(&self.in_flight),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            publish_failures: get(&self.publish_failures),
         }
     }
 }
@@ -258,6 +307,7 @@ impl<H> std::fmt::Debug for Consumer<H> {
 #[derive(Debug)]
 pub struct ConsumerHandle {
     stats: Arc<ConsumerStats>,
+    breaker: watch::Receiver<BreakerState>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Result<()>>,
 }
@@ -271,6 +321,11 @@ impl ConsumerHandle {
     /// The shared counters, for metrics exporters.
     pub fn stats_ref(&self) -> Arc<ConsumerStats> {
         self.stats.clone()
+    }
+
+    /// The circuit breaker's state (always closed when no breaker is configured).
+    pub fn breaker(&self) -> watch::Receiver<BreakerState> {
+        self.breaker.clone()
     }
 
     /// True once the consumer stopped by itself (a fatal error).
@@ -306,19 +361,39 @@ impl<H: Handler> Consumer<H> {
         self.config.validate()?;
         let stats = Arc::new(ConsumerStats::default());
         let (stop, stop_rx) = watch::channel(false);
+        let (breaker_tx, breaker) = watch::channel(BreakerState::Closed);
+        let mut topology = self.config.topology.clone();
+        if let Some(policy) = &self.config.retry {
+            topology = topology.merge(policy.topology(&self.config.queue));
+        }
+        let context = Arc::new(ProcessContext {
+            queue: self.config.queue.clone(),
+            policy: self.config.retry.clone(),
+            max_retry_delay: self.config.max_retry_delay,
+            breaker_tripped: false.into(),
+            stats: stats.clone(),
+        });
         let runtime = Runtime {
             supervisor: self.supervisor,
+            breaker: self.config.breaker.clone().map(CircuitBreaker::new),
+            breaker_tx,
             config: self.config,
+            topology,
             handler: self.handler,
+            context,
             stats: stats.clone(),
             stop: stop_rx,
-            handlers: JoinSet::new(),
-            running: HashMap::new(),
+            handlers: FuturesUnordered::new(),
             generation: 0,
             rng: fastrand::Rng::new(),
         };
         let task = tokio::spawn(runtime.run());
-        Ok(ConsumerHandle { stats, stop, task })
+        Ok(ConsumerHandle {
+            stats,
+            breaker,
+            stop,
+            task,
+        })
     }
 
     /// Consumes until `stop` completes, then shuts down gracefully.
@@ -344,24 +419,35 @@ impl<H: Handler> Consumer<H> {
 enum SessionEnd {
     Stop,
     Broken(String),
+    BreakerOpen,
 }
+
+/// A running handler with the bookkeeping around it.
+type HandlerTask = Pin<Box<dyn Future<Output = Completion> + Send>>;
 
 /// A handler's result, tagged with where its delivery came from.
 struct Completion {
     generation: u64,
     tag: u64,
-    outcome: Outcome,
+    settlement: Settlement,
+    verdict: Verdict,
 }
 
 struct Runtime<H> {
     supervisor: ConnectionSupervisor,
     config: ConsumerConfig,
+    /// The configured topology plus what the retry policy derives.
+    topology: Topology,
     handler: Arc<H>,
+    context: Arc<ProcessContext>,
+    breaker: Option<CircuitBreaker>,
+    breaker_tx: watch::Sender<BreakerState>,
     stats: Arc<ConsumerStats>,
     stop: watch::Receiver<bool>,
-    handlers: JoinSet<Completion>,
-    /// Task id to (generation, tag), to settle a handler that panicked.
-    running: HashMap<tokio::task::Id, (u64, u64)>,
+    /// Running handlers, polled by the consumer's own task. No task is
+    /// spawned per delivery: at tens of thousands of deliveries a second the
+    /// wake-ups of a spawn cost more than the work of a typical handler.
+    handlers: FuturesUnordered<HandlerTask>,
     generation: u64,
     rng: fastrand::Rng,
 }
@@ -371,6 +457,8 @@ struct Session {
     live: LiveConnection,
     channel: lapin::Channel,
     consumer: lapin::Consumer,
+    /// Confirm-mode channel for retry and dead-letter copies.
+    publisher: Option<ConfirmedPublisher>,
     generation: u64,
     acks: AckCoalescer,
 }
@@ -384,16 +472,49 @@ impl<H: Handler> Runtime<H> {
             if *self.stop.borrow() {
                 break;
             }
-            let live = tokio::select! {
-                live = self.supervisor.connection() => match live {
-                    Ok(live) => live,
-                    Err(e) => {
-                        error!(%queue, error = %e, "consumer stopping: no connection will come");
-                        self.abandon_handlers().await;
-                        return Err(e);
+            if self.breaker_state() == BreakerState::Open {
+                let cooldown = self
+                    .breaker
+                    .as_ref()
+                    .map(CircuitBreaker::cooldown)
+                    .unwrap_or_default();
+                let stopped = self
+                    .idle_until(async {
+                        tokio::select! {
+                            _ = tokio::time::sleep(cooldown) => false,
+                            _ = wait_true(&mut stop) => true,
+                        }
+                    })
+                    .await;
+                if stopped {
+                    break;
+                }
+                if let Some(state) = self
+                    .breaker
+                    .as_mut()
+                    .and_then(|b| b.poll_cooldown(Instant::now()))
+                {
+                    self.breaker_changed(state);
+                }
+            }
+            let supervisor = self.supervisor.clone();
+            let live = self
+                .idle_until(async {
+                    tokio::select! {
+                        live = supervisor.connection() => Some(live),
+                        _ = wait_true(&mut stop) => None,
                     }
-                },
-                _ = wait_true(&mut stop) => break,
+                })
+                .await;
+            let live = match live {
+                None => break,
+                Some(Ok(live)) => live,
+                Some(Err(e)) => {
+                    error!(%queue, error = %e, "consumer stopping: no connection will come");
+                    self.handlers.clear();
+                    self.update_in_flight();
+                    return Err(e);
+                }
             };
             self.generation += 1;
             let session = match self.open(live.clone()).await {
@@ -425,12 +546,53 @@ impl<H: Handler> Runtime<H> {
                     // A short pause so a queue that keeps failing does not spin.
                     self.pause(1).await;
                 }
+                SessionEnd::BreakerOpen => {}
             }
         }
         // Stopped while no session was up: whatever is still running belongs
         // to a closed channel and cannot be acked any more.
-        self.abandon_handlers().await;
+        self.handlers.clear();
+        self.update_in_flight();
         Ok(())
+    }
+
+    fn breaker_state(&self) -> BreakerState {
+        self.breaker
+            .as_ref()
+            .map_or(BreakerState::Closed, CircuitBreaker::state)
+    }
+
+    /// Publishes and logs a breaker transition.
+    fn breaker_changed(&mut self, state: BreakerState) {
+        let queue = &self.config.queue;
+        match state {
+            BreakerState::Open => warn!(%queue, "circuit breaker open: pausing consumption"),
+            BreakerState::HalfOpen => {
+                info!(%queue, "circuit breaker half-open: probing one delivery at a time")
+            }
+            BreakerState::Closed => info!(%queue, "circuit breaker closed: consuming normally"),
+        }
+        self.context
+            .breaker_tripped
+            .store(state != BreakerState::Closed, Ordering::Relaxed);
+        self.breaker_tx.send_replace(state);
+    }
+
+    /// The prefetch for a new session: one while probing.
+    fn prefetch(&self) -> u16 {
+        if self.breaker_state() == BreakerState::HalfOpen {
+            1
+        } else {
+            self.config.prefetch
+        }
+    }
+
+    fn concurrency(&self) -> usize {
+        if self.breaker_state() == BreakerState::HalfOpen {
+            1
+        } else {
+            self.config.concurrency
+        }
     }
 
     async fn pause(&mut self, failures: u32) {
@@ -439,18 +601,44 @@ impl<H: Handler> Runtime<H> {
             .session_backoff
             .delay(failures.saturating_sub(1), &mut self.rng);
         let mut stop = self.stop.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = wait_true(&mut stop) => {}
+        self.idle_until(async {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = wait_true(&mut stop) => {}
+            }
+        })
+        .await;
+    }
+
+    /// Waits for `until` while still driving the handlers of ended sessions,
+    /// so they finish their work; their results are stale and dropped, since
+    /// the broker redelivers those messages.
+    async fn idle_until<T>(&mut self, until: impl Future<Output = T>) -> T {
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                out = &mut until => return out,
+                Some(_) = self.handlers.next(), if !self.handlers.is_empty() => {
+                    bump(&self.stats.stale_tags_dropped, 1);
+                    self.update_in_flight();
+                }
+            }
         }
+    }
+
+    fn update_in_flight(&self) {
+        self.stats
+            .in_flight
+            .store(self.handlers.len() as u64, Ordering::Relaxed);
     }
 
     async fn open(&mut self, live: LiveConnection) -> Result<Session> {
         let channel = live.create_channel().await?;
+        let prefetch = self.prefetch();
         let result = async {
-            self.config.topology.apply(&channel).await?;
+            self.topology.apply(&channel).await?;
             channel
-                .basic_qos(self.config.prefetch, BasicQosOptions { global: false })
+                .basic_qos(prefetch, BasicQosOptions { global: false })
                 .await
                 .map_err(Error::amqp("basic.qos"))?;
             channel
@@ -468,8 +656,19 @@ impl<H: Handler> Runtime<H> {
                 })
         }
         .await;
+        let publisher = match (&result, &self.config.retry) {
+            (Ok(_), Some(_)) => match live.create_channel().await {
+                Ok(channel) => Some(ConfirmedPublisher::new(channel).await),
+                Err(e) => Some(Err(e)),
+            },
+            _ => None,
+        };
+        let result = match (result, publisher.transpose()) {
+            (Ok(consumer), Ok(publisher)) => Ok((consumer, publisher)),
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+        };
         match result {
-            Ok(consumer) => {
+            Ok((consumer, publisher)) => {
                 let batch = self
                     .config
                     .ack_batch
@@ -478,6 +677,7 @@ impl<H: Handler> Runtime<H> {
                     live,
                     channel,
                     consumer,
+                    publisher,
                     generation: self.generation,
                     acks: AckCoalescer::new(
                         batch,
@@ -495,36 +695,56 @@ impl<H: Handler> Runtime<H> {
 
     /// Dispatches deliveries and settles completions until the session ends.
     async fn pump(&mut self, mut session: Session) -> SessionEnd {
-        let concurrency = self.config.concurrency;
-        let far_future = || tokio::time::Instant::now() + Duration::from_secs(3600);
+        // The stop future and the flush timer live across iterations: making
+        // a fresh timer per delivery would register and cancel one in the
+        // timer wheel every time, a real cost at tens of thousands a second.
         let mut stop = self.stop.clone();
+        let stopped = wait_true(&mut stop);
+        tokio::pin!(stopped);
+        let flush_timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(flush_timer);
+        let mut armed: Option<Instant> = None;
         loop {
-            let deadline = session
-                .acks
-                .deadline()
-                .map(tokio::time::Instant::from_std)
-                .unwrap_or_else(far_future);
-            let has_deadline = session.acks.deadline().is_some();
+            let deadline = session.acks.deadline();
+            if deadline != armed
+                && let Some(at) = deadline
+            {
+                flush_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::from_std(at));
+            }
+            armed = deadline;
             tokio::select! {
                 biased;
-                _ = wait_true(&mut stop) => {
-                    return self.drain(session).await;
+                _ = &mut stopped => {
+                    self.drain(session, "shutting down").await;
+                    info!(queue = %self.config.queue, "consumer stopped");
+                    return SessionEnd::Stop;
                 }
-                Some(joined) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
-                    if let Some(completion) = self.completion(joined)
-                        && let Err(reason) = self.settle(&mut session, completion).await
+                Some(completion) = self.handlers.next(), if !self.handlers.is_empty() => {
+                    self.update_in_flight();
                     {
-                        return self.end(session, reason).await;
+                        let verdict = completion.verdict;
+                        if let Err(reason) = self.settle(&mut session, completion).await {
+                            return self.end(session, reason).await;
+                        }
+                        if let Err(reason) = self.judge(&session, verdict).await {
+                            return self.end(session, reason).await;
+                        }
+                        if self.breaker_state() == BreakerState::Open {
+                            self.drain(session, "circuit breaker open").await;
+                            return SessionEnd::BreakerOpen;
+                        }
                     }
                 }
-                _ = tokio::time::sleep_until(deadline), if has_deadline => {
+                _ = &mut flush_timer, if armed.is_some() => {
                     if let Err(reason) = self.flush(&mut session).await {
                         return self.end(session, reason).await;
                     }
                 }
-                next = session.consumer.next(), if self.handlers.len() < concurrency => {
+                next = session.consumer.next(), if self.handlers.len() < self.concurrency() => {
                     match next {
-                        Some(Ok(delivery)) => self.dispatch(session.generation, delivery),
+                        Some(Ok(delivery)) => self.dispatch(&session, delivery),
                         Some(Err(e)) => {
                             let reason = describe(&e);
                             return self.end(session, reason).await;
@@ -543,64 +763,26 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    fn dispatch(&mut self, generation: u64, delivery: lapin::message::Delivery) {
+    fn dispatch(&mut self, session: &Session, delivery: lapin::message::Delivery) {
         bump(&self.stats.delivered, 1);
+        let generation = session.generation;
         let (tag, delivery) = Delivery::from_lapin(delivery);
-        let handler = self.handler.clone();
-        let max_delay = self.config.max_retry_delay;
-        let abort = self.handlers.spawn(async move {
-            let outcome = handler.handle(delivery).await;
-            // Until delayed retries move to broker-side tiers, the delay is
-            // waited out here, holding the delivery (and a concurrency slot).
-            if let Outcome::Retry {
-                delay: Some(delay), ..
-            } = &outcome
-            {
-                tokio::time::sleep((*delay).min(max_delay)).await;
-            }
+        let task = process::process(
+            self.handler.clone(),
+            self.context.clone(),
+            session.publisher.clone(),
+            delivery,
+        );
+        self.handlers.push(Box::pin(async move {
+            let (settlement, verdict) = task.await;
             Completion {
                 generation,
                 tag,
-                outcome,
+                settlement,
+                verdict,
             }
-        });
-        self.running.insert(abort.id(), (generation, tag));
-        self.stats
-            .in_flight
-            .store(self.handlers.len() as u64, Ordering::Relaxed);
-    }
-
-    /// Turns a joined handler task into a completion; a panic becomes a
-    /// transient failure of the same delivery.
-    fn completion(
-        &mut self,
-        joined: std::result::Result<(tokio::task::Id, Completion), tokio::task::JoinError>,
-    ) -> Option<Completion> {
-        self.stats
-            .in_flight
-            .store(self.handlers.len() as u64, Ordering::Relaxed);
-        match joined {
-            Ok((id, completion)) => {
-                self.running.remove(&id);
-                Some(completion)
-            }
-            Err(err) => {
-                let (generation, tag) = self.running.remove(&err.id())?;
-                if err.is_panic() {
-                    bump(&self.stats.panics, 1);
-                    let reason = panic_message(err);
-                    warn!(queue = %self.config.queue, tag, %reason, "handler panicked; requeueing");
-                    Some(Completion {
-                        generation,
-                        tag,
-                        outcome: Outcome::retry(format!("handler panicked: {reason}")),
-                    })
-                } else {
-                    // Aborted at shutdown: stays unacked, the broker redelivers it.
-                    None
-                }
-            }
-        }
+        }));
+        self.update_in_flight();
     }
 
     /// Carries out one outcome. `Err` means the channel is unusable.
@@ -612,7 +794,8 @@ impl<H: Handler> Runtime<H> {
         let Completion {
             generation,
             tag,
-            outcome,
+            settlement,
+            ..
         } = completion;
         if generation != session.generation {
             bump(&self.stats.stale_tags_dropped, 1);
@@ -625,15 +808,15 @@ impl<H: Handler> Runtime<H> {
             return Ok(());
         }
         let now = Instant::now();
-        match outcome {
-            Outcome::Ack => {
+        match settlement {
+            Settlement::Ack => {
                 if session.acks.complete(tag, true, now) && session.acks.batch_full() {
                     self.flush(session).await?;
                 }
             }
-            Outcome::Reject { reason } => {
+            Settlement::Reject => {
                 if session.acks.complete(tag, false, now) {
-                    debug!(tag, %reason, "rejecting");
+                    debug!(tag, "rejecting");
                     session
                         .channel
                         .basic_reject(tag, BasicRejectOptions { requeue: false })
@@ -642,7 +825,7 @@ impl<H: Handler> Runtime<H> {
                     bump(&self.stats.rejected, 1);
                 }
             }
-            Outcome::Retry { .. } | Outcome::Requeue => {
+            Settlement::Requeue => {
                 if session.acks.complete(tag, false, now) {
                     session
                         .channel
@@ -658,6 +841,35 @@ impl<H: Handler> Runtime<H> {
                     bump(&self.stats.requeued, 1);
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Feeds the circuit breaker; when probing succeeded enough to close it,
+    /// restores the full prefetch on the live channel.
+    async fn judge(
+        &mut self,
+        session: &Session,
+        verdict: Verdict,
+    ) -> std::result::Result<(), String> {
+        let Some(breaker) = self.breaker.as_mut() else {
+            return Ok(());
+        };
+        let success = match verdict {
+            Verdict::Success => true,
+            Verdict::Transient => false,
+            Verdict::Neutral => return Ok(()),
+        };
+        let Some(state) = breaker.record(success, Instant::now()) else {
+            return Ok(());
+        };
+        self.breaker_changed(state);
+        if state == BreakerState::Closed {
+            session
+                .channel
+                .basic_qos(self.config.prefetch, BasicQosOptions { global: false })
+                .await
+                .map_err(|e| describe(&e))?;
         }
         Ok(())
     }
@@ -691,20 +903,16 @@ impl<H: Handler> Runtime<H> {
     /// Ends a broken session: closes its channel if it still stands so the
     /// broker requeues what it holds, and lets in-flight handlers go stale.
     async fn end(&mut self, session: Session, reason: String) -> SessionEnd {
-        if session.channel.status().connected() {
-            let _ = session
-                .channel
-                .close(200, "backstop: resubscribing".into())
-                .await;
-        }
+        close_session(&session, "backstop: resubscribing").await;
         SessionEnd::Broken(reason)
     }
 
-    /// Graceful shutdown of a live session.
-    async fn drain(&mut self, mut session: Session) -> SessionEnd {
+    /// Ends a live session gracefully: cancel the subscription, let running
+    /// handlers finish within the shutdown timeout, flush acks, close.
+    async fn drain(&mut self, mut session: Session, why: &str) {
         let queue = self.config.queue.clone();
         let tag = session.consumer.tag();
-        info!(%queue, in_flight = self.handlers.len(), "shutting down: cancelling the subscription");
+        info!(%queue, in_flight = self.handlers.len(), why, "draining: cancelling the subscription");
         if let Err(e) = session
             .channel
             .basic_cancel(tag, BasicCancelOptions::default())
@@ -714,17 +922,16 @@ impl<H: Handler> Runtime<H> {
         }
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
         while !self.handlers.is_empty() {
-            let joined = tokio::select! {
-                joined = self.handlers.join_next_with_id() => joined,
+            let completion = tokio::select! {
+                completion = self.handlers.next() => completion,
                 _ = tokio::time::sleep_until(deadline) => {
                     warn!(%queue, left = self.handlers.len(), "shutdown timeout: unfinished handlers stay unacked");
                     break;
                 }
             };
-            let Some(joined) = joined else { break };
-            if let Some(completion) = self.completion(joined)
-                && let Err(reason) = self.settle(&mut session, completion).await
-            {
+            let Some(completion) = completion else { break };
+            self.update_in_flight();
+            if let Err(reason) = self.settle(&mut session, completion).await {
                 warn!(%queue, %reason, "settling during shutdown failed; the broker redelivers");
                 break;
             }
@@ -732,30 +939,21 @@ impl<H: Handler> Runtime<H> {
         if let Err(reason) = self.flush(&mut session).await {
             warn!(%queue, %reason, "final ack flush failed; the broker redelivers");
         }
-        self.abandon_handlers().await;
-        let _ = session
-            .channel
-            .close(200, "backstop: shutdown".into())
-            .await;
-        info!(%queue, "consumer stopped");
-        SessionEnd::Stop
-    }
-
-    async fn abandon_handlers(&mut self) {
-        self.handlers.abort_all();
-        while self.handlers.join_next().await.is_some() {}
-        self.running.clear();
-        self.stats.in_flight.store(0, Ordering::Relaxed);
+        // Dropping what did not finish cancels it; its messages stay unacked.
+        self.handlers.clear();
+        self.update_in_flight();
+        close_session(&session, "backstop: drained").await;
     }
 }
 
-fn panic_message(err: tokio::task::JoinError) -> String {
-    match err.try_into_panic() {
-        Ok(payload) => payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "non-string panic payload".to_owned()),
-        Err(err) => err.to_string(),
+/// Closes a session's channels that still stand; the broker requeues what
+/// they hold unacked.
+async fn close_session(session: &Session, why: &str) {
+    let channels = std::iter::once(&session.channel)
+        .chain(session.publisher.as_ref().map(ConfirmedPublisher::channel));
+    for channel in channels {
+        if channel.status().connected() {
+            let _ = channel.close(200, why.into()).await;
+        }
     }
 }

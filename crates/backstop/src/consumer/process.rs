@@ -1,0 +1,193 @@
+//! One delivery's life inside its handler task: call the handler (catching a
+//! panic), retry in process, then carry out the retry policy's decision:
+//! publish the retry or dead-letter copy with a confirm. Only the resulting
+//! [`Settlement`] goes back to the consumer, which sends the ack, reject or
+//! nack on the delivery's own channel.
+//!
+//! Publishing here, in the task, keeps confirm round trips off the dispatch
+//! loop, so a slow confirm never holds back other deliveries.
+
+use super::{ConsumerStats, bump};
+use crate::handler::{Delivery, FailureKind, Handler, Outcome};
+use crate::publish::ConfirmedPublisher;
+use crate::retry::{Decision, FailedMessage, RetryPolicy, attempt_of};
+use futures_util::FutureExt;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tracing::{debug, error, warn};
+
+/// What the consumer sends for a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settlement {
+    /// `basic.ack`: done, or a copy is safely stored elsewhere.
+    Ack,
+    /// `basic.reject` without requeue: a permanent failure without a policy,
+    /// left to the queue's own dead-lettering.
+    Reject,
+    /// `basic.nack` with requeue: try again later, nothing was stored.
+    Requeue,
+}
+
+/// How the handler did, for the circuit breaker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Success,
+    Transient,
+    /// Permanent failures and requeues say nothing about the downstream.
+    Neutral,
+}
+
+/// Shared by every handler task of one consumer.
+#[derive(Debug)]
+pub(crate) struct ProcessContext {
+    pub(crate) queue: String,
+    pub(crate) policy: Option<RetryPolicy>,
+    pub(crate) max_retry_delay: Duration,
+    /// True while the circuit breaker is open or half-open.
+    pub(crate) breaker_tripped: AtomicBool,
+    pub(crate) stats: Arc<ConsumerStats>,
+}
+
+/// Pause before requeueing a message whose copy could not be stored, so a
+/// broken publish path slows the consumer down instead of spinning.
+const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_secs(1);
+
+async fn call<H: Handler>(handler: &H, delivery: Delivery, stats: &ConsumerStats) -> Outcome {
+    match AssertUnwindSafe(handler.handle(delivery))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(payload) => {
+            bump(&stats.panics, 1);
+            let reason = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            warn!(%reason, "handler panicked; counting it as a transient failure");
+            Outcome::retry(format!("handler panicked: {reason}"))
+        }
+    }
+}
+
+pub(crate) async fn process<H: Handler>(
+    handler: Arc<H>,
+    ctx: Arc<ProcessContext>,
+    publisher: Option<ConfirmedPublisher>,
+    delivery: Delivery,
+) -> (Settlement, Verdict) {
+    // The hot path stays small: every spawned task carries this future, so
+    // the failure handling (copies, headers, publish futures) is boxed and
+    // only allocated when a delivery actually fails.
+    let kept = ctx.policy.is_some().then(|| delivery.clone());
+    let outcome = call(&*handler, delivery, &ctx.stats).await;
+    match (outcome, kept) {
+        (Outcome::Ack, _) => (Settlement::Ack, Verdict::Success),
+        (outcome, None) => without_policy(outcome, &ctx).await,
+        (outcome, Some(kept)) => {
+            Box::pin(after_failure(handler, ctx, publisher, kept, outcome)).await
+        }
+    }
+}
+
+async fn after_failure<H: Handler>(
+    handler: Arc<H>,
+    ctx: Arc<ProcessContext>,
+    publisher: Option<ConfirmedPublisher>,
+    kept: Delivery,
+    mut outcome: Outcome,
+) -> (Settlement, Verdict) {
+    let Some(policy) = &ctx.policy else {
+        return without_policy(outcome, &ctx).await;
+    };
+    let (immediate, backoff) = policy.immediate_attempts();
+    let mut extra_calls = 0;
+    while matches!(outcome, Outcome::Retry { delay: None, .. })
+        && extra_calls < immediate
+        && !ctx.breaker_tripped.load(Ordering::Relaxed)
+    {
+        tokio::time::sleep(backoff).await;
+        extra_calls += 1;
+        outcome = call(&*handler, kept.clone(), &ctx.stats).await;
+    }
+    let (kind, requested, reason) = match outcome {
+        Outcome::Ack => return (Settlement::Ack, Verdict::Success),
+        Outcome::Requeue => return (Settlement::Requeue, Verdict::Neutral),
+        Outcome::Retry { delay, reason } => {
+            if ctx.breaker_tripped.load(Ordering::Relaxed) {
+                // The downstream is down, not this message: keep its retries.
+                return (Settlement::Requeue, Verdict::Transient);
+            }
+            (FailureKind::Transient, delay, reason)
+        }
+        Outcome::Reject { reason } => (FailureKind::Permanent, None, reason),
+    };
+    let verdict = match kind {
+        FailureKind::Transient => Verdict::Transient,
+        FailureKind::Permanent => Verdict::Neutral,
+    };
+    let attempt = attempt_of(&kept);
+    let failed = FailedMessage::new(&ctx.queue, &kept, kind, &reason);
+    let decision = policy.decide(&ctx.queue, attempt, kind, requested);
+    let (routing_key, properties) = match &decision {
+        Decision::RetryIn { queue, delay } => {
+            debug!(queue = %ctx.queue, attempt, ?delay, %reason, "retrying through a delay tier");
+            (queue.clone(), failed.retry_properties(&kept))
+        }
+        Decision::DeadLetter => {
+            warn!(queue = %ctx.queue, attempt, kind = ?kind, %reason, "dead-lettering");
+            (
+                RetryPolicy::dead_letter_queue(&ctx.queue),
+                failed.dead_letter_properties(&kept),
+            )
+        }
+        Decision::Store => {
+            // Consumers with `Exhausted::Store` are refused at start until a
+            // compensation store can be configured; this is the seam.
+            error!(queue = %ctx.queue, "no compensation store configured; requeueing");
+            tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
+            return (Settlement::Requeue, verdict);
+        }
+    };
+    let Some(publisher) = publisher else {
+        error!(queue = %ctx.queue, "no publisher channel for the retry policy; requeueing");
+        return (Settlement::Requeue, verdict);
+    };
+    match publisher
+        .publish("", &routing_key, kept.body(), properties)
+        .await
+    {
+        Ok(()) => {
+            match decision {
+                Decision::DeadLetter => bump(&ctx.stats.dead_lettered, 1),
+                _ => bump(&ctx.stats.retried, 1),
+            }
+            (Settlement::Ack, verdict)
+        }
+        Err(e) => {
+            bump(&ctx.stats.publish_failures, 1);
+            error!(queue = %ctx.queue, error = %e, "the copy was not confirmed; the original stays and is requeued");
+            tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
+            (Settlement::Requeue, verdict)
+        }
+    }
+}
+
+/// Without a retry policy: retry means requeue (after the requested delay,
+/// waited out in process) and reject means `basic.reject`.
+async fn without_policy(outcome: Outcome, ctx: &ProcessContext) -> (Settlement, Verdict) {
+    match outcome {
+        Outcome::Ack => (Settlement::Ack, Verdict::Success),
+        Outcome::Requeue => (Settlement::Requeue, Verdict::Neutral),
+        Outcome::Reject { .. } => (Settlement::Reject, Verdict::Neutral),
+        Outcome::Retry { delay, .. } => {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay.min(ctx.max_retry_delay)).await;
+            }
+            (Settlement::Requeue, Verdict::Transient)
+        }
+    }
+}

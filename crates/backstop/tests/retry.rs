@@ -1,0 +1,412 @@
+//! Retries, dead letters, quorum delivery limits and the circuit breaker
+//! against the real broker.
+
+mod common;
+
+use backstop::breaker::{BreakerConfig, BreakerState};
+use backstop::consumer::ConsumerConfig;
+use backstop::handler::Outcome;
+use backstop::retry::{self, RetryPolicy, header_str, header_u64};
+use backstop::topology::{Binding, Exchange, Queue, Topology};
+use backstop_testkit::{
+    FaultProxy, amqp_url, broker_addr, connect, delete_queue, publish, unique, url_via, wait_until,
+};
+use common::*;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::{BasicProperties, Channel};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+async fn delete_all(connection: &lapin::Connection, queue: &str, policy: &RetryPolicy) {
+    for name in policy.tier_queues(queue) {
+        delete_queue(connection, &name).await;
+    }
+    delete_queue(connection, &RetryPolicy::dead_letter_queue(queue)).await;
+}
+
+async fn dlq_depth(queue: &str) -> u64 {
+    let dlq = RetryPolicy::dead_letter_queue(queue);
+    let counts = tokio::task::spawn_blocking(move || backstop_testkit::queue_counts(&dlq))
+        .await
+        .expect("rabbitmqctl task");
+    counts.map_or(0, |c| c.ready + c.unacked)
+}
+
+async fn get_one(channel: &Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .expect("a message in the queue")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_transient_failures_then_success_take_three_calls_through_the_tiers() {
+    init_tracing();
+    let queue = unique("retry-ok");
+    let policy = RetryPolicy::new().delays([ms(500), ms(1000)]);
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(policy.clone()),
+        &recorder,
+        {
+            let times = times.clone();
+            move |_, call| {
+                let times = times.clone();
+                async move {
+                    times.lock().expect("times").push(Instant::now());
+                    if call <= 2 {
+                        Outcome::retry(format!("downstream hiccup {call}"))
+                    } else {
+                        Outcome::Ack
+                    }
+                }
+            }
+        },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    publish(&publisher, &queue, 1, "m", |_| b"x".to_vec()).await;
+    recorder
+        .wait_handled(1, "success on the third call", Duration::from_secs(30))
+        .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(recorder.calls_of("m-0"), 3);
+    assert_eq!(report.retried, 2);
+    assert_eq!(report.dead_lettered, 0);
+    let times = times.lock().expect("times").clone();
+    let (first, second) = (times[1] - times[0], times[2] - times[1]);
+    // Honoured within the tier's resolution: never early, not much late.
+    assert!(
+        first >= ms(500) && first < ms(3000),
+        "first delay {first:?}"
+    );
+    assert!(
+        second >= ms(1000) && second < ms(3500),
+        "second delay {second:?}"
+    );
+    assert_eq!(dlq_depth(&queue).await, 0);
+    assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
+    supervisor.close().await;
+    delete_all(&publisher, &queue, &policy).await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_is_dead_lettered_after_one_call_with_its_metadata() {
+    init_tracing();
+    let queue = unique("retry-permanent");
+    let exchange = unique("orders-ex");
+    let policy = RetryPolicy::new().delays([ms(500)]);
+    let topology = Topology::new()
+        .exchange(Exchange::topic(&exchange).auto_delete())
+        .queue(Queue::classic(&queue))
+        .binding(Binding::queue(&queue).to(&exchange).routing_key("order.*"));
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .retry(policy.clone()),
+        &recorder,
+        |_, _| async { Outcome::reject("unparsable payload") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    let channel = publisher.create_channel().await.expect("channel");
+    let before = retry::now_ms();
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            "order.created".into(),
+            BasicPublishOptions::default(),
+            b"{not json",
+            BasicProperties::default()
+                .with_message_id("m-0".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    wait_stats(&consumer, "the dead-letter copy", |s| s.dead_lettered == 1).await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(recorder.calls_of("m-0"), 1);
+    assert_eq!(report.retried, 0);
+
+    let dead = get_one(&channel, &RetryPolicy::dead_letter_queue(&queue)).await;
+    assert_eq!(dead.delivery.data, b"{not json");
+    let headers = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let text = |k: &str| headers.inner().get(k).and_then(header_str);
+    let number = |k: &str| headers.inner().get(k).and_then(header_u64);
+    assert_eq!(
+        text(retry::ERROR_HEADER).as_deref(),
+        Some("unparsable payload")
+    );
+    assert_eq!(text(retry::ERROR_KIND_HEADER).as_deref(), Some("permanent"));
+    assert_eq!(number(retry::ATTEMPTS_HEADER), Some(1));
+    assert_eq!(
+        text(retry::ORIGINAL_EXCHANGE_HEADER),
+        Some(exchange.clone())
+    );
+    assert_eq!(
+        text(retry::ORIGINAL_ROUTING_KEY_HEADER).as_deref(),
+        Some("order.created")
+    );
+    assert_eq!(text(retry::ORIGINAL_QUEUE_HEADER), Some(queue.clone()));
+    let first = number(retry::FIRST_FAILURE_HEADER).expect("first failure time");
+    let last = number(retry::LAST_FAILURE_HEADER).expect("last failure time");
+    assert!(first >= before && last >= first && last <= retry::now_ms());
+    assert_eq!(
+        dead.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("m-0")
+    );
+    assert_eq!(dead.delivery.properties.delivery_mode(), &Some(2));
+    supervisor.close().await;
+    delete_all(&publisher, &queue, &policy).await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_are_dead_lettered_after_the_expected_calls() {
+    init_tracing();
+    let queue = unique("retry-exhausted");
+    let policy = RetryPolicy::new()
+        .immediate(1, ms(10))
+        .delays([ms(200), ms(400), ms(600)]);
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(policy.clone()),
+        &recorder,
+        |_, _| async { Outcome::retry("always down") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    publish(&publisher, &queue, 1, "m", |_| b"x".to_vec()).await;
+    wait_stats(&consumer, "the dead-letter copy", |s| s.dead_lettered == 1).await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    // Four deliveries (the original and three tiers), each with one
+    // in-process retry.
+    assert_eq!(recorder.calls_of("m-0"), 8);
+    assert_eq!(report.retried, 3);
+    let channel = publisher.create_channel().await.expect("channel");
+    let dead = get_one(&channel, &RetryPolicy::dead_letter_queue(&queue)).await;
+    let headers = dead
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    assert_eq!(
+        headers
+            .inner()
+            .get(retry::ATTEMPTS_HEADER)
+            .and_then(header_u64),
+        Some(4)
+    );
+    assert_eq!(
+        headers
+            .inner()
+            .get(retry::ERROR_KIND_HEADER)
+            .and_then(header_str)
+            .as_deref(),
+        Some("transient")
+    );
+    supervisor.close().await;
+    delete_all(&publisher, &queue, &policy).await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cutting_the_connection_while_retry_copies_are_in_flight_loses_nothing() {
+    init_tracing();
+    let queue = unique("retry-cut");
+    let policy = RetryPolicy::new().delays([ms(300)]);
+    let publisher = connect().await;
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let supervisor = supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(policy.clone())
+            .prefetch(50),
+        &recorder,
+        |_, call| async move {
+            tokio::time::sleep(ms(2)).await;
+            if call == 1 {
+                Outcome::retry("first try fails")
+            } else {
+                Outcome::Ack
+            }
+        },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    publish(&publisher, &queue, 500, "m", |_| b"x".to_vec()).await;
+    let cutter = {
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            while recorder.distinct_handled() < 500 {
+                tokio::time::sleep(ms(300)).await;
+                proxy.cut();
+            }
+            proxy
+        })
+    };
+    recorder
+        .wait_handled(500, "every message handled", Duration::from_secs(120))
+        .await;
+    let _proxy = cutter.await.expect("cutter");
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert!(report.sessions >= 2, "the run must span cuts: {report:?}");
+    assert_eq!(dlq_depth(&queue).await, 0);
+    supervisor.close().await;
+    delete_all(&publisher, &queue, &policy).await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_on_a_quorum_queue_stop_at_the_delivery_limit() {
+    init_tracing();
+    let queue = unique("poison");
+    let dlq = RetryPolicy::dead_letter_queue(&queue);
+    let topology = Topology::new().queue(Queue::quorum(&dlq)).queue(
+        Queue::quorum(&queue)
+            .delivery_limit(2)
+            .dead_letter_to_dlq()
+            .at_least_once_dead_lettering(),
+    );
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    // A message that never settles: the handler requeues it every time, as
+    // a crashing worker would leave it.
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology),
+        &recorder,
+        |_, _| async { Outcome::Requeue },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    publish(&publisher, &queue, 1, "poison", |_| b"x".to_vec()).await;
+    wait_until(
+        "the poison message in the DLQ",
+        Duration::from_secs(30),
+        || queue_is(&dlq, |c| c.ready == 1),
+    )
+    .await;
+    let calls = recorder.calls_of("poison-0");
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    // Delivered once and redelivered up to the limit, then no more.
+    assert_eq!(calls, 3, "{report:?}");
+    assert_eq!(recorder.calls_of("poison-0"), calls);
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+    delete_queue(&publisher, &dlq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_pauses_a_failing_consumer_and_nothing_is_dead_lettered() {
+    init_tracing();
+    let queue = unique("breaker");
+    // One tier only: without the breaker, a second failure would dead-letter.
+    let policy = RetryPolicy::new().delays([ms(500)]);
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let down = Arc::new(AtomicBool::new(true));
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(policy.clone())
+            .prefetch(10)
+            .concurrency(4)
+            .circuit_breaker(BreakerConfig {
+                window: 10,
+                min_calls: 5,
+                failure_ratio: 0.5,
+                cooldown: ms(500),
+                successes_to_close: 2,
+            }),
+        &recorder,
+        {
+            let down = down.clone();
+            move |_, _| {
+                let down = down.clone();
+                async move {
+                    if down.load(Ordering::SeqCst) {
+                        Outcome::retry("downstream unavailable")
+                    } else {
+                        Outcome::Ack
+                    }
+                }
+            }
+        },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    publish(&publisher, &queue, 100, "m", |_| b"x".to_vec()).await;
+
+    // Watch the breaker open, probe and open again, several times over.
+    let mut breaker = consumer.breaker();
+    let mut opened = 0;
+    while opened < 4 {
+        tokio::time::timeout(Duration::from_secs(30), breaker.changed())
+            .await
+            .expect("the breaker keeps cycling")
+            .expect("breaker channel");
+        if *breaker.borrow_and_update() == BreakerState::Open {
+            opened += 1;
+        }
+    }
+    let calls_while_down: u32 = recorder.calls.lock().expect("calls").values().sum();
+    assert!(
+        calls_while_down < 60,
+        "consumption must pause, not drain the queue: {calls_while_down} calls"
+    );
+    assert_eq!(consumer.stats().dead_lettered, 0);
+    assert_eq!(dlq_depth(&queue).await, 0);
+
+    down.store(false, Ordering::SeqCst);
+    recorder
+        .wait_handled(100, "everything after recovery", Duration::from_secs(60))
+        .await;
+    let closed = tokio::time::timeout(
+        Duration::from_secs(10),
+        breaker.wait_for(|s| *s == BreakerState::Closed),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(closed, "the breaker closes on success");
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(report.dead_lettered, 0);
+    assert_eq!(dlq_depth(&queue).await, 0);
+    supervisor.close().await;
+    delete_all(&publisher, &queue, &policy).await;
+    delete_queue(&publisher, &queue).await;
+}
