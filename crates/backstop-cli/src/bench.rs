@@ -29,9 +29,8 @@ pub(crate) struct ConsumeArgs {
     /// Alternating rounds of (a) and (b); the medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
-    /// The broker (default: BACKSTOP_AMQP_URL, then the local broker).
-    #[arg(long)]
-    uri: Option<String>,
+    #[command(flatten)]
+    broker: ui::BrokerArgs,
 }
 
 /// CPU time of this process (all threads) and its peak resident set, read
@@ -62,7 +61,7 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
-    let uri = ui::broker_uri(args.uri.clone())?;
+    let uri = args.broker.resolve()?;
     let supervisor = ui::direct_supervisor(&uri, "backstop-bench")?;
     let live = supervisor.connection().await?;
     let queue = format!("backstop.bench.{}", std::process::id());

@@ -22,9 +22,8 @@ pub(crate) struct DemoArgs {
     /// How many messages to publish and consume.
     #[arg(long, default_value_t = 10_000)]
     messages: u64,
-    /// The broker (default: BACKSTOP_AMQP_URL, then the local broker).
-    #[arg(long)]
-    uri: Option<String>,
+    #[command(flatten)]
+    broker: ui::BrokerArgs,
     /// The demo queue; it is deleted and declared afresh.
     #[arg(long, default_value = "backstop.demo")]
     queue: String,
@@ -37,7 +36,7 @@ pub(crate) struct DemoArgs {
 }
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let uri = ui::broker_uri(args.uri)?;
+    let uri = args.broker.resolve()?;
     let broker = ui::loopback_addr(&uri)?;
 
     // Direct connection for arranging the queue and publishing.

@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod dlq;
 mod ui;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Dead-letter queue tools: list, replay, purge.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(BenchCommand::Consume(args)) => bench::consume(args).await,
+            Command::Dlq(command) => dlq::run(command).await,
         }
     });
     match result {

@@ -2,20 +2,41 @@
 
 use crate::UsageError;
 use backstop::RedactedUri;
+use backstop::config::Config;
 use backstop::connection::{Backoff, ConnectionConfig, ConnectionSupervisor};
 use indicatif::{ProgressBar, ProgressStyle};
+use std::path::PathBuf;
 
 /// The default broker: the local one the README's commands start.
 pub(crate) const DEFAULT_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// The broker address from `--uri`, `BACKSTOP_AMQP_URL` or the default,
-/// checked before anything connects.
-pub(crate) fn broker_uri(flag: Option<String>) -> anyhow::Result<String> {
-    let uri = flag
-        .or_else(|| std::env::var("BACKSTOP_AMQP_URL").ok())
-        .unwrap_or_else(|| DEFAULT_URI.to_owned());
-    backstop::connection::parse_uri(&uri).map_err(|e| UsageError(e.to_string()))?;
-    Ok(uri)
+/// Where a command's broker is.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct BrokerArgs {
+    /// A configuration file; its [broker] section names the broker.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The broker's AMQP URI.
+    #[arg(long, value_name = "URI")]
+    uri: Option<String>,
+}
+
+impl BrokerArgs {
+    /// The broker from `-c FILE` (its `[broker]` section), `--uri`,
+    /// `BACKSTOP_AMQP_URL` or the default, in that order, checked before
+    /// anything connects.
+    pub(crate) fn resolve(&self) -> anyhow::Result<String> {
+        let from_file = match &self.config {
+            Some(path) => Config::load(path)?.broker.uri,
+            None => None,
+        };
+        let uri = from_file
+            .or_else(|| self.uri.clone())
+            .or_else(|| std::env::var("BACKSTOP_AMQP_URL").ok())
+            .unwrap_or_else(|| DEFAULT_URI.to_owned());
+        backstop::connection::parse_uri(&uri).map_err(|e| UsageError(e.to_string()))?;
+        Ok(uri)
+    }
 }
 
 /// The broker's `host:port` as a loopback socket address, for the fault proxy.

@@ -642,7 +642,14 @@ impl SupervisorTask {
                     Some(lapin::Event::ConnectionUnblocked) => {
                         self.transition(ConnectionState::Connected { generation }, "unblocked by the broker");
                     }
-                    Some(lapin::Event::Error(err)) => break describe(&err),
+                    // lapin reports channel-level errors here too; only a
+                    // connection that is no longer up is lost.
+                    Some(lapin::Event::Error(err)) if !connection.status().connected() => {
+                        break describe(&err)
+                    }
+                    Some(lapin::Event::Error(err)) => {
+                        debug!(error = %describe(&err), "channel-level error; the connection stays up");
+                    }
                     Some(_) => {}
                     None => break "the connection's event stream ended".to_owned(),
                 },

@@ -42,6 +42,14 @@ pub enum Error {
         /// The last error seen.
         last_error: String,
     },
+    /// The configuration file is unreadable or invalid.
+    #[error("{path}: {message}")]
+    ConfigFile {
+        /// The file.
+        path: String,
+        /// What is wrong, with the line and key where known.
+        message: String,
+    },
     /// A declaration was refused, typically `PRECONDITION_FAILED` because the
     /// broker already has the entity with other arguments.
     #[error("declaring {what} {name:?} failed: {reason}")]
@@ -78,7 +86,10 @@ impl Error {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Error::InvalidUri { .. } | Error::Config { .. } | Error::AccessRefused { .. }
+            Error::InvalidUri { .. }
+                | Error::Config { .. }
+                | Error::ConfigFile { .. }
+                | Error::AccessRefused { .. }
         )
     }
 

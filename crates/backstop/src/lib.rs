@@ -21,6 +21,7 @@
 //! - [`publish`]: the confirmed publisher behind every copy the consumer makes.
 
 pub mod breaker;
+pub mod config;
 pub mod connection;
 pub mod consumer;
 mod error;

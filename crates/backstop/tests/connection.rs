@@ -127,6 +127,11 @@ async fn a_channel_error_during_setup_is_retried_on_a_new_channel() {
         "a channel error must not stop the runtime"
     );
     assert_eq!(consumer.stats().sessions, 0);
+    assert_eq!(
+        supervisor.reconnects(),
+        0,
+        "a channel error must not cost the connection"
+    );
 
     delete_queue(&publisher, &queue).await;
     wait_stats(&consumer, "a session once the conflict is gone", |s| {

@@ -1,0 +1,328 @@
+//! `backstop dlq` against the real broker, run as a user would.
+
+use backstop::connection::{ConnectionConfig, ConnectionSupervisor};
+use backstop::consumer::{Consumer, ConsumerConfig};
+use backstop::handler::{Delivery, Outcome, handler_fn};
+use backstop::retry::{self, RetryPolicy};
+use backstop::topology::{Queue, Topology};
+use backstop_testkit::{
+    amqp_url, connect, delete_queue, publish, queue_counts, unique, wait_until,
+};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use std::collections::HashSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn backstop(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(args)
+        .env("BACKSTOP_AMQP_URL", amqp_url())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run backstop");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn depth(queue: &str) -> u64 {
+    queue_counts(queue).map_or(0, |c| c.ready + c.unacked)
+}
+
+/// Declares `queue` and parks `n` messages in `queue.dlq` through a real
+/// consumer whose handler fails them permanently.
+async fn park(queue: &str, n: u64) -> String {
+    let dlq = RetryPolicy::dead_letter_queue(queue);
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    Topology::new()
+        .queue(Queue::classic(queue))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    publish(&connection, queue, n, "m", |i| {
+        format!("{{\"n\":{i}}}").into_bytes()
+    })
+    .await;
+    let supervisor =
+        ConnectionSupervisor::start(ConnectionConfig::new(amqp_url())).expect("supervisor");
+    let consumer = Consumer::new(
+        supervisor.clone(),
+        ConsumerConfig::new(queue)
+            .topology(Topology::new().queue(Queue::classic(queue)))
+            .retry(RetryPolicy::new()),
+        handler_fn(|_: Delivery| async { Outcome::reject("bad order") }),
+    )
+    .spawn()
+    .expect("consumer");
+    wait_until("all parked", Duration::from_secs(60), || {
+        let parked = consumer.stats().dead_lettered;
+        async move { parked == n }
+    })
+    .await;
+    consumer.shutdown().await.expect("shutdown");
+    supervisor.close().await;
+    dlq
+}
+
+/// Every message id in `queue`, taken out for good.
+async fn drain_ids(queue: &str) -> Vec<String> {
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut ids = Vec::new();
+    while let Some(m) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+    {
+        ids.push(
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+        );
+    }
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_shows_the_failure_headers_and_leaves_every_message() {
+    let queue = unique("dlq-list");
+    let dlq = park(&queue, 5).await;
+    assert_eq!(depth(&dlq), 5);
+
+    let (code, stdout, stderr) = backstop(&["dlq", "list", &dlq, "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    let listed = listed.as_array().expect("an array");
+    assert_eq!(listed.len(), 5);
+    for m in listed {
+        assert_eq!(m["error"], "bad order");
+        assert_eq!(m["error_kind"], "permanent");
+        assert_eq!(m["attempts"], 1);
+        assert_eq!(m["original_routing_key"], queue.as_str());
+        assert!(m["dead_lettered_at"].is_string());
+    }
+    assert!(stderr.contains("listed=5 kept=5"), "{stderr}");
+
+    let (code, stdout, _) = backstop(&["dlq", "list", &dlq, "--limit", "2"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("m-0") && stdout.contains("m-1") && !stdout.contains("m-2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("bad order"), "{stdout}");
+    wait_until(
+        "the listed messages to be back",
+        Duration::from_secs(10),
+        || {
+            let dlq = dlq.clone();
+            async move { queue_counts(&dlq).is_some_and(|c| c.ready == 5 && c.unacked == 0) }
+        },
+    )
+    .await;
+    let connection = connect().await;
+    delete_queue(&connection, &queue).await;
+    delete_queue(&connection, &dlq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_moves_everything_back_and_it_is_processed() {
+    let queue = unique("dlq-replay");
+    let dlq = park(&queue, 20).await;
+    let (code, stdout, stderr) = backstop(&["dlq", "replay", &dlq]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("moved=20 kept=0"), "{stdout}");
+    assert_eq!(depth(&dlq), 0);
+    assert_eq!(depth(&queue), 20);
+
+    // Replayed messages start over: a consumer that now succeeds takes them all.
+    let supervisor =
+        ConnectionSupervisor::start(ConnectionConfig::new(amqp_url())).expect("supervisor");
+    let consumer = Consumer::new(
+        supervisor.clone(),
+        ConsumerConfig::new(&queue)
+            .topology(Topology::new().queue(Queue::classic(&queue)))
+            .retry(RetryPolicy::new()),
+        handler_fn(|d: Delivery| async move {
+            assert!(d.header(retry::ATTEMPT_HEADER).is_none());
+            assert!(d.header(retry::ERROR_HEADER).is_none());
+            Outcome::Ack
+        }),
+    )
+    .spawn()
+    .expect("consumer");
+    wait_until(
+        "all replayed messages processed",
+        Duration::from_secs(30),
+        || {
+            let handled = consumer.stats().handled;
+            async move { handled == 20 }
+        },
+    )
+    .await;
+    let report = consumer.shutdown().await.expect("shutdown");
+    assert_eq!(report.dead_lettered, 0);
+    supervisor.close().await;
+    let connection = connect().await;
+    delete_queue(&connection, &queue).await;
+    delete_queue(&connection, &dlq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_to_another_destination_and_killed_halfway_loses_nothing() {
+    let queue = unique("dlq-kill");
+    let target = unique("dlq-kill-target");
+    let n = 4000u64;
+    let dlq = park(&queue, n).await;
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            target.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare target");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["dlq", "replay", &dlq, "--to", &format!(":{target}")])
+        .env("BACKSTOP_AMQP_URL", amqp_url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start replay");
+    wait_until(
+        "the replay to be under way",
+        Duration::from_secs(60),
+        || {
+            let target = target.clone();
+            async move { depth(&target) >= 200 }
+        },
+    )
+    .await;
+    child.kill().expect("kill -9 the replay");
+    let _ = child.wait();
+    let left = depth(&dlq);
+    assert!(left > 0, "the replay must have been stopped half-way");
+
+    let mut ids: Vec<String> = drain_ids(&target).await;
+    let moved = ids.len();
+    ids.extend(drain_ids(&dlq).await);
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len() as u64, n, "moved {moved}, left {left}");
+    delete_queue(&connection, &queue).await;
+    delete_queue(&connection, &dlq).await;
+    delete_queue(&connection, &target).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_removes_only_the_old_ones() {
+    let dlq = unique("dlq-purge");
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    Topology::new()
+        .queue(Queue::classic(&dlq))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    let now = retry::now_ms();
+    for (id, age_ms) in [
+        ("old-1", 7_200_000u64),
+        ("new-1", 0),
+        ("old-2", 3_700_000),
+        ("new-2", 60_000),
+    ] {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            retry::LAST_FAILURE_HEADER.into(),
+            AMQPValue::LongLongInt((now - age_ms) as i64),
+        );
+        channel
+            .basic_publish(
+                "".into(),
+                dlq.as_str().into(),
+                BasicPublishOptions::default(),
+                b"x",
+                lapin::BasicProperties::default()
+                    .with_message_id(id.into())
+                    .with_headers(headers)
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let (code, stdout, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("purged=2 kept=2"), "{stdout}");
+    let mut left = drain_ids(&dlq).await;
+    left.sort();
+    assert_eq!(left, ["new-1", "new-2"]);
+    delete_queue(&connection, &dlq).await;
+}
+
+#[test]
+fn a_missing_queue_exits_2_for_every_command() {
+    let missing = unique("no-such-dlq");
+    for args in [
+        vec!["dlq", "list", missing.as_str()],
+        vec!["dlq", "replay", missing.as_str()],
+        vec!["dlq", "purge", missing.as_str(), "--older-than", "1d"],
+    ] {
+        let (code, _, stderr) = backstop(&args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains("does not exist"), "{stderr}");
+    }
+    let (code, _, stderr) = backstop(&["dlq", "replay", &missing, "--to", "no-colon"]);
+    assert_eq!(code, 2, "{stderr}");
+}
+
+#[test]
+fn the_broker_comes_from_the_config_file_first() {
+    let dir = std::env::temp_dir().join(unique("backstop-config"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[broker]\nuri = \"amqp://127.0.0.1:5672/%2f\"\nport = 5\n",
+    )
+    .expect("write");
+    let (code, _, stderr) =
+        backstop(&["dlq", "list", "whatever", "-c", bad.to_str().unwrap_or("")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("line 3") && stderr.contains("port"),
+        "{stderr}"
+    );
+
+    // The file's broker wins over --uri and the environment.
+    let good = dir.join("good.toml");
+    std::fs::write(&good, format!("[broker]\nuri = \"{}\"\n", amqp_url())).expect("write");
+    let missing = unique("no-such-dlq");
+    let (code, _, stderr) = backstop(&[
+        "dlq",
+        "list",
+        &missing,
+        "-c",
+        good.to_str().unwrap_or(""),
+        "--uri",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("does not exist"),
+        "reached the file's broker: {stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
