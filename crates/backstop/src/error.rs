@@ -61,6 +61,9 @@ pub enum Error {
         /// The broker's reply.
         reason: String,
     },
+    /// A background task of the library died (a bug: please report it).
+    #[error("internal task failed: {0}")]
+    TaskFailed(String),
     /// The supervisor or consumer was closed.
     #[error("closed")]
     Closed,

@@ -32,6 +32,11 @@ pub mod topology;
 
 pub use error::{Error, RedactedUri, Result};
 
+/// The README's Rust examples, compiled as doctests so they cannot rot.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// Waits until a shutdown flag turns true (or its sender is gone), without
 /// holding the watch guard across later awaits.
 pub(crate) async fn wait_true(flag: &mut tokio::sync::watch::Receiver<bool>) {

@@ -477,3 +477,35 @@ async fn reject_and_requeue_are_settled_per_tag() {
     delete_queue(&publisher, &queue).await;
     delete_queue(&publisher, &dead).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_times_out_is_a_transient_failure() {
+    init_tracing();
+    let queue = unique("timeout");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 3, "m", |_| b"x".to_vec()).await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .handler_timeout(Duration::from_millis(200)),
+        &recorder,
+        |delivery, call| async move {
+            if delivery.message_id() == Some("m-1") && call == 1 {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            Outcome::Ack
+        },
+    );
+    recorder
+        .wait_handled(3, "all handled", Duration::from_secs(30))
+        .await;
+    let report = finish(consumer, &supervisor, &publisher, &queue).await;
+    assert_eq!(report.timeouts, 1);
+    assert_eq!(report.requeued, 1);
+    assert_eq!(recorder.calls_of("m-1"), 2);
+}

@@ -87,6 +87,7 @@ pub struct ConsumerConfig {
     session_backoff: Backoff,
     retry: Option<RetryPolicy>,
     breaker: Option<BreakerConfig>,
+    handler_timeout: Option<Duration>,
 }
 
 impl ConsumerConfig {
@@ -110,6 +111,7 @@ impl ConsumerConfig {
             },
             retry: None,
             breaker: None,
+            handler_timeout: None,
         }
     }
 
@@ -167,6 +169,13 @@ impl ConsumerConfig {
         self
     }
 
+    /// Gives up on a handler call after `timeout`; the call counts as a
+    /// transient failure, like a panic. Off by default.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = Some(timeout);
+        self
+    }
+
     /// Turns the circuit breaker on (see [`crate::breaker`]).
     pub fn circuit_breaker(mut self, config: BreakerConfig) -> Self {
         self.breaker = Some(config);
@@ -220,6 +229,7 @@ pub struct ConsumerStats {
     rejected: AtomicU64,
     requeued: AtomicU64,
     panics: AtomicU64,
+    timeouts: AtomicU64,
     stale_tags_dropped: AtomicU64,
     ack_frames: AtomicU64,
     sessions: AtomicU64,
@@ -243,6 +253,8 @@ pub struct ConsumerReport {
     pub requeued: u64,
     /// Handler panics caught.
     pub panics: u64,
+    /// Handler calls that exceeded the handler timeout.
+    pub timeouts: u64,
     /// Completions from an older channel generation, dropped unacked.
     pub stale_tags_dropped: u64,
     /// `basic.ack` frames sent (each may cover many deliveries).
@@ -272,6 +284,7 @@ impl ConsumerStats {
             rejected: get(&self.rejected),
             requeued: get(&self.requeued),
             panics: get(&self.panics),
+            timeouts: get(&self.timeouts),
             stale_tags_dropped: get(&self.stale_tags_dropped),
             ack_frames: get(&self.ack_frames),
             sessions: get(&self.sessions),
@@ -306,6 +319,7 @@ impl<H> std::fmt::Debug for Consumer<H> {
 /// A running consumer.
 #[derive(Debug)]
 pub struct ConsumerHandle {
+    queue: String,
     stats: Arc<ConsumerStats>,
     breaker: watch::Receiver<BreakerState>,
     stop: watch::Sender<bool>,
@@ -338,10 +352,10 @@ impl ConsumerHandle {
     /// channel. What did not finish stays unacked and the broker redelivers it.
     pub async fn shutdown(self) -> Result<ConsumerReport> {
         self.stop.send_replace(true);
-        let result = self.task.await.map_err(|e| Error::Config {
-            key: "consumer",
-            reason: format!("the consumer task failed: {e}"),
-        })?;
+        let result = self
+            .task
+            .await
+            .map_err(|e| Error::TaskFailed(format!("consumer of {}: {e}", self.queue)))?;
         result.map(|()| self.stats.snapshot())
     }
 }
@@ -362,6 +376,7 @@ impl<H: Handler> Consumer<H> {
         let stats = Arc::new(ConsumerStats::default());
         let (stop, stop_rx) = watch::channel(false);
         let (breaker_tx, breaker) = watch::channel(BreakerState::Closed);
+        let runtime_queue = self.config.queue.clone();
         let mut topology = self.config.topology.clone();
         if let Some(policy) = &self.config.retry {
             topology = topology.merge(policy.topology(&self.config.queue));
@@ -370,6 +385,7 @@ impl<H: Handler> Consumer<H> {
             queue: self.config.queue.clone(),
             policy: self.config.retry.clone(),
             max_retry_delay: self.config.max_retry_delay,
+            handler_timeout: self.config.handler_timeout,
             breaker_tripped: false.into(),
             stats: stats.clone(),
         });
@@ -389,6 +405,7 @@ impl<H: Handler> Consumer<H> {
         };
         let task = tokio::spawn(runtime.run());
         Ok(ConsumerHandle {
+            queue: runtime_queue,
             stats,
             breaker,
             stop,
@@ -407,7 +424,7 @@ impl<H: Handler> Consumer<H> {
                 return match result {
                     Ok(Ok(())) => Ok(handle.stats.snapshot()),
                     Ok(Err(e)) => Err(e),
-                    Err(e) => Err(Error::Config { key: "consumer", reason: format!("the consumer task failed: {e}") }),
+                    Err(e) => Err(Error::TaskFailed(format!("consumer of {}: {e}", handle.queue))),
                 };
             }
         }

@@ -45,6 +45,7 @@ pub(crate) struct ProcessContext {
     pub(crate) queue: String,
     pub(crate) policy: Option<RetryPolicy>,
     pub(crate) max_retry_delay: Duration,
+    pub(crate) handler_timeout: Option<Duration>,
     /// True while the circuit breaker is open or half-open.
     pub(crate) breaker_tripped: AtomicBool,
     pub(crate) stats: Arc<ConsumerStats>,
@@ -54,20 +55,30 @@ pub(crate) struct ProcessContext {
 /// broken publish path slows the consumer down instead of spinning.
 const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 
-async fn call<H: Handler>(handler: &H, delivery: Delivery, stats: &ConsumerStats) -> Outcome {
-    match AssertUnwindSafe(handler.handle(delivery))
-        .catch_unwind()
-        .await
-    {
+/// One handler call. A panic or a timeout is a transient failure.
+async fn call<H: Handler>(handler: &H, delivery: Delivery, ctx: &ProcessContext) -> Outcome {
+    let guarded = AssertUnwindSafe(handler.handle(delivery)).catch_unwind();
+    let result = match ctx.handler_timeout {
+        None => guarded.await,
+        Some(limit) => match tokio::time::timeout(limit, guarded).await {
+            Ok(result) => result,
+            Err(_) => {
+                bump(&ctx.stats.timeouts, 1);
+                warn!(queue = %ctx.queue, ?limit, "handler timed out; counting it as a transient failure");
+                return Outcome::retry(format!("handler timed out after {limit:?}"));
+            }
+        },
+    };
+    match result {
         Ok(outcome) => outcome,
         Err(payload) => {
-            bump(&stats.panics, 1);
+            bump(&ctx.stats.panics, 1);
             let reason = payload
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "non-string panic payload".to_owned());
-            warn!(%reason, "handler panicked; counting it as a transient failure");
+            warn!(queue = %ctx.queue, %reason, "handler panicked; counting it as a transient failure");
             Outcome::retry(format!("handler panicked: {reason}"))
         }
     }
@@ -83,7 +94,7 @@ pub(crate) async fn process<H: Handler>(
     // the failure handling (copies, headers, publish futures) is boxed and
     // only allocated when a delivery actually fails.
     let kept = ctx.policy.is_some().then(|| delivery.clone());
-    let outcome = call(&*handler, delivery, &ctx.stats).await;
+    let outcome = call(&*handler, delivery, &ctx).await;
     match (outcome, kept) {
         (Outcome::Ack, _) => (Settlement::Ack, Verdict::Success),
         (outcome, None) => without_policy(outcome, &ctx).await,
@@ -111,7 +122,7 @@ async fn after_failure<H: Handler>(
     {
         tokio::time::sleep(backoff).await;
         extra_calls += 1;
-        outcome = call(&*handler, kept.clone(), &ctx.stats).await;
+        outcome = call(&*handler, kept.clone(), &ctx).await;
     }
     let (kind, requested, reason) = match outcome {
         Outcome::Ack => return (Settlement::Ack, Verdict::Success),
