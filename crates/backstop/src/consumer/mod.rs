@@ -551,7 +551,7 @@ impl<H: Handler> Runtime<H> {
             failures = 0;
             bump(&self.stats.sessions, 1);
             info!(%queue, generation = session.generation, connection = live.generation(),
-                prefetch = self.config.prefetch, "consuming");
+                prefetch = self.prefetch(), "consuming");
             match self.pump(session).await {
                 SessionEnd::Stop => break,
                 SessionEnd::Broken(reason) => {
