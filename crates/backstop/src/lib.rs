@@ -28,6 +28,7 @@ mod error;
 pub mod handler;
 pub mod publish;
 pub mod retry;
+pub mod store;
 pub mod topology;
 
 pub use error::{Error, RedactedUri, Result};

@@ -52,6 +52,7 @@ use crate::error::{Error, Result};
 use crate::handler::{Delivery, Handler};
 use crate::publish::ConfirmedPublisher;
 use crate::retry::{Exhausted, RetryPolicy};
+use crate::store::CompensationStore;
 use crate::topology::Topology;
 use crate::wait_true;
 use ack::AckCoalescer;
@@ -88,6 +89,8 @@ pub struct ConsumerConfig {
     retry: Option<RetryPolicy>,
     breaker: Option<BreakerConfig>,
     handler_timeout: Option<Duration>,
+    store: Option<Arc<dyn CompensationStore>>,
+    store_delay: Duration,
 }
 
 impl ConsumerConfig {
@@ -112,6 +115,8 @@ impl ConsumerConfig {
             retry: None,
             breaker: None,
             handler_timeout: None,
+            store: None,
+            store_delay: Duration::from_secs(60),
         }
     }
 
@@ -169,6 +174,19 @@ impl ConsumerConfig {
         self
     }
 
+    /// The compensation store for messages the retry policy sends to the
+    /// store (`Exhausted::Store`). A row is committed before the original is
+    /// acked; the scanner first re-drives it after `first_redrive`.
+    pub fn compensation_store(
+        mut self,
+        store: Arc<dyn CompensationStore>,
+        first_redrive: Duration,
+    ) -> Self {
+        self.store = Some(store);
+        self.store_delay = first_redrive;
+        self
+    }
+
     /// Gives up on a handler call after `timeout`; the call counts as a
     /// transient failure, like a panic. Off by default.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
@@ -208,10 +226,12 @@ impl ConsumerConfig {
         }
         if let Some(policy) = &self.retry
             && policy.exhausted_to() == Exhausted::Store
+            && self.store.is_none()
         {
             return Err(Error::Config {
                 key: "retry.exhausted",
-                reason: "\"store\" needs a compensation store, and none is configured".into(),
+                reason: "\"store\" needs a compensation store; set one with compensation_store()"
+                    .into(),
             });
         }
         if let Some(breaker) = &self.breaker {
@@ -238,6 +258,8 @@ pub struct ConsumerStats {
     retried: AtomicU64,
     dead_lettered: AtomicU64,
     publish_failures: AtomicU64,
+    stored: AtomicU64,
+    store_failures: AtomicU64,
 }
 
 /// A snapshot of [`ConsumerStats`].
@@ -272,6 +294,10 @@ pub struct ConsumerReport {
     /// Retry or dead-letter copies the broker did not confirm; their
     /// originals were requeued, not acked.
     pub publish_failures: u64,
+    /// Exhausted messages committed to the compensation store.
+    pub stored: u64,
+    /// Store writes that failed; their originals were requeued, not acked.
+    pub store_failures: u64,
 }
 
 impl ConsumerStats {
@@ -293,6 +319,8 @@ impl ConsumerStats {
             retried: get(&self.retried),
             dead_lettered: get(&self.dead_lettered),
             publish_failures: get(&self.publish_failures),
+            stored: get(&self.stored),
+            store_failures: get(&self.store_failures),
         }
     }
 }
@@ -386,6 +414,8 @@ impl<H: Handler> Consumer<H> {
             policy: self.config.retry.clone(),
             max_retry_delay: self.config.max_retry_delay,
             handler_timeout: self.config.handler_timeout,
+            store: self.config.store.clone(),
+            store_delay: self.config.store_delay,
             breaker_tripped: false.into(),
             stats: stats.clone(),
         });

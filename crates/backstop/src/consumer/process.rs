@@ -10,7 +10,8 @@
 use super::{ConsumerStats, bump};
 use crate::handler::{Delivery, FailureKind, Handler, Outcome};
 use crate::publish::ConfirmedPublisher;
-use crate::retry::{Decision, FailedMessage, RetryPolicy, attempt_of};
+use crate::retry::{Decision, FailedMessage, RetryPolicy, attempt_of, now_ms};
+use crate::store::{CompensationStore, NewFailedMessage};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -46,6 +47,9 @@ pub(crate) struct ProcessContext {
     pub(crate) policy: Option<RetryPolicy>,
     pub(crate) max_retry_delay: Duration,
     pub(crate) handler_timeout: Option<Duration>,
+    pub(crate) store: Option<Arc<dyn CompensationStore>>,
+    /// When the scanner first re-drives a stored row.
+    pub(crate) store_delay: Duration,
     /// True while the circuit breaker is open or half-open.
     pub(crate) breaker_tripped: AtomicBool,
     pub(crate) stats: Arc<ConsumerStats>,
@@ -155,13 +159,7 @@ async fn after_failure<H: Handler>(
                 failed.dead_letter_properties(&kept),
             )
         }
-        Decision::Store => {
-            // Consumers with `Exhausted::Store` are refused at start until a
-            // compensation store can be configured; this is the seam.
-            error!(queue = %ctx.queue, "no compensation store configured; requeueing");
-            tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
-            return (Settlement::Requeue, verdict);
-        }
+        Decision::Store => return store(&ctx, &failed, &kept, verdict).await,
     };
     let Some(publisher) = publisher else {
         error!(queue = %ctx.queue, "no publisher channel for the retry policy; requeueing");
@@ -181,6 +179,37 @@ async fn after_failure<H: Handler>(
         Err(e) => {
             bump(&ctx.stats.publish_failures, 1);
             error!(queue = %ctx.queue, error = %e, "the copy was not confirmed; the original stays and is requeued");
+            tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
+            (Settlement::Requeue, verdict)
+        }
+    }
+}
+
+/// Store, commit, then ack: the row must be durable before the original
+/// leaves the broker. A failed write requeues the original after a pause, so
+/// a store that is down slows the consumer down instead of losing messages.
+async fn store(
+    ctx: &ProcessContext,
+    failed: &FailedMessage,
+    kept: &Delivery,
+    verdict: Verdict,
+) -> (Settlement, Verdict) {
+    let Some(store) = &ctx.store else {
+        error!(queue = %ctx.queue, "no compensation store configured; requeueing");
+        tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
+        return (Settlement::Requeue, verdict);
+    };
+    let due = now_ms() as i64 + ctx.store_delay.as_millis() as i64;
+    let row = NewFailedMessage::from_failure(failed, kept, due);
+    match store.store(&row).await {
+        Ok(id) => {
+            bump(&ctx.stats.stored, 1);
+            warn!(queue = %ctx.queue, id, attempt = failed.attempt, error = %failed.error, "stored in the compensation store");
+            (Settlement::Ack, verdict)
+        }
+        Err(e) => {
+            bump(&ctx.stats.store_failures, 1);
+            error!(queue = %ctx.queue, error = %e, "the compensation store write failed; the original stays and is requeued");
             tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
             (Settlement::Requeue, verdict)
         }

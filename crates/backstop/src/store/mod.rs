@@ -1,0 +1,425 @@
+//! The compensation store ("local message table"): where a message goes when
+//! the broker's retries cannot settle it, so that a scanner can re-drive it
+//! later and an operator can review what keeps failing.
+//!
+//! The consumer writes the row, waits for the commit, and only then acks the
+//! original. If the write fails, the original is requeued after a pause:
+//! nothing leaves the broker without a durable row.
+//!
+//! Rows move through `pending → retrying → needs_review → resolved |
+//! discarded | replayed`; every manual action writes an audit entry, and no
+//! row is deleted except by the explicit retention purge of finished rows.
+//!
+//! Two backends share one SQL implementation through sqlx's `Any` driver:
+//! SQLite (the embedded default, in WAL mode) and PostgreSQL (for several
+//! consumer instances, with `FOR UPDATE SKIP LOCKED` claims).
+
+mod scanner;
+mod sql;
+
+pub use scanner::{Redrive, RedriveFn, Scanner, ScannerConfig, ScannerReport};
+pub use sql::SqlStore;
+
+use crate::handler::Delivery;
+use crate::retry::{FailedMessage, kind_name};
+use futures_util::future::BoxFuture;
+use lapin::BasicProperties;
+use lapin::types::{FieldTable, ShortString};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// The header that ties a re-driven message to its row, so that a second
+/// failure updates the row instead of adding another.
+pub const STORE_ID_HEADER: &str = "x-backstop-store-id";
+
+/// Where a row is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Stored, waiting for its first re-drive.
+    Pending,
+    /// Re-driven at least once, or claimed by a scanner now.
+    Retrying,
+    /// Re-drives exhausted: a person must look at it.
+    NeedsReview,
+    /// Handled by hand (or by a handler re-drive), closed.
+    Resolved,
+    /// Given up on purpose, closed.
+    Discarded,
+    /// Published back to its queue with a confirm, closed unless it fails again.
+    Replayed,
+}
+
+impl Status {
+    /// The name stored in the database and shown by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Retrying => "retrying",
+            Status::NeedsReview => "needs_review",
+            Status::Resolved => "resolved",
+            Status::Discarded => "discarded",
+            Status::Replayed => "replayed",
+        }
+    }
+
+    /// True for the statuses the retention purge may remove.
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            Status::Resolved | Status::Discarded | Status::Replayed
+        )
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "pending" => Status::Pending,
+            "retrying" => Status::Retrying,
+            "needs_review" => Status::NeedsReview,
+            "resolved" => Status::Resolved,
+            "discarded" => Status::Discarded,
+            "replayed" => Status::Replayed,
+            other => {
+                return Err(format!(
+                    "unknown status {other:?}; one of pending, retrying, needs_review, resolved, discarded, replayed"
+                ));
+            }
+        })
+    }
+}
+
+/// A failed message about to be stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewFailedMessage {
+    /// The queue it failed in.
+    pub queue: String,
+    /// Where it was first published: exchange.
+    pub exchange: String,
+    /// Where it was first published: routing key.
+    pub routing_key: String,
+    /// The `message_id` property.
+    pub message_id: Option<String>,
+    /// The deduplication key, when one was extracted.
+    pub dedup_key: Option<String>,
+    /// The body, byte for byte.
+    pub payload: Vec<u8>,
+    /// The AMQP headers, as JSON (round-trips exactly).
+    pub headers: String,
+    /// The other AMQP properties, as JSON.
+    pub properties: String,
+    /// The last error.
+    pub error: String,
+    /// `transient` or `permanent`.
+    pub error_kind: String,
+    /// Delivery attempts before it reached the store.
+    pub attempts: i64,
+    /// When the scanner should first re-drive it, ms since the epoch.
+    pub next_attempt_at: i64,
+    /// The row this message came from, for a message that failed again after
+    /// a re-drive.
+    pub store_id: Option<i64>,
+}
+
+impl NewFailedMessage {
+    /// Builds the row of an exhausted `delivery`.
+    pub fn from_failure(failed: &FailedMessage, delivery: &Delivery, next_attempt_at: i64) -> Self {
+        let headers = delivery.properties().headers().clone().unwrap_or_default();
+        let store_id = headers
+            .inner()
+            .get(STORE_ID_HEADER)
+            .and_then(crate::retry::header_u64)
+            .and_then(|id| i64::try_from(id).ok());
+        NewFailedMessage {
+            queue: failed.queue.clone(),
+            exchange: failed.original_exchange.clone(),
+            routing_key: failed.original_routing_key.clone(),
+            message_id: delivery.message_id().map(str::to_owned),
+            dedup_key: None,
+            payload: delivery.body().to_vec(),
+            headers: serde_json::to_string(&headers).unwrap_or_else(|_| "{}".into()),
+            properties: properties_json(delivery.properties()),
+            error: failed.error.clone(),
+            error_kind: kind_name(failed.kind).to_owned(),
+            attempts: i64::from(failed.attempt),
+            next_attempt_at,
+            store_id,
+        }
+    }
+}
+
+/// The properties worth keeping, as a JSON object.
+fn properties_json(p: &BasicProperties) -> String {
+    let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.to_string());
+    serde_json::json!({
+        "content_type": s(p.content_type()),
+        "content_encoding": s(p.content_encoding()),
+        "delivery_mode": p.delivery_mode(),
+        "priority": p.priority(),
+        "correlation_id": s(p.correlation_id()),
+        "reply_to": s(p.reply_to()),
+        "expiration": s(p.expiration()),
+        "message_id": s(p.message_id()),
+        "timestamp": p.timestamp(),
+        "type": s(p.kind()),
+        "user_id": s(p.user_id()),
+        "app_id": s(p.app_id()),
+    })
+    .to_string()
+}
+
+/// A stored row.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FailedRow {
+    /// The row's id.
+    pub id: i64,
+    /// The queue it failed in.
+    pub queue: String,
+    /// Original exchange.
+    pub exchange: String,
+    /// Original routing key.
+    pub routing_key: String,
+    /// The `message_id` property.
+    pub message_id: Option<String>,
+    /// The deduplication key.
+    pub dedup_key: Option<String>,
+    /// The body.
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    /// Headers as JSON.
+    pub headers: String,
+    /// Other properties as JSON.
+    pub properties: String,
+    /// The last error.
+    pub error: String,
+    /// `transient` or `permanent`.
+    pub error_kind: String,
+    /// Delivery attempts before the store, plus failed re-drives since.
+    pub attempts: i64,
+    /// Re-drives made by scanners.
+    pub redrives: i64,
+    /// Where the row is.
+    pub status: Status,
+    /// When the scanner may next re-drive it, ms since the epoch.
+    pub next_attempt_at: i64,
+    /// When the row was written, ms since the epoch.
+    pub created_at: i64,
+    /// When the row last changed, ms since the epoch.
+    pub updated_at: i64,
+}
+
+impl FailedRow {
+    /// The properties to publish the message with again: the stored
+    /// properties and headers, minus Backstop's failure headers, plus the
+    /// row's id so a new failure updates this row.
+    pub fn republish_properties(&self) -> BasicProperties {
+        let stored: FieldTable = serde_json::from_str(&self.headers).unwrap_or_default();
+        let mut headers = FieldTable::default();
+        for (key, value) in stored.inner() {
+            if !key.as_str().starts_with("x-backstop-") {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+        headers.insert(
+            STORE_ID_HEADER.into(),
+            lapin::types::AMQPValue::LongLongInt(self.id),
+        );
+        let p: serde_json::Value = serde_json::from_str(&self.properties).unwrap_or_default();
+        let text = |k: &str| p.get(k).and_then(|v| v.as_str()).map(ShortString::from);
+        let mut props = BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        if let Some(v) = text("content_type") {
+            props = props.with_content_type(v);
+        }
+        if let Some(v) = text("content_encoding") {
+            props = props.with_content_encoding(v);
+        }
+        if let Some(v) = text("correlation_id") {
+            props = props.with_correlation_id(v);
+        }
+        if let Some(v) = text("reply_to") {
+            props = props.with_reply_to(v);
+        }
+        if let Some(v) = text("message_id") {
+            props = props.with_message_id(v);
+        }
+        if let Some(v) = text("type") {
+            props = props.with_type(v);
+        }
+        if let Some(v) = text("app_id") {
+            props = props.with_app_id(v);
+        }
+        if let Some(v) = p.get("timestamp").and_then(|v| v.as_u64()) {
+            props = props.with_timestamp(v);
+        }
+        if let Some(v) = p.get("priority").and_then(|v| v.as_u64()) {
+            props = props.with_priority(v.min(255) as u8);
+        }
+        props
+    }
+}
+
+/// One audit entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    /// When, ms since the epoch.
+    pub at: i64,
+    /// Who: `--actor`, `$USER`, or `scanner`/`consumer`.
+    pub actor: String,
+    /// What: `stored`, `failed_again`, `replayed`, `retry`, `resolve`, `discard`, `needs_review`.
+    pub action: String,
+    /// The note or reason given.
+    pub note: Option<String>,
+}
+
+/// What `list` returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only this status.
+    pub status: Option<Status>,
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// At most this many (newest first).
+    pub limit: Option<i64>,
+}
+
+/// A person's decision about a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManualAction {
+    /// Re-drive it at the next scan (back to `pending`, due now).
+    Retry,
+    /// It was handled by hand: `resolved`.
+    Resolve,
+    /// Give it up: `discarded`.
+    Discard,
+}
+
+impl ManualAction {
+    /// The audit action name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ManualAction::Retry => "retry",
+            ManualAction::Resolve => "resolve",
+            ManualAction::Discard => "discard",
+        }
+    }
+}
+
+/// How a claimed row's re-drive went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedriveOutcome {
+    /// Published back to its queue with a confirm.
+    Replayed,
+    /// A handler re-drive succeeded.
+    Resolved,
+    /// It failed; try again at `next_attempt_at`, or hand it to a person.
+    Failed {
+        /// Why.
+        error: String,
+        /// When to try again, ms since the epoch.
+        next_attempt_at: i64,
+        /// True when the maximum was reached: the row goes to `needs_review`.
+        give_up: bool,
+    },
+}
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store URL is not usable.
+    #[error("invalid store URL {url}: {reason}")]
+    InvalidUrl {
+        /// The URL, redacted.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The database cannot be reached or refused the write (down, disk
+    /// full, read-only). Nothing was stored.
+    #[error("the compensation store is unavailable: {0}")]
+    Unavailable(String),
+    /// No row has this id.
+    #[error("no failed message with id {0}")]
+    NotFound(i64),
+    /// The action does not apply to the row's status.
+    #[error("cannot {action} row {id}: it is {status}")]
+    InvalidTransition {
+        /// The row.
+        id: i64,
+        /// Its status.
+        status: Status,
+        /// What was asked.
+        action: &'static str,
+    },
+}
+
+impl StoreError {
+    /// True for errors that say nothing about the row, only about the store
+    /// being reachable: the caller should wait and try again.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// The store, as narrow as the consumer, the scanner and the CLI need.
+pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
+    /// Writes the row of a failed message and commits; a message carrying
+    /// the id of an existing row updates that row instead (a re-driven
+    /// message that failed again). Returns the row's id.
+    fn store<'a>(&'a self, message: &'a NewFailedMessage)
+    -> BoxFuture<'a, Result<i64, StoreError>>;
+
+    /// Claims up to `limit` due rows for `owner` until `lease_until`; rows
+    /// claimed by someone else with a live lease are skipped.
+    fn claim_due<'a>(
+        &'a self,
+        owner: &'a str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+    ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>>;
+
+    /// Records how a claimed row's re-drive went and releases the lease.
+    fn finish_redrive<'a>(
+        &'a self,
+        id: i64,
+        outcome: &'a RedriveOutcome,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Rows matching `filter`, newest first.
+    fn list<'a>(
+        &'a self,
+        filter: &'a ListFilter,
+    ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>>;
+
+    /// One row.
+    fn get(&self, id: i64) -> BoxFuture<'_, Result<FailedRow, StoreError>>;
+
+    /// Applies a person's decision and writes its audit entry, together.
+    fn act<'a>(
+        &'a self,
+        id: i64,
+        action: ManualAction,
+        actor: &'a str,
+        note: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<FailedRow, StoreError>>;
+
+    /// The row's audit history, oldest first.
+    fn audit(&self, id: i64) -> BoxFuture<'_, Result<Vec<AuditEntry>, StoreError>>;
+
+    /// Deletes finished rows (resolved, discarded, replayed) last changed
+    /// before `before`; returns how many.
+    fn purge_finished(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
+}

@@ -1,0 +1,591 @@
+//! The SQL backends of the compensation store: SQLite and PostgreSQL through
+//! sqlx's `Any` driver, with one set of queries and per-backend DDL.
+//!
+//! Every value is a bound parameter. Parameters are numbered (`$1`) and first
+//! appear in ascending order, which both drivers bind the same way.
+
+use super::{
+    AuditEntry, CompensationStore, FailedRow, ListFilter, ManualAction, NewFailedMessage,
+    RedriveOutcome, Status, StoreError,
+};
+use crate::error::RedactedUri;
+use crate::retry::now_ms;
+use futures_util::future::BoxFuture;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A compensation store in SQLite (`sqlite://backstop.db`) or PostgreSQL
+/// (`postgres://user:password@host/db`).
+#[derive(Clone, Debug)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+const COLUMNS: &str = "id, queue, exchange, routing_key, message_id, dedup_key, payload, \
+     headers, properties, error, error_kind, attempts, redrives, status, next_attempt_at, \
+     created_at, updated_at";
+
+const SQLITE_SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS backstop_failed_messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        queue TEXT NOT NULL,
+        exchange TEXT NOT NULL,
+        routing_key TEXT NOT NULL,
+        message_id TEXT,
+        dedup_key TEXT,
+        payload BLOB NOT NULL,
+        headers TEXT NOT NULL,
+        properties TEXT NOT NULL,
+        error TEXT NOT NULL,
+        error_kind TEXT NOT NULL,
+        attempts BIGINT NOT NULL,
+        redrives BIGINT NOT NULL DEFAULT 0,
+        status TEXT NOT NULL,
+        next_attempt_at BIGINT NOT NULL,
+        lease_owner TEXT,
+        lease_until BIGINT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS backstop_failed_due
+        ON backstop_failed_messages (status, next_attempt_at)",
+    "CREATE TABLE IF NOT EXISTS backstop_failed_audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        row_id BIGINT NOT NULL REFERENCES backstop_failed_messages (id) ON DELETE CASCADE,
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        note TEXT)",
+    "CREATE INDEX IF NOT EXISTS backstop_failed_audit_row ON backstop_failed_audit (row_id)",
+];
+
+const POSTGRES_SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS backstop_failed_messages (
+        id BIGSERIAL PRIMARY KEY,
+        queue TEXT NOT NULL,
+        exchange TEXT NOT NULL,
+        routing_key TEXT NOT NULL,
+        message_id TEXT,
+        dedup_key TEXT,
+        payload BYTEA NOT NULL,
+        headers TEXT NOT NULL,
+        properties TEXT NOT NULL,
+        error TEXT NOT NULL,
+        error_kind TEXT NOT NULL,
+        attempts BIGINT NOT NULL,
+        redrives BIGINT NOT NULL DEFAULT 0,
+        status TEXT NOT NULL,
+        next_attempt_at BIGINT NOT NULL,
+        lease_owner TEXT,
+        lease_until BIGINT,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS backstop_failed_due
+        ON backstop_failed_messages (status, next_attempt_at)",
+    "CREATE TABLE IF NOT EXISTS backstop_failed_audit (
+        id BIGSERIAL PRIMARY KEY,
+        row_id BIGINT NOT NULL REFERENCES backstop_failed_messages (id) ON DELETE CASCADE,
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        note TEXT)",
+    "CREATE INDEX IF NOT EXISTS backstop_failed_audit_row ON backstop_failed_audit (row_id)",
+];
+
+/// The schema versions, applied in order and recorded in
+/// `backstop_schema_migrations`. A new version is appended, never edited.
+const MIGRATIONS: &[(i64, &str)] = &[(1, "failed messages and their audit trail")];
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn row_of(row: &AnyRow) -> Result<FailedRow, StoreError> {
+    let get_err = |e: sqlx::Error| StoreError::Unavailable(format!("reading a row: {e}"));
+    let status: String = row.try_get("status").map_err(get_err)?;
+    Ok(FailedRow {
+        id: row.try_get("id").map_err(get_err)?,
+        queue: row.try_get("queue").map_err(get_err)?,
+        exchange: row.try_get("exchange").map_err(get_err)?,
+        routing_key: row.try_get("routing_key").map_err(get_err)?,
+        message_id: row.try_get("message_id").map_err(get_err)?,
+        dedup_key: row.try_get("dedup_key").map_err(get_err)?,
+        payload: row.try_get("payload").map_err(get_err)?,
+        headers: row.try_get("headers").map_err(get_err)?,
+        properties: row.try_get("properties").map_err(get_err)?,
+        error: row.try_get("error").map_err(get_err)?,
+        error_kind: row.try_get("error_kind").map_err(get_err)?,
+        attempts: row.try_get("attempts").map_err(get_err)?,
+        redrives: row.try_get("redrives").map_err(get_err)?,
+        status: status.parse().map_err(StoreError::Unavailable)?,
+        next_attempt_at: row.try_get("next_attempt_at").map_err(get_err)?,
+        created_at: row.try_get("created_at").map_err(get_err)?,
+        updated_at: row.try_get("updated_at").map_err(get_err)?,
+    })
+}
+
+impl SqlStore {
+    /// Opens the store at `url` and brings its schema up to date.
+    ///
+    /// `sqlite://path` creates the file when missing and uses WAL mode;
+    /// `postgres://` expects the database to exist.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let shown = RedactedUri::new(url).to_string();
+        let invalid = |reason: &str| StoreError::InvalidUrl {
+            url: shown.clone(),
+            reason: reason.to_owned(),
+        };
+        let (backend, url) = if let Some(rest) = url.strip_prefix("sqlite:") {
+            if rest.trim_start_matches('/').is_empty() {
+                return Err(invalid("the SQLite path is empty"));
+            }
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let url = if url.contains("mode=") {
+                url.to_owned()
+            } else {
+                format!("{url}{sep}mode=rwc")
+            };
+            (Backend::Sqlite, url)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_owned())
+        } else {
+            return Err(invalid(
+                "the scheme must be sqlite:// or postgres:// (postgresql://)",
+            ));
+        };
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Sqlite => 4,
+                Backend::Postgres => 8,
+            })
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        sqlx::query("PRAGMA journal_mode = WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA foreign_keys = ON")
+                            .execute(&mut *conn)
+                            .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Configuration(reason) => invalid(&reason.to_string()),
+                other => StoreError::Unavailable(format!("connecting to {shown}: {other}")),
+            })?;
+        let store = SqlStore { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        if self.backend == Backend::Postgres {
+            // Two instances starting together must not race on the DDL.
+            sqlx::query("SELECT pg_advisory_xact_lock(7234000001)")
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS backstop_schema_migrations (
+                version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let applied: Vec<i64> = sqlx::query("SELECT version FROM backstop_schema_migrations")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .filter_map(|r| r.try_get::<i64, _>("version").ok())
+            .collect();
+        for (version, description) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            let statements = match (self.backend, version) {
+                (Backend::Sqlite, 1) => SQLITE_SCHEMA,
+                (Backend::Postgres, 1) => POSTGRES_SCHEMA,
+                _ => &[],
+            };
+            for statement in statements {
+                sqlx::query(statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            sqlx::query(
+                "INSERT INTO backstop_schema_migrations (version, description, applied_at)
+                 VALUES ($1, $2, $3)",
+            )
+            .bind(*version)
+            .bind(*description)
+            .bind(now_ms() as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn audit_in<'c>(
+        tx: &mut sqlx::Transaction<'c, sqlx::Any>,
+        row_id: i64,
+        actor: &str,
+        action: &str,
+        note: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO backstop_failed_audit (row_id, at, actor, action, note)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(row_id)
+        .bind(now_ms() as i64)
+        .bind(actor)
+        .bind(action)
+        .bind(note)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn store_impl(&self, m: &NewFailedMessage) -> Result<i64, StoreError> {
+        let now = now_ms() as i64;
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        if let Some(id) = m.store_id {
+            let updated = sqlx::query(
+                "UPDATE backstop_failed_messages
+                 SET error = $1, error_kind = $2, attempts = attempts + $3, status = 'retrying',
+                     next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, updated_at = $5
+                 WHERE id = $6 AND status IN ('pending', 'retrying', 'replayed')",
+            )
+            .bind(&m.error)
+            .bind(&m.error_kind)
+            .bind(m.attempts)
+            .bind(m.next_attempt_at)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if updated.rows_affected() == 1 {
+                Self::audit_in(&mut tx, id, "consumer", "failed_again", Some(&m.error)).await?;
+                tx.commit().await.map_err(unavailable)?;
+                return Ok(id);
+            }
+            // The row was closed by hand meanwhile: keep the new failure as a new row.
+        }
+        let row = sqlx::query(
+            "INSERT INTO backstop_failed_messages (queue, exchange, routing_key, message_id,
+                 dedup_key, payload, headers, properties, error, error_kind, attempts, redrives,
+                 status, next_attempt_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, 'pending', $12, $13, $13)
+             RETURNING id",
+        )
+        .bind(&m.queue)
+        .bind(&m.exchange)
+        .bind(&m.routing_key)
+        .bind(m.message_id.as_deref())
+        .bind(m.dedup_key.as_deref())
+        .bind(m.payload.as_slice())
+        .bind(&m.headers)
+        .bind(&m.properties)
+        .bind(&m.error)
+        .bind(&m.error_kind)
+        .bind(m.attempts)
+        .bind(m.next_attempt_at)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let id: i64 = row.try_get("id").map_err(unavailable)?;
+        Self::audit_in(&mut tx, id, "consumer", "stored", Some(&m.error)).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(id)
+    }
+
+    async fn claim_impl(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+    ) -> Result<Vec<FailedRow>, StoreError> {
+        let lock = match self.backend {
+            Backend::Postgres => "FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        // SQLite runs one writer at a time, so the UPDATE is the claim; on
+        // PostgreSQL the row locks are skipped by concurrent scanners, and
+        // the lease condition is checked again on the locked row.
+        let sql = format!(
+            "UPDATE backstop_failed_messages
+             SET status = 'retrying', lease_owner = $1, lease_until = $2, updated_at = $3
+             WHERE id IN (
+                 SELECT id FROM backstop_failed_messages
+                 WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $3
+                   AND (lease_until IS NULL OR lease_until < $3)
+                 ORDER BY next_attempt_at, id
+                 LIMIT $4
+                 {lock})
+               AND (lease_until IS NULL OR lease_until < $3)
+             RETURNING {COLUMNS}"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(owner)
+            .bind(lease_until)
+            .bind(now)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(row_of).collect()
+    }
+
+    async fn finish_impl(&self, id: i64, outcome: &RedriveOutcome) -> Result<(), StoreError> {
+        let now = now_ms() as i64;
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let (status, next, error, action) = match outcome {
+            RedriveOutcome::Replayed => (Status::Replayed, None, None, "replayed"),
+            RedriveOutcome::Resolved => (Status::Resolved, None, None, "resolved"),
+            RedriveOutcome::Failed {
+                error,
+                next_attempt_at,
+                give_up,
+            } => (
+                if *give_up {
+                    Status::NeedsReview
+                } else {
+                    Status::Retrying
+                },
+                Some(*next_attempt_at),
+                Some(error.as_str()),
+                if *give_up {
+                    "needs_review"
+                } else {
+                    "redrive_failed"
+                },
+            ),
+        };
+        sqlx::query(
+            "UPDATE backstop_failed_messages
+             SET status = $1, redrives = redrives + 1,
+                 next_attempt_at = COALESCE($2, next_attempt_at),
+                 error = COALESCE($3, error),
+                 lease_owner = NULL, lease_until = NULL, updated_at = $4
+             WHERE id = $5",
+        )
+        .bind(status.as_str())
+        .bind(next)
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        Self::audit_in(&mut tx, id, "scanner", action, error).await?;
+        tx.commit().await.map_err(unavailable)
+    }
+
+    async fn list_impl(&self, filter: &ListFilter) -> Result<Vec<FailedRow>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM backstop_failed_messages
+             WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR queue = $2)
+             ORDER BY id DESC LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(filter.status.map(Status::as_str))
+            .bind(filter.queue.as_deref())
+            .bind(filter.limit.unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(row_of).collect()
+    }
+
+    async fn get_impl(&self, id: i64) -> Result<FailedRow, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM backstop_failed_messages WHERE id = $1");
+        let row = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?
+            .ok_or(StoreError::NotFound(id))?;
+        row_of(&row)
+    }
+
+    async fn act_impl(
+        &self,
+        id: i64,
+        action: ManualAction,
+        actor: &str,
+        note: Option<&str>,
+    ) -> Result<FailedRow, StoreError> {
+        let current = self.get_impl(id).await?;
+        let allowed = match action {
+            // A row a scanner holds right now is not taken from it; closed
+            // rows can be retried again (a replay that needs another go).
+            ManualAction::Retry => current.status != Status::Retrying || current.redrives > 0,
+            ManualAction::Resolve | ManualAction::Discard => !current.status.is_finished(),
+        };
+        if !allowed {
+            return Err(StoreError::InvalidTransition {
+                id,
+                status: current.status,
+                action: action.as_str(),
+            });
+        }
+        let (status, next) = match action {
+            ManualAction::Retry => (Status::Pending, Some(now_ms() as i64)),
+            ManualAction::Resolve => (Status::Resolved, None),
+            ManualAction::Discard => (Status::Discarded, None),
+        };
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let updated = sqlx::query(
+            "UPDATE backstop_failed_messages
+             SET status = $1, next_attempt_at = COALESCE($2, next_attempt_at),
+                 lease_owner = NULL, lease_until = NULL, updated_at = $3,
+                 redrives = CASE WHEN $1 = 'pending' THEN 0 ELSE redrives END
+             WHERE id = $4 AND status = $5",
+        )
+        .bind(status.as_str())
+        .bind(next)
+        .bind(now_ms() as i64)
+        .bind(id)
+        .bind(current.status.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if updated.rows_affected() != 1 {
+            // Changed under us: report what it is now.
+            let now = self.get_impl(id).await?;
+            return Err(StoreError::InvalidTransition {
+                id,
+                status: now.status,
+                action: action.as_str(),
+            });
+        }
+        Self::audit_in(&mut tx, id, actor, action.as_str(), note).await?;
+        tx.commit().await.map_err(unavailable)?;
+        self.get_impl(id).await
+    }
+
+    async fn audit_impl(&self, id: i64) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at, actor, action, note FROM backstop_failed_audit
+             WHERE row_id = $1 ORDER BY id",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    at: r.try_get("at").map_err(unavailable)?,
+                    actor: r.try_get("actor").map_err(unavailable)?,
+                    action: r.try_get("action").map_err(unavailable)?,
+                    note: r.try_get("note").map_err(unavailable)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn purge_impl(&self, before: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let finished = "('resolved', 'discarded', 'replayed')";
+        sqlx::query(&format!(
+            "DELETE FROM backstop_failed_audit WHERE row_id IN (
+                 SELECT id FROM backstop_failed_messages
+                 WHERE status IN {finished} AND updated_at < $1)"
+        ))
+        .bind(before)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let done = sqlx::query(&format!(
+            "DELETE FROM backstop_failed_messages WHERE status IN {finished} AND updated_at < $1"
+        ))
+        .bind(before)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+}
+
+impl CompensationStore for SqlStore {
+    fn store<'a>(
+        &'a self,
+        message: &'a NewFailedMessage,
+    ) -> BoxFuture<'a, Result<i64, StoreError>> {
+        Box::pin(self.store_impl(message))
+    }
+
+    fn claim_due<'a>(
+        &'a self,
+        owner: &'a str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+    ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>> {
+        Box::pin(self.claim_impl(owner, now, lease_until, limit))
+    }
+
+    fn finish_redrive<'a>(
+        &'a self,
+        id: i64,
+        outcome: &'a RedriveOutcome,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.finish_impl(id, outcome))
+    }
+
+    fn list<'a>(
+        &'a self,
+        filter: &'a ListFilter,
+    ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>> {
+        Box::pin(self.list_impl(filter))
+    }
+
+    fn get(&self, id: i64) -> BoxFuture<'_, Result<FailedRow, StoreError>> {
+        Box::pin(self.get_impl(id))
+    }
+
+    fn act<'a>(
+        &'a self,
+        id: i64,
+        action: ManualAction,
+        actor: &'a str,
+        note: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<FailedRow, StoreError>> {
+        Box::pin(self.act_impl(id, action, actor, note))
+    }
+
+    fn audit(&self, id: i64) -> BoxFuture<'_, Result<Vec<AuditEntry>, StoreError>> {
+        Box::pin(self.audit_impl(id))
+    }
+
+    fn purge_finished(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.purge_impl(before))
+    }
+}

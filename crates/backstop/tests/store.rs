@@ -1,0 +1,412 @@
+//! One behaviour suite for the compensation store, run against SQLite and
+//! against the PostgreSQL that scripts/test starts.
+
+use backstop::retry::now_ms;
+use backstop::store::{
+    CompensationStore, ListFilter, ManualAction, NewFailedMessage, Redrive, RedriveFn,
+    RedriveOutcome, Scanner, ScannerConfig, SqlStore, Status, StoreError,
+};
+use backstop_testkit::unique;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn postgres_url() -> String {
+    std::env::var("BACKSTOP_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://backstop:backstop@127.0.0.1:5432/backstop".to_owned())
+}
+
+/// The PostgreSQL tests share one database and claim due rows across it, so
+/// they take turns; each SQLite test has a file of its own.
+static POSTGRES_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn turn(backend: &str) -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    if backend == "postgres" {
+        Some(POSTGRES_TURN.lock().await)
+    } else {
+        None
+    }
+}
+
+async fn sqlite() -> SqlStore {
+    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-store")));
+    SqlStore::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .expect("sqlite store")
+}
+
+async fn postgres() -> SqlStore {
+    SqlStore::connect(&postgres_url())
+        .await
+        .expect("postgres store")
+}
+
+fn message(queue: &str, n: i64, due: i64) -> NewFailedMessage {
+    NewFailedMessage {
+        queue: queue.to_owned(),
+        exchange: "orders-ex".to_owned(),
+        routing_key: "order.created".to_owned(),
+        message_id: Some(format!("m-{n}")),
+        dedup_key: Some(format!("order-{n}")),
+        // Not UTF-8, with a NUL: stored byte for byte.
+        payload: vec![0xff, 0x00, b'{', b'}', n as u8],
+        headers: r#"{"x-tenant":{"LongString":[97,99,109,101]}}"#.to_owned(),
+        properties: r#"{"content_type":"application/json"}"#.to_owned(),
+        error: "payment provider timed out".to_owned(),
+        error_kind: "transient".to_owned(),
+        attempts: 4,
+        next_attempt_at: due,
+        store_id: None,
+    }
+}
+
+async fn a_row_keeps_every_field(store: SqlStore) {
+    let queue = unique("store-fields");
+    let due = now_ms() as i64 + 60_000;
+    let m = message(&queue, 7, due);
+    let id = store.store(&m).await.expect("store");
+    let row = store.get(id).await.expect("get");
+    assert_eq!(row.queue, m.queue);
+    assert_eq!(row.exchange, m.exchange);
+    assert_eq!(row.routing_key, m.routing_key);
+    assert_eq!(row.message_id, m.message_id);
+    assert_eq!(row.dedup_key, m.dedup_key);
+    assert_eq!(row.payload, m.payload);
+    assert_eq!(row.headers, m.headers);
+    assert_eq!(row.properties, m.properties);
+    assert_eq!(row.error, m.error);
+    assert_eq!(row.error_kind, "transient");
+    assert_eq!(row.attempts, 4);
+    assert_eq!(row.redrives, 0);
+    assert_eq!(row.status, Status::Pending);
+    assert_eq!(row.next_attempt_at, due);
+    assert!(row.created_at > 0 && row.updated_at == row.created_at);
+    let audit = store.audit(id).await.expect("audit");
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].action, "stored");
+    assert!(matches!(store.get(-1).await, Err(StoreError::NotFound(-1))));
+}
+
+async fn only_due_rows_are_claimed_and_a_lease_holds_them(store: SqlStore) {
+    let queue = unique("store-claim");
+    let now = now_ms() as i64;
+    let due = store
+        .store(&message(&queue, 1, now - 1))
+        .await
+        .expect("store");
+    let later = store
+        .store(&message(&queue, 2, now + 3_600_000))
+        .await
+        .expect("store");
+    let claimed: Vec<i64> = store
+        .claim_due("a", now, now + 60_000, 10_000)
+        .await
+        .expect("claim")
+        .into_iter()
+        .filter(|r| r.queue == queue)
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(claimed, [due]);
+    let again = store
+        .claim_due("b", now, now + 60_000, 10_000)
+        .await
+        .expect("claim");
+    assert!(
+        again.iter().all(|r| r.id != due),
+        "a leased row is not claimed twice"
+    );
+    assert_eq!(store.get(due).await.expect("get").status, Status::Retrying);
+
+    let failed = RedriveOutcome::Failed {
+        error: "still down".into(),
+        next_attempt_at: now - 1,
+        give_up: false,
+    };
+    store.finish_redrive(due, &failed).await.expect("finish");
+    let row = store.get(due).await.expect("get");
+    assert_eq!(
+        (row.status, row.redrives, row.error.as_str()),
+        (Status::Retrying, 1, "still down")
+    );
+    // The lease is released: it is due again.
+    let claimed = store
+        .claim_due("b", now, now + 60_000, 10_000)
+        .await
+        .expect("claim");
+    assert!(claimed.iter().any(|r| r.id == due));
+    let give_up = RedriveOutcome::Failed {
+        error: "gave up".into(),
+        next_attempt_at: now,
+        give_up: true,
+    };
+    store.finish_redrive(due, &give_up).await.expect("finish");
+    assert_eq!(
+        store.get(due).await.expect("get").status,
+        Status::NeedsReview
+    );
+    assert_eq!(store.get(later).await.expect("get").status, Status::Pending);
+    let actions: Vec<String> = store
+        .audit(due)
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    assert_eq!(actions, ["stored", "redrive_failed", "needs_review"]);
+}
+
+async fn manual_actions_follow_the_state_machine_and_are_audited(store: SqlStore) {
+    let queue = unique("store-manual");
+    let now = now_ms() as i64;
+    let a = store.store(&message(&queue, 1, now)).await.expect("store");
+    let b = store.store(&message(&queue, 2, now)).await.expect("store");
+    let row = store
+        .act(a, ManualAction::Resolve, "alice", Some("refunded by hand"))
+        .await
+        .expect("resolve");
+    assert_eq!(row.status, Status::Resolved);
+    let err = store
+        .act(a, ManualAction::Discard, "alice", Some("oops"))
+        .await;
+    assert!(
+        matches!(err, Err(StoreError::InvalidTransition { .. })),
+        "{err:?}"
+    );
+    store
+        .act(b, ManualAction::Discard, "bob", Some("duplicate order"))
+        .await
+        .expect("discard");
+    let row = store
+        .act(b, ManualAction::Retry, "bob", None)
+        .await
+        .expect("retry");
+    assert_eq!(row.status, Status::Pending);
+    let audit = store.audit(a).await.expect("audit");
+    let last = audit.last().expect("an entry");
+    assert_eq!(
+        (last.actor.as_str(), last.action.as_str()),
+        ("alice", "resolve")
+    );
+    assert_eq!(last.note.as_deref(), Some("refunded by hand"));
+    let listed = store
+        .list(&ListFilter {
+            status: Some(Status::Resolved),
+            queue: Some(queue.clone()),
+            limit: None,
+        })
+        .await
+        .expect("list");
+    assert_eq!(listed.iter().map(|r| r.id).collect::<Vec<_>>(), [a]);
+}
+
+async fn a_failed_redrive_updates_its_own_row(store: SqlStore) {
+    let queue = unique("store-again");
+    let now = now_ms() as i64;
+    let id = store.store(&message(&queue, 1, now)).await.expect("store");
+    store
+        .claim_due("s", now, now + 60_000, 10_000)
+        .await
+        .expect("claim");
+    store
+        .finish_redrive(id, &RedriveOutcome::Replayed)
+        .await
+        .expect("replayed");
+    let mut again = message(&queue, 1, now + 5);
+    again.store_id = Some(id);
+    again.error = "declined again".into();
+    again.attempts = 1;
+    assert_eq!(store.store(&again).await.expect("store"), id);
+    let row = store.get(id).await.expect("get");
+    assert_eq!(
+        (row.status, row.attempts, row.error.as_str()),
+        (Status::Retrying, 5, "declined again")
+    );
+    let rows = store
+        .list(&ListFilter {
+            queue: Some(queue),
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(rows.len(), 1, "no second row for the same message");
+}
+
+async fn retention_removes_only_old_finished_rows(store: SqlStore) {
+    let queue = unique("store-retention");
+    let now = now_ms() as i64;
+    let done = store.store(&message(&queue, 1, now)).await.expect("store");
+    let open = store.store(&message(&queue, 2, now)).await.expect("store");
+    store
+        .act(done, ManualAction::Discard, "ops", Some("old"))
+        .await
+        .expect("discard");
+    assert_eq!(
+        store.purge_finished(now - 60_000).await.expect("purge"),
+        0,
+        "too recent"
+    );
+    let removed = store
+        .purge_finished(now_ms() as i64 + 1)
+        .await
+        .expect("purge");
+    assert!(removed >= 1);
+    assert!(matches!(
+        store.get(done).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store.get(open).await.expect("open rows stay").status,
+        Status::Pending
+    );
+}
+
+async fn two_scanners_never_claim_the_same_row(store: SqlStore) {
+    let queue = unique("store-scanners");
+    let now = now_ms() as i64;
+    let mut ids = Vec::new();
+    for n in 0..200 {
+        ids.push(
+            store
+                .store(&message(&queue, n, now - 1))
+                .await
+                .expect("store"),
+        );
+    }
+    let store: Arc<dyn CompensationStore> = Arc::new(store);
+    let seen: Arc<Mutex<HashMap<i64, u32>>> = Arc::default();
+    // The first two re-drives meet at a barrier. A scanner handles its rows
+    // one after another, so the second to arrive is necessarily the other
+    // scanner, holding a claim of its own at the same moment: the claims
+    // overlap for certain, with no sleep involved.
+    let gate = Arc::new(tokio::sync::Barrier::new(2));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let redrive: RedriveFn = {
+        let seen = seen.clone();
+        let queue = queue.clone();
+        Arc::new(move |row| {
+            let seen = seen.clone();
+            let gate = gate.clone();
+            let calls = calls.clone();
+            let ours = row.queue == queue;
+            Box::pin(async move {
+                if ours {
+                    *seen.lock().expect("seen").entry(row.id).or_insert(0) += 1;
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                        gate.wait().await;
+                    }
+                }
+                tokio::task::yield_now().await;
+                Ok(())
+            })
+        })
+    };
+    let scanner = |owner: &str| {
+        Scanner::new(
+            store.clone(),
+            Redrive::Handler(redrive.clone()),
+            ScannerConfig {
+                batch: 7,
+                owner: owner.to_owned(),
+                ..ScannerConfig::default()
+            },
+        )
+    };
+    let (a, b) = (scanner("scanner-a"), scanner("scanner-b"));
+    let run = |s: Scanner| {
+        tokio::spawn(async move {
+            let mut claimed = 0;
+            loop {
+                let report = s.run_once().await.expect("scan");
+                if report.claimed == 0 {
+                    return claimed;
+                }
+                claimed += report.claimed;
+            }
+        })
+    };
+    let (ca, cb) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(run(a), run(b))
+    })
+    .await
+    .expect("both scanners reach the barrier: their claims overlap");
+    let (ca, cb) = (ca.expect("a"), cb.expect("b"));
+    let seen = seen.lock().expect("seen").clone();
+    assert_eq!(seen.len(), 200, "every row re-driven");
+    assert!(seen.values().all(|n| *n == 1), "a row was claimed twice");
+    assert!(ca > 0 && cb > 0, "both scanners worked: {ca} and {cb}");
+    for id in ids {
+        assert_eq!(store.get(id).await.expect("get").status, Status::Resolved);
+    }
+}
+
+async fn a_bad_url_is_named(make_url: fn() -> String) {
+    let err = SqlStore::connect(&make_url()).await.expect_err("must fail");
+    assert!(
+        matches!(
+            err,
+            StoreError::InvalidUrl { .. } | StoreError::Unavailable(_)
+        ),
+        "{err}"
+    );
+}
+
+macro_rules! suite {
+    ($backend:ident) => {
+        mod $backend {
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_row_keeps_every_field() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::a_row_keeps_every_field(super::$backend().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn only_due_rows_are_claimed_and_a_lease_holds_them() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::only_due_rows_are_claimed_and_a_lease_holds_them(super::$backend().await)
+                    .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn manual_actions_follow_the_state_machine_and_are_audited() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::manual_actions_follow_the_state_machine_and_are_audited(
+                    super::$backend().await,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_failed_redrive_updates_its_own_row() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::a_failed_redrive_updates_its_own_row(super::$backend().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn retention_removes_only_old_finished_rows() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::retention_removes_only_old_finished_rows(super::$backend().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn two_scanners_never_claim_the_same_row() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::two_scanners_never_claim_the_same_row(super::$backend().await).await;
+            }
+        }
+    };
+}
+
+suite!(sqlite);
+suite!(postgres);
+
+#[tokio::test]
+async fn bad_store_urls_are_named() {
+    a_bad_url_is_named(|| "mysql://x/y".to_owned()).await;
+    a_bad_url_is_named(|| "sqlite://".to_owned()).await;
+    let err = SqlStore::connect("postgres://backstop:secret@127.0.0.1:1/none")
+        .await
+        .expect_err("nothing listens on port 1");
+    assert!(err.is_transient(), "{err}");
+    assert!(!err.to_string().contains("secret"), "{err}");
+}
