@@ -211,3 +211,24 @@ mod tests {
         assert_eq!(proxy.accepted(), 1);
     }
 }
+
+#[cfg(test)]
+mod drop_tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_proxy_refuses_new_connections() {
+        let upstream = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let upstream_addr = upstream.local_addr().expect("addr");
+        tokio::spawn(async move { while upstream.accept().await.is_ok() {} });
+        let proxy = FaultProxy::start(upstream_addr).await.expect("proxy");
+        let addr = proxy.addr();
+        TcpStream::connect(addr).await.expect("connect while up");
+        drop(proxy);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            TcpStream::connect(addr).await.is_err(),
+            "still accepting after drop"
+        );
+    }
+}

@@ -206,7 +206,7 @@ pub struct FailedRow {
     pub error_kind: String,
     /// Delivery attempts before the store, plus failed re-drives since.
     pub attempts: i64,
-    /// Re-drives made by scanners.
+    /// Re-drives claimed by scanners (counted when claimed).
     pub redrives: i64,
     /// Where the row is.
     pub status: Status,
@@ -392,9 +392,12 @@ pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
     ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>>;
 
     /// Records how a claimed row's re-drive went and releases the lease.
+    /// Does nothing when `owner` no longer holds the row: a re-driven
+    /// message that already failed again has updated it meanwhile.
     fn finish_redrive<'a>(
         &'a self,
         id: i64,
+        owner: &'a str,
         outcome: &'a RedriveOutcome,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 

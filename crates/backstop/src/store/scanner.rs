@@ -161,9 +161,10 @@ impl Scanner {
         for row in rows {
             let id = row.id;
             let redrives = row.redrives;
-            let outcome = if redrives >= self.config.max_attempts {
+            // The claim counted this re-drive: `redrives` is its number.
+            let outcome = if redrives > self.config.max_attempts {
                 RedriveOutcome::Failed {
-                    error: format!("{}; re-driven {redrives} times", row.error),
+                    error: format!("{}; re-driven {} times", row.error, redrives - 1),
                     next_attempt_at: now,
                     give_up: true,
                 }
@@ -185,7 +186,7 @@ impl Scanner {
                     RedriveOutcome::Failed {
                         error,
                         next_attempt_at: next,
-                        give_up: redrives + 1 >= self.config.max_attempts,
+                        give_up: redrives >= self.config.max_attempts,
                     }
                 })
             };
@@ -197,7 +198,9 @@ impl Scanner {
             if let RedriveOutcome::Failed { error, give_up, .. } = &outcome {
                 warn!(id, %error, needs_review = give_up, "re-drive failed");
             }
-            self.store.finish_redrive(id, &outcome).await?;
+            self.store
+                .finish_redrive(id, &self.config.owner, &outcome)
+                .await?;
         }
         if let Some(Ok(publisher)) = publisher {
             let _ = publisher.channel().close(200, "scan done".into()).await;

@@ -339,7 +339,8 @@ impl SqlStore {
         // the lease condition is checked again on the locked row.
         let sql = format!(
             "UPDATE backstop_failed_messages
-             SET status = 'retrying', lease_owner = $1, lease_until = $2, updated_at = $3
+             SET status = 'retrying', lease_owner = $1, lease_until = $2, updated_at = $3,
+                 redrives = redrives + 1
              WHERE id IN (
                  SELECT id FROM backstop_failed_messages
                  WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $3
@@ -361,7 +362,12 @@ impl SqlStore {
         rows.iter().map(row_of).collect()
     }
 
-    async fn finish_impl(&self, id: i64, outcome: &RedriveOutcome) -> Result<(), StoreError> {
+    async fn finish_impl(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &RedriveOutcome,
+    ) -> Result<(), StoreError> {
         let now = now_ms() as i64;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let (status, next, error, action) = match outcome {
@@ -386,23 +392,29 @@ impl SqlStore {
                 },
             ),
         };
-        sqlx::query(
+        let updated = sqlx::query(
             "UPDATE backstop_failed_messages
-             SET status = $1, redrives = redrives + 1,
+             SET status = $1,
                  next_attempt_at = COALESCE($2, next_attempt_at),
                  error = COALESCE($3, error),
                  lease_owner = NULL, lease_until = NULL, updated_at = $4
-             WHERE id = $5",
+             WHERE id = $5 AND lease_owner = $6",
         )
         .bind(status.as_str())
         .bind(next)
         .bind(error)
         .bind(now)
         .bind(id)
+        .bind(owner)
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-        Self::audit_in(&mut tx, id, "scanner", action, error).await?;
+        if updated.rows_affected() == 0 {
+            // The re-driven message failed again before this was recorded;
+            // the consumer's update stands.
+            return tx.commit().await.map_err(unavailable);
+        }
+        Self::audit_in(&mut tx, id, owner, action, error).await?;
         tx.commit().await.map_err(unavailable)
     }
 
@@ -555,9 +567,10 @@ impl CompensationStore for SqlStore {
     fn finish_redrive<'a>(
         &'a self,
         id: i64,
+        owner: &'a str,
         outcome: &'a RedriveOutcome,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.finish_impl(id, outcome))
+        Box::pin(self.finish_impl(id, owner, outcome))
     }
 
     fn list<'a>(

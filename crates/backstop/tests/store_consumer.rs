@@ -1,0 +1,249 @@
+//! The consumer and the scanner with a real compensation store and broker.
+
+mod common;
+
+use backstop::consumer::ConsumerConfig;
+use backstop::handler::Outcome;
+use backstop::retry::{Exhausted, RetryPolicy};
+use backstop::store::{
+    CompensationStore, ListFilter, Redrive, Scanner, ScannerConfig, SqlStore, Status,
+};
+use backstop::topology::{Binding, Exchange, Queue, Topology};
+use backstop_testkit::{FaultProxy, amqp_url, connect, delete_queue, publish, unique, wait_until};
+use common::*;
+use lapin::options::BasicPublishOptions;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+fn postgres_url() -> String {
+    std::env::var("BACKSTOP_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://backstop:backstop@127.0.0.1:5432/backstop".to_owned())
+}
+
+async fn sqlite_store() -> Arc<SqlStore> {
+    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-consumer-store")));
+    Arc::new(
+        SqlStore::connect(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("sqlite store"),
+    )
+}
+
+async fn rows_of(store: &SqlStore, queue: &str) -> Vec<backstop::store::FailedRow> {
+    store
+        .list(&ListFilter {
+            queue: Some(queue.to_owned()),
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_message_becomes_a_complete_row_and_leaves_the_queue() {
+    init_tracing();
+    let queue = unique("to-store");
+    let exchange = unique("payments-ex");
+    let store = sqlite_store().await;
+    let policy = RetryPolicy::new()
+        .delays([Duration::from_millis(200)])
+        .exhausted(Exhausted::Store);
+    let topology = Topology::new()
+        .exchange(Exchange::direct(&exchange).auto_delete())
+        .queue(Queue::classic(&queue))
+        .binding(Binding::queue(&queue).to(&exchange).routing_key("pay"));
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .retry(policy.clone())
+            .compensation_store(store.clone(), Duration::from_secs(60)),
+        &recorder,
+        |_, _| async { Outcome::retry("provider down") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    let publisher = connect().await;
+    let channel = publisher.create_channel().await.expect("channel");
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            "pay".into(),
+            BasicPublishOptions::default(),
+            &[0xde, 0xad, 0x00, 0xbe, 0xef],
+            lapin::BasicProperties::default()
+                .with_message_id("pay-1".into())
+                .with_content_type("application/octet-stream".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    wait_stats(&consumer, "the row to be stored", |s| s.stored == 1).await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(report.dead_lettered, 0);
+    assert_eq!(recorder.calls_of("pay-1"), 2);
+
+    let rows = rows_of(&store, &queue).await;
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row.exchange, exchange);
+    assert_eq!(row.routing_key, "pay");
+    assert_eq!(row.message_id.as_deref(), Some("pay-1"));
+    assert_eq!(row.payload, [0xde, 0xad, 0x00, 0xbe, 0xef]);
+    assert_eq!(row.error, "provider down");
+    assert_eq!(row.error_kind, "transient");
+    assert_eq!(row.attempts, 2);
+    assert_eq!(row.status, Status::Pending);
+    assert!(row.properties.contains("application/octet-stream"));
+    assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
+    supervisor.close().await;
+    for q in policy.tier_queues(&queue) {
+        delete_queue(&publisher, &q).await;
+    }
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_store_down_nothing_is_acked_and_nothing_is_lost() {
+    init_tracing();
+    let queue = unique("store-down");
+    // PostgreSQL behind the test kit's proxy: dropping the proxy makes the
+    // database unreachable, exactly as a stopped server is to the client.
+    let pg: SocketAddr = "127.0.0.1:5432".parse().expect("address");
+    let proxy = FaultProxy::start(pg).await.expect("proxy");
+    let port = proxy.addr();
+    let url = postgres_url().replace("127.0.0.1:5432", &port.to_string());
+    let store = Arc::new(SqlStore::connect(&url).await.expect("store via proxy"));
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(RetryPolicy::new().exhausted(Exhausted::Store))
+            .compensation_store(store.clone(), Duration::from_secs(60)),
+        &recorder,
+        |_, _| async { Outcome::reject("needs a person") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    drop(proxy);
+    let publisher = connect().await;
+    publish(&publisher, &queue, 5, "m", |_| b"{}".to_vec()).await;
+    wait_stats(&consumer, "failed store writes", |s| s.store_failures >= 5).await;
+    assert_eq!(consumer.stats().stored, 0);
+    // Not acked: all five are still held by the broker.
+    assert!(queue_is(&queue, |c| c.ready + c.unacked == 5).await);
+
+    let _proxy = FaultProxy::start_on(port, pg)
+        .await
+        .expect("the database is back");
+    wait_until("all five stored", Duration::from_secs(60), || {
+        let stored = consumer.stats().stored;
+        async move { stored == 5 }
+    })
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(report.stored, 5);
+    assert_eq!(report.dead_lettered, 0);
+    let rows = rows_of(&store, &queue).await;
+    let mut ids: Vec<String> = rows.iter().filter_map(|r| r.message_id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["m-0", "m-1", "m-2", "m-3", "m-4"]);
+    assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scanner_redrives_rows_until_they_succeed_or_need_review() {
+    init_tracing();
+    let queue = unique("scanned");
+    let store = sqlite_store().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let healthy = Arc::new(AtomicBool::new(false));
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(RetryPolicy::new().exhausted(Exhausted::Store))
+            .compensation_store(store.clone(), Duration::ZERO),
+        &recorder,
+        {
+            let healthy = healthy.clone();
+            move |d, _| {
+                let healthy = healthy.clone();
+                async move {
+                    // m-0 recovers once the provider is back; m-1 never does.
+                    if healthy.load(Ordering::SeqCst) && d.message_id() == Some("m-0") {
+                        Outcome::Ack
+                    } else {
+                        Outcome::retry("provider down")
+                    }
+                }
+            }
+        },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 2, "m", |_| b"{}".to_vec()).await;
+    wait_stats(&consumer, "both stored", |s| s.stored == 2).await;
+    healthy.store(true, Ordering::SeqCst);
+
+    let scanner = Scanner::new(
+        store.clone(),
+        Redrive::Republish(supervisor.clone()),
+        ScannerConfig {
+            max_attempts: 3,
+            backoff: Duration::ZERO,
+            ..ScannerConfig::default()
+        },
+    );
+    // Each poll runs one scan, then looks at the rows: a re-driven message
+    // goes back through the consumer, which fails m-1 again and updates its
+    // row, until the scanner hands it to a person.
+    let expected = |rows: &[backstop::store::FailedRow]| {
+        let status = |id: &str| {
+            rows.iter()
+                .find(|r| r.message_id.as_deref() == Some(id))
+                .map(|r| r.status)
+        };
+        status("m-0") == Some(Status::Replayed) && status("m-1") == Some(Status::NeedsReview)
+    };
+    wait_until(
+        "m-0 replayed and m-1 in review",
+        Duration::from_secs(60),
+        || {
+            let scanner = scanner.clone();
+            let store = store.clone();
+            let queue = queue.clone();
+            let handled = recorder.distinct_handled();
+            async move {
+                scanner.run_once().await.expect("scan");
+                handled == 1 && expected(&rows_of(&store, &queue).await)
+            }
+        },
+    )
+    .await;
+    let rows = rows_of(&store, &queue).await;
+    let status_of = |id: &str| {
+        rows.iter()
+            .find(|r| r.message_id.as_deref() == Some(id))
+            .map(|r| (r.status, r.redrives))
+    };
+    assert_eq!(status_of("m-0").map(|s| s.0), Some(Status::Replayed));
+    assert_eq!(status_of("m-1"), Some((Status::NeedsReview, 4)));
+    assert_eq!(
+        recorder.calls_of("m-1"),
+        4,
+        "the original call and three re-drives"
+    );
+    consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
