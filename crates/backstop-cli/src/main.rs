@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod dlq;
+mod failed;
 mod ui;
 
 use clap::{Parser, Subcommand};
@@ -32,12 +33,17 @@ enum Command {
     /// Dead-letter queue tools: list, replay, purge.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// Manual review of the compensation store: list, show, retry, resolve, discard, purge.
+    #[command(subcommand)]
+    Failed(failed::FailedCommand),
 }
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Consume throughput against the broker's auto-ack ceiling, in one run.
     Consume(bench::ConsumeArgs),
+    /// Compensation store re-drive throughput, on SQLite and PostgreSQL.
+    Store(bench::StoreArgs),
 }
 
 /// An error the CLI reports with exit code 2: bad usage or configuration.
@@ -71,7 +77,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(BenchCommand::Consume(args)) => bench::consume(args).await,
+            Command::Bench(BenchCommand::Store(args)) => bench::store(args).await,
             Command::Dlq(command) => dlq::run(command).await,
+            Command::Failed(command) => failed::run(command).await,
         }
     });
     match result {
@@ -81,7 +89,11 @@ fn main() -> ExitCode {
             let usage = err.downcast_ref::<UsageError>().is_some()
                 || err
                     .downcast_ref::<backstop::Error>()
-                    .is_some_and(backstop::Error::is_config);
+                    .is_some_and(backstop::Error::is_config)
+                // A row that does not exist or an action its status forbids.
+                || err
+                    .downcast_ref::<backstop::store::StoreError>()
+                    .is_some_and(|e| !e.is_transient());
             ExitCode::from(if usage { 2 } else { 1 })
         }
     }

@@ -24,6 +24,22 @@ pub struct Config {
     /// `[broker]`: where and how to connect.
     #[serde(default)]
     pub broker: BrokerConfig,
+    /// `[store]`: the compensation store.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[store]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct StoreConfig {
+    /// `sqlite://backstop.db` or `postgres://user:password@host/db`.
+    pub url: Option<String>,
+    /// Finished rows (resolved, discarded, replayed) older than this are
+    /// purged by `backstop failed purge` when it is given no `--older-than`.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub retention: Option<Duration>,
 }
 
 /// `[broker]`.

@@ -123,7 +123,7 @@ async fn only_due_rows_are_claimed_and_a_lease_holds_them(store: SqlStore) {
         give_up: false,
     };
     store
-        .finish_redrive(due, "a", &failed)
+        .finish_redrives("a", &[(due, failed)])
         .await
         .expect("finish");
     let row = store.get(due).await.expect("get");
@@ -143,7 +143,7 @@ async fn only_due_rows_are_claimed_and_a_lease_holds_them(store: SqlStore) {
         give_up: true,
     };
     store
-        .finish_redrive(due, "b", &give_up)
+        .finish_redrives("b", &[(due, give_up)])
         .await
         .expect("finish");
     assert_eq!(
@@ -214,7 +214,7 @@ async fn a_failed_redrive_updates_its_own_row(store: SqlStore) {
         .await
         .expect("claim");
     store
-        .finish_redrive(id, "s", &RedriveOutcome::Replayed)
+        .finish_redrives("s", &[(id, RedriveOutcome::Replayed)])
         .await
         .expect("replayed");
     let mut again = message(&queue, 1, now + 5);
@@ -246,17 +246,23 @@ async fn retention_removes_only_old_finished_rows(store: SqlStore) {
         .act(done, ManualAction::Discard, "ops", Some("old"))
         .await
         .expect("discard");
-    // Other rows may share the database: look at ours, not at the count.
-    store.purge_finished(now - 60_000).await.expect("purge");
+    assert_eq!(
+        store
+            .purge_finished(now - 60_000, Some(&queue))
+            .await
+            .expect("purge"),
+        0,
+        "too recent"
+    );
     assert_eq!(
         store.get(done).await.expect("too recent to purge").status,
         Status::Discarded
     );
     let removed = store
-        .purge_finished(now_ms() as i64 + 1)
+        .purge_finished(now_ms() as i64 + 1, Some(&queue))
         .await
         .expect("purge");
-    assert!(removed >= 1);
+    assert_eq!(removed, 1, "only the finished row");
     assert!(matches!(
         store.get(done).await,
         Err(StoreError::NotFound(_))

@@ -391,15 +391,15 @@ pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
         limit: i64,
     ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>>;
 
-    /// Records how a claimed row's re-drive went and releases the lease.
-    /// Does nothing when `owner` no longer holds the row: a re-driven
-    /// message that already failed again has updated it meanwhile.
-    fn finish_redrive<'a>(
+    /// Records how the re-drives of claimed rows went and releases their
+    /// leases, in one transaction. A row that `owner` no longer holds is left
+    /// alone: its re-driven message already failed again and updated it.
+    /// Returns how many rows were updated.
+    fn finish_redrives<'a>(
         &'a self,
-        id: i64,
         owner: &'a str,
-        outcome: &'a RedriveOutcome,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+        outcomes: &'a [(i64, RedriveOutcome)],
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
 
     /// Rows matching `filter`, newest first.
     fn list<'a>(
@@ -423,6 +423,10 @@ pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
     fn audit(&self, id: i64) -> BoxFuture<'_, Result<Vec<AuditEntry>, StoreError>>;
 
     /// Deletes finished rows (resolved, discarded, replayed) last changed
-    /// before `before`; returns how many.
-    fn purge_finished(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>>;
+    /// before `before`, of `queue` only when given; returns how many.
+    fn purge_finished<'a>(
+        &'a self,
+        before: i64,
+        queue: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
 }

@@ -158,6 +158,7 @@ impl Scanner {
             ),
             _ => None,
         };
+        let mut outcomes = Vec::with_capacity(rows.len());
         for row in rows {
             let id = row.id;
             let redrives = row.redrives;
@@ -198,8 +199,13 @@ impl Scanner {
             if let RedriveOutcome::Failed { error, give_up, .. } = &outcome {
                 warn!(id, %error, needs_review = give_up, "re-drive failed");
             }
+            outcomes.push((id, outcome));
+        }
+        // One commit for the batch: if this scanner dies before it, the rows
+        // keep their lease and are re-driven again once it expires.
+        if !outcomes.is_empty() {
             self.store
-                .finish_redrive(id, &self.config.owner, &outcome)
+                .finish_redrives(&self.config.owner, &outcomes)
                 .await?;
         }
         if let Some(Ok(publisher)) = publisher {

@@ -268,6 +268,37 @@ impl SqlStore {
         Ok(())
     }
 
+    async fn insert_in<'c>(
+        tx: &mut sqlx::Transaction<'c, sqlx::Any>,
+        m: &NewFailedMessage,
+        now: i64,
+    ) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO backstop_failed_messages (queue, exchange, routing_key, message_id,
+                 dedup_key, payload, headers, properties, error, error_kind, attempts, redrives,
+                 status, next_attempt_at, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, 'pending', $12, $13, $13)
+             RETURNING id",
+        )
+        .bind(&m.queue)
+        .bind(&m.exchange)
+        .bind(&m.routing_key)
+        .bind(m.message_id.as_deref())
+        .bind(m.dedup_key.as_deref())
+        .bind(m.payload.as_slice())
+        .bind(&m.headers)
+        .bind(&m.properties)
+        .bind(&m.error)
+        .bind(&m.error_kind)
+        .bind(m.attempts)
+        .bind(m.next_attempt_at)
+        .bind(now)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        row.try_get("id").map_err(unavailable)
+    }
+
     async fn store_impl(&self, m: &NewFailedMessage) -> Result<i64, StoreError> {
         let now = now_ms() as i64;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
@@ -294,30 +325,7 @@ impl SqlStore {
             }
             // The row was closed by hand meanwhile: keep the new failure as a new row.
         }
-        let row = sqlx::query(
-            "INSERT INTO backstop_failed_messages (queue, exchange, routing_key, message_id,
-                 dedup_key, payload, headers, properties, error, error_kind, attempts, redrives,
-                 status, next_attempt_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, 'pending', $12, $13, $13)
-             RETURNING id",
-        )
-        .bind(&m.queue)
-        .bind(&m.exchange)
-        .bind(&m.routing_key)
-        .bind(m.message_id.as_deref())
-        .bind(m.dedup_key.as_deref())
-        .bind(m.payload.as_slice())
-        .bind(&m.headers)
-        .bind(&m.properties)
-        .bind(&m.error)
-        .bind(&m.error_kind)
-        .bind(m.attempts)
-        .bind(m.next_attempt_at)
-        .bind(now)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let id: i64 = row.try_get("id").map_err(unavailable)?;
+        let id = Self::insert_in(&mut tx, m, now).await?;
         Self::audit_in(&mut tx, id, "consumer", "stored", Some(&m.error)).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(id)
@@ -364,57 +372,72 @@ impl SqlStore {
 
     async fn finish_impl(
         &self,
-        id: i64,
         owner: &str,
-        outcome: &RedriveOutcome,
-    ) -> Result<(), StoreError> {
+        outcomes: &[(i64, RedriveOutcome)],
+    ) -> Result<u64, StoreError> {
         let now = now_ms() as i64;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let (status, next, error, action) = match outcome {
-            RedriveOutcome::Replayed => (Status::Replayed, None, None, "replayed"),
-            RedriveOutcome::Resolved => (Status::Resolved, None, None, "resolved"),
-            RedriveOutcome::Failed {
-                error,
-                next_attempt_at,
-                give_up,
-            } => (
-                if *give_up {
-                    Status::NeedsReview
-                } else {
-                    Status::Retrying
-                },
-                Some(*next_attempt_at),
-                Some(error.as_str()),
-                if *give_up {
-                    "needs_review"
-                } else {
-                    "redrive_failed"
-                },
-            ),
-        };
-        let updated = sqlx::query(
-            "UPDATE backstop_failed_messages
-             SET status = $1,
-                 next_attempt_at = COALESCE($2, next_attempt_at),
-                 error = COALESCE($3, error),
-                 lease_owner = NULL, lease_until = NULL, updated_at = $4
-             WHERE id = $5 AND lease_owner = $6",
-        )
-        .bind(status.as_str())
-        .bind(next)
-        .bind(error)
-        .bind(now)
-        .bind(id)
-        .bind(owner)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        if updated.rows_affected() == 0 {
-            // The re-driven message failed again before this was recorded;
-            // the consumer's update stands.
-            return tx.commit().await.map_err(unavailable);
+        let mut applied = 0;
+        for (id, outcome) in outcomes {
+            let (status, next, error, action) = match outcome {
+                RedriveOutcome::Replayed => (Status::Replayed, None, None, "replayed"),
+                RedriveOutcome::Resolved => (Status::Resolved, None, None, "resolved"),
+                RedriveOutcome::Failed {
+                    error,
+                    next_attempt_at,
+                    give_up,
+                } => (
+                    if *give_up {
+                        Status::NeedsReview
+                    } else {
+                        Status::Retrying
+                    },
+                    Some(*next_attempt_at),
+                    Some(error.as_str()),
+                    if *give_up {
+                        "needs_review"
+                    } else {
+                        "redrive_failed"
+                    },
+                ),
+            };
+            let updated = sqlx::query(
+                "UPDATE backstop_failed_messages
+                 SET status = $1,
+                     next_attempt_at = COALESCE($2, next_attempt_at),
+                     error = COALESCE($3, error),
+                     lease_owner = NULL, lease_until = NULL, updated_at = $4
+                 WHERE id = $5 AND lease_owner = $6",
+            )
+            .bind(status.as_str())
+            .bind(next)
+            .bind(error)
+            .bind(now)
+            .bind(*id)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            // Zero rows: the re-driven message failed again before this was
+            // recorded, and the consumer's update stands.
+            if updated.rows_affected() == 1 {
+                applied += 1;
+                Self::audit_in(&mut tx, *id, owner, action, error).await?;
+            }
         }
-        Self::audit_in(&mut tx, id, owner, action, error).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(applied)
+    }
+
+    /// Stores many rows in one transaction (bulk loads and benchmarks; the
+    /// consumer stores one row per message).
+    pub async fn store_batch(&self, messages: &[NewFailedMessage]) -> Result<(), StoreError> {
+        let now = now_ms() as i64;
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        for m in messages {
+            let id = Self::insert_in(&mut tx, m, now).await?;
+            Self::audit_in(&mut tx, id, "consumer", "stored", Some(&m.error)).await?;
+        }
         tx.commit().await.map_err(unavailable)
     }
 
@@ -522,22 +545,25 @@ impl SqlStore {
             .collect()
     }
 
-    async fn purge_impl(&self, before: i64) -> Result<u64, StoreError> {
+    async fn purge_impl(&self, before: i64, queue: Option<&str>) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let finished = "('resolved', 'discarded', 'replayed')";
         sqlx::query(&format!(
             "DELETE FROM backstop_failed_audit WHERE row_id IN (
                  SELECT id FROM backstop_failed_messages
-                 WHERE status IN {finished} AND updated_at < $1)"
+                 WHERE status IN {finished} AND updated_at < $1 AND ($2 IS NULL OR queue = $2))"
         ))
         .bind(before)
+        .bind(queue)
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
         let done = sqlx::query(&format!(
-            "DELETE FROM backstop_failed_messages WHERE status IN {finished} AND updated_at < $1"
+            "DELETE FROM backstop_failed_messages
+             WHERE status IN {finished} AND updated_at < $1 AND ($2 IS NULL OR queue = $2)"
         ))
         .bind(before)
+        .bind(queue)
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
@@ -564,13 +590,12 @@ impl CompensationStore for SqlStore {
         Box::pin(self.claim_impl(owner, now, lease_until, limit))
     }
 
-    fn finish_redrive<'a>(
+    fn finish_redrives<'a>(
         &'a self,
-        id: i64,
         owner: &'a str,
-        outcome: &'a RedriveOutcome,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(self.finish_impl(id, owner, outcome))
+        outcomes: &'a [(i64, RedriveOutcome)],
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(self.finish_impl(owner, outcomes))
     }
 
     fn list<'a>(
@@ -598,7 +623,11 @@ impl CompensationStore for SqlStore {
         Box::pin(self.audit_impl(id))
     }
 
-    fn purge_finished(&self, before: i64) -> BoxFuture<'_, Result<u64, StoreError>> {
-        Box::pin(self.purge_impl(before))
+    fn purge_finished<'a>(
+        &'a self,
+        before: i64,
+        queue: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(self.purge_impl(before, queue))
     }
 }

@@ -1,0 +1,425 @@
+//! `backstop failed ...`: manual review of the compensation store.
+//!
+//! Every action goes through the store's state machine and writes an audit
+//! entry (actor, time, action, note); nothing here deletes a row except the
+//! explicit retention purge of finished rows.
+
+use crate::UsageError;
+use backstop::config::Config;
+use backstop::store::{
+    AuditEntry, CompensationStore, FailedRow, ListFilter, ManualAction, SqlStore, Status,
+    StoreError,
+};
+use base64::Engine;
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// The embedded default store.
+const DEFAULT_STORE: &str = "sqlite://backstop.db";
+
+/// Where the store is.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct StoreArgs {
+    /// A configuration file; its [store] section names the store.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The store: sqlite://PATH or postgres://USER:PASSWORD@HOST/DB.
+    #[arg(long = "store", value_name = "URL")]
+    store: Option<String>,
+}
+
+impl StoreArgs {
+    /// The store from `-c FILE` (its `[store] url`), `--store`, or the
+    /// embedded default, with the file's retention setting.
+    async fn open(&self) -> anyhow::Result<(SqlStore, Option<Duration>)> {
+        let config = match &self.config {
+            Some(path) => Some(Config::load(path)?),
+            None => None,
+        };
+        let retention = config.as_ref().and_then(|c| c.store.retention);
+        let url = config
+            .and_then(|c| c.store.url)
+            .or_else(|| self.store.clone())
+            .unwrap_or_else(|| DEFAULT_STORE.to_owned());
+        match SqlStore::connect(&url).await {
+            Ok(store) => Ok((store, retention)),
+            Err(e @ StoreError::InvalidUrl { .. }) => Err(UsageError(e.to_string()).into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `backstop failed ...`.
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum FailedCommand {
+    /// List stored messages, newest first.
+    List {
+        /// Only this status: pending, retrying, needs_review, resolved, discarded, replayed.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<Status>,
+        /// Only this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<i64>,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Show one message, its payload (pretty-printed when JSON) and its audit history.
+    Show {
+        /// The row id.
+        id: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Re-drive messages at the next scan.
+    Retry {
+        /// Row ids.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<i64>,
+        /// Every row that needs review (of --queue, if given).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this queue.
+        #[arg(long, requires = "all")]
+        queue: Option<String>,
+        /// Who does it (default: $USER).
+        #[arg(long)]
+        actor: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Mark a message as handled by hand.
+    Resolve {
+        /// The row id.
+        id: i64,
+        /// What was done.
+        #[arg(long)]
+        note: String,
+        /// Who did it (default: $USER).
+        #[arg(long)]
+        actor: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Give a message up.
+    Discard {
+        /// The row id.
+        id: i64,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+        /// Who did it (default: $USER).
+        #[arg(long)]
+        actor: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete finished rows (resolved, discarded, replayed) older than a duration.
+    Purge {
+        /// For example `30d`; defaults to the file's [store] retention.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+        /// Only rows of this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+fn parse_status(text: &str) -> Result<Status, String> {
+    text.parse()
+}
+
+fn actor(given: Option<String>) -> String {
+    given
+        .or_else(|| std::env::var("USER").ok())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn rfc3339(ms: i64) -> String {
+    let ms = u64::try_from(ms).unwrap_or(0);
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// A row as the CLI prints it.
+#[derive(Debug, Serialize)]
+struct Shown {
+    id: i64,
+    queue: String,
+    status: Status,
+    attempts: i64,
+    redrives: i64,
+    error: String,
+    error_kind: String,
+    exchange: String,
+    routing_key: String,
+    message_id: Option<String>,
+    dedup_key: Option<String>,
+    created_at: String,
+    updated_at: String,
+    next_attempt_at: String,
+    payload: String,
+    payload_encoding: &'static str,
+    headers: serde_json::Value,
+    properties: serde_json::Value,
+}
+
+impl From<&FailedRow> for Shown {
+    fn from(row: &FailedRow) -> Self {
+        let (payload, payload_encoding) = match std::str::from_utf8(&row.payload) {
+            Ok(text) => (text.to_owned(), "utf8"),
+            Err(_) => (
+                base64::engine::general_purpose::STANDARD.encode(&row.payload),
+                "base64",
+            ),
+        };
+        Shown {
+            id: row.id,
+            queue: row.queue.clone(),
+            status: row.status,
+            attempts: row.attempts,
+            redrives: row.redrives,
+            error: row.error.clone(),
+            error_kind: row.error_kind.clone(),
+            exchange: row.exchange.clone(),
+            routing_key: row.routing_key.clone(),
+            message_id: row.message_id.clone(),
+            dedup_key: row.dedup_key.clone(),
+            created_at: rfc3339(row.created_at),
+            updated_at: rfc3339(row.updated_at),
+            next_attempt_at: rfc3339(row.next_attempt_at),
+            payload,
+            payload_encoding,
+            headers: serde_json::from_str(&row.headers).unwrap_or(serde_json::Value::Null),
+            properties: serde_json::from_str(&row.properties).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+/// An audit entry as the CLI prints it.
+#[derive(Debug, Serialize)]
+struct ShownAudit {
+    at: String,
+    actor: String,
+    action: String,
+    note: Option<String>,
+}
+
+impl From<&AuditEntry> for ShownAudit {
+    fn from(a: &AuditEntry) -> Self {
+        ShownAudit {
+            at: rfc3339(a.at),
+            actor: a.actor.clone(),
+            action: a.action.clone(),
+            note: a.note.clone(),
+        }
+    }
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(header.to_vec());
+    table
+}
+
+fn short(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        text.to_owned()
+    } else {
+        let cut: String = text.chars().take(max).collect();
+        format!("{cut}…")
+    }
+}
+
+pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        FailedCommand::List {
+            status,
+            queue,
+            limit,
+            json,
+            store,
+        } => {
+            let (store, _) = store.open().await?;
+            let rows = store
+                .list(&ListFilter {
+                    status,
+                    queue,
+                    limit,
+                })
+                .await?;
+            if json {
+                let shown: Vec<Shown> = rows.iter().map(Shown::from).collect();
+                println!("{}", serde_json::to_string_pretty(&shown)?);
+            } else {
+                let mut t = table(&[
+                    "id",
+                    "queue",
+                    "status",
+                    "attempts",
+                    "error",
+                    "message id",
+                    "created",
+                ]);
+                for r in &rows {
+                    t.add_row([
+                        r.id.to_string(),
+                        r.queue.clone(),
+                        r.status.to_string(),
+                        r.attempts.to_string(),
+                        short(&r.error, 60),
+                        r.message_id.clone().unwrap_or_else(|| "-".into()),
+                        rfc3339(r.created_at),
+                    ]);
+                }
+                println!("{t}");
+                eprintln!("rows={}", rows.len());
+            }
+        }
+        FailedCommand::Show { id, json, store } => {
+            let (store, _) = store.open().await?;
+            let row = store.get(id).await?;
+            let audit = store.audit(id).await?;
+            let shown = Shown::from(&row);
+            let history: Vec<ShownAudit> = audit.iter().map(ShownAudit::from).collect();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({ "row": shown, "audit": history })
+                    )?
+                );
+            } else {
+                let mut t = table(&["field", "value"]);
+                for (k, v) in [
+                    ("id", shown.id.to_string()),
+                    ("queue", shown.queue.clone()),
+                    ("status", shown.status.to_string()),
+                    ("attempts", shown.attempts.to_string()),
+                    ("re-drives", shown.redrives.to_string()),
+                    ("error", shown.error.clone()),
+                    ("error kind", shown.error_kind.clone()),
+                    ("from", format!("{}:{}", shown.exchange, shown.routing_key)),
+                    ("message id", shown.message_id.clone().unwrap_or_default()),
+                    ("dedup key", shown.dedup_key.clone().unwrap_or_default()),
+                    ("created", shown.created_at.clone()),
+                    ("updated", shown.updated_at.clone()),
+                    ("next attempt", shown.next_attempt_at.clone()),
+                ] {
+                    t.add_row([k.to_owned(), v]);
+                }
+                println!("{t}");
+                let payload = match serde_json::from_slice::<serde_json::Value>(&row.payload) {
+                    Ok(value) => serde_json::to_string_pretty(&value)?,
+                    Err(_) if shown.payload_encoding == "utf8" => shown.payload.clone(),
+                    Err(_) => format!("(base64) {}", shown.payload),
+                };
+                println!("payload:\n{payload}");
+                let mut h = table(&["when", "actor", "action", "note"]);
+                for a in &history {
+                    h.add_row([
+                        a.at.clone(),
+                        a.actor.clone(),
+                        a.action.clone(),
+                        a.note.clone().unwrap_or_default(),
+                    ]);
+                }
+                println!("history:\n{h}");
+            }
+        }
+        FailedCommand::Retry {
+            ids,
+            all,
+            queue,
+            actor: who,
+            store,
+        } => {
+            let (store, _) = store.open().await?;
+            let ids = if all {
+                store
+                    .list(&ListFilter {
+                        status: Some(Status::NeedsReview),
+                        queue,
+                        limit: None,
+                    })
+                    .await?
+                    .into_iter()
+                    .map(|r| r.id)
+                    .collect()
+            } else {
+                ids
+            };
+            let who = actor(who);
+            let mut failed = 0;
+            for id in &ids {
+                if let Err(e) = store.act(*id, ManualAction::Retry, &who, None).await {
+                    eprintln!("row {id}: {e}");
+                    failed += 1;
+                }
+            }
+            println!("retried={} failed={failed}", ids.len() - failed);
+            if failed > 0 {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        FailedCommand::Resolve {
+            id,
+            note,
+            actor: who,
+            store,
+        } => close(&store, id, ManualAction::Resolve, who, &note).await?,
+        FailedCommand::Discard {
+            id,
+            reason,
+            actor: who,
+            store,
+        } => close(&store, id, ManualAction::Discard, who, &reason).await?,
+        FailedCommand::Purge {
+            older_than,
+            queue,
+            store,
+        } => {
+            let (store, retention) = store.open().await?;
+            let Some(age) = older_than.or(retention) else {
+                return Err(UsageError(
+                    "give --older-than DURATION or a [store] retention in the config file".into(),
+                )
+                .into());
+            };
+            let before = backstop::retry::now_ms() as i64 - age.as_millis() as i64;
+            let removed = store.purge_finished(before, queue.as_deref()).await?;
+            println!("removed={removed}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves or discards one row, with its audit entry.
+async fn close(
+    store: &StoreArgs,
+    id: i64,
+    action: ManualAction,
+    who: Option<String>,
+    note: &str,
+) -> anyhow::Result<()> {
+    let (store, _) = store.open().await?;
+    let row = store.act(id, action, &actor(who), Some(note)).await?;
+    println!("row {} is {}", row.id, row.status);
+    Ok(())
+}
