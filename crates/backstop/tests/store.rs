@@ -187,6 +187,20 @@ async fn manual_actions_follow_the_state_machine_and_are_audited(store: SqlStore
         .await
         .expect("retry");
     assert_eq!(row.status, Status::Pending);
+    // A row a scanner holds right now is not taken from it.
+    let c = store
+        .store(&message(&queue, 3, now - 1))
+        .await
+        .expect("store");
+    store
+        .claim_due("holder", now, now + 60_000, 10_000)
+        .await
+        .expect("claim");
+    let held = store.act(c, ManualAction::Resolve, "carol", None).await;
+    assert!(
+        matches!(held, Err(StoreError::InvalidTransition { .. })),
+        "{held:?}"
+    );
     let audit = store.audit(a).await.expect("audit");
     let last = audit.last().expect("an entry");
     assert_eq!(

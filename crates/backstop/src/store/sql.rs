@@ -477,9 +477,8 @@ impl SqlStore {
     ) -> Result<FailedRow, StoreError> {
         let current = self.get_impl(id).await?;
         let allowed = match action {
-            // A row a scanner holds right now is not taken from it; closed
-            // rows can be retried again (a replay that needs another go).
-            ManualAction::Retry => current.status != Status::Retrying || current.redrives > 0,
+            // Closed rows can be retried again (a replay that needs another go).
+            ManualAction::Retry => true,
             ManualAction::Resolve | ManualAction::Discard => !current.status.is_finished(),
         };
         if !allowed {
@@ -500,7 +499,7 @@ impl SqlStore {
              SET status = $1, next_attempt_at = COALESCE($2, next_attempt_at),
                  lease_owner = NULL, lease_until = NULL, updated_at = $3,
                  redrives = CASE WHEN $1 = 'pending' THEN 0 ELSE redrives END
-             WHERE id = $4 AND status = $5",
+             WHERE id = $4 AND status = $5 AND (lease_until IS NULL OR lease_until < $3)",
         )
         .bind(status.as_str())
         .bind(next)
@@ -511,7 +510,8 @@ impl SqlStore {
         .await
         .map_err(unavailable)?;
         if updated.rows_affected() != 1 {
-            // Changed under us: report what it is now.
+            // Changed under us, or a scanner holds it right now: report
+            // what it is, and let the person try again.
             let now = self.get_impl(id).await?;
             return Err(StoreError::InvalidTransition {
                 id,
