@@ -59,17 +59,17 @@ async fn review_actions_are_audited_and_json_parses() {
         .store(&row(&queue, "pay-2", &[0xff, 0xfe, 0x00, 0x01]))
         .await
         .expect("store");
-    let review = store
-        .store(&row(&queue, "pay-3", b"x"))
-        .await
-        .expect("store");
-    // pay-3 has been re-driven to the limit: it needs review.
+    // pay-3 is due and has been re-driven to the limit: it needs review.
     let now = now_ms() as i64;
+    let mut due = row(&queue, "pay-3", b"x");
+    due.next_attempt_at = now - 1;
+    let review = store.store(&due).await.expect("store");
     let owner = "test-scanner";
-    store
-        .claim_due(owner, now + 7_200_000, now + 7_260_000, 100)
+    let claimed = store
+        .claim_due(owner, now, now + 60_000, 100)
         .await
         .expect("claim");
+    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [review]);
     let give_up = RedriveOutcome::Failed {
         error: "still declined".into(),
         next_attempt_at: now,
