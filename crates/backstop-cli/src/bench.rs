@@ -27,6 +27,9 @@ pub(crate) struct ConsumeArgs {
     /// Concurrent handlers of the Backstop consumer.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Ack after this many contiguous completions (default: a quarter of the prefetch).
+    #[arg(long)]
+    ack_batch: Option<usize>,
     /// Alternating rounds of (a) and (b); the medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
@@ -210,15 +213,14 @@ impl Run<'_> {
         let bar = ui::progress(self.args.messages, "backstop");
         let cpu_before = cpu_time();
         let started = Instant::now();
-        let consumer = Consumer::new(
-            self.supervisor.clone(),
-            ConsumerConfig::new(self.queue)
-                .topology(self.topology.clone())
-                .prefetch(self.args.prefetch)
-                .concurrency(self.args.concurrency),
-            handler,
-        )
-        .spawn()?;
+        let mut config = ConsumerConfig::new(self.queue)
+            .topology(self.topology.clone())
+            .prefetch(self.args.prefetch)
+            .concurrency(self.args.concurrency);
+        if let Some(batch) = self.args.ack_batch {
+            config = config.ack_batch(batch);
+        }
+        let consumer = Consumer::new(self.supervisor.clone(), config, handler).spawn()?;
         // Done when the last ack is sent, not merely when the handler ran.
         loop {
             let stats = consumer.stats();
@@ -347,6 +349,8 @@ pub(crate) async fn store(args: StoreArgs) -> anyhow::Result<ExitCode> {
             ScannerConfig {
                 batch: args.batch,
                 owner: format!("bench-{}", std::process::id()),
+                // Only the bench's own rows, whatever else the store holds.
+                queue: Some(queue.clone()),
                 ..ScannerConfig::default()
             },
         );

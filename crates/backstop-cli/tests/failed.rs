@@ -66,7 +66,7 @@ async fn review_actions_are_audited_and_json_parses() {
     let review = store.store(&due).await.expect("store");
     let owner = "test-scanner";
     let claimed = store
-        .claim_due(owner, now, now + 60_000, 100)
+        .claim_due(owner, now, now + 60_000, 100, None)
         .await
         .expect("claim");
     assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [review]);

@@ -98,8 +98,13 @@ async fn only_due_rows_are_claimed_and_a_lease_holds_them(store: SqlStore) {
         .store(&message(&queue, 2, now + 3_600_000))
         .await
         .expect("store");
+    let elsewhere = store
+        .claim_due("a", now, now + 60_000, 10_000, Some("some-other-queue"))
+        .await
+        .expect("claim");
+    assert!(elsewhere.iter().all(|r| r.queue == "some-other-queue"));
     let claimed: Vec<i64> = store
-        .claim_due("a", now, now + 60_000, 10_000)
+        .claim_due("a", now, now + 60_000, 10_000, Some(&queue))
         .await
         .expect("claim")
         .into_iter()
@@ -108,7 +113,7 @@ async fn only_due_rows_are_claimed_and_a_lease_holds_them(store: SqlStore) {
         .collect();
     assert_eq!(claimed, [due]);
     let again = store
-        .claim_due("b", now, now + 60_000, 10_000)
+        .claim_due("b", now, now + 60_000, 10_000, None)
         .await
         .expect("claim");
     assert!(
@@ -133,7 +138,7 @@ async fn only_due_rows_are_claimed_and_a_lease_holds_them(store: SqlStore) {
     );
     // The lease is released: it is due again.
     let claimed = store
-        .claim_due("b", now, now + 60_000, 10_000)
+        .claim_due("b", now, now + 60_000, 10_000, None)
         .await
         .expect("claim");
     assert!(claimed.iter().any(|r| r.id == due));
@@ -193,7 +198,7 @@ async fn manual_actions_follow_the_state_machine_and_are_audited(store: SqlStore
         .await
         .expect("store");
     store
-        .claim_due("holder", now, now + 60_000, 10_000)
+        .claim_due("holder", now, now + 60_000, 10_000, None)
         .await
         .expect("claim");
     let held = store.act(c, ManualAction::Resolve, "carol", None).await;
@@ -224,7 +229,7 @@ async fn a_failed_redrive_updates_its_own_row(store: SqlStore) {
     let now = now_ms() as i64;
     let id = store.store(&message(&queue, 1, now)).await.expect("store");
     store
-        .claim_due("s", now, now + 60_000, 10_000)
+        .claim_due("s", now, now + 60_000, 10_000, None)
         .await
         .expect("claim");
     store

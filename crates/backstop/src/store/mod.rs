@@ -381,14 +381,16 @@ pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
     fn store<'a>(&'a self, message: &'a NewFailedMessage)
     -> BoxFuture<'a, Result<i64, StoreError>>;
 
-    /// Claims up to `limit` due rows for `owner` until `lease_until`; rows
-    /// claimed by someone else with a live lease are skipped.
+    /// Claims up to `limit` due rows (of `queue` only, when given) for
+    /// `owner` until `lease_until`; rows claimed by someone else with a live
+    /// lease are skipped.
     fn claim_due<'a>(
         &'a self,
         owner: &'a str,
         now: i64,
         lease_until: i64,
         limit: i64,
+        queue: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>>;
 
     /// Records how the re-drives of claimed rows went and releases their

@@ -57,6 +57,8 @@ pub struct ScannerConfig {
     pub max_backoff: Duration,
     /// This scanner's name in leases and logs.
     pub owner: String,
+    /// Only rows of this queue; all queues when `None`.
+    pub queue: Option<String>,
 }
 
 impl Default for ScannerConfig {
@@ -69,6 +71,7 @@ impl Default for ScannerConfig {
             backoff: Duration::from_secs(60),
             max_backoff: Duration::from_secs(3600),
             owner: format!("scanner-{}", std::process::id()),
+            queue: None,
         }
     }
 }
@@ -142,7 +145,13 @@ impl Scanner {
         let lease_until = now + self.config.lease.as_millis() as i64;
         let rows = self
             .store
-            .claim_due(&self.config.owner, now, lease_until, self.config.batch)
+            .claim_due(
+                &self.config.owner,
+                now,
+                lease_until,
+                self.config.batch,
+                self.config.queue.as_deref(),
+            )
             .await?;
         let mut report = ScannerReport {
             claimed: rows.len() as u64,

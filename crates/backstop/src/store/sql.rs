@@ -337,6 +337,7 @@ impl SqlStore {
         now: i64,
         lease_until: i64,
         limit: i64,
+        queue: Option<&str>,
     ) -> Result<Vec<FailedRow>, StoreError> {
         let lock = match self.backend {
             Backend::Postgres => "FOR UPDATE SKIP LOCKED",
@@ -353,8 +354,9 @@ impl SqlStore {
                  SELECT id FROM backstop_failed_messages
                  WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $3
                    AND (lease_until IS NULL OR lease_until < $3)
+                   AND ($4 IS NULL OR queue = $4)
                  ORDER BY next_attempt_at, id
-                 LIMIT $4
+                 LIMIT $5
                  {lock})
                AND (lease_until IS NULL OR lease_until < $3)
              RETURNING {COLUMNS}"
@@ -363,6 +365,7 @@ impl SqlStore {
             .bind(owner)
             .bind(lease_until)
             .bind(now)
+            .bind(queue)
             .bind(limit)
             .fetch_all(&self.pool)
             .await
@@ -586,8 +589,9 @@ impl CompensationStore for SqlStore {
         now: i64,
         lease_until: i64,
         limit: i64,
+        queue: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>> {
-        Box::pin(self.claim_impl(owner, now, lease_until, limit))
+        Box::pin(self.claim_impl(owner, now, lease_until, limit, queue))
     }
 
     fn finish_redrives<'a>(
