@@ -289,9 +289,7 @@ pub(crate) async fn store(args: StoreArgs) -> anyhow::Result<ExitCode> {
         let sqlite = std::env::temp_dir().join(format!("backstop-bench-{}.db", std::process::id()));
         vec![
             format!("sqlite://{}", sqlite.display()),
-            std::env::var("BACKSTOP_POSTGRES_URL").unwrap_or_else(|_| {
-                "postgres://backstop:backstop@127.0.0.1:5432/backstop".to_owned()
-            }),
+            backstop_testkit::postgres_url(),
         ]
     } else {
         args.stores.clone()

@@ -294,12 +294,7 @@ async fn list(
 /// The message as it should be sent back: the failure headers removed, so
 /// it starts over with a full retry budget.
 fn replay_properties(properties: &BasicProperties) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    for (key, value) in headers_of(properties).inner() {
-        if !key.as_str().starts_with("x-backstop-") {
-            headers.insert(key.clone(), value.clone());
-        }
-    }
+    let headers = retry::without_backstop_headers(&headers_of(properties));
     properties
         .clone()
         .with_headers(headers)

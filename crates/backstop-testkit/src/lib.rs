@@ -25,6 +25,14 @@ pub fn amqp_url() -> String {
     std::env::var("BACKSTOP_AMQP_URL").unwrap_or_else(|_| DEFAULT_AMQP_URL.to_owned())
 }
 
+/// The default PostgreSQL, the one scripts/postgres.sh starts.
+pub const DEFAULT_POSTGRES_URL: &str = "postgres://backstop:backstop@127.0.0.1:5432/backstop";
+
+/// The PostgreSQL the store suites use: `BACKSTOP_POSTGRES_URL`, or the local default.
+pub fn postgres_url() -> String {
+    std::env::var("BACKSTOP_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned())
+}
+
 /// The broker's `host:port`, as a socket address.
 pub fn broker_addr() -> SocketAddr {
     let url = amqp_url();

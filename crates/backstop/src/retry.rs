@@ -368,6 +368,18 @@ impl FailedMessage {
     }
 }
 
+/// `headers` without Backstop's own `x-backstop-*` entries: what a message
+/// is sent with when it starts over (a DLQ replay, a store re-drive).
+pub fn without_backstop_headers(headers: &FieldTable) -> FieldTable {
+    let mut kept = FieldTable::default();
+    for (key, value) in headers.inner() {
+        if !key.as_str().starts_with("x-backstop-") {
+            kept.insert(key.clone(), value.clone());
+        }
+    }
+    kept
+}
+
 /// `transient` or `permanent`.
 pub fn kind_name(kind: FailureKind) -> &'static str {
     match kind {

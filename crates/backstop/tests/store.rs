@@ -6,15 +6,10 @@ use backstop::store::{
     CompensationStore, ListFilter, ManualAction, NewFailedMessage, Redrive, RedriveFn,
     RedriveOutcome, Scanner, ScannerConfig, SqlStore, Status, StoreError,
 };
-use backstop_testkit::unique;
+use backstop_testkit::{postgres_url, unique};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-fn postgres_url() -> String {
-    std::env::var("BACKSTOP_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://backstop:backstop@127.0.0.1:5432/backstop".to_owned())
-}
 
 /// The PostgreSQL tests share one database and claim due rows across it, so
 /// they take turns; each SQLite test has a file of its own.

@@ -9,18 +9,15 @@ use backstop::store::{
     CompensationStore, ListFilter, Redrive, Scanner, ScannerConfig, SqlStore, Status,
 };
 use backstop::topology::{Binding, Exchange, Queue, Topology};
-use backstop_testkit::{FaultProxy, amqp_url, connect, delete_queue, publish, unique, wait_until};
+use backstop_testkit::{
+    FaultProxy, amqp_url, connect, delete_queue, postgres_url, publish, unique, wait_until,
+};
 use common::*;
 use lapin::options::BasicPublishOptions;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-fn postgres_url() -> String {
-    std::env::var("BACKSTOP_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://backstop:backstop@127.0.0.1:5432/backstop".to_owned())
-}
 
 async fn sqlite_store() -> Arc<SqlStore> {
     let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-consumer-store")));

@@ -224,12 +224,7 @@ impl FailedRow {
     /// row's id so a new failure updates this row.
     pub fn republish_properties(&self) -> BasicProperties {
         let stored: FieldTable = serde_json::from_str(&self.headers).unwrap_or_default();
-        let mut headers = FieldTable::default();
-        for (key, value) in stored.inner() {
-            if !key.as_str().starts_with("x-backstop-") {
-                headers.insert(key.clone(), value.clone());
-            }
-        }
+        let mut headers = crate::retry::without_backstop_headers(&stored);
         headers.insert(
             STORE_ID_HEADER.into(),
             lapin::types::AMQPValue::LongLongInt(self.id),
