@@ -33,6 +33,12 @@ pub(crate) struct ConsumeArgs {
     /// Alternating rounds of (a) and (b); the medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: u32,
+    /// Also measure (c): the runtime with deduplication on the message id,
+    /// in this store: memory, sqlite (a fresh file), postgres, redis (the
+    /// local servers scripts/test starts, or BACKSTOP_POSTGRES_URL /
+    /// BACKSTOP_REDIS_URL), or a store URL.
+    #[arg(long, value_name = "STORE")]
+    dedup: Option<String>,
     #[command(flatten)]
     broker: ui::BrokerArgs,
 }
@@ -73,6 +79,16 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     let channel = live.create_channel().await?;
     topology.apply(&channel).await?;
     let body = vec![b'x'; 256];
+    let dedup = match &args.dedup {
+        None => None,
+        Some(name) => {
+            let (label, url) = dedup_store_url(name);
+            let store = backstop::dedup::connect(&url)
+                .await
+                .with_context(|| format!("opening the dedup store {label}"))?;
+            Some((label, url, store))
+        }
+    };
     let run = Run {
         supervisor: &supervisor,
         live: &live,
@@ -88,9 +104,24 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     // rounds and the medians are compared.
     let mut ceilings = Vec::new();
     let mut backstops = Vec::new();
+    let mut deduped = Vec::new();
     for round in 1..=args.rounds {
         let ceiling = run.ceiling().await?;
-        let backstop = run.backstop().await?;
+        let backstop = run.backstop(None).await?;
+        if let Some((label, _, store)) = &dedup {
+            // A scope per round: every round's message ids are fresh keys.
+            let key = backstop::dedup::DedupKey::MessageId;
+            let config = backstop::dedup::DedupConfig::new(key, store.clone())
+                .scope(format!("{queue}.{round}"))
+                .ttl(Duration::from_secs(600))
+                .cleanup_every(None);
+            let measured = run.backstop(Some(config)).await?;
+            println!(
+                "round {round}: backstop with {label} dedup {:.0} msg/s, {:.1} us cpu/msg",
+                measured.rate, measured.cpu_us
+            );
+            deduped.push(measured);
+        }
         println!(
             "round {round}: ceiling (auto-ack) {:.0} msg/s, {:.1} us cpu/msg; \
              backstop (prefetch {}, concurrency {}) {:.0} msg/s, {:.1} us cpu/msg, {} ack frames",
@@ -117,11 +148,43 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     let ceiling = median(ceilings.iter().map(|m| m.rate));
     let backstop = median(backstops.iter().map(|m| m.rate));
     let cpu_us = median(backstops.iter().map(|m| m.cpu_us));
-    println!(
-        "bench: ceiling={ceiling:.0} msg/s backstop={backstop:.0} msg/s ratio={:.2} cpu_us_per_msg={cpu_us:.1}",
-        backstop / ceiling
+    let ratio = backstop / ceiling;
+    let mut line = format!(
+        "bench: ceiling={ceiling:.0} msg/s backstop={backstop:.0} msg/s ratio={ratio:.2} cpu_us_per_msg={cpu_us:.1}"
     );
+    if let Some((label, url, _)) = &dedup {
+        let rate = median(deduped.iter().map(|m| m.rate));
+        let dedup_ratio = rate / ceiling;
+        line.push_str(&format!(
+            " dedup={label} backstop_dedup={rate:.0} msg/s ratio_dedup={dedup_ratio:.2} \
+             dedup_vs_plain={:.2}",
+            dedup_ratio / ratio
+        ));
+        if let Some(path) = url.strip_prefix("sqlite://")
+            && label == "sqlite"
+        {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{path}{suffix}"));
+            }
+        }
+    }
+    println!("{line}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The label and URL of `--dedup NAME`.
+fn dedup_store_url(name: &str) -> (String, String) {
+    match name {
+        "memory" => ("memory".into(), "memory".into()),
+        "sqlite" => {
+            let path = std::env::temp_dir()
+                .join(format!("backstop-bench-dedup-{}.db", std::process::id()));
+            ("sqlite".into(), format!("sqlite://{}", path.display()))
+        }
+        "postgres" => ("postgres".into(), backstop_testkit::postgres_url()),
+        "redis" => ("redis".into(), backstop_testkit::redis_url()),
+        url => (backstop::RedactedUri::new(url).to_string(), url.to_owned()),
+    }
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
@@ -206,8 +269,12 @@ impl Run<'_> {
         Ok(measured)
     }
 
-    /// (b) Backstop: manual, coalesced acks after a no-op handler.
-    async fn backstop(&self) -> anyhow::Result<Measured> {
+    /// (b) Backstop: manual, coalesced acks after a no-op handler; (c) the
+    /// same with deduplication.
+    async fn backstop(
+        &self,
+        dedup: Option<backstop::dedup::DedupConfig>,
+    ) -> anyhow::Result<Measured> {
         fill(self.channel, self.queue, self.args.messages, self.body).await?;
         let handler = handler_fn(|_: Delivery| async {});
         let bar = ui::progress(self.args.messages, "backstop");
@@ -219,6 +286,10 @@ impl Run<'_> {
             .concurrency(self.args.concurrency);
         if let Some(batch) = self.args.ack_batch {
             config = config.ack_batch(batch);
+        }
+        let deduplicating = dedup.is_some();
+        if let Some(dedup) = dedup {
+            config = config.dedup(dedup);
         }
         let consumer = Consumer::new(self.supervisor.clone(), config, handler).spawn()?;
         // Done when the last ack is sent, not merely when the handler ran.
@@ -236,7 +307,14 @@ impl Run<'_> {
         let ack_frames = consumer.stats().ack_frames;
         let measured = self.measured(started, cpu_before, ack_frames);
         bar.finish_and_clear();
-        consumer.shutdown().await?;
+        let report = consumer.shutdown().await?;
+        if deduplicating && (report.duplicates > 0 || report.dedup_failures > 0) {
+            anyhow::bail!(
+                "the dedup run saw {} duplicates and {} store failures among fresh keys",
+                report.duplicates,
+                report.dedup_failures
+            );
+        }
         Ok(measured)
     }
 }

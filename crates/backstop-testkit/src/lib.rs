@@ -33,6 +33,14 @@ pub fn postgres_url() -> String {
     std::env::var("BACKSTOP_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned())
 }
 
+/// The default Redis, the one scripts/redis.sh starts.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+/// The Redis the dedup suites use: `BACKSTOP_REDIS_URL`, or the local default.
+pub fn redis_url() -> String {
+    std::env::var("BACKSTOP_REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned())
+}
+
 /// The broker's `host:port`, as a socket address.
 pub fn broker_addr() -> SocketAddr {
     let url = amqp_url();

@@ -11,6 +11,7 @@
 //! assert_eq!(config.broker.heartbeat, Some(std::time::Duration::from_secs(5)));
 //! ```
 
+use crate::dedup::{DedupConfig, DedupError, DedupKey, MissingKey};
 use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::Path;
@@ -40,6 +41,83 @@ pub struct StoreConfig {
     /// purged by `backstop failed purge` when it is given no `--older-than`.
     #[serde(default, with = "humantime_serde_opt")]
     pub retention: Option<Duration>,
+}
+
+/// `dedup.*` of a consumer: deduplication by business key.
+///
+/// ```
+/// # #[derive(serde::Deserialize)] struct C { dedup: backstop::config::DedupSettings }
+/// let c: C = toml::from_str(r#"
+///     dedup.key = "json:/order_id"
+///     dedup.ttl = "7d"
+/// "#).expect("valid");
+/// assert_eq!(c.dedup.key.to_string(), "json:/order_id");
+/// ```
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DedupSettings {
+    /// `message-id`, `header:NAME` or `json:/pointer`.
+    #[serde(deserialize_with = "from_str")]
+    pub key: DedupKey,
+    /// How long a handled key is remembered (default 7 days).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub ttl: Option<Duration>,
+    /// How long a claim holds a key while its handler runs (default 5 minutes).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub lease: Option<Duration>,
+    /// Where keys are kept: `memory`, `sqlite://...`, `postgres://...` or
+    /// `redis://...`. Defaults to the compensation store's URL, or memory
+    /// when there is none.
+    pub store: Option<String>,
+    /// `process` (default) or `reject`: what to do with a message that has
+    /// no key.
+    #[serde(default, deserialize_with = "from_str_opt")]
+    pub missing_key: Option<MissingKey>,
+}
+
+impl DedupSettings {
+    /// The store URL these settings use, given the compensation store's.
+    pub fn store_url<'a>(&'a self, compensation_store: Option<&'a str>) -> &'a str {
+        self.store
+            .as_deref()
+            .or(compensation_store)
+            .unwrap_or("memory")
+    }
+
+    /// Connects to the store and builds the consumer's dedup configuration.
+    pub async fn build(
+        &self,
+        compensation_store: Option<&str>,
+    ) -> std::result::Result<DedupConfig, DedupError> {
+        let store = crate::dedup::connect(self.store_url(compensation_store)).await?;
+        let mut config = DedupConfig::new(self.key.clone(), store)
+            .missing_key(self.missing_key.unwrap_or_default());
+        if let Some(ttl) = self.ttl {
+            config = config.ttl(ttl);
+        }
+        if let Some(lease) = self.lease {
+            config = config.lease(lease);
+        }
+        Ok(config)
+    }
+}
+
+fn from_str<'de, D, T>(deserializer: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    let text = String::deserialize(deserializer)?;
+    text.parse().map_err(serde::de::Error::custom)
+}
+
+fn from_str_opt<'de, D, T>(deserializer: D) -> std::result::Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr<Err = String>,
+{
+    from_str(deserializer).map(Some)
 }
 
 /// `[broker]`.
@@ -145,6 +223,33 @@ mod tests {
         assert!(err.contains("broker.uri"), "{err}");
         let err = error_of("[broker]\nheartbeat = \"soon\"\n");
         assert!(err.contains("line 2") && err.contains("soon"), "{err}");
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct WithDedup {
+        dedup: DedupSettings,
+    }
+
+    #[test]
+    fn dedup_settings_parse_and_default_to_the_compensation_store() {
+        let c: WithDedup = toml::from_str(
+            "dedup.key = \"header:order-id\"\ndedup.ttl = \"1d\"\ndedup.missing_key = \"reject\"\n",
+        )
+        .expect("valid");
+        assert_eq!(c.dedup.key, DedupKey::Header("order-id".into()));
+        assert_eq!(c.dedup.ttl, Some(Duration::from_secs(86_400)));
+        assert_eq!(c.dedup.missing_key, Some(MissingKey::Reject));
+        assert_eq!(c.dedup.store_url(Some("sqlite://b.db")), "sqlite://b.db");
+        assert_eq!(c.dedup.store_url(None), "memory");
+    }
+
+    #[test]
+    fn a_bad_dedup_key_is_named_with_its_line() {
+        let text = "\ndedup.key = \"json:order_id\"\n";
+        let err = toml::from_str::<WithDedup>(text).expect_err("invalid");
+        let message = describe_toml_error(text, &err);
+        assert!(message.starts_with("line 2"), "{message}");
+        assert!(message.contains("JSON pointer"), "{message}");
     }
 
     #[test]

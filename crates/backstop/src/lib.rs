@@ -18,12 +18,15 @@
 //!   delay tiers, then the dead-letter queue;
 //! - [`breaker`]: the circuit breaker that pauses consumption while the
 //!   downstream keeps failing;
-//! - [`publish`]: the confirmed publisher behind every copy the consumer makes.
+//! - [`publish`]: the confirmed publisher behind every copy the consumer makes;
+//! - [`store`]: the compensation store for what retries cannot settle;
+//! - [`dedup`]: deduplication by business key, and the transactional inbox.
 
 pub mod breaker;
 pub mod config;
 pub mod connection;
 pub mod consumer;
+pub mod dedup;
 mod error;
 pub mod handler;
 pub mod publish;

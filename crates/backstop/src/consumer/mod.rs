@@ -48,6 +48,7 @@ mod process;
 
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::connection::{Backoff, ConnectionSupervisor, LiveConnection, describe};
+use crate::dedup::DedupConfig;
 use crate::error::{Error, Result};
 use crate::handler::{Delivery, Handler};
 use crate::publish::ConfirmedPublisher;
@@ -91,6 +92,7 @@ pub struct ConsumerConfig {
     handler_timeout: Option<Duration>,
     store: Option<Arc<dyn CompensationStore>>,
     store_delay: Duration,
+    dedup: Option<DedupConfig>,
 }
 
 impl ConsumerConfig {
@@ -117,6 +119,7 @@ impl ConsumerConfig {
             handler_timeout: None,
             store: None,
             store_delay: Duration::from_secs(60),
+            dedup: None,
         }
     }
 
@@ -158,7 +161,7 @@ impl ConsumerConfig {
         self
     }
 
-    /// The longest in-process wait an [`Outcome::Retry`] delay gets before the
+    /// The longest in-process wait an [`Outcome::Retry`](crate::handler::Outcome::Retry) delay gets before the
     /// message is requeued.
     pub fn max_retry_delay(mut self, max: Duration) -> Self {
         self.max_retry_delay = max;
@@ -191,6 +194,12 @@ impl ConsumerConfig {
     /// transient failure, like a panic. Off by default.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = Some(timeout);
+        self
+    }
+
+    /// Deduplicates deliveries by business key (see [`crate::dedup`]).
+    pub fn dedup(mut self, dedup: DedupConfig) -> Self {
+        self.dedup = Some(dedup);
         self
     }
 
@@ -260,6 +269,10 @@ pub struct ConsumerStats {
     publish_failures: AtomicU64,
     stored: AtomicU64,
     store_failures: AtomicU64,
+    duplicates: AtomicU64,
+    dedup_busy: AtomicU64,
+    dedup_failures: AtomicU64,
+    missing_keys: AtomicU64,
 }
 
 /// A snapshot of [`ConsumerStats`].
@@ -298,6 +311,15 @@ pub struct ConsumerReport {
     pub stored: u64,
     /// Store writes that failed; their originals were requeued, not acked.
     pub store_failures: u64,
+    /// Duplicates of handled messages, acked without calling the handler.
+    pub duplicates: u64,
+    /// Duplicates requeued because their key stayed claimed elsewhere for
+    /// longer than the wait.
+    pub dedup_busy: u64,
+    /// Dedup store operations that failed.
+    pub dedup_failures: u64,
+    /// Deliveries without a dedup key.
+    pub missing_keys: u64,
 }
 
 impl ConsumerStats {
@@ -321,6 +343,10 @@ impl ConsumerStats {
             publish_failures: get(&self.publish_failures),
             stored: get(&self.stored),
             store_failures: get(&self.store_failures),
+            duplicates: get(&self.duplicates),
+            dedup_busy: get(&self.dedup_busy),
+            dedup_failures: get(&self.dedup_failures),
+            missing_keys: get(&self.missing_keys),
         }
     }
 }
@@ -416,9 +442,21 @@ impl<H: Handler> Consumer<H> {
             handler_timeout: self.config.handler_timeout,
             store: self.config.store.clone(),
             store_delay: self.config.store_delay,
+            dedup: self.config.dedup.clone(),
+            handler_permits: Arc::new(tokio::sync::Semaphore::new(self.config.concurrency)),
             breaker_tripped: false.into(),
             stats: stats.clone(),
         });
+        if let Some(dedup) = &self.config.dedup
+            && let Some(every) = dedup.cleanup_every
+        {
+            tokio::spawn(dedup_cleanup(
+                dedup.store.clone(),
+                every,
+                self.config.queue.clone(),
+                stop_rx.clone(),
+            ));
+        }
         let runtime = Runtime {
             supervisor: self.supervisor,
             breaker: self.config.breaker.clone().map(CircuitBreaker::new),
@@ -459,6 +497,27 @@ impl<H: Handler> Consumer<H> {
             }
         }
         handle.shutdown().await
+    }
+}
+
+/// Removes expired dedup keys every `every` until the consumer stops.
+async fn dedup_cleanup(
+    store: Arc<dyn crate::dedup::SeenStore>,
+    every: Duration,
+    queue: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = wait_true(&mut stop) => return,
+        }
+        match store.purge_expired(crate::retry::now_ms()).await {
+            Ok(removed) => debug!(%queue, removed, "expired dedup keys removed"),
+            Err(e) => {
+                warn!(%queue, error = %e, "removing expired dedup keys failed; trying again later")
+            }
+        }
     }
 }
 
@@ -642,6 +701,17 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
+    /// How many deliveries may be in process at once. With deduplication
+    /// every prefetched delivery starts (its claim needs no handler slot)
+    /// and the handler permits keep the handlers to `concurrency`.
+    fn in_process_limit(&self) -> usize {
+        if self.config.dedup.is_some() && self.breaker_state() != BreakerState::HalfOpen {
+            usize::from(self.config.prefetch).max(self.config.concurrency)
+        } else {
+            self.concurrency()
+        }
+    }
+
     async fn pause(&mut self, failures: u32) {
         let delay = self
             .config
@@ -789,7 +859,7 @@ impl<H: Handler> Runtime<H> {
                         return self.end(session, reason).await;
                     }
                 }
-                next = session.consumer.next(), if self.handlers.len() < self.concurrency() => {
+                next = session.consumer.next(), if self.handlers.len() < self.in_process_limit() => {
                     match next {
                         Some(Ok(delivery)) => self.dispatch(&session, delivery),
                         Some(Err(e)) => {

@@ -8,6 +8,7 @@
 //! loop, so a slow confirm never holds back other deliveries.
 
 use super::{ConsumerStats, bump};
+use crate::dedup::{Claim, DedupConfig, MissingKey, new_token};
 use crate::handler::{Delivery, FailureKind, Handler, Outcome};
 use crate::publish::ConfirmedPublisher;
 use crate::retry::{Decision, FailedMessage, RetryPolicy, attempt_of, now_ms};
@@ -17,7 +18,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 /// What the consumer sends for a delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +51,11 @@ pub(crate) struct ProcessContext {
     pub(crate) store: Option<Arc<dyn CompensationStore>>,
     /// When the scanner first re-drives a stored row.
     pub(crate) store_delay: Duration,
+    /// Deduplication by business key, when configured.
+    pub(crate) dedup: Option<DedupConfig>,
+    /// With deduplication, deliveries claim their keys outside the handler
+    /// limit and these permits bound the handlers themselves.
+    pub(crate) handler_permits: Arc<tokio::sync::Semaphore>,
     /// True while the circuit breaker is open or half-open.
     pub(crate) breaker_tripped: AtomicBool,
     pub(crate) stats: Arc<ConsumerStats>,
@@ -94,6 +100,18 @@ pub(crate) async fn process<H: Handler>(
     publisher: Option<ConfirmedPublisher>,
     delivery: Delivery,
 ) -> (Settlement, Verdict) {
+    if ctx.dedup.is_some() {
+        return Box::pin(deduplicated(handler, ctx, publisher, delivery)).await;
+    }
+    handle(handler, ctx, publisher, delivery).await
+}
+
+async fn handle<H: Handler>(
+    handler: Arc<H>,
+    ctx: Arc<ProcessContext>,
+    publisher: Option<ConfirmedPublisher>,
+    delivery: Delivery,
+) -> (Settlement, Verdict) {
     // The hot path stays small: every spawned task carries this future, so
     // the failure handling (copies, headers, publish futures) is boxed and
     // only allocated when a delivery actually fails.
@@ -106,6 +124,93 @@ pub(crate) async fn process<H: Handler>(
             Box::pin(after_failure(handler, ctx, publisher, kept, outcome)).await
         }
     }
+}
+
+/// Claims the delivery's key, runs the handler only for a fresh claim, then
+/// marks the key done (success) or releases it (any failure, so the retry
+/// can claim it).
+async fn deduplicated<H: Handler>(
+    handler: Arc<H>,
+    ctx: Arc<ProcessContext>,
+    publisher: Option<ConfirmedPublisher>,
+    delivery: Delivery,
+) -> (Settlement, Verdict) {
+    let shared = ctx.clone();
+    let Some(dedup) = &shared.dedup else {
+        return handle(handler, ctx, publisher, delivery).await;
+    };
+    let queue = &ctx.queue;
+    let key = match dedup.key.extract(&delivery) {
+        Ok(key) => key,
+        Err(reason) => {
+            bump(&ctx.stats.missing_keys, 1);
+            return match dedup.missing {
+                MissingKey::Process => {
+                    warn!(%queue, key = %dedup.key, %reason, "no dedup key: handling without deduplication");
+                    handle(handler, ctx, publisher, delivery).await
+                }
+                MissingKey::Reject => {
+                    warn!(%queue, key = %dedup.key, %reason, "no dedup key: rejecting");
+                    let outcome =
+                        Outcome::reject(format!("no dedup key ({}): {reason}", dedup.key));
+                    if ctx.policy.is_some() {
+                        after_failure(handler, ctx, publisher, delivery, outcome).await
+                    } else {
+                        without_policy(outcome, &ctx).await
+                    }
+                }
+            };
+        }
+    };
+    let scope = dedup.scope.as_deref().unwrap_or(queue);
+    let token = new_token();
+    let started = tokio::time::Instant::now();
+    loop {
+        let lease_until = now_ms() + dedup.lease.as_millis() as u64;
+        match dedup.store.claim(scope, &key, &token, lease_until).await {
+            Ok(Claim::Claimed) => break,
+            Ok(Claim::Done) => {
+                bump(&ctx.stats.duplicates, 1);
+                debug!(%queue, %key, "duplicate of a handled message: acking without the handler");
+                return (Settlement::Ack, Verdict::Neutral);
+            }
+            Ok(Claim::InProgress) => {
+                if started.elapsed() >= dedup.max_wait {
+                    bump(&ctx.stats.dedup_busy, 1);
+                    info!(%queue, %key, waited = ?dedup.max_wait,
+                        "the key is still being handled elsewhere; requeueing this duplicate");
+                    return (Settlement::Requeue, Verdict::Neutral);
+                }
+                tokio::time::sleep(dedup.recheck).await;
+            }
+            Err(e) => {
+                bump(&ctx.stats.dedup_failures, 1);
+                error!(%queue, error = %e, "cannot claim the dedup key; the message is requeued unhandled");
+                tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
+                return (Settlement::Requeue, Verdict::Neutral);
+            }
+        }
+    }
+    let (settlement, verdict) = {
+        // Claims are bookkeeping and run for every prefetched delivery at
+        // once, which lets the store write them in large batches; only the
+        // handler itself waits for one of the `concurrency` permits.
+        let _permit = ctx.handler_permits.acquire().await;
+        handle(handler, ctx.clone(), publisher, delivery).await
+    };
+    if verdict == Verdict::Success {
+        let expires_at = now_ms() + dedup.ttl.as_millis() as u64;
+        if let Err(e) = dedup.store.complete(scope, &key, &token, expires_at).await {
+            // The handler's work is done: acking is right. Until the lease
+            // runs out the claim still protects; after that a duplicate runs.
+            bump(&ctx.stats.dedup_failures, 1);
+            error!(%queue, %key, error = %e, "could not mark the key done; acking anyway");
+        }
+    } else if let Err(e) = dedup.store.release(scope, &key, &token).await {
+        bump(&ctx.stats.dedup_failures, 1);
+        warn!(%queue, %key, error = %e, "could not release the key; it frees when its lease runs out");
+    }
+    (settlement, verdict)
 }
 
 async fn after_failure<H: Handler>(

@@ -19,6 +19,7 @@ mod sql;
 
 pub use scanner::{Redrive, RedriveFn, Scanner, ScannerConfig, ScannerReport};
 pub use sql::SqlStore;
+pub(crate) use sql::{Backend, open_pool};
 
 use crate::handler::Delivery;
 use crate::retry::{FailedMessage, kind_name};

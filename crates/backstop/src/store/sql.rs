@@ -16,7 +16,7 @@ use sqlx::{AnyPool, Row};
 use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Backend {
+pub(crate) enum Backend {
     Sqlite,
     Postgres,
 }
@@ -131,64 +131,84 @@ fn row_of(row: &AnyRow) -> Result<FailedRow, StoreError> {
     })
 }
 
+/// Opens a pool on `sqlite://path` (created when missing, WAL mode; with
+/// `fsync_every_commit` false, `synchronous = NORMAL`: a commit survives a
+/// process crash but not a power loss) or `postgres://` (the database must
+/// exist).
+/// Shared by the compensation store and the dedup store.
+pub(crate) async fn open_pool(
+    url: &str,
+    fsync_every_commit: bool,
+) -> Result<(AnyPool, Backend), StoreError> {
+    let shown = RedactedUri::new(url).to_string();
+    let invalid = |reason: &str| StoreError::InvalidUrl {
+        url: shown.clone(),
+        reason: reason.to_owned(),
+    };
+    let (backend, url) = if let Some(rest) = url.strip_prefix("sqlite:") {
+        if rest.trim_start_matches('/').is_empty() {
+            return Err(invalid("the SQLite path is empty"));
+        }
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = if url.contains("mode=") {
+            url.to_owned()
+        } else {
+            format!("{url}{sep}mode=rwc")
+        };
+        (Backend::Sqlite, url)
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        (Backend::Postgres, url.to_owned())
+    } else {
+        return Err(invalid(
+            "the scheme must be sqlite:// or postgres:// (postgresql://)",
+        ));
+    };
+    sqlx::any::install_default_drivers();
+    let pool = AnyPoolOptions::new()
+        .max_connections(match backend {
+            Backend::Sqlite => 4,
+            Backend::Postgres => 8,
+        })
+        .acquire_timeout(Duration::from_secs(5))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if backend == Backend::Sqlite {
+                    sqlx::query("PRAGMA journal_mode = WAL")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA busy_timeout = 5000")
+                        .execute(&mut *conn)
+                        .await?;
+                    sqlx::query("PRAGMA foreign_keys = ON")
+                        .execute(&mut *conn)
+                        .await?;
+                    let synchronous = if fsync_every_commit {
+                        "PRAGMA synchronous = FULL"
+                    } else {
+                        "PRAGMA synchronous = NORMAL"
+                    };
+                    sqlx::query(synchronous).execute(&mut *conn).await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(&url)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Configuration(reason) => invalid(&reason.to_string()),
+            other => StoreError::Unavailable(format!("connecting to {shown}: {other}")),
+        })?;
+    Ok((pool, backend))
+}
+
 impl SqlStore {
     /// Opens the store at `url` and brings its schema up to date.
     ///
     /// `sqlite://path` creates the file when missing and uses WAL mode;
     /// `postgres://` expects the database to exist.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let shown = RedactedUri::new(url).to_string();
-        let invalid = |reason: &str| StoreError::InvalidUrl {
-            url: shown.clone(),
-            reason: reason.to_owned(),
-        };
-        let (backend, url) = if let Some(rest) = url.strip_prefix("sqlite:") {
-            if rest.trim_start_matches('/').is_empty() {
-                return Err(invalid("the SQLite path is empty"));
-            }
-            let sep = if url.contains('?') { '&' } else { '?' };
-            let url = if url.contains("mode=") {
-                url.to_owned()
-            } else {
-                format!("{url}{sep}mode=rwc")
-            };
-            (Backend::Sqlite, url)
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (Backend::Postgres, url.to_owned())
-        } else {
-            return Err(invalid(
-                "the scheme must be sqlite:// or postgres:// (postgresql://)",
-            ));
-        };
-        sqlx::any::install_default_drivers();
-        let pool = AnyPoolOptions::new()
-            .max_connections(match backend {
-                Backend::Sqlite => 4,
-                Backend::Postgres => 8,
-            })
-            .acquire_timeout(Duration::from_secs(5))
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        sqlx::query("PRAGMA journal_mode = WAL")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA busy_timeout = 5000")
-                            .execute(&mut *conn)
-                            .await?;
-                        sqlx::query("PRAGMA foreign_keys = ON")
-                            .execute(&mut *conn)
-                            .await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect(&url)
-            .await
-            .map_err(|e| match e {
-                sqlx::Error::Configuration(reason) => invalid(&reason.to_string()),
-                other => StoreError::Unavailable(format!("connecting to {shown}: {other}")),
-            })?;
+        // Every row here is a message that left the broker: full fsync.
+        let (pool, backend) = open_pool(url, true).await?;
         let store = SqlStore { pool, backend };
         store.migrate().await?;
         Ok(store)

@@ -1,0 +1,799 @@
+//! Deduplication: one behaviour suite for the four seen stores (memory,
+//! SQLite, PostgreSQL, Redis), then the consumer with duplicates against the
+//! real broker, and the transactional inbox surviving a kill between its
+//! commit and the ack.
+
+mod common;
+
+use backstop::connection::ConnectionSupervisor;
+use backstop::consumer::{Consumer, ConsumerConfig, ConsumerHandle};
+use backstop::dedup::inbox::{Inbox, InboxHandler};
+use backstop::dedup::{
+    Claim, DedupConfig, DedupKey, MemorySeenStore, MissingKey, RedisSeenStore, SeenStore,
+    SqlSeenStore,
+};
+use backstop::handler::{Delivery, Handler, Outcome};
+use backstop::retry::{Exhausted, RetryPolicy, now_ms};
+use backstop::topology::{Queue, Topology};
+use backstop_testkit::{postgres_url, redis_url, unique, wait_until};
+use common::{init_tracing, queue_is};
+use futures_util::future::BoxFuture;
+use sqlx::Row;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+async fn memory() -> Arc<dyn SeenStore> {
+    Arc::new(MemorySeenStore::new(100_000))
+}
+
+fn sqlite_url() -> String {
+    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-seen")));
+    format!("sqlite://{}", path.display())
+}
+
+async fn sqlite() -> Arc<dyn SeenStore> {
+    Arc::new(
+        SqlSeenStore::connect(&sqlite_url())
+            .await
+            .expect("sqlite seen store"),
+    )
+}
+
+async fn postgres() -> Arc<dyn SeenStore> {
+    Arc::new(
+        SqlSeenStore::connect(&postgres_url())
+            .await
+            .expect("postgres seen store"),
+    )
+}
+
+async fn redis() -> Arc<dyn SeenStore> {
+    Arc::new(
+        RedisSeenStore::connect(&redis_url())
+            .await
+            .expect("redis seen store"),
+    )
+}
+
+fn in_ms(ms: u64) -> u64 {
+    now_ms() + ms
+}
+
+// ---------------------------------------------------------------------------
+// The behaviour suite. Every test uses a scope of its own, so the backends
+// shared between tests (PostgreSQL, Redis) need no turns.
+
+async fn a_completed_key_is_a_duplicate_and_a_held_one_is_in_progress(store: Arc<dyn SeenStore>) {
+    let scope = unique("seen-basic");
+    let lease = in_ms(60_000);
+    assert_eq!(
+        store.claim(&scope, "k", "t1", lease).await,
+        Ok(Claim::Claimed)
+    );
+    assert_eq!(
+        store.claim(&scope, "k", "t2", lease).await,
+        Ok(Claim::InProgress)
+    );
+    // Another scope is another namespace.
+    let other = unique("seen-other");
+    assert_eq!(
+        store.claim(&other, "k", "t3", lease).await,
+        Ok(Claim::Claimed)
+    );
+    store
+        .complete(&scope, "k", "t1", in_ms(60_000))
+        .await
+        .expect("complete");
+    assert_eq!(store.claim(&scope, "k", "t4", lease).await, Ok(Claim::Done));
+    // Only the holder's release counts, and a done key cannot be released.
+    store.release(&scope, "k", "t4").await.expect("release");
+    assert_eq!(store.claim(&scope, "k", "t5", lease).await, Ok(Claim::Done));
+}
+
+async fn a_released_key_can_be_claimed_again(store: Arc<dyn SeenStore>) {
+    let scope = unique("seen-release");
+    let lease = in_ms(60_000);
+    assert_eq!(
+        store.claim(&scope, "k", "t1", lease).await,
+        Ok(Claim::Claimed)
+    );
+    store
+        .release(&scope, "k", "not-the-holder")
+        .await
+        .expect("release");
+    assert_eq!(
+        store.claim(&scope, "k", "t2", lease).await,
+        Ok(Claim::InProgress)
+    );
+    store.release(&scope, "k", "t1").await.expect("release");
+    assert_eq!(
+        store.claim(&scope, "k", "t2", lease).await,
+        Ok(Claim::Claimed)
+    );
+}
+
+async fn an_expired_lease_is_taken_over(store: Arc<dyn SeenStore>) {
+    let scope = unique("seen-lease");
+    assert_eq!(
+        store.claim(&scope, "k", "t1", in_ms(300)).await,
+        Ok(Claim::Claimed)
+    );
+    assert_eq!(
+        store.claim(&scope, "k", "t2", in_ms(60_000)).await,
+        Ok(Claim::InProgress)
+    );
+    wait_until(
+        "the lease runs out and the key is claimable",
+        Duration::from_secs(10),
+        || {
+            let store = store.clone();
+            let scope = scope.clone();
+            async move { store.claim(&scope, "k", "t3", in_ms(60_000)).await == Ok(Claim::Claimed) }
+        },
+    )
+    .await;
+    // The old holder can no longer complete or release it.
+    store.release(&scope, "k", "t1").await.expect("release");
+    assert_eq!(
+        store.claim(&scope, "k", "t4", in_ms(60_000)).await,
+        Ok(Claim::InProgress)
+    );
+}
+
+async fn done_keys_expire_after_their_ttl_and_are_purged(store: Arc<dyn SeenStore>) {
+    let scope = unique("seen-ttl");
+    assert_eq!(
+        store.claim(&scope, "k", "t1", in_ms(60_000)).await,
+        Ok(Claim::Claimed)
+    );
+    store
+        .complete(&scope, "k", "t1", in_ms(300))
+        .await
+        .expect("complete");
+    assert_eq!(
+        store.claim(&scope, "k", "t2", in_ms(60_000)).await,
+        Ok(Claim::Done)
+    );
+    let expiry = now_ms() + 300;
+    wait_until(
+        "the key's TTL runs out",
+        Duration::from_secs(5),
+        || async move { now_ms() > expiry + 50 },
+    )
+    .await;
+    // Claims ignore expired keys whether or not the cleanup ran yet...
+    assert_eq!(
+        store.claim(&scope, "k", "t3", in_ms(200)).await,
+        Ok(Claim::Claimed)
+    );
+    // ...and the cleanup removes them (Redis expires keys by itself).
+    let lapsed = now_ms() + 250;
+    wait_until(
+        "the new lease runs out",
+        Duration::from_secs(5),
+        || async move { now_ms() > lapsed },
+    )
+    .await;
+    let removed = store.purge_expired(now_ms()).await.expect("purge");
+    if format!("{store:?}").starts_with("RedisSeenStore") {
+        assert_eq!(removed, 0);
+    } else {
+        assert!(removed >= 1, "the expired key was not purged");
+    }
+    assert_eq!(
+        store.claim(&scope, "k", "t4", in_ms(60_000)).await,
+        Ok(Claim::Claimed)
+    );
+}
+
+async fn concurrent_claims_of_one_key_have_one_winner(store: Arc<dyn SeenStore>) {
+    let scope = unique("seen-race");
+    let barrier = Arc::new(tokio::sync::Barrier::new(40));
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            let scope = scope.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store
+                    .claim(&scope, "k", &format!("t{i}"), in_ms(60_000))
+                    .await
+                    .expect("claim")
+            })
+        })
+        .collect();
+    let mut answers = HashMap::new();
+    for task in tasks {
+        *answers.entry(task.await.expect("task")).or_insert(0) += 1;
+    }
+    assert_eq!(answers.get(&Claim::Claimed), Some(&1), "{answers:?}");
+    assert_eq!(answers.get(&Claim::InProgress), Some(&39), "{answers:?}");
+}
+
+async fn many_keys_at_once_are_each_claimed_and_completed(store: Arc<dyn SeenStore>) {
+    let scope = unique("seen-many");
+    let claims: Vec<_> = (0..300)
+        .map(|i| {
+            let store = store.clone();
+            let scope = scope.clone();
+            tokio::spawn(async move {
+                let key = format!("k{i}");
+                let token = format!("t{i}");
+                let claim = store.claim(&scope, &key, &token, in_ms(60_000)).await;
+                store
+                    .complete(&scope, &key, &token, in_ms(60_000))
+                    .await
+                    .expect("complete");
+                claim
+            })
+        })
+        .collect();
+    for claim in claims {
+        assert_eq!(claim.await.expect("task"), Ok(Claim::Claimed));
+    }
+    for i in 0..300 {
+        let claim = store
+            .claim(&scope, &format!("k{i}"), "again", in_ms(60_000))
+            .await;
+        assert_eq!(claim, Ok(Claim::Done), "key k{i}");
+    }
+}
+
+macro_rules! suite {
+    ($backend:ident) => {
+        mod $backend {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_completed_key_is_a_duplicate_and_a_held_one_is_in_progress() {
+                super::a_completed_key_is_a_duplicate_and_a_held_one_is_in_progress(
+                    super::$backend().await,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_released_key_can_be_claimed_again() {
+                super::a_released_key_can_be_claimed_again(super::$backend().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn an_expired_lease_is_taken_over() {
+                super::an_expired_lease_is_taken_over(super::$backend().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn done_keys_expire_after_their_ttl_and_are_purged() {
+                super::done_keys_expire_after_their_ttl_and_are_purged(super::$backend().await)
+                    .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_claims_of_one_key_have_one_winner() {
+                super::concurrent_claims_of_one_key_have_one_winner(super::$backend().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn many_keys_at_once_are_each_claimed_and_completed() {
+                super::many_keys_at_once_are_each_claimed_and_completed(super::$backend().await)
+                    .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn each_order_is_handled_once_among_interleaved_duplicates() {
+                super::each_order_is_handled_once_among_interleaved_duplicates(
+                    super::$backend().await,
+                )
+                .await;
+            }
+        }
+    };
+}
+
+suite!(memory);
+suite!(sqlite);
+suite!(postgres);
+suite!(redis);
+
+// ---------------------------------------------------------------------------
+// The consumer with duplicates.
+
+/// Counts handler calls and successes by order id (the dedup key).
+#[derive(Clone, Default)]
+struct Orders {
+    calls: Arc<Mutex<HashMap<String, u32>>>,
+    succeeded: Arc<Mutex<HashMap<String, u32>>>,
+    /// How many first calls of each order fail transiently.
+    fail_first: u32,
+    /// How long each call takes.
+    work: Duration,
+    running: Arc<AtomicU64>,
+    max_running: Arc<AtomicU64>,
+}
+
+fn order_of(delivery: &Delivery) -> String {
+    serde_json::from_slice::<serde_json::Value>(delivery.body())
+        .ok()
+        .and_then(|v| {
+            v.get("order_id")
+                .and_then(|o| o.as_str().map(str::to_owned))
+        })
+        .unwrap_or_else(|| "<none>".to_owned())
+}
+
+impl Orders {
+    fn calls(&self) -> HashMap<String, u32> {
+        self.calls.lock().expect("lock").clone()
+    }
+
+    fn succeeded(&self) -> HashMap<String, u32> {
+        self.succeeded.lock().expect("lock").clone()
+    }
+}
+
+impl Handler for Orders {
+    async fn handle(&self, delivery: Delivery) -> Outcome {
+        let order = order_of(&delivery);
+        let call = {
+            let mut calls = self.calls.lock().expect("lock");
+            let n = calls.entry(order.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_running.fetch_max(now, Ordering::SeqCst);
+        if !self.work.is_zero() {
+            tokio::time::sleep(self.work).await;
+        }
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        if call <= self.fail_first {
+            return Outcome::retry("the payment provider timed out");
+        }
+        *self
+            .succeeded
+            .lock()
+            .expect("lock")
+            .entry(order)
+            .or_insert(0) += 1;
+        Outcome::Ack
+    }
+}
+
+fn order_body(order: u64) -> Vec<u8> {
+    format!(r#"{{"order_id":"order-{order}","amount":100}}"#).into_bytes()
+}
+
+fn dedup(store: Arc<dyn SeenStore>) -> DedupConfig {
+    let key: DedupKey = "json:/order_id".parse().expect("valid key");
+    DedupConfig::new(key, store)
+        .in_progress_wait(Duration::from_millis(20), Duration::from_secs(30))
+}
+
+fn start(
+    queue: &str,
+    dedup: DedupConfig,
+    handler: Orders,
+    tune: impl FnOnce(ConsumerConfig) -> ConsumerConfig,
+) -> (ConnectionSupervisor, ConsumerHandle) {
+    let supervisor = common::supervisor(&backstop_testkit::amqp_url(), Duration::from_secs(5));
+    let config = tune(
+        ConsumerConfig::new(queue)
+            .topology(common::classic(queue))
+            .prefetch(50)
+            .concurrency(8)
+            .dedup(dedup),
+    );
+    let consumer = Consumer::new(supervisor.clone(), config, handler)
+        .spawn()
+        .expect("valid consumer config");
+    (supervisor, consumer)
+}
+
+async fn each_order_is_handled_once_among_interleaved_duplicates(store: Arc<dyn SeenStore>) {
+    init_tracing();
+    let queue = unique("dedup-interleaved");
+    common::declare(&common::classic(&queue)).await;
+    let publisher = backstop_testkit::connect().await;
+    // 3,000 messages: each of 1,000 orders three times, the copies of an
+    // order 1,000 messages apart (7919 is prime to 1000, so i * 7919 mod 1000
+    // visits every order once per 1,000 messages).
+    backstop_testkit::publish(&publisher, &queue, 3000, "copy", |i| {
+        order_body(i * 7919 % 1000)
+    })
+    .await;
+    let orders = Orders::default();
+    let (supervisor, consumer) = start(&queue, dedup(store), orders.clone(), |c| c);
+    common::wait_stats(&consumer, "3,000 deliveries settled", |r| {
+        r.handled + r.duplicates >= 3000
+    })
+    .await;
+    wait_until("the queue is empty", Duration::from_secs(30), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    let report = common::finish(consumer, &supervisor, &publisher, &queue).await;
+    let calls = orders.calls();
+    assert_eq!(calls.len(), 1000, "every order reached the handler");
+    assert!(calls.values().all(|n| *n == 1), "an order ran twice");
+    assert_eq!(calls.values().sum::<u32>(), 1000);
+    assert_eq!(report.duplicates, 2000);
+    assert_eq!(report.dedup_failures, 0);
+}
+
+/// Two instances, each with its own connection, share one store and receive
+/// the three copies of each order side by side.
+async fn two_instances_handle_each_order_once(store: Arc<dyn SeenStore>) {
+    init_tracing();
+    let queue = unique("dedup-two");
+    common::declare(&common::classic(&queue)).await;
+    let publisher = backstop_testkit::connect().await;
+    backstop_testkit::publish(&publisher, &queue, 1500, "copy", |i| order_body(i / 3)).await;
+    let orders = Orders {
+        work: Duration::from_millis(2),
+        ..Orders::default()
+    };
+    let (sup_a, a) = start(&queue, dedup(store.clone()), orders.clone(), |c| {
+        c.prefetch(10)
+    });
+    let (sup_b, b) = start(&queue, dedup(store), orders.clone(), |c| c.prefetch(10));
+    wait_until("1,500 deliveries settled", Duration::from_secs(60), || {
+        let (ra, rb) = (a.stats(), b.stats());
+        async move { ra.handled + ra.duplicates + rb.handled + rb.duplicates >= 1500 }
+    })
+    .await;
+    wait_until("the queue is empty", Duration::from_secs(30), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    let ra = a.shutdown().await.expect("shutdown a");
+    sup_a.close().await;
+    let rb = common::finish(b, &sup_b, &publisher, &queue).await;
+    let calls = orders.calls();
+    assert_eq!(calls.len(), 500);
+    assert!(calls.values().all(|n| *n == 1), "an order ran twice");
+    assert_eq!(ra.duplicates + rb.duplicates, 1000);
+    assert!(
+        ra.duplicates > 0 && rb.duplicates > 0,
+        "both instances consumed: {} and {} duplicates",
+        ra.duplicates,
+        rb.duplicates
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_sharing_postgres_handle_each_order_once() {
+    two_instances_handle_each_order_once(postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_sharing_redis_handle_each_order_once() {
+    two_instances_handle_each_order_once(redis().await).await;
+}
+
+/// With deduplication every prefetched delivery claims its key at once, but
+/// the handlers themselves stay within the concurrency limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deduplicated_handlers_never_exceed_the_concurrency_limit() {
+    init_tracing();
+    let queue = unique("dedup-limit");
+    common::declare(&common::classic(&queue)).await;
+    let publisher = backstop_testkit::connect().await;
+    backstop_testkit::publish(&publisher, &queue, 300, "order", order_body).await;
+    let orders = Orders {
+        work: Duration::from_millis(5),
+        ..Orders::default()
+    };
+    let (supervisor, consumer) = start(&queue, dedup(sqlite().await), orders.clone(), |c| {
+        c.prefetch(100).concurrency(3)
+    });
+    common::wait_stats(&consumer, "300 handled", |r| r.handled >= 300).await;
+    let in_flight_seen = consumer.stats().in_flight;
+    common::finish(consumer, &supervisor, &publisher, &queue).await;
+    assert_eq!(orders.calls().len(), 300);
+    assert_eq!(orders.max_running.load(Ordering::SeqCst), 3);
+    assert!(
+        in_flight_seen <= 100,
+        "{in_flight_seen} in flight with prefetch 100"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_releases_the_claim_and_the_retry_succeeds_once() {
+    init_tracing();
+    let queue = unique("dedup-release");
+    let publisher = backstop_testkit::connect().await;
+    let policy = RetryPolicy::new()
+        .immediate(0, Duration::ZERO)
+        .delays([Duration::from_millis(200)])
+        .exhausted(Exhausted::DeadLetter);
+    let orders = Orders {
+        fail_first: 1,
+        ..Orders::default()
+    };
+    let (supervisor, consumer) = start(&queue, dedup(sqlite().await), orders.clone(), |c| {
+        c.retry(policy)
+    });
+    common::wait_stats(&consumer, "subscribed", |r| r.sessions >= 1).await;
+    backstop_testkit::publish(&publisher, &queue, 1, "order", |_| order_body(1)).await;
+    common::wait_stats(&consumer, "the retry handled", |r| r.handled >= 2).await;
+    // A late duplicate is recognised.
+    backstop_testkit::publish(&publisher, &queue, 1, "late", |_| order_body(1)).await;
+    common::wait_stats(&consumer, "the duplicate acked", |r| r.duplicates >= 1).await;
+    wait_until("the queues are empty", Duration::from_secs(10), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    let report = common::finish(consumer, &supervisor, &publisher, &queue).await;
+    assert_eq!(
+        orders.calls().get("order-1"),
+        Some(&2),
+        "one failure, one retry"
+    );
+    assert_eq!(orders.succeeded().get("order-1"), Some(&1));
+    assert_eq!(report.retried, 1);
+    assert_eq!(report.duplicates, 1);
+    assert_eq!(report.dead_lettered, 0);
+    assert!(queue_is(&format!("{queue}.dlq"), |c| c.ready == 0).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_without_a_key_are_handled_or_dead_lettered_as_configured() {
+    init_tracing();
+    let publisher = backstop_testkit::connect().await;
+    for missing in [MissingKey::Process, MissingKey::Reject] {
+        let queue = unique("dedup-missing");
+        let policy = RetryPolicy::new().delays([Duration::from_millis(200)]);
+        let orders = Orders::default();
+        let config = dedup(memory().await).missing_key(missing);
+        let (supervisor, consumer) = start(&queue, config, orders.clone(), |c| c.retry(policy));
+        common::wait_stats(&consumer, "subscribed", |r| r.sessions >= 1).await;
+        // Not JSON at all, and JSON without the field.
+        let bodies = [b"\xff\xfe not json".to_vec(), br#"{"amount":1}"#.to_vec()];
+        backstop_testkit::publish(&publisher, &queue, 2, "nokey", |i| {
+            bodies[i as usize].clone()
+        })
+        .await;
+        common::wait_stats(&consumer, "both settled", |r| {
+            r.handled + r.dead_lettered >= 2
+        })
+        .await;
+        let report = consumer.shutdown().await.expect("shutdown");
+        assert_eq!(report.missing_keys, 2);
+        match missing {
+            MissingKey::Process => {
+                assert_eq!(orders.calls().get("<none>"), Some(&2));
+                assert_eq!(report.dead_lettered, 0);
+            }
+            MissingKey::Reject => {
+                assert!(orders.calls().is_empty(), "the handler ran");
+                assert_eq!(report.dead_lettered, 2);
+                let dlq = format!("{queue}.dlq");
+                wait_until("both in the DLQ", Duration::from_secs(10), || {
+                    queue_is(&dlq, |c| c.ready == 2)
+                })
+                .await;
+                backstop_testkit::delete_queue(&publisher, &dlq).await;
+            }
+        }
+        supervisor.close().await;
+        backstop_testkit::delete_queue(&publisher, &queue).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The transactional inbox.
+
+/// Records each order in `effects` inside the inbox's transaction; the table
+/// has no unique key, so an effect applied twice would show as two rows.
+#[derive(Clone, Default)]
+struct RecordEffect {
+    calls: Arc<AtomicU64>,
+}
+
+impl InboxHandler for RecordEffect {
+    fn handle<'a>(
+        &'a self,
+        delivery: &'a Delivery,
+        tx: &'a mut sqlx::AnyConnection,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let result = sqlx::query("INSERT INTO effects (order_id) VALUES ($1)")
+                .bind(order_of(delivery))
+                .execute(&mut *tx)
+                .await;
+            match result {
+                Ok(_) => Outcome::Ack,
+                Err(e) => Outcome::retry(e.to_string()),
+            }
+        })
+    }
+}
+
+async fn inbox_consumer(
+    queue: &str,
+    db: &str,
+    handler: RecordEffect,
+    tune: impl FnOnce(ConsumerConfig) -> ConsumerConfig,
+) -> (ConnectionSupervisor, ConsumerHandle, Arc<AtomicU64>) {
+    let pool = backstop::dedup::inbox::open_pool(db).await.expect("pool");
+    sqlx::query("CREATE TABLE IF NOT EXISTS effects (order_id TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("effects table");
+    let key: DedupKey = "json:/order_id".parse().expect("key");
+    let inbox = Inbox::new(pool, queue, key, handler).await.expect("inbox");
+    let duplicates = inbox.duplicates();
+    let supervisor = common::supervisor(&backstop_testkit::amqp_url(), Duration::from_secs(5));
+    let config = tune(
+        ConsumerConfig::new(queue)
+            .topology(Topology::new().queue(Queue::classic(queue)))
+            .prefetch(200)
+            .concurrency(4),
+    );
+    let consumer = Consumer::new(supervisor.clone(), config, inbox)
+        .spawn()
+        .expect("consumer");
+    (supervisor, consumer, duplicates)
+}
+
+async fn effects(db: &str) -> Vec<(String, i64)> {
+    let pool = backstop::dedup::inbox::open_pool(db).await.expect("pool");
+    let rows = sqlx::query(
+        "SELECT order_id, COUNT(*) AS n FROM effects GROUP BY order_id ORDER BY order_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap_or_default();
+    rows.iter()
+        .map(|r| (r.get::<String, _>("order_id"), r.get::<i64, _>("n")))
+        .collect()
+}
+
+/// Kills the child process even when the test fails half-way.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Run by `the_inbox_applies_each_effect_once_across_a_kill_after_commit` in
+/// a child process: consumes with the inbox and never sends an ack (the
+/// prefetch window holds every message, the ack batch never fills and the
+/// flush timer is an hour), until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of the inbox kill test; not a test by itself"]
+async fn inbox_child_process() {
+    let (Ok(queue), Ok(db)) = (
+        std::env::var("BACKSTOP_INBOX_QUEUE"),
+        std::env::var("BACKSTOP_INBOX_DB"),
+    ) else {
+        panic!("run by the inbox kill test only");
+    };
+    let (_supervisor, _consumer, _) = inbox_consumer(&queue, &db, RecordEffect::default(), |c| {
+        c.prefetch(1000)
+            .ack_batch(1_000_000)
+            .ack_flush(Duration::from_secs(3600))
+    })
+    .await;
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_applies_each_effect_once_across_a_kill_after_commit() {
+    init_tracing();
+    let queue = unique("inbox-kill");
+    let db = sqlite_url();
+    common::declare(&common::classic(&queue)).await;
+    let publisher = backstop_testkit::connect().await;
+    backstop_testkit::publish(&publisher, &queue, 300, "order", order_body).await;
+
+    let mut child = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--ignored", "--exact", "inbox_child_process"])
+            .env("BACKSTOP_INBOX_QUEUE", &queue)
+            .env("BACKSTOP_INBOX_DB", &db)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("child process"),
+    );
+    wait_until(
+        "the child committed all 300 effects",
+        Duration::from_secs(60),
+        || {
+            let db = db.clone();
+            async move { effects(&db).await.len() == 300 }
+        },
+    )
+    .await;
+    // Every effect is committed and nothing was acked: the broker holds all
+    // 300 as unacked (its counters lag a little behind).
+    wait_until(
+        "the broker shows 300 unacked",
+        Duration::from_secs(20),
+        || queue_is(&queue, |c| c.unacked == 300),
+    )
+    .await;
+    child.0.kill().expect("SIGKILL the child");
+    let _ = child.0.wait();
+    assert_eq!(effects(&db).await.len(), 300);
+
+    let handler = RecordEffect::default();
+    let (supervisor, consumer, duplicates) =
+        inbox_consumer(&queue, &db, handler.clone(), |c| c).await;
+    common::wait_stats(&consumer, "all 300 redelivered and acked", |r| {
+        r.handled >= 300
+    })
+    .await;
+    wait_until("the queue is empty", Duration::from_secs(30), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    common::finish(consumer, &supervisor, &publisher, &queue).await;
+    assert_eq!(
+        handler.calls.load(Ordering::SeqCst),
+        0,
+        "a redelivery reached the handler"
+    );
+    assert_eq!(duplicates.load(Ordering::SeqCst), 300);
+    let applied = effects(&db).await;
+    assert_eq!(applied.len(), 300);
+    assert!(
+        applied.iter().all(|(_, n)| *n == 1),
+        "an effect was applied twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_handler_failure_rolls_its_writes_back() {
+    init_tracing();
+    let db = sqlite_url();
+    let pool = backstop::dedup::inbox::open_pool(&db).await.expect("pool");
+    sqlx::query("CREATE TABLE effects (order_id TEXT NOT NULL)")
+        .execute(&pool)
+        .await
+        .expect("table");
+
+    /// Writes its effect, then fails the first call.
+    struct WriteThenFail(AtomicU64);
+    impl InboxHandler for WriteThenFail {
+        fn handle<'a>(
+            &'a self,
+            delivery: &'a Delivery,
+            tx: &'a mut sqlx::AnyConnection,
+        ) -> BoxFuture<'a, Outcome> {
+            Box::pin(async move {
+                let call = self.0.fetch_add(1, Ordering::SeqCst);
+                sqlx::query("INSERT INTO effects (order_id) VALUES ($1)")
+                    .bind(order_of(delivery))
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert");
+                if call == 0 {
+                    Outcome::retry("downstream failed after the write")
+                } else {
+                    Outcome::Ack
+                }
+            })
+        }
+    }
+
+    let key: DedupKey = "json:/order_id".parse().expect("key");
+    let inbox = Inbox::new(pool, "orders", key, WriteThenFail(AtomicU64::new(0)))
+        .await
+        .expect("inbox");
+    let message = Delivery::for_test(order_body(9), Default::default());
+    assert!(matches!(
+        inbox.handle(message.clone()).await,
+        Outcome::Retry { .. }
+    ));
+    assert_eq!(effects(&db).await, vec![]);
+    assert_eq!(inbox.handle(message.clone()).await, Outcome::Ack);
+    assert_eq!(inbox.handle(message).await, Outcome::Ack);
+    assert_eq!(effects(&db).await, vec![("order-9".to_owned(), 1)]);
+    assert_eq!(inbox.duplicates().load(Ordering::SeqCst), 1);
+}
