@@ -6,6 +6,7 @@ mod bench;
 mod demo;
 mod dlq;
 mod failed;
+mod run;
 mod ui;
 
 use clap::{Parser, Subcommand};
@@ -18,12 +19,27 @@ struct Cli {
     /// Log filter, for example `info` or `backstop=debug`. `RUST_LOG` wins when set.
     #[arg(long, global = true, default_value = "warn,lapin=off")]
     log: String,
+    /// Log lines as `text` or `json` (one object per line).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The sidecar: consume every [[consumer]] of the config file and deliver
+    /// each message to its HTTP endpoint, with metrics and health endpoints.
+    Run(run::RunArgs),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Publish, then consume through a proxy that keeps cutting and
     /// blackholing the connection; prints a ledger that must show lost=0.
     Demo(demo::DemoArgs),
@@ -36,6 +52,12 @@ enum Command {
     /// Manual review of the compensation store: list, show, retry, resolve, discard, purge.
     #[command(subcommand)]
     Failed(failed::FailedCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and print it normalized, passwords redacted.
+    Check(run::CheckArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,10 +84,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -75,6 +100,8 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Config(ConfigCommand::Check(args)) => run::check(args),
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(BenchCommand::Consume(args)) => bench::consume(args).await,
             Command::Bench(BenchCommand::Store(args)) => bench::store(args).await,

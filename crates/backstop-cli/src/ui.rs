@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
 /// The default broker: the local one the README's commands start.
-pub(crate) const DEFAULT_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub(crate) use backstop::connection::DEFAULT_URI;
 
 /// Where a command's broker is.
 #[derive(Debug, Clone, clap::Args)]

@@ -13,6 +13,7 @@
 
 use crate::dedup::{DedupConfig, DedupError, DedupKey, MissingKey};
 use crate::error::{Error, Result};
+use crate::retry::{Exhausted, RetryPolicy};
 use serde::Deserialize;
 use std::path::Path;
 use std::time::Duration;
@@ -28,6 +29,149 @@ pub struct Config {
     /// `[store]`: the compensation store.
     #[serde(default)]
     pub store: StoreConfig,
+    /// `[reconnect]`: the connection supervisor's backoff.
+    #[serde(default)]
+    pub reconnect: ReconnectConfig,
+    /// `[metrics]`: the Prometheus and health endpoints of `backstop run`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// `[[consumer]]`: one block per queue consumed by `backstop run`.
+    #[serde(default, rename = "consumer")]
+    pub consumers: Vec<ConsumerSettings>,
+}
+
+/// `[reconnect]`: exponential backoff with full jitter between attempts.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ReconnectConfig {
+    /// The first delay's ceiling (default `100ms`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub initial: Option<Duration>,
+    /// The largest delay (default `30s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub max: Option<Duration>,
+    /// Give up after this many failed attempts in a row (default: never).
+    pub max_attempts: Option<u32>,
+}
+
+/// `[metrics]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MetricsConfig {
+    /// Where `/metrics`, `/healthz` and `/readyz` listen (default
+    /// `127.0.0.1:9464`: loopback unless set otherwise).
+    pub listen: Option<String>,
+}
+
+/// The default address of the metrics and health endpoints.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9464";
+
+impl MetricsConfig {
+    /// The address to listen on.
+    pub fn listen_addr(&self) -> std::result::Result<std::net::SocketAddr, String> {
+        let text = self.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN);
+        text.parse()
+            .map_err(|e| format!("{text:?} is not an address like \"127.0.0.1:9464\": {e}"))
+    }
+}
+
+/// `[[consumer]]`: one queue, its handler and its failure handling.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ConsumerSettings {
+    /// The queue consumed (declared durable when missing).
+    pub queue: String,
+    /// `classic` (default) or `quorum`, used when the queue is declared.
+    pub queue_type: Option<String>,
+    /// The most unacknowledged deliveries (default 100).
+    pub prefetch: Option<u16>,
+    /// The most handler calls at once (default 8).
+    pub concurrency: Option<usize>,
+    /// How long shutdown waits for running handlers (default `30s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub shutdown_timeout: Option<Duration>,
+    /// `handler.http.*`: where each message is delivered.
+    pub handler: HandlerSettings,
+    /// `retry.*`: the retry tiers and where exhausted messages go.
+    #[serde(default)]
+    pub retry: RetrySettings,
+    /// `dedup.*`: deduplication by business key.
+    pub dedup: Option<DedupSettings>,
+}
+
+/// `handler.*` of a consumer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct HandlerSettings {
+    /// `handler.http.*`: POST each message to an HTTP endpoint.
+    pub http: HttpSettings,
+}
+
+/// `handler.http.*`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct HttpSettings {
+    /// The endpoint, `http://` or `https://`.
+    pub url: String,
+    /// The whole request's timeout (default `30s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub timeout: Option<Duration>,
+}
+
+/// `retry.*` of a consumer.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RetrySettings {
+    /// The delay tiers, in order (`["1s", "10s", "1m"]`; default none).
+    #[serde(default, deserialize_with = "durations")]
+    pub delays: Vec<Duration>,
+    /// Retries in process before the first tier (default 0).
+    pub immediate: Option<u32>,
+    /// `dead-letter` (default) or `store`.
+    #[serde(default, deserialize_with = "exhausted_opt")]
+    pub exhausted: Option<Exhausted>,
+}
+
+impl RetrySettings {
+    /// The policy these settings describe.
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy::new()
+            .immediate(self.immediate.unwrap_or(0), Duration::from_millis(100))
+            .delays(self.delays.iter().copied())
+            .exhausted(self.exhausted.unwrap_or_default())
+    }
+}
+
+fn durations<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Vec<Duration>, D::Error> {
+    let texts: Vec<String> = Vec::deserialize(deserializer)?;
+    texts
+        .iter()
+        .map(|t| {
+            humantime::parse_duration(t).map_err(|e| {
+                serde::de::Error::custom(format!("{t:?} is not a duration like \"10s\": {e}"))
+            })
+        })
+        .collect()
+}
+
+fn exhausted_opt<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<Exhausted>, D::Error> {
+    match String::deserialize(deserializer)?.as_str() {
+        "dead-letter" => Ok(Some(Exhausted::DeadLetter)),
+        "store" => Ok(Some(Exhausted::Store)),
+        other => Err(serde::de::Error::custom(format!(
+            "{other:?} is not \"dead-letter\" or \"store\""
+        ))),
+    }
 }
 
 /// `[store]`.
@@ -147,37 +291,299 @@ impl Config {
         Self::parse(&text, &path.display().to_string())
     }
 
-    /// Parses `text`; `origin` names it in errors.
+    /// Parses `text`; `origin` names it in errors. Secrets may come from
+    /// the environment instead of the file: `BACKSTOP_BROKER_URI` replaces
+    /// `[broker] uri` and `BACKSTOP_STORE_URL` replaces `[store] url`.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        let config: Config = toml::from_str(text).map_err(|e| Error::ConfigFile {
+        let mut config: Config = toml::from_str(text).map_err(|e| Error::ConfigFile {
             path: origin.to_owned(),
             message: describe_toml_error(text, &e),
         })?;
-        if let Some(uri) = &config.broker.uri {
-            crate::connection::parse_uri(uri).map_err(|e| Error::ConfigFile {
-                path: origin.to_owned(),
-                message: format!("broker.uri: {e}"),
-            })?;
+        if let Ok(uri) = std::env::var("BACKSTOP_BROKER_URI") {
+            config.broker.uri = Some(uri);
         }
-        for (i, uri) in config.broker.addresses.iter().enumerate() {
-            crate::connection::parse_uri(uri).map_err(|e| Error::ConfigFile {
-                path: origin.to_owned(),
-                message: format!("broker.addresses[{i}]: {e}"),
-            })?;
+        if let Ok(url) = std::env::var("BACKSTOP_STORE_URL") {
+            config.store.url = Some(url);
+        }
+        let fail = |table: Option<(&str, usize)>, key: &str, message: String| Error::ConfigFile {
+            path: origin.to_owned(),
+            message: at_key(text, table, key, &message),
+        };
+        if let Some(uri) = &config.broker.uri {
+            crate::connection::parse_uri(uri)
+                .map_err(|e| fail(Some(("broker", 0)), "uri", e.to_string()))?;
+        }
+        for uri in &config.broker.addresses {
+            crate::connection::parse_uri(uri)
+                .map_err(|e| fail(Some(("broker", 0)), "addresses", e.to_string()))?;
+        }
+        config
+            .metrics
+            .listen_addr()
+            .map_err(|e| fail(Some(("metrics", 0)), "listen", e))?;
+        let mut queues = std::collections::HashSet::new();
+        for (i, consumer) in config.consumers.iter().enumerate() {
+            let table = Some(("consumer", i));
+            if consumer.queue.is_empty() {
+                return Err(fail(table, "queue", "the queue name is empty".into()));
+            }
+            if !queues.insert(consumer.queue.as_str()) {
+                return Err(fail(
+                    table,
+                    "queue",
+                    format!(
+                        "{:?} is consumed by two [[consumer]] blocks",
+                        consumer.queue
+                    ),
+                ));
+            }
+            if let Some(kind) = &consumer.queue_type
+                && kind != "classic"
+                && kind != "quorum"
+            {
+                return Err(fail(
+                    table,
+                    "queue_type",
+                    format!("{kind:?} is not \"classic\" or \"quorum\""),
+                ));
+            }
+            if consumer.prefetch == Some(0) {
+                return Err(fail(table, "prefetch", "must be at least 1".into()));
+            }
+            if consumer.concurrency == Some(0) {
+                return Err(fail(table, "concurrency", "must be at least 1".into()));
+            }
+            let url = &consumer.handler.http.url;
+            let valid = ["http://", "https://"].iter().any(|scheme| {
+                url.strip_prefix(scheme)
+                    .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+            });
+            if !valid {
+                return Err(fail(
+                    table,
+                    "handler.http.url",
+                    format!("{url:?} is not an http:// or https:// URL with a host"),
+                ));
+            }
+            if consumer.retry.exhausted == Some(Exhausted::Store) && config.store.url.is_none() {
+                return Err(fail(
+                    table,
+                    "retry.exhausted",
+                    "\"store\" needs a compensation store: add [store] with a url".into(),
+                ));
+            }
         }
         Ok(config)
     }
+
+    /// The configuration as TOML, with every password redacted: what
+    /// `backstop config check` prints.
+    pub fn normalized(&self) -> String {
+        use std::fmt::Write;
+        let redact = |uri: &str| crate::RedactedUri::new(uri).to_string();
+        let secs = |d: Duration| humantime::format_duration(d).to_string();
+        let mut out = String::new();
+        let _ = writeln!(out, "[broker]");
+        let _ = writeln!(
+            out,
+            "uri = {:?}",
+            redact(
+                self.broker
+                    .uri
+                    .as_deref()
+                    .unwrap_or(crate::connection::DEFAULT_URI)
+            )
+        );
+        if !self.broker.addresses.is_empty() {
+            let addresses: Vec<String> = self.broker.addresses.iter().map(|a| redact(a)).collect();
+            let _ = writeln!(out, "addresses = {addresses:?}");
+        }
+        let _ = writeln!(
+            out,
+            "heartbeat = {:?}",
+            secs(self.broker.heartbeat.unwrap_or(Duration::from_secs(10)))
+        );
+        if let Some(name) = &self.broker.connection_name {
+            let _ = writeln!(out, "connection_name = {name:?}");
+        }
+        let _ = writeln!(out, "\n[reconnect]");
+        let _ = writeln!(
+            out,
+            "initial = {:?}",
+            secs(self.reconnect.initial.unwrap_or(Duration::from_millis(100)))
+        );
+        let _ = writeln!(
+            out,
+            "max = {:?}",
+            secs(self.reconnect.max.unwrap_or(Duration::from_secs(30)))
+        );
+        if let Some(n) = self.reconnect.max_attempts {
+            let _ = writeln!(out, "max_attempts = {n}");
+        }
+        if let Some(url) = &self.store.url {
+            let _ = writeln!(out, "\n[store]\nurl = {:?}", redact(url));
+            if let Some(retention) = self.store.retention {
+                let _ = writeln!(out, "retention = {:?}", secs(retention));
+            }
+        }
+        let listen = self
+            .metrics
+            .listen
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_LISTEN);
+        let _ = writeln!(out, "\n[metrics]\nlisten = {listen:?}");
+        for c in &self.consumers {
+            let _ = writeln!(out, "\n[[consumer]]");
+            let _ = writeln!(out, "queue = {:?}", c.queue);
+            let _ = writeln!(
+                out,
+                "queue_type = {:?}",
+                c.queue_type.as_deref().unwrap_or("classic")
+            );
+            let _ = writeln!(out, "prefetch = {}", c.prefetch.unwrap_or(100));
+            let _ = writeln!(out, "concurrency = {}", c.concurrency.unwrap_or(8));
+            let _ = writeln!(
+                out,
+                "shutdown_timeout = {:?}",
+                secs(c.shutdown_timeout.unwrap_or(Duration::from_secs(30)))
+            );
+            let _ = writeln!(out, "handler.http.url = {:?}", redact(&c.handler.http.url));
+            let _ = writeln!(
+                out,
+                "handler.http.timeout = {:?}",
+                secs(c.handler.http.timeout.unwrap_or(Duration::from_secs(30)))
+            );
+            let delays: Vec<String> = c.retry.delays.iter().map(|d| secs(*d)).collect();
+            let _ = writeln!(out, "retry.delays = {delays:?}");
+            let _ = writeln!(out, "retry.immediate = {}", c.retry.immediate.unwrap_or(0));
+            let exhausted = match c.retry.exhausted.unwrap_or_default() {
+                Exhausted::DeadLetter => "dead-letter",
+                Exhausted::Store => "store",
+            };
+            let _ = writeln!(out, "retry.exhausted = {exhausted:?}");
+            if let Some(d) = &c.dedup {
+                let _ = writeln!(out, "dedup.key = {:?}", d.key.to_string());
+                let _ = writeln!(
+                    out,
+                    "dedup.ttl = {:?}",
+                    secs(d.ttl.unwrap_or(crate::dedup::DEFAULT_TTL))
+                );
+                let _ = writeln!(
+                    out,
+                    "dedup.store = {:?}",
+                    redact(d.store_url(self.store.url.as_deref()))
+                );
+                let missing = match d.missing_key.unwrap_or_default() {
+                    MissingKey::Process => "process",
+                    MissingKey::Reject => "reject",
+                };
+                let _ = writeln!(out, "dedup.missing_key = {missing:?}");
+            }
+        }
+        out
+    }
 }
 
-/// `line N: message`, from the error's byte span.
+/// `line L, column C, key K: message` for `key` of the `index`th `[table]`
+/// (or `[[table]]`), located by scanning the text.
+fn at_key(text: &str, table: Option<(&str, usize)>, key: &str, message: &str) -> String {
+    let mut current: Option<(String, usize)> = None;
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let first_key = key.split('.').next().unwrap_or(key);
+    let name = match table {
+        Some(("consumer", i)) => format!("consumer[{i}].{key}"),
+        Some((t, _)) => format!("{t}.{key}"),
+        None => key.to_owned(),
+    };
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim();
+        if let Some(header) = trimmed.strip_prefix('[') {
+            let header = header
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_owned();
+            let index = seen.entry(header.clone()).or_insert(0);
+            current = Some((header, *index));
+            *index += 1;
+            continue;
+        }
+        let in_table = match (&current, table) {
+            (Some((h, i)), Some((t, want))) => h == t && *i == want,
+            (None, None) => true,
+            _ => false,
+        };
+        let Some((k, _)) = trimmed.split_once('=') else {
+            continue;
+        };
+        let k = k.trim();
+        if in_table && (k == key || k == first_key || k.starts_with(&format!("{first_key}."))) {
+            let column = line.len() - line.trim_start().len() + 1;
+            return format!("line {}, column {column}, key {name}: {message}", n + 1);
+        }
+    }
+    format!("key {name}: {message}")
+}
+
+/// `line L, column C, key K: message`, from the error's byte span: the key
+/// is the table path and the key on that line (or the missing field).
 fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
     let message = err.message().trim().to_owned();
-    match err.span() {
-        Some(span) => {
-            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            format!("line {line}: {message}")
+    let Some(span) = err.span() else {
+        return message;
+    };
+    let start = span.start.min(text.len());
+    let line = text[..start].matches('\n').count() + 1;
+    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+    let column = text[line_start..start].chars().count() + 1;
+    // The table the span is in, with its index for arrays of tables.
+    let mut table = String::new();
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for l in text[..line_start].lines() {
+        let t = l.trim();
+        if t.starts_with("[[") {
+            let name = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+            let index = seen.entry(name.clone()).or_insert(0);
+            table = format!("{name}[{index}]");
+            *index += 1;
+        } else if t.starts_with('[') {
+            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
         }
-        None => message,
+    }
+    let this_line = text[line_start..].lines().next().unwrap_or("");
+    let mut key = match this_line.split_once('=') {
+        Some((k, _)) if !this_line.trim_start().starts_with('[') => k.trim().to_owned(),
+        _ => String::new(),
+    };
+    if let Some(missing) = message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split('`').next())
+    {
+        // `handler.http.timeout = ...` without a url: handler.http.url.
+        key = match key.rsplit_once('.') {
+            Some((parent, _)) => format!("{parent}.{missing}"),
+            None => missing.to_owned(),
+        };
+    }
+    if let Some(unknown) = message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split('`').next())
+        && !key.ends_with(unknown)
+    {
+        key = if key.is_empty() {
+            unknown.to_owned()
+        } else {
+            format!("{key}.{unknown}")
+        };
+    }
+    let full = match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    };
+    if full.is_empty() {
+        format!("line {line}, column {column}: {message}")
+    } else {
+        format!("line {line}, column {column}, key {full}: {message}")
     }
 }
 

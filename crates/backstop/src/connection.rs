@@ -38,6 +38,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tracing::{debug, error, info, warn};
 
+/// The broker a command uses when nothing names one: the local default.
+pub const DEFAULT_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 /// Exponential backoff with *full* jitter: the delay before attempt `n` is
 /// uniform in `[0, min(max, initial * 2^n)]`.
 ///

@@ -270,6 +270,7 @@ pub struct ConsumerStats {
     stored: AtomicU64,
     store_failures: AtomicU64,
     duplicates: AtomicU64,
+    subscribed: AtomicU64,
     dedup_busy: AtomicU64,
     dedup_failures: AtomicU64,
     missing_keys: AtomicU64,
@@ -313,6 +314,8 @@ pub struct ConsumerReport {
     pub store_failures: u64,
     /// Duplicates of handled messages, acked without calling the handler.
     pub duplicates: u64,
+    /// True while a subscription is up (a session is consuming).
+    pub subscribed: bool,
     /// Duplicates requeued because their key stayed claimed elsewhere for
     /// longer than the wait.
     pub dedup_busy: u64,
@@ -344,6 +347,7 @@ impl ConsumerStats {
             stored: get(&self.stored),
             store_failures: get(&self.store_failures),
             duplicates: get(&self.duplicates),
+            subscribed: get(&self.subscribed) == 1,
             dedup_busy: get(&self.dedup_busy),
             dedup_failures: get(&self.dedup_failures),
             missing_keys: get(&self.missing_keys),
@@ -641,7 +645,10 @@ impl<H: Handler> Runtime<H> {
             bump(&self.stats.sessions, 1);
             info!(%queue, generation = session.generation, connection = live.generation(),
                 prefetch = self.prefetch(), "consuming");
-            match self.pump(session).await {
+            self.stats.subscribed.store(1, Ordering::Relaxed);
+            let end = self.pump(session).await;
+            self.stats.subscribed.store(0, Ordering::Relaxed);
+            match end {
                 SessionEnd::Stop => break,
                 SessionEnd::Broken(reason) => {
                     bump(&self.stats.session_errors, 1);

@@ -427,4 +427,7 @@ pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
         before: i64,
         queue: Option<&'a str>,
     ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
+    /// How many rows are in each status (statuses without rows are left out).
+    fn count_by_status(&self) -> BoxFuture<'_, Result<Vec<(Status, i64)>, StoreError>>;
 }

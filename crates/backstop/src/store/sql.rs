@@ -654,4 +654,22 @@ impl CompensationStore for SqlStore {
     ) -> BoxFuture<'a, Result<u64, StoreError>> {
         Box::pin(self.purge_impl(before, queue))
     }
+
+    fn count_by_status(&self) -> BoxFuture<'_, Result<Vec<(Status, i64)>, StoreError>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT status, COUNT(*) AS n FROM backstop_failed_messages GROUP BY status",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            rows.iter()
+                .map(|row| {
+                    let status: String = row.try_get("status").map_err(unavailable)?;
+                    let n: i64 = row.try_get("n").map_err(unavailable)?;
+                    Ok((status.parse().map_err(StoreError::Unavailable)?, n))
+                })
+                .collect()
+        })
+    }
 }

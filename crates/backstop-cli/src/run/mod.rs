@@ -1,0 +1,262 @@
+//! `backstop run -c backstop.toml`: the sidecar. Consumes every
+//! `[[consumer]]` queue through one supervised connection, delivers each
+//! message to its HTTP endpoint, and serves metrics and health. SIGTERM or
+//! Ctrl-C drains: subscriptions are cancelled, in-flight requests finish
+//! within the shutdown timeout, acks are flushed.
+//!
+//! `backstop config check -c FILE` validates a file and prints it normalized,
+//! with passwords redacted.
+
+mod http;
+mod metrics;
+
+use crate::UsageError;
+use anyhow::Context;
+use backstop::config::{Config, ConsumerSettings};
+use backstop::connection::{Backoff, ConnectionConfig, ConnectionSupervisor, DEFAULT_URI};
+use backstop::consumer::{Consumer, ConsumerConfig, ConsumerHandle};
+use backstop::retry::{Exhausted, RetryPolicy};
+use backstop::store::{CompensationStore, Redrive, Scanner, ScannerConfig, SqlStore};
+use backstop::topology::{Queue, Topology};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{error, info, warn};
+
+/// Options of `backstop run`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// The configuration file.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: PathBuf,
+}
+
+/// Options of `backstop config check`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CheckArgs {
+    /// The configuration file.
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: PathBuf,
+}
+
+/// `backstop config check`.
+pub(crate) fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    print!("{}", config.normalized());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn topology(settings: &ConsumerSettings) -> Topology {
+    let queue = match settings.queue_type.as_deref() {
+        Some("quorum") => Queue::quorum(&settings.queue),
+        _ => Queue::classic(&settings.queue),
+    };
+    Topology::new().queue(queue)
+}
+
+/// `backstop run`.
+pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    if config.consumers.is_empty() {
+        return Err(UsageError(format!(
+            "{}: no [[consumer]] block: nothing to consume",
+            args.config.display()
+        ))
+        .into());
+    }
+    // reqwest is built without a crypto provider of its own; use ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let uri = config
+        .broker
+        .uri
+        .clone()
+        .unwrap_or_else(|| DEFAULT_URI.to_owned());
+    let mut connection = ConnectionConfig::new(uri)
+        .heartbeat(config.broker.heartbeat.unwrap_or(Duration::from_secs(10)))
+        .connection_name(
+            config
+                .broker
+                .connection_name
+                .clone()
+                .unwrap_or_else(|| "backstop-run".to_owned()),
+        )
+        .backoff(Backoff {
+            initial: config
+                .reconnect
+                .initial
+                .unwrap_or(Duration::from_millis(100)),
+            max: config.reconnect.max.unwrap_or(Duration::from_secs(30)),
+            max_attempts: config.reconnect.max_attempts,
+        });
+    for address in &config.broker.addresses {
+        connection = connection.address(address);
+    }
+    let supervisor = ConnectionSupervisor::start(connection)?;
+
+    let store: Option<Arc<dyn CompensationStore>> = match &config.store.url {
+        Some(url) => Some(Arc::new(
+            SqlStore::connect(url)
+                .await
+                .context("opening the compensation store")?,
+        )),
+        None => None,
+    };
+
+    let durations = metrics::durations();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut handles: Vec<(String, ConsumerHandle)> = Vec::new();
+    let mut views = Vec::new();
+    for settings in &config.consumers {
+        let queue = settings.queue.clone();
+        let policy = settings.retry.policy();
+        let mut consumer = ConsumerConfig::new(&queue)
+            .topology(topology(settings))
+            .prefetch(settings.prefetch.unwrap_or(100))
+            .concurrency(settings.concurrency.unwrap_or(8))
+            .shutdown_timeout(settings.shutdown_timeout.unwrap_or(Duration::from_secs(30)))
+            .retry(policy.clone());
+        if let Some(store) = &store {
+            consumer = consumer.compensation_store(store.clone(), Duration::from_secs(60));
+        }
+        if let Some(dedup) = &settings.dedup {
+            let dedup = dedup
+                .build(config.store.url.as_deref())
+                .await
+                .with_context(|| format!("the dedup store of consumer {queue:?}"))?;
+            consumer = consumer.dedup(dedup);
+        }
+        let handler = http::HttpHandler::new(
+            &queue,
+            &settings.handler.http.url,
+            settings
+                .handler
+                .http
+                .timeout
+                .unwrap_or(Duration::from_secs(30)),
+            durations.clone(),
+        )?;
+        let handle = Consumer::new(supervisor.clone(), consumer, handler).spawn()?;
+        let mut depth_queues: Vec<(String, &'static str)> = policy
+            .tier_queues(&queue)
+            .into_iter()
+            .map(|name| (name, "retry"))
+            .collect();
+        depth_queues.push((RetryPolicy::dead_letter_queue(&queue), "dlq"));
+        views.push(metrics::ConsumerView {
+            queue: queue.clone(),
+            stats: handle.stats_ref(),
+            breaker: handle.breaker(),
+            depth_queues,
+        });
+        info!(%queue, url = %backstop::RedactedUri::new(&settings.handler.http.url), "consumer started");
+        handles.push((queue, handle));
+    }
+
+    // Stored messages are re-driven by republishing them to their queue.
+    let scanner = match &store {
+        Some(store)
+            if config
+                .consumers
+                .iter()
+                .any(|c| c.retry.exhausted == Some(Exhausted::Store)) =>
+        {
+            Some(
+                Scanner::new(
+                    store.clone(),
+                    Redrive::Republish(supervisor.clone()),
+                    ScannerConfig::default(),
+                )
+                .spawn(),
+            )
+        }
+        _ => None,
+    };
+
+    let listen = config
+        .metrics
+        .listen_addr()
+        .map_err(|e| UsageError(format!("metrics.listen: {e}")))?;
+    let bound = metrics::serve(
+        listen,
+        supervisor.clone(),
+        views,
+        store.clone(),
+        durations,
+        stop.clone(),
+    )
+    .await?;
+    println!(
+        "backstop run: consuming {} queue(s); metrics on http://{bound}/metrics",
+        handles.len()
+    );
+
+    let reason = wait_for_signal_or_failure(&handles).await;
+    info!(%reason, "shutting down: draining in-flight messages");
+    stop_tx.send_replace(true);
+    let mut failed = None;
+    let results = futures_util::future::join_all(
+        handles
+            .into_iter()
+            .map(|(queue, handle)| async move { (queue, handle.shutdown().await) }),
+    )
+    .await;
+    for (queue, result) in results {
+        match result {
+            Ok(report) => println!(
+                "consumer {queue}: handled={} duplicates={} retried={} dead_lettered={} stored={}",
+                report.handled,
+                report.duplicates,
+                report.retried,
+                report.dead_lettered,
+                report.stored
+            ),
+            Err(e) => {
+                error!(%queue, error = %e, "the consumer failed");
+                failed = Some(e);
+            }
+        }
+    }
+    if let Some(scanner) = scanner {
+        scanner.stop().await;
+    }
+    supervisor.close().await;
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Waits for SIGTERM, Ctrl-C, or a consumer that stopped by itself (for
+/// example, refused credentials).
+async fn wait_for_signal_or_failure(handles: &[(String, ConsumerHandle)]) -> String {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => Some(term),
+        Err(e) => {
+            warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops this process");
+            None
+        }
+    };
+    let sigterm = async {
+        match &mut term {
+            Some(term) => {
+                term.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    let failure = async {
+        loop {
+            if let Some((queue, _)) = handles.iter().find(|(_, h)| h.is_finished()) {
+                return format!("the consumer of {queue} stopped");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        () = sigterm => "SIGTERM".to_owned(),
+        _ = tokio::signal::ctrl_c() => "Ctrl-C".to_owned(),
+        reason = failure => reason,
+    }
+}
