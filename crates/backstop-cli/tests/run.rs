@@ -408,3 +408,51 @@ async fn sigterm_with_requests_in_flight_loses_nothing() {
     .await;
     cleanup(&queue).await;
 }
+
+/// The README's quick start: `backstop run -c examples/backstop.toml` as
+/// written (its store file lands in the working directory), ready on the
+/// example's metrics address, and drained by SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_quick_start_runs_as_written() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/backstop.toml");
+    let dir = std::env::temp_dir().join(unique("quick-start"));
+    std::fs::create_dir_all(&dir).expect("work dir");
+    let child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["run", "-c", example])
+        .current_dir(&dir)
+        .env_remove("BACKSTOP_BROKER_URI")
+        .env_remove("BACKSTOP_STORE_URL")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start backstop run");
+    let mut run = Running(child);
+    wait_until(
+        "the example is ready on 127.0.0.1:9464",
+        Duration::from_secs(30),
+        || async { get("http://127.0.0.1:9464/readyz").await.0 == 200 },
+    )
+    .await;
+    assert!(
+        dir.join("backstop.db").exists(),
+        "the example's store was not created"
+    );
+    let pid = run.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill")
+            .success()
+    );
+    assert_eq!(run.0.wait().expect("wait").code(), Some(0));
+    let connection = backstop_testkit::connect().await;
+    for name in [
+        "order_queue",
+        "order_queue.dlq",
+        "order_queue.retry.1s",
+        "order_queue.retry.10s",
+        "order_queue.retry.1m",
+    ] {
+        backstop_testkit::delete_queue(&connection, name).await;
+    }
+}

@@ -550,7 +550,8 @@ impl SupervisorTask {
             } else {
                 self.config.backoff.delay(step, &mut self.rng)
             };
-            debug!(?delay, "backing off before the next connection attempt");
+            let next = RedactedUri::new(&self.config.addresses[next_address % self.uris.len()]);
+            info!(address = %next, attempt, backoff = ?delay, "next connection attempt after the backoff");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = wait_true(&mut shutdown) => break,
