@@ -36,6 +36,9 @@ impl HttpHandler {
         timeout: Duration,
         durations: Family<Vec<(String, String)>, Histogram>,
     ) -> anyhow::Result<Self> {
+        // reqwest is built without a crypto provider of its own: use ring
+        // (installing twice is harmless; the first one stays).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))

@@ -7,8 +7,8 @@
 //! `backstop config check -c FILE` validates a file and prints it normalized,
 //! with passwords redacted.
 
-mod http;
-mod metrics;
+pub(crate) mod http;
+pub(crate) mod metrics;
 
 use crate::UsageError;
 use anyhow::Context;
@@ -65,9 +65,6 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
-    // reqwest is built without a crypto provider of its own; use ring.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-
     let uri = config
         .broker
         .uri
