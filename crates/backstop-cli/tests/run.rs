@@ -456,3 +456,53 @@ async fn the_readme_quick_start_runs_as_written() {
         backstop_testkit::delete_queue(&connection, name).await;
     }
 }
+
+#[test]
+fn the_broker_uri_can_come_from_the_environment() {
+    let path = write_config("[broker]\nuri = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n");
+    let output = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["config", "check", "-c", &path.display().to_string()])
+        .env(
+            "BACKSTOP_BROKER_URI",
+            "amqp://svc:from-env-pw@127.0.0.1:5672/prod",
+        )
+        .output()
+        .expect("run backstop");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(
+        stdout.contains("uri = \"amqp://svc:***@127.0.0.1:5672/prod\""),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("from-env-pw"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_consumes_several_queues() {
+    let (endpoint, url) = start_endpoint().await;
+    let first = unique("run-multi-a");
+    let second = unique("run-multi-b");
+    let port = free_port();
+    let extra = format!("\n[[consumer]]\nqueue = \"{second}\"\nhandler.http.url = \"{url}\"\n");
+    let _run = start_ready(&config_for(&first, &url, port, &extra), port).await;
+    publish(&first, &[("multi-a", "{}".to_owned())]).await;
+    publish(&second, &[("multi-b", "{}".to_owned())]).await;
+    wait_until("both queues delivered", Duration::from_secs(20), || {
+        let done = endpoint.calls_of("multi-a") == 1 && endpoint.calls_of("multi-b") == 1;
+        async move { done }
+    })
+    .await;
+    let queue_of = |id: &str| {
+        endpoint.requests_of(id)[0]
+            .1
+            .get("backstop-queue")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(queue_of("multi-a"), first);
+    assert_eq!(queue_of("multi-b"), second);
+    drop(_run);
+    cleanup(&first).await;
+    cleanup(&second).await;
+}
