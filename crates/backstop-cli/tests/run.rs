@@ -506,3 +506,93 @@ async fn one_process_consumes_several_queues() {
     cleanup(&first).await;
     cleanup(&second).await;
 }
+
+/// A body over `max_message_size` never reaches the endpoint and is
+/// dead-lettered with its reason; a non-UTF-8 body reaches it byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_dead_lettered_and_binary_bodies_pass_verbatim() {
+    use lapin::options::BasicGetOptions;
+    let (endpoint, url) = start_endpoint().await;
+    let queue = unique("run-sizes");
+    let port = free_port();
+    let _run = start_ready(
+        &config_for(&queue, &url, port, "max_message_size = 1024\n"),
+        port,
+    )
+    .await;
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let binary: Vec<u8> = (0..=255u8).rev().chain([0, 0xff, 0xc3]).collect();
+    for (id, body) in [("big", vec![b'x'; 2048]), ("binary", binary.clone())] {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default().with_message_id(id.into()),
+            )
+            .await
+            .expect("publish");
+    }
+    let dlq = format!("{queue}.dlq");
+    wait_until(
+        "the oversized message is dead-lettered",
+        Duration::from_secs(20),
+        || {
+            let dlq = dlq.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    queue_counts(&dlq).is_some_and(|c| c.ready == 1)
+                })
+                .await
+                .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+    wait_until(
+        "the binary message is delivered",
+        Duration::from_secs(20),
+        || {
+            let done = endpoint.calls_of("binary") == 1;
+            async move { done }
+        },
+    )
+    .await;
+    assert_eq!(
+        endpoint.calls_of("big"),
+        0,
+        "the oversized message reached the endpoint"
+    );
+    let received = endpoint
+        .requests
+        .lock()
+        .expect("lock")
+        .iter()
+        .find(|(_, h, _)| h.get("backstop-message-id").is_some_and(|v| v == "binary"))
+        .map(|(_, _, body)| body.clone());
+    assert_eq!(received, Some(binary));
+    let dead = channel
+        .basic_get(dlq.as_str().into(), BasicGetOptions::default())
+        .await
+        .expect("basic.get")
+        .expect("a dead letter");
+    let reason = dead
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-backstop-error").cloned());
+    let reason = reason
+        .and_then(|v| backstop::retry::header_str(&v))
+        .unwrap_or_default();
+    assert_eq!(
+        reason,
+        "the message is 2048 bytes, over the limit of 1024 bytes"
+    );
+    assert_eq!(dead.delivery.data.len(), 2048);
+    let _ = connection.close(200, "done".into()).await;
+    drop(_run);
+    cleanup(&queue).await;
+}

@@ -93,6 +93,9 @@ pub struct ConsumerSettings {
     /// How long shutdown waits for running handlers (default `30s`).
     #[serde(default, with = "humantime_serde_opt")]
     pub shutdown_timeout: Option<Duration>,
+    /// The largest message body handled, in bytes (default 16 MiB); larger
+    /// ones take the exhausted path with the reason.
+    pub max_message_size: Option<usize>,
     /// `handler.http.*`: where each message is delivered.
     pub handler: HandlerSettings,
     /// `retry.*`: the retry tiers and where exhausted messages go.
@@ -446,6 +449,12 @@ impl Config {
                 out,
                 "shutdown_timeout = {:?}",
                 secs(c.shutdown_timeout.unwrap_or(Duration::from_secs(30)))
+            );
+            let _ = writeln!(
+                out,
+                "max_message_size = {}",
+                c.max_message_size
+                    .unwrap_or(crate::consumer::DEFAULT_MAX_MESSAGE_SIZE)
             );
             let _ = writeln!(out, "handler.http.url = {:?}", redact(&c.handler.http.url));
             let _ = writeln!(

@@ -113,6 +113,11 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .prefetch(settings.prefetch.unwrap_or(100))
             .concurrency(settings.concurrency.unwrap_or(8))
             .shutdown_timeout(settings.shutdown_timeout.unwrap_or(Duration::from_secs(30)))
+            .max_message_size(
+                settings
+                    .max_message_size
+                    .unwrap_or(backstop::consumer::DEFAULT_MAX_MESSAGE_SIZE),
+            )
             .retry(policy.clone());
         if let Some(store) = &store {
             consumer = consumer.compensation_store(store.clone(), Duration::from_secs(60));

@@ -74,6 +74,9 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 use tracing::{debug, error, info, warn};
 
+/// The default [`ConsumerConfig::max_message_size`]: 16 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
 /// How a consumer consumes.
 #[derive(Clone, Debug)]
 pub struct ConsumerConfig {
@@ -90,6 +93,7 @@ pub struct ConsumerConfig {
     retry: Option<RetryPolicy>,
     breaker: Option<BreakerConfig>,
     handler_timeout: Option<Duration>,
+    max_message_size: usize,
     store: Option<Arc<dyn CompensationStore>>,
     store_delay: Duration,
     dedup: Option<DedupConfig>,
@@ -117,6 +121,7 @@ impl ConsumerConfig {
             retry: None,
             breaker: None,
             handler_timeout: None,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             store: None,
             store_delay: Duration::from_secs(60),
             dedup: None,
@@ -187,6 +192,15 @@ impl ConsumerConfig {
     ) -> Self {
         self.store = Some(store);
         self.store_delay = first_redrive;
+        self
+    }
+
+    /// The largest body handed to the handler (default 16 MiB). A larger
+    /// message is not handled: it takes the exhausted path (dead-letter
+    /// queue or store, or `basic.reject` without a retry policy) with the
+    /// reason, and the consumer goes on.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
         self
     }
 
@@ -274,6 +288,7 @@ pub struct ConsumerStats {
     dedup_busy: AtomicU64,
     dedup_failures: AtomicU64,
     missing_keys: AtomicU64,
+    oversized: AtomicU64,
 }
 
 /// A snapshot of [`ConsumerStats`].
@@ -323,6 +338,8 @@ pub struct ConsumerReport {
     pub dedup_failures: u64,
     /// Deliveries without a dedup key.
     pub missing_keys: u64,
+    /// Deliveries over the size limit, sent down the exhausted path unhandled.
+    pub oversized: u64,
 }
 
 impl ConsumerStats {
@@ -351,6 +368,7 @@ impl ConsumerStats {
             dedup_busy: get(&self.dedup_busy),
             dedup_failures: get(&self.dedup_failures),
             missing_keys: get(&self.missing_keys),
+            oversized: get(&self.oversized),
         }
     }
 }
@@ -444,6 +462,7 @@ impl<H: Handler> Consumer<H> {
             policy: self.config.retry.clone(),
             max_retry_delay: self.config.max_retry_delay,
             handler_timeout: self.config.handler_timeout,
+            max_message_size: self.config.max_message_size,
             store: self.config.store.clone(),
             store_delay: self.config.store_delay,
             dedup: self.config.dedup.clone(),

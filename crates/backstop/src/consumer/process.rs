@@ -48,6 +48,8 @@ pub(crate) struct ProcessContext {
     pub(crate) policy: Option<RetryPolicy>,
     pub(crate) max_retry_delay: Duration,
     pub(crate) handler_timeout: Option<Duration>,
+    /// Larger bodies are not handled but sent down the exhausted path.
+    pub(crate) max_message_size: usize,
     pub(crate) store: Option<Arc<dyn CompensationStore>>,
     /// When the scanner first re-drives a stored row.
     pub(crate) store_delay: Duration,
@@ -100,6 +102,9 @@ pub(crate) async fn process<H: Handler>(
     publisher: Option<ConfirmedPublisher>,
     delivery: Delivery,
 ) -> (Settlement, Verdict) {
+    if delivery.body().len() > ctx.max_message_size {
+        return Box::pin(oversized(handler, ctx, publisher, delivery)).await;
+    }
     if ctx.dedup.is_some() {
         return Box::pin(deduplicated(handler, ctx, publisher, delivery)).await;
     }
@@ -123,6 +128,30 @@ async fn handle<H: Handler>(
         (outcome, Some(kept)) => {
             Box::pin(after_failure(handler, ctx, publisher, kept, outcome)).await
         }
+    }
+}
+
+/// A body over the size limit never reaches the handler: it is a
+/// permanent failure with the sizes in the reason. The body is not copied;
+/// a dead-letter or store copy reads the one buffer lapin received.
+async fn oversized<H: Handler>(
+    handler: Arc<H>,
+    ctx: Arc<ProcessContext>,
+    publisher: Option<ConfirmedPublisher>,
+    delivery: Delivery,
+) -> (Settlement, Verdict) {
+    bump(&ctx.stats.oversized, 1);
+    let reason = format!(
+        "the message is {} bytes, over the limit of {} bytes",
+        delivery.body().len(),
+        ctx.max_message_size
+    );
+    warn!(queue = %ctx.queue, %reason, "not handling an oversized message");
+    let outcome = Outcome::reject(reason);
+    if ctx.policy.is_some() {
+        after_failure(handler, ctx, publisher, delivery, outcome).await
+    } else {
+        without_policy(outcome, &ctx).await
     }
 }
 
