@@ -35,6 +35,22 @@ if [ -w "$(dirname "$conf")" ] && ! grep -q '^NODE_IP_ADDRESS=127.0.0.1' "$conf"
   } >>"$conf"
 fi
 
+# The TLS listener (127.0.0.1:5671) and its test certificates. A broker
+# already running without that listener is restarted to open it.
+if [ "$(id -u)" -eq 0 ]; then
+  bash "$(dirname "$0")/tls.sh"
+  if rabbitmqctl -q status >/dev/null 2>&1 &&
+    rabbitmqctl -q eval 'rabbit:is_running().' 2>/dev/null | grep -q true &&
+    ! rabbitmq-diagnostics -q listeners 2>/dev/null | grep -q 'port: 5671'; then
+    log "restarting rabbitmq to open the TLS listener"
+    rabbitmqctl -q stop >/dev/null 2>&1 || true
+    for _ in $(seq 1 30); do
+      rabbitmqctl -q status >/dev/null 2>&1 || break
+      sleep 1
+    done
+  fi
+fi
+
 if rabbitmqctl -q status >/dev/null 2>&1; then
   log "rabbitmq is running"
 else
@@ -55,7 +71,7 @@ for _ in $(seq 1 60); do
   if rabbitmqctl -q ping >/dev/null 2>&1; then
     rabbitmqctl -q start_app >/dev/null 2>&1 || true
     if rabbitmqctl -q await_startup --timeout 30 >/dev/null 2>&1; then
-      log "rabbitmq is ready on 127.0.0.1:5672"
+      log "rabbitmq is ready on 127.0.0.1:5672 (TLS on 127.0.0.1:5671)"
       exit 0
     fi
   fi

@@ -48,7 +48,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let broker = ui::loopback_addr(&uri)?;
 
     // Direct connection for arranging the queue and publishing.
-    let direct = ui::direct_supervisor(&uri, "backstop-demo-publisher")?;
+    let direct = ui::direct_supervisor(&uri, args.broker.tls()?, "backstop-demo-publisher")?;
     let live = direct.connection().await?;
     let channel = live.create_channel().await?;
     channel
@@ -80,6 +80,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let supervisor = ConnectionSupervisor::start(
         ConnectionConfig::new(url_via(&uri, proxy.addr()))
             .connection_name("backstop-demo-consumer")
+            .tls(args.broker.tls()?)
             .heartbeat(heartbeat)
             .connect_timeout(Duration::from_secs(2))
             .backoff(Backoff {

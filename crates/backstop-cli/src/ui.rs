@@ -3,7 +3,7 @@
 use crate::UsageError;
 use backstop::RedactedUri;
 use backstop::config::Config;
-use backstop::connection::{Backoff, ConnectionConfig, ConnectionSupervisor};
+use backstop::connection::{Backoff, ConnectionConfig, ConnectionSupervisor, TlsConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
@@ -36,6 +36,16 @@ impl BrokerArgs {
             .unwrap_or_else(|| DEFAULT_URI.to_owned());
         backstop::connection::parse_uri(&uri).map_err(|e| UsageError(e.to_string()))?;
         Ok(uri)
+    }
+}
+
+impl BrokerArgs {
+    /// The TLS settings of `-c FILE`'s `[broker.tls]`, or none.
+    pub(crate) fn tls(&self) -> anyhow::Result<TlsConfig> {
+        match &self.config {
+            Some(path) => Ok(Config::load(path)?.broker.tls.load()?),
+            None => Ok(TlsConfig::new()),
+        }
     }
 }
 
@@ -78,10 +88,15 @@ pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
 
 /// A supervisor for a command's own direct connection. It gives up after a
 /// few attempts, so a missing broker is reported rather than waited for.
-pub(crate) fn direct_supervisor(uri: &str, name: &str) -> backstop::Result<ConnectionSupervisor> {
+pub(crate) fn direct_supervisor(
+    uri: &str,
+    tls: TlsConfig,
+    name: &str,
+) -> backstop::Result<ConnectionSupervisor> {
     ConnectionSupervisor::start(
         ConnectionConfig::new(uri)
             .connection_name(name)
+            .tls(tls)
             .backoff(Backoff {
                 max_attempts: Some(5),
                 ..Backoff::default()

@@ -41,6 +41,18 @@ pub fn redis_url() -> String {
     std::env::var("BACKSTOP_REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned())
 }
 
+/// Where scripts/tls.sh put the test PKI (`BACKSTOP_TLS_DIR`, default
+/// `/etc/rabbitmq/backstop-tls`): `ca.pem`, `client.pem`, `client.key`,
+/// `other-ca.pem`.
+pub fn tls_dir() -> std::path::PathBuf {
+    std::env::var("BACKSTOP_TLS_DIR")
+        .unwrap_or_else(|_| "/etc/rabbitmq/backstop-tls".to_owned())
+        .into()
+}
+
+/// The broker's TLS listener (scripts/tls.sh): 127.0.0.1:5671.
+pub const TLS_ADDR: &str = "127.0.0.1:5671";
+
 /// The broker's `host:port`, as a socket address.
 pub fn broker_addr() -> SocketAddr {
     let url = amqp_url();

@@ -282,6 +282,44 @@ pub struct BrokerConfig {
     pub heartbeat: Option<Duration>,
     /// The connection name shown by the broker.
     pub connection_name: Option<String>,
+    /// `broker.tls.*`: certificates for `amqps://` addresses.
+    #[serde(default)]
+    pub tls: TlsSettings,
+}
+
+/// `broker.tls.*`. Verification of the broker's certificate is always on.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TlsSettings {
+    /// A PEM file of CA certificates to trust besides the system's.
+    pub ca: Option<std::path::PathBuf>,
+    /// The client certificate (PEM) for mutual TLS.
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's PKCS#8 key (PEM).
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl TlsSettings {
+    /// Reads the files into a [`crate::connection::TlsConfig`], naming the
+    /// key and file of the first problem.
+    pub fn load(&self) -> Result<crate::connection::TlsConfig> {
+        let mut tls = crate::connection::TlsConfig::new();
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_file(ca)?;
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => tls = tls.client_cert_files(cert, key)?,
+            (None, None) => {}
+            _ => {
+                return Err(Error::Config {
+                    key: "broker.tls",
+                    reason: "cert and key go together: set both or neither".into(),
+                });
+            }
+        }
+        Ok(tls)
+    }
 }
 
 impl Config {
@@ -408,6 +446,15 @@ impl Config {
         );
         if let Some(name) = &self.broker.connection_name {
             let _ = writeln!(out, "connection_name = {name:?}");
+        }
+        for (key, path) in [
+            ("tls.ca", &self.broker.tls.ca),
+            ("tls.cert", &self.broker.tls.cert),
+            ("tls.key", &self.broker.tls.key),
+        ] {
+            if let Some(path) = path {
+                let _ = writeln!(out, "{key} = {:?}", path.display().to_string());
+            }
         }
         let _ = writeln!(out, "\n[reconnect]");
         let _ = writeln!(

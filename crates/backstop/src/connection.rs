@@ -80,6 +80,79 @@ impl Backoff {
     }
 }
 
+/// TLS for `amqps://` addresses: the broker's certificate is verified
+/// against the system's roots plus `ca` (when given), and a client
+/// certificate is presented for mutual TLS (when given). Verification cannot
+/// be turned off.
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    ca_pem: Option<String>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_certificate", &self.identity.is_some())
+            .finish()
+    }
+}
+
+fn read_pem(key: &'static str, path: &std::path::Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Config {
+        key,
+        reason: format!("cannot read {}: {e}", path.display()),
+    })?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(Error::Config {
+            key,
+            reason: format!("{} is not a PEM file", path.display()),
+        });
+    }
+    Ok(bytes)
+}
+
+impl TlsConfig {
+    /// No CA of its own and no client certificate: the system's roots.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Trusts the CA certificates in the PEM file at `path` (`broker.tls.ca`).
+    pub fn ca_file(mut self, path: &std::path::Path) -> Result<Self> {
+        let pem = read_pem("broker.tls.ca", path)?;
+        self.ca_pem = Some(String::from_utf8_lossy(&pem).into_owned());
+        Ok(self)
+    }
+
+    /// Presents the certificate (PEM) and its PKCS#8 key (PEM) for mutual TLS
+    /// (`broker.tls.cert`, `broker.tls.key`).
+    pub fn client_cert_files(
+        mut self,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Self> {
+        let cert = read_pem("broker.tls.cert", cert)?;
+        let key = read_pem("broker.tls.key", key)?;
+        self.identity = Some((cert, key));
+        Ok(self)
+    }
+
+    fn owned(&self) -> lapin::tcp::OwnedTLSConfig {
+        lapin::tcp::OwnedTLSConfig {
+            identity: self
+                .identity
+                .as_ref()
+                .map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 {
+                    pem: pem.clone(),
+                    key: key.clone(),
+                }),
+            cert_chain: self.ca_pem.clone(),
+        }
+    }
+}
+
 /// How the supervisor connects.
 #[derive(Clone)]
 pub struct ConnectionConfig {
@@ -88,6 +161,7 @@ pub struct ConnectionConfig {
     connection_name: String,
     backoff: Backoff,
     connect_timeout: Duration,
+    tls: TlsConfig,
 }
 
 impl fmt::Debug for ConnectionConfig {
@@ -100,6 +174,7 @@ impl fmt::Debug for ConnectionConfig {
             .field("connection_name", &self.connection_name)
             .field("backoff", &self.backoff)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -114,7 +189,14 @@ impl ConnectionConfig {
             connection_name: "backstop".to_owned(),
             backoff: Backoff::default(),
             connect_timeout: Duration::from_secs(10),
+            tls: TlsConfig::default(),
         }
+    }
+
+    /// TLS settings for the `amqps://` addresses.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Adds another broker address; addresses are tried in turn.
@@ -291,6 +373,7 @@ struct Counters {
 #[derive(Clone, Debug)]
 enum Fatal {
     AccessRefused { uri: String, reason: String },
+    Tls { uri: String, reason: String },
     GaveUp { attempts: u32, last_error: String },
 }
 
@@ -384,6 +467,7 @@ impl ConnectionSupervisor {
             .clone();
         match fatal {
             Some(Fatal::AccessRefused { uri, reason }) => Error::AccessRefused { uri, reason },
+            Some(Fatal::Tls { uri, reason }) => Error::Tls { uri, reason },
             Some(Fatal::GaveUp {
                 attempts,
                 last_error,
@@ -437,6 +521,9 @@ struct SupervisorTask {
 
 enum AttemptError {
     Fatal(String),
+    /// A TLS failure that retrying cannot fix (wrong CA, wrong name, expired
+    /// certificate, no client certificate).
+    Tls(String),
     Retry(String),
 }
 
@@ -505,6 +592,16 @@ impl SupervisorTask {
                     error!(address = %shown, %reason, "connection refused; not retrying");
                     *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(Fatal::AccessRefused {
+                            uri: shown.to_string(),
+                            reason: reason.clone(),
+                        });
+                    self.finish(&reason);
+                    return;
+                }
+                Err(AttemptError::Tls(reason)) => {
+                    error!(address = %shown, %reason, "TLS failed; not retrying");
+                    *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(Fatal::Tls {
                             uri: shown.to_string(),
                             reason: reason.clone(),
                         });
@@ -586,12 +683,17 @@ impl SupervisorTask {
             .with_client_property("product".into(), "backstop".into())
             .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
         let uri = self.uris[index].clone();
-        match tokio::time::timeout(
-            self.config.connect_timeout,
-            lapin::Connection::connect_uri(uri, props),
-        )
-        .await
-        {
+        let connect = async {
+            if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
+                use lapin::Connect;
+                let runtime = lapin::runtime::default_runtime()?;
+                uri.connect_with_config(props, self.config.tls.owned(), runtime)
+                    .await
+            } else {
+                lapin::Connection::connect_uri(uri, props).await
+            }
+        };
+        match tokio::time::timeout(self.config.connect_timeout, connect).await {
             Err(_) => Err(AttemptError::Retry(format!(
                 "timed out after {:?}",
                 self.config.connect_timeout
@@ -724,7 +826,34 @@ fn classify_connect_error(err: &lapin::Error) -> AttemptError {
             return AttemptError::Fatal(message);
         }
     }
+    let text = err.to_string();
+    if let Some(reason) = tls_failure(&text) {
+        return AttemptError::Tls(reason);
+    }
     AttemptError::Retry(describe(err))
+}
+
+/// A clear reason for a TLS failure in `text` (rustls's error), if it is one.
+fn tls_failure(text: &str) -> Option<String> {
+    let reason = if text.contains("UnknownIssuer") {
+        "the broker's certificate is not signed by a trusted CA (UnknownIssuer): \
+         set broker.tls.ca to the CA that signed it"
+    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
+        "the broker's certificate does not name the host in the URI (NotValidForName): \
+         connect with a name the certificate lists"
+    } else if text.contains("Expired") || text.contains("certificate expired") {
+        "the broker's certificate has expired (Expired)"
+    } else if text.contains("CertificateRequired") || text.contains("certificate required") {
+        "the broker requires a client certificate (mutual TLS): set broker.tls.cert and \
+         broker.tls.key"
+    } else if text.contains("BadCertificate") || text.contains("UnknownCA") {
+        "the broker rejected the client certificate: it is not signed by a CA the broker trusts"
+    } else if text.contains("invalid peer certificate") {
+        "the broker's certificate is invalid"
+    } else {
+        return None;
+    };
+    Some(format!("TLS: {reason} ({})", text.trim()))
 }
 
 #[cfg(test)]

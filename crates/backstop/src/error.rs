@@ -34,6 +34,15 @@ pub enum Error {
         /// The broker's reply text.
         reason: String,
     },
+    /// TLS failed in a way retrying cannot fix: an unknown CA, a name
+    /// mismatch, an expired certificate, a missing client certificate.
+    #[error("TLS to {uri} failed: {reason}")]
+    Tls {
+        /// The address, redacted.
+        uri: String,
+        /// What went wrong and what to change.
+        reason: String,
+    },
     /// The supervisor gave up: the configured maximum of attempts was reached.
     #[error("gave up connecting after {attempts} attempts; last error: {last_error}")]
     GaveUp {
@@ -93,6 +102,7 @@ impl Error {
                 | Error::Config { .. }
                 | Error::ConfigFile { .. }
                 | Error::AccessRefused { .. }
+                | Error::Tls { .. }
         )
     }
 
