@@ -319,7 +319,51 @@ impl SqlStore {
         row.try_get("id").map_err(unavailable)
     }
 
+    /// PostgreSQL's TEXT cannot hold NUL: on PostgreSQL a NUL in a text field
+    /// (a queue name, an error text) is stored as U+2400 (␀) rather than
+    /// failing the write, which would keep the message requeued forever. The
+    /// payload is BYTEA and keeps every byte on both backends.
+    fn storable<'m>(&self, m: &'m NewFailedMessage) -> std::borrow::Cow<'m, NewFailedMessage> {
+        let has_nul = |t: &str| t.contains('\0');
+        let fields = [
+            &m.queue,
+            &m.exchange,
+            &m.routing_key,
+            &m.headers,
+            &m.properties,
+            &m.error,
+            &m.error_kind,
+        ];
+        let optional = [&m.message_id, &m.dedup_key];
+        if self.backend != Backend::Postgres
+            || (!fields.iter().any(|t| has_nul(t))
+                && !optional.iter().any(|t| t.as_deref().is_some_and(has_nul)))
+        {
+            return std::borrow::Cow::Borrowed(m);
+        }
+        let clean = |t: &str| t.replace('\0', "\u{2400}");
+        let mut owned = m.clone();
+        for field in [
+            &mut owned.queue,
+            &mut owned.exchange,
+            &mut owned.routing_key,
+            &mut owned.headers,
+            &mut owned.properties,
+            &mut owned.error,
+            &mut owned.error_kind,
+        ] {
+            *field = clean(field);
+        }
+        for field in [&mut owned.message_id, &mut owned.dedup_key] {
+            if let Some(t) = field {
+                *t = clean(t);
+            }
+        }
+        std::borrow::Cow::Owned(owned)
+    }
+
     async fn store_impl(&self, m: &NewFailedMessage) -> Result<i64, StoreError> {
+        let m = &*self.storable(m);
         let now = now_ms() as i64;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         if let Some(id) = m.store_id {
@@ -458,6 +502,7 @@ impl SqlStore {
         let now = now_ms() as i64;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         for m in messages {
+            let m = &*self.storable(m);
             let id = Self::insert_in(&mut tx, m, now).await?;
             Self::audit_in(&mut tx, id, "consumer", "stored", Some(&m.error)).await?;
         }
