@@ -354,10 +354,11 @@ impl SqlStore {
         ] {
             *field = clean(field);
         }
-        for field in [&mut owned.message_id, &mut owned.dedup_key] {
-            if let Some(t) = field {
-                *t = clean(t);
-            }
+        for t in [&mut owned.message_id, &mut owned.dedup_key]
+            .into_iter()
+            .flatten()
+        {
+            *t = clean(t);
         }
         std::borrow::Cow::Owned(owned)
     }
