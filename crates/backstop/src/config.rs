@@ -285,6 +285,32 @@ pub struct BrokerConfig {
     /// `broker.tls.*`: certificates for `amqps://` addresses.
     #[serde(default)]
     pub tls: TlsSettings,
+    /// A file holding the password for `uri` (its first line), so that the
+    /// secret stays out of the configuration file.
+    pub password_file: Option<std::path::PathBuf>,
+}
+
+/// `uri` with its password replaced by `password`, percent-encoded.
+fn with_password(uri: &str, password: &str) -> std::result::Result<String, String> {
+    let (scheme, rest) = uri
+        .split_once("://")
+        .ok_or_else(|| "the URI has no scheme".to_owned())?;
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    let (userinfo, host) = authority
+        .rsplit_once('@')
+        .ok_or_else(|| "the URI names no user to go with password_file".to_owned())?;
+    let user = userinfo.split(':').next().unwrap_or(userinfo);
+    let encoded: String = password
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect();
+    Ok(format!("{scheme}://{user}:{encoded}@{host}{path}"))
 }
 
 /// `broker.tls.*`. Verification of the broker's certificate is always on.
@@ -345,6 +371,21 @@ impl Config {
         }
         if let Ok(url) = std::env::var("BACKSTOP_STORE_URL") {
             config.store.url = Some(url);
+        }
+        if let Some(file) = config.broker.password_file.clone() {
+            let fail = |message: String| Error::ConfigFile {
+                path: origin.to_owned(),
+                message: at_key(text, Some(("broker", 0)), "password_file", &message),
+            };
+            let secret = std::fs::read_to_string(&file)
+                .map_err(|e| fail(format!("cannot read {}: {e}", file.display())))?;
+            let password = secret.lines().next().unwrap_or("");
+            let uri = config
+                .broker
+                .uri
+                .clone()
+                .unwrap_or_else(|| crate::connection::DEFAULT_URI.to_owned());
+            config.broker.uri = Some(with_password(&uri, password).map_err(fail)?);
         }
         let fail = |table: Option<(&str, usize)>, key: &str, message: String| Error::ConfigFile {
             path: origin.to_owned(),
@@ -712,6 +753,29 @@ mod tests {
         let message = describe_toml_error(text, &err);
         assert!(message.starts_with("line 2"), "{message}");
         assert!(message.contains("JSON pointer"), "{message}");
+    }
+
+    #[test]
+    fn the_password_can_come_from_a_file() {
+        let path = std::env::temp_dir().join(format!("backstop-pw-{}", std::process::id()));
+        std::fs::write(&path, "p@ss:w/rd\n").expect("write");
+        let text = format!(
+            "[broker]\nuri = \"amqp://orders@127.0.0.1:5672/%2f\"\npassword_file = {:?}\n",
+            path.display().to_string()
+        );
+        let config = Config::parse(&text, "test.toml").expect("valid");
+        let uri = config.broker.uri.clone().expect("uri");
+        assert_eq!(uri, "amqp://orders:p%40ss%3Aw%2Frd@127.0.0.1:5672/%2f");
+        let parsed = crate::connection::parse_uri(&uri).expect("parses");
+        assert_eq!(parsed.authority.userinfo.password, "p@ss:w/rd");
+        assert!(!config.normalized().contains("p%40ss"));
+        let _ = std::fs::remove_file(&path);
+        let missing = "[broker]\npassword_file = \"/nonexistent/pw\"\n";
+        let err = error_of(missing);
+        assert!(
+            err.contains("line 2") && err.contains("broker.password_file"),
+            "{err}"
+        );
     }
 
     #[test]
