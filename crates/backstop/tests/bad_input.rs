@@ -1,5 +1,7 @@
 //! Bad addresses and credentials fail clearly and at once.
 
+mod common;
+
 use backstop::Error;
 use backstop::connection::{ConnectionConfig, ConnectionState, ConnectionSupervisor};
 use backstop_testkit::{broker_addr, url_via};
@@ -7,6 +9,7 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn an_invalid_uri_is_named_before_anything_runs() {
+    common::init_tracing();
     let err = ConnectionSupervisor::start(ConnectionConfig::new("amqp://guest:pw@127.0.0.1:56x2/"))
         .expect_err("must fail");
     assert!(matches!(err, Error::InvalidUri { .. }), "{err}");
@@ -17,6 +20,7 @@ async fn an_invalid_uri_is_named_before_anything_runs() {
 
 #[tokio::test]
 async fn wrong_credentials_are_access_refused() {
+    common::init_tracing();
     let url = url_via("amqp://guest:wrong-password@x/%2f", broker_addr());
     let supervisor = ConnectionSupervisor::start(ConnectionConfig::new(&url)).expect("valid");
     let err = tokio::time::timeout(Duration::from_secs(30), supervisor.connection())

@@ -38,6 +38,7 @@ fn supervisor(url: &str, tls: TlsConfig) -> ConnectionSupervisor {
 
 /// The error the supervisor ends with for `url` and `tls`.
 async fn failure(url: &str, tls: TlsConfig) -> Error {
+    init_tracing();
     let supervisor = supervisor(url, tls);
     let result = tokio::time::timeout(Duration::from_secs(20), supervisor.connection()).await;
     supervisor.close().await;

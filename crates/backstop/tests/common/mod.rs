@@ -12,7 +12,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Logs to the test's captured output, or, when `BACKSTOP_TEST_LOG` names a
+/// file (scripts/test sets it), appends every test's logs there at debug
+/// level so the run's logs can be searched for leaked passwords.
 pub fn init_tracing() {
+    if let Ok(path) = std::env::var("BACKSTOP_TEST_LOG")
+        && let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+    {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("backstop=debug,lapin=info")
+            .with_ansi(false)
+            .with_writer(std::sync::Mutex::new(file))
+            .try_init();
+        return;
+    }
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
