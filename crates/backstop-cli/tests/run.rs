@@ -30,7 +30,7 @@ fn every_bad_config_names_file_line_column_and_key_and_exits_2() {
     let cases = [
         (
             "[broker]\nuri = \"amqp://127.0.0.1\"\nurl = \"x\"\n",
-            "error: backstop.toml: line 3, column 1, key broker.url: unknown field `url`, expected one of `uri`, `addresses`, `heartbeat`, `connection_name`\n",
+            "error: backstop.toml: line 3, column 1, key broker.url: unknown field `url`, expected one of `uri`, `addresses`, `heartbeat`, `connection_name`, `tls`, `password_file`\n",
         ),
         (
             "[broker]\nheartbeat = \"soon\"\n",
