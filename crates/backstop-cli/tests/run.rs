@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use backstop_testkit::{queue_counts, unique, wait_until};
+use backstop_testkit::{queue_is, unique, wait_until};
 use sidecar::*;
 use std::collections::HashMap;
 use std::process::Command;
@@ -221,16 +221,7 @@ async fn each_response_status_maps_to_its_outcome_and_metrics_count_them() {
     wait_until(
         "the permanent failures are in the DLQ",
         Duration::from_secs(20),
-        || {
-            let dlq = dlq.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    queue_counts(&dlq).is_some_and(|c| c.ready == 3)
-                })
-                .await
-                .unwrap_or(false)
-            }
-        },
+        || queue_is(&dlq, |c| c.ready == 3),
     )
     .await;
     for (id, _) in &cases {
@@ -331,16 +322,7 @@ async fn a_refused_connection_is_transient_and_ends_in_the_dlq() {
     wait_until(
         "the message is dead-lettered",
         Duration::from_secs(30),
-        || {
-            let dlq = dlq.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    queue_counts(&dlq).is_some_and(|c| c.ready == 1)
-                })
-                .await
-                .unwrap_or(false)
-            }
-        },
+        || queue_is(&dlq, |c| c.ready == 1),
     )
     .await;
     let (_, text) = get(&format!("http://127.0.0.1:{port}/metrics")).await;
@@ -394,15 +376,9 @@ async fn sigterm_with_requests_in_flight_loses_nothing() {
         "the unanswered messages are back in the queue",
         Duration::from_secs(15),
         || {
-            let q = q.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    queue_counts(&q)
-                        .is_some_and(|c| c.unacked == 0 && c.ready as usize + answered == 30)
-                })
-                .await
-                .unwrap_or(false)
-            }
+            queue_is(&q, move |c| {
+                c.unacked == 0 && c.ready as usize + answered == 30
+            })
         },
     )
     .await;
@@ -539,16 +515,7 @@ async fn oversized_messages_are_dead_lettered_and_binary_bodies_pass_verbatim() 
     wait_until(
         "the oversized message is dead-lettered",
         Duration::from_secs(20),
-        || {
-            let dlq = dlq.clone();
-            async move {
-                tokio::task::spawn_blocking(move || {
-                    queue_counts(&dlq).is_some_and(|c| c.ready == 1)
-                })
-                .await
-                .unwrap_or(false)
-            }
-        },
+        || queue_is(&dlq, |c| c.ready == 1),
     )
     .await;
     wait_until(

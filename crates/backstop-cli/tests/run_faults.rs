@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use backstop::store::{CompensationStore, ListFilter, SqlStore};
-use backstop_testkit::{queue_counts, rabbitmqctl, unique, wait_until};
+use backstop_testkit::{queue_is, rabbitmqctl, unique, wait_until};
 use sidecar::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -195,13 +195,12 @@ async fn twenty_thousand_orders_through_closes_and_a_restart_each_reach_the_endp
         || {
             let names = names.clone();
             async move {
-                tokio::task::spawn_blocking(move || {
-                    names
-                        .iter()
-                        .all(|n| queue_counts(n).is_some_and(|c| c.ready == 0 && c.unacked == 0))
-                })
-                .await
-                .unwrap_or(false)
+                for name in &names {
+                    if !queue_is(name, |c| c.ready == 0 && c.unacked == 0).await {
+                        return false;
+                    }
+                }
+                true
             }
         },
     )

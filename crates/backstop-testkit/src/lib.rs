@@ -247,6 +247,15 @@ pub async fn try_publish(
     Ok(())
 }
 
+/// Whether the broker's counts for `queue` satisfy `check` (false when the
+/// queue does not exist). `rabbitmqctl` blocks, so it runs off the runtime.
+pub async fn queue_is(queue: &str, check: impl Fn(QueueCounts) -> bool + Send + 'static) -> bool {
+    let queue = queue.to_owned();
+    tokio::task::spawn_blocking(move || queue_counts(&queue).is_some_and(check))
+        .await
+        .unwrap_or(false)
+}
+
 /// Deletes `queue` if it exists.
 pub async fn delete_queue(connection: &Connection, queue: &str) {
     if let Ok(channel) = connection.create_channel().await {

@@ -24,7 +24,8 @@ pub(crate) struct HttpHandler {
     client: reqwest::Client,
     url: String,
     queue: String,
-    durations: Family<Vec<(String, String)>, Histogram>,
+    /// This queue's series of the handler duration histogram, looked up once.
+    duration: Histogram,
 }
 
 impl HttpHandler {
@@ -48,7 +49,9 @@ impl HttpHandler {
             client,
             url: url.to_owned(),
             queue: queue.to_owned(),
-            durations,
+            duration: durations
+                .get_or_create(&vec![("queue".to_owned(), queue.to_owned())])
+                .clone(),
         })
     }
 
@@ -124,9 +127,7 @@ impl Handler for HttpHandler {
             .body(delivery.body().to_vec());
         let started = Instant::now();
         let response = request.send().await;
-        self.durations
-            .get_or_create(&vec![("queue".to_owned(), self.queue.clone())])
-            .observe(started.elapsed().as_secs_f64());
+        self.duration.observe(started.elapsed().as_secs_f64());
         match response {
             Ok(response) => {
                 let status = response.status().as_u16();

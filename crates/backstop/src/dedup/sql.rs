@@ -26,14 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 /// The most operations written in one batch.
 const MAX_BATCH: usize = 256;
 
-const SQLITE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS backstop_seen (
-    scope TEXT NOT NULL,
-    key TEXT NOT NULL,
-    holder TEXT,
-    expires_at BIGINT NOT NULL,
-    PRIMARY KEY (scope, key)) WITHOUT ROWID";
-
-const POSTGRES_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS backstop_seen (
+/// The PostgreSQL table; SQLite's is in `sqlite.rs`.
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS backstop_seen (
     scope TEXT NOT NULL,
     key TEXT NOT NULL,
     holder TEXT,
@@ -112,19 +106,21 @@ impl SqlSeenStore {
             });
         }
         let (pool, backend) = open_pool(url, false).await.map_err(from_store)?;
-        let mut tx = pool.begin().await.map_err(unavailable)?;
-        if backend == Backend::Postgres {
-            // Two instances starting together must not race on the DDL.
-            sqlx::query("SELECT pg_advisory_xact_lock(7234000002)")
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+        if backend != Backend::Postgres {
+            // SQLite goes to its own writer above; without the `sqlite`
+            // feature there is no SQLite driver to get here with.
+            return Err(DedupError::InvalidUrl {
+                url: crate::error::RedactedUri::new(url).to_string(),
+                reason: "SQLite needs the `sqlite` feature".into(),
+            });
         }
-        let schema = match backend {
-            Backend::Sqlite => SQLITE_SCHEMA,
-            Backend::Postgres => POSTGRES_SCHEMA,
-        };
-        for statement in [schema, EXPIRY_INDEX] {
+        let mut tx = pool.begin().await.map_err(unavailable)?;
+        // Two instances starting together must not race on the DDL.
+        sqlx::query("SELECT pg_advisory_xact_lock(7234000002)")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        for statement in [SCHEMA, EXPIRY_INDEX] {
             sqlx::query(statement)
                 .execute(&mut *tx)
                 .await
