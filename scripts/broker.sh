@@ -35,14 +35,13 @@ if [ -w "$(dirname "$conf")" ] && ! grep -q '^NODE_IP_ADDRESS=127.0.0.1' "$conf"
   } >>"$conf"
 fi
 
-# The TLS listener (127.0.0.1:5671) and its test certificates. A broker
-# already running without that listener is restarted to open it.
+# The TLS listener (127.0.0.1:5671), EXTERNAL auth and the test certificates.
+# A running broker is restarted when tls.sh changed its configuration.
+tls_dir=${BACKSTOP_TLS_DIR:-/etc/rabbitmq/backstop-tls}
 if [ "$(id -u)" -eq 0 ]; then
   bash "$(dirname "$0")/tls.sh"
-  if rabbitmqctl -q status >/dev/null 2>&1 &&
-    rabbitmqctl -q eval 'rabbit:is_running().' 2>/dev/null | grep -q true &&
-    ! rabbitmq-diagnostics -q listeners 2>/dev/null | grep -q 'port: 5671'; then
-    log "restarting rabbitmq to open the TLS listener"
+  if [ -e "$tls_dir/restart-needed" ] && rabbitmqctl -q status >/dev/null 2>&1; then
+    log "restarting rabbitmq to apply the TLS configuration"
     rabbitmqctl -q stop >/dev/null 2>&1 || true
     for _ in $(seq 1 30); do
       rabbitmqctl -q status >/dev/null 2>&1 || break
@@ -71,6 +70,16 @@ for _ in $(seq 1 60); do
   if rabbitmqctl -q ping >/dev/null 2>&1; then
     rabbitmqctl -q start_app >/dev/null 2>&1 || true
     if rabbitmqctl -q await_startup --timeout 30 >/dev/null 2>&1; then
+      if [ "$(id -u)" -eq 0 ]; then
+        rm -f "$tls_dir/restart-needed"
+        # The EXTERNAL user: the test client certificate's CN, with no password.
+        if ! rabbitmqctl -q list_users 2>/dev/null | grep -q '^backstop-client'; then
+          log "adding the user backstop-client (EXTERNAL, no password)"
+          rabbitmqctl -q add_user backstop-client "unused-$RANDOM$RANDOM" >/dev/null
+          rabbitmqctl -q clear_password backstop-client >/dev/null
+          rabbitmqctl -q set_permissions -p / backstop-client '.*' '.*' '.*' >/dev/null
+        fi
+      fi
       log "rabbitmq is ready on 127.0.0.1:5672 (TLS on 127.0.0.1:5671)"
       exit 0
     fi

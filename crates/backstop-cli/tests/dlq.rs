@@ -326,3 +326,76 @@ fn the_broker_comes_from_the_config_file_first() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `[broker.tls]` reaches the CLI's connections: the server name override,
+/// the insecure switch (warned about), and a clear exit 2 when TLS fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_tls_settings_from_the_config_file_are_used() {
+    let queue = unique("dlq-tls");
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    let pki = backstop_testkit::tls_dir();
+    let dir = std::env::temp_dir().join(unique("backstop-tls-config"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let run = |name: &str, tls: String| {
+        let path = dir.join(format!("{name}.toml"));
+        let uri = format!("amqps://guest:guest@{}/%2f", backstop_testkit::TLS_ADDR);
+        std::fs::write(
+            &path,
+            format!(
+                "[broker]\nuri = {uri:?}\ntls.cert = {:?}\ntls.key = {:?}\n{tls}",
+                pki.join("client.pem").display().to_string(),
+                pki.join("client.key").display().to_string(),
+            ),
+        )
+        .expect("write");
+        backstop(&["dlq", "list", &queue, "-c", path.to_str().unwrap_or("")])
+    };
+    let ca = format!("tls.ca = {:?}\n", pki.join("ca.pem").display().to_string());
+    let other_ca = format!(
+        "tls.ca = {:?}\n",
+        pki.join("other-ca.pem").display().to_string()
+    );
+
+    let (code, _, stderr) = run(
+        "named",
+        format!("{ca}tls.server_name = \"rabbit.backstop.test\"\n"),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("listed=0 kept=0"), "{stderr}");
+
+    let (code, _, stderr) = run(
+        "misnamed",
+        format!("{ca}tls.server_name = \"other.backstop.test\"\n"),
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("does not name the host"), "{stderr}");
+
+    let (code, _, stderr) = run("untrusted", other_ca.clone());
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("not signed by a trusted CA"), "{stderr}");
+
+    let (code, _, stderr) = run(
+        "insecure",
+        format!("{other_ca}tls.insecure_skip_verify = true\n"),
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("TLS certificate verification is OFF"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("guest:guest"), "{stderr}");
+    delete_queue(&connection, &queue).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -306,6 +306,18 @@ async fn each_response_status_maps_to_its_outcome_and_metrics_count_them() {
     );
     let (status, body) = get(&format!("http://127.0.0.1:{port}/healthz")).await;
     assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // Nothing on the server changes state, so nothing needs an admin token:
+    // every method but GET is refused on every path.
+    for method in ["POST", "PUT", "DELETE", "PATCH"] {
+        for path in ["metrics", "healthz", "readyz", "admin", ""] {
+            let url = format!("http://127.0.0.1:{port}/{path}");
+            let status = http_request(method, &url).await.map(|r| r.0);
+            assert!(
+                matches!(status, Some(404 | 405)),
+                "{method} /{path}: {status:?}"
+            );
+        }
+    }
     drop(_run);
     cleanup(&queue).await;
 }

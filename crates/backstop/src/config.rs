@@ -313,7 +313,8 @@ fn with_password(uri: &str, password: &str) -> std::result::Result<String, Strin
     Ok(format!("{scheme}://{user}:{encoded}@{host}{path}"))
 }
 
-/// `broker.tls.*`. Verification of the broker's certificate is always on.
+/// `broker.tls.*`. The broker's certificate is verified unless
+/// `insecure_skip_verify` says otherwise.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -322,8 +323,15 @@ pub struct TlsSettings {
     pub ca: Option<std::path::PathBuf>,
     /// The client certificate (PEM) for mutual TLS.
     pub cert: Option<std::path::PathBuf>,
-    /// The client certificate's PKCS#8 key (PEM).
+    /// The client certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
     pub key: Option<std::path::PathBuf>,
+    /// The name the broker's certificate must list, when it differs from the
+    /// URI's host (a tunnel, a load balancer's address).
+    pub server_name: Option<String>,
+    /// Accepts any certificate from the broker. Insecure: for test set-ups
+    /// only; logged as a warning at every connect.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 impl TlsSettings {
@@ -344,7 +352,10 @@ impl TlsSettings {
                 });
             }
         }
-        Ok(tls)
+        if let Some(name) = &self.server_name {
+            tls = tls.server_name(name.clone());
+        }
+        Ok(tls.insecure_skip_verify(self.insecure_skip_verify))
     }
 }
 
@@ -496,6 +507,12 @@ impl Config {
             if let Some(path) = path {
                 let _ = writeln!(out, "{key} = {:?}", path.display().to_string());
             }
+        }
+        if let Some(name) = &self.broker.tls.server_name {
+            let _ = writeln!(out, "tls.server_name = {name:?}");
+        }
+        if self.broker.tls.insecure_skip_verify {
+            let _ = writeln!(out, "tls.insecure_skip_verify = true  # INSECURE");
         }
         let _ = writeln!(out, "\n[reconnect]");
         let _ = writeln!(
@@ -776,6 +793,27 @@ mod tests {
             err.contains("line 2") && err.contains("broker.password_file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_insecure_switch_and_the_server_name_are_shown_by_config_check() {
+        let text = "[broker]\ntls.server_name = \"rabbit.internal\"\n\
+                    tls.insecure_skip_verify = true\n";
+        let config = Config::parse(text, "test.toml").expect("valid");
+        let tls = config.broker.tls.load().expect("loads");
+        assert!(tls.is_insecure());
+        let shown = config.normalized();
+        assert!(
+            shown.contains("tls.server_name = \"rabbit.internal\""),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("tls.insecure_skip_verify = true  # INSECURE"),
+            "{shown}"
+        );
+        let secure = Config::parse("", "empty.toml").expect("valid");
+        assert!(!secure.broker.tls.load().expect("loads").is_insecure());
+        assert!(!secure.normalized().contains("insecure"));
     }
 
     #[test]

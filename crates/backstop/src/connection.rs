@@ -27,6 +27,7 @@
 //! ```
 
 use crate::error::{Error, RedactedUri, Result};
+pub use crate::tls::TlsConfig;
 use crate::wait_true;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::uri::AMQPUri;
@@ -77,79 +78,6 @@ impl Backoff {
     /// A delay drawn uniformly from `[0, ceiling(attempt)]`.
     pub fn delay(&self, attempt: u32, rng: &mut fastrand::Rng) -> Duration {
         self.ceiling(attempt).mul_f64(rng.f64())
-    }
-}
-
-/// TLS for `amqps://` addresses: the broker's certificate is verified
-/// against the system's roots plus `ca` (when given), and a client
-/// certificate is presented for mutual TLS (when given). Verification cannot
-/// be turned off.
-#[derive(Clone, Default)]
-pub struct TlsConfig {
-    ca_pem: Option<String>,
-    identity: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("ca", &self.ca_pem.is_some())
-            .field("client_certificate", &self.identity.is_some())
-            .finish()
-    }
-}
-
-fn read_pem(key: &'static str, path: &std::path::Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Config {
-        key,
-        reason: format!("cannot read {}: {e}", path.display()),
-    })?;
-    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-        return Err(Error::Config {
-            key,
-            reason: format!("{} is not a PEM file", path.display()),
-        });
-    }
-    Ok(bytes)
-}
-
-impl TlsConfig {
-    /// No CA of its own and no client certificate: the system's roots.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Trusts the CA certificates in the PEM file at `path` (`broker.tls.ca`).
-    pub fn ca_file(mut self, path: &std::path::Path) -> Result<Self> {
-        let pem = read_pem("broker.tls.ca", path)?;
-        self.ca_pem = Some(String::from_utf8_lossy(&pem).into_owned());
-        Ok(self)
-    }
-
-    /// Presents the certificate (PEM) and its PKCS#8 key (PEM) for mutual TLS
-    /// (`broker.tls.cert`, `broker.tls.key`).
-    pub fn client_cert_files(
-        mut self,
-        cert: &std::path::Path,
-        key: &std::path::Path,
-    ) -> Result<Self> {
-        let cert = read_pem("broker.tls.cert", cert)?;
-        let key = read_pem("broker.tls.key", key)?;
-        self.identity = Some((cert, key));
-        Ok(self)
-    }
-
-    fn owned(&self) -> lapin::tcp::OwnedTLSConfig {
-        lapin::tcp::OwnedTLSConfig {
-            identity: self
-                .identity
-                .as_ref()
-                .map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 {
-                    pem: pem.clone(),
-                    key: key.clone(),
-                }),
-            cert_chain: self.ca_pem.clone(),
-        }
     }
 }
 
@@ -408,6 +336,27 @@ impl ConnectionSupervisor {
     /// address or setting; never fails because the broker is down.
     pub fn start(config: ConnectionConfig) -> Result<Self> {
         let uris = config.validate()?;
+        for (uri, address) in uris.iter().zip(&config.addresses) {
+            let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
+            if external
+                && (uri.scheme != lapin::uri::AMQPScheme::AMQPS || !config.tls.has_client_cert())
+            {
+                return Err(Error::InvalidUri {
+                    uri: RedactedUri::new(address).to_string(),
+                    reason: "auth_mechanism=external logs in with the client certificate: \
+                             it needs amqps:// and broker.tls.cert and broker.tls.key"
+                        .into(),
+                });
+            }
+        }
+        let tls = if uris
+            .iter()
+            .any(|u| u.scheme == lapin::uri::AMQPScheme::AMQPS)
+        {
+            Some(config.tls.client_config()?)
+        } else {
+            None
+        };
         let (state, _) = watch::channel(ConnectionState::Connecting { attempt: 0 });
         let (current, _) = watch::channel(None);
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
@@ -425,6 +374,7 @@ impl ConnectionSupervisor {
             shared: shared.clone(),
             config,
             uris,
+            tls,
             lost_rx,
             rng: fastrand::Rng::new(),
         };
@@ -515,6 +465,8 @@ struct SupervisorTask {
     shared: Arc<Shared>,
     config: ConnectionConfig,
     uris: Vec<AMQPUri>,
+    /// The rustls configuration, when an address is `amqps://`.
+    tls: Option<Arc<rustls::ClientConfig>>,
     lost_rx: mpsc::UnboundedReceiver<(u64, String)>,
     rng: fastrand::Rng,
 }
@@ -683,14 +635,42 @@ impl SupervisorTask {
             .with_client_property("product".into(), "backstop".into())
             .with_client_property("version".into(), env!("CARGO_PKG_VERSION").into());
         let uri = self.uris[index].clone();
+        let tls = match (&self.tls, &uri.scheme) {
+            (Some(tls), lapin::uri::AMQPScheme::AMQPS) => Some(tls.clone()),
+            _ => None,
+        };
         let connect = async {
-            if uri.scheme == lapin::uri::AMQPScheme::AMQPS {
-                use lapin::Connect;
-                let runtime = lapin::runtime::default_runtime()?;
-                uri.connect_with_config(props, self.config.tls.owned(), runtime)
+            match tls {
+                Some(tls) => {
+                    let name = self.config.tls.name_for(&uri.authority.host).to_owned();
+                    if self.config.tls.is_insecure() {
+                        warn!(
+                            address = %RedactedUri::new(&self.config.addresses[index]),
+                            "TLS certificate verification is OFF (broker.tls.insecure_skip_verify): \
+                             the broker is not authenticated and anyone on the path can pose as it"
+                        );
+                    }
+                    let connector = lapin::tcp::RustlsConnector::from(tls);
+                    let runtime = lapin::runtime::default_runtime()?;
+                    lapin::Connection::connector(
+                        uri,
+                        runtime,
+                        async move |uri, runtime| {
+                            let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((
+                                uri.authority.host.as_str(),
+                                uri.authority.port,
+                            ))
+                            .await?
+                            .collect();
+                            let stream =
+                                lapin::tcp::AsyncTcpStream::connect(&runtime, addresses).await?;
+                            Ok(stream.into_rustls(&connector, &name).await?)
+                        },
+                        props,
+                    )
                     .await
-            } else {
-                lapin::Connection::connect_uri(uri, props).await
+                }
+                None => lapin::Connection::connect_uri(uri, props).await,
             }
         };
         match tokio::time::timeout(self.config.connect_timeout, connect).await {
@@ -827,33 +807,10 @@ fn classify_connect_error(err: &lapin::Error) -> AttemptError {
         }
     }
     let text = err.to_string();
-    if let Some(reason) = tls_failure(&text) {
+    if let Some(reason) = crate::tls::failure(&text) {
         return AttemptError::Tls(reason);
     }
     AttemptError::Retry(describe(err))
-}
-
-/// A clear reason for a TLS failure in `text` (rustls's error), if it is one.
-fn tls_failure(text: &str) -> Option<String> {
-    let reason = if text.contains("UnknownIssuer") {
-        "the broker's certificate is not signed by a trusted CA (UnknownIssuer): \
-         set broker.tls.ca to the CA that signed it"
-    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
-        "the broker's certificate does not name the host in the URI (NotValidForName): \
-         connect with a name the certificate lists"
-    } else if text.contains("Expired") || text.contains("certificate expired") {
-        "the broker's certificate has expired (Expired)"
-    } else if text.contains("CertificateRequired") || text.contains("certificate required") {
-        "the broker requires a client certificate (mutual TLS): set broker.tls.cert and \
-         broker.tls.key"
-    } else if text.contains("BadCertificate") || text.contains("UnknownCA") {
-        "the broker rejected the client certificate: it is not signed by a CA the broker trusts"
-    } else if text.contains("invalid peer certificate") {
-        "the broker's certificate is invalid"
-    } else {
-        return None;
-    };
-    Some(format!("TLS: {reason} ({})", text.trim()))
 }
 
 #[cfg(test)]

@@ -32,6 +32,7 @@ pub mod handler;
 pub mod publish;
 pub mod retry;
 pub mod store;
+mod tls;
 pub mod topology;
 
 pub use error::{Error, RedactedUri, Result};

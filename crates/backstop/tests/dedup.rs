@@ -651,16 +651,6 @@ async fn effects(db: &str) -> Vec<(String, i64)> {
         .collect()
 }
 
-/// Kills the child process even when the test fails half-way.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Run by `the_inbox_applies_each_effect_once_across_a_kill_after_commit` in
 /// a child process: consumes with the inbox and never sends an ack (the
 /// prefetch window holds every message, handlers complete in order, the
@@ -695,7 +685,7 @@ async fn the_inbox_applies_each_effect_once_across_a_kill_after_commit() {
     let publisher = backstop_testkit::connect().await;
     backstop_testkit::publish(&publisher, &queue, 300, "order", order_body).await;
 
-    let mut child = KillOnDrop(
+    let mut child = common::KillOnDrop(
         std::process::Command::new(std::env::current_exe().expect("test binary"))
             .args(["--ignored", "--exact", "inbox_child_process"])
             .env("BACKSTOP_INBOX_QUEUE", &queue)

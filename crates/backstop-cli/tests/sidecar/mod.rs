@@ -110,12 +110,20 @@ pub async fn get(url: &str) -> (u16, String) {
 
 /// A bare HTTP/1.0 GET, enough for the metrics endpoints.
 pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    http_request("GET", url).await
+}
+
+/// A bare HTTP/1.0 request with an empty body.
+pub async fn http_request(method: &str, url: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest.split_once('/')?;
     let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
     stream
-        .write_all(format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .write_all(
+            format!("{method} /{path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .ok()?;
     let mut text = String::new();

@@ -198,3 +198,13 @@ pub async fn declare(topology: &Topology) {
     topology.apply(&channel).await.expect("declare");
     let _ = connection.close(200, "declared".into()).await;
 }
+
+/// Kills the child process when the test ends, passed or failed half-way.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
