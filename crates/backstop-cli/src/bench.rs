@@ -8,7 +8,7 @@ use backstop::consumer::{Consumer, ConsumerConfig};
 use backstop::handler::{Delivery, handler_fn};
 use backstop::topology::{Queue, Topology};
 use backstop_testkit::try_publish;
-use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -30,8 +30,9 @@ pub(crate) struct ConsumeArgs {
     /// Ack after this many contiguous completions (default: a quarter of the prefetch).
     #[arg(long)]
     ack_batch: Option<usize>,
-    /// Alternating rounds of (a) and (b); the medians are reported.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds of (a) and (b), back to back in alternating order; the ratio
+    /// is the median of the rounds' ratios.
+    #[arg(long, default_value_t = 5)]
     rounds: u32,
     /// Also measure (c): the runtime with deduplication on the message id,
     /// in this store: memory, sqlite (a fresh file), postgres, redis (the
@@ -39,6 +40,11 @@ pub(crate) struct ConsumeArgs {
     /// BACKSTOP_REDIS_URL), or a store URL.
     #[arg(long, value_name = "STORE")]
     dedup: Option<String>,
+    /// Also measure a bare lapin loop that acks manually (same prefetch, one
+    /// multiple-ack per ack batch, nothing else): the best a manual-ack
+    /// client can do against this broker.
+    #[arg(long)]
+    bare_manual: bool,
     #[command(flatten)]
     broker: ui::BrokerArgs,
 }
@@ -100,13 +106,19 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     };
 
     // The broker's throughput drifts by tens of percent from one second to
-    // the next on a small machine, so (a) and (b) alternate for several
-    // rounds and the medians are compared.
+    // the next on a small machine, so (a) and (b) run back to back in each
+    // round, in alternating order (ab, ba, ab, ...) so that neither always
+    // runs second, and the ratio is the median of the rounds' paired ratios.
     let mut ceilings = Vec::new();
     let mut backstops = Vec::new();
     let mut deduped = Vec::new();
     for round in 1..=args.rounds {
-        let ceiling = run.ceiling().await?;
+        let ceiling_first = round % 2 == 1;
+        let ceiling = if ceiling_first {
+            Some(run.bare(None).await?)
+        } else {
+            None
+        };
         let backstop = run.backstop(None).await?;
         if let Some((label, _, store)) = &dedup {
             // A scope per round: every round's message ids are fresh keys.
@@ -122,16 +134,42 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
             );
             deduped.push(measured);
         }
+        let ceiling = match ceiling {
+            Some(ceiling) => ceiling,
+            None => run.bare(None).await?,
+        };
+        if args.bare_manual {
+            let bare = run
+                .bare(Some(
+                    args.ack_batch.unwrap_or(usize::from(args.prefetch) / 4),
+                ))
+                .await?;
+            println!(
+                "round {round}: bare lapin manual-ack loop {:.0} msg/s, {:.1} us cpu/msg, \
+                 {} ack frames, ratio {:.2}",
+                bare.rate,
+                bare.cpu_us,
+                bare.ack_frames,
+                bare.rate / ceiling.rate
+            );
+        }
         println!(
             "round {round}: ceiling (auto-ack) {:.0} msg/s, {:.1} us cpu/msg; \
-             backstop (prefetch {}, concurrency {}) {:.0} msg/s, {:.1} us cpu/msg, {} ack frames",
+             backstop (prefetch {}, concurrency {}) {:.0} msg/s, {:.1} us cpu/msg, {} ack frames; \
+             ratio {:.2} ({})",
             ceiling.rate,
             ceiling.cpu_us,
             args.prefetch,
             args.concurrency,
             backstop.rate,
             backstop.cpu_us,
-            backstop.ack_frames
+            backstop.ack_frames,
+            backstop.rate / ceiling.rate,
+            if ceiling_first {
+                "ceiling first"
+            } else {
+                "backstop first"
+            }
         );
         ceilings.push(ceiling);
         backstops.push(backstop);
@@ -148,17 +186,24 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     let ceiling = median(ceilings.iter().map(|m| m.rate));
     let backstop = median(backstops.iter().map(|m| m.rate));
     let cpu_us = median(backstops.iter().map(|m| m.cpu_us));
-    let ratio = backstop / ceiling;
+    let paired =
+        |of: &[Measured]| -> f64 { median(of.iter().zip(&ceilings).map(|(m, c)| m.rate / c.rate)) };
+    let ratio = paired(&backstops);
+    println!(
+        "ratio: {ratio:.2}, the median of {} paired rounds (the ratio of the median rates is {:.2})",
+        backstops.len(),
+        backstop / ceiling
+    );
     let mut line = format!(
         "bench: ceiling={ceiling:.0} msg/s backstop={backstop:.0} msg/s ratio={ratio:.2} cpu_us_per_msg={cpu_us:.1}"
     );
     if let Some((label, url, _)) = &dedup {
         let rate = median(deduped.iter().map(|m| m.rate));
-        let dedup_ratio = rate / ceiling;
+        let dedup_ratio = paired(&deduped);
+        let vs_plain = median(deduped.iter().zip(&backstops).map(|(d, b)| d.rate / b.rate));
         line.push_str(&format!(
             " dedup={label} backstop_dedup={rate:.0} msg/s ratio_dedup={dedup_ratio:.2} \
-             dedup_vs_plain={:.2}",
-            dedup_ratio / ratio
+             dedup_vs_plain={vs_plain:.2}"
         ));
         if let Some(path) = url.strip_prefix("sqlite://")
             && label == "sqlite"
@@ -212,8 +257,11 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// `timed` of the messages were handled between `started` and now; the
+    /// CPU time covers them all.
     fn measured(
         &self,
+        timed: u64,
         started: Instant,
         cpu_before: Option<Duration>,
         ack_frames: u64,
@@ -225,47 +273,69 @@ impl Run<'_> {
             _ => f64::NAN,
         };
         Measured {
-            rate: messages / elapsed.as_secs_f64(),
+            rate: timed as f64 / elapsed.as_secs_f64(),
             cpu_us,
             ack_frames,
         }
     }
 
     /// (a) The ceiling: the broker pushing as fast as it can with auto-ack.
-    async fn ceiling(&self) -> anyhow::Result<Measured> {
+    /// With `manual`, the floor of manual acking instead: a bare lapin loop
+    /// with the same prefetch that sends one `basic.ack(multiple)` every
+    /// `batch` deliveries and does nothing else.
+    async fn bare(&self, manual: Option<usize>) -> anyhow::Result<Measured> {
         fill(self.channel, self.queue, self.args.messages, self.body).await?;
         let channel = self.live.create_channel().await?;
+        if manual.is_some() {
+            channel
+                .basic_qos(self.args.prefetch, BasicQosOptions { global: false })
+                .await?;
+        }
         let mut stream = channel
             .basic_consume(
                 self.queue.into(),
                 "".into(),
                 BasicConsumeOptions {
-                    no_ack: true,
+                    no_ack: manual.is_none(),
                     ..BasicConsumeOptions::default()
                 },
                 FieldTable::default(),
             )
             .await
-            .context("subscribing with auto-ack")?;
-        let bar = ui::progress(self.args.messages, "ceiling");
+            .context("subscribing the bare consumer")?;
+        let label = if manual.is_some() {
+            "bare manual"
+        } else {
+            "ceiling"
+        };
+        let bar = ui::progress(self.args.messages, label);
         let cpu_before = cpu_time();
         let started = Instant::now();
         let mut received = 0u64;
+        let mut ack_frames = 0;
         while received < self.args.messages {
             match stream.next().await {
-                Some(Ok(_)) => {
+                Some(Ok(delivery)) => {
                     received += 1;
+                    if let Some(batch) = manual
+                        && (received.is_multiple_of(batch as u64) || received == self.args.messages)
+                    {
+                        channel
+                            .basic_ack(delivery.delivery_tag, BasicAckOptions { multiple: true })
+                            .await?;
+                        ack_frames += 1;
+                    }
                     if received.is_multiple_of(1000) {
                         bar.set_position(received);
                     }
                 }
-                Some(Err(e)) => return Err(e).context("auto-ack consume"),
-                None => anyhow::bail!("the auto-ack consumer was cancelled"),
+                Some(Err(e)) => return Err(e).context("bare consume"),
+                None => anyhow::bail!("the bare consumer was cancelled"),
             }
         }
-        let measured = self.measured(started, cpu_before, 0);
+        let measured = self.measured(self.args.messages, started, cpu_before, ack_frames);
         bar.finish_and_clear();
-        let _ = channel.close(200, "ceiling measured".into()).await;
+        let _ = channel.close(200, "measured".into()).await;
         Ok(measured)
     }
 
@@ -279,7 +349,6 @@ impl Run<'_> {
         let handler = handler_fn(|_: Delivery| async {});
         let bar = ui::progress(self.args.messages, "backstop");
         let cpu_before = cpu_time();
-        let started = Instant::now();
         let mut config = ConsumerConfig::new(self.queue)
             .topology(self.topology.clone())
             .prefetch(self.args.prefetch)
@@ -292,9 +361,19 @@ impl Run<'_> {
             config = config.dedup(dedup);
         }
         let consumer = Consumer::new(self.supervisor.clone(), config, handler).spawn()?;
+        // Timed like the ceiling, from the subscription (the ceiling's clock
+        // starts when basic.consume returns), not from opening the channel.
+        let mut started = Instant::now();
+        let mut subscribed = false;
+        let mut handled_before = 0;
         // Done when the last ack is sent, not merely when the handler ran.
         loop {
             let stats = consumer.stats();
+            if !subscribed && stats.subscribed {
+                subscribed = true;
+                started = Instant::now();
+                handled_before = stats.handled;
+            }
             if stats.handled >= self.args.messages {
                 break;
             }
@@ -305,7 +384,12 @@ impl Run<'_> {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let ack_frames = consumer.stats().ack_frames;
-        let measured = self.measured(started, cpu_before, ack_frames);
+        let measured = self.measured(
+            self.args.messages.saturating_sub(handled_before),
+            started,
+            cpu_before,
+            ack_frames,
+        );
         bar.finish_and_clear();
         let report = consumer.shutdown().await?;
         if deduplicating && (report.duplicates > 0 || report.dedup_failures > 0) {

@@ -590,6 +590,30 @@ struct Session {
     publisher: Option<ConfirmedPublisher>,
     generation: u64,
     acks: AckCoalescer,
+    /// Ack frames handed to lapin and not yet written, with the number of
+    /// deliveries each settles. The pump goes on while lapin's I/O loop
+    /// writes them.
+    sending: FuturesUnordered<AckSend>,
+}
+
+/// One ack frame being written: how many deliveries it settles, and lapin's
+/// result.
+type AckSend = Pin<Box<dyn Future<Output = (u64, lapin::Result<()>)> + Send + Sync>>;
+
+/// Hands `basic.ack` to lapin at once and returns the write as a future.
+/// The frame is queued on the channel during the first poll, here, so frames
+/// keep the order of the calls; a closed channel fails right away.
+fn send_ack(channel: &lapin::Channel, tag: u64, multiple: bool, settles: u64) -> Option<AckSend> {
+    let channel = channel.clone();
+    let mut send: AckSend = Box::pin(async move {
+        let result = channel.basic_ack(tag, BasicAckOptions { multiple }).await;
+        (settles, result)
+    });
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match send.as_mut().poll(&mut cx) {
+        std::task::Poll::Pending => Some(send),
+        std::task::Poll::Ready(done) => Some(Box::pin(std::future::ready(done))),
+    }
 }
 
 impl<H: Handler> Runtime<H> {
@@ -827,6 +851,7 @@ impl<H: Handler> Runtime<H> {
                         self.config.ack_flush,
                         self.config.ack_gap_timeout,
                     ),
+                    sending: FuturesUnordered::new(),
                 })
             }
             Err(e) => {
@@ -880,8 +905,9 @@ impl<H: Handler> Runtime<H> {
                         }
                     }
                 }
-                _ = &mut flush_timer, if armed.is_some() => {
-                    if let Err(reason) = self.flush(&mut session).await {
+                _ = &mut flush_timer, if armed.is_some() => self.flush(&mut session),
+                Some(done) = session.sending.next(), if !session.sending.is_empty() => {
+                    if let Err(reason) = self.sent(done) {
                         return self.end(session, reason).await;
                     }
                 }
@@ -954,7 +980,7 @@ impl<H: Handler> Runtime<H> {
         match settlement {
             Settlement::Ack => {
                 if session.acks.complete(tag, true, now) && session.acks.batch_full() {
-                    self.flush(session).await?;
+                    self.flush(session);
                 }
             }
             Settlement::Reject => {
@@ -1017,29 +1043,51 @@ impl<H: Handler> Runtime<H> {
         Ok(())
     }
 
-    async fn flush(&mut self, session: &mut Session) -> std::result::Result<(), String> {
+    /// Hands the coalesced acks to lapin without waiting for the writes;
+    /// [`Self::sent`] counts them when they are written.
+    fn flush(&mut self, session: &mut Session) {
         let unsent = session.acks.unsent() as u64;
         let flush = session.acks.flush(Instant::now());
         if flush.is_empty() {
-            return Ok(());
+            return;
         }
-        let sent_before = unsent - session.acks.unsent() as u64;
-        for tag in &flush.singles {
+        let singles = flush.singles.len() as u64;
+        let multiple = (unsent - session.acks.unsent() as u64).saturating_sub(singles);
+        let sends = flush
+            .singles
+            .iter()
+            .map(|tag| (*tag, false, 1))
+            .chain(flush.multiple_up_to.map(|tag| (tag, true, multiple)));
+        for (tag, multiple, settles) in sends {
             session
-                .channel
-                .basic_ack(*tag, BasicAckOptions { multiple: false })
-                .await
-                .map_err(|e| describe(&e))?;
-        }
-        if let Some(tag) = flush.multiple_up_to {
-            session
-                .channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
-                .await
-                .map_err(|e| describe(&e))?;
+                .sending
+                .extend(send_ack(&session.channel, tag, multiple, settles));
         }
         bump(&self.stats.ack_frames, flush.tags() as u64);
-        bump(&self.stats.acked, sent_before);
+    }
+
+    /// An ack frame was written (or failed: the channel is unusable).
+    fn sent(&self, (settles, result): (u64, lapin::Result<()>)) -> std::result::Result<(), String> {
+        result.map_err(|e| describe(&e))?;
+        bump(&self.stats.acked, settles);
+        Ok(())
+    }
+
+    /// Waits, up to `timeout`, for the ack frames handed to lapin to be
+    /// written.
+    async fn sent_all(
+        &mut self,
+        session: &mut Session,
+        timeout: Duration,
+    ) -> std::result::Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !session.sending.is_empty() {
+            match tokio::time::timeout_at(deadline, session.sending.next()).await {
+                Ok(Some(done)) => self.sent(done)?,
+                Ok(None) => break,
+                Err(_) => return Err(format!("acks not written within {timeout:?}")),
+            }
+        }
         Ok(())
     }
 
@@ -1079,7 +1127,8 @@ impl<H: Handler> Runtime<H> {
                 break;
             }
         }
-        if let Err(reason) = self.flush(&mut session).await {
+        self.flush(&mut session);
+        if let Err(reason) = self.sent_all(&mut session, Duration::from_secs(5)).await {
             warn!(%queue, %reason, "final ack flush failed; the broker redelivers");
         }
         // Dropping what did not finish cancels it; its messages stay unacked.
