@@ -936,21 +936,18 @@ impl<H: Handler> Runtime<H> {
         bump(&self.stats.delivered, 1);
         let generation = session.generation;
         let (tag, delivery) = Delivery::from_lapin(delivery);
-        let task = process::process(
+        self.handlers.push(process::process(
             self.handler.clone(),
             self.context.clone(),
             session.publisher.clone(),
             delivery,
-        );
-        self.handlers.push(Box::pin(async move {
-            let (settlement, verdict) = task.await;
-            Completion {
+            move |(settlement, verdict)| Completion {
                 generation,
                 tag,
                 settlement,
                 verdict,
-            }
-        }));
+            },
+        ));
         self.update_in_flight();
     }
 
