@@ -187,6 +187,18 @@ impl ConnectionConfig {
             .map(|address| {
                 let mut uri = parse_uri(address)?;
                 uri.query.heartbeat = Some(heartbeat);
+                let external =
+                    uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
+                if external
+                    && (uri.scheme != lapin::uri::AMQPScheme::AMQPS || !self.tls.has_client_cert())
+                {
+                    return Err(Error::InvalidUri {
+                        uri: RedactedUri::new(address).to_string(),
+                        reason: "auth_mechanism=external logs in with the client certificate: \
+                                 it needs amqps:// and broker.tls.cert and broker.tls.key"
+                            .into(),
+                    });
+                }
                 Ok(uri)
             })
             .collect()
@@ -336,19 +348,6 @@ impl ConnectionSupervisor {
     /// address or setting; never fails because the broker is down.
     pub fn start(config: ConnectionConfig) -> Result<Self> {
         let uris = config.validate()?;
-        for (uri, address) in uris.iter().zip(&config.addresses) {
-            let external = uri.query.auth_mechanism == Some(lapin::uri::SASLMechanism::External);
-            if external
-                && (uri.scheme != lapin::uri::AMQPScheme::AMQPS || !config.tls.has_client_cert())
-            {
-                return Err(Error::InvalidUri {
-                    uri: RedactedUri::new(address).to_string(),
-                    reason: "auth_mechanism=external logs in with the client certificate: \
-                             it needs amqps:// and broker.tls.cert and broker.tls.key"
-                        .into(),
-                });
-            }
-        }
         let tls = if uris
             .iter()
             .any(|u| u.scheme == lapin::uri::AMQPScheme::AMQPS)

@@ -9,8 +9,6 @@ use backstop_testkit::{
     FaultProxy, amqp_url, broker_addr, connect, delete_queue, publish, unique, url_via, wait_until,
 };
 use common::*;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,33 +35,10 @@ async fn addresses_are_tried_in_turn() {
     ));
 }
 
-/// Collects everything the subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut v) = self.0.lock() {
-            v.extend_from_slice(buf);
-        }
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 // One thread, so the thread-local subscriber sees the supervisor's logs too.
 #[tokio::test(flavor = "current_thread")]
 async fn transitions_are_logged_with_reasons_and_without_credentials() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("backstop=debug")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = common::CapturedLogs::start("backstop=debug");
 
     let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
     let url = url_via(&amqp_url(), proxy.addr());
@@ -88,7 +63,7 @@ async fn transitions_are_logged_with_reasons_and_without_credentials() {
     assert!(reconnected);
     supervisor.close().await;
 
-    let logs = String::from_utf8_lossy(&captured.0.lock().expect("lock")).into_owned();
+    let logs = captured.text();
     assert!(logs.contains("to=Reconnecting"), "{logs}");
     assert!(logs.contains("to=Connected { generation: 2 }"), "{logs}");
     assert!(logs.contains("reason="), "{logs}");

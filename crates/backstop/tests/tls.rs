@@ -281,42 +281,11 @@ fn external_auth_without_a_client_certificate_is_a_config_error() {
     }
 }
 
-/// A `MakeWriter` that keeps every log line in memory.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn count(&self, needle: &str) -> usize {
-        let bytes = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        String::from_utf8_lossy(&bytes).matches(needle).count()
-    }
-}
-
 // current_thread: the supervisor's tasks run on this thread, under the
 // capturing subscriber set here.
 #[tokio::test]
 async fn insecure_skip_verify_trusts_any_broker_and_warns_at_every_connect() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("backstop=info")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = common::CapturedLogs::start("backstop=info");
     const WARNING: &str = "TLS certificate verification is OFF";
 
     // Trusting only an unrelated CA fails verification...
@@ -348,7 +317,7 @@ async fn insecure_skip_verify_trusts_any_broker_and_warns_at_every_connect() {
         .expect("the supervisor runs");
     }
     supervisor.close().await;
-    let warnings = logs.count(WARNING);
+    let warnings = logs.text().matches(WARNING).count();
     let connects = proxy.accepted() as usize;
     assert!(connects >= 3, "connects: {connects}");
     assert_eq!(warnings, connects, "one warning per connect attempt");

@@ -603,7 +603,7 @@ type AckSend = Pin<Box<dyn Future<Output = (u64, lapin::Result<()>)> + Send + Sy
 /// Hands `basic.ack` to lapin at once and returns the write as a future.
 /// The frame is queued on the channel during the first poll, here, so frames
 /// keep the order of the calls; a closed channel fails right away.
-fn send_ack(channel: &lapin::Channel, tag: u64, multiple: bool, settles: u64) -> Option<AckSend> {
+fn send_ack(channel: &lapin::Channel, tag: u64, multiple: bool, settles: u64) -> AckSend {
     let channel = channel.clone();
     let mut send: AckSend = Box::pin(async move {
         let result = channel.basic_ack(tag, BasicAckOptions { multiple }).await;
@@ -611,8 +611,8 @@ fn send_ack(channel: &lapin::Channel, tag: u64, multiple: bool, settles: u64) ->
     });
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match send.as_mut().poll(&mut cx) {
-        std::task::Poll::Pending => Some(send),
-        std::task::Poll::Ready(done) => Some(Box::pin(std::future::ready(done))),
+        std::task::Poll::Pending => send,
+        std::task::Poll::Ready(done) => Box::pin(std::future::ready(done)),
     }
 }
 
@@ -1058,7 +1058,7 @@ impl<H: Handler> Runtime<H> {
         for (tag, multiple, settles) in sends {
             session
                 .sending
-                .extend(send_ack(&session.channel, tag, multiple, settles));
+                .push(send_ack(&session.channel, tag, multiple, settles));
         }
         bump(&self.stats.ack_frames, flush.tags() as u64);
     }
