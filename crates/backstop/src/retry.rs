@@ -50,6 +50,24 @@ pub const ORIGINAL_QUEUE_HEADER: &str = "x-backstop-original-queue";
 pub const FIRST_FAILURE_HEADER: &str = "x-backstop-first-failure-ms";
 /// When it last failed (and was dead-lettered), in milliseconds since the Unix epoch.
 pub const LAST_FAILURE_HEADER: &str = "x-backstop-last-failure-ms";
+/// The per-message TTL (`expiration` property) the original carried. Copies
+/// never carry `expiration` itself: a retry, dead-letter or replay copy that
+/// expired out of its queue after the original was acked would be lost.
+/// RabbitMQ's own dead-lettering strips it for the same reason.
+pub const ORIGINAL_EXPIRATION_HEADER: &str = "x-backstop-original-expiration";
+
+/// Headers the broker maintains about a message's past, dropped from every
+/// copy: a copy is a new message.
+const BROKER_HISTORY_HEADERS: &[&str] = &[
+    "x-death",
+    "x-delivery-count",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+];
 
 /// The longest error text carried in a header.
 pub const MAX_ERROR_LEN: usize = 1024;
@@ -349,7 +367,7 @@ impl FailedMessage {
             ATTEMPT_HEADER.into(),
             AMQPValue::LongLongInt(i64::from(self.attempt) + 1),
         );
-        copy_properties(delivery, headers)
+        copy_of(delivery, headers)
     }
 
     /// Properties of the copy sent to the dead-letter queue: the full
@@ -364,16 +382,19 @@ impl FailedMessage {
             LAST_FAILURE_HEADER.into(),
             AMQPValue::LongLongInt(self.last_failure_ms as i64),
         );
-        copy_properties(delivery, headers)
+        copy_of(delivery, headers)
     }
 }
 
-/// `headers` without Backstop's own `x-backstop-*` entries: what a message
-/// is sent with when it starts over (a DLQ replay, a store re-drive).
+/// `headers` without Backstop's own `x-backstop-*` failure entries: what a
+/// message is sent with when it starts over (a DLQ replay, a store re-drive).
+/// [`ORIGINAL_EXPIRATION_HEADER`] stays: it describes the original message,
+/// not a failure.
 pub fn without_backstop_headers(headers: &FieldTable) -> FieldTable {
     let mut kept = FieldTable::default();
     for (key, value) in headers.inner() {
-        if !key.as_str().starts_with("x-backstop-") {
+        let key_str = key.as_str();
+        if !key_str.starts_with("x-backstop-") || key_str == ORIGINAL_EXPIRATION_HEADER {
             kept.insert(key.clone(), value.clone());
         }
     }
@@ -392,13 +413,68 @@ fn long_string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
-/// The delivery's properties with `headers`, always persistent.
-fn copy_properties(delivery: &Delivery, headers: FieldTable) -> BasicProperties {
-    delivery
-        .properties()
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2)
+/// The delivery's properties with `headers`, as a copy: see [`copy_properties`].
+fn copy_of(delivery: &Delivery, headers: FieldTable) -> BasicProperties {
+    copy_properties(delivery.properties(), headers)
+}
+
+/// The properties of a copy of a message (retry, dead-letter, store
+/// re-drive, replay) that carried `properties`, sent with `headers`:
+/// - always persistent;
+/// - no `expiration`: the original's value moves to
+///   [`ORIGINAL_EXPIRATION_HEADER`] (an earlier copy's header is kept);
+/// - none of the broker's history headers (`x-death`, `x-delivery-count`,
+///   `x-first-death-*`, `x-last-death-*`).
+pub fn copy_properties(properties: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut kept = FieldTable::default();
+    for (key, value) in headers.inner() {
+        if !BROKER_HISTORY_HEADERS.contains(&key.as_str()) {
+            kept.insert(key.clone(), value.clone());
+        }
+    }
+    if let Some(expiration) = properties.expiration() {
+        kept.insert(
+            ORIGINAL_EXPIRATION_HEADER.into(),
+            long_string(expiration.as_str()),
+        );
+    }
+    let mut copy = BasicProperties::default()
+        .with_headers(kept)
+        .with_delivery_mode(2);
+    if let Some(v) = properties.content_type() {
+        copy = copy.with_content_type(v.clone());
+    }
+    if let Some(v) = properties.content_encoding() {
+        copy = copy.with_content_encoding(v.clone());
+    }
+    if let Some(v) = properties.priority() {
+        copy = copy.with_priority(*v);
+    }
+    if let Some(v) = properties.correlation_id() {
+        copy = copy.with_correlation_id(v.clone());
+    }
+    if let Some(v) = properties.reply_to() {
+        copy = copy.with_reply_to(v.clone());
+    }
+    if let Some(v) = properties.message_id() {
+        copy = copy.with_message_id(v.clone());
+    }
+    if let Some(v) = properties.timestamp() {
+        copy = copy.with_timestamp(*v);
+    }
+    if let Some(v) = properties.kind() {
+        copy = copy.with_type(v.clone());
+    }
+    if let Some(v) = properties.user_id() {
+        copy = copy.with_user_id(v.clone());
+    }
+    if let Some(v) = properties.app_id() {
+        copy = copy.with_app_id(v.clone());
+    }
+    if let Some(v) = properties.cluster_id() {
+        copy = copy.with_cluster_id(v.clone());
+    }
+    copy
 }
 
 #[cfg(test)]
