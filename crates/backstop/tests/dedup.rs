@@ -498,6 +498,211 @@ async fn deduplicated_handlers_never_exceed_the_concurrency_limit() {
     );
 }
 
+/// Business ids that are binary, carry a NUL, or are longer than an index
+/// row each stay their own key. Before keys were encoded, the two binary ids
+/// below decoded lossily to one key (the second was acked as a duplicate
+/// without running), and the NUL or 5,000-byte keys failed PostgreSQL's
+/// claim batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_nul_and_long_business_ids_are_each_their_own_key() {
+    use lapin::BasicProperties;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    init_tracing();
+    let queue = unique("dedup-odd-ids");
+    common::declare(&common::classic(&queue)).await;
+    let ids: Vec<Vec<u8>> = vec![
+        b"A\xff".to_vec(),
+        b"A\xfe".to_vec(),
+        b"nul\0inside".to_vec(),
+        vec![b'x'; 5000],
+        vec![b'y'; 5000],
+        b"hex:41ff".to_vec(),
+    ];
+    let calls = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+    let handler = {
+        let calls = calls.clone();
+        backstop::handler::handler_fn(move |delivery: Delivery| {
+            let calls = calls.clone();
+            async move {
+                let id = match delivery.header("x-order-id") {
+                    Some(AMQPValue::LongString(s)) => s.as_bytes().to_vec(),
+                    other => panic!("unexpected header {other:?}"),
+                };
+                calls.lock().expect("lock").push(id);
+            }
+        })
+    };
+    let supervisor = common::supervisor(&backstop_testkit::amqp_url(), Duration::from_secs(5));
+    let key: DedupKey = "header:x-order-id".parse().expect("valid key");
+    let config = ConsumerConfig::new(&queue)
+        .topology(common::classic(&queue))
+        .dedup(DedupConfig::new(key, postgres().await));
+    let consumer = Consumer::new(supervisor.clone(), config, handler)
+        .spawn()
+        .expect("valid consumer config");
+    let publisher = backstop_testkit::connect().await;
+    let channel = publisher.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    // Each id twice: the second copy of each is a duplicate.
+    for id in ids.iter().chain(ids.iter()) {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-order-id".into(),
+            AMQPValue::LongString(id.clone().into()),
+        );
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                b"{}",
+                BasicProperties::default().with_headers(headers),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirmed");
+    }
+    common::wait_stats(&consumer, "every copy settled", |r| {
+        r.handled + r.duplicates >= 12
+    })
+    .await;
+    let report = common::finish(consumer, &supervisor, &publisher, &queue).await;
+    // Short labels, so a failure prints readably: length and leading bytes.
+    let label = |id: &Vec<u8>| {
+        format!(
+            "{}B:{:?}",
+            id.len(),
+            String::from_utf8_lossy(&id[..id.len().min(12)])
+        )
+    };
+    let mut seen: Vec<String> = calls.lock().expect("lock").iter().map(label).collect();
+    seen.sort();
+    let mut expected: Vec<String> = ids.iter().map(label).collect();
+    expected.sort();
+    assert_eq!(seen, expected, "each id ran exactly once");
+    assert_eq!(report.duplicates, 6);
+    assert_eq!(report.dedup_failures, 0);
+}
+
+/// Redis keys are `backstop:seen:<scope>:<key>`: with a `:` in a queue name,
+/// scope `a:b` with key `c` and scope `a` with key `b:c` were one key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_scopes_with_colons_do_not_collide() {
+    let store = redis().await;
+    let base = unique("scope");
+    let (scope_a, key_a) = (format!("{base}:b"), "c".to_owned());
+    let (scope_b, key_b) = (base.clone(), "b:c".to_owned());
+    assert_eq!(
+        store
+            .claim(&scope_a, &key_a, "t1", in_ms(60_000))
+            .await
+            .expect("redis answers"),
+        Claim::Claimed
+    );
+    store
+        .complete(&scope_a, &key_a, "t1", in_ms(60_000))
+        .await
+        .expect("redis answers");
+    assert_eq!(
+        store
+            .claim(&scope_b, &key_b, "t2", in_ms(60_000))
+            .await
+            .expect("redis answers"),
+        Claim::Claimed,
+        "another scope's key must be fresh"
+    );
+}
+
+/// Claims are taken for the whole prefetch window at once, but handlers run
+/// `concurrency` at a time. A claim that waited past its lease for a slot
+/// must not run its handler once another instance took the key over: before
+/// the claim was extended at the slot, both ran the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_waited_past_its_lease_for_a_slot_never_runs_twice() {
+    init_tracing();
+    let queue = unique("dedup-lease-wait");
+    common::declare(&common::classic(&queue)).await;
+    let store = redis().await;
+    let orders = Orders {
+        work: Duration::from_millis(400),
+        ..Orders::default()
+    };
+    let lease = Duration::from_secs(1);
+    let (supervisor, consumer) = start(
+        &queue,
+        dedup(store.clone()).lease(lease),
+        orders.clone(),
+        |c| c.prefetch(10).concurrency(1),
+    );
+    common::wait_stats(&consumer, "subscribed", |r| r.sessions >= 1).await;
+    let publisher = backstop_testkit::connect().await;
+    backstop_testkit::publish(&publisher, &queue, 6, "order", order_body).await;
+    // A second instance sharing the store: it takes over every key whose
+    // lease ran out, runs that order's effect, and marks the key done.
+    let keys: Vec<String> = (0..6).map(|i| format!("order-{i}")).collect();
+    let taken_over = Arc::new(Mutex::new(Vec::<String>::new()));
+    let other = {
+        let (store, queue, keys, taken_over) = (
+            store.clone(),
+            queue.clone(),
+            keys.clone(),
+            taken_over.clone(),
+        );
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+            while tokio::time::Instant::now() < deadline {
+                for key in &keys {
+                    if taken_over.lock().expect("lock").contains(key) {
+                        continue;
+                    }
+                    let claim = store
+                        .claim(&queue, key, "instance-b", in_ms(60_000))
+                        .await
+                        .expect("redis answers");
+                    if claim == Claim::Claimed {
+                        taken_over.lock().expect("lock").push(key.clone());
+                        store
+                            .complete(&queue, key, "instance-b", in_ms(600_000))
+                            .await
+                            .expect("redis answers");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    common::wait_stats(&consumer, "all six settled", |r| {
+        r.handled + r.duplicates >= 6
+    })
+    .await;
+    wait_until("the queue is empty", Duration::from_secs(30), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    other.abort();
+    common::finish(consumer, &supervisor, &publisher, &queue).await;
+    let calls = orders.calls();
+    let taken_over = taken_over.lock().expect("lock").clone();
+    assert!(
+        !taken_over.is_empty(),
+        "the other instance never took a key over: the test proves nothing"
+    );
+    for key in &keys {
+        let here = calls.get(key).copied().unwrap_or(0);
+        let there = u32::from(taken_over.contains(key));
+        assert_eq!(
+            here + there,
+            1,
+            "{key}: ran {here} time(s) here and {there} in the other instance"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_releases_the_claim_and_the_retry_succeeds_once() {
     init_tracing();

@@ -468,6 +468,7 @@ impl<H: Handler> Consumer<H> {
             dedup: self.config.dedup.clone(),
             handler_permits: Arc::new(tokio::sync::Semaphore::new(self.config.concurrency)),
             breaker_tripped: false.into(),
+            generation: AtomicU64::new(0),
             stats: stats.clone(),
         });
         if let Some(dedup) = &self.config.dedup
@@ -670,6 +671,9 @@ impl<H: Handler> Runtime<H> {
                 }
             };
             self.generation += 1;
+            self.context
+                .generation
+                .store(self.generation, Ordering::Release);
             let session = match self.open(live.clone()).await {
                 Ok(session) => session,
                 Err(e) => {
@@ -690,6 +694,9 @@ impl<H: Handler> Runtime<H> {
                 prefetch = self.prefetch(), "consuming");
             self.stats.subscribed.store(1, Ordering::Relaxed);
             let end = self.pump(session).await;
+            // No session consumes until the next one opens: deliveries of
+            // this one that have not started their handler never will.
+            self.context.generation.store(0, Ordering::Release);
             self.stats.subscribed.store(0, Ordering::Relaxed);
             match end {
                 SessionEnd::Stop => break,
@@ -941,6 +948,7 @@ impl<H: Handler> Runtime<H> {
             self.context.clone(),
             session.publisher.clone(),
             delivery,
+            generation,
             move |(settlement, verdict)| Completion {
                 generation,
                 tag,

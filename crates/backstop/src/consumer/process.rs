@@ -16,7 +16,7 @@ use crate::store::{CompensationStore, NewFailedMessage};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tracing::{debug, error, info, warn};
 
@@ -60,7 +60,17 @@ pub(crate) struct ProcessContext {
     pub(crate) handler_permits: Arc<tokio::sync::Semaphore>,
     /// True while the circuit breaker is open or half-open.
     pub(crate) breaker_tripped: AtomicBool,
+    /// The generation of the session consuming now: a delivery of an older
+    /// one that has not started its handler never will.
+    pub(crate) generation: AtomicU64,
     pub(crate) stats: Arc<ConsumerStats>,
+}
+
+impl ProcessContext {
+    /// True when `generation`'s session is no longer the one consuming.
+    fn is_stale(&self, generation: u64) -> bool {
+        self.generation.load(Ordering::Acquire) != generation
+    }
 }
 
 /// Pause before requeueing a message whose copy could not be stored, so a
@@ -119,13 +129,16 @@ pub(crate) fn process<H: Handler, T>(
     ctx: Arc<ProcessContext>,
     publisher: Option<ConfirmedPublisher>,
     delivery: Delivery,
+    generation: u64,
     done: impl FnOnce((Settlement, Verdict)) -> T + Send + 'static,
 ) -> std::pin::Pin<Box<dyn Future<Output = T> + Send>> {
     if delivery.body().len() > ctx.max_message_size {
         return Box::pin(Box::pin(oversized(handler, ctx, publisher, delivery)).map(done));
     }
     if ctx.dedup.is_some() {
-        return Box::pin(Box::pin(deduplicated(handler, ctx, publisher, delivery)).map(done));
+        return Box::pin(
+            Box::pin(deduplicated(handler, ctx, publisher, delivery, generation)).map(done),
+        );
     }
     Box::pin(handle(handler, ctx, publisher, delivery).map(done))
 }
@@ -182,11 +195,21 @@ async fn oversized<H: Handler>(
 /// Claims the delivery's key, runs the handler only for a fresh claim, then
 /// marks the key done (success) or releases it (any failure, so the retry
 /// can claim it).
+///
+/// Claims are bookkeeping and run for every prefetched delivery at once, so
+/// the store can write them in large batches; only the handler waits for one
+/// of the `concurrency` permits. A claim that waited long for its permit is
+/// extended with the same token just before the handler runs, so its lease
+/// always covers the handler: without that, the last of a prefetch window
+/// could wait past its lease and a second instance would claim the same key
+/// and run the same effect. A delivery of a session that ended while it
+/// waited never runs: the broker redelivers it.
 async fn deduplicated<H: Handler>(
     handler: Arc<H>,
     ctx: Arc<ProcessContext>,
     publisher: Option<ConfirmedPublisher>,
     delivery: Delivery,
+    generation: u64,
 ) -> (Settlement, Verdict) {
     let shared = ctx.clone();
     let Some(dedup) = &shared.dedup else {
@@ -200,7 +223,11 @@ async fn deduplicated<H: Handler>(
             return match dedup.missing {
                 MissingKey::Process => {
                     warn!(%queue, key = %dedup.key, %reason, "no dedup key: handling without deduplication");
-                    handle(handler, ctx, publisher, delivery).await
+                    let _permit = ctx.handler_permits.acquire().await;
+                    if ctx.is_stale(generation) {
+                        return (Settlement::Requeue, Verdict::Neutral);
+                    }
+                    handle(handler, ctx.clone(), publisher, delivery).await
                 }
                 MissingKey::Reject => {
                     warn!(%queue, key = %dedup.key, %reason, "no dedup key: rejecting");
@@ -216,18 +243,19 @@ async fn deduplicated<H: Handler>(
         }
     };
     let scope = dedup.scope.as_deref().unwrap_or(queue);
-    let token = new_token();
+    let mut claim = HeldClaim::new(dedup, scope, &key);
     let started = tokio::time::Instant::now();
     loop {
-        let lease_until = now_ms() + dedup.lease.as_millis() as u64;
-        match dedup.store.claim(scope, &key, &token, lease_until).await {
+        match claim.claim().await {
             Ok(Claim::Claimed) => break,
             Ok(Claim::Done) => {
+                claim.forget();
                 bump(&ctx.stats.duplicates, 1);
                 debug!(%queue, %key, "duplicate of a handled message: acking without the handler");
                 return (Settlement::Ack, Verdict::Neutral);
             }
             Ok(Claim::InProgress) => {
+                claim.forget();
                 if started.elapsed() >= dedup.max_wait {
                     bump(&ctx.stats.dedup_busy, 1);
                     info!(%queue, %key, waited = ?dedup.max_wait,
@@ -237,33 +265,147 @@ async fn deduplicated<H: Handler>(
                 tokio::time::sleep(dedup.recheck).await;
             }
             Err(e) => {
+                // The claim may have been written before the error: dropping
+                // the guard releases it (a no-op unless this token holds it).
                 bump(&ctx.stats.dedup_failures, 1);
                 error!(%queue, error = %e, "cannot claim the dedup key; the message is requeued unhandled");
+                drop(claim);
                 tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
                 return (Settlement::Requeue, Verdict::Neutral);
             }
         }
     }
-    let (settlement, verdict) = {
-        // Claims are bookkeeping and run for every prefetched delivery at
-        // once, which lets the store write them in large batches; only the
-        // handler itself waits for one of the `concurrency` permits.
-        let _permit = ctx.handler_permits.acquire().await;
-        handle(handler, ctx.clone(), publisher, delivery).await
-    };
+    let _permit = ctx.handler_permits.acquire().await;
+    if ctx.is_stale(generation) {
+        // The session ended while this delivery waited: its tag is dead and
+        // the broker redelivers it. Dropping the claim releases the key.
+        debug!(%queue, %key, "the session ended before the handler started; releasing the key");
+        return (Settlement::Requeue, Verdict::Neutral);
+    }
+    if claim.claimed_at.elapsed() >= dedup.lease / 10 {
+        match claim.claim().await {
+            Ok(Claim::Claimed) => {}
+            Ok(other) => {
+                // The lease ran out while waiting and the key moved on.
+                claim.forget();
+                bump(&ctx.stats.dedup_busy, 1);
+                warn!(%queue, %key, now = ?other,
+                    "the claim's lease ran out before a handler slot was free; not handling");
+                return match other {
+                    Claim::Done => {
+                        bump(&ctx.stats.duplicates, 1);
+                        (Settlement::Ack, Verdict::Neutral)
+                    }
+                    _ => (Settlement::Requeue, Verdict::Neutral),
+                };
+            }
+            Err(e) => {
+                bump(&ctx.stats.dedup_failures, 1);
+                error!(%queue, error = %e, "cannot extend the dedup claim; the message is requeued unhandled");
+                return (Settlement::Requeue, Verdict::Neutral);
+            }
+        }
+    }
+    let (settlement, verdict) = handle(handler, ctx.clone(), publisher, delivery).await;
     if verdict == Verdict::Success {
         let expires_at = now_ms() + dedup.ttl.as_millis() as u64;
-        if let Err(e) = dedup.store.complete(scope, &key, &token, expires_at).await {
+        if let Err(e) = claim.complete(expires_at).await {
             // The handler's work is done: acking is right. Until the lease
             // runs out the claim still protects; after that a duplicate runs.
             bump(&ctx.stats.dedup_failures, 1);
             error!(%queue, %key, error = %e, "could not mark the key done; acking anyway");
         }
-    } else if let Err(e) = dedup.store.release(scope, &key, &token).await {
+    } else if let Err(e) = claim.release().await {
         bump(&ctx.stats.dedup_failures, 1);
         warn!(%queue, %key, error = %e, "could not release the key; it frees when its lease runs out");
     }
     (settlement, verdict)
+}
+
+/// A dedup claim this delivery may hold. Dropped while it may still hold
+/// the key (the future was cancelled, or gave up), it releases the key in
+/// the background, so a redelivery does not wait out the lease.
+struct HeldClaim<'a> {
+    dedup: &'a DedupConfig,
+    scope: &'a str,
+    key: &'a str,
+    token: String,
+    claimed_at: tokio::time::Instant,
+    /// True while this token may hold the key.
+    may_hold: bool,
+}
+
+impl<'a> HeldClaim<'a> {
+    fn new(dedup: &'a DedupConfig, scope: &'a str, key: &'a str) -> Self {
+        HeldClaim {
+            dedup,
+            scope,
+            key,
+            token: new_token(),
+            claimed_at: tokio::time::Instant::now(),
+            may_hold: false,
+        }
+    }
+
+    /// Claims the key, or extends this token's claim, for a full lease.
+    async fn claim(&mut self) -> Result<Claim, crate::dedup::DedupError> {
+        self.may_hold = true;
+        self.claimed_at = tokio::time::Instant::now();
+        let lease_until = now_ms() + self.dedup.lease.as_millis() as u64;
+        self.dedup
+            .store
+            .claim(self.scope, self.key, &self.token, lease_until)
+            .await
+    }
+
+    /// This token does not hold the key.
+    fn forget(&mut self) {
+        self.may_hold = false;
+    }
+
+    async fn complete(&mut self, expires_at: u64) -> Result<(), crate::dedup::DedupError> {
+        let result = self
+            .dedup
+            .store
+            .complete(self.scope, self.key, &self.token, expires_at)
+            .await;
+        // Even when the write failed, releasing now would open the key to a
+        // duplicate of an effect that happened: leave it to the lease.
+        self.may_hold = false;
+        result
+    }
+
+    async fn release(&mut self) -> Result<(), crate::dedup::DedupError> {
+        let result = self
+            .dedup
+            .store
+            .release(self.scope, self.key, &self.token)
+            .await;
+        self.may_hold = false;
+        result
+    }
+}
+
+impl Drop for HeldClaim<'_> {
+    fn drop(&mut self) {
+        if !self.may_hold {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.dedup.store.clone();
+        let (scope, key, token) = (
+            self.scope.to_owned(),
+            self.key.to_owned(),
+            std::mem::take(&mut self.token),
+        );
+        runtime.spawn(async move {
+            if let Err(e) = store.release(&scope, &key, &token).await {
+                warn!(%scope, %key, error = %e, "could not release an abandoned claim; it frees when its lease runs out");
+            }
+        });
+    }
 }
 
 async fn after_failure<H: Handler>(

@@ -124,10 +124,12 @@ impl SeenStore for MemorySeenStore {
             if let Some(entry) = inner.entries.get(&id)
                 && entry.expires_at >= now
             {
-                return Ok(match entry.holder {
-                    None => Claim::Done,
-                    Some(_) => Claim::InProgress,
-                });
+                match entry.holder.as_deref() {
+                    None => return Ok(Claim::Done),
+                    // The holder's own claim again: extend its lease.
+                    Some(holder) if holder == token => {}
+                    Some(_) => return Ok(Claim::InProgress),
+                }
             }
             self.write(&mut inner, id, Some(token.to_owned()), lease_until);
             Ok(Claim::Claimed)

@@ -113,11 +113,15 @@ impl fmt::Display for DedupKey {
 
 impl DedupKey {
     /// The key of `delivery`, or why it has none.
+    ///
+    /// The key is written as the business id's bytes would collide least:
+    /// see [`canonical_key`]. Two different ids never give the same key
+    /// (short of a SHA-256 collision).
     pub fn extract(&self, delivery: &Delivery) -> Result<String, String> {
-        let key = match self {
+        let bytes: Vec<u8> = match self {
             DedupKey::MessageId => delivery
                 .message_id()
-                .map(str::to_owned)
+                .map(|id| id.as_bytes().to_vec())
                 .ok_or_else(|| "the message has no message_id property".to_owned())?,
             DedupKey::Header(name) => {
                 let value = delivery
@@ -130,8 +134,8 @@ impl DedupKey {
                 let body: serde_json::Value = serde_json::from_slice(delivery.body())
                     .map_err(|e| format!("the body is not JSON ({e})"))?;
                 match body.pointer(pointer) {
-                    Some(serde_json::Value::String(s)) => s.clone(),
-                    Some(serde_json::Value::Number(n)) => n.to_string(),
+                    Some(serde_json::Value::String(s)) => s.as_bytes().to_vec(),
+                    Some(serde_json::Value::Number(n)) => n.to_string().into_bytes(),
                     Some(_) => {
                         return Err(format!("{pointer} is not a string or a number"));
                     }
@@ -139,23 +143,59 @@ impl DedupKey {
                 }
             }
         };
-        if key.is_empty() {
+        if bytes.is_empty() {
             return Err(format!("the {self} key is empty"));
         }
-        Ok(key)
+        Ok(canonical_key(&bytes))
     }
 }
 
-fn header_key(value: &AMQPValue) -> Option<String> {
+/// The longest key kept as it is. Longer keys are kept as their SHA-256, so
+/// that every backend can index them (PostgreSQL's B-tree rows stop at about
+/// 2.7 kB, Redis keys are best kept short).
+pub const MAX_KEY_LEN: usize = 200;
+
+/// The stored form of a business id's bytes. Injective, so that two
+/// different ids never collapse into one key:
+/// - valid UTF-8 without NUL, not starting with `hex:` or `sha256:`: as it is;
+/// - anything else (invalid UTF-8, a NUL, or a text that looks like one of
+///   these forms): `hex:` and the bytes in lower-case hex;
+/// - a result longer than [`MAX_KEY_LEN`] bytes: `sha256:` and the hex
+///   SHA-256 of that result.
+pub fn canonical_key(bytes: &[u8]) -> String {
+    let literal = std::str::from_utf8(bytes)
+        .ok()
+        .filter(|s| !s.contains('\0') && !s.starts_with("hex:") && !s.starts_with("sha256:"));
+    let key = match literal {
+        Some(text) => text.to_owned(),
+        None => format!("hex:{}", hex::encode(bytes)),
+    };
+    if key.len() <= MAX_KEY_LEN {
+        return key;
+    }
+    use sha2::Digest;
+    format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(key.as_bytes()))
+    )
+}
+
+/// A header value's bytes: strings byte for byte (no lossy decoding),
+/// integers in decimal.
+fn header_key(value: &AMQPValue) -> Option<Vec<u8>> {
+    let number = |n: i128| Some(n.to_string().into_bytes());
     match value {
-        AMQPValue::ShortShortInt(n) => Some(n.to_string()),
-        AMQPValue::ShortShortUInt(n) => Some(n.to_string()),
-        AMQPValue::ShortInt(n) => Some(n.to_string()),
-        AMQPValue::ShortUInt(n) => Some(n.to_string()),
-        AMQPValue::LongInt(n) => Some(n.to_string()),
-        AMQPValue::LongUInt(n) => Some(n.to_string()),
-        AMQPValue::LongLongInt(n) => Some(n.to_string()),
-        other => crate::retry::header_str(other),
+        AMQPValue::ShortShortInt(n) => number(i128::from(*n)),
+        AMQPValue::ShortShortUInt(n) => number(i128::from(*n)),
+        AMQPValue::ShortInt(n) => number(i128::from(*n)),
+        AMQPValue::ShortUInt(n) => number(i128::from(*n)),
+        AMQPValue::LongInt(n) => number(i128::from(*n)),
+        AMQPValue::LongUInt(n) => number(i128::from(*n)),
+        AMQPValue::LongLongInt(n) => number(i128::from(*n)),
+        AMQPValue::LongString(s) => Some(s.as_bytes().to_vec()),
+        AMQPValue::ShortString(s) => Some(s.as_str().as_bytes().to_vec()),
+        AMQPValue::ByteArray(b) => Some(b.as_slice().to_vec()),
+        _ => None,
     }
 }
 
@@ -217,7 +257,8 @@ pub enum DedupError {
 /// can complete or release it. Times are milliseconds since the Unix epoch.
 pub trait SeenStore: Send + Sync + fmt::Debug {
     /// Claims `key` in `scope` until `lease_until` unless it is done or held
-    /// by another unexpired claim.
+    /// by another unexpired claim. A claim with the token that holds the key
+    /// now extends its lease to `lease_until` and answers [`Claim::Claimed`].
     fn claim<'a>(
         &'a self,
         scope: &'a str,
@@ -416,6 +457,43 @@ mod tests {
         assert!(err.contains("not JSON"), "{err}");
         assert!(DedupKey::MessageId.extract(&d).is_err());
         assert!(DedupKey::Header("x".into()).extract(&d).is_err());
+    }
+
+    #[test]
+    fn ids_that_differ_only_in_invalid_bytes_get_different_keys() {
+        let key = DedupKey::Header("order-id".into());
+        let with = |bytes: &[u8]| {
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "order-id".into(),
+                AMQPValue::LongString(bytes.to_vec().into()),
+            );
+            let d = Delivery::for_test(
+                b"{}".to_vec(),
+                BasicProperties::default().with_headers(headers),
+            );
+            key.extract(&d).expect("a key")
+        };
+        // Both decode lossily to "A\u{fffd}": the old keys were equal.
+        let a = with(b"A\xff");
+        let b = with(b"A\xfe");
+        assert_ne!(a, b);
+        assert_eq!(a, "hex:41ff");
+        // A text that looks like the hex form is escaped too.
+        assert_eq!(
+            with(b"hex:41ff"),
+            format!("hex:{}", hex::encode("hex:41ff"))
+        );
+        assert_ne!(with(b"hex:41ff"), a);
+        // NUL never reaches a store, and long ids are hashed.
+        assert_eq!(with(b"a\0b"), "hex:610062");
+        let long = with(&[b'x'; 5000]);
+        assert!(
+            long.starts_with("sha256:") && long.len() == 7 + 64,
+            "{long}"
+        );
+        assert_ne!(long, with(&[b'y'; 5000]));
+        assert_eq!(with(b"plain-id"), "plain-id");
     }
 
     #[test]

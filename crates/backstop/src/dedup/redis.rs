@@ -22,6 +22,15 @@ if v == ARGV[1] or v == false then
 end
 return 0";
 
+/// Extends a claim's lease when the claim still holds the key; returns 1
+/// then, else 0.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0";
+
 /// Deletes a key only when our claim still holds it.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -29,7 +38,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0";
 
-/// Keys in Redis under `backstop:seen:<scope>:<key>`. Several instances can
+/// Keys in Redis under `backstop:seen:<scope>:<key>` (see `redis_key`). Several instances can
 /// share it. Durability is Redis's own (AOF or RDB, as configured there).
 #[derive(Clone)]
 pub struct RedisSeenStore {
@@ -49,8 +58,18 @@ fn unavailable(e: redis::RedisError) -> DedupError {
     DedupError::Unavailable(e.to_string())
 }
 
+/// The Redis key of `key` in `scope`. A scope that is not empty and has no
+/// `:` keeps the original form `backstop:seen:<scope>:<key>`, so keys
+/// written before this rule still count. Any other scope is length-prefixed,
+/// `backstop:seen::<len>:<scope>:<key>`: with `:` in a queue name the old
+/// form was ambiguous (`a:b` + `c` and `a` + `b:c`). The two forms never meet,
+/// since the original form never has an empty scope.
 fn redis_key(scope: &str, key: &str) -> String {
-    format!("backstop:seen:{scope}:{key}")
+    if scope.is_empty() || scope.contains(':') {
+        format!("backstop:seen::{}:{scope}:{key}", scope.len())
+    } else {
+        format!("backstop:seen:{scope}:{key}")
+    }
 }
 
 fn ttl_ms(until: u64) -> u64 {
@@ -109,8 +128,24 @@ impl SeenStore for RedisSeenStore {
                     .map_err(unavailable)?;
                 match current.as_deref() {
                     Some(DONE) => return Ok(Claim::Done),
+                    Some(value) if value == holder => {
+                        // Our own claim again: extend its lease, unless it
+                        // changed hands in between.
+                        let extended: i64 = redis::cmd("EVAL")
+                            .arg(EXTEND)
+                            .arg(1)
+                            .arg(&name)
+                            .arg(&holder)
+                            .arg(ttl_ms(lease_until))
+                            .query_async(&mut connection)
+                            .await
+                            .map_err(unavailable)?;
+                        if extended == 1 {
+                            return Ok(Claim::Claimed);
+                        }
+                    }
                     Some(_) => return Ok(Claim::InProgress),
-                    None => continue,
+                    None => {}
                 }
             }
             Ok(Claim::InProgress)
@@ -162,5 +197,18 @@ impl SeenStore for RedisSeenStore {
     /// Redis expires keys itself: nothing to purge.
     fn purge_expired(&self, _now: u64) -> BoxFuture<'_, Result<u64, DedupError>> {
         Box::pin(async { Ok(0) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redis_key;
+
+    #[test]
+    fn scopes_with_colons_cannot_collide() {
+        assert_ne!(redis_key("a:b", "c"), redis_key("a", "b:c"));
+        assert_eq!(redis_key("orders", "42"), "backstop:seen:orders:42");
+        assert_eq!(redis_key("a:b", "c"), "backstop:seen::3:a:b:c");
+        assert_ne!(redis_key("", "x"), redis_key("x", ""));
     }
 }

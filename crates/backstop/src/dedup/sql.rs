@@ -374,12 +374,14 @@ async fn claim_statement(pool: &AnyPool, rows: &[Row4]) -> Result<Vec<Claim>, De
         .join(", ");
     let now_param = 1 + 4 * rows.len();
     // The upsert takes a row over only when it expired (a done key past its
-    // TTL, or a claim whose holder's lease ran out).
+    // TTL, or a claim whose holder's lease ran out), or when the claim is the
+    // holder's own (which extends its lease).
     let sql = format!(
         "INSERT INTO backstop_seen (scope, key, holder, expires_at) VALUES {values}
          ON CONFLICT (scope, key) DO UPDATE
              SET holder = excluded.holder, expires_at = excluded.expires_at
              WHERE backstop_seen.expires_at < ${now_param}
+                OR backstop_seen.holder = excluded.holder
          RETURNING scope, key, holder"
     );
     let mut query = sqlx::query(&sql);

@@ -197,7 +197,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: &Op, now: i64) -> Result<Done, rusq
                      VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (scope, key) DO UPDATE
                          SET holder = excluded.holder, expires_at = excluded.expires_at
-                         WHERE backstop_seen.expires_at < ?5
+                         WHERE backstop_seen.expires_at < ?5 OR backstop_seen.holder = ?3
                      RETURNING holder",
                 )?
                 .query_row(
