@@ -516,6 +516,7 @@ pub(crate) async fn store(args: StoreArgs) -> anyhow::Result<ExitCode> {
                     attempts: 1,
                     next_attempt_at: now,
                     store_id: None,
+                    fingerprint: format!("id:bench-{i}"),
                 })
                 .collect();
             store.store_batch(&batch).await?;

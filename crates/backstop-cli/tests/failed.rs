@@ -34,6 +34,7 @@ fn row(queue: &str, id: &str, payload: &[u8]) -> NewFailedMessage {
         attempts: 3,
         next_attempt_at: now_ms() as i64 + 3_600_000,
         store_id: None,
+        fingerprint: format!("id:{id}"),
     }
 }
 

@@ -413,6 +413,12 @@ fn long_string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
+/// True for the headers the broker writes about a message's past
+/// (`x-death`, `x-delivery-count`, ...), which no copy carries.
+pub fn is_broker_history_header(name: &str) -> bool {
+    BROKER_HISTORY_HEADERS.contains(&name)
+}
+
 /// The delivery's properties with `headers`, as a copy: see [`copy_properties`].
 fn copy_of(delivery: &Delivery, headers: FieldTable) -> BasicProperties {
     copy_properties(delivery.properties(), headers)

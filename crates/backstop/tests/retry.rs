@@ -102,6 +102,76 @@ async fn two_transient_failures_then_success_take_three_calls_through_the_tiers(
     delete_queue(&publisher, &queue).await;
 }
 
+/// A message published with a per-message TTL fails for good at once. Its
+/// DLQ copy must outlive that TTL: before copies dropped `expiration`, the
+/// original was acked and the copy then expired out of the DLQ, lost. (A copy
+/// that went through a tier first had lost it already: the broker's
+/// dead-lettering from the tier strips `expiration`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_do_not_carry_the_original_s_expiration() {
+    init_tracing();
+    let queue = unique("retry-ttl");
+    let policy = RetryPolicy::new().delays([ms(200)]);
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(policy.clone()),
+        &recorder,
+        |_, _| async move { Outcome::reject("bad order") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    let channel = publisher.create_channel().await.expect("channel");
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"order",
+            BasicProperties::default()
+                .with_message_id("ttl-1".into())
+                .with_expiration("1500".into())
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    wait_stats(&consumer, "the DLQ copy confirmed", |s| {
+        s.dead_lettered == 1
+    })
+    .await;
+    let parked_at = Instant::now();
+    consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(recorder.calls_of("ttl-1"), 1);
+    // The TTL itself is what is tested: wait it out (and a margin), then the
+    // copy must still be there.
+    tokio::time::sleep(ms(2500).saturating_sub(parked_at.elapsed())).await;
+    let dlq = RetryPolicy::dead_letter_queue(&queue);
+    let copy = get_one(&channel, &dlq).await;
+    let properties = &copy.delivery.properties;
+    assert_eq!(properties.expiration(), &None, "the copy has no TTL");
+    let headers = properties.headers().clone().unwrap_or_default();
+    assert_eq!(
+        headers
+            .inner()
+            .get(retry::ORIGINAL_EXPIRATION_HEADER)
+            .and_then(header_str)
+            .as_deref(),
+        Some("1500")
+    );
+    assert!(
+        !headers.inner().contains_key("x-death"),
+        "no broker history on a copy"
+    );
+    supervisor.close().await;
+    delete_all(&publisher, &queue, &policy).await;
+    delete_queue(&publisher, &queue).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_permanent_failure_is_dead_lettered_after_one_call_with_its_metadata() {
     init_tracing();

@@ -52,6 +52,7 @@ fn message(queue: &str, n: i64, due: i64) -> NewFailedMessage {
         attempts: 4,
         next_attempt_at: due,
         store_id: None,
+        fingerprint: format!("key:order-{n}"),
     }
 }
 
@@ -251,6 +252,111 @@ async fn a_failed_redrive_updates_its_own_row(store: SqlStore) {
     assert_eq!(rows.len(), 1, "no second row for the same message");
 }
 
+/// A handler whose middleware copied `x-backstop-store-id` onto a new
+/// message B: B's failure must not update the old row (that acked B with its
+/// body stored nowhere). The id is trusted only with the row's own queue and
+/// fingerprint.
+async fn a_copied_store_id_header_cannot_take_over_another_row(store: SqlStore) {
+    let queue = unique("store-fence");
+    let now = now_ms() as i64;
+    let a = store
+        .store(&message(&queue, 1, now))
+        .await
+        .expect("store a");
+    let mut b = message(&queue, 2, now);
+    b.store_id = Some(a);
+    b.payload = b"the body of B".to_vec();
+    let b_id = store.store(&b).await.expect("store b");
+    assert_ne!(b_id, a, "B updated A's row");
+    assert_eq!(store.get(b_id).await.expect("get b").payload, b.payload);
+    let row_a = store.get(a).await.expect("get a");
+    assert_eq!(
+        (row_a.payload, row_a.attempts),
+        (message(&queue, 1, now).payload, 4)
+    );
+    // Another queue's message with A's id and even A's fingerprint: no.
+    let other_queue = unique("store-fence-other");
+    let mut c = message(&other_queue, 1, now);
+    c.store_id = Some(a);
+    let c_id = store.store(&c).await.expect("store c");
+    assert_ne!(c_id, a);
+    assert_eq!(store.get(c_id).await.expect("get c").queue, other_queue);
+}
+
+/// The same failing message arriving again (an ack lost in a cut, a
+/// duplicate publish) is one row with its occurrences counted and audited,
+/// while it is unfinished; once finished, a new arrival is a new row.
+async fn a_repeat_of_an_unfinished_message_is_one_row_with_occurrences(store: SqlStore) {
+    let queue = unique("store-repeat");
+    let now = now_ms() as i64;
+    let first = store
+        .store(&message(&queue, 1, now + 60_000))
+        .await
+        .expect("store");
+    let mut again = message(&queue, 1, now + 60_000);
+    again.error = "declined, again".into();
+    assert_eq!(store.store(&again).await.expect("store again"), first);
+    assert_eq!(store.store(&again).await.expect("store third"), first);
+    let other = store
+        .store(&message(&queue, 2, now))
+        .await
+        .expect("store other");
+    assert_ne!(other, first, "a different message is a row of its own");
+    let row = store.get(first).await.expect("get");
+    assert_eq!(row.occurrences, 3);
+    assert_eq!(row.error, "declined, again");
+    assert_eq!(row.fingerprint, "key:order-1");
+    let actions: Vec<String> = store
+        .audit(first)
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(actions, ["stored", "stored_again", "stored_again"]);
+    // Needs review is still unfinished: a repeat joins it.
+    store
+        .act(first, ManualAction::Resolve, "op", None)
+        .await
+        .expect("resolve");
+    let fresh = store
+        .store(&message(&queue, 1, now))
+        .await
+        .expect("store after resolve");
+    assert_ne!(
+        fresh, first,
+        "a finished row is not reopened by a new arrival"
+    );
+    let rows = store
+        .list(&ListFilter {
+            queue: Some(queue),
+            ..ListFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(rows.len(), 3);
+}
+
+/// Many instances storing the same message at once still make one row.
+async fn concurrent_stores_of_one_message_make_one_row(store: SqlStore) {
+    let queue = unique("store-race");
+    let now = now_ms() as i64;
+    let store = Arc::new(store);
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (store, queue) = (store.clone(), queue.clone());
+            tokio::spawn(async move { store.store(&message(&queue, 9, now)).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for task in tasks {
+        ids.push(task.await.expect("task").expect("stored"));
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one row: {ids:?}");
+    assert_eq!(store.get(ids[0]).await.expect("get").occurrences, 16);
+}
+
 async fn retention_removes_only_old_finished_rows(store: SqlStore) {
     let queue = unique("store-retention");
     let now = now_ms() as i64;
@@ -407,6 +513,30 @@ macro_rules! suite {
             async fn a_failed_redrive_updates_its_own_row() {
                 let _turn = super::turn(stringify!($backend)).await;
                 super::a_failed_redrive_updates_its_own_row(super::$backend().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_copied_store_id_header_cannot_take_over_another_row() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::a_copied_store_id_header_cannot_take_over_another_row(
+                    super::$backend().await,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_repeat_of_an_unfinished_message_is_one_row_with_occurrences() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::a_repeat_of_an_unfinished_message_is_one_row_with_occurrences(
+                    super::$backend().await,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_stores_of_one_message_make_one_row() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::concurrent_stores_of_one_message_make_one_row(super::$backend().await).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -105,6 +105,65 @@ async fn an_exhausted_message_becomes_a_complete_row_and_leaves_the_queue() {
     delete_queue(&publisher, &queue).await;
 }
 
+/// Every arrival of one failing message (published twice under one
+/// message-id, as an ack lost in a cut redelivers it) is one row to review,
+/// with its occurrences counted. Before fingerprints, each was a row of its
+/// own and an operator reviewed the same payment twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_arrival_of_one_failing_message_is_one_row() {
+    init_tracing();
+    let queue = unique("store-once");
+    let store = sqlite_store().await;
+    let policy = RetryPolicy::new().exhausted(Exhausted::Store);
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(policy)
+            .compensation_store(store.clone(), Duration::from_secs(60)),
+        &recorder,
+        |_, _| async { Outcome::reject("card declined") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    let publisher = connect().await;
+    let channel = publisher.create_channel().await.expect("channel");
+    for (id, body) in [
+        ("pay-1", "a"),
+        ("pay-1", "a"),
+        ("pay-2", "b"),
+        ("pay-1", "a"),
+    ] {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                lapin::BasicProperties::default()
+                    .with_message_id(id.into())
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    wait_stats(&consumer, "four arrivals stored", |s| s.stored == 4).await;
+    consumer.shutdown().await.expect("clean shutdown");
+    let mut rows: Vec<(String, i64)> = rows_of(&store, &queue)
+        .await
+        .into_iter()
+        .map(|r| (r.message_id.unwrap_or_default(), r.occurrences))
+        .collect();
+    rows.sort();
+    assert_eq!(rows, [("pay-1".to_owned(), 3), ("pay-2".to_owned(), 1)]);
+    assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_store_down_nothing_is_acked_and_nothing_is_lost() {
     init_tracing();

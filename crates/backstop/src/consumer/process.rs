@@ -500,7 +500,10 @@ async fn store(
         return (Settlement::Requeue, verdict);
     };
     let due = now_ms() as i64 + ctx.store_delay.as_millis() as i64;
-    let row = NewFailedMessage::from_failure(failed, kept, due);
+    // The dedup key, when there is one, is what makes a redelivery or a
+    // deliberate duplicate the same row to review.
+    let dedup_key = ctx.dedup.as_ref().and_then(|d| d.key.extract(kept).ok());
+    let row = NewFailedMessage::from_failure(failed, kept, due, dedup_key);
     match store.store(&row).await {
         Ok(id) => {
             bump(&ctx.stats.stored, 1);

@@ -128,13 +128,25 @@ pub struct NewFailedMessage {
     /// When the scanner should first re-drive it, ms since the epoch.
     pub next_attempt_at: i64,
     /// The row this message came from, for a message that failed again after
-    /// a re-drive.
+    /// a re-drive. Trusted only when that row has this message's queue and
+    /// fingerprint: a handler that copies incoming headers onto a new message
+    /// must not make it update an old row.
     pub store_id: Option<i64>,
+    /// What makes two failures the same message (see [`fingerprint`]). At
+    /// most one unfinished row holds a fingerprint in a queue; a repeat
+    /// updates that row and counts an occurrence.
+    pub fingerprint: String,
 }
 
 impl NewFailedMessage {
-    /// Builds the row of an exhausted `delivery`.
-    pub fn from_failure(failed: &FailedMessage, delivery: &Delivery, next_attempt_at: i64) -> Self {
+    /// Builds the row of an exhausted `delivery`; `dedup_key` is its
+    /// deduplication key, when the consumer deduplicates.
+    pub fn from_failure(
+        failed: &FailedMessage,
+        delivery: &Delivery,
+        next_attempt_at: i64,
+        dedup_key: Option<String>,
+    ) -> Self {
         let headers = delivery.properties().headers().clone().unwrap_or_default();
         let store_id = headers
             .inner()
@@ -146,7 +158,8 @@ impl NewFailedMessage {
             exchange: failed.original_exchange.clone(),
             routing_key: failed.original_routing_key.clone(),
             message_id: delivery.message_id().map(str::to_owned),
-            dedup_key: None,
+            fingerprint: fingerprint(&failed.queue, delivery, dedup_key.as_deref()),
+            dedup_key,
             payload: delivery.body().to_vec(),
             headers: serde_json::to_string(&headers).unwrap_or_else(|_| "{}".into()),
             properties: properties_json(delivery.properties()),
@@ -157,6 +170,40 @@ impl NewFailedMessage {
             store_id,
         }
     }
+}
+
+/// What identifies a failed message across its redeliveries and re-drives:
+/// - `key:<dedup key>` when the consumer deduplicates;
+/// - else `id:<message-id>` when the message has one;
+/// - else `sha256:<hex>` of the queue, the body and the headers other than
+///   Backstop's `x-backstop-*` and the broker's history (`x-death`,
+///   `x-delivery-count`, ...), which change from one delivery to the next.
+pub fn fingerprint(queue: &str, delivery: &Delivery, dedup_key: Option<&str>) -> String {
+    if let Some(key) = dedup_key {
+        return format!("key:{key}");
+    }
+    if let Some(id) = delivery.message_id() {
+        return format!("id:{}", crate::dedup::canonical_key(id.as_bytes()));
+    }
+    use sha2::Digest;
+    let mut headers = FieldTable::default();
+    if let Some(table) = delivery.properties().headers() {
+        for (name, value) in table.inner() {
+            let name_str = name.as_str();
+            if !name_str.starts_with("x-backstop-")
+                && !crate::retry::is_broker_history_header(name_str)
+            {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+    }
+    let headers = serde_json::to_vec(&headers).unwrap_or_default();
+    let mut hash = sha2::Sha256::new();
+    for part in [queue.as_bytes(), delivery.body(), &headers] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part);
+    }
+    format!("sha256:{}", hex::encode(hash.finalize()))
 }
 
 /// The properties worth keeping, as a JSON object.
@@ -207,6 +254,11 @@ pub struct FailedRow {
     pub error_kind: String,
     /// Delivery attempts before the store, plus failed re-drives since.
     pub attempts: i64,
+    /// What identifies the message (see [`fingerprint`]).
+    pub fingerprint: String,
+    /// How many times the message arrived at the store while this row was
+    /// unfinished (redeliveries, duplicates): 1 for the first.
+    pub occurrences: i64,
     /// Re-drives claimed by scanners (counted when claimed).
     pub redrives: i64,
     /// Where the row is.
@@ -222,7 +274,10 @@ pub struct FailedRow {
 impl FailedRow {
     /// The properties to publish the message with again: the stored
     /// properties and headers, minus Backstop's failure headers, plus the
-    /// row's id so a new failure updates this row.
+    /// row's id so a new failure updates this row. Like every copy, it has
+    /// no `expiration` (the original's is kept in
+    /// [`ORIGINAL_EXPIRATION_HEADER`](crate::retry::ORIGINAL_EXPIRATION_HEADER))
+    /// and none of the broker's history headers.
     pub fn republish_properties(&self) -> BasicProperties {
         let stored: FieldTable = serde_json::from_str(&self.headers).unwrap_or_default();
         let mut headers = crate::retry::without_backstop_headers(&stored);
@@ -232,9 +287,11 @@ impl FailedRow {
         );
         let p: serde_json::Value = serde_json::from_str(&self.properties).unwrap_or_default();
         let text = |k: &str| p.get(k).and_then(|v| v.as_str()).map(ShortString::from);
-        let mut props = BasicProperties::default()
-            .with_headers(headers)
-            .with_delivery_mode(2);
+        let mut original = BasicProperties::default();
+        if let Some(v) = text("expiration") {
+            original = original.with_expiration(v);
+        }
+        let mut props = crate::retry::copy_properties(&original, headers);
         if let Some(v) = text("content_type") {
             props = props.with_content_type(v);
         }
@@ -273,7 +330,8 @@ pub struct AuditEntry {
     pub at: i64,
     /// Who: `--actor`, `$USER`, or `scanner`/`consumer`.
     pub actor: String,
-    /// What: `stored`, `failed_again`, `replayed`, `retry`, `resolve`, `discard`, `needs_review`.
+    /// What: `stored`, `stored_again`, `failed_again`, `replayed`, `retry`,
+    /// `resolve`, `discard`, `needs_review`.
     pub action: String,
     /// The note or reason given.
     pub note: Option<String>,
@@ -371,9 +429,14 @@ impl StoreError {
 
 /// The store, as narrow as the consumer, the scanner and the CLI need.
 pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
-    /// Writes the row of a failed message and commits; a message carrying
-    /// the id of an existing row updates that row instead (a re-driven
-    /// message that failed again). Returns the row's id.
+    /// Writes the row of a failed message and commits. Returns the row's id.
+    /// - A message carrying the id of a row of its own queue and fingerprint
+    ///   (a re-driven message that failed again) updates that row
+    ///   (`failed_again`).
+    /// - Else a message whose fingerprint has an unfinished row in its queue
+    ///   (a redelivery, a duplicate) counts one more occurrence there
+    ///   (`stored_again`).
+    /// - Else it is a new row (`stored`).
     fn store<'a>(&'a self, message: &'a NewFailedMessage)
     -> BoxFuture<'a, Result<i64, StoreError>>;
 

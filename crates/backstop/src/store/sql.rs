@@ -31,7 +31,23 @@ pub struct SqlStore {
 
 const COLUMNS: &str = "id, queue, exchange, routing_key, message_id, dedup_key, payload, \
      headers, properties, error, error_kind, attempts, redrives, status, next_attempt_at, \
-     created_at, updated_at";
+     created_at, updated_at, fingerprint, occurrences";
+
+/// The statuses of a row still waiting for someone: a re-drive or a person.
+/// At most one such row per `(queue, fingerprint)`.
+const UNFINISHED: &str = "('pending', 'retrying', 'needs_review')";
+
+/// Version 2, the same on both backends: one unfinished row per message.
+/// Rows from before get a fingerprint of their own (`row:<id>`), so old
+/// duplicates stay as they are and new arrivals start grouping.
+const FINGERPRINT_SCHEMA: &[&str] = &[
+    "ALTER TABLE backstop_failed_messages ADD COLUMN fingerprint TEXT",
+    "ALTER TABLE backstop_failed_messages ADD COLUMN occurrences BIGINT NOT NULL DEFAULT 1",
+    "UPDATE backstop_failed_messages SET fingerprint = 'row:' || id WHERE fingerprint IS NULL",
+    "CREATE UNIQUE INDEX IF NOT EXISTS backstop_failed_unfinished
+        ON backstop_failed_messages (queue, fingerprint)
+        WHERE status IN ('pending', 'retrying', 'needs_review')",
+];
 
 const SQLITE_SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS backstop_failed_messages (
@@ -101,7 +117,13 @@ const POSTGRES_SCHEMA: &[&str] = &[
 
 /// The schema versions, applied in order and recorded in
 /// `backstop_schema_migrations`. A new version is appended, never edited.
-const MIGRATIONS: &[(i64, &str)] = &[(1, "failed messages and their audit trail")];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, "failed messages and their audit trail"),
+    (
+        2,
+        "fingerprints and occurrences: one unfinished row per message",
+    ),
+];
 
 fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
@@ -110,8 +132,12 @@ fn unavailable(e: sqlx::Error) -> StoreError {
 fn row_of(row: &AnyRow) -> Result<FailedRow, StoreError> {
     let get_err = |e: sqlx::Error| StoreError::Unavailable(format!("reading a row: {e}"));
     let status: String = row.try_get("status").map_err(get_err)?;
+    let id: i64 = row.try_get("id").map_err(get_err)?;
+    let fingerprint: Option<String> = row.try_get("fingerprint").map_err(get_err)?;
     Ok(FailedRow {
-        id: row.try_get("id").map_err(get_err)?,
+        id,
+        fingerprint: fingerprint.unwrap_or_else(|| format!("row:{id}")),
+        occurrences: row.try_get("occurrences").map_err(get_err)?,
         queue: row.try_get("queue").map_err(get_err)?,
         exchange: row.try_get("exchange").map_err(get_err)?,
         routing_key: row.try_get("routing_key").map_err(get_err)?,
@@ -244,6 +270,7 @@ impl SqlStore {
             let statements = match (self.backend, version) {
                 (Backend::Sqlite, 1) => SQLITE_SCHEMA,
                 (Backend::Postgres, 1) => POSTGRES_SCHEMA,
+                (_, 2) => FINGERPRINT_SCHEMA,
                 _ => &[],
             };
             for statement in statements {
@@ -288,16 +315,20 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Inserts a new row; `None` when an unfinished row of the same queue
+    /// and fingerprint exists (written concurrently).
     async fn insert_in<'c>(
         tx: &mut sqlx::Transaction<'c, sqlx::Any>,
         m: &NewFailedMessage,
         now: i64,
-    ) -> Result<i64, StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let row = sqlx::query(
             "INSERT INTO backstop_failed_messages (queue, exchange, routing_key, message_id,
                  dedup_key, payload, headers, properties, error, error_kind, attempts, redrives,
-                 status, next_attempt_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, 'pending', $12, $13, $13)
+                 status, next_attempt_at, created_at, updated_at, fingerprint, occurrences)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, 'pending', $12, $13, $13,
+                 $14, 1)
+             ON CONFLICT DO NOTHING
              RETURNING id",
         )
         .bind(&m.queue)
@@ -313,10 +344,12 @@ impl SqlStore {
         .bind(m.attempts)
         .bind(m.next_attempt_at)
         .bind(now)
-        .fetch_one(&mut **tx)
+        .bind(&m.fingerprint)
+        .fetch_optional(&mut **tx)
         .await
         .map_err(unavailable)?;
-        row.try_get("id").map_err(unavailable)
+        row.map(|row| row.try_get("id").map_err(unavailable))
+            .transpose()
     }
 
     /// PostgreSQL's TEXT cannot hold NUL: on PostgreSQL a NUL in a text field
@@ -333,6 +366,7 @@ impl SqlStore {
             &m.properties,
             &m.error,
             &m.error_kind,
+            &m.fingerprint,
         ];
         let optional = [&m.message_id, &m.dedup_key];
         if self.backend != Backend::Postgres
@@ -351,6 +385,7 @@ impl SqlStore {
             &mut owned.properties,
             &mut owned.error,
             &mut owned.error_kind,
+            &mut owned.fingerprint,
         ] {
             *field = clean(field);
         }
@@ -365,35 +400,90 @@ impl SqlStore {
 
     async fn store_impl(&self, m: &NewFailedMessage) -> Result<i64, StoreError> {
         let m = &*self.storable(m);
+        // Twice at most: the insert only loses to a concurrent insert of the
+        // same fingerprint, which the second pass then finds.
+        for _ in 0..2 {
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            if let Some(id) = self.store_in(&mut tx, m).await? {
+                tx.commit().await.map_err(unavailable)?;
+                return Ok(id);
+            }
+        }
+        Err(StoreError::Unavailable(
+            "an unfinished row of this message kept appearing and vanishing; try again".into(),
+        ))
+    }
+
+    /// One pass of [`Self::store_impl`] in `tx`; `None` when the insert lost
+    /// a race and the transaction must be tried again.
+    ///
+    /// Every step is a write, the first one included: SQLite then takes its
+    /// write lock at the start (waiting its busy timeout) instead of failing
+    /// to upgrade a read, and PostgreSQL locks the row it updates.
+    async fn store_in<'c>(
+        &self,
+        tx: &mut sqlx::Transaction<'c, sqlx::Any>,
+        m: &NewFailedMessage,
+    ) -> Result<Option<i64>, StoreError> {
         let now = now_ms() as i64;
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // A re-driven message that failed again: its own row, fenced by
+        // queue and fingerprint, so a header copied onto another message
+        // cannot touch it; and not when another unfinished row of the same
+        // message exists (that one counts the repeat, below).
         if let Some(id) = m.store_id {
-            let updated = sqlx::query(
+            let updated = sqlx::query(&format!(
                 "UPDATE backstop_failed_messages
                  SET error = $1, error_kind = $2, attempts = attempts + $3, status = 'retrying',
                      next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, updated_at = $5
-                 WHERE id = $6 AND status IN ('pending', 'retrying', 'replayed')",
-            )
+                 WHERE id = $6 AND queue = $7 AND fingerprint = $8
+                   AND status IN ('pending', 'retrying', 'replayed')
+                   AND NOT EXISTS (
+                       SELECT 1 FROM backstop_failed_messages other
+                       WHERE other.queue = $7 AND other.fingerprint = $8
+                         AND other.status IN {UNFINISHED} AND other.id <> $6)"
+            ))
             .bind(&m.error)
             .bind(&m.error_kind)
             .bind(m.attempts)
             .bind(m.next_attempt_at)
             .bind(now)
             .bind(id)
-            .execute(&mut *tx)
+            .bind(&m.queue)
+            .bind(&m.fingerprint)
+            .execute(&mut **tx)
             .await
             .map_err(unavailable)?;
             if updated.rows_affected() == 1 {
-                Self::audit_in(&mut tx, id, "consumer", "failed_again", Some(&m.error)).await?;
-                tx.commit().await.map_err(unavailable)?;
-                return Ok(id);
+                Self::audit_in(tx, id, "consumer", "failed_again", Some(&m.error)).await?;
+                return Ok(Some(id));
             }
-            // The row was closed by hand meanwhile: keep the new failure as a new row.
         }
-        let id = Self::insert_in(&mut tx, m, now).await?;
-        Self::audit_in(&mut tx, id, "consumer", "stored", Some(&m.error)).await?;
-        tx.commit().await.map_err(unavailable)?;
-        Ok(id)
+        // The same message again (an ack lost in a cut, a duplicate
+        // publish): one row to review, one more occurrence.
+        let repeated = sqlx::query(&format!(
+            "UPDATE backstop_failed_messages
+             SET occurrences = occurrences + 1, error = $1, error_kind = $2, updated_at = $3
+             WHERE queue = $4 AND fingerprint = $5 AND status IN {UNFINISHED}
+             RETURNING id"
+        ))
+        .bind(&m.error)
+        .bind(&m.error_kind)
+        .bind(now)
+        .bind(&m.queue)
+        .bind(&m.fingerprint)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        if let Some(row) = repeated {
+            let id: i64 = row.try_get("id").map_err(unavailable)?;
+            Self::audit_in(tx, id, "consumer", "stored_again", Some(&m.error)).await?;
+            return Ok(Some(id));
+        }
+        let Some(id) = Self::insert_in(tx, m, now).await? else {
+            return Ok(None);
+        };
+        Self::audit_in(tx, id, "consumer", "stored", Some(&m.error)).await?;
+        Ok(Some(id))
     }
 
     async fn claim_impl(
@@ -504,8 +594,10 @@ impl SqlStore {
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         for m in messages {
             let m = &*self.storable(m);
-            let id = Self::insert_in(&mut tx, m, now).await?;
-            Self::audit_in(&mut tx, id, "consumer", "stored", Some(&m.error)).await?;
+            // A message already unfinished in the store is left as it is.
+            if let Some(id) = Self::insert_in(&mut tx, m, now).await? {
+                Self::audit_in(&mut tx, id, "consumer", "stored", Some(&m.error)).await?;
+            }
         }
         tx.commit().await.map_err(unavailable)
     }
