@@ -273,7 +273,7 @@ pub struct AuditEntry {
     pub at: i64,
     /// Who: `--actor`, `$USER`, or `scanner`/`consumer`.
     pub actor: String,
-    /// What: `stored`, `failed_again`, `replayed`, `retry`, `resolve`, `discard`, `needs_review`.
+    /// What: `stored`, `failed_again`, `replayed`, `retry`, `force_retry`, `resolve`, `discard`, `needs_review`.
     pub action: String,
     /// The note or reason given.
     pub note: Option<String>,
@@ -293,8 +293,13 @@ pub struct ListFilter {
 /// A person's decision about a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ManualAction {
-    /// Re-drive it at the next scan (back to `pending`, due now).
+    /// Re-drive it at the next scan (back to `pending`, due now). Refused
+    /// for a finished row (resolved, discarded, replayed).
     Retry,
+    /// Re-drive even a finished row (resolved, discarded, replayed),
+    /// audited as `force_retry`. On a row that is not finished it is a
+    /// plain [`Retry`](Self::Retry), audited as `retry`.
+    ForceRetry,
     /// It was handled by hand: `resolved`.
     Resolve,
     /// Give it up: `discarded`.
@@ -306,6 +311,7 @@ impl ManualAction {
     pub fn as_str(self) -> &'static str {
         match self {
             ManualAction::Retry => "retry",
+            ManualAction::ForceRetry => "force_retry",
             ManualAction::Resolve => "resolve",
             ManualAction::Discard => "discard",
         }
