@@ -526,3 +526,19 @@ async fn retrying_a_finished_row_needs_force_and_is_audited() {
         (Some("bob"), Some("retry"))
     );
 }
+
+/// A PostgreSQL database (here: a search path) without the store's tables
+/// is refused, not silently given empty ones.
+#[test]
+fn a_postgres_database_without_a_store_is_refused() {
+    let url = backstop_testkit::postgres_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let schema = unique("no_store").replace(['-', '.'], "_");
+    let url = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+    let (code, stdout, stderr) = backstop(&["failed", "list", "--store", &url]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("no backstop_failed_messages table"),
+        "{stderr}"
+    );
+}
