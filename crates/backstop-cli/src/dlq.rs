@@ -36,15 +36,16 @@ pub(crate) enum DlqCommand {
         #[command(flatten)]
         broker: ui::BrokerArgs,
     },
-    /// Send messages back to where they came from (or to --to), each
-    /// confirmed before it leaves the DLQ.
+    /// Send messages back to the queue each failed in, through the default
+    /// exchange (or to --to), each confirmed before it leaves the DLQ.
     Replay {
         /// The dead-letter queue.
         queue: String,
         /// Replay at most this many.
         #[arg(long)]
         limit: Option<u64>,
-        /// `EXCHANGE:ROUTING_KEY` to send to instead; `:orders` is the default exchange.
+        /// `EXCHANGE:ROUTING_KEY` to send to instead of the queue each message
+        /// failed in (a deliberate re-route); `:orders` is the default exchange.
         #[arg(long, value_name = "EXCHANGE:ROUTING_KEY")]
         to: Option<String>,
         #[command(flatten)]
@@ -228,7 +229,7 @@ fn describe(message: &BasicGetMessage) -> Listed {
         attempts: number(retry::ATTEMPTS_HEADER),
         original_exchange: text(&headers, retry::ORIGINAL_EXCHANGE_HEADER),
         original_routing_key: text(&headers, retry::ORIGINAL_ROUTING_KEY_HEADER),
-        original_queue: text(&headers, retry::ORIGINAL_QUEUE_HEADER),
+        original_queue: failed_in(&headers),
         first_failure: number(retry::FIRST_FAILURE_HEADER).map(rfc3339),
         dead_lettered_at: dead_lettered_ms(&headers).map(rfc3339),
         redelivered: message.delivery.redelivered,
@@ -267,6 +268,7 @@ async fn list(
                 "attempts",
                 "error",
                 "from",
+                "failed in",
                 "dead-lettered",
                 "bytes",
             ]);
@@ -281,6 +283,7 @@ async fn list(
                 m.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
                 m.error.clone().unwrap_or_else(|| "-".into()),
                 from,
+                m.original_queue.clone().unwrap_or_else(|| "-".into()),
                 m.dead_lettered_at.clone().unwrap_or_else(|| "-".into()),
                 m.body_bytes.to_string(),
             ]);
@@ -291,32 +294,25 @@ async fn list(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The message as it should be sent back: the failure headers removed, so
-/// it starts over with a full retry budget.
+/// The message as it should be sent back: a copy (see
+/// [`retry::copy_properties`]) without the failure headers, so it starts
+/// over with a full retry budget, and without `expiration`, `x-death` or
+/// `x-delivery-count`, so it can neither expire out of its queue nor inherit
+/// a quorum queue's delivery count.
 fn replay_properties(properties: &BasicProperties) -> BasicProperties {
-    let headers = retry::without_backstop_headers(&headers_of(properties));
-    properties
-        .clone()
-        .with_headers(headers)
-        .with_delivery_mode(2)
+    retry::copy_properties(
+        properties,
+        retry::without_backstop_headers(&headers_of(properties)),
+    )
 }
 
-/// Where a dead-lettered message came from.
-fn origin(message: &BasicGetMessage) -> Option<(String, String)> {
-    let headers = headers_of(&message.delivery.properties);
-    if let (Some(exchange), Some(routing_key)) = (
-        text(&headers, retry::ORIGINAL_EXCHANGE_HEADER),
-        text(&headers, retry::ORIGINAL_ROUTING_KEY_HEADER),
-    ) {
-        return Some((exchange, routing_key));
-    }
-    let death = x_death_first(&headers)?;
-    let exchange = death.inner().get("exchange").and_then(header_str)?;
-    let routing_key = match death.inner().get("routing-keys") {
-        Some(AMQPValue::FieldArray(keys)) => keys.as_slice().first().and_then(header_str),
-        _ => None,
-    }?;
-    Some((exchange, routing_key))
+/// The queue a dead-lettered message failed in: Backstop's
+/// `x-backstop-original-queue`, or else the queue the broker dead-lettered
+/// it from (`x-death[0].queue`).
+fn failed_in(headers: &FieldTable) -> Option<String> {
+    text(headers, retry::ORIGINAL_QUEUE_HEADER)
+        .or_else(|| x_death_first(headers).and_then(|death| text(death, "queue")))
+        .filter(|queue| !queue.is_empty())
 }
 
 async fn replay(
@@ -335,9 +331,15 @@ async fn replay(
             break;
         };
         seen += 1;
-        let Some((exchange, routing_key)) = to.clone().or_else(|| origin(&message)) else {
+        // Straight to the queue it failed in, through the default exchange:
+        // going back through the original exchange would hand a copy to
+        // every other queue bound there, which already had the message.
+        let destination = to.clone().or_else(|| {
+            failed_in(&headers_of(&message.delivery.properties)).map(|q| (String::new(), q))
+        });
+        let Some((exchange, routing_key)) = destination else {
             bar.println(format!(
-                "kept {:?}: no original destination recorded; use --to",
+                "kept {:?}: no original queue recorded; use --to EXCHANGE:ROUTING_KEY",
                 describe(&message).message_id
             ));
             failed += 1;

@@ -17,14 +17,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
-/// The embedded default store.
+/// The embedded default store, used when neither `-c` nor `--store` is given.
 const DEFAULT_STORE: &str = "sqlite://backstop.db";
 
-/// Where the store is.
+/// Where the store is: exactly one of `-c FILE` (its `[store] url`) and
+/// `--store URL`, or else `./backstop.db`. The store must already exist:
+/// run in the wrong folder or pointed at the wrong database, a review
+/// command fails naming what it looked for instead of creating an empty
+/// store and reporting nothing to review.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct StoreArgs {
     /// A configuration file; its [store] section names the store.
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "FILE",
+        conflicts_with = "store"
+    )]
     config: Option<PathBuf>,
     /// The store: sqlite://PATH or postgres://USER:PASSWORD@HOST/DB.
     #[arg(long = "store", value_name = "URL")]
@@ -32,21 +41,38 @@ pub(crate) struct StoreArgs {
 }
 
 impl StoreArgs {
-    /// The store from `-c FILE` (its `[store] url`), `--store`, or the
-    /// embedded default, with the file's retention setting.
+    /// Opens the existing store named by `-c FILE` or `--store` (clap
+    /// refuses both at once), or `./backstop.db`, with the file's retention
+    /// setting.
     async fn open(&self) -> anyhow::Result<(SqlStore, Option<Duration>)> {
-        let config = match &self.config {
-            Some(path) => Some(Config::load(path)?),
-            None => None,
+        let (url, retention, origin) = match (&self.config, &self.store) {
+            (Some(path), _) => {
+                let config = Config::load(path)?;
+                let Some(url) = config.store.url else {
+                    return Err(UsageError(format!(
+                        "{}: no [store] url; add one there, or give --store URL instead of -c",
+                        path.display()
+                    ))
+                    .into());
+                };
+                (
+                    url,
+                    config.store.retention,
+                    format!("from {}", path.display()),
+                )
+            }
+            (None, Some(url)) => (url.clone(), None, "from --store".to_owned()),
+            (None, None) => (
+                DEFAULT_STORE.to_owned(),
+                None,
+                "the default; give --store URL or -c FILE to name another".to_owned(),
+            ),
         };
-        let retention = config.as_ref().and_then(|c| c.store.retention);
-        let url = config
-            .and_then(|c| c.store.url)
-            .or_else(|| self.store.clone())
-            .unwrap_or_else(|| DEFAULT_STORE.to_owned());
-        match SqlStore::connect(&url).await {
+        match SqlStore::open_existing(&url).await {
             Ok(store) => Ok((store, retention)),
-            Err(e @ StoreError::InvalidUrl { .. }) => Err(UsageError(e.to_string()).into()),
+            Err(e @ StoreError::InvalidUrl { .. }) => {
+                Err(UsageError(format!("{e} (the store {origin})")).into())
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -82,7 +108,8 @@ pub(crate) enum FailedCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Re-drive messages at the next scan.
+    /// Re-drive messages at the next scan. A finished row (resolved,
+    /// discarded, replayed) needs --force.
     Retry {
         /// Row ids.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -93,6 +120,10 @@ pub(crate) enum FailedCommand {
         /// With --all: only this queue.
         #[arg(long, requires = "all")]
         queue: Option<String>,
+        /// Also re-open finished rows (resolved, discarded, replayed); the
+        /// audit records `force_retry`.
+        #[arg(long, conflicts_with = "all")]
+        force: bool,
         /// Who does it (default: $USER).
         #[arg(long)]
         actor: Option<String>,
@@ -162,6 +193,8 @@ struct Shown {
     status: Status,
     attempts: i64,
     redrives: i64,
+    occurrences: i64,
+    fingerprint: String,
     error: String,
     error_kind: String,
     exchange: String,
@@ -192,6 +225,8 @@ impl From<&FailedRow> for Shown {
             status: row.status,
             attempts: row.attempts,
             redrives: row.redrives,
+            occurrences: row.occurrences,
+            fingerprint: row.fingerprint.clone(),
             error: row.error.clone(),
             error_kind: row.error_kind.clone(),
             exchange: row.exchange.clone(),
@@ -273,6 +308,7 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
                     "queue",
                     "status",
                     "attempts",
+                    "seen",
                     "error",
                     "message id",
                     "created",
@@ -283,6 +319,7 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
                         r.queue.clone(),
                         r.status.to_string(),
                         r.attempts.to_string(),
+                        r.occurrences.to_string(),
                         short(&r.error, 60),
                         r.message_id.clone().unwrap_or_else(|| "-".into()),
                         rfc3339(r.created_at),
@@ -313,6 +350,8 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
                     ("status", shown.status.to_string()),
                     ("attempts", shown.attempts.to_string()),
                     ("re-drives", shown.redrives.to_string()),
+                    ("occurrences", shown.occurrences.to_string()),
+                    ("fingerprint", shown.fingerprint.clone()),
                     ("error", shown.error.clone()),
                     ("error kind", shown.error_kind.clone()),
                     ("from", format!("{}:{}", shown.exchange, shown.routing_key)),
@@ -347,6 +386,7 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
             ids,
             all,
             queue,
+            force,
             actor: who,
             store,
         } => {
@@ -366,16 +406,43 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
                 ids
             };
             let who = actor(who);
-            let mut failed = 0;
+            let action = if force {
+                ManualAction::ForceRetry
+            } else {
+                ManualAction::Retry
+            };
+            let (mut refused, mut failed) = (0, 0);
             for id in &ids {
-                if let Err(e) = store.act(*id, ManualAction::Retry, &who, None).await {
-                    eprintln!("row {id}: {e}");
-                    failed += 1;
+                match store.act(*id, action, &who, None).await {
+                    Ok(_) => {}
+                    Err(e @ StoreError::InvalidTransition { status, .. })
+                        if status.is_finished() && !force =>
+                    {
+                        eprintln!("row {id}: {e}; --force re-opens a finished row");
+                        refused += 1;
+                    }
+                    Err(e) if !e.is_transient() => {
+                        eprintln!("row {id}: {e}");
+                        refused += 1;
+                    }
+                    Err(e) => {
+                        eprintln!("row {id}: {e}");
+                        failed += 1;
+                    }
                 }
             }
-            println!("retried={} failed={failed}", ids.len() - failed);
+            println!(
+                "retried={} failed={}",
+                ids.len() - refused - failed,
+                refused + failed
+            );
+            // A store that failed us is a runtime failure; rows the
+            // request did not fit are a usage error.
             if failed > 0 {
                 return Ok(ExitCode::from(1));
+            }
+            if refused > 0 {
+                return Ok(ExitCode::from(2));
             }
         }
         FailedCommand::Resolve {

@@ -4,9 +4,9 @@ use backstop::connection::{ConnectionConfig, ConnectionSupervisor};
 use backstop::consumer::{Consumer, ConsumerConfig};
 use backstop::handler::{Delivery, Outcome, handler_fn};
 use backstop::retry::{self, RetryPolicy};
-use backstop::topology::{Queue, Topology};
+use backstop::topology::{Binding, Exchange, Queue, Topology};
 use backstop_testkit::{
-    amqp_url, connect, delete_queue, publish, queue_counts, unique, wait_until,
+    amqp_url, connect, delete_queue, publish, queue_counts, queue_is, unique, wait_until,
 };
 use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -35,7 +35,6 @@ fn depth(queue: &str) -> u64 {
 /// Declares `queue` and parks `n` messages in `queue.dlq` through a real
 /// consumer whose handler fails them permanently.
 async fn park(queue: &str, n: u64) -> String {
-    let dlq = RetryPolicy::dead_letter_queue(queue);
     let connection = connect().await;
     let channel = connection.create_channel().await.expect("channel");
     Topology::new()
@@ -47,12 +46,19 @@ async fn park(queue: &str, n: u64) -> String {
         format!("{{\"n\":{i}}}").into_bytes()
     })
     .await;
+    fail_all(queue, Topology::new().queue(Queue::classic(queue)), n).await
+}
+
+/// Consumes `queue` (declared by `topology`) with a handler that fails every
+/// message permanently, until `n` are parked in `queue.dlq`; returns the DLQ.
+async fn fail_all(queue: &str, topology: Topology, n: u64) -> String {
+    let dlq = RetryPolicy::dead_letter_queue(queue);
     let supervisor =
         ConnectionSupervisor::start(ConnectionConfig::new(amqp_url())).expect("supervisor");
     let consumer = Consumer::new(
         supervisor.clone(),
         ConsumerConfig::new(queue)
-            .topology(Topology::new().queue(Queue::classic(queue)))
+            .topology(topology)
             .retry(RetryPolicy::new()),
         handler_fn(|_: Delivery| async { Outcome::reject("bad order") }),
     )
@@ -223,6 +229,242 @@ async fn replay_to_another_destination_and_killed_halfway_loses_nothing() {
     delete_queue(&connection, &queue).await;
     delete_queue(&connection, &dlq).await;
     delete_queue(&connection, &target).await;
+}
+
+/// Publishes one persistent message to `exchange` with a confirm.
+async fn publish_to(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    properties: lapin::BasicProperties,
+) {
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            b"{\"order\":7}",
+            properties.with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "the broker nacked the publish");
+}
+
+/// Takes the one message of `queue` for good; panics unless there is exactly one.
+async fn take_only(channel: &lapin::Channel, queue: &str) -> lapin::message::BasicGetMessage {
+    let get = || async {
+        channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+    };
+    let message = get().await.unwrap_or_else(|| panic!("{queue} is empty"));
+    assert!(get().await.is_none(), "{queue} held more than one message");
+    message
+}
+
+fn header<'a>(message: &'a lapin::message::BasicGetMessage, key: &str) -> Option<&'a AMQPValue> {
+    message
+        .delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(key))
+}
+
+/// Replays `dlq` with no `--to` and waits for its one message in `queue`.
+async fn replay_one_into(dlq: &str, queue: &str) {
+    let (code, stdout, stderr) = backstop(&["dlq", "replay", dlq]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("moved=1 kept=0"), "{stdout}");
+    let queue = queue.to_owned();
+    wait_until(
+        "the copy is back in its queue",
+        Duration::from_secs(10),
+        || queue_is(&queue, |c| c.ready == 1),
+    )
+    .await;
+}
+
+/// A message that failed in one of several queues bound to a topic (or
+/// fanout) exchange goes back to that queue alone: the other queues already
+/// had it. Both for a message Backstop dead-lettered
+/// (`x-backstop-original-queue`) and one the broker dead-lettered itself
+/// (`x-death`); the copy carries no `x-death`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_goes_back_to_the_queue_it_failed_in_not_to_its_exchange() {
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+
+    // Backstop dead-lettered it: orders are published to a topic exchange
+    // that feeds two queues, and A's consumer fails them.
+    let topic = unique("dlq-topic");
+    let (a, b) = (unique("dlq-topic-a"), unique("dlq-topic-b"));
+    let topology = Topology::new()
+        .exchange(Exchange::topic(&topic))
+        .queue(Queue::classic(&a))
+        .queue(Queue::classic(&b))
+        .binding(Binding::queue(&a).to(&topic).routing_key("order.*"))
+        .binding(Binding::queue(&b).to(&topic).routing_key("order.*"));
+    topology.apply(&channel).await.expect("declare");
+    publish_to(
+        &channel,
+        &topic,
+        "order.created",
+        lapin::BasicProperties::default().with_message_id("topic-1".into()),
+    )
+    .await;
+    // B handled its copy.
+    take_only(&channel, &b).await;
+    let a_dlq = fail_all(&a, topology, 1).await;
+    replay_one_into(&a_dlq, &a).await;
+    assert_eq!(depth(&b), 0, "B already had the message and got it again");
+    let back = take_only(&channel, &a).await;
+    assert!(header(&back, retry::ERROR_HEADER).is_none());
+
+    // The broker dead-lettered it: C rejects it without requeue and its
+    // x-dead-letter-* arguments move it to C.dlq with an x-death entry.
+    let fanout = unique("dlq-fanout");
+    let (c, d) = (unique("dlq-fanout-c"), unique("dlq-fanout-d"));
+    let c_dlq = RetryPolicy::dead_letter_queue(&c);
+    Topology::new()
+        .exchange(Exchange::fanout(&fanout))
+        .queue(Queue::classic(&c).dead_letter_to_dlq())
+        .queue(Queue::classic(&c_dlq))
+        .queue(Queue::classic(&d))
+        .binding(Binding::queue(&c).to(&fanout))
+        .binding(Binding::queue(&d).to(&fanout))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    publish_to(
+        &channel,
+        &fanout,
+        "any",
+        lapin::BasicProperties::default().with_message_id("fanout-1".into()),
+    )
+    .await;
+    take_only(&channel, &d).await;
+    let failing = channel
+        .basic_get(c.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("basic.get")
+        .expect("the message in C");
+    channel
+        .basic_reject(
+            failing.delivery.delivery_tag,
+            lapin::options::BasicRejectOptions { requeue: false },
+        )
+        .await
+        .expect("reject");
+    wait_until(
+        "the broker dead-lettered it",
+        Duration::from_secs(10),
+        || queue_is(&c_dlq, |q| q.ready == 1),
+    )
+    .await;
+    replay_one_into(&c_dlq, &c).await;
+    assert_eq!(depth(&d), 0, "D already had the message and got it again");
+    let back = take_only(&channel, &c).await;
+    assert!(
+        header(&back, "x-death").is_none(),
+        "the copy kept the broker's x-death: {:?}",
+        back.delivery.properties.headers()
+    );
+    assert_eq!(
+        back.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str()),
+        Some("fanout-1")
+    );
+    for queue in [&a, &b, &a_dlq, &c, &d, &c_dlq] {
+        delete_queue(&connection, queue).await;
+    }
+    for exchange in [&topic, &fanout] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
+    }
+}
+
+/// A DLQ message that carries a per-message TTL (an older copy, or one
+/// parked by hand) is replayed without `expiration`: the copy outlives the
+/// TTL in its queue, and the original value is kept in a header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_copy_does_not_expire() {
+    // Long enough for the replay to take the message before it expires in
+    // the DLQ itself, on a loaded machine.
+    const TTL_MS: u64 = 3000;
+    let queue = unique("dlq-ttl");
+    let dlq = RetryPolicy::dead_letter_queue(&queue);
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    Topology::new()
+        .queue(Queue::classic(&queue))
+        .queue(Queue::classic(&dlq))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        retry::ORIGINAL_QUEUE_HEADER.into(),
+        AMQPValue::LongString(queue.as_str().into()),
+    );
+    headers.insert(
+        retry::ORIGINAL_EXCHANGE_HEADER.into(),
+        AMQPValue::LongString("".into()),
+    );
+    headers.insert(
+        retry::ORIGINAL_ROUTING_KEY_HEADER.into(),
+        AMQPValue::LongString(queue.as_str().into()),
+    );
+    headers.insert(
+        retry::ERROR_HEADER.into(),
+        AMQPValue::LongString("bad order".into()),
+    );
+    headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(4));
+    publish_to(
+        &channel,
+        "",
+        &dlq,
+        lapin::BasicProperties::default()
+            .with_message_id("ttl-1".into())
+            .with_expiration(TTL_MS.to_string().into())
+            .with_headers(headers),
+    )
+    .await;
+    let (code, stdout, stderr) = backstop(&["dlq", "replay", &dlq]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("moved=1 kept=0"), "{stdout}");
+    let replayed = std::time::Instant::now();
+    // Only the passing of time can show that nothing expires: wait out the
+    // TTL with a margin, then the copy must still be there.
+    tokio::time::sleep(Duration::from_millis(TTL_MS + 1000)).await;
+    assert!(replayed.elapsed() > Duration::from_millis(TTL_MS));
+    assert_eq!(depth(&queue), 1, "the replayed copy expired out of {queue}");
+    let back = take_only(&channel, &queue).await;
+    assert_eq!(back.delivery.properties.expiration(), &None);
+    assert_eq!(
+        header(&back, retry::ORIGINAL_EXPIRATION_HEADER).and_then(retry::header_str),
+        Some(TTL_MS.to_string())
+    );
+    assert!(header(&back, "x-delivery-count").is_none());
+    assert!(header(&back, retry::ERROR_HEADER).is_none());
+    delete_queue(&connection, &queue).await;
+    delete_queue(&connection, &dlq).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,8 +6,14 @@ use backstop_testkit::unique;
 use std::process::Command;
 
 fn backstop(args: &[&str]) -> (i32, String, String) {
+    backstop_in(&std::env::temp_dir(), args)
+}
+
+/// `backstop ARGS` run in `dir`.
+fn backstop_in(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_backstop"))
         .args(args)
+        .current_dir(dir)
         .env_remove("RUST_LOG")
         .env("USER", "tester")
         .output()
@@ -17,6 +23,19 @@ fn backstop(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// The row's status and its last audit entry, through `failed show --json`.
+fn last_audit(url: &str, id: i64) -> (serde_json::Value, serde_json::Value) {
+    let (code, stdout, stderr) =
+        backstop(&["failed", "show", &id.to_string(), "--json", "--store", url]);
+    assert_eq!(code, 0, "{stderr}");
+    let shown = json(&stdout);
+    let last = shown["audit"]
+        .as_array()
+        .and_then(|a| a.last().cloned())
+        .expect("audit rows");
+    (shown["row"]["status"].clone(), last)
 }
 
 fn row(queue: &str, id: &str, payload: &[u8]) -> NewFailedMessage {
@@ -94,12 +113,15 @@ async fn review_actions_are_audited_and_json_parses() {
             "queue",
             "status",
             "attempts",
+            "occurrences",
+            "fingerprint",
             "error",
             "created_at",
             "payload",
         ] {
             assert!(!r[key].is_null(), "{key} missing in {r}");
         }
+        assert_eq!(r["occurrences"], 1, "{r}");
     }
     let by_id = |id: i64| rows.iter().find(|r| r["id"] == id).expect("row listed");
     assert_eq!(by_id(text)["payload_encoding"], "utf8");
@@ -157,17 +179,7 @@ async fn review_actions_are_audited_and_json_parses() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("retried=1 failed=0"), "{stdout}");
 
-    let audit_of = |id: i64| {
-        let (code, stdout, stderr) =
-            backstop(&["failed", "show", &id.to_string(), "--json", "--store", &url]);
-        assert_eq!(code, 0, "{stderr}");
-        let shown = json(&stdout);
-        let last = shown["audit"]
-            .as_array()
-            .and_then(|a| a.last().cloned())
-            .expect("audit rows");
-        (shown["row"]["status"].clone(), last)
-    };
+    let audit_of = |id: i64| last_audit(&url, id);
     let (status, last) = audit_of(text);
     assert_eq!(status, "resolved");
     assert_eq!(
@@ -343,4 +355,194 @@ async fn hostile_input_on_sqlite() {
 async fn hostile_input_on_postgres() {
     // PostgreSQL TEXT cannot hold NUL: the store writes U+2400 instead.
     hostile_input_is_stored_and_shown_verbatim(&backstop_testkit::postgres_url(), "\u{2400}").await;
+}
+
+/// Run in the wrong folder, or pointed at a file that is not there, every
+/// `failed` command exits 2 naming the path, and creates nothing: never an
+/// empty `./backstop.db` that reports `rows=0`.
+#[test]
+fn a_missing_store_is_named_and_never_created() {
+    let dir = std::env::temp_dir().join(unique("backstop-failed-nowhere"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let missing = dir.join("elsewhere.db");
+    let missing_url = format!("sqlite://{}", missing.display());
+    for args in [
+        vec!["failed", "list"],
+        vec!["failed", "show", "1"],
+        vec!["failed", "retry", "1"],
+        vec!["failed", "resolve", "1", "--note", "n"],
+        vec!["failed", "discard", "1", "--reason", "r"],
+        vec!["failed", "purge", "--older-than", "1d"],
+    ] {
+        let (code, stdout, stderr) = backstop_in(&dir, &args);
+        assert_eq!(code, 2, "{args:?}: {stdout}{stderr}");
+        assert!(
+            stderr.contains(&dir.join("backstop.db").display().to_string())
+                && stderr.contains("does not exist")
+                && stderr.contains("--store"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stdout.contains("rows="), "{args:?}: {stdout}");
+        let mut explicit = args.clone();
+        explicit.extend(["--store", &missing_url]);
+        let (code, _, stderr) = backstop_in(&dir, &explicit);
+        assert_eq!(code, 2, "{explicit:?}: {stderr}");
+        assert!(
+            stderr.contains(&missing.display().to_string()),
+            "{explicit:?}: {stderr}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "files created: {left:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A file that exists but holds no store (a wrong path to some other
+/// database) is refused the same way; its tables are left alone.
+#[test]
+fn a_file_without_a_store_is_refused() {
+    let dir = std::env::temp_dir().join(unique("backstop-failed-other"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let other = dir.join("other.db");
+    std::fs::write(&other, b"").expect("an empty file");
+    let url = format!("sqlite://{}", other.display());
+    let (code, _, stderr) = backstop(&["failed", "list", "--store", &url]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("no backstop_failed_messages table"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(&other).map(|m| m.len()).ok(),
+        Some(0),
+        "the file was written to"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `-c` and `--store` together are refused, naming both; a `-c` file with
+/// no `[store] url` is refused naming the file (no silent fallback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_and_store_together_are_refused() {
+    let (configured, given) = (sqlite_url(), sqlite_url());
+    let queue = unique("two-stores");
+    for url in [&configured, &given] {
+        let store = SqlStore::connect(url).await.expect("store");
+        store
+            .store(&row(&queue, "in-both", b"{}"))
+            .await
+            .expect("store");
+    }
+    let dir = std::env::temp_dir().join(unique("backstop-failed-both"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("backstop.toml");
+    std::fs::write(&file, format!("[store]\nurl = \"{configured}\"\n")).expect("write");
+    let file = file.to_str().unwrap_or("").to_owned();
+    let (code, stdout, stderr) = backstop(&[
+        "failed", "list", "-c", &file, "--store", &given, "--queue", &queue,
+    ]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("--config") && stderr.contains("--store"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+
+    let empty = dir.join("empty.toml");
+    std::fs::write(&empty, "[store]\nretention = \"30d\"\n").expect("write");
+    let empty = empty.to_str().unwrap_or("").to_owned();
+    let (code, _, stderr) = backstop(&["failed", "list", "-c", &empty]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(&empty) && stderr.contains("no [store] url"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Retrying a finished row (resolved, discarded, replayed) is refused
+/// without `--force`, and leaves it as it was; with `--force` it goes back
+/// to `pending` and the audit says `force_retry` with the actor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_a_finished_row_needs_force_and_is_audited() {
+    let url = sqlite_url();
+    let queue = unique("force");
+    let store = SqlStore::connect(&url).await.expect("store");
+    let resolved = store
+        .store(&row(&queue, "done-1", b"{}"))
+        .await
+        .expect("store");
+    let open = store
+        .store(&row(&queue, "open-1", b"{}"))
+        .await
+        .expect("store");
+    let (code, _, stderr) = backstop(&[
+        "failed",
+        "resolve",
+        &resolved.to_string(),
+        "--note",
+        "refunded",
+        "--store",
+        &url,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let last_audit = |id: i64| last_audit(&url, id);
+
+    let (code, stdout, stderr) =
+        backstop(&["failed", "retry", &resolved.to_string(), "--store", &url]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("resolved") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("retried=0 failed=1"), "{stdout}");
+    let (status, last) = last_audit(resolved);
+    assert_eq!(status, "resolved");
+    assert_eq!(last["action"], "resolve");
+
+    // A row that is not finished needs no force, and is audited as a retry.
+    let (code, stdout, stderr) = backstop(&[
+        "failed",
+        "retry",
+        &resolved.to_string(),
+        &open.to_string(),
+        "--force",
+        "--actor",
+        "bob",
+        "--store",
+        &url,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("retried=2 failed=0"), "{stdout}");
+    let (status, last) = last_audit(resolved);
+    assert_eq!(status, "pending");
+    assert_eq!(
+        (last["actor"].as_str(), last["action"].as_str()),
+        (Some("bob"), Some("force_retry"))
+    );
+    let (status, last) = last_audit(open);
+    assert_eq!(status, "pending");
+    assert_eq!(
+        (last["actor"].as_str(), last["action"].as_str()),
+        (Some("bob"), Some("retry"))
+    );
+}
+
+/// A PostgreSQL database (here: a search path) without the store's tables
+/// is refused, not silently given empty ones.
+#[test]
+fn a_postgres_database_without_a_store_is_refused() {
+    let url = backstop_testkit::postgres_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let schema = unique("no_store").replace(['-', '.'], "_");
+    let url = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+    let (code, stdout, stderr) = backstop(&["failed", "list", "--store", &url]);
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("no backstop_failed_messages table"),
+        "{stderr}"
+    );
 }

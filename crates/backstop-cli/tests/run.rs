@@ -98,6 +98,29 @@ type Request = (Instant, HeaderMap, Vec<u8>);
 struct Endpoint {
     requests: Arc<Mutex<Vec<Request>>>,
     calls: Arc<Mutex<HashMap<String, u32>>>,
+    /// `{"want":"hold"}` answers 200 once this is opened.
+    gate: Gate,
+}
+
+/// Holds requests until opened.
+#[derive(Clone)]
+struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate(Arc::new(tokio::sync::Semaphore::new(0)))
+    }
+}
+
+impl Gate {
+    async fn wait(&self) {
+        // A closed semaphore fails every acquire at once: that is the opening.
+        let _ = self.0.acquire().await;
+    }
+
+    fn open(&self) {
+        self.0.close();
+    }
 }
 
 impl Endpoint {
@@ -148,6 +171,10 @@ async fn answer(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Byte
         return StatusCode::OK.into_response();
     }
     match want {
+        "hold" => {
+            endpoint.gate.wait().await;
+            StatusCode::OK.into_response()
+        }
         "sleep" => {
             tokio::time::sleep(Duration::from_secs(3)).await;
             StatusCode::OK.into_response()
@@ -318,6 +345,169 @@ async fn each_response_status_maps_to_its_outcome_and_metrics_count_them() {
             );
         }
     }
+    drop(_run);
+    cleanup(&queue).await;
+}
+
+/// Every outcome is a counter of its own, so `acked` never steps back
+/// (it once was derived by subtraction and dipped while a retry copy was
+/// confirmed before its original's ack was written); `backstop_unacked`
+/// counts deliveries held by a slow endpoint apart from handlers, and
+/// `backstop_oldest_unacked_seconds` grows while they are held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcome_counters_never_step_back_and_the_unacked_backlog_is_shown() {
+    let (endpoint, url) = start_endpoint().await;
+    let queue = unique("run-unacked");
+    let port = free_port();
+    let config = format!(
+        "[broker]\nuri = \"{}\"\nheartbeat = \"5s\"\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n\
+         [[consumer]]\nqueue = \"{queue}\"\nprefetch = 20\nconcurrency = 8\n\
+         handler.http.url = \"{url}\"\nhandler.http.timeout = \"60s\"\n\
+         retry.delays = [\"300ms\", \"3s\"]\nretry.exhausted = \"dead-letter\"\n",
+        backstop_testkit::amqp_url()
+    );
+    let _run = start_ready(&config, port).await;
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    let q = format!("queue=\"{queue}\"");
+    let scrape = {
+        let metrics_url = metrics_url.clone();
+        move || {
+            let metrics_url = metrics_url.clone();
+            async move {
+                let (status, text) = get(&metrics_url).await;
+                assert_eq!(status, 200, "GET /metrics: {text}");
+                text
+            }
+        }
+    };
+    let value = |text: &str, name: &str| -> f64 {
+        metric(text, name).unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+    };
+    let acked = format!("backstop_deliveries_total{{{q},outcome=\"acked\"}}");
+    let unacked = format!("backstop_unacked{{{q}}}");
+    let oldest = format!("backstop_oldest_unacked_seconds{{{q}}}");
+    let running = format!("backstop_handlers_running{{{q}}}");
+
+    let ok: Vec<(String, String)> = (0..5)
+        .map(|i| (format!("ok-{i}"), r#"{"want":"200"}"#.to_owned()))
+        .collect();
+    let ok: Vec<(&str, String)> = ok.iter().map(|(i, b)| (i.as_str(), b.clone())).collect();
+    publish(&queue, &ok).await;
+    wait_until("5 acked", Duration::from_secs(20), || {
+        let (scrape, acked) = (scrape.clone(), acked.clone());
+        async move { metric(&scrape().await, &acked) == Some(5.0) }
+    })
+    .await;
+
+    // From here on, every scrape's `acked` is recorded.
+    let series = Arc::new(Mutex::new(Vec::<f64>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let scraper = tokio::spawn({
+        let (series, stop, scrape, acked) =
+            (series.clone(), stop.clone(), scrape.clone(), acked.clone());
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = scrape().await;
+                let n = metric(&text, &acked).unwrap_or_else(|| panic!("no {acked} in:\n{text}"));
+                series.lock().expect("lock").push(n);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    let assert_never_stepped_back = || {
+        let series = series.lock().expect("lock").clone();
+        assert!(!series.is_empty(), "no scrape recorded");
+        for pair in series.windows(2) {
+            assert!(
+                pair[1] >= pair[0],
+                "acked went from {} to {}: {series:?}",
+                pair[0],
+                pair[1]
+            );
+        }
+    };
+
+    // Two requests held at the endpoint, then a transient failure behind
+    // them: its retry copy is confirmed while its ack waits behind theirs.
+    publish(
+        &queue,
+        &[
+            ("hold-1", r#"{"want":"hold"}"#.to_owned()),
+            ("hold-2", r#"{"want":"hold"}"#.to_owned()),
+        ],
+    )
+    .await;
+    wait_until("both held", Duration::from_secs(20), || {
+        let held = endpoint.calls_of("hold-1") == 1 && endpoint.calls_of("hold-2") == 1;
+        async move { held }
+    })
+    .await;
+    publish(&queue, &[("tr-500", r#"{"want":"500"}"#.to_owned())]).await;
+    wait_until("the retry succeeded", Duration::from_secs(20), || {
+        let (scrape, acked) = (scrape.clone(), acked.clone());
+        async move { metric(&scrape().await, &acked) == Some(6.0) }
+    })
+    .await;
+    assert_eq!(endpoint.calls_of("tr-500"), 2);
+    assert_never_stepped_back();
+
+    // Held: two unacked, two handlers, and the oldest one ages.
+    wait_until(
+        "the two held ones are all that is unacked",
+        Duration::from_secs(10),
+        || {
+            let (scrape, unacked) = (scrape.clone(), unacked.clone());
+            async move { metric(&scrape().await, &unacked) == Some(2.0) }
+        },
+    )
+    .await;
+    let text = scrape().await;
+    assert_eq!(value(&text, &running), 2.0, "{text}");
+    let first_age = value(&text, &oldest);
+    assert!(first_age > 0.0, "{text}");
+    wait_until("the oldest unacked ages", Duration::from_secs(10), || {
+        let (scrape, oldest) = (scrape.clone(), oldest.clone());
+        async move { metric(&scrape().await, &oldest).is_some_and(|age| age > first_age + 0.1) }
+    })
+    .await;
+
+    endpoint.gate.open();
+    wait_until(
+        "all 8 acked and nothing held",
+        Duration::from_secs(20),
+        || {
+            let (scrape, acked, unacked) = (scrape.clone(), acked.clone(), unacked.clone());
+            async move {
+                let text = scrape().await;
+                metric(&text, &acked) == Some(8.0) && metric(&text, &unacked) == Some(0.0)
+            }
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    scraper.await.expect("the scraper");
+    assert_never_stepped_back();
+    let text = scrape().await;
+    let count = |outcome: &str| {
+        value(
+            &text,
+            &format!("backstop_deliveries_total{{{q},outcome=\"{outcome}\"}}"),
+        )
+    };
+    for (outcome, expected) in [
+        ("acked", 8.0),
+        ("retried", 1.0),
+        ("dead_lettered", 0.0),
+        ("stored", 0.0),
+        ("duplicate", 0.0),
+        ("rejected", 0.0),
+        ("requeued", 0.0),
+    ] {
+        assert_eq!(count(outcome), expected, "{outcome}: {text}");
+    }
+    assert_eq!(value(&text, &unacked), 0.0, "{text}");
+    assert_eq!(value(&text, &oldest), 0.0, "{text}");
+    assert_eq!(value(&text, &running), 0.0, "{text}");
     drop(_run);
     cleanup(&queue).await;
 }

@@ -183,11 +183,33 @@ async fn manual_actions_follow_the_state_machine_and_are_audited(store: SqlStore
         .act(b, ManualAction::Discard, "bob", Some("duplicate order"))
         .await
         .expect("discard");
+    // Re-opening a finished row takes a forced retry, audited as such.
+    let err = store.act(b, ManualAction::Retry, "bob", None).await;
+    assert!(
+        matches!(
+            err,
+            Err(StoreError::InvalidTransition {
+                status: Status::Discarded,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
     let row = store
-        .act(b, ManualAction::Retry, "bob", None)
+        .act(b, ManualAction::ForceRetry, "bob", None)
         .await
-        .expect("retry");
+        .expect("forced retry");
     assert_eq!(row.status, Status::Pending);
+    let last = store
+        .audit(b)
+        .await
+        .expect("audit")
+        .pop()
+        .expect("an entry");
+    assert_eq!(
+        (last.actor.as_str(), last.action.as_str()),
+        ("bob", "force_retry")
+    );
     // A row a scanner holds right now is not taken from it.
     let c = store
         .store(&message(&queue, 3, now - 1))
@@ -326,6 +348,19 @@ async fn a_repeat_of_an_unfinished_message_is_one_row_with_occurrences(store: Sq
     assert_ne!(
         fresh, first,
         "a finished row is not reopened by a new arrival"
+    );
+    // Re-opening the old row by hand would make two unfinished rows of one
+    // message: refused, naming the row to act on.
+    let err = store
+        .act(first, ManualAction::ForceRetry, "op", None)
+        .await
+        .expect_err("a second unfinished row");
+    assert_eq!(
+        err,
+        StoreError::StillOpen {
+            id: first,
+            open: fresh
+        }
     );
     let rows = store
         .list(&ListFilter {

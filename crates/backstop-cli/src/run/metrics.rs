@@ -168,12 +168,12 @@ impl Collector for Live {
             .collect();
         let mut deliveries = Vec::new();
         for (c, r) in &reports {
+            // Each outcome is a counter of its own: a value derived by
+            // subtraction could step back for a moment (a copy confirmed
+            // before its original's ack is written), which Prometheus
+            // reads as a counter reset.
             for (outcome, n) in [
-                (
-                    "acked",
-                    r.handled
-                        .saturating_sub(r.retried + r.dead_lettered + r.stored + r.duplicates),
-                ),
+                ("acked", r.succeeded),
                 ("retried", r.retried),
                 ("dead_lettered", r.dead_lettered),
                 ("stored", r.stored),
@@ -200,15 +200,38 @@ impl Collector for Live {
                 .map(|(c, r)| (labels(&[("queue", &c.queue)]), f(r)))
                 .collect::<Vec<_>>()
         };
-        family(
-            &mut encoder,
-            "backstop_in_flight",
-            "deliveries received and not yet settled (the unacked backlog)",
-            MetricType::Gauge,
-            per_queue(&|r| r.in_flight)
+        let per_queue_gauge = |f: &dyn Fn(&backstop::consumer::ConsumerReport) -> u64| {
+            per_queue(f)
                 .into_iter()
                 .map(|(l, n)| (l, ConstGauge::new(n as i64)))
+                .collect::<Vec<_>>()
+        };
+        family(
+            &mut encoder,
+            "backstop_unacked",
+            "deliveries held on the consumer's channel, not yet acked, rejected or nacked (the unacked backlog)",
+            MetricType::Gauge,
+            per_queue_gauge(&|r| r.unacked),
+        )?;
+        family(
+            &mut encoder,
+            "backstop_oldest_unacked_seconds",
+            "how long the oldest delivery held has waited for its outcome (0 when none is held)",
+            MetricType::Gauge,
+            reports
+                .iter()
+                .map(|(c, r)| {
+                    let age = r.oldest_unacked.unwrap_or_default().as_secs_f64();
+                    (labels(&[("queue", &c.queue)]), ConstGauge::new(age))
+                })
                 .collect(),
+        )?;
+        family(
+            &mut encoder,
+            "backstop_handlers_running",
+            "deliveries in process (handler, retry copy, store write), this session's or an older one's",
+            MetricType::Gauge,
+            per_queue_gauge(&|r| r.in_flight),
         )?;
         family(
             &mut encoder,
@@ -225,10 +248,7 @@ impl Collector for Live {
             "backstop_consumer_ready",
             "1 while the consumer is subscribed",
             MetricType::Gauge,
-            per_queue(&|r| u64::from(r.subscribed))
-                .into_iter()
-                .map(|(l, n)| (l, ConstGauge::new(n as i64)))
-                .collect(),
+            per_queue_gauge(&|r| u64::from(r.subscribed)),
         )?;
         family(
             &mut encoder,

@@ -44,6 +44,7 @@
 //! ```
 
 mod ack;
+mod held;
 mod process;
 
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
@@ -58,6 +59,7 @@ use crate::topology::Topology;
 use crate::wait_true;
 use ack::AckCoalescer;
 use futures_util::stream::FuturesUnordered;
+use held::HeldDeliveries;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     BasicRejectOptions,
@@ -289,6 +291,11 @@ pub struct ConsumerStats {
     dedup_failures: AtomicU64,
     missing_keys: AtomicU64,
     oversized: AtomicU64,
+    succeeded: AtomicU64,
+    unacked: AtomicU64,
+    /// When the oldest delivery held undecided was received, ms since the
+    /// epoch; 0 when none is held.
+    oldest_unacked_ms: AtomicU64,
 }
 
 /// A snapshot of [`ConsumerStats`].
@@ -340,6 +347,18 @@ pub struct ConsumerReport {
     pub missing_keys: u64,
     /// Deliveries over the size limit, sent down the exhausted path unhandled.
     pub oversized: u64,
+    /// Deliveries whose handler succeeded, counted as their ack is queued on
+    /// their own channel. Unlike [`handled`](Self::handled) this excludes
+    /// the acks of copies (retried, dead-lettered, stored) and duplicates,
+    /// so every outcome is a counter of its own and none is derived.
+    pub succeeded: u64,
+    /// Deliveries received on the current channel and not yet settled on
+    /// the wire (acked, rejected or nacked): the unacked backlog, handlers
+    /// running or not.
+    pub unacked: u64,
+    /// How long the oldest delivery held on the current channel has waited
+    /// for its outcome; `None` when none is held.
+    pub oldest_unacked: Option<Duration>,
 }
 
 impl ConsumerStats {
@@ -369,6 +388,14 @@ impl ConsumerStats {
             dedup_failures: get(&self.dedup_failures),
             missing_keys: get(&self.missing_keys),
             oversized: get(&self.oversized),
+            succeeded: get(&self.succeeded),
+            unacked: get(&self.unacked),
+            oldest_unacked: match get(&self.oldest_unacked_ms) {
+                0 => None,
+                since => Some(Duration::from_millis(
+                    crate::retry::now_ms().saturating_sub(since),
+                )),
+            },
         }
     }
 }
@@ -494,6 +521,7 @@ impl<H: Handler> Consumer<H> {
             handlers: FuturesUnordered::new(),
             generation: 0,
             rng: fastrand::Rng::new(),
+            held: HeldDeliveries::default(),
         };
         let task = tokio::spawn(runtime.run());
         Ok(ConsumerHandle {
@@ -580,6 +608,8 @@ struct Runtime<H> {
     handlers: FuturesUnordered<HandlerTask>,
     generation: u64,
     rng: fastrand::Rng,
+    /// The deliveries the current session holds, for the unacked gauges.
+    held: HeldDeliveries,
 }
 
 /// One channel with its subscription.
@@ -943,6 +973,7 @@ impl<H: Handler> Runtime<H> {
         bump(&self.stats.delivered, 1);
         let generation = session.generation;
         let (tag, delivery) = Delivery::from_lapin(delivery);
+        self.held.received(tag, &self.stats);
         self.handlers.push(process::process(
             self.handler.clone(),
             self.context.clone(),
@@ -969,7 +1000,7 @@ impl<H: Handler> Runtime<H> {
             generation,
             tag,
             settlement,
-            ..
+            verdict,
         } = completion;
         if generation != session.generation {
             bump(&self.stats.stale_tags_dropped, 1);
@@ -981,9 +1012,13 @@ impl<H: Handler> Runtime<H> {
             );
             return Ok(());
         }
+        self.held.decided(tag, &self.stats);
         let now = Instant::now();
         match settlement {
             Settlement::Ack => {
+                if verdict == Verdict::Success {
+                    bump(&self.stats.succeeded, 1);
+                }
                 if session.acks.complete(tag, true, now) && session.acks.batch_full() {
                     self.flush(session);
                 }
@@ -997,6 +1032,7 @@ impl<H: Handler> Runtime<H> {
                         .await
                         .map_err(|e| describe(&e))?;
                     bump(&self.stats.rejected, 1);
+                    HeldDeliveries::settled(&self.stats, 1);
                 }
             }
             Settlement::Requeue => {
@@ -1013,6 +1049,7 @@ impl<H: Handler> Runtime<H> {
                         .await
                         .map_err(|e| describe(&e))?;
                     bump(&self.stats.requeued, 1);
+                    HeldDeliveries::settled(&self.stats, 1);
                 }
             }
         }
@@ -1075,6 +1112,7 @@ impl<H: Handler> Runtime<H> {
     fn sent(&self, (settles, result): (u64, lapin::Result<()>)) -> std::result::Result<(), String> {
         result.map_err(|e| describe(&e))?;
         bump(&self.stats.acked, settles);
+        HeldDeliveries::settled(&self.stats, settles);
         Ok(())
     }
 
@@ -1100,6 +1138,7 @@ impl<H: Handler> Runtime<H> {
     /// broker requeues what it holds, and lets in-flight handlers go stale.
     async fn end(&mut self, session: Session, reason: String) -> SessionEnd {
         close_session(&session, "backstop: resubscribing").await;
+        self.held.released(&self.stats);
         SessionEnd::Broken(reason)
     }
 
@@ -1140,6 +1179,7 @@ impl<H: Handler> Runtime<H> {
         self.handlers.clear();
         self.update_in_flight();
         close_session(&session, "backstop: drained").await;
+        self.held.released(&self.stats);
     }
 }
 

@@ -331,7 +331,7 @@ pub struct AuditEntry {
     /// Who: `--actor`, `$USER`, or `scanner`/`consumer`.
     pub actor: String,
     /// What: `stored`, `stored_again`, `failed_again`, `replayed`, `retry`,
-    /// `resolve`, `discard`, `needs_review`.
+    /// `force_retry`, `resolve`, `discard`, `needs_review`.
     pub action: String,
     /// The note or reason given.
     pub note: Option<String>,
@@ -351,8 +351,13 @@ pub struct ListFilter {
 /// A person's decision about a row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ManualAction {
-    /// Re-drive it at the next scan (back to `pending`, due now).
+    /// Re-drive it at the next scan (back to `pending`, due now). Refused
+    /// for a finished row (resolved, discarded, replayed).
     Retry,
+    /// Re-drive even a finished row (resolved, discarded, replayed),
+    /// audited as `force_retry`. On a row that is not finished it is a
+    /// plain [`Retry`](Self::Retry), audited as `retry`.
+    ForceRetry,
     /// It was handled by hand: `resolved`.
     Resolve,
     /// Give it up: `discarded`.
@@ -364,6 +369,7 @@ impl ManualAction {
     pub fn as_str(self) -> &'static str {
         match self {
             ManualAction::Retry => "retry",
+            ManualAction::ForceRetry => "force_retry",
             ManualAction::Resolve => "resolve",
             ManualAction::Discard => "discard",
         }
@@ -407,6 +413,15 @@ pub enum StoreError {
     /// No row has this id.
     #[error("no failed message with id {0}")]
     NotFound(i64),
+    /// The row cannot be re-opened: another row of the same message is
+    /// still unfinished, and that one is the row to act on.
+    #[error("cannot re-open row {id}: row {open} holds the same message and is not finished")]
+    StillOpen {
+        /// The row asked for.
+        id: i64,
+        /// The unfinished row of the same message.
+        open: i64,
+    },
     /// The action does not apply to the row's status.
     #[error("cannot {action} row {id}: it is {status}")]
     InvalidTransition {

@@ -227,6 +227,53 @@ pub(crate) async fn open_pool(
     Ok((pool, backend))
 }
 
+/// Why no store will be found without creating it.
+const NO_STORE_TABLE: &str = "it holds no compensation store (no backstop_failed_messages table)";
+
+/// Checks that the `sqlite:` URL names an existing file that holds the
+/// store's tables, through a read-only connection (none of the pool's
+/// pragmas run, so a wrong file is left exactly as it was). The URL is read
+/// by sqlx's own parser.
+#[cfg(feature = "sqlite")]
+async fn sqlite_store_exists(url: &str) -> Result<(), String> {
+    use sqlx::Connection;
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url).map_err(|e| e.to_string())?;
+    let file = options.get_filename().to_path_buf();
+    if file.as_os_str().is_empty() || file.to_string_lossy().starts_with("file:sqlx-in-memory") {
+        return Err("an in-memory or empty SQLite path is never an existing store".to_owned());
+    }
+    if !file.is_file() {
+        let absolute = std::path::absolute(&file).unwrap_or(file);
+        return Err(format!(
+            "no store at {}: the file does not exist (review commands never create one)",
+            absolute.display()
+        ));
+    }
+    let mut connection = sqlx::sqlite::SqliteConnection::connect_with(
+        &options.read_only(true).create_if_missing(false),
+    )
+    .await
+    .map_err(|e| format!("opening {}: {e}", file.display()))?;
+    let tables: Result<i64, _> = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM sqlite_master
+         WHERE type = 'table' AND name = 'backstop_failed_messages'",
+    )
+    .fetch_one(&mut connection)
+    .await;
+    let _ = connection.close().await;
+    match tables {
+        Ok(0) => Err(NO_STORE_TABLE.to_owned()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("reading {}: {e}", file.display())),
+    }
+}
+
+#[cfg(not(feature = "sqlite"))]
+async fn sqlite_store_exists(_url: &str) -> Result<(), String> {
+    Err("this build has no SQLite support (the `sqlite` feature)".to_owned())
+}
+
 impl SqlStore {
     /// Opens the store at `url` and brings its schema up to date.
     ///
@@ -236,6 +283,49 @@ impl SqlStore {
         // Every row here is a message that left the broker: full fsync.
         let (pool, backend) = open_pool(url, true).await?;
         let store = SqlStore { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Opens a store that already exists, for review tools that must never
+    /// point at a fresh, empty one by mistake: a `sqlite://` file must exist
+    /// (it is opened without the create flag), and the database must hold
+    /// Backstop's tables. Either failure is [`StoreError::InvalidUrl`]
+    /// naming the file or database. The schema is then brought up to date
+    /// like [`connect`](Self::connect) does.
+    pub async fn open_existing(url: &str) -> Result<Self, StoreError> {
+        let shown = RedactedUri::new(url).to_string();
+        let invalid = |reason: String| StoreError::InvalidUrl {
+            url: shown.clone(),
+            reason,
+        };
+        if url.starts_with("sqlite:") {
+            sqlite_store_exists(url).await.map_err(invalid)?;
+        }
+        // `connect` would create a missing SQLite file (mode=rwc); an
+        // explicit mode in the URL is the user's choice.
+        let url = if url.starts_with("sqlite:") && !url.contains("mode=") {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}mode=rw")
+        } else {
+            url.to_owned()
+        };
+        let (pool, backend) = open_pool(&url, true).await?;
+        let store = SqlStore { pool, backend };
+        if backend == Backend::Postgres {
+            let tables: i64 = sqlx::query(
+                "SELECT COUNT(*) AS n FROM information_schema.tables
+                 WHERE table_schema = current_schema() AND table_name = 'backstop_failed_messages'",
+            )
+            .fetch_one(&store.pool)
+            .await
+            .and_then(|row| row.try_get("n"))
+            .map_err(unavailable)?;
+            if tables == 0 {
+                store.pool.close().await;
+                return Err(invalid(NO_STORE_TABLE.to_owned()));
+            }
+        }
         store.migrate().await?;
         Ok(store)
     }
@@ -637,10 +727,20 @@ impl SqlStore {
         note: Option<&str>,
     ) -> Result<FailedRow, StoreError> {
         let current = self.get_impl(id).await?;
+        // A forced retry of a row that is not finished is a plain retry, and
+        // is audited as one.
+        let action = match action {
+            ManualAction::ForceRetry if !current.status.is_finished() => ManualAction::Retry,
+            other => other,
+        };
         let allowed = match action {
-            // Closed rows can be retried again (a replay that needs another go).
-            ManualAction::Retry => true,
-            ManualAction::Resolve | ManualAction::Discard => !current.status.is_finished(),
+            // Re-opening a closed row (a replay that needs another go, a
+            // resolve that was a mistake) is a deliberate, separately
+            // audited act.
+            ManualAction::ForceRetry => true,
+            ManualAction::Retry | ManualAction::Resolve | ManualAction::Discard => {
+                !current.status.is_finished()
+            }
         };
         if !allowed {
             return Err(StoreError::InvalidTransition {
@@ -650,10 +750,32 @@ impl SqlStore {
             });
         }
         let (status, next) = match action {
-            ManualAction::Retry => (Status::Pending, Some(now_ms() as i64)),
+            ManualAction::Retry | ManualAction::ForceRetry => {
+                (Status::Pending, Some(now_ms() as i64))
+            }
             ManualAction::Resolve => (Status::Resolved, None),
             ManualAction::Discard => (Status::Discarded, None),
         };
+        if status == Status::Pending && current.status.is_finished() {
+            // One unfinished row per message: a newer row of the same message
+            // is the one to retry.
+            let open = sqlx::query(&format!(
+                "SELECT id FROM backstop_failed_messages
+                 WHERE queue = $1 AND fingerprint = $2 AND status IN {UNFINISHED} AND id <> $3"
+            ))
+            .bind(&current.queue)
+            .bind(&current.fingerprint)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            if let Some(row) = open {
+                return Err(StoreError::StillOpen {
+                    id,
+                    open: row.try_get("id").map_err(unavailable)?,
+                });
+            }
+        }
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let updated = sqlx::query(
             "UPDATE backstop_failed_messages
