@@ -170,14 +170,20 @@ async fn start_endpoint() -> (Endpoint, String) {
     let app = Router::new()
         .route("/orders", post(answer))
         .with_state(endpoint.clone());
+    let base = serve_any(app).await;
+    (endpoint, format!("{base}/orders"))
+}
+
+/// Serves `app` on a free loopback port; returns its base URL.
+async fn serve_any(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the endpoint");
-    let url = format!("http://{}/orders", listener.local_addr().expect("addr"));
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    (endpoint, url)
+    url
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,14 +335,8 @@ async fn a_refused_connection_is_transient_and_ends_in_the_dlq() {
     let closed = format!("http://127.0.0.1:{}/orders", free_port());
     let _run = start_ready(&config_for(&queue, &closed, port, ""), port).await;
     publish(&queue, &[("refused-1", "{}".to_owned())]).await;
-    let dlq = format!("{queue}.dlq");
     // Two tiers used, then exhausted: the message lands in the DLQ.
-    wait_until(
-        "the message is dead-lettered",
-        Duration::from_secs(30),
-        || queue_is(&dlq, |c| c.ready == 1),
-    )
-    .await;
+    wait_dead_lettered(&queue, 1).await;
     let (_, text) = get(&format!("http://127.0.0.1:{port}/metrics")).await;
     let q = format!("queue=\"{queue}\"");
     assert_eq!(
@@ -573,5 +573,157 @@ async fn oversized_messages_are_dead_lettered_and_binary_bodies_pass_verbatim() 
     assert_eq!(dead.delivery.data.len(), 2048);
     let _ = connection.close(200, "done".into()).await;
     drop(_run);
+    cleanup(&queue).await;
+}
+
+// ---------------------------------------------------------------------------
+// Redirects, TLS, shutdown bounds and secrets.
+
+/// A 3xx is never followed: 301/302/303 would turn the POST into a GET
+/// whose 2xx acks an undelivered message, 307/308 would re-POST the body
+/// elsewhere. Each is a transient failure naming the Location (redacted):
+/// the retry tiers, then the DLQ; the redirect target never hears a thing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_never_followed_and_end_in_the_dlq_naming_the_location() {
+    use axum::http::Method;
+    // The redirect target answers 200 to anything, and counts.
+    let target_hits: Arc<Mutex<Vec<(Method, String)>>> = Arc::default();
+    let hits = target_hits.clone();
+    let target = serve_any(
+        Router::new().fallback(move |method: Method, uri: axum::http::Uri| {
+            let hits = hits.clone();
+            async move {
+                hits.lock().expect("lock").push((method, uri.to_string()));
+                StatusCode::OK
+            }
+        }),
+    )
+    .await;
+    let port = target.rsplit(':').next().expect("port").to_owned();
+    let location = format!("http://user:s3cret-pw@127.0.0.1:{port}/landing?token=s3cret-pw");
+    // The endpoint redirects with the status the body names, every time.
+    let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let counted = calls.clone();
+    let redirector = serve_any(Router::new().route(
+        "/orders",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let counted = counted.clone();
+            let location = location.clone();
+            async move {
+                let id = headers
+                    .get("backstop-message-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                *counted.lock().expect("lock").entry(id).or_insert(0) += 1;
+                let code: u16 = std::str::from_utf8(&body)
+                    .ok()
+                    .and_then(|b| b.trim().parse().ok())
+                    .expect("the body is a status code");
+                let status = StatusCode::from_u16(code).expect("a status");
+                (status, [("location", location)]).into_response()
+            }
+        }),
+    ))
+    .await;
+    let queue = unique("run-redirect");
+    let metrics_port = free_port();
+    let _run = start_ready(
+        &config_for(&queue, &format!("{redirector}/orders"), metrics_port, ""),
+        metrics_port,
+    )
+    .await;
+    let codes = [301, 302, 303, 307, 308];
+    let messages: Vec<(String, String)> = codes
+        .iter()
+        .map(|c| (format!("redirect-{c}"), c.to_string()))
+        .collect();
+    publish_owned(&queue, &messages).await;
+    let dlq = format!("{queue}.dlq");
+    wait_dead_lettered(&queue, codes.len() as u64).await;
+    // Three attempts each (the first and two tiers), none followed.
+    for (id, _) in &messages {
+        let n = calls.lock().expect("lock").get(id).copied().unwrap_or(0);
+        assert_eq!(n, 3, "attempts of {id}");
+    }
+    assert_eq!(
+        *target_hits.lock().expect("lock"),
+        Vec::new(),
+        "the redirect target was called"
+    );
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let (_, text) = get(&metrics_url).await;
+    let q = format!("queue=\"{queue}\"");
+    let count = |outcome: &str| {
+        metric_value(
+            &text,
+            &format!("backstop_deliveries_total{{{q},outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(count("acked"), 0.0, "{text}");
+    assert_eq!(count("dead_lettered"), 5.0, "{text}");
+    assert_eq!(count("retried"), 10.0, "{text}");
+    let mut dead = drain_errors(&dlq).await;
+    dead.sort();
+    assert_eq!(dead.len(), codes.len());
+    for ((id, error), code) in dead.iter().zip(codes) {
+        assert_eq!(id, &format!("redirect-{code}"));
+        assert_eq!(
+            error,
+            &format!(
+                "the endpoint answered HTTP {code} with Location \
+                 http://user:***@127.0.0.1:{port}/landing?token=***; redirects are not \
+                 followed, so the message was not delivered"
+            )
+        );
+    }
+    drop(_run);
+    cleanup(&queue).await;
+}
+
+/// An endpoint URL with a password and a query token: reqwest's errors
+/// carry the whole URL, which must reach neither the DLQ copy's
+/// `x-backstop-error` nor the process's logs, even at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_credentials_reach_neither_the_dlq_nor_the_logs() {
+    let queue = unique("run-secret");
+    let metrics_port = free_port();
+    let closed = free_port();
+    let url = format!("http://user:s3cret-pw@127.0.0.1:{closed}/x?token=s3cret-pw");
+    let log_path = std::env::temp_dir().join(format!("{}.log", unique("run-secret-stderr")));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut run = start_run_logging(
+        &config_for(&queue, &url, metrics_port, ""),
+        "debug,lapin=off",
+        log,
+    );
+    wait_ready(metrics_port).await;
+    publish(&queue, &[("secret-1", "{}".to_owned())]).await;
+    wait_dead_lettered(&queue, 1).await;
+    let dead = drain_errors(&format!("{queue}.dlq")).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let (id, error) = &dead[0];
+    assert_eq!(id, "secret-1");
+    assert!(
+        error.starts_with(&format!(
+            "cannot connect to the endpoint http://user:***@127.0.0.1:{closed}/x?token=***: "
+        )),
+        "{error}"
+    );
+    assert!(!error.contains("s3cret-pw"), "{error}");
+    let (code, _) = terminate(&mut run);
+    assert_eq!(code, Some(0));
+    let logs = std::fs::read_to_string(&log_path).expect("read the logs");
+    assert!(
+        logs.contains("user:***@127.0.0.1"),
+        "the failure was not logged:\n{logs}"
+    );
+    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains("s3cret-pw")).collect();
+    assert!(
+        leaks.is_empty(),
+        "secrets in the logs:\n{}",
+        leaks.join("\n")
+    );
+    let _ = std::fs::remove_file(&log_path);
     cleanup(&queue).await;
 }
