@@ -711,7 +711,7 @@ async fn endpoint_credentials_reach_neither_the_dlq_nor_the_logs() {
         "{error}"
     );
     assert!(!error.contains("s3cret-pw"), "{error}");
-    let (code, _) = terminate(&mut run);
+    let (code, _) = terminate(&mut run, Duration::from_secs(30)).await;
     assert_eq!(code, Some(0));
     let logs = std::fs::read_to_string(&log_path).expect("read the logs");
     assert!(
@@ -726,4 +726,124 @@ async fn endpoint_credentials_reach_neither_the_dlq_nor_the_logs() {
     );
     let _ = std::fs::remove_file(&log_path);
     cleanup(&queue).await;
+}
+
+/// The `[broker]` section of a sidecar that reaches the TLS listener
+/// (scripts/tls.sh) through `proxy`: the private CA and the client
+/// certificate, `uri` naming the proxy's port.
+fn tls_broker(uri: &str, name: &str) -> String {
+    let pki = backstop_testkit::tls_dir();
+    let file = |f: &str| pki.join(f).display().to_string();
+    format!(
+        "uri = {uri:?}\nconnection_name = {name:?}\ntls.ca = {:?}\ntls.cert = {:?}\n\
+         tls.key = {:?}\n\n[reconnect]\ninitial = \"50ms\"\nmax = \"500ms\"\n",
+        file("ca.pem"),
+        file("client.pem"),
+        file("client.key"),
+    )
+}
+
+/// `backstop run` over mutual TLS through a proxy that cuts every
+/// connection three times: each batch is published after a cut, so each
+/// is consumed on a new TLS connection, and every message reaches the
+/// endpoint. Returns the broker user the sidecar's connection logged in as.
+async fn consume_over_tls_through_cuts(uri_for: impl Fn(u16) -> String) -> String {
+    let proxy = backstop_testkit::FaultProxy::start(
+        backstop_testkit::TLS_ADDR.parse().expect("the TLS address"),
+    )
+    .await
+    .expect("proxy");
+    let (endpoint, url) = start_endpoint().await;
+    let queue = unique("run-tls");
+    let name = unique("backstop-run-tls");
+    let metrics_port = free_port();
+    let broker = tls_broker(&uri_for(proxy.addr().port()), &name);
+    let _run = start_ready(
+        &config_with_broker(&broker, &queue, &url, metrics_port, ""),
+        metrics_port,
+    )
+    .await;
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let mut ids = Vec::new();
+    for batch in 0..4u32 {
+        let messages: Vec<(String, String)> = (0..50)
+            .map(|i| (format!("tls-{batch}-{i}"), "{}".to_owned()))
+            .collect();
+        publish_owned(&queue, &messages).await;
+        ids.extend(messages.into_iter().map(|(id, _)| id));
+        wait_until(
+            "the batch reached the endpoint",
+            Duration::from_secs(30),
+            || {
+                let done = ids.iter().all(|id| endpoint.calls_of(id) >= 1);
+                async move { done }
+            },
+        )
+        .await;
+        // Acked before the cut, so no delivery is repeated by it.
+        wait_until("the batch is acked", Duration::from_secs(15), || {
+            queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+        })
+        .await;
+        if batch < 3 {
+            proxy.cut();
+            wait_until(
+                "the sidecar reconnected over TLS",
+                Duration::from_secs(30),
+                || {
+                    let metrics_url = metrics_url.clone();
+                    async move {
+                        let (_, text) = get(&metrics_url).await;
+                        metric_value(&text, "backstop_connection_reconnects_total")
+                            >= f64::from(batch + 1)
+                            && metric_value(&text, "backstop_connection_up") == 1.0
+                    }
+                },
+            )
+            .await;
+        }
+    }
+    for id in &ids {
+        assert_eq!(endpoint.calls_of(id), 1, "calls of {id}");
+    }
+    let connections = backstop_testkit::rabbitmqctl(&[
+        "-q",
+        "list_connections",
+        "user",
+        "ssl",
+        "client_properties",
+    ])
+    .expect("rabbitmqctl list_connections");
+    let ours = connections
+        .lines()
+        .find(|line| line.contains(&name))
+        .unwrap_or_else(|| panic!("connection {name} not listed: {connections}"))
+        .to_owned();
+    let mut fields = ours.split('\t');
+    let user = fields.next().unwrap_or_default().to_owned();
+    assert_eq!(fields.next(), Some("true"), "not over TLS: {ours}");
+    drop(_run);
+    cleanup(&queue).await;
+    user
+}
+
+/// `[broker] tls.*` reaches `backstop run`: the private CA and the client
+/// certificate, on every reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_consumes_over_mutual_tls_through_forced_closes() {
+    let user =
+        consume_over_tls_through_cuts(|port| format!("amqps://guest:guest@127.0.0.1:{port}/%2f"))
+            .await;
+    assert_eq!(user, "guest");
+}
+
+/// The same with `auth_mechanism=external`: no password anywhere, the
+/// broker takes the user from the certificate's CN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_logs_in_with_its_certificate_through_forced_closes() {
+    let user = consume_over_tls_through_cuts(|port| {
+        format!("amqps://127.0.0.1:{port}/%2f?auth_mechanism=external")
+    })
+    .await;
+    assert_eq!(user, "backstop-client");
 }

@@ -13,7 +13,7 @@ pub(crate) mod metrics;
 use crate::UsageError;
 use anyhow::Context;
 use backstop::config::{Config, ConsumerSettings};
-use backstop::connection::{Backoff, ConnectionConfig, ConnectionSupervisor, DEFAULT_URI};
+use backstop::connection::ConnectionSupervisor;
 use backstop::consumer::{Consumer, ConsumerConfig, ConsumerHandle};
 use backstop::retry::{Exhausted, RetryPolicy};
 use backstop::store::{CompensationStore, Redrive, Scanner, ScannerConfig, SqlStore};
@@ -65,32 +65,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
-    let uri = config
-        .broker
-        .uri
-        .clone()
-        .unwrap_or_else(|| DEFAULT_URI.to_owned());
-    let mut connection = ConnectionConfig::new(uri)
-        .heartbeat(config.broker.heartbeat.unwrap_or(Duration::from_secs(10)))
-        .connection_name(
-            config
-                .broker
-                .connection_name
-                .clone()
-                .unwrap_or_else(|| "backstop-run".to_owned()),
-        )
-        .backoff(Backoff {
-            initial: config
-                .reconnect
-                .initial
-                .unwrap_or(Duration::from_millis(100)),
-            max: config.reconnect.max.unwrap_or(Duration::from_secs(30)),
-            max_attempts: config.reconnect.max_attempts,
-        });
-    for address in &config.broker.addresses {
-        connection = connection.address(address);
-    }
-    let supervisor = ConnectionSupervisor::start(connection)?;
+    let supervisor = ConnectionSupervisor::start(config.connection_config("backstop-run")?)?;
 
     let store: Option<Arc<dyn CompensationStore>> = match &config.store.url {
         Some(url) => Some(Arc::new(

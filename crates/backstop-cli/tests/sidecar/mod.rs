@@ -85,18 +85,29 @@ pub async fn wait_ready(metrics_port: u16) {
     .await;
 }
 
-/// Sends SIGTERM to `run` and waits for it to exit; returns its exit code
-/// and how long it took.
-pub fn terminate(run: &mut Running) -> (Option<i32>, Duration) {
+/// Sends SIGTERM to `run` and waits up to `within` for it to exit (it is
+/// killed when it overruns); returns its exit code and how long it took.
+pub async fn terminate(run: &mut Running, within: Duration) -> (Option<i32>, Duration) {
     let pid = run.0.id().to_string();
-    let started = std::time::Instant::now();
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill");
     assert!(killed.success(), "kill -TERM {pid}");
-    let status = run.0.wait().expect("wait for backstop run");
-    (status.code(), started.elapsed())
+    let mut code = None;
+    let took = wait_until(
+        &format!("backstop run to exit within {within:?} of SIGTERM"),
+        within,
+        || {
+            let exited = run.0.try_wait().expect("the child's status");
+            if let Some(status) = exited {
+                code = status.code();
+            }
+            async move { exited.is_some() }
+        },
+    )
+    .await;
+    (code, took)
 }
 
 pub async fn publish(queue: &str, messages: &[(&str, String)]) {
