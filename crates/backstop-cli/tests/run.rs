@@ -847,3 +847,103 @@ async fn the_sidecar_logs_in_with_its_certificate_through_forced_closes() {
     .await;
     assert_eq!(user, "backstop-client");
 }
+
+/// SIGTERM while the broker is unreachable (a blackholed proxy: the pulled
+/// cable), with a due store row that the scanner has claimed and is waiting
+/// to republish: the process still exits within its shutdown bound, names
+/// what it abandoned, and acks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_broker_outage_exits_within_the_bound_and_acks_nothing() {
+    use backstop::store::{CompensationStore, ListFilter, ManualAction, SqlStore, Status};
+    let (endpoint, url) = start_endpoint().await;
+    let queue = unique("run-outage");
+    let db = std::env::temp_dir().join(format!("{}.db", unique("run-outage-store")));
+    let store_url = format!("sqlite://{}", db.display());
+    let metrics_port = free_port();
+    let config = |uri: &str| {
+        format!(
+            "[broker]\nuri = {uri:?}\nheartbeat = \"2s\"\n\n\
+             [reconnect]\ninitial = \"50ms\"\nmax = \"500ms\"\n\n\
+             [store]\nurl = {store_url:?}\n\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+             [[consumer]]\nqueue = \"{queue}\"\nshutdown_timeout = \"2s\"\n\
+             handler.http.url = \"{url}\"\nhandler.http.timeout = \"1s\"\n\
+             retry.exhausted = \"store\"\n"
+        )
+    };
+    // A first run stores a permanently failing message.
+    let mut run = start_ready(&config(&backstop_testkit::amqp_url()), metrics_port).await;
+    publish(&queue, &[("stored-1", r#"{"want":"400"}"#.to_owned())]).await;
+    let store = SqlStore::connect(&store_url).await.expect("the store");
+    wait_until("the message is stored", Duration::from_secs(20), || {
+        let store = &store;
+        async move {
+            let listed = store.list(&ListFilter::default()).await.expect("list");
+            listed.len() == 1
+        }
+    })
+    .await;
+    let id = store.list(&ListFilter::default()).await.expect("list")[0].id;
+    let (code, _) = terminate(&mut run, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0));
+    // Due now, and five more messages wait in the queue.
+    store
+        .act(id, ManualAction::Retry, "test", None)
+        .await
+        .expect("retry");
+    let waiting: Vec<(String, String)> = (0..5)
+        .map(|i| (format!("waiting-{i}"), "{}".to_owned()))
+        .collect();
+    publish_owned(&queue, &waiting).await;
+
+    // The second run finds its broker gone.
+    let proxy = backstop_testkit::FaultProxy::start(backstop_testkit::broker_addr())
+        .await
+        .expect("proxy");
+    proxy.blackhole();
+    let uri = backstop_testkit::url_via(&backstop_testkit::amqp_url(), proxy.addr());
+    let log_path = std::env::temp_dir().join(format!("{}.log", unique("run-outage-stderr")));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut run = start_run_logging(&config(&uri), "warn,lapin=off", log);
+    wait_until(
+        "the scanner claimed the due row",
+        Duration::from_secs(30),
+        || {
+            let store = &store;
+            async move {
+                let row = store.get(id).await.expect("the row");
+                row.status == Status::Retrying && row.redrives == 1
+            }
+        },
+    )
+    .await;
+    // The bound: the longest shutdown_timeout (2 s), the drain margin
+    // (10 s) and the connection close (5 s), plus a margin for a busy machine.
+    let (code, took) = terminate(&mut run, Duration::from_secs(22)).await;
+    let logs = std::fs::read_to_string(&log_path).expect("read the logs");
+    match code {
+        Some(0) => {}
+        Some(1) => assert!(
+            logs.contains("shutdown abandoned the store scanner"),
+            "exit 1 without naming what was abandoned:\n{logs}"
+        ),
+        other => panic!("exit code {other:?} after {took:?}:\n{logs}"),
+    }
+    // Nothing was acked: every waiting message is back in the queue, and
+    // the stored row is still there to be re-driven.
+    drop(proxy);
+    wait_until(
+        "the waiting messages are in the queue",
+        Duration::from_secs(15),
+        || queue_is(&queue, |c| c.ready == 5 && c.unacked == 0),
+    )
+    .await;
+    for (id, _) in &waiting {
+        assert_eq!(endpoint.calls_of(id), 0, "{id} reached the endpoint");
+    }
+    let row = store.get(id).await.expect("the row");
+    assert!(!row.status.is_finished(), "{row:?}");
+    let _ = std::fs::remove_file(&log_path);
+    let _ = std::fs::remove_file(&db);
+    cleanup(&queue).await;
+}
