@@ -77,8 +77,7 @@ pub(crate) async fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
         )
         .into());
     }
-    let uri = args.broker.resolve()?;
-    let supervisor = ui::direct_supervisor(&uri, args.broker.tls()?, "backstop-bench")?;
+    let supervisor = args.broker.direct_supervisor("backstop-bench")?;
     let live = supervisor.connection().await?;
     let queue = format!("backstop.bench.{}", std::process::id());
     let topology = Topology::new().queue(Queue::classic(&queue));

@@ -10,7 +10,7 @@
 
 use crate::ui;
 use anyhow::Context;
-use backstop::connection::{Backoff, ConnectionConfig, ConnectionSupervisor};
+use backstop::connection::{Backoff, ConnectionSupervisor};
 use backstop::consumer::{Consumer, ConsumerConfig};
 use backstop::dedup::{DedupConfig, DedupKey};
 use backstop::retry::{Exhausted, RetryPolicy};
@@ -44,11 +44,16 @@ pub(crate) struct DemoArgs {
 }
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let uri = args.broker.resolve()?;
+    let config = args.broker.config()?;
+    let uri = config
+        .broker
+        .uri
+        .clone()
+        .unwrap_or_else(|| ui::DEFAULT_URI.to_owned());
     let broker = ui::loopback_addr(&uri)?;
 
     // Direct connection for arranging the queue and publishing.
-    let direct = ui::direct_supervisor(&uri, args.broker.tls()?, "backstop-demo-publisher")?;
+    let direct = ui::direct_supervisor(&config, "backstop-demo-publisher")?;
     let live = direct.connection().await?;
     let channel = live.create_channel().await?;
     channel
@@ -77,10 +82,14 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("starting the fault proxy")?;
     let heartbeat = Duration::from_secs(2);
+    // The consumer's connection: the same [broker] settings, through the
+    // proxy, with a short heartbeat and backoff so the faults show quickly.
+    let mut proxied = config.clone();
+    proxied.broker.uri = Some(url_via(&uri, proxy.addr()));
+    proxied.broker.addresses.clear();
     let supervisor = ConnectionSupervisor::start(
-        ConnectionConfig::new(url_via(&uri, proxy.addr()))
-            .connection_name("backstop-demo-consumer")
-            .tls(args.broker.tls()?)
+        proxied
+            .connection_config("backstop-demo-consumer")?
             .heartbeat(heartbeat)
             .connect_timeout(Duration::from_secs(2))
             .backoff(Backoff {

@@ -109,7 +109,7 @@ struct Dlq {
 impl Dlq {
     async fn open(broker: &ui::BrokerArgs, queue: &str, name: &str) -> anyhow::Result<Self> {
         let uri = broker.resolve()?;
-        let supervisor = ui::direct_supervisor(&uri, broker.tls()?, name)?;
+        let supervisor = broker.direct_supervisor(name)?;
         let live = supervisor.connection().await?;
         let channel = live.create_channel().await?;
         let declared = channel

@@ -109,6 +109,9 @@ fn main() -> ExitCode {
             Command::Failed(command) => failed::run(command).await,
         }
     });
+    // Tasks a command abandoned (a bounded shutdown gave up on them) must not
+    // hold the process: dropping the runtime would wait for blocking work.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(code) => code,
         Err(err) => {

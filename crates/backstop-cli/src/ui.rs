@@ -3,7 +3,7 @@
 use crate::UsageError;
 use backstop::RedactedUri;
 use backstop::config::Config;
-use backstop::connection::{Backoff, ConnectionConfig, ConnectionSupervisor, TlsConfig};
+use backstop::connection::ConnectionSupervisor;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 
@@ -22,30 +22,41 @@ pub(crate) struct BrokerArgs {
 }
 
 impl BrokerArgs {
-    /// The broker from `-c FILE` (its `[broker]` section), `--uri`,
-    /// `BACKSTOP_AMQP_URL` or the default, in that order, checked before
+    /// The configuration the command connects with: `-c FILE` (or the
+    /// defaults), its broker URI taken from the file's `[broker]`, `--uri`,
+    /// `BACKSTOP_AMQP_URL` or the default, in that order, and checked before
     /// anything connects.
-    pub(crate) fn resolve(&self) -> anyhow::Result<String> {
-        let from_file = match &self.config {
-            Some(path) => Config::load(path)?.broker.uri,
-            None => None,
+    pub(crate) fn config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
         };
-        let uri = from_file
+        let uri = config
+            .broker
+            .uri
+            .take()
             .or_else(|| self.uri.clone())
             .or_else(|| std::env::var("BACKSTOP_AMQP_URL").ok())
             .unwrap_or_else(|| DEFAULT_URI.to_owned());
         backstop::connection::parse_uri(&uri).map_err(|e| UsageError(e.to_string()))?;
-        Ok(uri)
+        config.broker.uri = Some(uri);
+        Ok(config)
     }
-}
 
-impl BrokerArgs {
-    /// The TLS settings of `-c FILE`'s `[broker.tls]`, or none.
-    pub(crate) fn tls(&self) -> anyhow::Result<TlsConfig> {
-        match &self.config {
-            Some(path) => Ok(Config::load(path)?.broker.tls.load()?),
-            None => Ok(TlsConfig::new()),
-        }
+    /// The broker's URI, resolved as [`config`](Self::config) does.
+    pub(crate) fn resolve(&self) -> anyhow::Result<String> {
+        Ok(self
+            .config()?
+            .broker
+            .uri
+            .unwrap_or_else(|| DEFAULT_URI.to_owned()))
+    }
+
+    /// A supervisor for the command's own direct connection, built from the
+    /// whole `[broker]` section (TLS, addresses, heartbeat ...) by
+    /// [`Config::connection_config`], like every other command's.
+    pub(crate) fn direct_supervisor(&self, name: &str) -> anyhow::Result<ConnectionSupervisor> {
+        Ok(direct_supervisor(&self.config()?, name)?)
     }
 }
 
@@ -86,20 +97,15 @@ pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// A supervisor for a command's own direct connection. It gives up after a
-/// few attempts, so a missing broker is reported rather than waited for.
+/// A supervisor for a command's own direct connection, from `config`'s
+/// `[broker]` and `[reconnect]`. Unless `[reconnect] max_attempts` says
+/// otherwise it gives up after a few attempts, so that a missing broker is
+/// reported rather than waited for.
 pub(crate) fn direct_supervisor(
-    uri: &str,
-    tls: TlsConfig,
+    config: &Config,
     name: &str,
 ) -> backstop::Result<ConnectionSupervisor> {
-    ConnectionSupervisor::start(
-        ConnectionConfig::new(uri)
-            .connection_name(name)
-            .tls(tls)
-            .backoff(Backoff {
-                max_attempts: Some(5),
-                ..Backoff::default()
-            }),
-    )
+    let mut config = config.clone();
+    config.reconnect.max_attempts = config.reconnect.max_attempts.or(Some(5));
+    ConnectionSupervisor::start(config.connection_config(name)?)
 }

@@ -197,14 +197,20 @@ async fn start_endpoint() -> (Endpoint, String) {
     let app = Router::new()
         .route("/orders", post(answer))
         .with_state(endpoint.clone());
+    let base = serve_any(app).await;
+    (endpoint, format!("{base}/orders"))
+}
+
+/// Serves `app` on a free loopback port; returns its base URL.
+async fn serve_any(app: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind the endpoint");
-    let url = format!("http://{}/orders", listener.local_addr().expect("addr"));
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    (endpoint, url)
+    url
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,14 +525,8 @@ async fn a_refused_connection_is_transient_and_ends_in_the_dlq() {
     let closed = format!("http://127.0.0.1:{}/orders", free_port());
     let _run = start_ready(&config_for(&queue, &closed, port, ""), port).await;
     publish(&queue, &[("refused-1", "{}".to_owned())]).await;
-    let dlq = format!("{queue}.dlq");
     // Two tiers used, then exhausted: the message lands in the DLQ.
-    wait_until(
-        "the message is dead-lettered",
-        Duration::from_secs(30),
-        || queue_is(&dlq, |c| c.ready == 1),
-    )
-    .await;
+    wait_dead_lettered(&queue, 1).await;
     let (_, text) = get(&format!("http://127.0.0.1:{port}/metrics")).await;
     let q = format!("queue=\"{queue}\"");
     assert_eq!(
@@ -763,5 +763,377 @@ async fn oversized_messages_are_dead_lettered_and_binary_bodies_pass_verbatim() 
     assert_eq!(dead.delivery.data.len(), 2048);
     let _ = connection.close(200, "done".into()).await;
     drop(_run);
+    cleanup(&queue).await;
+}
+
+// ---------------------------------------------------------------------------
+// Redirects, TLS, shutdown bounds and secrets.
+
+/// A 3xx is never followed: 301/302/303 would turn the POST into a GET
+/// whose 2xx acks an undelivered message, 307/308 would re-POST the body
+/// elsewhere. Each is a transient failure naming the Location (redacted):
+/// the retry tiers, then the DLQ; the redirect target never hears a thing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_are_never_followed_and_end_in_the_dlq_naming_the_location() {
+    use axum::http::Method;
+    // The redirect target answers 200 to anything, and counts.
+    let target_hits: Arc<Mutex<Vec<(Method, String)>>> = Arc::default();
+    let hits = target_hits.clone();
+    let target = serve_any(
+        Router::new().fallback(move |method: Method, uri: axum::http::Uri| {
+            let hits = hits.clone();
+            async move {
+                hits.lock().expect("lock").push((method, uri.to_string()));
+                StatusCode::OK
+            }
+        }),
+    )
+    .await;
+    let port = target.rsplit(':').next().expect("port").to_owned();
+    let location = format!("http://user:s3cret-pw@127.0.0.1:{port}/landing?token=s3cret-pw");
+    // The endpoint redirects with the status the body names, every time.
+    let calls: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let counted = calls.clone();
+    let redirector = serve_any(Router::new().route(
+        "/orders",
+        post(move |headers: HeaderMap, body: Bytes| {
+            let counted = counted.clone();
+            let location = location.clone();
+            async move {
+                let id = headers
+                    .get("backstop-message-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned();
+                *counted.lock().expect("lock").entry(id).or_insert(0) += 1;
+                let code: u16 = std::str::from_utf8(&body)
+                    .ok()
+                    .and_then(|b| b.trim().parse().ok())
+                    .expect("the body is a status code");
+                let status = StatusCode::from_u16(code).expect("a status");
+                (status, [("location", location)]).into_response()
+            }
+        }),
+    ))
+    .await;
+    let queue = unique("run-redirect");
+    let metrics_port = free_port();
+    let _run = start_ready(
+        &config_for(&queue, &format!("{redirector}/orders"), metrics_port, ""),
+        metrics_port,
+    )
+    .await;
+    let codes = [301, 302, 303, 307, 308];
+    let messages: Vec<(String, String)> = codes
+        .iter()
+        .map(|c| (format!("redirect-{c}"), c.to_string()))
+        .collect();
+    publish_owned(&queue, &messages).await;
+    let dlq = format!("{queue}.dlq");
+    wait_dead_lettered(&queue, codes.len() as u64).await;
+    // Three attempts each (the first and two tiers), none followed.
+    for (id, _) in &messages {
+        let n = calls.lock().expect("lock").get(id).copied().unwrap_or(0);
+        assert_eq!(n, 3, "attempts of {id}");
+    }
+    assert_eq!(
+        *target_hits.lock().expect("lock"),
+        Vec::new(),
+        "the redirect target was called"
+    );
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let (_, text) = get(&metrics_url).await;
+    let q = format!("queue=\"{queue}\"");
+    let count = |outcome: &str| {
+        metric_value(
+            &text,
+            &format!("backstop_deliveries_total{{{q},outcome=\"{outcome}\"}}"),
+        )
+    };
+    assert_eq!(count("acked"), 0.0, "{text}");
+    assert_eq!(count("dead_lettered"), 5.0, "{text}");
+    assert_eq!(count("retried"), 10.0, "{text}");
+    let mut dead = drain_errors(&dlq).await;
+    dead.sort();
+    assert_eq!(dead.len(), codes.len());
+    for ((id, error), code) in dead.iter().zip(codes) {
+        assert_eq!(id, &format!("redirect-{code}"));
+        assert_eq!(
+            error,
+            &format!(
+                "the endpoint answered HTTP {code} with Location \
+                 http://user:***@127.0.0.1:{port}/landing?token=***; redirects are not \
+                 followed, so the message was not delivered"
+            )
+        );
+    }
+    drop(_run);
+    cleanup(&queue).await;
+}
+
+/// An endpoint URL with a password and a query token: reqwest's errors
+/// carry the whole URL, which must reach neither the DLQ copy's
+/// `x-backstop-error` nor the process's logs, even at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_credentials_reach_neither_the_dlq_nor_the_logs() {
+    let queue = unique("run-secret");
+    let metrics_port = free_port();
+    let closed = free_port();
+    let url = format!("http://user:s3cret-pw@127.0.0.1:{closed}/x?token=s3cret-pw");
+    let log_path = std::env::temp_dir().join(format!("{}.log", unique("run-secret-stderr")));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut run = start_run_logging(
+        &config_for(&queue, &url, metrics_port, ""),
+        "debug,lapin=off",
+        log,
+    );
+    wait_ready(metrics_port).await;
+    publish(&queue, &[("secret-1", "{}".to_owned())]).await;
+    wait_dead_lettered(&queue, 1).await;
+    let dead = drain_errors(&format!("{queue}.dlq")).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let (id, error) = &dead[0];
+    assert_eq!(id, "secret-1");
+    assert!(
+        error.starts_with(&format!(
+            "cannot connect to the endpoint http://user:***@127.0.0.1:{closed}/x?token=***: "
+        )),
+        "{error}"
+    );
+    assert!(!error.contains("s3cret-pw"), "{error}");
+    let (code, _) = terminate(&mut run, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0));
+    let logs = std::fs::read_to_string(&log_path).expect("read the logs");
+    assert!(
+        logs.contains("user:***@127.0.0.1"),
+        "the failure was not logged:\n{logs}"
+    );
+    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains("s3cret-pw")).collect();
+    assert!(
+        leaks.is_empty(),
+        "secrets in the logs:\n{}",
+        leaks.join("\n")
+    );
+    let _ = std::fs::remove_file(&log_path);
+    cleanup(&queue).await;
+}
+
+/// The `[broker]` section of a sidecar that reaches the TLS listener
+/// (scripts/tls.sh) through `proxy`: the private CA and the client
+/// certificate, `uri` naming the proxy's port.
+fn tls_broker(uri: &str, name: &str) -> String {
+    let pki = backstop_testkit::tls_dir();
+    let file = |f: &str| pki.join(f).display().to_string();
+    format!(
+        "uri = {uri:?}\nconnection_name = {name:?}\ntls.ca = {:?}\ntls.cert = {:?}\n\
+         tls.key = {:?}\n\n[reconnect]\ninitial = \"50ms\"\nmax = \"500ms\"\n",
+        file("ca.pem"),
+        file("client.pem"),
+        file("client.key"),
+    )
+}
+
+/// `backstop run` over mutual TLS through a proxy that cuts every
+/// connection three times: each batch is published after a cut, so each
+/// is consumed on a new TLS connection, and every message reaches the
+/// endpoint. Returns the broker user the sidecar's connection logged in as.
+async fn consume_over_tls_through_cuts(uri_for: impl Fn(u16) -> String) -> String {
+    let proxy = backstop_testkit::FaultProxy::start(
+        backstop_testkit::TLS_ADDR.parse().expect("the TLS address"),
+    )
+    .await
+    .expect("proxy");
+    let (endpoint, url) = start_endpoint().await;
+    let queue = unique("run-tls");
+    let name = unique("backstop-run-tls");
+    let metrics_port = free_port();
+    let broker = tls_broker(&uri_for(proxy.addr().port()), &name);
+    let _run = start_ready(
+        &config_with_broker(&broker, &queue, &url, metrics_port, ""),
+        metrics_port,
+    )
+    .await;
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let mut ids = Vec::new();
+    for batch in 0..4u32 {
+        let messages: Vec<(String, String)> = (0..50)
+            .map(|i| (format!("tls-{batch}-{i}"), "{}".to_owned()))
+            .collect();
+        publish_owned(&queue, &messages).await;
+        ids.extend(messages.into_iter().map(|(id, _)| id));
+        wait_until(
+            "the batch reached the endpoint",
+            Duration::from_secs(30),
+            || {
+                let done = ids.iter().all(|id| endpoint.calls_of(id) >= 1);
+                async move { done }
+            },
+        )
+        .await;
+        // Acked before the cut, so no delivery is repeated by it.
+        wait_until("the batch is acked", Duration::from_secs(15), || {
+            queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+        })
+        .await;
+        if batch < 3 {
+            proxy.cut();
+            wait_until(
+                "the sidecar reconnected over TLS",
+                Duration::from_secs(30),
+                || {
+                    let metrics_url = metrics_url.clone();
+                    async move {
+                        let (_, text) = get(&metrics_url).await;
+                        metric_value(&text, "backstop_connection_reconnects_total")
+                            >= f64::from(batch + 1)
+                            && metric_value(&text, "backstop_connection_up") == 1.0
+                    }
+                },
+            )
+            .await;
+        }
+    }
+    for id in &ids {
+        assert_eq!(endpoint.calls_of(id), 1, "calls of {id}");
+    }
+    let connections = backstop_testkit::rabbitmqctl(&[
+        "-q",
+        "list_connections",
+        "user",
+        "ssl",
+        "client_properties",
+    ])
+    .expect("rabbitmqctl list_connections");
+    let ours = connections
+        .lines()
+        .find(|line| line.contains(&name))
+        .unwrap_or_else(|| panic!("connection {name} not listed: {connections}"))
+        .to_owned();
+    let mut fields = ours.split('\t');
+    let user = fields.next().unwrap_or_default().to_owned();
+    assert_eq!(fields.next(), Some("true"), "not over TLS: {ours}");
+    drop(_run);
+    cleanup(&queue).await;
+    user
+}
+
+/// `[broker] tls.*` reaches `backstop run`: the private CA and the client
+/// certificate, on every reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_consumes_over_mutual_tls_through_forced_closes() {
+    let user =
+        consume_over_tls_through_cuts(|port| format!("amqps://guest:guest@127.0.0.1:{port}/%2f"))
+            .await;
+    assert_eq!(user, "guest");
+}
+
+/// The same with `auth_mechanism=external`: no password anywhere, the
+/// broker takes the user from the certificate's CN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_logs_in_with_its_certificate_through_forced_closes() {
+    let user = consume_over_tls_through_cuts(|port| {
+        format!("amqps://127.0.0.1:{port}/%2f?auth_mechanism=external")
+    })
+    .await;
+    assert_eq!(user, "backstop-client");
+}
+
+/// SIGTERM while the broker is unreachable (a blackholed proxy: the pulled
+/// cable), with a due store row that the scanner has claimed and is waiting
+/// to republish: the process still exits within its shutdown bound, names
+/// what it abandoned, and acks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_broker_outage_exits_within_the_bound_and_acks_nothing() {
+    use backstop::store::{CompensationStore, ListFilter, ManualAction, SqlStore, Status};
+    let (endpoint, url) = start_endpoint().await;
+    let queue = unique("run-outage");
+    let db = std::env::temp_dir().join(format!("{}.db", unique("run-outage-store")));
+    let store_url = format!("sqlite://{}", db.display());
+    let metrics_port = free_port();
+    let config = |uri: &str| {
+        format!(
+            "[broker]\nuri = {uri:?}\nheartbeat = \"2s\"\n\n\
+             [reconnect]\ninitial = \"50ms\"\nmax = \"500ms\"\n\n\
+             [store]\nurl = {store_url:?}\n\n\
+             [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+             [[consumer]]\nqueue = \"{queue}\"\nshutdown_timeout = \"2s\"\n\
+             handler.http.url = \"{url}\"\nhandler.http.timeout = \"1s\"\n\
+             retry.exhausted = \"store\"\n"
+        )
+    };
+    // A first run stores a permanently failing message.
+    let mut run = start_ready(&config(&backstop_testkit::amqp_url()), metrics_port).await;
+    publish(&queue, &[("stored-1", r#"{"want":"400"}"#.to_owned())]).await;
+    let store = SqlStore::connect(&store_url).await.expect("the store");
+    wait_until("the message is stored", Duration::from_secs(20), || {
+        let store = &store;
+        async move {
+            let listed = store.list(&ListFilter::default()).await.expect("list");
+            listed.len() == 1
+        }
+    })
+    .await;
+    let id = store.list(&ListFilter::default()).await.expect("list")[0].id;
+    let (code, _) = terminate(&mut run, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0));
+    // Due now, and five more messages wait in the queue.
+    store
+        .act(id, ManualAction::Retry, "test", None)
+        .await
+        .expect("retry");
+    let waiting: Vec<(String, String)> = (0..5)
+        .map(|i| (format!("waiting-{i}"), "{}".to_owned()))
+        .collect();
+    publish_owned(&queue, &waiting).await;
+
+    // The second run finds its broker gone.
+    let proxy = backstop_testkit::FaultProxy::start(backstop_testkit::broker_addr())
+        .await
+        .expect("proxy");
+    proxy.blackhole();
+    let uri = backstop_testkit::url_via(&backstop_testkit::amqp_url(), proxy.addr());
+    let log_path = std::env::temp_dir().join(format!("{}.log", unique("run-outage-stderr")));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let mut run = start_run_logging(&config(&uri), "warn,lapin=off", log);
+    wait_until(
+        "the scanner claimed the due row",
+        Duration::from_secs(30),
+        || {
+            let store = &store;
+            async move {
+                let row = store.get(id).await.expect("the row");
+                row.status == Status::Retrying && row.redrives == 1
+            }
+        },
+    )
+    .await;
+    // The bound: the longest shutdown_timeout (2 s), the drain margin
+    // (10 s) and the connection close (5 s), plus a margin for a busy machine.
+    let (code, took) = terminate(&mut run, Duration::from_secs(22)).await;
+    let logs = std::fs::read_to_string(&log_path).expect("read the logs");
+    match code {
+        Some(0) => {}
+        Some(1) => assert!(
+            logs.contains("shutdown abandoned the store scanner"),
+            "exit 1 without naming what was abandoned:\n{logs}"
+        ),
+        other => panic!("exit code {other:?} after {took:?}:\n{logs}"),
+    }
+    // Nothing was acked: every waiting message is back in the queue, and
+    // the stored row is still there to be re-driven.
+    drop(proxy);
+    wait_until(
+        "the waiting messages are in the queue",
+        Duration::from_secs(15),
+        || queue_is(&queue, |c| c.ready == 5 && c.unacked == 0),
+    )
+    .await;
+    for (id, _) in &waiting {
+        assert_eq!(endpoint.calls_of(id), 0, "{id} reached the endpoint");
+    }
+    let row = store.get(id).await.expect("the row");
+    assert!(!row.status.is_finished(), "{row:?}");
+    let _ = std::fs::remove_file(&log_path);
+    let _ = std::fs::remove_file(&db);
     cleanup(&queue).await;
 }

@@ -359,7 +359,61 @@ impl TlsSettings {
     }
 }
 
+/// The heartbeat `[broker]` asks for when it sets none.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
 impl Config {
+    /// The one conversion of `[broker]` and `[reconnect]` into a
+    /// [`ConnectionConfig`](crate::connection::ConnectionConfig): the URI
+    /// (default [`DEFAULT_URI`](crate::connection::DEFAULT_URI), its password
+    /// from `password_file` already applied by [`Config::parse`]), the
+    /// failover `addresses`, the `heartbeat` (default 10 s), the connection
+    /// name (`default_name` unless `connection_name` is set), every
+    /// `tls.*` file and switch, and the reconnect backoff. An
+    /// `auth_mechanism=external` URI logs in with `tls.cert`; the supervisor
+    /// checks that both are there when it starts.
+    ///
+    /// Every command that connects builds its connection here, so a setting
+    /// cannot be honoured by one command and forgotten by another.
+    ///
+    /// ```
+    /// let config = backstop::config::Config::parse(
+    ///     "[broker]\nuri = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\nconnection_name = \"orders\"\n",
+    ///     "backstop.toml",
+    /// ).expect("valid");
+    /// let connection = config.connection_config("backstop-run").expect("TLS files readable");
+    /// assert!(format!("{connection:?}").contains("\"orders\""));
+    /// ```
+    pub fn connection_config(
+        &self,
+        default_name: &str,
+    ) -> Result<crate::connection::ConnectionConfig> {
+        let broker = &self.broker;
+        let uri = broker
+            .uri
+            .clone()
+            .unwrap_or_else(|| crate::connection::DEFAULT_URI.to_owned());
+        let defaults = crate::connection::Backoff::default();
+        let mut connection = crate::connection::ConnectionConfig::new(uri)
+            .heartbeat(broker.heartbeat.unwrap_or(DEFAULT_HEARTBEAT))
+            .connection_name(
+                broker
+                    .connection_name
+                    .clone()
+                    .unwrap_or_else(|| default_name.to_owned()),
+            )
+            .tls(broker.tls.load()?)
+            .backoff(crate::connection::Backoff {
+                initial: self.reconnect.initial.unwrap_or(defaults.initial),
+                max: self.reconnect.max.unwrap_or(defaults.max),
+                max_attempts: self.reconnect.max_attempts,
+            });
+        for address in &broker.addresses {
+            connection = connection.address(address);
+        }
+        Ok(connection)
+    }
+
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
@@ -494,7 +548,7 @@ impl Config {
         let _ = writeln!(
             out,
             "heartbeat = {:?}",
-            secs(self.broker.heartbeat.unwrap_or(Duration::from_secs(10)))
+            secs(self.broker.heartbeat.unwrap_or(DEFAULT_HEARTBEAT))
         );
         if let Some(name) = &self.broker.connection_name {
             let _ = writeln!(out, "connection_name = {name:?}");
@@ -514,16 +568,17 @@ impl Config {
         if self.broker.tls.insecure_skip_verify {
             let _ = writeln!(out, "tls.insecure_skip_verify = true  # INSECURE");
         }
+        let reconnect_defaults = crate::connection::Backoff::default();
         let _ = writeln!(out, "\n[reconnect]");
         let _ = writeln!(
             out,
             "initial = {:?}",
-            secs(self.reconnect.initial.unwrap_or(Duration::from_millis(100)))
+            secs(self.reconnect.initial.unwrap_or(reconnect_defaults.initial))
         );
         let _ = writeln!(
             out,
             "max = {:?}",
-            secs(self.reconnect.max.unwrap_or(Duration::from_secs(30)))
+            secs(self.reconnect.max.unwrap_or(reconnect_defaults.max))
         );
         if let Some(n) = self.reconnect.max_attempts {
             let _ = writeln!(out, "max_attempts = {n}");
@@ -814,6 +869,54 @@ mod tests {
         let secure = Config::parse("", "empty.toml").expect("valid");
         assert!(!secure.broker.tls.load().expect("loads").is_insecure());
         assert!(!secure.normalized().contains("insecure"));
+    }
+
+    /// Every `[broker]` and `[reconnect]` setting reaches the connection.
+    #[test]
+    fn the_connection_config_carries_every_broker_setting() {
+        let text = "[broker]\nuri = \"amqps://svc:pw@rabbit-a:5671/%2f\"\n\
+                    addresses = [\"amqps://svc:pw@rabbit-b:5671/%2f\"]\n\
+                    heartbeat = \"3s\"\nconnection_name = \"orders-sidecar\"\n\
+                    tls.server_name = \"rabbit.internal\"\ntls.insecure_skip_verify = true\n\
+                    [reconnect]\ninitial = \"50ms\"\nmax = \"2s\"\nmax_attempts = 7\n";
+        let shows = |text: &str, name: &str, parts: &[&str]| {
+            let config = Config::parse(text, "test.toml").expect("valid");
+            let shown = format!("{:?}", config.connection_config(name).expect("builds"));
+            for part in parts {
+                assert!(shown.contains(part), "{part:?} not in {shown}");
+            }
+            assert!(!shown.contains("pw@"), "{shown}");
+        };
+        shows(
+            text,
+            "fallback",
+            &[
+                "amqps://svc:***@rabbit-a:5671/%2f, amqps://svc:***@rabbit-b:5671/%2f",
+                "heartbeat: 3s",
+                "connection_name: \"orders-sidecar\"",
+                "initial: 50ms, max: 2s, max_attempts: Some(7)",
+                "server_name: Some(\"rabbit.internal\"), insecure_skip_verify: true",
+            ],
+        );
+        shows(
+            "",
+            "backstop-dlq",
+            &[
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+                "connection_name: \"backstop-dlq\"",
+                "heartbeat: 10s",
+                "max_attempts: None",
+            ],
+        );
+        let unreadable = Config::parse("[broker]\ntls.ca = \"/nonexistent/ca.pem\"\n", "t.toml")
+            .expect("parses");
+        let err = unreadable
+            .connection_config("x")
+            .expect_err("the CA file is missing");
+        assert!(
+            err.is_config() && err.to_string().contains("/nonexistent/ca.pem"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,10 +6,22 @@
 //! | any 2xx | ack |
 //! | 4xx other than 408 and 429 | permanent failure: no retries |
 //! | 408, 429, any 5xx, timeout, connection refused | transient: the retry schedule |
+//! | any 3xx | transient: redirects are never followed |
 //!
 //! A `Retry-After` (in seconds) on a transient response asks for that delay;
 //! the retry policy uses the nearest tier at or above it.
+//!
+//! Only a 2xx answer to the POST itself is a delivery. A client that follows
+//! redirects turns a POST into a body-less GET on 301/302/303, whose 2xx (a
+//! login page, a trailing-slash hop) would ack a message never delivered, and
+//! re-POSTs the body to any host on 307/308. So the client follows none, and
+//! a 3xx is a transient failure whose reason names the `Location`.
+//!
+//! Failure reasons reach `x-backstop-error` headers, store rows and logs, so
+//! they never carry the endpoint's credentials: reqwest's errors are shown
+//! without their URL, and URLs are shown through [`RedactedUri`].
 
+use backstop::RedactedUri;
 use backstop::handler::{Delivery, Handler, Outcome};
 use backstop::retry::{attempt_of, header_str, header_u64};
 use prometheus_client::metrics::family::Family;
@@ -23,6 +35,8 @@ use tracing::debug;
 pub(crate) struct HttpHandler {
     client: reqwest::Client,
     url: String,
+    /// The endpoint as failure reasons show it: credentials hidden.
+    shown: String,
     queue: String,
     /// This queue's series of the handler duration histogram, looked up once.
     duration: Histogram,
@@ -41,6 +55,7 @@ impl HttpHandler {
         // (installing twice is harmless; the first one stays).
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(64)
@@ -48,6 +63,7 @@ impl HttpHandler {
         Ok(HttpHandler {
             client,
             url: url.to_owned(),
+            shown: RedactedUri::new(url).to_string(),
             queue: queue.to_owned(),
             duration: durations
                 .get_or_create(&vec![("queue".to_owned(), queue.to_owned())])
@@ -113,8 +129,69 @@ pub(crate) fn outcome_of(status: u16, retry_after: Option<Duration>) -> Outcome 
             reason: format!("the endpoint answered HTTP {status}"),
         },
         400..=499 => Outcome::reject(format!("the endpoint answered HTTP {status}")),
-        // 1xx and unfollowed 3xx: not an answer about the message.
+        // 1xx, and 3xx without a response to read its Location from: not an
+        // answer about the message.
         other => Outcome::retry(format!("the endpoint answered HTTP {other}")),
+    }
+}
+
+/// The longest `Location` a failure reason quotes.
+const MAX_LOCATION: usize = 512;
+
+impl HttpHandler {
+    /// Why a 3xx answer is a failure, naming where it pointed (resolved
+    /// against the endpoint, credentials hidden).
+    fn redirect_reason(&self, status: u16, response: &reqwest::Response) -> String {
+        let location = match response.headers().get(reqwest::header::LOCATION) {
+            None => "no Location".to_owned(),
+            Some(value) => match value.to_str() {
+                Err(_) => "a Location that is not text".to_owned(),
+                Ok(text) => {
+                    let resolved = response
+                        .url()
+                        .join(text)
+                        .map_or_else(|_| text.to_owned(), String::from);
+                    let mut shown = RedactedUri::new(&resolved).to_string();
+                    if shown.len() > MAX_LOCATION {
+                        let cut = (0..=MAX_LOCATION)
+                            .rev()
+                            .find(|&i| shown.is_char_boundary(i))
+                            .unwrap_or(0);
+                        shown.truncate(cut);
+                        shown.push_str("...");
+                    }
+                    format!("Location {shown}")
+                }
+            },
+        };
+        format!(
+            "the endpoint answered HTTP {status} with {location}; redirects are not followed, \
+             so the message was not delivered"
+        )
+    }
+
+    /// Why a request failed, without the URL reqwest puts in its errors
+    /// (it carries the endpoint's userinfo and query): the error and its
+    /// causes, then the endpoint redacted.
+    fn failure_reason(&self, error: reqwest::Error) -> String {
+        let what = if error.is_timeout() {
+            "the endpoint timed out"
+        } else if error.is_connect() {
+            "cannot connect to the endpoint"
+        } else {
+            "the request to the endpoint failed"
+        };
+        let error = error.without_url();
+        let mut causes = vec![error.to_string()];
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !causes.iter().any(|c| c.contains(&text)) {
+                causes.push(text);
+            }
+            source = cause.source();
+        }
+        format!("{what} {}: {}", self.shown, causes.join(": "))
     }
 }
 
@@ -129,17 +206,19 @@ impl Handler for HttpHandler {
         let response = request.send().await;
         self.duration.observe(started.elapsed().as_secs_f64());
         match response {
+            Ok(response) if response.status().is_redirection() => {
+                let status = response.status().as_u16();
+                let reason = self.redirect_reason(status, &response);
+                debug!(queue = %self.queue, status, %reason, "endpoint redirected");
+                Outcome::retry(reason)
+            }
             Ok(response) => {
                 let status = response.status().as_u16();
                 let outcome = outcome_of(status, retry_after(&response));
                 debug!(queue = %self.queue, status, ?outcome, "endpoint answered");
                 outcome
             }
-            Err(e) if e.is_timeout() => Outcome::retry(format!("the endpoint timed out: {e}")),
-            Err(e) if e.is_connect() => {
-                Outcome::retry(format!("cannot connect to the endpoint: {e}"))
-            }
-            Err(e) => Outcome::retry(format!("the request failed: {e}")),
+            Err(e) => Outcome::retry(self.failure_reason(e)),
         }
     }
 }

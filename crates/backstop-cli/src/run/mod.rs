@@ -2,7 +2,9 @@
 //! `[[consumer]]` queue through one supervised connection, delivers each
 //! message to its HTTP endpoint, and serves metrics and health. SIGTERM or
 //! Ctrl-C drains: subscriptions are cancelled, in-flight requests finish
-//! within the shutdown timeout, acks are flushed.
+//! within the shutdown timeout, acks are flushed. Every wait of the shutdown
+//! is bounded, so an outage cannot hold the process: what overruns its bound
+//! is abandoned with a log line naming it, and the exit code is then 1.
 //!
 //! `backstop config check -c FILE` validates a file and prints it normalized,
 //! with passwords redacted.
@@ -13,7 +15,7 @@ pub(crate) mod metrics;
 use crate::UsageError;
 use anyhow::Context;
 use backstop::config::{Config, ConsumerSettings};
-use backstop::connection::{Backoff, ConnectionConfig, ConnectionSupervisor, DEFAULT_URI};
+use backstop::connection::ConnectionSupervisor;
 use backstop::consumer::{Consumer, ConsumerConfig, ConsumerHandle};
 use backstop::retry::{Exhausted, RetryPolicy};
 use backstop::store::{CompensationStore, Redrive, Scanner, ScannerConfig, SqlStore};
@@ -65,32 +67,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
-    let uri = config
-        .broker
-        .uri
-        .clone()
-        .unwrap_or_else(|| DEFAULT_URI.to_owned());
-    let mut connection = ConnectionConfig::new(uri)
-        .heartbeat(config.broker.heartbeat.unwrap_or(Duration::from_secs(10)))
-        .connection_name(
-            config
-                .broker
-                .connection_name
-                .clone()
-                .unwrap_or_else(|| "backstop-run".to_owned()),
-        )
-        .backoff(Backoff {
-            initial: config
-                .reconnect
-                .initial
-                .unwrap_or(Duration::from_millis(100)),
-            max: config.reconnect.max.unwrap_or(Duration::from_secs(30)),
-            max_attempts: config.reconnect.max_attempts,
-        });
-    for address in &config.broker.addresses {
-        connection = connection.address(address);
-    }
-    let supervisor = ConnectionSupervisor::start(connection)?;
+    let supervisor = ConnectionSupervisor::start(config.connection_config("backstop-run")?)?;
 
     let store: Option<Arc<dyn CompensationStore>> = match &config.store.url {
         Some(url) => Some(Arc::new(
@@ -103,16 +80,17 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let durations = metrics::durations();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let mut handles: Vec<(String, ConsumerHandle)> = Vec::new();
+    let mut handles: Vec<(String, ConsumerHandle, Duration)> = Vec::new();
     let mut views = Vec::new();
     for settings in &config.consumers {
         let queue = settings.queue.clone();
         let policy = settings.retry.policy();
+        let shutdown_timeout = settings.shutdown_timeout.unwrap_or(Duration::from_secs(30));
         let mut consumer = ConsumerConfig::new(&queue)
             .topology(topology(settings))
             .prefetch(settings.prefetch.unwrap_or(100))
             .concurrency(settings.concurrency.unwrap_or(8))
-            .shutdown_timeout(settings.shutdown_timeout.unwrap_or(Duration::from_secs(30)))
+            .shutdown_timeout(shutdown_timeout)
             .max_message_size(
                 settings
                     .max_message_size
@@ -153,7 +131,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             depth_queues,
         });
         info!(%queue, url = %backstop::RedactedUri::new(&settings.handler.http.url), "consumer started");
-        handles.push((queue, handle));
+        handles.push((queue, handle, shutdown_timeout));
     }
 
     // Stored messages are re-driven by republishing them to their queue.
@@ -197,16 +175,78 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let reason = wait_for_signal_or_failure(&handles).await;
     info!(%reason, "shutting down: draining in-flight messages");
     stop_tx.send_replace(true);
+    let outcome = shut_down(handles, scanner.map(|s| s.stop()), &supervisor).await;
+    match outcome {
+        Shutdown::Clean => Ok(ExitCode::SUCCESS),
+        Shutdown::ConsumerFailed(e) => Err(e.into()),
+        Shutdown::Abandoned(what) => {
+            eprintln!(
+                "backstop run: shutdown abandoned {} after its time bound; \
+                 whatever was unacked goes back to its queue",
+                what.join(", ")
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// How long the scanner may take to finish its scan once asked to stop.
+const SCANNER_STOP_BOUND: Duration = Duration::from_secs(10);
+/// How long a consumer's drain may take beyond its `shutdown_timeout`:
+/// cancelling the subscription, flushing acks (5 s at most), closing.
+const DRAIN_MARGIN: Duration = Duration::from_secs(10);
+/// How long closing the broker connection may take.
+const CLOSE_BOUND: Duration = Duration::from_secs(5);
+
+/// How the shutdown went.
+enum Shutdown {
+    Clean,
+    /// A consumer reported an error (it had stopped by itself).
+    ConsumerFailed(backstop::Error),
+    /// These parts did not finish within their bound and were left behind.
+    Abandoned(Vec<String>),
+}
+
+/// Stops everything, each wait bounded: the consumers drain and the scanner
+/// stops at the same time, then the connection closes. A part that overruns
+/// its bound is abandoned with a log line naming it. Nothing is lost by
+/// abandoning: an unacked delivery is requeued by the broker when the
+/// process's connection goes, and a claimed store row is re-driven once its
+/// lease expires.
+///
+/// The whole shutdown ends within the longest `shutdown_timeout` plus
+/// `DRAIN_MARGIN` plus `CLOSE_BOUND`.
+async fn shut_down(
+    handles: Vec<(String, ConsumerHandle, Duration)>,
+    scanner_stop: Option<impl Future<Output = ()>>,
+    supervisor: &ConnectionSupervisor,
+) -> Shutdown {
     let mut failed = None;
-    let results = futures_util::future::join_all(
-        handles
-            .into_iter()
-            .map(|(queue, handle)| async move { (queue, handle.shutdown().await) }),
-    )
-    .await;
-    for (queue, result) in results {
+    let mut abandoned = Vec::new();
+    let scanner = async {
+        tokio::time::timeout(SCANNER_STOP_BOUND, scanner_stop?)
+            .await
+            .err()
+            .map(|_| {
+                warn!(
+                    bound = ?SCANNER_STOP_BOUND,
+                    "the store scanner did not stop in time (a scan waits for the broker?): \
+                     abandoned; rows it claimed are re-driven once their lease expires"
+                );
+                "the store scanner".to_owned()
+            })
+    };
+    let consumers = futures_util::future::join_all(handles.into_iter().map(
+        |(queue, handle, shutdown_timeout)| async move {
+            let bound = shutdown_timeout + DRAIN_MARGIN;
+            let result = tokio::time::timeout(bound, handle.shutdown()).await;
+            (queue, bound, result)
+        },
+    ));
+    let (scanner_abandoned, results) = tokio::join!(scanner, consumers);
+    for (queue, bound, result) in results {
         match result {
-            Ok(report) => println!(
+            Ok(Ok(report)) => println!(
                 "consumer {queue}: handled={} duplicates={} retried={} dead_lettered={} stored={}",
                 report.handled,
                 report.duplicates,
@@ -214,25 +254,38 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 report.dead_lettered,
                 report.stored
             ),
-            Err(e) => {
+            Ok(Err(e)) => {
                 error!(%queue, error = %e, "the consumer failed");
                 failed = Some(e);
             }
+            Err(_) => {
+                warn!(
+                    %queue, ?bound,
+                    "the consumer did not drain in time: abandoned; its unacked \
+                     deliveries go back to the queue when the connection closes"
+                );
+                abandoned.push(format!("the consumer of {queue}"));
+            }
         }
     }
-    if let Some(scanner) = scanner {
-        scanner.stop().await;
+    abandoned.extend(scanner_abandoned);
+    if tokio::time::timeout(CLOSE_BOUND, supervisor.close())
+        .await
+        .is_err()
+    {
+        warn!(bound = ?CLOSE_BOUND, "the broker connection did not close in time: abandoned");
+        abandoned.push("the broker connection".to_owned());
     }
-    supervisor.close().await;
-    match failed {
-        Some(e) => Err(e.into()),
-        None => Ok(ExitCode::SUCCESS),
+    match (failed, abandoned.is_empty()) {
+        (Some(e), _) => Shutdown::ConsumerFailed(e),
+        (None, true) => Shutdown::Clean,
+        (None, false) => Shutdown::Abandoned(abandoned),
     }
 }
 
 /// Waits for SIGTERM, Ctrl-C, or a consumer that stopped by itself (for
 /// example, refused credentials).
-async fn wait_for_signal_or_failure(handles: &[(String, ConsumerHandle)]) -> String {
+async fn wait_for_signal_or_failure(handles: &[(String, ConsumerHandle, Duration)]) -> String {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => Some(term),
         Err(e) => {
@@ -250,7 +303,7 @@ async fn wait_for_signal_or_failure(handles: &[(String, ConsumerHandle)]) -> Str
     };
     let failure = async {
         loop {
-            if let Some((queue, _)) = handles.iter().find(|(_, h)| h.is_finished()) {
+            if let Some((queue, _, _)) = handles.iter().find(|(_, h, _)| h.is_finished()) {
                 return format!("the consumer of {queue} stopped");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

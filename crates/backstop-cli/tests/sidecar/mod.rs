@@ -49,12 +49,19 @@ pub fn free_port() -> u16 {
 }
 
 pub fn start_run(config: &str) -> Running {
+    start_run_logging(config, "warn,lapin=off", Stdio::inherit())
+}
+
+/// Starts `backstop run` with the log filter `filter`, its stderr going to
+/// `stderr` (a file, to read what it logged).
+pub fn start_run_logging(config: &str, filter: &str, stderr: impl Into<Stdio>) -> Running {
     let path = write_config(config);
     let child = Command::new(env!("CARGO_BIN_EXE_backstop"))
         .args(["run", "-c", &path.display().to_string()])
         .env_remove("BACKSTOP_BROKER_URI")
-        .env("RUST_LOG", "warn,lapin=off")
+        .env("RUST_LOG", filter)
         .stdout(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start backstop run");
     Running(child)
@@ -64,13 +71,43 @@ pub fn start_run(config: &str) -> Running {
 /// subscribed (so the queues exist before anything is published).
 pub async fn start_ready(config: &str, metrics_port: u16) -> Running {
     let run = start_run(config);
+    wait_ready(metrics_port).await;
+    run
+}
+
+/// Waits until `/readyz` on `metrics_port` says every consumer is subscribed.
+pub async fn wait_ready(metrics_port: u16) {
     let ready = format!("http://127.0.0.1:{metrics_port}/readyz");
     wait_until("backstop run is ready", Duration::from_secs(30), || {
         let ready = ready.clone();
         async move { get(&ready).await.0 == 200 }
     })
     .await;
-    run
+}
+
+/// Sends SIGTERM to `run` and waits up to `within` for it to exit (it is
+/// killed when it overruns); returns its exit code and how long it took.
+pub async fn terminate(run: &mut Running, within: Duration) -> (Option<i32>, Duration) {
+    let pid = run.0.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -TERM {pid}");
+    let mut code = None;
+    let took = wait_until(
+        &format!("backstop run to exit within {within:?} of SIGTERM"),
+        within,
+        || {
+            let exited = run.0.try_wait().expect("the child's status");
+            if let Some(status) = exited {
+                code = status.code();
+            }
+            async move { exited.is_some() }
+        },
+    )
+    .await;
+    (code, took)
 }
 
 pub async fn publish(queue: &str, messages: &[(&str, String)]) {
@@ -102,6 +139,26 @@ pub async fn publish(queue: &str, messages: &[(&str, String)]) {
             .expect("confirm");
     }
     let _ = connection.close(200, "published".into()).await;
+}
+
+/// Waits until `queue`'s dead-letter queue holds `n` ready messages.
+pub async fn wait_dead_lettered(queue: &str, n: u64) {
+    let dlq = format!("{queue}.dlq");
+    wait_until(
+        &format!("{n} message(s) dead-lettered in {dlq}"),
+        Duration::from_secs(40),
+        || backstop_testkit::queue_is(&dlq, move |c| c.ready == n),
+    )
+    .await;
+}
+
+/// [`publish`] for owned ids.
+pub async fn publish_owned(queue: &str, messages: &[(String, String)]) {
+    let refs: Vec<(&str, String)> = messages
+        .iter()
+        .map(|(id, body)| (id.as_str(), body.clone()))
+        .collect();
+    publish(queue, &refs).await;
 }
 
 pub async fn get(url: &str) -> (u16, String) {
@@ -141,13 +198,70 @@ pub fn metric(text: &str, line_start: &str) -> Option<f64> {
 }
 
 pub fn config_for(queue: &str, url: &str, metrics_port: u16, extra: &str) -> String {
+    let broker = format!("uri = \"{}\"\n", backstop_testkit::amqp_url());
+    config_with_broker(&broker, queue, url, metrics_port, extra)
+}
+
+/// Like [`config_for`], with `broker` as the body of the `[broker]` section
+/// (after a 5 s heartbeat); `extra` ends the consumer block, or starts more
+/// sections.
+pub fn config_with_broker(
+    broker: &str,
+    queue: &str,
+    url: &str,
+    metrics_port: u16,
+    extra: &str,
+) -> String {
     format!(
-        "[broker]\nuri = \"{}\"\nheartbeat = \"5s\"\n\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+        "[broker]\nheartbeat = \"5s\"\n{broker}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
          [[consumer]]\nqueue = \"{queue}\"\nprefetch = 20\nconcurrency = 8\n\
          handler.http.url = \"{url}\"\nhandler.http.timeout = \"1s\"\n\
-         retry.delays = [\"300ms\", \"3s\"]\nretry.exhausted = \"dead-letter\"\n{extra}",
-        backstop_testkit::amqp_url()
+         retry.delays = [\"300ms\", \"3s\"]\nretry.exhausted = \"dead-letter\"\n{extra}"
     )
+}
+
+/// The number on the line of `/metrics` text that starts with
+/// `line_start`; panics when the line is missing or its value is not a
+/// number, so a broken exposition is never read as zero.
+pub fn metric_value(text: &str, line_start: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .unwrap_or_else(|| panic!("no {line_start:?} line in:\n{text}"));
+    line.rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line:?} does not end with a number"))
+}
+
+/// Every message in `queue`, taken out for good: (message id, the
+/// `x-backstop-error` header).
+pub async fn drain_errors(queue: &str) -> Vec<(String, String)> {
+    use lapin::options::BasicGetOptions;
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+    {
+        let properties = &message.delivery.properties;
+        let id = properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        let error = properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-backstop-error").cloned())
+            .and_then(|v| backstop::retry::header_str(&v))
+            .unwrap_or_default();
+        out.push((id, error));
+    }
+    let _ = connection.close(200, "drained".into()).await;
+    out
 }
 
 pub async fn cleanup(queue: &str) {
