@@ -6,7 +6,7 @@ use backstop::store::{
     CompensationStore, ListFilter, ManualAction, NewFailedMessage, Redrive, RedriveFn,
     RedriveOutcome, Scanner, ScannerConfig, SqlStore, Status, StoreError,
 };
-use backstop_testkit::{postgres_url, unique};
+use backstop_testkit::{postgres_url, unique, wait_until};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -428,6 +428,167 @@ async fn retention_removes_only_old_finished_rows(store: SqlStore) {
     );
 }
 
+/// Re-drives recorded by scanner name, row id and time.
+type Redrives = Arc<Mutex<Vec<(&'static str, i64, std::time::Instant)>>>;
+
+/// A re-drive that records itself and takes `work`.
+fn slow_redrive(name: &'static str, log: &Redrives, work: Duration) -> RedriveFn {
+    let log = log.clone();
+    Arc::new(move |row| {
+        let log = log.clone();
+        Box::pin(async move {
+            log.lock()
+                .expect("log")
+                .push((name, row.id, std::time::Instant::now()));
+            tokio::time::sleep(work).await;
+            Ok(())
+        })
+    })
+}
+
+fn scanner_of(
+    store: &Arc<dyn CompensationStore>,
+    queue: &str,
+    owner: &str,
+    lease: Duration,
+    redrive: RedriveFn,
+) -> Scanner {
+    Scanner::new(
+        store.clone(),
+        Redrive::Handler(redrive),
+        ScannerConfig {
+            owner: owner.to_owned(),
+            lease,
+            queue: Some(queue.to_owned()),
+            ..ScannerConfig::default()
+        },
+    )
+}
+
+/// Scanner A claims four rows under a 1 s lease and re-drives them 400 ms
+/// each, so its batch outlives the lease. Scanner B keeps scanning meanwhile.
+/// Before leases were renewed per row and rows finished one by one, B took
+/// the rows whose lease had run out and both re-drove them.
+async fn a_batch_that_outlives_its_lease_is_never_redriven_twice(store: SqlStore) {
+    let queue = unique("store-lease");
+    let now = now_ms() as i64;
+    for n in 0..4 {
+        store
+            .store(&message(&queue, n, now - 1))
+            .await
+            .expect("store");
+    }
+    let store: Arc<dyn CompensationStore> = Arc::new(store);
+    let log: Redrives = Arc::default();
+    let a = scanner_of(
+        &store,
+        &queue,
+        "scanner-a",
+        Duration::from_secs(1),
+        slow_redrive("a", &log, Duration::from_millis(400)),
+    );
+    let b = scanner_of(
+        &store,
+        &queue,
+        "scanner-b",
+        Duration::from_secs(60),
+        slow_redrive("b", &log, Duration::ZERO),
+    );
+    let a_scan = tokio::spawn(async move { a.run_once().await });
+    wait_until("A's first re-drive", Duration::from_secs(10), || {
+        let started = !log.lock().expect("log").is_empty();
+        async move { started }
+    })
+    .await;
+    // B scans until A's batch is over, then once more.
+    while !a_scan.is_finished() {
+        b.run_once().await.expect("b scans");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let a_report = a_scan.await.expect("a").expect("a scans");
+    b.run_once().await.expect("b scans");
+    assert_eq!(a_report.claimed, 4);
+    let log = log.lock().expect("log").clone();
+    let mut per_row: HashMap<i64, Vec<&str>> = HashMap::new();
+    for (name, id, _) in &log {
+        per_row.entry(*id).or_default().push(name);
+    }
+    assert_eq!(per_row.len(), 4, "every row re-driven: {per_row:?}");
+    assert!(
+        per_row.values().all(|by| by.len() == 1),
+        "a row re-driven twice: {per_row:?}"
+    );
+}
+
+/// Once a row's lease ran out, an operator may discard it; the scanner that
+/// claimed it must then leave it alone. Before, it re-drove the discarded
+/// row anyway, later in its batch.
+async fn a_row_discarded_after_the_lease_ran_out_is_not_redriven(store: SqlStore) {
+    let queue = unique("store-discard");
+    let now = now_ms() as i64;
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(
+            store
+                .store(&message(&queue, n, now - 1))
+                .await
+                .expect("store"),
+        );
+    }
+    let last = *ids.last().expect("four rows");
+    let store: Arc<dyn CompensationStore> = Arc::new(store);
+    let log: Redrives = Arc::default();
+    let lease = Duration::from_secs(1);
+    let a = scanner_of(
+        &store,
+        &queue,
+        "scanner-a",
+        lease,
+        slow_redrive("a", &log, Duration::from_millis(400)),
+    );
+    let a_scan = tokio::spawn(async move { a.run_once().await });
+    // The claim came before the first re-drive: once a lease has passed since
+    // then, the last row's claim has run out and a person may act on it.
+    wait_until("the first re-drive", Duration::from_secs(10), || {
+        let started = !log.lock().expect("log").is_empty();
+        async move { started }
+    })
+    .await;
+    let first = log.lock().expect("log")[0].2;
+    let mut discarded_at = None;
+    while discarded_at.is_none() && !a_scan.is_finished() {
+        if first.elapsed() > lease {
+            match store
+                .act(
+                    last,
+                    ManualAction::Discard,
+                    "op",
+                    Some("refund done by hand"),
+                )
+                .await
+            {
+                Ok(_) => discarded_at = Some(std::time::Instant::now()),
+                Err(StoreError::InvalidTransition { .. }) => {}
+                Err(e) => panic!("discard: {e}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a_scan.await.expect("a").expect("a scans");
+    let discarded_at =
+        discarded_at.expect("the operator's discard went through before A reached the row");
+    let log = log.lock().expect("log").clone();
+    assert!(
+        !log.iter()
+            .any(|(_, id, at)| *id == last && *at > discarded_at),
+        "the discarded row was re-driven after the discard: {log:?}"
+    );
+    assert_eq!(
+        store.get(last).await.expect("get").status,
+        Status::Discarded
+    );
+}
+
 async fn two_scanners_never_claim_the_same_row(store: SqlStore) {
     let queue = unique("store-scanners");
     let now = now_ms() as i64;
@@ -578,6 +739,24 @@ macro_rules! suite {
             async fn retention_removes_only_old_finished_rows() {
                 let _turn = super::turn(stringify!($backend)).await;
                 super::retention_removes_only_old_finished_rows(super::$backend().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_batch_that_outlives_its_lease_is_never_redriven_twice() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::a_batch_that_outlives_its_lease_is_never_redriven_twice(
+                    super::$backend().await,
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_row_discarded_after_the_lease_ran_out_is_not_redriven() {
+                let _turn = super::turn(stringify!($backend)).await;
+                super::a_row_discarded_after_the_lease_ran_out_is_not_redriven(
+                    super::$backend().await,
+                )
+                .await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,24 +134,27 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         handles.push((queue, handle, shutdown_timeout));
     }
 
-    // Stored messages are re-driven by republishing them to their queue.
-    let scanner = match &store {
-        Some(store)
-            if config
-                .consumers
-                .iter()
-                .any(|c| c.retry.exhausted == Some(Exhausted::Store)) =>
-        {
-            Some(
+    // Stored messages are re-driven by republishing them to their queue:
+    // one scanner per queue that stores, re-driving that queue's rows only,
+    // so services sharing one PostgreSQL store never re-drive each other's.
+    let scanners: Vec<_> = match &store {
+        Some(store) => config
+            .consumers
+            .iter()
+            .filter(|c| c.retry.exhausted == Some(Exhausted::Store))
+            .map(|c| {
                 Scanner::new(
                     store.clone(),
                     Redrive::Republish(supervisor.clone()),
-                    ScannerConfig::default(),
+                    ScannerConfig {
+                        queue: Some(c.queue.clone()),
+                        ..ScannerConfig::default()
+                    },
                 )
-                .spawn(),
-            )
-        }
-        _ => None,
+                .spawn()
+            })
+            .collect(),
+        None => Vec::new(),
     };
 
     let listen = config
@@ -175,7 +178,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let reason = wait_for_signal_or_failure(&handles).await;
     info!(%reason, "shutting down: draining in-flight messages");
     stop_tx.send_replace(true);
-    let outcome = shut_down(handles, scanner.map(|s| s.stop()), &supervisor).await;
+    let scanners_stop = (!scanners.is_empty()).then(|| async move {
+        futures_util::future::join_all(scanners.into_iter().map(|s| s.stop())).await;
+    });
+    let outcome = shut_down(handles, scanners_stop, &supervisor).await;
     match outcome {
         Shutdown::Clean => Ok(ExitCode::SUCCESS),
         Shutdown::ConsumerFailed(e) => Err(e.into()),

@@ -467,6 +467,19 @@ pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
         queue: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>>;
 
+    /// Extends `owner`'s lease on row `id` to `lease_until`, if `owner`
+    /// still holds a live lease on it at `now`. Returns false when the lease
+    /// is gone (expired and taken, or the row was changed meanwhile): the
+    /// caller must not re-drive the row then. The scanner calls this right
+    /// before each row's side effect.
+    fn renew_lease<'a>(
+        &'a self,
+        owner: &'a str,
+        id: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
     /// Records how the re-drives of claimed rows went and releases their
     /// leases, in one transaction. A row that `owner` no longer holds is left
     /// alone: its re-driven message already failed again and updated it.

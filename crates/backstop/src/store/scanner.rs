@@ -4,7 +4,8 @@
 //!
 //! Several scanners may share one database: a claim takes each row for one
 //! scanner only, for `lease` at most, so a scanner that dies mid-batch only
-//! delays its rows. A failed re-drive backs off exponentially on
+//! delays its rows. The lease is renewed and checked right before each
+//! row's side effect, and each row is finished as soon as it is done. A failed re-drive backs off exponentially on
 //! `next_attempt_at`; after `max_attempts` re-drives the row goes to
 //! `needs_review` for a person.
 
@@ -70,10 +71,26 @@ impl Default for ScannerConfig {
             lease: Duration::from_secs(60),
             backoff: Duration::from_secs(60),
             max_backoff: Duration::from_secs(3600),
-            owner: format!("scanner-{}", std::process::id()),
+            owner: default_owner(),
             queue: None,
         }
     }
+}
+
+/// A lease owner unique across hosts and restarts: host, pid and a random
+/// part. A pid alone is 1 in every container.
+fn default_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".to_owned());
+    format!(
+        "scanner-{host}-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    )
 }
 
 /// What one scan did.
@@ -87,6 +104,9 @@ pub struct ScannerReport {
     pub failed: u64,
     /// Moved to `needs_review`.
     pub needs_review: u64,
+    /// Skipped because the lease was gone before the side effect (another
+    /// scanner or a person took the row).
+    pub lost_leases: u64,
 }
 
 /// Re-drives due rows of a store.
@@ -114,7 +134,8 @@ pub struct ScannerHandle {
 }
 
 impl ScannerHandle {
-    /// Stops after the current scan.
+    /// Stops: the current scan ends before its next row, or at once while
+    /// it waits for the broker.
     pub async fn stop(self) {
         self.stop.send_replace(true);
         let _ = self.task.await;
@@ -141,34 +162,85 @@ impl Scanner {
 
     /// One scan: claims due rows and re-drives each.
     pub async fn run_once(&self) -> Result<ScannerReport, StoreError> {
+        let (_never, mut stop) = watch::channel(false);
+        self.run_once_until(&mut stop).await
+    }
+
+    /// One scan that ends early once `stop` turns true: before the next
+    /// row, while waiting for the broker, and during a publish (the row then
+    /// counts as a failed re-drive and is tried again later).
+    ///
+    /// Each row's lease is renewed right before its side effect and the row
+    /// is skipped if the lease is gone, and each row is finished as soon as
+    /// it is done: a slow re-drive or a broker outage cannot let a second
+    /// scanner, or an operator's `discard`, take a row that this scanner
+    /// then publishes anyway.
+    pub async fn run_once_until(
+        &self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<ScannerReport, StoreError> {
+        // The publisher comes first: rows are claimed only once they can be
+        // re-driven, so a broker outage leaves them free for others.
+        let publisher = match &self.redrive {
+            Redrive::Republish(supervisor) => {
+                let opened = async {
+                    let live = supervisor.connection().await?;
+                    ConfirmedPublisher::new(live.create_channel().await?).await
+                };
+                let opened = tokio::select! {
+                    opened = opened => opened,
+                    _ = crate::wait_true(stop) => return Ok(ScannerReport::default()),
+                };
+                match opened {
+                    Ok(publisher) => Some(publisher),
+                    Err(e) => {
+                        return Err(StoreError::Unavailable(format!(
+                            "no broker to re-drive to: {e}"
+                        )));
+                    }
+                }
+            }
+            Redrive::Handler(_) => None,
+        };
+        let report = self.redrive_due(publisher.as_ref(), stop).await;
+        if let Some(publisher) = publisher {
+            let close = publisher.channel().close(200, "scan done".into());
+            let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+        }
+        report
+    }
+
+    async fn redrive_due(
+        &self,
+        publisher: Option<&ConfirmedPublisher>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<ScannerReport, StoreError> {
         let now = now_ms() as i64;
-        let lease_until = now + self.config.lease.as_millis() as i64;
+        let lease = self.config.lease.as_millis() as i64;
         let rows = self
             .store
             .claim_due(
                 &self.config.owner,
                 now,
-                lease_until,
+                now + lease,
                 self.config.batch,
                 self.config.queue.as_deref(),
             )
             .await?;
+        // Oldest due first (RETURNING keeps no order).
+        let mut rows = rows;
+        rows.sort_by_key(|row| (row.next_attempt_at, row.id));
         let mut report = ScannerReport {
             claimed: rows.len() as u64,
             ..ScannerReport::default()
         };
-        let publisher = match (&self.redrive, rows.is_empty()) {
-            (Redrive::Republish(supervisor), false) => Some(
-                async {
-                    let live = supervisor.connection().await?;
-                    ConfirmedPublisher::new(live.create_channel().await?).await
-                }
-                .await,
-            ),
-            _ => None,
-        };
-        let mut outcomes = Vec::with_capacity(rows.len());
+        // A side effect must finish well inside the renewed lease.
+        let effect_limit = self.config.lease / 2;
         for row in rows {
+            if *stop.borrow() {
+                // Unstarted rows keep their lease until it runs out.
+                break;
+            }
             let id = row.id;
             let redrives = row.redrives;
             // The claim counted this re-drive: `redrives` is its number.
@@ -179,17 +251,35 @@ impl Scanner {
                     give_up: true,
                 }
             } else {
-                let attempt = match (&self.redrive, &publisher) {
-                    (Redrive::Handler(f), _) => {
-                        f(row.clone()).await.map(|()| RedriveOutcome::Resolved)
+                let at = now_ms() as i64;
+                if !self
+                    .store
+                    .renew_lease(&self.config.owner, id, at, at + lease)
+                    .await?
+                {
+                    report.lost_leases += 1;
+                    warn!(id, owner = %self.config.owner, "the lease on the row is gone; not re-driving it");
+                    continue;
+                }
+                let effect = async {
+                    match (&self.redrive, publisher) {
+                        (Redrive::Handler(f), _) => {
+                            f(row.clone()).await.map(|()| RedriveOutcome::Resolved)
+                        }
+                        (Redrive::Republish(_), Some(publisher)) => publisher
+                            .publish("", &row.queue, &row.payload, row.republish_properties())
+                            .await
+                            .map(|()| RedriveOutcome::Replayed)
+                            .map_err(|e| e.to_string()),
+                        (Redrive::Republish(_), None) => Err("no publisher".to_owned()),
                     }
-                    (Redrive::Republish(_), Some(Ok(publisher))) => publisher
-                        .publish("", &row.queue, &row.payload, row.republish_properties())
-                        .await
-                        .map(|()| RedriveOutcome::Replayed)
-                        .map_err(|e| e.to_string()),
-                    (Redrive::Republish(_), Some(Err(e))) => Err(format!("no broker: {e}")),
-                    (Redrive::Republish(_), None) => Err("no publisher".to_owned()),
+                };
+                let attempt = tokio::select! {
+                    done = tokio::time::timeout(effect_limit, effect) => match done {
+                        Ok(done) => done,
+                        Err(_) => Err(format!("the re-drive took longer than {effect_limit:?}")),
+                    },
+                    _ = crate::wait_true(stop) => Err("the scanner stopped during the re-drive".to_owned()),
                 };
                 attempt.unwrap_or_else(|error| {
                     let next = now_ms() as i64 + self.backoff(redrives).as_millis() as i64;
@@ -208,17 +298,10 @@ impl Scanner {
             if let RedriveOutcome::Failed { error, give_up, .. } = &outcome {
                 warn!(id, %error, needs_review = give_up, "re-drive failed");
             }
-            outcomes.push((id, outcome));
-        }
-        // One commit for the batch: if this scanner dies before it, the rows
-        // keep their lease and are re-driven again once it expires.
-        if !outcomes.is_empty() {
+            // Finished at once: a crash after this row cannot re-drive it again.
             self.store
-                .finish_redrives(&self.config.owner, &outcomes)
+                .finish_redrives(&self.config.owner, &[(id, outcome)])
                 .await?;
-        }
-        if let Some(Ok(publisher)) = publisher {
-            let _ = publisher.channel().close(200, "scan done".into()).await;
         }
         Ok(report)
     }
@@ -228,12 +311,15 @@ impl Scanner {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
-                match self.run_once().await {
+                match self.run_once_until(&mut stopped).await {
                     Ok(report) if report.claimed > 0 => {
                         info!(owner = %self.config.owner, ?report, "scan done")
                     }
                     Ok(_) => {}
                     Err(e) => warn!(owner = %self.config.owner, error = %e, "scan failed"),
+                }
+                if *stopped.borrow() {
+                    break;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.interval) => {}
@@ -242,5 +328,15 @@ impl Scanner {
             }
         });
         ScannerHandle { stop, task }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn owners_differ_between_scanners_of_one_process() {
+        let (a, b) = (super::default_owner(), super::default_owner());
+        assert_ne!(a, b);
+        assert!(a.contains(&format!("-{}-", std::process::id())), "{a}");
     }
 }

@@ -874,6 +874,30 @@ impl CompensationStore for SqlStore {
         Box::pin(self.claim_impl(owner, now, lease_until, limit, queue))
     }
 
+    fn renew_lease<'a>(
+        &'a self,
+        owner: &'a str,
+        id: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let renewed = sqlx::query(
+                "UPDATE backstop_failed_messages SET lease_until = $1
+                 WHERE id = $2 AND lease_owner = $3 AND lease_until >= $4
+                   AND status = 'retrying'",
+            )
+            .bind(lease_until)
+            .bind(id)
+            .bind(owner)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            Ok(renewed.rows_affected() == 1)
+        })
+    }
+
     fn finish_redrives<'a>(
         &'a self,
         owner: &'a str,
