@@ -178,7 +178,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let reason = wait_for_signal_or_failure(&handles).await;
     info!(%reason, "shutting down: draining in-flight messages");
     stop_tx.send_replace(true);
-    let scanners_stop = (!scanners.is_empty()).then(|| async move {
+    let scanners_stop = (!scanners.is_empty()).then_some(async move {
         futures_util::future::join_all(scanners.into_iter().map(|s| s.stop())).await;
     });
     let outcome = shut_down(handles, scanners_stop, &supervisor).await;
