@@ -100,6 +100,10 @@ pub(crate) struct TortureArgs {
     /// is reported as broken.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "120s")]
     round_timeout: Duration,
+    /// Go on after a broken round (each one is reported), and exit 1 at the
+    /// end if any broke.
+    #[arg(long)]
+    keep_going: bool,
 }
 
 /// `backstop torture`.
@@ -137,6 +141,8 @@ pub(crate) async fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut total = Summary::default();
     let mut done = 0;
+    let mut broken_rounds: Vec<u64> = Vec::new();
+    let mut broken_total = 0;
     for i in 0..rounds {
         if let Some(limit) = args.duration
             && i > 0
@@ -160,40 +166,55 @@ pub(crate) async fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
             },
             round_started.elapsed().as_secs_f64()
         );
-        if !result.broken.is_empty() {
-            for line in result.broken.iter().take(20) {
-                println!("  broken: {line}");
-            }
-            if result.broken.len() > 20 {
-                println!("  ... and {} more", result.broken.len() - 20);
-            }
-            println!("{}", result.report);
-            println!(
-                "torture: seed={seed} rounds={done} {} broken={} elapsed={:.1}s",
-                total.line(),
-                result.broken.len(),
-                started.elapsed().as_secs_f64()
-            );
-            println!(
-                "torture: replay this round with: backstop torture --seed {round_seed} --messages {} --store {} --dedup {} --faults {}{}",
-                args.messages,
-                enum_name(args.store),
-                enum_name(args.dedup),
-                enum_name(args.faults),
-                args.without
-                    .iter()
-                    .map(|w| format!(" --without {}", enum_name(*w)))
-                    .collect::<String>()
-            );
-            return Ok(ExitCode::from(1));
+        if result.broken.is_empty() {
+            continue;
+        }
+        for line in result.broken.iter().take(20) {
+            println!("  broken: {line}");
+        }
+        if result.broken.len() > 20 {
+            println!("  ... and {} more", result.broken.len() - 20);
+        }
+        println!("{}", result.report);
+        println!(
+            "torture: replay this round with: backstop torture --seed {round_seed} --messages {} --store {} --dedup {} --faults {}{}",
+            args.messages,
+            enum_name(args.store),
+            enum_name(args.dedup),
+            enum_name(args.faults),
+            args.without
+                .iter()
+                .map(|w| format!(" --without {}", enum_name(*w)))
+                .collect::<String>()
+        );
+        broken_total += result.broken.len();
+        broken_rounds.push(round_seed);
+        if !args.keep_going {
+            break;
         }
     }
+    let seeds = if broken_rounds.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " broken_seeds={}",
+            broken_rounds
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
     println!(
-        "torture: seed={seed} rounds={done} {} broken=0 elapsed={:.1}s",
+        "torture: seed={seed} rounds={done} {} broken={broken_total}{seeds} elapsed={:.1}s",
         total.line(),
         started.elapsed().as_secs_f64()
     );
-    Ok(ExitCode::SUCCESS)
+    Ok(if broken_rounds.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// A clap value's name as typed on the command line.
