@@ -359,7 +359,7 @@ async fn round(
     )
     .await;
     // Clean up whatever happened, then report.
-    sidecar.stop().await;
+    let shutdown = sidecar.stop().await;
     let inspected = match &outcome {
         Ok(_) => Some(inspect(&connection, &queues, &store_url).await),
         Err(_) => None,
@@ -380,17 +380,20 @@ async fn round(
         dedup_on: args.dedup != DedupKind::Off,
         slots: CONCURRENCY * 2,
         drained,
+        shutdown,
     };
     let checked = verdict::check(&plan, &observed);
     let mut report = String::new();
     if let Some(first) = checked.first_broken {
         report = verdict::history(&plan, &observed, first, &queues.main);
+    }
+    if checked.broken.is_empty() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
         report.push_str(&format!(
             "\nthe round's files (config, store, sidecar log) are kept in {}\n",
             dir.display()
         ));
-    } else {
-        let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(RoundResult {
         summary: checked.summary,
@@ -724,23 +727,30 @@ impl Sidecar {
         }
     }
 
-    /// SIGTERM, then `kill -9` if it has not exited within 15 s.
-    async fn stop(&mut self) {
-        let Some(child) = &mut self.child else {
-            return;
-        };
+    /// SIGTERM, then `kill -9` if it has not exited within 15 s. Says what
+    /// went wrong unless it exited 0 in time (or was not running).
+    async fn stop(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
-                self.child = None;
-                return;
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return (!status.success())
+                        .then(|| format!("backstop run exited with {status} after SIGTERM"));
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => {
+                    self.child = None;
+                    return Some(format!("cannot wait for backstop run: {e}"));
+                }
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.kill9();
+        Some("backstop run did not exit within 15 s of SIGTERM (killed)".to_owned())
     }
 
     /// Deliveries the sidecar holds unsettled, over both consumers; `None`

@@ -57,6 +57,8 @@ pub(crate) struct Observed {
     pub(crate) slots: u32,
     /// False when the round's deadline passed first.
     pub(crate) drained: bool,
+    /// What went wrong when the sidecar was stopped with SIGTERM at the end.
+    pub(crate) shutdown: Option<String>,
 }
 
 impl Observed {
@@ -303,6 +305,9 @@ pub(crate) fn check(plan: &Plan, seen: &Observed) -> Checked {
             "the round did not drain before --round-timeout".to_owned(),
         ));
     }
+    if let Some(problem) = &seen.shutdown {
+        problems.push((usize::MAX, problem.clone()));
+    }
     problems.sort_by_key(|(index, _)| *index);
     out.first_broken = problems
         .iter()
@@ -509,6 +514,7 @@ mod tests {
             dedup_on: true,
             slots: 8,
             drained: true,
+            shutdown: None,
         }
     }
 
