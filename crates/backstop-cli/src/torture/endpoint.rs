@@ -341,9 +341,8 @@ async fn receive(
             }
         }
     };
-    if answer == Answer::Slow {
-        tokio::time::sleep(ledger.timeout + Duration::from_millis(500)).await;
-    }
+    // Written down before any wait: hyper drops this future when the
+    // client hangs up (as it does at its timeout during a slow answer).
     ledger.book().requests.push(Request {
         at,
         message_id,
@@ -352,6 +351,9 @@ async fn receive(
         redelivered,
         answer,
     });
+    if answer == Answer::Slow {
+        tokio::time::sleep(ledger.timeout + Duration::from_millis(500)).await;
+    }
     respond(answer, &peer)
 }
 
