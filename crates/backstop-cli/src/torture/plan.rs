@@ -217,11 +217,10 @@ pub(crate) fn draw(
             0..=9 => order.key = KeyShape::Absent,
             10..=13 => order.key = KeyShape::ByteArray(format!("b-{id}").into_bytes()),
             14..=17 => {
-                // A long key: past PostgreSQL's btree limit of about 2.7 KB.
+                // A long key past PostgreSQL's btree limit of about 2.7 KB,
+                // drawn at random so that compression cannot shrink it.
                 let mut key = format!("{id}-");
-                while key.len() < 3_000 {
-                    key.push_str(&id);
-                }
+                key.extend(std::iter::repeat_with(|| rng.alphanumeric()).take(3_000));
                 order.key = KeyShape::Text(key);
             }
             18..=25 => {
