@@ -168,6 +168,9 @@ pub(crate) async fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
             },
             round_started.elapsed().as_secs_f64()
         );
+        for line in &result.counted {
+            println!("  counted: {line}");
+        }
         if result.broken.is_empty() {
             continue;
         }
@@ -231,6 +234,8 @@ fn enum_name(value: impl clap::ValueEnum) -> String {
 struct RoundResult {
     summary: Summary,
     faults: Vec<String>,
+    /// Allowed duplicates, one line each.
+    counted: Vec<String>,
     /// One line per broken business id.
     broken: Vec<String>,
     /// The first broken business id's history, and where the logs are.
@@ -404,6 +409,7 @@ async fn round(
             .map(|(at, f)| format!("{f}@{:.1}s", at.as_secs_f64()))
             .collect(),
         broken: checked.broken,
+        counted: checked.counted,
         report,
     })
 }

@@ -136,6 +136,9 @@ pub(crate) struct Checked {
     pub(crate) broken: Vec<String>,
     /// The first broken order's index in the plan.
     pub(crate) first_broken: Option<usize>,
+    /// Allowed but counted: every extra effect and extra DLQ copy, by
+    /// business id, so that none is hidden in a total.
+    pub(crate) counted: Vec<String>,
 }
 
 /// Checks every business id of `plan` against what was observed.
@@ -184,6 +187,10 @@ pub(crate) fn check(plan: &Plan, seen: &Observed) -> Checked {
                 ));
             } else {
                 out.summary.extra_effects += effects as u64 - 1;
+                out.counted.push(format!(
+                    "{}: {effects} effects for one business id (allowed after kill -9)",
+                    order.id
+                ));
                 if worst.is_none_or(|(_, e)| effects > e) {
                     worst = Some((index, effects));
                 }
@@ -199,6 +206,10 @@ pub(crate) fn check(plan: &Plan, seen: &Observed) -> Checked {
                         ));
                     } else {
                         out.summary.redelivered_effects += n as u64 - 1;
+                        out.counted.push(format!(
+                            "{}: message {id} without a dedup key handled {n} times (redelivered after a fault)",
+                            order.id
+                        ));
                     }
                 }
             }
@@ -279,6 +290,10 @@ pub(crate) fn check(plan: &Plan, seen: &Observed) -> Checked {
                         broken(format!("message {id} is in the DLQ {n} times"));
                     } else {
                         out.summary.extra_dead_letters += n as u64 - 1;
+                        out.counted.push(format!(
+                            "{}: message {id} is in the DLQ {n} times (redelivered after a fault)",
+                            order.id
+                        ));
                     }
                 }
             }
