@@ -7,6 +7,7 @@ mod demo;
 mod dlq;
 mod failed;
 mod run;
+mod torture;
 mod ui;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +53,10 @@ enum Command {
     /// Manual review of the compensation store: list, show, retry, resolve, discard, purge.
     #[command(subcommand)]
     Failed(failed::FailedCommand),
+    /// The randomized ledger test: the real sidecar under a seeded mix of
+    /// endpoint answers, message shapes and faults, with every message and
+    /// business id checked at the end of each round. Prints the seed.
+    Torture(torture::TortureArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +112,7 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Store(args)) => bench::store(args).await,
             Command::Dlq(command) => dlq::run(command).await,
             Command::Failed(command) => failed::run(command).await,
+            Command::Torture(args) => torture::run(args).await,
         }
     });
     // Tasks a command abandoned (a bounded shutdown gave up on them) must not

@@ -145,8 +145,17 @@ pub struct QueueCounts {
 }
 
 /// The broker's counts for `queue`, read with `rabbitmqctl list_queues`;
-/// `None` when the queue does not exist.
+/// `None` when the queue does not exist. Panics when `rabbitmqctl` fails or
+/// says something it cannot parse.
 pub fn queue_counts(queue: &str) -> Option<QueueCounts> {
+    all_queue_counts()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .remove(queue)
+}
+
+/// Every queue's counts, by name, read with one `rabbitmqctl list_queues`.
+/// A line it cannot parse is an error, never a zero.
+pub fn all_queue_counts() -> Result<std::collections::HashMap<String, QueueCounts>, String> {
     let out = rabbitmqctl(&[
         "-q",
         "list_queues",
@@ -155,19 +164,45 @@ pub fn queue_counts(queue: &str) -> Option<QueueCounts> {
         "messages_ready",
         "messages_unacknowledged",
         "consumers",
-    ])
-    .unwrap_or_else(|e| panic!("{e}"));
-    out.lines().find_map(|line| {
+    ])?;
+    let mut counts = std::collections::HashMap::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        match fields.as_slice() {
-            [name, ready, unacked, consumers] if *name == queue => Some(QueueCounts {
-                ready: ready.parse().unwrap_or(0),
-                unacked: unacked.parse().unwrap_or(0),
-                consumers: consumers.parse().unwrap_or(0),
-            }),
+        let parsed = match fields.as_slice() {
+            [name, ready, unacked, consumers] => (|| {
+                Some((
+                    (*name).to_owned(),
+                    QueueCounts {
+                        ready: ready.parse().ok()?,
+                        unacked: unacked.parse().ok()?,
+                        consumers: consumers.parse().ok()?,
+                    },
+                ))
+            })(),
             _ => None,
-        }
-    })
+        };
+        let (name, queue) =
+            parsed.ok_or_else(|| format!("cannot read rabbitmqctl list_queues line {line:?}"))?;
+        counts.insert(name, queue);
+    }
+    Ok(counts)
+}
+
+/// The number of messages ready in `queue`, by a passive declare on
+/// `channel`. A queue that does not exist is an error, and closes the
+/// channel (AMQP's rule).
+pub async fn ready_count(channel: &lapin::Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await?;
+    Ok(declared.message_count())
 }
 
 /// A plain lapin connection to the test broker, for arranging and inspecting.
