@@ -773,7 +773,7 @@ impl Sidecar {
         let mut found = 0;
         for line in text
             .lines()
-            .filter(|l| l.starts_with("backstop_in_flight{"))
+            .filter(|l| l.starts_with("backstop_unacked{"))
         {
             let value = line
                 .rsplit(' ')
@@ -785,7 +785,7 @@ impl Sidecar {
         }
         anyhow::ensure!(
             found == 2,
-            "/metrics shows backstop_in_flight for {found} queues, not 2"
+            "/metrics shows backstop_unacked for {found} queues, not 2"
         );
         Ok(Some(total))
     }
