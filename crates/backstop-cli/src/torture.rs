@@ -771,10 +771,7 @@ impl Sidecar {
         let text = response.text().await.context("reading /metrics")?;
         let mut total = 0;
         let mut found = 0;
-        for line in text
-            .lines()
-            .filter(|l| l.starts_with("backstop_unacked{"))
-        {
+        for line in text.lines().filter(|l| l.starts_with("backstop_unacked{")) {
             let value = line
                 .rsplit(' ')
                 .next()
