@@ -522,3 +522,53 @@ pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
     /// How many rows are in each status (statuses without rows are left out).
     fn count_by_status(&self) -> BoxFuture<'_, Result<Vec<(Status, i64)>, StoreError>>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A re-driven row is a copy like any other: it must not expire in its
+    /// queue after the row was marked replayed.
+    #[test]
+    fn a_redrive_drops_expiration_and_keeps_it_in_a_header() {
+        let row = FailedRow {
+            id: 7,
+            queue: "orders".into(),
+            exchange: "".into(),
+            routing_key: "orders".into(),
+            message_id: Some("m-1".into()),
+            dedup_key: None,
+            payload: b"{}".to_vec(),
+            headers: r#"{"x-death":{"FieldArray":[]},"x-tenant":{"LongString":[97]}}"#.into(),
+            properties: r#"{"expiration":"1500","message_id":"m-1"}"#.into(),
+            error: "declined".into(),
+            error_kind: "permanent".into(),
+            attempts: 1,
+            fingerprint: "id:m-1".into(),
+            occurrences: 1,
+            redrives: 0,
+            status: Status::Retrying,
+            next_attempt_at: 0,
+            created_at: 0,
+            updated_at: 0,
+        };
+        let props = row.republish_properties();
+        assert_eq!(props.expiration(), &None);
+        assert_eq!(props.message_id().as_ref().map(|s| s.as_str()), Some("m-1"));
+        let headers = props.headers().clone().unwrap_or_default();
+        let text = |k: &str| headers.inner().get(k).and_then(crate::retry::header_str);
+        assert_eq!(
+            text(crate::retry::ORIGINAL_EXPIRATION_HEADER).as_deref(),
+            Some("1500")
+        );
+        assert_eq!(text("x-tenant").as_deref(), Some("a"));
+        assert!(!headers.inner().contains_key("x-death"));
+        assert_eq!(
+            headers
+                .inner()
+                .get(STORE_ID_HEADER)
+                .and_then(crate::retry::header_u64),
+            Some(7)
+        );
+    }
+}
