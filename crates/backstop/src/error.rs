@@ -171,9 +171,9 @@ fn redact(text: &str) -> String {
     };
     let authority_start = scheme_end + 3;
     let userinfo = userinfo_of(text, authority_start);
-    // Only a userinfo with a password, or a query, can hold a secret.
-    let has_password = userinfo.is_some_and(|u| u.contains(':'));
-    if !has_password && !text.contains('?') {
+    // Only a userinfo, or a query, can hold a secret (a token may be the
+    // whole userinfo: `https://TOKEN@host`).
+    if userinfo.is_none() && !text.contains('?') {
         return text.to_owned();
     }
     let prepared = match userinfo {
@@ -191,6 +191,12 @@ fn redact(text: &str) -> String {
     let mut changed = false;
     if url.password().is_some() {
         changed |= url.set_password(Some(HIDDEN)).is_ok();
+    } else if !url.username().is_empty() && matches!(url.scheme(), "http" | "https") {
+        // On an HTTP endpoint a user without a password (or with an empty
+        // one) is a bearer token as often as a name: hide it. Brokers and
+        // databases keep their user names visible.
+        changed |= url.set_username(HIDDEN).is_ok();
+        let _ = url.set_password(None);
     }
     if let Some(query) = url.query().and_then(redact_query) {
         url.set_query(Some(&query));
@@ -263,10 +269,34 @@ fn redact_query(query: &str) -> Option<String> {
     changed.then(|| pairs.join("&"))
 }
 
+/// Parts of a query parameter's name that mark it as a secret, lower case:
+/// `X-Amz-Signature`, `sig`, `private_token`, `x-api-key`, `sslpassword`...
+const SECRET_QUERY_PARTS: &[&str] = &[
+    "pass",
+    "pwd",
+    "token",
+    "secret",
+    "key",
+    "sig",
+    "credential",
+    "auth",
+    "session",
+];
+
+/// Parameters that look like secrets by name but are settings.
+const NOT_SECRET_QUERY_KEYS: &[&str] = &["auth_mechanism"];
+
 fn is_secret_key(key: &str) -> bool {
-    SECRET_QUERY_KEYS
-        .iter()
-        .any(|secret| key.eq_ignore_ascii_case(secret))
+    let lower = key.to_ascii_lowercase();
+    if NOT_SECRET_QUERY_KEYS.contains(&lower.as_str()) {
+        return false;
+    }
+    // `code` carries Azure Functions' keys.
+    lower == "code"
+        || SECRET_QUERY_KEYS
+            .iter()
+            .any(|secret| lower.eq_ignore_ascii_case(secret))
+        || SECRET_QUERY_PARTS.iter().any(|part| lower.contains(part))
 }
 
 /// The last resort for text the parser rejects: the scheme, the user (when
@@ -308,6 +338,40 @@ impl fmt::Debug for RedactedUri {
 #[cfg(test)]
 mod tests {
     use super::RedactedUri;
+
+    #[test]
+    fn token_shaped_query_keys_and_bare_user_tokens_are_hidden() {
+        for (uri, shown) in [
+            (
+                "https://x.azurewebsites.net/api/h?code=SECRET1&name=a",
+                "https://x.azurewebsites.net/api/h?code=***&name=a",
+            ),
+            (
+                "https://b.s3.amazonaws.com/k?X-Amz-Signature=SECRET2&X-Amz-Credential=SECRET3&x=1",
+                "https://b.s3.amazonaws.com/k?X-Amz-Signature=***&X-Amz-Credential=***&x=1",
+            ),
+            (
+                "https://h/p?sig=SECRET4&x-api-key=SECRET5&private_token=SECRET6",
+                "https://h/p?sig=***&x-api-key=***&private_token=***",
+            ),
+            (
+                "https://SECRET7@api.example.com/x",
+                "https://***@api.example.com/x",
+            ),
+            (
+                "https://SECRET8:@api.example.com/x",
+                "https://***@api.example.com/x",
+            ),
+            (
+                "amqps://127.0.0.1:5671/%2f?auth_mechanism=external",
+                "amqps://127.0.0.1:5671/%2f?auth_mechanism=external",
+            ),
+        ] {
+            let got = RedactedUri::new(uri).to_string();
+            assert_eq!(got, shown, "{uri}");
+            assert!(!got.contains("SECRET"), "{got}");
+        }
+    }
 
     #[test]
     fn password_is_hidden() {

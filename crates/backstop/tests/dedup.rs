@@ -498,6 +498,62 @@ async fn deduplicated_handlers_never_exceed_the_concurrency_limit() {
     );
 }
 
+/// A handler still running when the shutdown timeout cancels it may have
+/// done its effect: its key must stay claimed until the lease ends, not be
+/// released for the redelivery to run the effect again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_running_handler_keeps_its_key_claimed() {
+    init_tracing();
+    let queue = unique("dedup-cancelled");
+    common::declare(&common::classic(&queue)).await;
+    let store = redis().await;
+    let started = Arc::new(AtomicU64::new(0));
+    let handler = {
+        let started = started.clone();
+        backstop::handler::handler_fn(move |_: Delivery| {
+            let started = started.clone();
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                // The effect is under way and never reports back.
+                std::future::pending::<()>().await;
+            }
+        })
+    };
+    let supervisor = common::supervisor(&backstop_testkit::amqp_url(), Duration::from_secs(5));
+    let config = ConsumerConfig::new(&queue)
+        .topology(common::classic(&queue))
+        .shutdown_timeout(Duration::from_millis(300))
+        .dedup(dedup(store.clone()));
+    let consumer = Consumer::new(supervisor.clone(), config, handler)
+        .spawn()
+        .expect("valid consumer config");
+    let publisher = backstop_testkit::connect().await;
+    backstop_testkit::publish(&publisher, &queue, 1, "order", order_body).await;
+    wait_until("the handler started", Duration::from_secs(10), || {
+        let n = started.load(Ordering::SeqCst);
+        async move { n == 1 }
+    })
+    .await;
+    consumer.shutdown().await.expect("shutdown");
+    supervisor.close().await;
+    // A release would be spawned at the cancellation; give it every chance
+    // to land (this wait is the test: the key must stay held through it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline {
+        let claim = store
+            .claim(&queue, "order-0", "another-instance", in_ms(60_000))
+            .await
+            .expect("redis answers");
+        assert_eq!(
+            claim,
+            Claim::InProgress,
+            "the key was freed for a second run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    backstop_testkit::delete_queue(&publisher, &queue).await;
+}
+
 /// Business ids that are binary, carry a NUL, or are longer than an index
 /// row each stay their own key. Before keys were encoded, the two binary ids
 /// below decoded lossily to one key (the second was acked as a duplicate

@@ -129,12 +129,17 @@ async fn every_arrival_of_one_failing_message_is_one_row() {
     wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
     let publisher = connect().await;
     let channel = publisher.create_channel().await.expect("channel");
-    for (id, body) in [
+    // The last pay-1 has another body: a producer that reused the id. It is
+    // a message of its own, and must not be acked as an occurrence of the
+    // first (its body would be stored nowhere).
+    let arrivals = [
         ("pay-1", "a"),
         ("pay-1", "a"),
         ("pay-2", "b"),
         ("pay-1", "a"),
-    ] {
+        ("pay-1", "c"),
+    ];
+    for (id, body) in arrivals {
         channel
             .basic_publish(
                 "".into(),
@@ -150,15 +155,29 @@ async fn every_arrival_of_one_failing_message_is_one_row() {
             .await
             .expect("confirm");
     }
-    wait_stats(&consumer, "four arrivals stored", |s| s.stored == 4).await;
+    wait_stats(&consumer, "five arrivals stored", |s| s.stored == 5).await;
     consumer.shutdown().await.expect("clean shutdown");
-    let mut rows: Vec<(String, i64)> = rows_of(&store, &queue)
+    let mut rows: Vec<(String, String, i64)> = rows_of(&store, &queue)
         .await
         .into_iter()
-        .map(|r| (r.message_id.unwrap_or_default(), r.occurrences))
+        .map(|r| {
+            (
+                r.message_id.unwrap_or_default(),
+                String::from_utf8_lossy(&r.payload).into_owned(),
+                r.occurrences,
+            )
+        })
         .collect();
     rows.sort();
-    assert_eq!(rows, [("pay-1".to_owned(), 3), ("pay-2".to_owned(), 1)]);
+    let row = |id: &str, body: &str, n| (id.to_owned(), body.to_owned(), n);
+    assert_eq!(
+        rows,
+        [
+            row("pay-1", "a", 3),
+            row("pay-1", "c", 1),
+            row("pay-2", "b", 1)
+        ]
+    );
     assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
     supervisor.close().await;
     delete_queue(&publisher, &queue).await;

@@ -286,8 +286,14 @@ async fn deduplicated<H: Handler>(
         match claim.claim().await {
             Ok(Claim::Claimed) => {}
             Ok(other) => {
-                // The lease ran out while waiting and the key moved on.
-                claim.forget();
+                // The lease ran out while waiting and the key moved on. When
+                // a store merged this extension with a rival's claim in one
+                // batch, this token may still hold the key: let it go.
+                if other == Claim::InProgress {
+                    let _ = claim.release().await;
+                } else {
+                    claim.forget();
+                }
                 bump(&ctx.stats.dedup_busy, 1);
                 warn!(%queue, %key, now = ?other,
                     "the claim's lease ran out before a handler slot was free; not handling");
@@ -306,6 +312,10 @@ async fn deduplicated<H: Handler>(
             }
         }
     }
+    // From here the effect may happen: a cancelled handler (shutdown
+    // timeout) leaves the key to its lease rather than freeing it for a
+    // redelivery that would run the effect a second time.
+    claim.started = true;
     let (settlement, verdict) = handle(handler, ctx.clone(), publisher, delivery).await;
     if verdict == Verdict::Success {
         let expires_at = now_ms() + dedup.ttl.as_millis() as u64;
@@ -323,8 +333,10 @@ async fn deduplicated<H: Handler>(
 }
 
 /// A dedup claim this delivery may hold. Dropped while it may still hold
-/// the key (the future was cancelled, or gave up), it releases the key in
-/// the background, so a redelivery does not wait out the lease.
+/// the key and before its handler started (the future was cancelled, or
+/// gave up), it releases the key in the background, so a redelivery does not
+/// wait out the lease. Once the handler started, a drop keeps the key until
+/// its lease ends: the effect may have happened.
 struct HeldClaim<'a> {
     dedup: &'a DedupConfig,
     scope: &'a str,
@@ -333,6 +345,8 @@ struct HeldClaim<'a> {
     claimed_at: tokio::time::Instant,
     /// True while this token may hold the key.
     may_hold: bool,
+    /// True once the handler started: a drop no longer releases the key.
+    started: bool,
 }
 
 impl<'a> HeldClaim<'a> {
@@ -344,6 +358,7 @@ impl<'a> HeldClaim<'a> {
             token: new_token(),
             claimed_at: tokio::time::Instant::now(),
             may_hold: false,
+            started: false,
         }
     }
 
@@ -388,7 +403,7 @@ impl<'a> HeldClaim<'a> {
 
 impl Drop for HeldClaim<'_> {
     fn drop(&mut self) {
-        if !self.may_hold {
+        if !self.may_hold || self.started {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

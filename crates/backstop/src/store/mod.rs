@@ -173,19 +173,34 @@ impl NewFailedMessage {
 }
 
 /// What identifies a failed message across its redeliveries and re-drives:
-/// - `key:<dedup key>` when the consumer deduplicates;
-/// - else `id:<message-id>` when the message has one;
-/// - else `sha256:<hex>` of the queue, the body and the headers other than
+/// - `key:<dedup key>#<body hash>` when the consumer deduplicates;
+/// - else `id:<message-id>#<body hash>` when the message has one;
+/// - else `sha256:<hex>` of the queue, the body, the headers other than
 ///   Backstop's `x-backstop-*` and the broker's history (`x-death`,
-///   `x-delivery-count`, ...), which change from one delivery to the next.
+///   `x-delivery-count`, ...), which change from one delivery to the next,
+///   and the properties every copy keeps (content type and encoding,
+///   correlation id, reply-to, type, app id, priority, timestamp).
+///
+/// The body is always part of it: a producer that reuses a message-id, or a
+/// corrected order under the same business id, is a message of its own,
+/// never an occurrence of another row (which would ack it with its body
+/// stored nowhere).
 pub fn fingerprint(queue: &str, delivery: &Delivery, dedup_key: Option<&str>) -> String {
+    use sha2::Digest;
+    let body_hash = || {
+        let digest = sha2::Sha256::digest(delivery.body());
+        hex::encode(&digest[..16])
+    };
     if let Some(key) = dedup_key {
-        return format!("key:{key}");
+        return format!("key:{key}#{}", body_hash());
     }
     if let Some(id) = delivery.message_id() {
-        return format!("id:{}", crate::dedup::canonical_key(id.as_bytes()));
+        return format!(
+            "id:{}#{}",
+            crate::dedup::canonical_key(id.as_bytes()),
+            body_hash()
+        );
     }
-    use sha2::Digest;
     let mut headers = FieldTable::default();
     if let Some(table) = delivery.properties().headers() {
         for (name, value) in table.inner() {
@@ -198,8 +213,21 @@ pub fn fingerprint(queue: &str, delivery: &Delivery, dedup_key: Option<&str>) ->
         }
     }
     let headers = serde_json::to_vec(&headers).unwrap_or_default();
+    let p = delivery.properties();
+    let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.to_string());
+    let kept = serde_json::json!([
+        s(p.content_type()),
+        s(p.content_encoding()),
+        s(p.correlation_id()),
+        s(p.reply_to()),
+        s(p.kind()),
+        s(p.app_id()),
+        p.priority(),
+        p.timestamp(),
+    ])
+    .to_string();
     let mut hash = sha2::Sha256::new();
-    for part in [queue.as_bytes(), delivery.body(), &headers] {
+    for part in [queue.as_bytes(), delivery.body(), &headers, kept.as_bytes()] {
         hash.update((part.len() as u64).to_be_bytes());
         hash.update(part);
     }

@@ -107,6 +107,10 @@ pub struct ScannerReport {
     /// Skipped because the lease was gone before the side effect (another
     /// scanner or a person took the row).
     pub lost_leases: u64,
+    /// Re-drives whose outcome is unknown (timed out, or stopped while the
+    /// confirm was pending): left leased, re-driven after the lease, so
+    /// possibly duplicated.
+    pub unknown: u64,
 }
 
 /// Re-drives due rows of a store.
@@ -167,8 +171,8 @@ impl Scanner {
     }
 
     /// One scan that ends early once `stop` turns true: before the next
-    /// row, while waiting for the broker, and during a publish (the row then
-    /// counts as a failed re-drive and is tried again later).
+    /// row, while waiting for the broker, and during a publish (that row's
+    /// outcome is then unknown: it keeps its lease and is re-driven after it).
     ///
     /// Each row's lease is renewed right before its side effect and the row
     /// is skipped if the lease is gone, and each row is finished as soon as
@@ -274,12 +278,24 @@ impl Scanner {
                         (Redrive::Republish(_), None) => Err("no publisher".to_owned()),
                     }
                 };
-                let attempt = tokio::select! {
+                let unknown = tokio::select! {
                     done = tokio::time::timeout(effect_limit, effect) => match done {
-                        Ok(done) => done,
+                        Ok(done) => Ok(done),
                         Err(_) => Err(format!("the re-drive took longer than {effect_limit:?}")),
                     },
                     _ = crate::wait_true(stop) => Err("the scanner stopped during the re-drive".to_owned()),
+                };
+                let attempt = match unknown {
+                    Ok(attempt) => attempt,
+                    Err(why) => {
+                        // The copy may still land (a confirm that is only
+                        // late): recording a failure would schedule a second
+                        // re-drive at once. The row keeps its lease and is
+                        // re-driven when the lease ends, a possible duplicate.
+                        report.unknown += 1;
+                        warn!(id, reason = %why, "re-drive outcome unknown; the row stays leased and is re-driven after its lease (possibly a duplicate)");
+                        continue;
+                    }
                 };
                 attempt.unwrap_or_else(|error| {
                     let next = now_ms() as i64 + self.backoff(redrives).as_millis() as i64;
