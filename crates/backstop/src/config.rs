@@ -451,6 +451,11 @@ impl Config {
                 .clone()
                 .unwrap_or_else(|| crate::connection::DEFAULT_URI.to_owned());
             config.broker.uri = Some(with_password(&uri, password).map_err(fail)?);
+            // Every address of a cluster logs in the same way: failing over
+            // to an address without the password would be ACCESS_REFUSED.
+            for address in &mut config.broker.addresses {
+                *address = with_password(address, password).map_err(fail)?;
+            }
         }
         let fail = |table: Option<(&str, usize)>, key: &str, message: String| Error::ConfigFile {
             path: origin.to_owned(),
@@ -872,6 +877,28 @@ mod tests {
     }
 
     /// Every `[broker]` and `[reconnect]` setting reaches the connection.
+    #[test]
+    fn password_file_reaches_every_address() {
+        let file = std::env::temp_dir().join(format!("backstop-pw-{}", std::process::id()));
+        std::fs::write(&file, "from-file-pw\n").expect("write the password file");
+        let text = format!(
+            "[broker]\nuri = \"amqp://svc@rabbit-a:5672/%2f\"\n\
+             addresses = [\"amqp://svc@rabbit-b:5672/%2f\"]\npassword_file = {:?}\n",
+            file.display().to_string()
+        );
+        let config = Config::parse(&text, "test.toml").expect("valid");
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(
+            config.broker.uri.as_deref(),
+            Some("amqp://svc:from-file-pw@rabbit-a:5672/%2f")
+        );
+        assert_eq!(
+            config.broker.addresses,
+            ["amqp://svc:from-file-pw@rabbit-b:5672/%2f"],
+            "failing over to an address without the password is ACCESS_REFUSED"
+        );
+    }
+
     #[test]
     fn the_connection_config_carries_every_broker_setting() {
         let text = "[broker]\nuri = \"amqps://svc:pw@rabbit-a:5671/%2f\"\n\
