@@ -498,6 +498,65 @@ async fn deduplicated_handlers_never_exceed_the_concurrency_limit() {
     );
 }
 
+/// A connection cut ends the session while deliveries still wait for a
+/// handler slot. Their tags are dead (the broker redelivers them), so their
+/// handlers never start and their claims are released at once: the
+/// redelivered copies run without waiting. Before, the stale deliveries ran
+/// their handlers one by one, holding the keys, and every redelivered copy
+/// waited for them and was acked as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_of_an_ended_session_never_start_their_handler() {
+    init_tracing();
+    let queue = unique("dedup-stale");
+    common::declare(&common::classic(&queue)).await;
+    let proxy = backstop_testkit::FaultProxy::start(backstop_testkit::broker_addr())
+        .await
+        .expect("proxy");
+    let supervisor = common::supervisor(
+        &backstop_testkit::url_via(&backstop_testkit::amqp_url(), proxy.addr()),
+        Duration::from_secs(5),
+    );
+    let orders = Orders {
+        work: Duration::from_millis(800),
+        ..Orders::default()
+    };
+    let config = ConsumerConfig::new(&queue)
+        .topology(common::classic(&queue))
+        .prefetch(10)
+        .concurrency(1)
+        .dedup(dedup(redis().await));
+    let consumer = Consumer::new(supervisor.clone(), config, orders.clone())
+        .spawn()
+        .expect("valid consumer config");
+    common::wait_stats(&consumer, "subscribed", |r| r.sessions >= 1).await;
+    let publisher = backstop_testkit::connect().await;
+    backstop_testkit::publish(&publisher, &queue, 5, "order", order_body).await;
+    wait_until("the first handler runs", Duration::from_secs(10), || {
+        let running = orders.running.load(Ordering::SeqCst);
+        async move { running == 1 }
+    })
+    .await;
+    proxy.cut();
+    common::wait_stats(&consumer, "every order settled again", |r| {
+        r.sessions >= 2 && r.handled + r.duplicates >= 5
+    })
+    .await;
+    wait_until("the queue is empty", Duration::from_secs(30), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    let report = common::finish(consumer, &supervisor, &publisher, &queue).await;
+    let calls = orders.calls();
+    assert_eq!(calls.len(), 5, "every order ran: {calls:?}");
+    assert!(
+        calls.values().all(|n| *n == 1),
+        "an order ran twice: {calls:?}"
+    );
+    // Only the order whose handler was running at the cut ran in the old
+    // session; its redelivery is the one duplicate.
+    assert_eq!(report.duplicates, 1, "{report:?}");
+}
+
 /// A handler still running when the shutdown timeout cancels it may have
 /// done its effect: its key must stay claimed until the lease ends, not be
 /// released for the redelivery to run the effect again.
