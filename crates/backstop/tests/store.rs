@@ -679,97 +679,41 @@ async fn a_bad_url_is_named(make_url: fn() -> String) {
     );
 }
 
+/// Every behaviour test, once per backend; PostgreSQL tests take turns.
 macro_rules! suite {
-    ($backend:ident) => {
+    ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_row_keeps_every_field() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::a_row_keeps_every_field(super::$backend().await).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn only_due_rows_are_claimed_and_a_lease_holds_them() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::only_due_rows_are_claimed_and_a_lease_holds_them(super::$backend().await)
-                    .await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn manual_actions_follow_the_state_machine_and_are_audited() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::manual_actions_follow_the_state_machine_and_are_audited(
-                    super::$backend().await,
-                )
-                .await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_failed_redrive_updates_its_own_row() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::a_failed_redrive_updates_its_own_row(super::$backend().await).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_copied_store_id_header_cannot_take_over_another_row() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::a_copied_store_id_header_cannot_take_over_another_row(
-                    super::$backend().await,
-                )
-                .await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_repeat_of_an_unfinished_message_is_one_row_with_occurrences() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::a_repeat_of_an_unfinished_message_is_one_row_with_occurrences(
-                    super::$backend().await,
-                )
-                .await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn concurrent_stores_of_one_message_make_one_row() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::concurrent_stores_of_one_message_make_one_row(super::$backend().await).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn retention_removes_only_old_finished_rows() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::retention_removes_only_old_finished_rows(super::$backend().await).await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_batch_that_outlives_its_lease_is_never_redriven_twice() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::a_batch_that_outlives_its_lease_is_never_redriven_twice(
-                    super::$backend().await,
-                )
-                .await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn a_row_discarded_after_the_lease_ran_out_is_not_redriven() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::a_row_discarded_after_the_lease_ran_out_is_not_redriven(
-                    super::$backend().await,
-                )
-                .await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn two_scanners_never_claim_the_same_row() {
-                let _turn = super::turn(stringify!($backend)).await;
-                super::two_scanners_never_claim_the_same_row(super::$backend().await).await;
-            }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    let _turn = super::turn(stringify!($backend)).await;
+                    super::$test(super::$backend().await).await;
+                }
+            )*
         }
     };
 }
 
-suite!(sqlite);
-suite!(postgres);
+macro_rules! both_backends {
+    ($($test:ident),* $(,)?) => {
+        suite!(sqlite: $($test),*);
+        suite!(postgres: $($test),*);
+    };
+}
+
+both_backends!(
+    a_row_keeps_every_field,
+    only_due_rows_are_claimed_and_a_lease_holds_them,
+    manual_actions_follow_the_state_machine_and_are_audited,
+    a_failed_redrive_updates_its_own_row,
+    a_copied_store_id_header_cannot_take_over_another_row,
+    a_repeat_of_an_unfinished_message_is_one_row_with_occurrences,
+    concurrent_stores_of_one_message_make_one_row,
+    retention_removes_only_old_finished_rows,
+    a_batch_that_outlives_its_lease_is_never_redriven_twice,
+    a_row_discarded_after_the_lease_ran_out_is_not_redriven,
+    two_scanners_never_claim_the_same_row,
+);
 
 #[tokio::test]
 async fn bad_store_urls_are_named() {
