@@ -621,7 +621,6 @@ async fn a_cancelled_running_handler_keeps_its_key_claimed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_nul_and_long_business_ids_are_each_their_own_key() {
     use lapin::BasicProperties;
-    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
     use lapin::types::{AMQPValue, FieldTable};
     init_tracing();
     let queue = unique("dedup-odd-ids");
@@ -657,11 +656,7 @@ async fn binary_nul_and_long_business_ids_are_each_their_own_key() {
         .spawn()
         .expect("valid consumer config");
     let publisher = backstop_testkit::connect().await;
-    let channel = publisher.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+    let channel = common::confirmed_channel(&publisher).await;
     // Each id twice: the second copy of each is a duplicate.
     for id in ids.iter().chain(ids.iter()) {
         let mut headers = FieldTable::default();
@@ -669,18 +664,14 @@ async fn binary_nul_and_long_business_ids_are_each_their_own_key() {
             "x-order-id".into(),
             AMQPValue::LongString(id.clone().into()),
         );
-        channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                b"{}",
-                BasicProperties::default().with_headers(headers),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirmed");
+        common::publish_confirmed(
+            &channel,
+            "",
+            &queue,
+            b"{}",
+            BasicProperties::default().with_headers(headers),
+        )
+        .await;
     }
     common::wait_stats(&consumer, "every copy settled", |r| {
         r.handled + r.duplicates >= 12

@@ -12,7 +12,7 @@ use backstop_testkit::{
     FaultProxy, amqp_url, broker_addr, connect, delete_queue, publish, unique, url_via, wait_until,
 };
 use common::*;
-use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::options::BasicGetOptions;
 use lapin::{BasicProperties, Channel};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,22 +124,18 @@ async fn copies_do_not_carry_the_original_s_expiration() {
         |_, _| async move { Outcome::reject("bad order") },
     );
     wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
-    let channel = publisher.create_channel().await.expect("channel");
-    channel
-        .basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            BasicPublishOptions::default(),
-            b"order",
-            BasicProperties::default()
-                .with_message_id("ttl-1".into())
-                .with_expiration("1500".into())
-                .with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    let channel = confirmed_channel(&publisher).await;
+    publish_confirmed(
+        &channel,
+        "",
+        &queue,
+        b"order",
+        BasicProperties::default()
+            .with_message_id("ttl-1".into())
+            .with_expiration("1500".into())
+            .with_delivery_mode(2),
+    )
+    .await;
     wait_stats(&consumer, "the DLQ copy confirmed", |s| {
         s.dead_lettered == 1
     })
@@ -194,22 +190,18 @@ async fn a_permanent_failure_is_dead_lettered_after_one_call_with_its_metadata()
         |_, _| async { Outcome::reject("unparsable payload") },
     );
     wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
-    let channel = publisher.create_channel().await.expect("channel");
+    let channel = confirmed_channel(&publisher).await;
     let before = retry::now_ms();
-    channel
-        .basic_publish(
-            exchange.as_str().into(),
-            "order.created".into(),
-            BasicPublishOptions::default(),
-            b"{not json",
-            BasicProperties::default()
-                .with_message_id("m-0".into())
-                .with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    publish_confirmed(
+        &channel,
+        &exchange,
+        "order.created",
+        b"{not json",
+        BasicProperties::default()
+            .with_message_id("m-0".into())
+            .with_delivery_mode(2),
+    )
+    .await;
     wait_stats(&consumer, "the dead-letter copy", |s| s.dead_lettered == 1).await;
     let report = consumer.shutdown().await.expect("clean shutdown");
     assert_eq!(recorder.calls_of("m-0"), 1);

@@ -13,7 +13,6 @@ use backstop_testkit::{
     FaultProxy, amqp_url, connect, delete_queue, postgres_url, publish, unique, wait_until,
 };
 use common::*;
-use lapin::options::BasicPublishOptions;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,22 +63,18 @@ async fn an_exhausted_message_becomes_a_complete_row_and_leaves_the_queue() {
     );
     wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
     let publisher = connect().await;
-    let channel = publisher.create_channel().await.expect("channel");
-    channel
-        .basic_publish(
-            exchange.as_str().into(),
-            "pay".into(),
-            BasicPublishOptions::default(),
-            &[0xde, 0xad, 0x00, 0xbe, 0xef],
-            lapin::BasicProperties::default()
-                .with_message_id("pay-1".into())
-                .with_content_type("application/octet-stream".into())
-                .with_delivery_mode(2),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
+    let channel = confirmed_channel(&publisher).await;
+    publish_confirmed(
+        &channel,
+        &exchange,
+        "pay",
+        &[0xde, 0xad, 0x00, 0xbe, 0xef],
+        lapin::BasicProperties::default()
+            .with_message_id("pay-1".into())
+            .with_content_type("application/octet-stream".into())
+            .with_delivery_mode(2),
+    )
+    .await;
     wait_stats(&consumer, "the row to be stored", |s| s.stored == 1).await;
     let report = consumer.shutdown().await.expect("clean shutdown");
     assert_eq!(report.dead_lettered, 0);
@@ -128,7 +123,7 @@ async fn every_arrival_of_one_failing_message_is_one_row() {
     );
     wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
     let publisher = connect().await;
-    let channel = publisher.create_channel().await.expect("channel");
+    let channel = confirmed_channel(&publisher).await;
     // The last pay-1 has another body: a producer that reused the id. It is
     // a message of its own, and must not be acked as an occurrence of the
     // first (its body would be stored nowhere).
@@ -140,20 +135,16 @@ async fn every_arrival_of_one_failing_message_is_one_row() {
         ("pay-1", "c"),
     ];
     for (id, body) in arrivals {
-        channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                lapin::BasicProperties::default()
-                    .with_message_id(id.into())
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        publish_confirmed(
+            &channel,
+            "",
+            &queue,
+            body.as_bytes(),
+            lapin::BasicProperties::default()
+                .with_message_id(id.into())
+                .with_delivery_mode(2),
+        )
+        .await;
     }
     wait_stats(&consumer, "five arrivals stored", |s| s.stored == 5).await;
     consumer.shutdown().await.expect("clean shutdown");

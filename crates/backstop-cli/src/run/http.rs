@@ -151,16 +151,10 @@ impl HttpHandler {
                         .url()
                         .join(text)
                         .map_or_else(|_| text.to_owned(), String::from);
-                    let mut shown = RedactedUri::new(&resolved).to_string();
-                    if shown.len() > MAX_LOCATION {
-                        let cut = (0..=MAX_LOCATION)
-                            .rev()
-                            .find(|&i| shown.is_char_boundary(i))
-                            .unwrap_or(0);
-                        shown.truncate(cut);
-                        shown.push_str("...");
-                    }
-                    format!("Location {shown}")
+                    let shown = RedactedUri::new(&resolved).to_string();
+                    let cut = backstop::retry::truncate(&shown, MAX_LOCATION);
+                    let more = if cut.len() < shown.len() { "..." } else { "" };
+                    format!("Location {cut}{more}")
                 }
             },
         };

@@ -246,3 +246,40 @@ impl CapturedLogs {
         String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
     }
 }
+
+/// A channel of `connection` in confirm mode.
+pub async fn confirmed_channel(connection: &lapin::Connection) -> lapin::Channel {
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    channel
+}
+
+/// Publishes one message on a [`confirmed_channel`] and waits until the
+/// broker confirms it (a nack, a return or no confirm at all panics).
+pub async fn publish_confirmed(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
+    let confirmation = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(
+        matches!(confirmation, lapin::Confirmation::Ack(None)),
+        "the broker did not confirm the publish to {exchange}:{routing_key}: {confirmation:?}"
+    );
+}
