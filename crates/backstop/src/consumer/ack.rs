@@ -2,9 +2,9 @@
 //! `basic.ack(multiple=true)` frames.
 //!
 //! Delivery tags on a channel start at 1 and rise by one per delivery. The
-//! coalescer keeps a window of slots above `base`, the highest tag below which
-//! every delivery is settled. When completions close the gap at the front, the
-//! window slides and one multiple-ack covers the whole contiguous run.
+//! coalescer keeps `base`, the highest tag below which every delivery is
+//! settled. When completions close the gap at the front, `base` moves up and
+//! one multiple-ack covers the whole contiguous run.
 //!
 //! Failures (reject, nack) are settled one tag at a time by the consumer
 //! *before* they are recorded here, so a later multiple-ack never covers them:
@@ -13,16 +13,17 @@
 //! A slow handler at the front would hold back every ack behind it and so
 //! starve the prefetch window. When the front has been blocked for longer than
 //! `gap_timeout`, the completed tags behind it are acked one by one instead.
+//!
+//! What lies above `base` is kept compactly, so that one stuck tag cannot
+//! make it grow with every delivery behind it: tags settled on the wire
+//! (rejected, nacked, acked singly) as merged runs, and only the acked tags
+//! not yet sent one by one. The acked-unsent tags are unacked on the wire, so
+//! the prefetch bounds them; every run but the last ends at a tag that is
+//! still open, and open tags are unacked too, so the prefetch bounds the runs
+//! as well. A flush costs O(runs + tags sent), never O(tags since the gap).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Slot {
-    Open,
-    Acked,
-    Settled,
-}
 
 /// What the consumer should send now.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -45,18 +46,20 @@ impl Flush {
 
 #[derive(Debug)]
 pub(crate) struct AckCoalescer {
-    /// Every tag `<= base` is settled (acked in the window or failed).
+    /// Every tag `<= base` is settled (acked here or failed).
     base: u64,
-    /// Slots for tags `base + 1 ..`.
-    window: VecDeque<Slot>,
-    /// Acked slots at or below `base` not yet sent.
+    /// Tags above `base + 1` whose handler succeeded and whose ack is not
+    /// sent yet: they wait behind the gap.
+    behind: BTreeSet<u64>,
+    /// Tags above `base + 1` already settled on the wire, as inclusive runs
+    /// `start -> end`; adjacent runs are merged.
+    settled: BTreeMap<u64, u64>,
+    /// Acked tags at or below `base` not yet sent.
     ready: usize,
     /// The highest of those. The multiple-ack names this tag rather than
     /// `base`, because the broker requires the named tag to be outstanding and
     /// `base` may be a tag already rejected or acked singly.
     ready_top: u64,
-    /// Acked slots above `base` (behind the gap).
-    behind_gap: usize,
     /// When the front slot started blocking acks behind it.
     gap_since: Option<Instant>,
     /// When the oldest unsent contiguous ack was recorded.
@@ -70,10 +73,10 @@ impl AckCoalescer {
     pub(crate) fn new(batch: usize, flush_after: Duration, gap_timeout: Duration) -> Self {
         AckCoalescer {
             base: 0,
-            window: VecDeque::new(),
+            behind: BTreeSet::new(),
+            settled: BTreeMap::new(),
             ready: 0,
             ready_top: 0,
-            behind_gap: 0,
             gap_since: None,
             ready_since: None,
             batch: batch.max(1),
@@ -91,42 +94,73 @@ impl AckCoalescer {
         if tag <= self.base {
             return false;
         }
-        let index = (tag - self.base - 1) as usize;
-        if self.window.len() <= index {
-            self.window.resize(index + 1, Slot::Open);
+        if tag == self.base + 1 {
+            // The common case, completions in order: no set is touched.
+            self.advance(tag, acked, now);
+            self.slide(now);
+            self.track_gap(true, now);
+            return true;
         }
-        if self.window[index] != Slot::Open {
+        if self.behind.contains(&tag) || self.is_settled(tag) {
             return false;
         }
-        self.window[index] = if acked { Slot::Acked } else { Slot::Settled };
         if acked {
-            self.behind_gap += 1;
+            self.behind.insert(tag);
+        } else {
+            self.insert_settled(tag);
         }
-        self.slide(now);
+        self.track_gap(false, now);
         true
     }
 
+    /// `base` moves to `tag`, which was `base + 1`.
+    fn advance(&mut self, tag: u64, acked: bool, now: Instant) {
+        self.base = tag;
+        if acked {
+            self.ready += 1;
+            self.ready_top = tag;
+            self.ready_since.get_or_insert(now);
+        }
+    }
+
+    /// Moves `base` over what was recorded right above it.
     fn slide(&mut self, now: Instant) {
-        let mut moved = false;
-        while let Some(front) = self.window.front().copied() {
-            if front == Slot::Open {
+        loop {
+            let next = self.base + 1;
+            if self.behind.first() == Some(&next) {
+                self.behind.pop_first();
+                self.advance(next, true, now);
+            } else if let Some(end) = self.settled.remove(&next) {
+                self.base = end;
+            } else {
                 break;
             }
-            self.window.pop_front();
-            self.base += 1;
-            moved = true;
-            if front == Slot::Acked {
-                self.behind_gap -= 1;
-                self.ready += 1;
-                self.ready_top = self.base;
-                self.ready_since.get_or_insert(now);
-            }
         }
-        if moved || self.behind_gap == 0 {
-            self.gap_since = (self.behind_gap > 0).then_some(now);
+    }
+
+    fn track_gap(&mut self, moved: bool, now: Instant) {
+        if moved || self.behind.is_empty() {
+            self.gap_since = (!self.behind.is_empty()).then_some(now);
         } else {
             self.gap_since.get_or_insert(now);
         }
+    }
+
+    fn is_settled(&self, tag: u64) -> bool {
+        self.settled
+            .range(..=tag)
+            .next_back()
+            .is_some_and(|(_, end)| *end >= tag)
+    }
+
+    /// Adds `tag` (not recorded yet, above `base + 1`) to the settled runs.
+    fn insert_settled(&mut self, tag: u64) {
+        let start = match self.settled.range(..tag).next_back() {
+            Some((start, end)) if *end + 1 == tag => *start,
+            _ => tag,
+        };
+        let end = self.settled.remove(&(tag + 1)).unwrap_or(tag);
+        self.settled.insert(start, end);
     }
 
     /// True when a batch is full and should be sent without waiting.
@@ -155,13 +189,12 @@ impl AckCoalescer {
         if let Some(since) = self.gap_since
             && now >= since + self.gap_timeout
         {
-            for (offset, slot) in self.window.iter_mut().enumerate() {
-                if *slot == Slot::Acked {
-                    *slot = Slot::Settled;
-                    flush.singles.push(self.base + 1 + offset as u64);
-                }
+            let behind = std::mem::take(&mut self.behind);
+            flush.singles.reserve(behind.len());
+            for tag in behind {
+                self.insert_settled(tag);
+                flush.singles.push(tag);
             }
-            self.behind_gap = 0;
             self.gap_since = None;
         }
         flush
@@ -169,10 +202,16 @@ impl AckCoalescer {
 
     /// Tags recorded as acked but not yet sent (contiguous and behind a gap).
     pub(crate) fn unsent(&self) -> usize {
-        self.ready + self.behind_gap
+        self.ready + self.behind.len()
+    }
+
+    /// How many entries the coalescer holds above `base`: the measure of
+    /// its memory, bounded by the prefetch.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.behind.len() + self.settled.len()
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,5 +323,68 @@ mod tests {
         // longer outstanding, and the broker refuses a tag it does not hold.
         c.complete(1, true, later);
         assert_eq!(c.flush(later).multiple_up_to, Some(1));
+    }
+
+    #[test]
+    fn one_stuck_tag_keeps_the_coalescer_small_over_a_million_deliveries() {
+        let start = Instant::now();
+        let mut c = coalescer(100);
+        let mut now = start;
+        let mut sent = 0usize;
+        // Tag 1 never completes; a million tags behind it do, in bursts
+        // of 100 with a gap flush after each, as the prefetch allows.
+        for burst in 0..10_000u64 {
+            for i in 0..100 {
+                let tag = 2 + burst * 100 + i;
+                // Some fail: settled on the wire, recorded as not acked.
+                assert!(c.complete(tag, tag % 7 != 0, now));
+            }
+            now += Duration::from_millis(300);
+            let flush = c.flush(now);
+            assert_eq!(flush.multiple_up_to, None, "tag 1 is still open");
+            sent += flush.singles.len();
+            // Everything behind the stuck tag is one run: O(1) entries,
+            // where a slot per tag held a million.
+            assert_eq!(c.held(), 1, "after burst {burst}");
+        }
+        assert_eq!(sent, 1_000_000 - 1_000_000 / 7);
+        assert_eq!(c.unsent(), 0);
+        // A tag already settled is never settled again.
+        assert!(!c.complete(500_000, true, now));
+        // The stuck one finishes: the base jumps over the whole run and
+        // the multiple-ack names only tag 1, the one still outstanding.
+        assert!(c.complete(1, true, now));
+        assert_eq!(c.flush(now).multiple_up_to, Some(1));
+        assert_eq!(c.held(), 0);
+        assert!(c.complete(1_000_002, true, now));
+        assert_eq!(c.flush(now).multiple_up_to, Some(1_000_002));
+    }
+
+    #[test]
+    fn runs_are_bounded_by_the_open_tags_between_them() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        let mut c = coalescer(100);
+        // Open tags 1, 10, 20, 30; everything else completes out of order.
+        let open = [1u64, 10, 20, 30];
+        for tag in (2..=40).rev().filter(|t| !open.contains(t)) {
+            assert!(c.complete(tag, tag % 2 == 0, now));
+        }
+        let flush = c.flush(later);
+        assert_eq!(flush.singles.len(), (2..=40).filter(|t| !open.contains(t) && t % 2 == 0).count());
+        assert_eq!(c.held(), open.len());
+        // Acks behind the gap wait as single tags; once the front closes,
+        // the base slides over them and the runs in one go.
+        for tag in [20, 10] {
+            assert!(c.complete(tag, true, later));
+        }
+        assert_eq!(c.held(), open.len() + 2);
+        assert!(c.complete(1, true, later));
+        assert_eq!(c.held(), 1);
+        assert_eq!(c.flush(later).multiple_up_to, Some(20));
+        assert!(c.complete(30, false, later));
+        assert_eq!(c.held(), 0);
+        assert!(c.complete(41, true, later));
+        assert_eq!(c.flush(later).multiple_up_to, Some(41));
     }
 }
