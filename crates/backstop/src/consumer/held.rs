@@ -16,10 +16,11 @@ use std::sync::atomic::Ordering;
 /// with the time each was received.
 #[derive(Debug, Default)]
 pub(crate) struct HeldDeliveries {
-    /// `(tag, received at in ms since the epoch, decided)`, in tag order.
-    /// A decided entry behind an undecided one stays until it reaches the
-    /// front, so removing one is O(1) amortized.
-    window: VecDeque<(u64, u64, bool)>,
+    /// `(tag, received at in ms since the epoch)` of the undecided ones, in
+    /// tag order. Only undecided deliveries are kept, so one that never
+    /// finishes does not make this grow with every delivery behind it: the
+    /// prefetch bounds it. Most decisions come in order and pop the front.
+    window: VecDeque<(u64, u64)>,
 }
 
 impl HeldDeliveries {
@@ -30,23 +31,18 @@ impl HeldDeliveries {
         if self.window.is_empty() {
             stats.oldest_unacked_ms.store(at, Ordering::Relaxed);
         }
-        self.window.push_back((tag, at, false));
+        self.window.push_back((tag, at));
     }
 
     /// The outcome of `tag` is decided; its ack, reject or nack follows at
     /// once (an ack within the coalescer's flush interval).
     pub(crate) fn decided(&mut self, tag: u64, stats: &ConsumerStats) {
-        if let Ok(index) = self.window.binary_search_by_key(&tag, |(t, _, _)| *t) {
-            self.window[index].2 = true;
-        }
-        let mut moved = false;
-        while self.window.front().is_some_and(|(_, _, done)| *done) {
+        if self.window.front().is_some_and(|(t, _)| *t == tag) {
             self.window.pop_front();
-            moved = true;
-        }
-        if moved {
-            let oldest = self.window.front().map_or(0, |(_, at, _)| *at);
+            let oldest = self.window.front().map_or(0, |(_, at)| *at);
             stats.oldest_unacked_ms.store(oldest, Ordering::Relaxed);
+        } else if let Ok(index) = self.window.binary_search_by_key(&tag, |(t, _)| *t) {
+            self.window.remove(index);
         }
     }
 
@@ -89,8 +85,8 @@ mod tests {
         // Deciding a later one keeps the oldest where it is.
         held.decided(2, &stats);
         assert_eq!(stats.oldest_unacked_ms.load(Ordering::Relaxed), first);
-        assert_eq!(held.window.len(), 3);
-        // Deciding the front drops it and the decided one behind it.
+        assert_eq!(held.window.len(), 2);
+        // Deciding the front drops it; the oldest is now the next undecided.
         held.decided(1, &stats);
         assert_eq!(held.window.len(), 1);
         assert_eq!(held.window.front().map(|w| w.0), Some(3));
@@ -114,5 +110,19 @@ mod tests {
         held.released(&stats);
         assert_eq!(gauges(&stats), (0, false));
         assert!(held.window.is_empty());
+    }
+
+    #[test]
+    fn one_undecided_delivery_does_not_grow_it() {
+        let stats = ConsumerStats::default();
+        let mut held = HeldDeliveries::default();
+        held.received(1, &stats);
+        let first = stats.oldest_unacked_ms.load(Ordering::Relaxed);
+        for tag in 2..=100_000 {
+            held.received(tag, &stats);
+            held.decided(tag, &stats);
+        }
+        assert_eq!(held.window.len(), 1);
+        assert_eq!(stats.oldest_unacked_ms.load(Ordering::Relaxed), first);
     }
 }
