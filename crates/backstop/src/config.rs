@@ -96,6 +96,14 @@ pub struct ConsumerSettings {
     /// The largest message body handled, in bytes (default 16 MiB); larger
     /// ones take the exhausted path with the reason.
     pub max_message_size: Option<usize>,
+    /// The broker's `consumer_timeout` for this queue (default `30m`, the
+    /// broker's own default): a delivery unacked for longer makes the broker
+    /// close the channel. Set it when the broker's differs (`consumer_timeout`
+    /// in rabbitmq.conf, or `x-consumer-timeout` / a `consumer-timeout`
+    /// policy on RabbitMQ 3.12+): the age warning comes at 80% of it, and
+    /// handler calls are given up at five sixths of it.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub consumer_timeout: Option<Duration>,
     /// `handler.http.*`: where each message is delivered.
     pub handler: HandlerSettings,
     /// `retry.*`: the retry tiers and where exhausted messages go.
@@ -469,6 +477,26 @@ impl Config {
             crate::connection::parse_uri(uri)
                 .map_err(|e| fail(Some(("broker", 0)), "addresses", e.to_string()))?;
         }
+        if let Some(heartbeat) = config.broker.heartbeat {
+            let shown = humantime::format_duration(heartbeat);
+            if heartbeat < Duration::from_secs(1) {
+                return Err(fail(
+                    Some(("broker", 0)),
+                    "heartbeat",
+                    format!(
+                        "\"{shown}\" is below 1s. {}",
+                        crate::connection::HEARTBEAT_RULE
+                    ),
+                ));
+            }
+            if heartbeat.as_secs() > u64::from(u16::MAX) {
+                return Err(fail(
+                    Some(("broker", 0)),
+                    "heartbeat",
+                    format!("\"{shown}\" is above the AMQP limit of 65535s"),
+                ));
+            }
+        }
         config
             .metrics
             .listen_addr()
@@ -504,6 +532,9 @@ impl Config {
             }
             if consumer.concurrency == Some(0) {
                 return Err(fail(table, "concurrency", "must be at least 1".into()));
+            }
+            if consumer.consumer_timeout.is_some_and(|t| t.is_zero()) {
+                return Err(fail(table, "consumer_timeout", "must be above zero".into()));
             }
             let url = &consumer.handler.http.url;
             let valid = ["http://", "https://"].iter().any(|scheme| {
@@ -620,6 +651,14 @@ impl Config {
                 "max_message_size = {}",
                 c.max_message_size
                     .unwrap_or(crate::consumer::DEFAULT_MAX_MESSAGE_SIZE)
+            );
+            let _ = writeln!(
+                out,
+                "consumer_timeout = {:?}",
+                secs(
+                    c.consumer_timeout
+                        .unwrap_or(crate::consumer::DEFAULT_CONSUMER_TIMEOUT)
+                )
             );
             let _ = writeln!(out, "handler.http.url = {:?}", redact(&c.handler.http.url));
             let _ = writeln!(
@@ -803,6 +842,24 @@ mod tests {
         assert!(err.contains("broker.uri"), "{err}");
         let err = error_of("[broker]\nheartbeat = \"soon\"\n");
         assert!(err.contains("line 2") && err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn a_heartbeat_below_one_second_is_refused_with_its_key_and_value() {
+        for (value, shown) in [("0s", "\"0s\""), ("500ms", "\"500ms\"")] {
+            let err = error_of(&format!("[broker]\nheartbeat = \"{value}\"\n"));
+            assert!(err.contains("broker.heartbeat"), "{err}");
+            assert!(err.contains(shown), "{err}");
+            assert!(err.contains("line 2"), "{err}");
+            assert!(err.contains("below 1s"), "{err}");
+        }
+        let err = error_of("[broker]\nheartbeat = \"20h\"\n");
+        assert!(
+            err.contains("broker.heartbeat") && err.contains("65535"),
+            "{err}"
+        );
+        let config = Config::parse("[broker]\nheartbeat = \"1s\"\n", "test.toml").expect("valid");
+        assert_eq!(config.broker.heartbeat, Some(Duration::from_secs(1)));
     }
 
     #[derive(Debug, serde::Deserialize)]

@@ -134,7 +134,9 @@ impl ConnectionConfig {
     }
 
     /// The heartbeat to ask the broker for. A dead peer is detected after two
-    /// missed heartbeats. Overrides a `heartbeat` in the URI's query.
+    /// missed heartbeats. Overrides a `heartbeat` in the URI's query. At
+    /// least 1 s, in whole seconds (a fraction is cut off); heartbeats
+    /// cannot be turned off.
     pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
         self.heartbeat = heartbeat;
         self
@@ -178,6 +180,12 @@ impl ConnectionConfig {
                 reason: "initial must be above zero and not above max".into(),
             });
         }
+        if self.heartbeat < Duration::from_secs(1) {
+            return Err(Error::Config {
+                key: "heartbeat",
+                reason: format!("{:?} is below 1 s. {HEARTBEAT_RULE}", self.heartbeat),
+            });
+        }
         let heartbeat = u16::try_from(self.heartbeat.as_secs()).map_err(|_| Error::Config {
             key: "heartbeat",
             reason: format!("{:?} is above the AMQP limit of 65535 s", self.heartbeat),
@@ -204,6 +212,11 @@ impl ConnectionConfig {
             .collect()
     }
 }
+
+/// Why a heartbeat must be at least one second, for the error that refuses
+/// a shorter one.
+pub(crate) const HEARTBEAT_RULE: &str = "AMQP heartbeats are whole seconds, and 0 would \
+    turn them off: a dead peer (a pulled cable) would then go unnoticed. Use at least 1s.";
 
 /// Parses an AMQP URI, turning the parser's message into an error that names
 /// the (redacted) address.
@@ -475,8 +488,22 @@ enum AttemptError {
     /// A TLS failure that retrying cannot fix (wrong CA, wrong name, expired
     /// certificate, no client certificate).
     Tls(String),
+    /// `NOT_ALLOWED` (530) with the broker's text. RabbitMQ answers it for
+    /// node, virtual host and user connection limits, a limit query that
+    /// timed out, a virtual host that does not exist, and a user without
+    /// permission on it: all of them can change without a restart of ours,
+    /// so it is retried, at least [`NOT_ALLOWED_PAUSE`] apart.
+    NotAllowed(String),
     Retry(String),
 }
+
+/// The least wait before trying again once every address answered
+/// `NOT_ALLOWED`; the usual jittered backoff comes on top.
+const NOT_ALLOWED_PAUSE: Duration = Duration::from_secs(5);
+
+/// How long a connection must stay up for the reconnect backoff to start
+/// again from its first step.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
 
 impl SupervisorTask {
     fn transition(&self, next: ConnectionState, reason: &str) {
@@ -499,6 +526,12 @@ impl SupervisorTask {
         let mut generation = 0u64;
         let mut attempt = 0u32;
         let mut next_address = 0usize;
+        // Connections in a row that died before `STABLE_AFTER`: each one is
+        // a step up the backoff, so a broker that accepts and then drops
+        // every connection is not hammered every 100 ms forever.
+        let mut flaps = 0u32;
+        // NOT_ALLOWED answers in a row.
+        let mut refused = 0u32;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -521,6 +554,8 @@ impl SupervisorTask {
                             .fetch_add(1, Ordering::Relaxed);
                     }
                     attempt = 0;
+                    refused = 0;
+                    let up_since = Instant::now();
                     let closed = self
                         .hold(connection, generation, &shown, &mut shutdown)
                         .await;
@@ -534,8 +569,18 @@ impl SupervisorTask {
                                 },
                                 &reason,
                             );
-                            // Lost after being up: the first retry is immediate
-                            // plus jitter over the initial delay.
+                            // Lost after being up for a while: the first retry
+                            // is immediate plus jitter over the initial delay.
+                            // Lost soon after connecting: the backoff goes on
+                            // growing as if the connect had failed.
+                            let lasted = up_since.elapsed();
+                            if lasted >= STABLE_AFTER {
+                                flaps = 0;
+                            } else {
+                                flaps = flaps.saturating_add(1);
+                                warn!(address = %shown, ?lasted, flaps,
+                                    "the connection died soon after it was made; backing off further");
+                            }
                         }
                     }
                 }
@@ -559,14 +604,29 @@ impl SupervisorTask {
                     self.finish(&reason);
                     return;
                 }
-                Err(AttemptError::Retry(reason)) => {
+                Err(failure @ (AttemptError::Retry(_) | AttemptError::NotAllowed(_))) => {
                     attempt += 1;
                     self.shared
                         .counters
                         .failed_attempts
                         .fetch_add(1, Ordering::Relaxed);
+                    let reason = match failure {
+                        AttemptError::NotAllowed(reason) => {
+                            refused = refused.saturating_add(1);
+                            warn!(address = %shown, attempt, %reason,
+                                "the broker refused the connection (NOT_ALLOWED: a connection limit, \
+                                 or a virtual host that is missing or not permitted); retrying slowly");
+                            reason
+                        }
+                        AttemptError::Retry(reason)
+                        | AttemptError::Fatal(reason)
+                        | AttemptError::Tls(reason) => {
+                            refused = 0;
+                            warn!(address = %shown, attempt, %reason, "connection attempt failed");
+                            reason
+                        }
+                    };
                     let last_error = reason.clone();
-                    warn!(address = %shown, attempt, %reason, "connection attempt failed");
                     if let Some(max) = self.config.backoff.max_attempts
                         && attempt >= max
                     {
@@ -591,13 +651,15 @@ impl SupervisorTask {
                 }
             }
             // Back off before the next round; a full pass over the address
-            // list counts as one step of the exponential schedule.
-            let step = attempt.saturating_sub(1) / self.uris.len() as u32;
-            let delay = if attempt == 0 {
-                self.config.backoff.delay(0, &mut self.rng)
-            } else {
-                self.config.backoff.delay(step, &mut self.rng)
-            };
+            // list counts as one step of the exponential schedule, and so
+            // does each connection in a row that died right after it was made.
+            let step = (attempt.saturating_sub(1) / self.uris.len() as u32).saturating_add(flaps);
+            let mut delay = self.config.backoff.delay(step, &mut self.rng);
+            // Every address refused: a limit or a missing virtual host lifts
+            // on an operator's time, not in milliseconds.
+            if refused >= self.uris.len() as u32 {
+                delay += NOT_ALLOWED_PAUSE;
+            }
             let next = RedactedUri::new(&self.config.addresses[next_address % self.uris.len()]);
             info!(address = %next, attempt, backoff = ?delay, "next connection attempt after the backoff");
             tokio::select! {
@@ -795,9 +857,7 @@ fn classify_connect_error(err: &lapin::Error) -> AttemptError {
                 return AttemptError::Fatal(format!("ACCESS_REFUSED: {message}"));
             }
             AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => {
-                return AttemptError::Fatal(format!(
-                    "ACCESS_REFUSED (NOT_ALLOWED: virtual host): {message}"
-                ));
+                return AttemptError::NotAllowed(format!("NOT_ALLOWED: {message}"));
             }
             _ => {}
         }
@@ -867,5 +927,55 @@ mod tests {
             .unwrap_or_default();
         assert_eq!(uris.len(), 2);
         assert!(uris.iter().all(|u| u.query.heartbeat == Some(2)));
+    }
+
+    #[test]
+    fn a_heartbeat_below_one_second_is_refused_with_its_key_and_value() {
+        for heartbeat in [Duration::ZERO, Duration::from_millis(999)] {
+            let err = ConnectionConfig::new("amqp://127.0.0.1:5672/%2f")
+                .heartbeat(heartbeat)
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("heartbeat"), "{err}");
+            assert!(err.contains(&format!("{heartbeat:?}")), "{err}");
+            assert!(err.contains("below 1 s"), "{err}");
+        }
+        assert!(
+            ConnectionConfig::new("amqp://127.0.0.1:5672/%2f")
+                .heartbeat(Duration::from_secs(1))
+                .validate()
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn not_allowed_is_retried_and_access_refused_is_not() {
+        use lapin::protocol::AMQPError;
+        let error = |kind, text: &str| {
+            lapin::Error::from(lapin::ErrorKind::ProtocolError(AMQPError::new(
+                kind,
+                text.into(),
+            )))
+        };
+        let limit = "NOT_ALLOWED - access to vhost 'v' refused for user 'guest': \
+                     connection limit (0) is reached";
+        match classify_connect_error(&error(
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED),
+            limit,
+        )) {
+            AttemptError::NotAllowed(reason) => {
+                assert!(reason.contains("connection limit (0)"), "{reason}")
+            }
+            _ => panic!("NOT_ALLOWED must be retried"),
+        }
+        assert!(matches!(
+            classify_connect_error(&error(
+                AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+                "ACCESS_REFUSED - Login was refused"
+            )),
+            AttemptError::Fatal(_)
+        ));
     }
 }

@@ -26,7 +26,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// The broker refused the credentials or the virtual host (`ACCESS_REFUSED`).
+    /// The broker refused the credentials (`ACCESS_REFUSED`). A refused
+    /// virtual host (`NOT_ALLOWED`) is retried instead: limits lift and
+    /// virtual hosts get created.
     #[error("ACCESS_REFUSED by {uri}: {reason}")]
     AccessRefused {
         /// The address, redacted.
@@ -106,7 +108,7 @@ impl Error {
         )
     }
 
-    /// True when the broker refused the credentials or the virtual host.
+    /// True when the broker refused the credentials.
     pub fn is_access_refused(&self) -> bool {
         matches!(self, Error::AccessRefused { .. })
     }

@@ -100,6 +100,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         if let Some(store) = &store {
             consumer = consumer.compensation_store(store.clone(), Duration::from_secs(60));
         }
+        if let Some(timeout) = settings.consumer_timeout {
+            consumer = consumer.consumer_timeout(timeout);
+        }
         if let Some(dedup) = &settings.dedup {
             let dedup = dedup
                 .build(config.store.url.as_deref())

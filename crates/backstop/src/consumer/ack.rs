@@ -371,7 +371,10 @@ mod tests {
             assert!(c.complete(tag, tag % 2 == 0, now));
         }
         let flush = c.flush(later);
-        assert_eq!(flush.singles.len(), (2..=40).filter(|t| !open.contains(t) && t % 2 == 0).count());
+        assert_eq!(
+            flush.singles.len(),
+            (2..=40).filter(|t| !open.contains(t) && t % 2 == 0).count()
+        );
         assert_eq!(c.held(), open.len());
         // Acks behind the gap wait as single tags; once the front closes,
         // the base slides over them and the runs in one go.

@@ -64,8 +64,10 @@ use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     BasicRejectOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use process::{ProcessContext, Settlement, Verdict};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -78,6 +80,10 @@ use tracing::{debug, error, info, warn};
 
 /// The default [`ConsumerConfig::max_message_size`]: 16 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
+
+/// The broker's default `consumer_timeout`: 30 minutes (RabbitMQ 3.8.15 and
+/// later). See [`ConsumerConfig::consumer_timeout`].
+pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// How a consumer consumes.
 #[derive(Clone, Debug)]
@@ -95,6 +101,7 @@ pub struct ConsumerConfig {
     retry: Option<RetryPolicy>,
     breaker: Option<BreakerConfig>,
     handler_timeout: Option<Duration>,
+    consumer_timeout: Duration,
     max_message_size: usize,
     store: Option<Arc<dyn CompensationStore>>,
     store_delay: Duration,
@@ -123,6 +130,7 @@ impl ConsumerConfig {
             retry: None,
             breaker: None,
             handler_timeout: None,
+            consumer_timeout: DEFAULT_CONSUMER_TIMEOUT,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             store: None,
             store_delay: Duration::from_secs(60),
@@ -207,10 +215,44 @@ impl ConsumerConfig {
     }
 
     /// Gives up on a handler call after `timeout`; the call counts as a
-    /// transient failure, like a panic. Off by default.
+    /// transient failure, like a panic. Defaults to five sixths of the
+    /// [`consumer_timeout`](Self::consumer_timeout) (25 minutes for the
+    /// broker's default of 30), so a hung handler is given up on, and its
+    /// message requeued by the consumer, before the broker closes the whole
+    /// channel over it.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = Some(timeout);
         self
+    }
+
+    /// The broker's `consumer_timeout` for this queue (default 30 minutes,
+    /// [`DEFAULT_CONSUMER_TIMEOUT`]): how long a delivery may stay
+    /// unacknowledged before the broker closes the channel with
+    /// `PRECONDITION_FAILED` and requeues everything the channel held.
+    ///
+    /// The broker does not tell its clients this value, so say it here when
+    /// it is not the default: `consumer_timeout` in `rabbitmq.conf` (in
+    /// milliseconds, broker-wide), and on RabbitMQ 3.12 and later per queue
+    /// with the `x-consumer-timeout` queue argument or a `consumer-timeout`
+    /// policy (newer brokers also take `x-consumer-timeout` as a consumer
+    /// argument).
+    ///
+    /// The consumer uses it twice: the handler timeout defaults to five
+    /// sixths of it, and a warning naming the queue and the age is logged
+    /// when a delivery has waited 80% of it for its outcome
+    /// (`backstop_oldest_unacked_seconds` shows the same age). When the broker
+    /// does close the channel for it, the log says so, and the consumer
+    /// subscribes again.
+    pub fn consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.consumer_timeout = timeout;
+        self
+    }
+
+    /// The handler timeout in force: the one set, or five sixths of the
+    /// consumer timeout.
+    fn effective_handler_timeout(&self) -> Duration {
+        self.handler_timeout
+            .unwrap_or(self.consumer_timeout / 6 * 5)
     }
 
     /// Deduplicates deliveries by business key (see [`crate::dedup`]).
@@ -257,6 +299,19 @@ impl ConsumerConfig {
                 key: "retry.exhausted",
                 reason: "\"store\" needs a compensation store; set one with compensation_store()"
                     .into(),
+            });
+        }
+        if self.consumer_timeout.is_zero() {
+            return Err(Error::Config {
+                key: "consumer_timeout",
+                reason: "must be above zero: the broker's consumer_timeout, 30 min by default"
+                    .into(),
+            });
+        }
+        if self.handler_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(Error::Config {
+                key: "handler_timeout",
+                reason: "must be above zero".into(),
             });
         }
         if let Some(breaker) = &self.breaker {
@@ -476,6 +531,12 @@ impl<H: Handler> Consumer<H> {
     /// Starts consuming in the background.
     pub fn spawn(self) -> Result<ConsumerHandle> {
         self.config.validate()?;
+        let handler_timeout = self.config.effective_handler_timeout();
+        if handler_timeout >= self.config.consumer_timeout {
+            warn!(queue = %self.config.queue, ?handler_timeout, consumer_timeout = ?self.config.consumer_timeout,
+                "the handler timeout is not below the broker's consumer_timeout: a hung handler makes \
+                 the broker close the channel and redeliver everything it held");
+        }
         let stats = Arc::new(ConsumerStats::default());
         let (stop, stop_rx) = watch::channel(false);
         let (breaker_tx, breaker) = watch::channel(BreakerState::Closed);
@@ -488,12 +549,14 @@ impl<H: Handler> Consumer<H> {
             queue: self.config.queue.clone(),
             policy: self.config.retry.clone(),
             max_retry_delay: self.config.max_retry_delay,
-            handler_timeout: self.config.handler_timeout,
+            handler_timeout: Some(self.config.effective_handler_timeout()),
             max_message_size: self.config.max_message_size,
             store: self.config.store.clone(),
             store_delay: self.config.store_delay,
             dedup: self.config.dedup.clone(),
-            handler_permits: Arc::new(tokio::sync::Semaphore::new(self.config.concurrency)),
+            handler_permits: std::sync::Mutex::new(Arc::new(tokio::sync::Semaphore::new(
+                self.config.concurrency,
+            ))),
             breaker_tripped: false.into(),
             generation: AtomicU64::new(0),
             stats: stats.clone(),
@@ -519,6 +582,7 @@ impl<H: Handler> Consumer<H> {
             stats: stats.clone(),
             stop: stop_rx,
             handlers: FuturesUnordered::new(),
+            running: 0,
             generation: 0,
             rng: fastrand::Rng::new(),
             held: HeldDeliveries::default(),
@@ -564,10 +628,15 @@ async fn dedup_cleanup(
             _ = tokio::time::sleep(every) => {}
             _ = wait_true(&mut stop) => return,
         }
-        match store.purge_expired(crate::retry::now_ms()).await {
-            Ok(removed) => debug!(%queue, removed, "expired dedup keys removed"),
-            Err(e) => {
+        // A panic in the store's code fails this round, not the cleanup.
+        let purge = std::panic::AssertUnwindSafe(store.purge_expired(crate::retry::now_ms()));
+        match futures_util::FutureExt::catch_unwind(purge).await {
+            Ok(Ok(removed)) => debug!(%queue, removed, "expired dedup keys removed"),
+            Ok(Err(e)) => {
                 warn!(%queue, error = %e, "removing expired dedup keys failed; trying again later")
+            }
+            Err(_) => {
+                warn!(%queue, "the dedup store panicked removing expired keys; trying again later")
             }
         }
     }
@@ -606,6 +675,11 @@ struct Runtime<H> {
     /// spawned per delivery: at tens of thousands of deliveries a second the
     /// wake-ups of a spawn cost more than the work of a typical handler.
     handlers: FuturesUnordered<HandlerTask>,
+    /// How many of `handlers` belong to the current session: only those
+    /// count against the limit. Handlers of ended sessions may hang on (a
+    /// consumer_timeout, a cut); their tags are dead and they must not hold
+    /// the new session's slots.
+    running: usize,
     generation: u64,
     rng: fastrand::Rng,
     /// The deliveries the current session holds, for the unacked gauges.
@@ -625,6 +699,13 @@ struct Session {
     /// deliveries each settles. The pump goes on while lapin's I/O loop
     /// writes them.
     sending: FuturesUnordered<AckSend>,
+    /// Deliveries received while every handler slot was taken. The
+    /// subscription is read all the time, so a channel error or a cancel is
+    /// seen at once even when every handler hangs; the prefetch bounds this.
+    waiting: VecDeque<(u64, Delivery)>,
+    /// The oldest held delivery already warned about for its age (its
+    /// receive time, ms since the epoch).
+    warned_for: u64,
 }
 
 /// One ack frame being written: how many deliveries it settles, and lapin's
@@ -701,6 +782,10 @@ impl<H: Handler> Runtime<H> {
                 }
             };
             self.generation += 1;
+            // Whatever still runs belongs to ended sessions: it holds no slot
+            // of the new one, nor (with dedup) one of its handler permits.
+            self.running = 0;
+            self.context.renew_permits(self.config.concurrency);
             self.context
                 .generation
                 .store(self.generation, Ordering::Release);
@@ -889,6 +974,8 @@ impl<H: Handler> Runtime<H> {
                         self.config.ack_gap_timeout,
                     ),
                     sending: FuturesUnordered::new(),
+                    waiting: VecDeque::new(),
+                    warned_for: 0,
                 })
             }
             Err(e) => {
@@ -909,7 +996,19 @@ impl<H: Handler> Runtime<H> {
         let flush_timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(flush_timer);
         let mut armed: Option<Instant> = None;
+        // How often the age of the oldest held delivery is compared with
+        // the consumer timeout: a twentieth of it, at most every 5 s.
+        let mut age_check = tokio::time::interval(
+            (self.config.consumer_timeout / 20)
+                .clamp(Duration::from_millis(10), Duration::from_secs(5)),
+        );
+        age_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            while !session.waiting.is_empty() && self.running < self.in_process_limit() {
+                if let Some((tag, delivery)) = session.waiting.pop_front() {
+                    self.dispatch(&session, tag, delivery);
+                }
+            }
             let deadline = session.acks.deadline();
             if deadline != armed
                 && let Some(at) = deadline
@@ -922,22 +1021,25 @@ impl<H: Handler> Runtime<H> {
             tokio::select! {
                 biased;
                 _ = &mut stopped => {
-                    self.drain(session, "shutting down").await;
+                    self.drain(session, "shutting down", true).await;
                     info!(queue = %self.config.queue, "consumer stopped");
                     return SessionEnd::Stop;
                 }
                 Some(completion) = self.handlers.next(), if !self.handlers.is_empty() => {
                     self.update_in_flight();
                     {
+                        let current = completion.generation == session.generation;
                         let verdict = completion.verdict;
                         if let Err(reason) = self.settle(&mut session, completion).await {
                             return self.end(session, reason).await;
                         }
-                        if let Err(reason) = self.judge(&session, verdict).await {
+                        // A completion of an ended session says nothing
+                        // about the probes of this one.
+                        if current && let Err(reason) = self.judge(&mut session, verdict).await {
                             return self.end(session, reason).await;
                         }
                         if self.breaker_state() == BreakerState::Open {
-                            self.drain(session, "circuit breaker open").await;
+                            self.drain(session, "circuit breaker open", true).await;
                             return SessionEnd::BreakerOpen;
                         }
                     }
@@ -948,19 +1050,25 @@ impl<H: Handler> Runtime<H> {
                         return self.end(session, reason).await;
                     }
                 }
-                next = session.consumer.next(), if self.handlers.len() < self.in_process_limit() => {
+                _ = age_check.tick() => self.check_age(&mut session),
+                next = session.consumer.next() => {
                     match next {
-                        Some(Ok(delivery)) => self.dispatch(&session, delivery),
+                        Some(Ok(delivery)) => self.receive(&mut session, delivery),
                         Some(Err(e)) => {
-                            let reason = describe(&e);
+                            let reason = channel_error(&e);
                             return self.end(session, reason).await;
                         }
+                        None if session.live.is_connected() && session.channel.status().connected() => {
+                            // The broker cancelled the subscription (queue
+                            // deleted, node down, failover) but the channel
+                            // stands: the results of running handlers can
+                            // still be settled on it before it closes.
+                            let reason = "the broker cancelled the consumer (queue deleted or node down)".to_owned();
+                            self.drain(session, &reason, false).await;
+                            return SessionEnd::Broken(reason);
+                        }
                         None => {
-                            let reason = if session.live.is_connected() {
-                                "the broker cancelled the consumer (queue deleted or node down)".to_owned()
-                            } else {
-                                "the connection closed".to_owned()
-                            };
+                            let reason = "the connection closed".to_owned();
                             return self.end(session, reason).await;
                         }
                     }
@@ -969,11 +1077,22 @@ impl<H: Handler> Runtime<H> {
         }
     }
 
-    fn dispatch(&mut self, session: &Session, delivery: lapin::message::Delivery) {
+    /// A delivery arrived: it is held from now on, and starts at once when a
+    /// handler slot is free.
+    fn receive(&mut self, session: &mut Session, delivery: lapin::message::Delivery) {
         bump(&self.stats.delivered, 1);
-        let generation = session.generation;
         let (tag, delivery) = Delivery::from_lapin(delivery);
         self.held.received(tag, &self.stats);
+        if session.waiting.is_empty() && self.running < self.in_process_limit() {
+            self.dispatch(session, tag, delivery);
+        } else {
+            session.waiting.push_back((tag, delivery));
+        }
+    }
+
+    fn dispatch(&mut self, session: &Session, tag: u64, delivery: Delivery) {
+        let generation = session.generation;
+        self.running += 1;
         self.handlers.push(process::process(
             self.handler.clone(),
             self.context.clone(),
@@ -988,6 +1107,24 @@ impl<H: Handler> Runtime<H> {
             },
         ));
         self.update_in_flight();
+    }
+
+    /// Warns once per delivery when the oldest one held has waited 80% of
+    /// the broker's consumer timeout for its outcome.
+    fn check_age(&mut self, session: &mut Session) {
+        let since = self.stats.oldest_unacked_ms.load(Ordering::Relaxed);
+        if since == 0 || since == session.warned_for {
+            return;
+        }
+        let timeout = self.config.consumer_timeout;
+        let age = Duration::from_millis(crate::retry::now_ms().saturating_sub(since));
+        if age >= timeout / 5 * 4 {
+            session.warned_for = since;
+            warn!(queue = %self.config.queue, ?age, consumer_timeout = ?timeout,
+                "a delivery has waited {age:?} for its outcome, 80% of the broker's consumer_timeout \
+                 ({timeout:?}): when that expires the broker closes the channel and redelivers \
+                 everything it holds");
+        }
     }
 
     /// Carries out one outcome. `Err` means the channel is unusable.
@@ -1012,6 +1149,7 @@ impl<H: Handler> Runtime<H> {
             );
             return Ok(());
         }
+        self.running = self.running.saturating_sub(1);
         self.held.decided(tag, &self.stats);
         let now = Instant::now();
         match settlement {
@@ -1030,7 +1168,7 @@ impl<H: Handler> Runtime<H> {
                         .channel
                         .basic_reject(tag, BasicRejectOptions { requeue: false })
                         .await
-                        .map_err(|e| describe(&e))?;
+                        .map_err(|e| channel_error(&e))?;
                     bump(&self.stats.rejected, 1);
                     HeldDeliveries::settled(&self.stats, 1);
                 }
@@ -1047,7 +1185,7 @@ impl<H: Handler> Runtime<H> {
                             },
                         )
                         .await
-                        .map_err(|e| describe(&e))?;
+                        .map_err(|e| channel_error(&e))?;
                     bump(&self.stats.requeued, 1);
                     HeldDeliveries::settled(&self.stats, 1);
                 }
@@ -1056,11 +1194,12 @@ impl<H: Handler> Runtime<H> {
         Ok(())
     }
 
-    /// Feeds the circuit breaker; when probing succeeded enough to close it,
-    /// restores the full prefetch on the live channel.
+    /// Feeds the circuit breaker with a completion of the current session;
+    /// when probing succeeded enough to close it, subscribes again with the
+    /// full prefetch.
     async fn judge(
         &mut self,
-        session: &Session,
+        session: &mut Session,
         verdict: Verdict,
     ) -> std::result::Result<(), String> {
         let Some(breaker) = self.breaker.as_mut() else {
@@ -1076,12 +1215,47 @@ impl<H: Handler> Runtime<H> {
         };
         self.breaker_changed(state);
         if state == BreakerState::Closed {
-            session
-                .channel
-                .basic_qos(self.config.prefetch, BasicQosOptions { global: false })
+            let prefetch = self.config.prefetch;
+            tokio::time::timeout(RESUBSCRIBE_TIMEOUT, self.resubscribe(session))
                 .await
-                .map_err(|e| describe(&e))?;
+                .map_err(|_| {
+                    format!("subscribing again took longer than {RESUBSCRIBE_TIMEOUT:?}")
+                })??;
+            info!(queue = %self.config.queue, prefetch, "subscribed again with the full prefetch");
         }
+        Ok(())
+    }
+
+    /// Replaces the subscription on the same channel with one of the full
+    /// prefetch. `basic.qos` only applies to consumers created after it, so
+    /// the probing subscription (prefetch 1) has to go: cancel it, start what
+    /// it still yields (its tags stay valid on this channel, and their
+    /// results are settled here), and subscribe anew.
+    async fn resubscribe(&mut self, session: &mut Session) -> std::result::Result<(), String> {
+        session
+            .channel
+            .basic_qos(self.config.prefetch, BasicQosOptions { global: false })
+            .await
+            .map_err(|e| channel_error(&e))?;
+        session
+            .channel
+            .basic_cancel(session.consumer.tag(), BasicCancelOptions::default())
+            .await
+            .map_err(|e| channel_error(&e))?;
+        while let Some(next) = session.consumer.next().await {
+            let delivery = next.map_err(|e| channel_error(&e))?;
+            self.receive(session, delivery);
+        }
+        session.consumer = session
+            .channel
+            .basic_consume(
+                self.config.queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| channel_error(&e))?;
         Ok(())
     }
 
@@ -1110,7 +1284,7 @@ impl<H: Handler> Runtime<H> {
 
     /// An ack frame was written (or failed: the channel is unusable).
     fn sent(&self, (settles, result): (u64, lapin::Result<()>)) -> std::result::Result<(), String> {
-        result.map_err(|e| describe(&e))?;
+        result.map_err(|e| channel_error(&e))?;
         bump(&self.stats.acked, settles);
         HeldDeliveries::settled(&self.stats, settles);
         Ok(())
@@ -1142,25 +1316,30 @@ impl<H: Handler> Runtime<H> {
         SessionEnd::Broken(reason)
     }
 
-    /// Ends a live session gracefully: cancel the subscription, let running
+    /// Ends a live session gracefully: cancel the subscription (unless the
+    /// broker already did: `cancel` false), let this session's running
     /// handlers finish within the shutdown timeout, flush acks, close.
-    async fn drain(&mut self, mut session: Session, why: &str) {
+    ///
+    /// After the broker's cancel the runtime goes on: handlers that did not
+    /// finish in time are left to run out, stale, as after any ended session.
+    async fn drain(&mut self, mut session: Session, why: &str, cancel: bool) {
         let queue = self.config.queue.clone();
         let tag = session.consumer.tag();
-        info!(%queue, in_flight = self.handlers.len(), why, "draining: cancelling the subscription");
-        if let Err(e) = session
-            .channel
-            .basic_cancel(tag, BasicCancelOptions::default())
-            .await
+        info!(%queue, in_flight = self.running, why, "draining: settling what runs, then closing");
+        if cancel
+            && let Err(e) = session
+                .channel
+                .basic_cancel(tag, BasicCancelOptions::default())
+                .await
         {
             warn!(%queue, error = %describe(&e), "basic.cancel failed");
         }
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
-        while !self.handlers.is_empty() {
+        while self.running > 0 {
             let completion = tokio::select! {
                 completion = self.handlers.next() => completion,
                 _ = tokio::time::sleep_until(deadline) => {
-                    warn!(%queue, left = self.handlers.len(), "shutdown timeout: unfinished handlers stay unacked");
+                    warn!(%queue, left = self.running, "shutdown timeout: unfinished handlers stay unacked");
                     break;
                 }
             };
@@ -1176,11 +1355,53 @@ impl<H: Handler> Runtime<H> {
             warn!(%queue, %reason, "final ack flush failed; the broker redelivers");
         }
         // Dropping what did not finish cancels it; its messages stay unacked.
-        self.handlers.clear();
-        self.update_in_flight();
+        if cancel {
+            self.handlers.clear();
+            self.update_in_flight();
+        }
+        self.running = 0;
         close_session(&session, "backstop: drained").await;
         self.held.released(&self.stats);
     }
+}
+
+/// The longest the switch from the probing subscription to the full one may
+/// take (`basic.qos`, `basic.cancel`, `basic.consume` on a live channel).
+const RESUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a channel failed, in words. The broker's `consumer_timeout` closing
+/// the channel is a known event with a known cure, and is named as such;
+/// `PRECONDITION_FAILED` alone has many causes, so only the broker's text
+/// tells this one apart.
+fn channel_error(err: &lapin::Error) -> String {
+    if let lapin::ErrorKind::ProtocolError(amqp) = err.kind()
+        && *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+        && let Some(ms) = consumer_timeout_of(amqp.get_message().as_str())
+    {
+        return format!(
+            "the broker's consumer_timeout ({ms} ms) expired for a delivery: handler too slow; \
+             the broker closed the channel and requeued what it held (raise consumer_timeout on \
+             the broker, or x-consumer-timeout on the queue with RabbitMQ 3.12+, or lower the \
+             handler timeout)"
+        );
+    }
+    describe(err)
+}
+
+/// The timeout in the broker's text for an expired delivery acknowledgement
+/// (RabbitMQ 3.8.15 to 4.x: "PRECONDITION_FAILED - delivery acknowledgement
+/// on channel 1 timed out. Timeout value used: 1800000 ms. ..."), or
+/// `None` for any other text.
+fn consumer_timeout_of(message: &str) -> Option<String> {
+    if !(message.contains("delivery acknowledgement on channel") && message.contains("timed out")) {
+        return None;
+    }
+    let value = message
+        .split("Timeout value used:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .filter(|ms| ms.bytes().all(|b| b.is_ascii_digit()) && !ms.is_empty());
+    Some(value.unwrap_or("?").to_owned())
 }
 
 /// Closes a session's channels that still stand; the broker requeues what

@@ -56,8 +56,10 @@ pub(crate) struct ProcessContext {
     /// Deduplication by business key, when configured.
     pub(crate) dedup: Option<DedupConfig>,
     /// With deduplication, deliveries claim their keys outside the handler
-    /// limit and these permits bound the handlers themselves.
-    pub(crate) handler_permits: Arc<tokio::sync::Semaphore>,
+    /// limit and these permits bound the handlers themselves. Each session
+    /// has its own: a handler of an ended session that hangs on keeps its
+    /// permit, and must not take one of the new session's.
+    pub(crate) handler_permits: std::sync::Mutex<Arc<tokio::sync::Semaphore>>,
     /// True while the circuit breaker is open or half-open.
     pub(crate) breaker_tripped: AtomicBool,
     /// The generation of the session consuming now: a delivery of an older
@@ -71,6 +73,49 @@ impl ProcessContext {
     fn is_stale(&self, generation: u64) -> bool {
         self.generation.load(Ordering::Acquire) != generation
     }
+
+    /// The handler permits of the session starting now.
+    pub(crate) fn renew_permits(&self, concurrency: usize) {
+        if self.dedup.is_some() {
+            *self
+                .handler_permits
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) =
+                Arc::new(tokio::sync::Semaphore::new(concurrency));
+        }
+    }
+
+    fn permits(&self) -> Arc<tokio::sync::Semaphore> {
+        self.handler_permits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Runs a call into a user-supplied store (a [`CompensationStore`] or a
+/// dedup `SeenStore`), turning a panic in it into an error with the panic's
+/// text: that delivery fails the way a store that is down fails it (requeued
+/// after a pause, counted), and the consumer goes on.
+async fn guarded<T, E>(
+    call: impl Future<Output = Result<T, E>>,
+    failed: impl FnOnce(String) -> E,
+) -> Result<T, E> {
+    match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(result) => result,
+        Err(payload) => Err(failed(format!(
+            "the store implementation panicked: {}",
+            panic_text(&*payload)
+        ))),
+    }
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
 }
 
 /// Pause before requeueing a message whose copy could not be stored, so a
@@ -110,11 +155,7 @@ fn outcome_of(result: std::thread::Result<Outcome>, ctx: &ProcessContext) -> Out
         Ok(outcome) => outcome,
         Err(payload) => {
             bump(&ctx.stats.panics, 1);
-            let reason = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "non-string panic payload".to_owned());
+            let reason = panic_text(&*payload);
             warn!(queue = %ctx.queue, %reason, "handler panicked; counting it as a transient failure");
             Outcome::retry(format!("handler panicked: {reason}"))
         }
@@ -136,8 +177,12 @@ pub(crate) fn process<H: Handler, T>(
         return Box::pin(Box::pin(oversized(handler, ctx, publisher, delivery)).map(done));
     }
     if ctx.dedup.is_some() {
+        let permits = ctx.permits();
         return Box::pin(
-            Box::pin(deduplicated(handler, ctx, publisher, delivery, generation)).map(done),
+            Box::pin(deduplicated(
+                handler, ctx, publisher, delivery, generation, permits,
+            ))
+            .map(done),
         );
     }
     Box::pin(handle(handler, ctx, publisher, delivery).map(done))
@@ -210,6 +255,7 @@ async fn deduplicated<H: Handler>(
     publisher: Option<ConfirmedPublisher>,
     delivery: Delivery,
     generation: u64,
+    permits: Arc<tokio::sync::Semaphore>,
 ) -> (Settlement, Verdict) {
     let shared = ctx.clone();
     let Some(dedup) = &shared.dedup else {
@@ -223,7 +269,7 @@ async fn deduplicated<H: Handler>(
             return match dedup.missing {
                 MissingKey::Process => {
                     warn!(%queue, key = %dedup.key, %reason, "no dedup key: handling without deduplication");
-                    let _permit = ctx.handler_permits.acquire().await;
+                    let _permit = permits.acquire().await;
                     if ctx.is_stale(generation) {
                         return (Settlement::Requeue, Verdict::Neutral);
                     }
@@ -275,7 +321,7 @@ async fn deduplicated<H: Handler>(
             }
         }
     }
-    let _permit = ctx.handler_permits.acquire().await;
+    let _permit = permits.acquire().await;
     if ctx.is_stale(generation) {
         // The session ended while this delivery waited: its tag is dead and
         // the broker redelivers it. Dropping the claim releases the key.
@@ -367,10 +413,13 @@ impl<'a> HeldClaim<'a> {
         self.may_hold = true;
         self.claimed_at = tokio::time::Instant::now();
         let lease_until = now_ms() + self.dedup.lease.as_millis() as u64;
-        self.dedup
-            .store
-            .claim(self.scope, self.key, &self.token, lease_until)
-            .await
+        guarded(
+            self.dedup
+                .store
+                .claim(self.scope, self.key, &self.token, lease_until),
+            crate::dedup::DedupError::Unavailable,
+        )
+        .await
     }
 
     /// This token does not hold the key.
@@ -379,11 +428,13 @@ impl<'a> HeldClaim<'a> {
     }
 
     async fn complete(&mut self, expires_at: u64) -> Result<(), crate::dedup::DedupError> {
-        let result = self
-            .dedup
-            .store
-            .complete(self.scope, self.key, &self.token, expires_at)
-            .await;
+        let result = guarded(
+            self.dedup
+                .store
+                .complete(self.scope, self.key, &self.token, expires_at),
+            crate::dedup::DedupError::Unavailable,
+        )
+        .await;
         // Even when the write failed, releasing now would open the key to a
         // duplicate of an effect that happened: leave it to the lease.
         self.may_hold = false;
@@ -391,11 +442,11 @@ impl<'a> HeldClaim<'a> {
     }
 
     async fn release(&mut self) -> Result<(), crate::dedup::DedupError> {
-        let result = self
-            .dedup
-            .store
-            .release(self.scope, self.key, &self.token)
-            .await;
+        let result = guarded(
+            self.dedup.store.release(self.scope, self.key, &self.token),
+            crate::dedup::DedupError::Unavailable,
+        )
+        .await;
         self.may_hold = false;
         result
     }
@@ -519,7 +570,7 @@ async fn store(
     // deliberate duplicate the same row to review.
     let dedup_key = ctx.dedup.as_ref().and_then(|d| d.key.extract(kept).ok());
     let row = NewFailedMessage::from_failure(failed, kept, due, dedup_key);
-    match store.store(&row).await {
+    match guarded(store.store(&row), crate::store::StoreError::Unavailable).await {
         Ok(id) => {
             bump(&ctx.stats.stored, 1);
             warn!(queue = %ctx.queue, id, attempt = failed.attempt, error = %failed.error, "stored in the compensation store");
