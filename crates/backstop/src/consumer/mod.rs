@@ -629,7 +629,9 @@ async fn dedup_cleanup(
             _ = wait_true(&mut stop) => return,
         }
         // A panic in the store's code fails this round, not the cleanup.
-        let purge = std::panic::AssertUnwindSafe(store.purge_expired(crate::retry::now_ms()));
+        let purge = std::panic::AssertUnwindSafe(async {
+            store.purge_expired(crate::retry::now_ms()).await
+        });
         match futures_util::FutureExt::catch_unwind(purge).await {
             Ok(Ok(removed)) => debug!(%queue, removed, "expired dedup keys removed"),
             Ok(Err(e)) => {

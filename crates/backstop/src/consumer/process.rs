@@ -94,19 +94,26 @@ impl ProcessContext {
 }
 
 /// Runs a call into a user-supplied store (a [`CompensationStore`] or a
-/// dedup `SeenStore`), turning a panic in it into an error with the panic's
-/// text: that delivery fails the way a store that is down fails it (requeued
-/// after a pause, counted), and the consumer goes on.
-async fn guarded<T, E>(
-    call: impl Future<Output = Result<T, E>>,
+/// dedup `SeenStore`), turning a panic in it, when called or when polled,
+/// into an error with the panic's text: that delivery fails the way a store
+/// that is down fails it (requeued after a pause, counted), and the
+/// consumer goes on.
+async fn guarded<T, E, F: Future<Output = Result<T, E>>>(
+    call: impl FnOnce() -> F,
     failed: impl FnOnce(String) -> E,
 ) -> Result<T, E> {
-    match AssertUnwindSafe(call).catch_unwind().await {
-        Ok(result) => result,
-        Err(payload) => Err(failed(format!(
+    let panicked = |payload: Box<dyn std::any::Any + Send>| {
+        failed(format!(
             "the store implementation panicked: {}",
             panic_text(&*payload)
-        ))),
+        ))
+    };
+    match std::panic::catch_unwind(AssertUnwindSafe(call)) {
+        Ok(future) => match AssertUnwindSafe(future).catch_unwind().await {
+            Ok(result) => result,
+            Err(payload) => Err(panicked(payload)),
+        },
+        Err(payload) => Err(panicked(payload)),
     }
 }
 
@@ -414,9 +421,11 @@ impl<'a> HeldClaim<'a> {
         self.claimed_at = tokio::time::Instant::now();
         let lease_until = now_ms() + self.dedup.lease.as_millis() as u64;
         guarded(
-            self.dedup
-                .store
-                .claim(self.scope, self.key, &self.token, lease_until),
+            || {
+                self.dedup
+                    .store
+                    .claim(self.scope, self.key, &self.token, lease_until)
+            },
             crate::dedup::DedupError::Unavailable,
         )
         .await
@@ -429,9 +438,11 @@ impl<'a> HeldClaim<'a> {
 
     async fn complete(&mut self, expires_at: u64) -> Result<(), crate::dedup::DedupError> {
         let result = guarded(
-            self.dedup
-                .store
-                .complete(self.scope, self.key, &self.token, expires_at),
+            || {
+                self.dedup
+                    .store
+                    .complete(self.scope, self.key, &self.token, expires_at)
+            },
             crate::dedup::DedupError::Unavailable,
         )
         .await;
@@ -443,7 +454,7 @@ impl<'a> HeldClaim<'a> {
 
     async fn release(&mut self) -> Result<(), crate::dedup::DedupError> {
         let result = guarded(
-            self.dedup.store.release(self.scope, self.key, &self.token),
+            || self.dedup.store.release(self.scope, self.key, &self.token),
             crate::dedup::DedupError::Unavailable,
         )
         .await;
@@ -570,7 +581,7 @@ async fn store(
     // deliberate duplicate the same row to review.
     let dedup_key = ctx.dedup.as_ref().and_then(|d| d.key.extract(kept).ok());
     let row = NewFailedMessage::from_failure(failed, kept, due, dedup_key);
-    match guarded(store.store(&row), crate::store::StoreError::Unavailable).await {
+    match guarded(|| store.store(&row), crate::store::StoreError::Unavailable).await {
         Ok(id) => {
             bump(&ctx.stats.stored, 1);
             warn!(queue = %ctx.queue, id, attempt = failed.attempt, error = %failed.error, "stored in the compensation store");
