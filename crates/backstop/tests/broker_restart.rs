@@ -1,8 +1,9 @@
 //! Tests that change the whole broker: a restart under a running consumer
 //! (`rabbitmqctl stop_app`, 8 s down, `start_app`: the case lapin's own
-//! auto-recover never comes back from) and a memory alarm. They have their own
-//! test binary, since cargo runs test binaries one after another, and take a
-//! lock so they do not overlap each other either.
+//! auto-recover never comes back from), a memory alarm and a short
+//! `consumer_timeout`. They have their own test binary, since cargo runs test
+//! binaries one after another, and take a lock so they do not overlap each
+//! other either. Run them under `flock /tmp/broker.lock`.
 
 mod common;
 
@@ -133,4 +134,104 @@ async fn a_memory_alarm_is_reported_as_blocked_then_unblocked() {
     .is_ok_and(|r| r.is_ok());
     assert!(unblocked, "connection.unblocked must be reported");
     supervisor.close().await;
+}
+
+/// Puts the broker's `consumer_timeout` and channel tick back as they were,
+/// even if the test fails half-way.
+struct BrokerEnvGuard(Vec<(&'static str, String)>);
+
+impl BrokerEnvGuard {
+    /// Sets each `rabbit` application variable, remembering its value.
+    fn set(vars: &[(&'static str, u64)]) -> Self {
+        let mut saved = Vec::new();
+        for (name, value) in vars {
+            let old = rabbitmqctl(&[
+                "eval",
+                &format!("{{ok, V}} = application:get_env(rabbit, {name}), V."),
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
+            let old = old.trim().to_owned();
+            assert!(
+                !old.is_empty() && old.bytes().all(|b| b.is_ascii_digit()),
+                "cannot read rabbit.{name}: {old:?}"
+            );
+            saved.push((*name, old));
+            rabbitmqctl(&[
+                "eval",
+                &format!("application:set_env(rabbit, {name}, {value})."),
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
+        BrokerEnvGuard(saved)
+    }
+}
+
+impl Drop for BrokerEnvGuard {
+    fn drop(&mut self) {
+        for (name, value) in &self.0 {
+            let _ = rabbitmqctl(&[
+                "eval",
+                &format!("application:set_env(rabbit, {name}, {value})."),
+            ]);
+        }
+    }
+}
+
+// One thread, so the thread-local subscriber sees the consumer's logs.
+#[tokio::test(flavor = "current_thread")]
+async fn the_broker_s_consumer_timeout_is_named_and_the_consumer_recovers() {
+    let _serial = SERIAL.lock().await;
+    let (captured, _logs) = CapturedLogs::start("backstop=info");
+    // Channels read both when they open: a 2 s consumer_timeout, checked
+    // every 500 ms instead of every minute.
+    let guard = tokio::task::spawn_blocking(|| {
+        BrokerEnvGuard::set(&[("consumer_timeout", 2000), ("channel_tick_interval", 500)])
+    })
+    .await
+    .expect("task");
+    let queue = unique("consumer-timeout");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .consumer_timeout(Duration::from_secs(2))
+            // Longer than the broker's timeout, so that the broker acts.
+            .handler_timeout(Duration::from_secs(3600))
+            .shutdown_timeout(Duration::from_millis(500)),
+        &recorder,
+        |_, call| async move {
+            if call == 1 {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            backstop::handler::Outcome::Ack
+        },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 1, "slow", |_| b"x".to_vec()).await;
+    recorder
+        .wait_handled(
+            1,
+            "the redelivery after the broker's timeout",
+            Duration::from_secs(60),
+        )
+        .await;
+    drop(guard);
+    let report = finish(consumer, &supervisor, &publisher, &queue).await;
+    assert!(report.session_errors >= 1, "{report:?}");
+    let logs = captured.text();
+    assert!(
+        logs.contains("80% of the broker's consumer_timeout") && logs.contains(&queue),
+        "the 80% warning, naming the queue: {logs}"
+    );
+    assert!(
+        logs.contains(
+            "the broker's consumer_timeout (2000 ms) expired for a delivery: handler too slow"
+        ),
+        "{logs}"
+    );
 }
