@@ -1417,3 +1417,53 @@ async fn close_session(session: &Session, why: &str) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handler_timeout_defaults_below_the_consumer_timeout() {
+        let config = ConsumerConfig::new("q");
+        assert_eq!(
+            config.effective_handler_timeout(),
+            Duration::from_secs(25 * 60)
+        );
+        let config = ConsumerConfig::new("q").consumer_timeout(Duration::from_secs(60));
+        assert_eq!(config.effective_handler_timeout(), Duration::from_secs(50));
+        let config = config.handler_timeout(Duration::from_secs(5));
+        assert_eq!(config.effective_handler_timeout(), Duration::from_secs(5));
+        assert!(
+            ConsumerConfig::new("q")
+                .consumer_timeout(Duration::ZERO)
+                .validate()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_broker_s_consumer_timeout_text_is_recognised() {
+        // RabbitMQ 3.10.8 and 4.1 (rabbit_channel.erl) word it alike.
+        let text = "PRECONDITION_FAILED - delivery acknowledgement on channel 1 timed out. \
+                    Timeout value used: 1800000 ms. This timeout value can be configured, \
+                    see consumers doc guide to learn more";
+        assert_eq!(consumer_timeout_of(text).as_deref(), Some("1800000"));
+        assert_eq!(
+            consumer_timeout_of(
+                "PRECONDITION_FAILED - delivery acknowledgement on channel 3 timed out"
+            )
+            .as_deref(),
+            Some("?")
+        );
+        assert_eq!(
+            consumer_timeout_of("PRECONDITION_FAILED - unknown delivery tag 7"),
+            None
+        );
+        assert_eq!(
+            consumer_timeout_of(
+                "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q'"
+            ),
+            None
+        );
+    }
+}
