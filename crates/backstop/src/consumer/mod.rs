@@ -8,6 +8,14 @@
 //! channel error such as `PRECONDITION_FAILED`) leads to a new session, on the
 //! same connection when it is still up and on the supervisor's next one when
 //! not. The topology and the prefetch are therefore applied again every time.
+//! When the broker cancels the subscription but the channel stays open, the
+//! running handlers first get up to the shutdown timeout to settle on it.
+//!
+//! The subscription is read all the time, even when every handler slot is
+//! taken (deliveries then wait in the session, bounded by the prefetch), so a
+//! channel error, a cancel or a lost connection ends the session at once,
+//! hung handlers or not. Only the current session's handlers count against
+//! the limit: those of ended sessions run out on their own, stale.
 //!
 //! Each session has its own *generation*. A handler that finishes after its
 //! session ended carries the old generation, and its tag is dropped and
