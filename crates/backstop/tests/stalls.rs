@@ -238,17 +238,22 @@ async fn with_dedup_hung_handlers_of_an_ended_session_hold_no_permit_of_the_next
         },
     )
     .await;
+    // This one claims its key and waits for a permit that never comes.
+    publish(&publisher, &queue, 1, "queued", |_| b"z".to_vec()).await;
+    wait_stats(&consumer, "the third delivery", |s| s.delivered == 3).await;
     proxy.cut();
     wait_stats(&consumer, "a second session", |s| s.sessions >= 2).await;
     publish(&publisher, &queue, 5, "new", |_| b"y".to_vec()).await;
     // The hung ones keep their keys claimed (their handlers started), so
-    // only the new ones can be handled.
+    // only the new ones and the one that never started can be handled; that
+    // one released its key when its session ended.
     wait_until(
-        "the new session to handle the new messages",
+        "the new session to handle the new and the queued messages",
         Duration::from_secs(30),
         || {
-            let handled = (0..5).all(|i| recorder.calls_of(&format!("new-{i}")) == 1);
-            let done = recorder.distinct_handled() == 5;
+            let handled = (0..5).all(|i| recorder.calls_of(&format!("new-{i}")) == 1)
+                && recorder.calls_of("queued-0") == 1;
+            let done = recorder.distinct_handled() == 6;
             async move { handled && done }
         },
     )

@@ -74,14 +74,20 @@ impl ProcessContext {
         self.generation.load(Ordering::Acquire) != generation
     }
 
-    /// The handler permits of the session starting now.
+    /// The handler permits of the session starting now. The old session's
+    /// are closed: its deliveries still waiting for one stop waiting, find
+    /// their session ended and release their keys without running.
     pub(crate) fn renew_permits(&self, concurrency: usize) {
         if self.dedup.is_some() {
-            *self
-                .handler_permits
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) =
-                Arc::new(tokio::sync::Semaphore::new(concurrency));
+            let fresh = Arc::new(tokio::sync::Semaphore::new(concurrency));
+            let old = std::mem::replace(
+                &mut *self
+                    .handler_permits
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()),
+                fresh,
+            );
+            old.close();
         }
     }
 
