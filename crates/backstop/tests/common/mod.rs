@@ -161,8 +161,7 @@ pub async fn ack(_: Delivery, _: u32) -> Outcome {
     Outcome::Ack
 }
 
-/// Stops the consumer cleanly, closes the supervisor and deletes the queue
-/// and the `<queue>.dlq` a consumer declares.
+/// Stops the consumer cleanly, closes the supervisor and deletes the queue.
 pub async fn finish(
     consumer: ConsumerHandle,
     supervisor: &ConnectionSupervisor,
@@ -172,7 +171,6 @@ pub async fn finish(
     let report = consumer.shutdown().await.expect("clean shutdown");
     supervisor.close().await;
     backstop_testkit::delete_queue(publisher, queue).await;
-    backstop_testkit::delete_queue(publisher, &format!("{queue}.dlq")).await;
     report
 }
 
