@@ -36,10 +36,15 @@
 //!
 //! The tiers keep their names whatever their type. RabbitMQ refuses to
 //! redeclare an existing queue with other arguments (`PRECONDITION_FAILED
-//! inequivalent arg`): after switching a main queue to quorum (or upgrading
-//! from a version with classic tiers), wait until the old tier queues are
-//! empty and delete them (`rabbitmqctl delete_queue <queue>.retry.<delay>`,
-//! and an empty `<queue>.dlq`), or consume under a new queue name.
+//! inequivalent arg 'x-queue-type'`): after switching a main queue to quorum
+//! (or upgrading from a version with classic tiers), wait until the old tier
+//! queues are empty and delete them (`rabbitmqctl delete_queue
+//! <queue>.retry.<delay>`), or consume under a new queue name. The same holds
+//! for `<queue>.dlq`: an old classic one that still parks messages is kept as
+//! it is by declaring it first in the consumer's own topology
+//! (`Queue::classic("orders.dlq")` before `Queue::quorum("orders")`: the
+//! first declaration of a name wins), or is emptied with `backstop dlq
+//! replay` and deleted.
 //!
 //! ```
 //! use backstop::retry::RetryPolicy;

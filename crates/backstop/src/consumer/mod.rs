@@ -256,7 +256,11 @@ impl ConsumerConfig {
     /// The type of the consumed queue when the topology does not declare it
     /// (it is declared elsewhere). The retry tiers, `<queue>.dlq` and the
     /// default delivery limit follow the queue's type; a queue the topology
-    /// declares has its declared type. Default: classic.
+    /// declares has its declared type. Default: classic, so set it for a
+    /// quorum queue declared elsewhere: its tiers then dead-letter at least
+    /// once. A `<queue>.dlq` that exists with another shape is refused on
+    /// redeclare; declare it in the topology as it is (the first
+    /// declaration of a name wins).
     pub fn queue_type(mut self, queue_type: QueueType) -> Self {
         self.queue_type = Some(queue_type);
         self
