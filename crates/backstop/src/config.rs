@@ -85,7 +85,14 @@ pub struct ConsumerSettings {
     /// The queue consumed (declared durable when missing).
     pub queue: String,
     /// `classic` (default) or `quorum`, used when the queue is declared.
+    /// The retry tiers and `<queue>.dlq` follow it; a quorum queue also
+    /// dead-letters to `<queue>.dlq` (see [`Queue::quorum`](crate::topology::Queue::quorum)).
     pub queue_type: Option<String>,
+    /// Quorum queues: the `x-delivery-limit` declared on the queue. Backstop
+    /// parks a message one return before it (default for quorum queues:
+    /// [`DEFAULT_QUORUM_DELIVERY_LIMIT`](crate::consumer::DEFAULT_QUORUM_DELIVERY_LIMIT),
+    /// not declared).
+    pub delivery_limit: Option<u32>,
     /// The most unacknowledged deliveries (default 100).
     pub prefetch: Option<u16>,
     /// The most handler calls at once (default 8).
@@ -527,6 +534,14 @@ impl Config {
                     format!("{kind:?} is not \"classic\" or \"quorum\""),
                 ));
             }
+            if consumer.delivery_limit.is_some() && consumer.queue_type.as_deref() != Some("quorum")
+            {
+                return Err(fail(
+                    table,
+                    "delivery_limit",
+                    "only quorum queues have a delivery limit: set queue_type = \"quorum\"".into(),
+                ));
+            }
             if consumer.prefetch == Some(0) {
                 return Err(fail(table, "prefetch", "must be at least 1".into()));
             }
@@ -639,6 +654,9 @@ impl Config {
                 "queue_type = {:?}",
                 c.queue_type.as_deref().unwrap_or("classic")
             );
+            if let Some(limit) = c.delivery_limit {
+                let _ = writeln!(out, "delivery_limit = {limit}");
+            }
             let _ = writeln!(out, "prefetch = {}", c.prefetch.unwrap_or(100));
             let _ = writeln!(out, "concurrency = {}", c.concurrency.unwrap_or(8));
             let _ = writeln!(
@@ -1001,6 +1019,27 @@ mod tests {
             err.is_config() && err.to_string().contains("/nonexistent/ca.pem"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_delivery_limit_needs_a_quorum_queue() {
+        let consumer = |extra: &str| {
+            format!(
+                "[[consumer]]\nqueue = \"orders\"\n{extra}\nhandler.http.url = \"http://127.0.0.1:1\"\n"
+            )
+        };
+        let err = error_of(&consumer("delivery_limit = 5"));
+        assert!(
+            err.contains("line 3") && err.contains("consumer[0].delivery_limit"),
+            "{err}"
+        );
+        let config = Config::parse(
+            &consumer("queue_type = \"quorum\"\ndelivery_limit = 5"),
+            "test.toml",
+        )
+        .expect("valid");
+        assert_eq!(config.consumers[0].delivery_limit, Some(5));
+        assert!(config.normalized().contains("delivery_limit = 5"));
     }
 
     #[test]

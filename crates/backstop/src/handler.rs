@@ -122,8 +122,11 @@ pub enum Outcome {
         /// Why it failed.
         reason: String,
     },
-    /// A permanent failure: retrying will not help. Sent with `basic.reject`
-    /// so quorum queues count the delivery and dead-lettering applies.
+    /// A permanent failure: retrying will not help. It takes the exhausted
+    /// path: a copy in `<queue>.dlq` with the reason (or the compensation
+    /// store, per the retry policy), confirmed before the ack; without a
+    /// policy, on a queue with a dead-letter exchange of its own, a plain
+    /// `basic.reject` left to the broker's dead-lettering.
     Reject {
         /// Why it failed.
         reason: String,

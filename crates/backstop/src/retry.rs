@@ -13,6 +13,39 @@
 //! attempt number travels in the `x-backstop-attempt` header (the broker's own
 //! `x-death` cannot be set by clients).
 //!
+//! # The hop back from a tier
+//!
+//! When a tier's TTL runs out, the *broker* dead-letters the copy back to
+//! `<queue>`, without a confirm to anyone. The tiers (and `<queue>.dlq`)
+//! follow the type of the main queue ([`RetryPolicy::topology`]):
+//!
+//! - **Quorum main queue**: the tiers are quorum queues with
+//!   `x-dead-letter-strategy=at-least-once` (and the `x-overflow=reject-publish`
+//!   it requires, RabbitMQ 3.10 or later). The broker keeps an expired copy
+//!   until `<queue>` has confirmed it, retrying a refusal (queue missing,
+//!   without a majority, at a `reject-publish` length limit) every
+//!   `dead_letter_worker_publisher_confirm_timeout` (3 minutes by default).
+//! - **Classic main queue**: the tiers are classic queues, whose
+//!   dead-lettering is *at most once*: if `<queue>` does not exist at that
+//!   moment, refuses the copy (`x-max-length` with `x-overflow=reject-publish`)
+//!   or its node fails, the copy is gone, after the original was acked on the
+//!   strength of the tier's confirm. What closes it is the main queue's type:
+//!   declare it as a quorum queue (`Queue::quorum`, `queue_type = "quorum"` in
+//!   `backstop run`), and its tiers become quorum queues too. Short of that,
+//!   give a classic main queue no `reject-publish` length limit.
+//!
+//! The tiers keep their names whatever their type. RabbitMQ refuses to
+//! redeclare an existing queue with other arguments (`PRECONDITION_FAILED
+//! inequivalent arg 'x-queue-type'`): after switching a main queue to quorum
+//! (or upgrading from a version with classic tiers), wait until the old tier
+//! queues are empty and delete them (`rabbitmqctl delete_queue
+//! <queue>.retry.<delay>`), or consume under a new queue name. The same holds
+//! for `<queue>.dlq`: an old classic one that still parks messages is kept as
+//! it is by declaring it first in the consumer's own topology
+//! (`Queue::classic("orders.dlq")` before `Queue::quorum("orders")`: the
+//! first declaration of a name wins), or is emptied with `backstop dlq
+//! replay` and deleted.
+//!
 //! ```
 //! use backstop::retry::RetryPolicy;
 //! use std::time::Duration;
@@ -27,7 +60,7 @@
 //! ```
 
 use crate::handler::{Delivery, FailureKind};
-use crate::topology::{Queue, Topology};
+use crate::topology::{Queue, QueueType, Topology};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -175,20 +208,26 @@ impl RetryPolicy {
             .collect()
     }
 
-    /// The queues this policy needs next to `queue`: one tier per delay
-    /// (TTL, dead-lettering back to `queue`) and the dead-letter queue.
-    pub fn topology(&self, queue: &str) -> Topology {
+    /// The queues this policy needs next to `queue`, a queue of
+    /// `queue_type`: one tier per delay (TTL, dead-lettering back to
+    /// `queue`) and the dead-letter queue, all of the main queue's type.
+    /// Quorum tiers dead-letter at least once; see the module documentation.
+    pub fn topology(&self, queue: &str, queue_type: QueueType) -> Topology {
         let mut topology = Topology::new();
         for delay in &self.delays {
+            let name = Self::tier_queue(queue, *delay);
+            let tier = match queue_type {
+                QueueType::Classic => Queue::classic(name),
+                QueueType::Quorum => Queue::quorum(name).at_least_once_dead_lettering(),
+            };
             topology = topology.queue(
-                Queue::classic(Self::tier_queue(queue, *delay))
-                    .message_ttl(*delay)
+                tier.message_ttl(*delay)
                     .dead_letter_exchange("")
                     .dead_letter_routing_key(queue),
             );
         }
         if self.exhausted == Exhausted::DeadLetter {
-            topology = topology.queue(Queue::classic(Self::dead_letter_queue(queue)));
+            topology = topology.queue(Queue::dead_letter_queue_for(queue, queue_type));
         }
         topology
     }
@@ -242,6 +281,18 @@ pub fn attempt_of(delivery: &Delivery) -> u32 {
         Some(value) => header_u64(value).map_or(1, |n| n.clamp(1, u64::from(u32::MAX)) as u32),
         None => 1,
     }
+}
+
+/// The broker's `x-delivery-count` on `delivery`: how many times a quorum
+/// queue has taken it back (requeued, or returned when a channel closed)
+/// before this delivery; 0 when the header is absent (a first delivery, or
+/// a classic queue, which never sets it). RabbitMQ drops or dead-letters the
+/// message on a return that takes this count past `x-delivery-limit`.
+pub fn delivery_count(delivery: &Delivery) -> u64 {
+    delivery
+        .header("x-delivery-count")
+        .and_then(header_u64)
+        .unwrap_or(0)
 }
 
 /// An integer header of any AMQP integer type.
@@ -552,7 +603,7 @@ mod tests {
     #[test]
     fn the_derived_topology_has_one_tier_per_delay_and_the_dlq() {
         let names: Vec<String> = policy()
-            .topology("orders")
+            .topology("orders", QueueType::Classic)
             .queues()
             .iter()
             .map(|q| q.name().to_owned())
@@ -566,6 +617,70 @@ mod tests {
                 "orders.dlq"
             ]
         );
+    }
+
+    #[test]
+    fn a_quorum_main_queue_gets_quorum_tiers_that_dead_letter_at_least_once() {
+        let text = |q: &Queue, key: &str| match q.declared_arguments().inner().get(key) {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            _ => None,
+        };
+        let topology = policy().topology("orders", QueueType::Quorum);
+        let queues = topology.all_queues();
+        assert_eq!(
+            queues.len(),
+            4,
+            "no parking lot for a parking lot: {queues:?}"
+        );
+        for tier in &queues[..3] {
+            assert_eq!(tier.queue_type(), QueueType::Quorum);
+            assert_eq!(
+                text(tier, "x-dead-letter-strategy").as_deref(),
+                Some("at-least-once")
+            );
+            assert_eq!(text(tier, "x-overflow").as_deref(), Some("reject-publish"));
+            assert_eq!(text(tier, "x-dead-letter-exchange").as_deref(), Some(""));
+            assert_eq!(
+                text(tier, "x-dead-letter-routing-key").as_deref(),
+                Some("orders")
+            );
+        }
+        let dlq = &queues[3];
+        assert_eq!(dlq.name(), "orders.dlq");
+        assert_eq!(dlq.queue_type(), QueueType::Quorum);
+        assert!(
+            dlq.declared_arguments()
+                .inner()
+                .get("x-dead-letter-exchange")
+                .is_none()
+        );
+        let classic = policy().topology("orders", QueueType::Classic);
+        assert!(classic.all_queues().iter().all(|q| {
+            q.queue_type() == QueueType::Classic
+                && q.declared_arguments()
+                    .inner()
+                    .get("x-dead-letter-strategy")
+                    .is_none()
+        }));
+    }
+
+    #[test]
+    fn the_delivery_count_is_read_from_any_integer_header() {
+        let with = |value: Option<AMQPValue>| {
+            let mut headers = FieldTable::default();
+            if let Some(value) = value {
+                headers.insert("x-delivery-count".into(), value);
+            }
+            delivery_count(&Delivery::for_test(
+                "x",
+                BasicProperties::default().with_headers(headers),
+            ))
+        };
+        assert_eq!(with(None), 0);
+        assert_eq!(with(Some(AMQPValue::LongInt(4))), 4);
+        assert_eq!(with(Some(AMQPValue::LongLongInt(19))), 19);
     }
 
     #[test]

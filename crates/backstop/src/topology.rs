@@ -6,6 +6,15 @@
 //! shape. A declaration that conflicts with what the broker already has fails
 //! with `PRECONDITION_FAILED`, which is reported with the name of the entity.
 //!
+//! A quorum queue dead-letters to its parking lot `<queue>.dlq` by default
+//! (see [`Queue::quorum`]), and applying the topology declares that queue
+//! too. RabbitMQ compares every argument of a redeclared queue, so a quorum
+//! queue first declared without a dead-letter exchange (by Backstop before
+//! this default, or by hand) is refused with `PRECONDITION_FAILED
+//! inequivalent arg 'x-dead-letter-exchange'`: declare it with
+//! [`Queue::without_dead_letter_queue`] to keep its old shape, or drain and
+//! delete it (or move to a new name) to take the new one.
+//!
 //! ```
 //! use backstop::topology::{Binding, Exchange, Queue, Topology};
 //! use std::time::Duration;
@@ -96,6 +105,10 @@ impl Exchange {
     }
 }
 
+/// The `x-delivery-limit` of a quorum parking lot (`<queue>.dlq`): the
+/// largest the broker reads, so that listing its messages never uses it up.
+pub const PARKING_LOT_DELIVERY_LIMIT: u32 = i32::MAX as u32;
+
 /// The queue type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueueType {
@@ -114,6 +127,8 @@ pub struct Queue {
     exclusive: bool,
     auto_delete: bool,
     arguments: FieldTable,
+    /// Dead-letter to `<name>.dlq` when no dead-letter exchange is set.
+    default_dead_letter_queue: bool,
 }
 
 impl Queue {
@@ -129,6 +144,7 @@ impl Queue {
             exclusive: false,
             auto_delete: false,
             arguments,
+            default_dead_letter_queue: queue_type == QueueType::Quorum,
         }
     }
 
@@ -138,8 +154,50 @@ impl Queue {
     }
 
     /// A quorum queue (durable and replicated).
+    ///
+    /// Unless told otherwise ([`without_dead_letter_queue`](Self::without_dead_letter_queue),
+    /// or a dead-letter exchange of its own), it dead-letters to `<name>.dlq`
+    /// through the default exchange, and [`Topology::apply`] declares that
+    /// queue (a quorum queue of its own, with no dead-lettering). A quorum
+    /// queue drops a message that comes back more often than its delivery
+    /// limit (`x-delivery-limit`; RabbitMQ 4.0 and later set 20 when none is
+    /// given, 3.10-3.13 have no default) unless it has somewhere to
+    /// dead-letter it. A queue named `*.dlq` is itself a parking lot and gets
+    /// none. Redeclaring an existing queue with other arguments fails: see
+    /// the module documentation.
     pub fn quorum(name: impl Into<String>) -> Self {
         Self::new(name, QueueType::Quorum)
+    }
+
+    /// The parking lot `<queue>.dlq` of `queue`, a queue of `queue_type`:
+    /// of the same type as the queue it serves, durable, and with no
+    /// dead-lettering of its own.
+    ///
+    /// A quorum parking lot declares the largest delivery limit
+    /// ([`PARKING_LOT_DELIVERY_LIMIT`]): `backstop dlq list` shows messages
+    /// without acking them, and each listing is a return that a quorum
+    /// queue counts. Under RabbitMQ 4.0's default limit of 20 the 21st
+    /// listing would drop them, since a parking lot has nowhere to
+    /// dead-letter to. (A negative limit means "none" only from 4.0 on;
+    /// 3.10 would drop on the first return.)
+    pub fn dead_letter_queue_for(queue: &str, queue_type: QueueType) -> Self {
+        let dlq = Self::new(
+            crate::retry::RetryPolicy::dead_letter_queue(queue),
+            queue_type,
+        )
+        .without_dead_letter_queue();
+        match queue_type {
+            QueueType::Classic => dlq,
+            QueueType::Quorum => dlq.delivery_limit(PARKING_LOT_DELIVERY_LIMIT),
+        }
+    }
+
+    /// No default dead-lettering to `<name>.dlq` for this quorum queue: its
+    /// arguments stay as given (for a queue that already exists without a
+    /// dead-letter exchange).
+    pub fn without_dead_letter_queue(mut self) -> Self {
+        self.default_dead_letter_queue = false;
+        self
     }
 
     /// Makes a classic queue transient. Ignored for quorum queues, which are
@@ -190,7 +248,9 @@ impl Queue {
 
     /// Dead-letters (expired, rejected, over the delivery limit) into
     /// `<name>.dlq` through the default exchange: the same parking lot the
-    /// retry policy publishes to.
+    /// retry policy publishes to. [`Topology::apply`] declares it. This is a
+    /// dead-letter exchange of the queue's own: without a retry policy, the
+    /// consumer's rejections are then plain `basic.reject`s to it.
     pub fn dead_letter_to_dlq(self) -> Self {
         let dlq = crate::retry::RetryPolicy::dead_letter_queue(&self.name);
         self.dead_letter_exchange("").dead_letter_routing_key(&dlq)
@@ -224,6 +284,58 @@ impl Queue {
     /// The queue's type.
     pub fn queue_type(&self) -> QueueType {
         self.queue_type
+    }
+
+    /// True when the default dead-lettering to `<name>.dlq` applies (see
+    /// [`Queue::quorum`]).
+    fn uses_default_dead_lettering(&self) -> bool {
+        self.default_dead_letter_queue
+            && !self.has_dead_letter_exchange()
+            && !self.name.ends_with(".dlq")
+    }
+
+    /// The parking lot `<name>.dlq` this queue dead-letters to, by default
+    /// (see [`Queue::quorum`]) or through [`dead_letter_to_dlq`](Self::dead_letter_to_dlq):
+    /// [`Topology::apply`] declares it unless the topology declares it itself.
+    pub fn parking_lot(&self) -> Option<String> {
+        let dlq = crate::retry::RetryPolicy::dead_letter_queue(&self.name);
+        let text = |key: &str| {
+            self.arguments
+                .inner()
+                .get(key)
+                .and_then(crate::retry::header_str)
+        };
+        let explicit = text("x-dead-letter-exchange").as_deref() == Some("")
+            && text("x-dead-letter-routing-key").as_deref() == Some(dlq.as_str());
+        (explicit || self.uses_default_dead_lettering()).then_some(dlq)
+    }
+
+    /// True when the queue was given a dead-letter exchange of its own
+    /// (`x-dead-letter-exchange`), not just the default parking lot.
+    pub fn has_dead_letter_exchange(&self) -> bool {
+        self.arguments
+            .inner()
+            .contains_key("x-dead-letter-exchange")
+    }
+
+    /// The `x-delivery-limit` argument, when it is set.
+    pub fn delivery_limit_argument(&self) -> Option<u64> {
+        self.arguments
+            .inner()
+            .get("x-delivery-limit")
+            .and_then(crate::retry::header_u64)
+    }
+
+    /// The arguments sent with `queue.declare`: the given ones, plus the
+    /// default dead-lettering to `<name>.dlq`.
+    pub fn declared_arguments(&self) -> FieldTable {
+        let mut arguments = self.arguments.clone();
+        if self.uses_default_dead_lettering() {
+            let dlq = crate::retry::RetryPolicy::dead_letter_queue(&self.name);
+            arguments.insert("x-dead-letter-exchange".into(), long_string(""));
+            arguments.insert("x-dead-letter-routing-key".into(), long_string(&dlq));
+        }
+        arguments
     }
 }
 
@@ -299,9 +411,33 @@ impl Topology {
         self
     }
 
-    /// The declared queues.
+    /// The queues added to this topology (without the parking lots that
+    /// [`apply`](Self::apply) adds; see [`all_queues`](Self::all_queues)).
     pub fn queues(&self) -> &[Queue] {
         &self.queues
+    }
+
+    /// Every queue [`apply`](Self::apply) declares, in order: for each added
+    /// queue its parking lot ([`Queue::parking_lot`]) unless the topology
+    /// declares a queue of that name itself, then the queue. A name
+    /// added twice is declared once, as first added: a consumer's own
+    /// topology comes before what it derives (retry tiers, `<queue>.dlq`),
+    /// so a queue the user declared keeps the user's shape.
+    pub fn all_queues(&self) -> Vec<Queue> {
+        let mut all: Vec<Queue> = Vec::with_capacity(self.queues.len());
+        for queue in &self.queues {
+            if all.iter().any(|q| q.name == queue.name) {
+                continue;
+            }
+            if let Some(dlq) = queue.parking_lot()
+                && !self.queues.iter().any(|q| q.name == dlq)
+                && !all.iter().any(|q| q.name == dlq)
+            {
+                all.push(Queue::dead_letter_queue_for(&queue.name, queue.queue_type));
+            }
+            all.push(queue.clone());
+        }
+        all
     }
 
     /// Adds everything from `other`.
@@ -332,7 +468,7 @@ impl Topology {
                 .await
                 .map_err(|source| declare_error("exchange", &exchange.name, source))?;
         }
-        for queue in &self.queues {
+        for queue in &self.all_queues() {
             let options = QueueDeclareOptions {
                 durable: queue.durable,
                 exclusive: queue.exclusive,
@@ -343,7 +479,7 @@ impl Topology {
                 .queue_declare(
                     ShortString::from(queue.name.as_str()),
                     options,
-                    queue.arguments.clone(),
+                    queue.declared_arguments(),
                 )
                 .await
                 .map_err(|source| declare_error("queue", &queue.name, source))?;
@@ -373,5 +509,87 @@ fn declare_error(what: &'static str, name: &str, source: lapin::Error) -> Error 
         what,
         name: name.to_owned(),
         reason: crate::connection::describe(&source),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(queue: &Queue, key: &str) -> Option<String> {
+        match queue.declared_arguments().inner().get(key) {
+            Some(AMQPValue::LongString(s)) => {
+                Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+            }
+            _ => None,
+        }
+    }
+
+    fn names(topology: &Topology) -> Vec<String> {
+        topology
+            .all_queues()
+            .iter()
+            .map(|q| q.name().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_quorum_queue_dead_letters_to_its_dlq_unless_told_otherwise() {
+        let orders = Queue::quorum("orders");
+        assert_eq!(text(&orders, "x-dead-letter-exchange").as_deref(), Some(""));
+        assert_eq!(
+            text(&orders, "x-dead-letter-routing-key").as_deref(),
+            Some("orders.dlq")
+        );
+        assert!(
+            !orders.has_dead_letter_exchange(),
+            "the default is not the user's own"
+        );
+        assert_eq!(
+            names(&Topology::new().queue(orders)),
+            ["orders.dlq", "orders"]
+        );
+
+        let old_shape = Queue::quorum("orders").without_dead_letter_queue();
+        assert_eq!(text(&old_shape, "x-dead-letter-exchange"), None);
+        assert_eq!(names(&Topology::new().queue(old_shape)), ["orders"]);
+
+        let own = Queue::quorum("orders").dead_letter_exchange("failures");
+        assert!(own.has_dead_letter_exchange());
+        assert_eq!(
+            text(&own, "x-dead-letter-exchange").as_deref(),
+            Some("failures")
+        );
+        assert_eq!(text(&own, "x-dead-letter-routing-key"), None);
+        assert_eq!(names(&Topology::new().queue(own)), ["orders"]);
+
+        let parking_lot = Queue::quorum("orders.dlq");
+        assert_eq!(text(&parking_lot, "x-dead-letter-exchange"), None);
+        assert_eq!(parking_lot.parking_lot(), None);
+        assert_eq!(Queue::classic("audit").parking_lot(), None);
+        let classic = Queue::classic("audit").dead_letter_to_dlq();
+        assert_eq!(classic.parking_lot().as_deref(), Some("audit.dlq"));
+        assert_eq!(
+            names(&Topology::new().queue(classic)),
+            ["audit.dlq", "audit"]
+        );
+    }
+
+    #[test]
+    fn a_queue_added_twice_is_declared_once_as_first_added() {
+        let topology = Topology::new()
+            .queue(Queue::classic("orders.dlq"))
+            .queue(Queue::quorum("orders").delivery_limit(3))
+            .queue(Queue::dead_letter_queue_for("orders", QueueType::Quorum));
+        let all = topology.all_queues();
+        assert_eq!(names(&topology), ["orders.dlq", "orders"]);
+        assert_eq!(all[0].queue_type(), QueueType::Classic);
+        assert_eq!(all[1].delivery_limit_argument(), Some(3));
+        let implied = Topology::new().queue(Queue::quorum("orders")).all_queues();
+        assert_eq!(
+            implied[0].delivery_limit_argument(),
+            Some(u64::from(PARKING_LOT_DELIVERY_LIMIT)),
+            "a listed parking lot never reaches its delivery limit"
+        );
     }
 }

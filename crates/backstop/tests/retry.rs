@@ -13,6 +13,7 @@ use backstop_testkit::{
 };
 use common::*;
 use lapin::options::BasicGetOptions;
+use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -384,8 +385,11 @@ async fn poison_messages_on_a_quorum_queue_stop_at_the_delivery_limit() {
     .await;
     let calls = recorder.calls_of("poison-0");
     let report = consumer.shutdown().await.expect("clean shutdown");
-    // Delivered once and redelivered up to the limit, then no more.
-    assert_eq!(calls, 3, "{report:?}");
+    // Delivered once and redelivered once: the second requeue would leave it
+    // at the limit, so Backstop rejects it instead, and the queue's own
+    // at-least-once dead-lettering parks it. Then no more calls.
+    assert_eq!(calls, 2, "{report:?}");
+    assert_eq!(report.rejected, 1, "{report:?}");
     assert_eq!(recorder.calls_of("poison-0"), calls);
     supervisor.close().await;
     delete_queue(&publisher, &queue).await;
@@ -467,6 +471,318 @@ async fn the_breaker_pauses_a_failing_consumer_and_nothing_is_dead_lettered() {
     assert!(closed, "the breaker closes on success");
     let report = consumer.shutdown().await.expect("clean shutdown");
     assert_eq!(report.dead_lettered, 0);
+    assert_eq!(dlq_depth(&queue).await, 0);
+    supervisor.close().await;
+    delete_all(&publisher, &queue, &policy).await;
+    delete_queue(&publisher, &queue).await;
+}
+
+/// The `x-backstop-error` header of a DLQ message taken with `basic.get`.
+fn error_of(message: &lapin::message::BasicGetMessage) -> String {
+    let headers = message
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    headers
+        .inner()
+        .get(retry::ERROR_HEADER)
+        .and_then(header_str)
+        .unwrap_or_else(|| panic!("no {} header on {headers:?}", retry::ERROR_HEADER))
+}
+
+/// The reason of the first `x-death` entry the broker wrote on a message.
+fn death_reason(message: &lapin::message::BasicGetMessage) -> String {
+    let headers = message
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death array on {headers:?}");
+    };
+    match deaths.as_slice().first() {
+        Some(AMQPValue::FieldTable(death)) => death
+            .inner()
+            .get("reason")
+            .and_then(header_str)
+            .unwrap_or_else(|| panic!("no reason in {death:?}")),
+        other => panic!("x-death[0] is not a table: {other:?}"),
+    }
+}
+
+/// A quorum queue counts every return toward its delivery limit and drops
+/// the message (with no dead-letter exchange) at the limit. A handler that
+/// keeps asking to requeue must not walk a message into that drop: one
+/// delivery before the limit the requeue becomes a DLQ copy with the reason.
+/// Before the fix the broker dropped the message on its fourth return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeues_near_the_delivery_limit_park_the_message_with_the_reason() {
+    init_tracing();
+    let queue = unique("limit-requeue");
+    let dlq = RetryPolicy::dead_letter_queue(&queue);
+    let topology = Topology::new().queue(Queue::quorum(&queue).delivery_limit(3));
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology),
+        &recorder,
+        |_, _| async { Outcome::Requeue },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    publish(&publisher, &queue, 1, "looping", |_| b"x".to_vec()).await;
+    wait_until(
+        "the looping message in the DLQ",
+        Duration::from_secs(30),
+        || queue_is(&dlq, |c| c.ready == 1),
+    )
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    // Delivered with x-delivery-count absent, 1, 2: the third requeue would
+    // leave it at the limit, where any return (even a crash) drops it.
+    assert_eq!(recorder.calls_of("looping-0"), 3, "{report:?}");
+    assert_eq!(report.requeued, 2, "{report:?}");
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
+    let channel = publisher.create_channel().await.expect("channel");
+    let parked = get_one(&channel, &dlq).await;
+    assert_eq!(
+        error_of(&parked),
+        "delivery limit 3 nearly reached (x-delivery-count=2)"
+    );
+    assert_eq!(
+        parked
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str()),
+        Some("looping-0")
+    );
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+    delete_queue(&publisher, &dlq).await;
+}
+
+/// When the exhausted path itself fails near the limit (the store is down),
+/// the message is requeued, and the broker's own dead-lettering at the
+/// limit must catch it: `Queue::quorum` dead-letters to `<queue>.dlq` by
+/// default. Before, a quorum queue had no dead-letter exchange unless asked,
+/// and the broker dropped the message at its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_delivery_limit_a_message_the_store_cannot_take_goes_to_the_dlq() {
+    init_tracing();
+    let queue = unique("limit-store-down");
+    let dlq = RetryPolicy::dead_letter_queue(&queue);
+    let pg: std::net::SocketAddr = "127.0.0.1:5432".parse().expect("address");
+    let proxy = FaultProxy::start(pg).await.expect("proxy");
+    let url = backstop_testkit::postgres_url().replace("127.0.0.1:5432", &proxy.addr().to_string());
+    let store = Arc::new(
+        backstop::store::SqlStore::connect(&url)
+            .await
+            .expect("store via proxy"),
+    );
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(Topology::new().queue(Queue::quorum(&queue).delivery_limit(2)))
+            .retry(RetryPolicy::new().exhausted(retry::Exhausted::Store))
+            .compensation_store(store, Duration::from_secs(60)),
+        &recorder,
+        |_, _| async { Outcome::reject("needs a person") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    drop(proxy);
+    publish(&publisher, &queue, 1, "unstorable", |_| b"{}".to_vec()).await;
+    wait_until(
+        "the message dead-lettered by the broker at its limit",
+        Duration::from_secs(60),
+        || queue_is(&dlq, |c| c.ready == 1),
+    )
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(report.stored, 0, "{report:?}");
+    assert!(report.store_failures >= 3, "{report:?}");
+    assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
+    let channel = publisher.create_channel().await.expect("channel");
+    let parked = get_one(&channel, &dlq).await;
+    assert_eq!(death_reason(&parked), "delivery_limit");
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+    delete_queue(&publisher, &dlq).await;
+}
+
+/// Without a retry policy a handler's reject and an oversized body were a
+/// plain `basic.reject`; on a queue without a dead-letter exchange the
+/// broker dropped them. Now they go to `<queue>.dlq` as confirmed copies
+/// with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_policy_rejected_and_oversized_messages_are_parked_with_the_reason() {
+    init_tracing();
+    let queue = unique("no-policy-reject");
+    let dlq = RetryPolicy::dead_letter_queue(&queue);
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .max_message_size(64),
+        &recorder,
+        |delivery, _| async move {
+            match delivery.message_id() {
+                Some("bad") => Outcome::reject("unparsable payload"),
+                _ => Outcome::Ack,
+            }
+        },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    let channel = confirmed_channel(&publisher).await;
+    for (id, body) in [
+        ("bad", vec![b'x'; 8]),
+        ("big", vec![b'x'; 100]),
+        ("good", vec![b'x'; 8]),
+    ] {
+        publish_confirmed(
+            &channel,
+            "",
+            &queue,
+            &body,
+            BasicProperties::default()
+                .with_message_id(id.into())
+                .with_delivery_mode(2),
+        )
+        .await;
+    }
+    wait_until("both failures in the DLQ", Duration::from_secs(30), || {
+        queue_is(&dlq, |c| c.ready == 2)
+    })
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert_eq!(report.dead_lettered, 2, "{report:?}");
+    assert_eq!(report.rejected, 0, "{report:?}");
+    assert_eq!(report.oversized, 1, "{report:?}");
+    assert_eq!(
+        recorder.calls_of("big"),
+        0,
+        "an oversized body is never handled"
+    );
+    assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
+    let mut errors = Vec::new();
+    for _ in 0..2 {
+        let parked = get_one(&channel, &dlq).await;
+        let id = parked
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        errors.push((id, error_of(&parked)));
+    }
+    errors.sort();
+    assert_eq!(errors[0].0, "bad");
+    assert_eq!(errors[0].1, "unparsable payload");
+    assert_eq!(errors[1].0, "big");
+    assert!(
+        errors[1]
+            .1
+            .contains("100 bytes, over the limit of 64 bytes"),
+        "{errors:?}"
+    );
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+    delete_queue(&publisher, &dlq).await;
+}
+
+/// A retry copy waits in its tier; when the tier's TTL runs out the broker
+/// dead-letters it back to the main queue. A classic tier does that at most
+/// once: if the main queue cannot take the copy at that moment (deleted and
+/// not yet declared again, as here; on a cluster, a quorum queue without a
+/// majority) the copy is dropped, after its original was acked. Quorum
+/// tiers with at-least-once dead-lettering keep it until the main queue
+/// confirms it.
+///
+/// Slow by the broker's design: RabbitMQ's dead-letter worker re-sends a
+/// message it could not place every `dead_letter_worker_publisher_confirm_timeout`
+/// (3 minutes by default; twice that when the copies expired in two
+/// batches), and changing that setting would change the whole broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_copies_that_expire_while_the_quorum_queue_is_gone_all_come_back() {
+    init_tracing();
+    let queue = unique("tier-gone");
+    // Long enough to stop the consumer and delete the queue before it runs out.
+    let tier_delay = Duration::from_secs(5);
+    let tier = RetryPolicy::tier_queue(&queue, tier_delay);
+    let policy = RetryPolicy::new().delays([tier_delay]);
+    let topology = Topology::new().queue(Queue::quorum(&queue));
+    let failing = 3u64;
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let first = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology.clone())
+            .retry(policy.clone()),
+        &first,
+        |_, _| async { Outcome::retry("downstream down") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    // The copies enter the tier after this, so none expires before
+    // `published + tier_delay`. (Time, not `list_queues`: a quorum queue
+    // reports its counts only every few seconds.)
+    let published = Instant::now();
+    publish(&publisher, &queue, failing, "f", |_| b"x".to_vec()).await;
+    wait_stats(&consumer, "every copy in the tier", |s| {
+        s.retried == failing
+    })
+    .await;
+    let in_tier = Instant::now();
+    consumer.shutdown().await.expect("clean shutdown");
+    delete_queue(&publisher, &queue).await;
+    assert!(
+        published.elapsed() < tier_delay,
+        "the queue was deleted only after {:?}: the copies may have left the tier before, \
+         and the test would prove nothing",
+        published.elapsed()
+    );
+    // The TTL itself is the fault's timing: wait it out, then the tier is empty.
+    tokio::time::sleep((tier_delay + ms(500)).saturating_sub(in_tier.elapsed())).await;
+    wait_until("the tier expired", Duration::from_secs(30), || {
+        queue_is(&tier, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+
+    // The consumer declares the queue again: every copy must come back.
+    let second = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .retry(policy.clone()),
+        &second,
+        ack,
+    );
+    second
+        .wait_handled(
+            failing as usize,
+            "every failing message back and handled",
+            Duration::from_secs(400),
+        )
+        .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    for i in 0..failing {
+        assert_eq!(second.calls_of(&format!("f-{i}")), 1, "{report:?}");
+    }
     assert_eq!(dlq_depth(&queue).await, 0);
     supervisor.close().await;
     delete_all(&publisher, &queue, &policy).await;

@@ -49,9 +49,13 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The consumed queue as the settings declare it. The consumer derives the
+/// rest from it: tiers and `<queue>.dlq` of the same type (quorum tiers
+/// dead-letter at least once), and the delivery limit it stays under.
 fn topology(settings: &ConsumerSettings) -> Topology {
-    let queue = match settings.queue_type.as_deref() {
-        Some("quorum") => Queue::quorum(&settings.queue),
+    let queue = match (settings.queue_type.as_deref(), settings.delivery_limit) {
+        (Some("quorum"), Some(limit)) => Queue::quorum(&settings.queue).delivery_limit(limit),
+        (Some("quorum"), None) => Queue::quorum(&settings.queue),
         _ => Queue::classic(&settings.queue),
     };
     Topology::new().queue(queue)

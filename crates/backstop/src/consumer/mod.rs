@@ -63,7 +63,7 @@ use crate::handler::{Delivery, Handler};
 use crate::publish::ConfirmedPublisher;
 use crate::retry::{Exhausted, RetryPolicy};
 use crate::store::CompensationStore;
-use crate::topology::Topology;
+use crate::topology::{Queue, QueueType, Topology};
 use crate::wait_true;
 use ack::AckCoalescer;
 use futures_util::stream::FuturesUnordered;
@@ -93,6 +93,11 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 16 * 1024 * 1024;
 /// later). See [`ConsumerConfig::consumer_timeout`].
 pub const DEFAULT_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// The delivery limit a consumer of a quorum queue stays under when neither
+/// [`ConsumerConfig::delivery_limit`] nor the queue's `x-delivery-limit` says
+/// otherwise: RabbitMQ 4.0's default.
+pub const DEFAULT_QUORUM_DELIVERY_LIMIT: u32 = 20;
+
 /// How a consumer consumes.
 #[derive(Clone, Debug)]
 pub struct ConsumerConfig {
@@ -114,6 +119,8 @@ pub struct ConsumerConfig {
     store: Option<Arc<dyn CompensationStore>>,
     store_delay: Duration,
     dedup: Option<DedupConfig>,
+    delivery_limit: Option<u32>,
+    queue_type: Option<QueueType>,
 }
 
 impl ConsumerConfig {
@@ -143,6 +150,8 @@ impl ConsumerConfig {
             store: None,
             store_delay: Duration::from_secs(60),
             dedup: None,
+            delivery_limit: None,
+            queue_type: None,
         }
     }
 
@@ -193,8 +202,13 @@ impl ConsumerConfig {
 
     /// Retries failures through delay tiers and parks exhausted messages
     /// (see [`crate::retry`]). The tier queues and `<queue>.dlq` are added to
-    /// the topology. Without a policy, a retry requeues the message and a
-    /// rejection is a plain `basic.reject`.
+    /// the topology, of the consumed queue's type. Without a policy, a retry
+    /// requeues the message and a rejection is parked in `<queue>.dlq` (a
+    /// copy with the reason, confirmed before the ack), or is a plain
+    /// `basic.reject` when the topology gives the queue a dead-letter
+    /// exchange of its own (`x-dead-letter-exchange`): the broker's
+    /// dead-lettering then decides, at least once only for a quorum queue
+    /// with `Queue::at_least_once_dead_lettering`.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = Some(policy);
         self
@@ -215,8 +229,8 @@ impl ConsumerConfig {
 
     /// The largest body handed to the handler (default 16 MiB). A larger
     /// message is not handled: it takes the exhausted path (dead-letter
-    /// queue or store, or `basic.reject` without a retry policy) with the
-    /// reason, and the consumer goes on.
+    /// queue or store; without a retry policy, as a rejection: see
+    /// [`retry`](Self::retry)) with the reason, and the consumer goes on.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
@@ -266,6 +280,39 @@ impl ConsumerConfig {
     /// Deduplicates deliveries by business key (see [`crate::dedup`]).
     pub fn dedup(mut self, dedup: DedupConfig) -> Self {
         self.dedup = Some(dedup);
+        self
+    }
+
+    /// The quorum delivery limit this consumer stays under. A quorum queue
+    /// counts every return of a message (a requeue, a channel closed with
+    /// the message unacked) in `x-delivery-count`, and at the limit drops it,
+    /// or dead-letters it when the queue has a dead-letter exchange. A
+    /// delivery whose next return would leave it at the limit is never
+    /// requeued: an outcome that would requeue it (the handler asked, a
+    /// retry without a policy, a failed copy or store write, a busy dedup
+    /// key, the circuit breaker) takes the exhausted path instead, with the
+    /// reason "delivery limit N nearly reached (x-delivery-count=M)".
+    ///
+    /// Default: the topology's `x-delivery-limit` for the queue, else
+    /// [`DEFAULT_QUORUM_DELIVERY_LIMIT`] for a quorum queue (RabbitMQ 4.0
+    /// and later apply 20 when none is set; 3.10-3.13 apply none), else none.
+    /// Set it when a policy gives the queue another limit. Classic queues
+    /// never set `x-delivery-count`.
+    pub fn delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = Some(limit);
+        self
+    }
+
+    /// The type of the consumed queue when the topology does not declare it
+    /// (it is declared elsewhere). The retry tiers, `<queue>.dlq` and the
+    /// default delivery limit follow the queue's type; a queue the topology
+    /// declares has its declared type. Default: classic, so set it for a
+    /// quorum queue declared elsewhere: its tiers then dead-letter at least
+    /// once. A `<queue>.dlq` that exists with another shape is refused on
+    /// redeclare; declare it in the topology as it is (the first
+    /// declaration of a name wins).
+    pub fn queue_type(mut self, queue_type: QueueType) -> Self {
+        self.queue_type = Some(queue_type);
         self
     }
 
@@ -549,9 +596,36 @@ impl<H: Handler> Consumer<H> {
         let (stop, stop_rx) = watch::channel(false);
         let (breaker_tx, breaker) = watch::channel(BreakerState::Closed);
         let runtime_queue = self.config.queue.clone();
+        // What the configured topology says about the consumed queue decides
+        // the type of its tiers and DLQ, its delivery limit and whether a
+        // plain reject is left to its own dead-lettering.
+        let queue = &self.config.queue;
+        let declared = self
+            .config
+            .topology
+            .queues()
+            .iter()
+            .find(|q| q.name() == queue.as_str());
+        let queue_type = declared
+            .map(Queue::queue_type)
+            .or(self.config.queue_type)
+            .unwrap_or(QueueType::Classic);
+        let queue_dead_letters = declared.is_some_and(Queue::has_dead_letter_exchange);
+        let delivery_limit = self
+            .config
+            .delivery_limit
+            .map(u64::from)
+            .or_else(|| declared.and_then(Queue::delivery_limit_argument))
+            .or((queue_type == QueueType::Quorum)
+                .then_some(u64::from(DEFAULT_QUORUM_DELIVERY_LIMIT)));
         let mut topology = self.config.topology.clone();
-        if let Some(policy) = &self.config.retry {
-            topology = topology.merge(policy.topology(&self.config.queue));
+        match &self.config.retry {
+            Some(policy) => topology = topology.merge(policy.topology(queue, queue_type)),
+            // Rejections are parked in <queue>.dlq by Backstop itself.
+            None if !queue_dead_letters => {
+                topology = topology.queue(Queue::dead_letter_queue_for(queue, queue_type))
+            }
+            None => {}
         }
         let context = Arc::new(ProcessContext {
             queue: self.config.queue.clone(),
@@ -567,6 +641,8 @@ impl<H: Handler> Consumer<H> {
             ))),
             breaker_tripped: false.into(),
             generation: AtomicU64::new(0),
+            delivery_limit,
+            queue_dead_letters,
             stats: stats.clone(),
         });
         if let Some(dedup) = &self.config.dedup
@@ -955,8 +1031,8 @@ impl<H: Handler> Runtime<H> {
                 })
         }
         .await;
-        let publisher = match (&result, &self.config.retry) {
-            (Ok(_), Some(_)) => match live.create_channel().await {
+        let publisher = match (&result, self.context.needs_publisher()) {
+            (Ok(_), true) => match live.create_channel().await {
                 Ok(channel) => Some(ConfirmedPublisher::new(channel).await),
                 Err(e) => Some(Err(e)),
             },

@@ -11,7 +11,9 @@ use super::{ConsumerStats, bump};
 use crate::dedup::{Claim, DedupConfig, MissingKey, new_token};
 use crate::handler::{Delivery, FailureKind, Handler, Outcome};
 use crate::publish::ConfirmedPublisher;
-use crate::retry::{Decision, FailedMessage, RetryPolicy, attempt_of, now_ms};
+use crate::retry::{
+    Decision, Exhausted, FailedMessage, RetryPolicy, attempt_of, delivery_count, now_ms,
+};
 use crate::store::{CompensationStore, NewFailedMessage};
 use futures_util::FutureExt;
 use std::panic::AssertUnwindSafe;
@@ -25,8 +27,8 @@ use tracing::{debug, error, info, warn};
 pub(crate) enum Settlement {
     /// `basic.ack`: done, or a copy is safely stored elsewhere.
     Ack,
-    /// `basic.reject` without requeue: a permanent failure without a policy,
-    /// left to the queue's own dead-lettering.
+    /// `basic.reject` without requeue: a permanent failure without a policy
+    /// on a queue with a dead-letter exchange of its own, left to it.
     Reject,
     /// `basic.nack` with requeue: try again later, nothing was stored.
     Requeue,
@@ -65,6 +67,12 @@ pub(crate) struct ProcessContext {
     /// The generation of the session consuming now: a delivery of an older
     /// one that has not started its handler never will.
     pub(crate) generation: AtomicU64,
+    /// The quorum delivery limit to stay under: a delivery whose
+    /// `x-delivery-count` is this close to it is never requeued.
+    pub(crate) delivery_limit: Option<u64>,
+    /// The consumed queue has a dead-letter exchange of its own: without a
+    /// policy, a permanent failure is a plain `basic.reject` to it.
+    pub(crate) queue_dead_letters: bool,
     pub(crate) stats: Arc<ConsumerStats>,
 }
 
@@ -72,6 +80,22 @@ impl ProcessContext {
     /// True when `generation`'s session is no longer the one consuming.
     fn is_stale(&self, generation: u64) -> bool {
         self.generation.load(Ordering::Acquire) != generation
+    }
+
+    /// True when a failure may end in a copy: a retry policy, or a queue
+    /// that does not dead-letter by itself (permanent failures go to
+    /// `<queue>.dlq`). Such deliveries keep a copy for the failure path and
+    /// the session needs a publisher.
+    pub(crate) fn needs_publisher(&self) -> bool {
+        self.policy.is_some() || !self.queue_dead_letters
+    }
+
+    /// The limit, when the next return of a delivery with `count` returns
+    /// behind it would leave it at the limit, where any further return (a
+    /// crash, a closed channel) makes the broker drop or dead-letter it.
+    fn near_limit(&self, count: u64) -> Option<u64> {
+        self.delivery_limit
+            .filter(|limit| count.saturating_add(1) >= *limit)
     }
 
     /// The handler permits of the session starting now. The old session's
@@ -186,6 +210,19 @@ pub(crate) fn process<H: Handler, T>(
     generation: u64,
     done: impl FnOnce((Settlement, Verdict)) -> T + Send + 'static,
 ) -> std::pin::Pin<Box<dyn Future<Output = T> + Send>> {
+    if ctx.delivery_limit.is_some() {
+        let count = delivery_count(&delivery);
+        if let Some(limit) = ctx.near_limit(count) {
+            // The dedup permits are the dispatching session's, taken now.
+            let permits = ctx.permits();
+            return Box::pin(
+                Box::pin(near_the_limit(
+                    handler, ctx, publisher, delivery, generation, permits, limit, count,
+                ))
+                .map(done),
+            );
+        }
+    }
     if delivery.body().len() > ctx.max_message_size {
         return Box::pin(Box::pin(oversized(handler, ctx, publisher, delivery)).map(done));
     }
@@ -201,16 +238,66 @@ pub(crate) fn process<H: Handler, T>(
     Box::pin(handle(handler, ctx, publisher, delivery).map(done))
 }
 
+/// A delivery one return away from the queue's delivery limit: processed as
+/// usual, but an outcome that would requeue it (the handler asked, a retry
+/// without a policy, a failed copy or store write, a busy or failing dedup
+/// store, the circuit breaker) takes the exhausted path instead, with the
+/// reason. Only when that fails too is it requeued: nothing better exists,
+/// and at the limit the broker dead-letters it (`Queue::quorum`'s default
+/// `<queue>.dlq`) or, without a dead-letter exchange, drops it.
+async fn near_the_limit<H: Handler>(
+    handler: Arc<H>,
+    ctx: Arc<ProcessContext>,
+    publisher: Option<ConfirmedPublisher>,
+    delivery: Delivery,
+    generation: u64,
+    permits: Arc<tokio::sync::Semaphore>,
+    limit: u64,
+    count: u64,
+) -> (Settlement, Verdict) {
+    let kept = delivery.clone();
+    let (settlement, verdict) = if delivery.body().len() > ctx.max_message_size {
+        oversized(handler, ctx.clone(), publisher.clone(), delivery).await
+    } else if ctx.dedup.is_some() {
+        deduplicated(
+            handler,
+            ctx.clone(),
+            publisher.clone(),
+            delivery,
+            generation,
+            permits,
+        )
+        .await
+    } else {
+        handle(handler, ctx.clone(), publisher.clone(), delivery).await
+    };
+    // A delivery of an ended session went back with its channel already.
+    if settlement != Settlement::Requeue || ctx.is_stale(generation) {
+        return (settlement, verdict);
+    }
+    let reason = format!("delivery limit {limit} nearly reached (x-delivery-count={count})");
+    warn!(queue = %ctx.queue, %reason, "not requeueing: taking the exhausted path");
+    let failed = FailedMessage::new(&ctx.queue, &kept, FailureKind::Transient, &reason);
+    let (settlement, _) = exhausted(&ctx, publisher, &kept, &failed, verdict).await;
+    if settlement == Settlement::Requeue {
+        error!(queue = %ctx.queue, %reason,
+            "the exhausted path failed too: requeueing at the delivery limit; the broker \
+             dead-letters the message on its next return, or drops it if the queue has no \
+             dead-letter exchange");
+    }
+    (settlement, verdict)
+}
+
 fn handle<H: Handler>(
     handler: Arc<H>,
     ctx: Arc<ProcessContext>,
     publisher: Option<ConfirmedPublisher>,
     delivery: Delivery,
 ) -> impl Future<Output = (Settlement, Verdict)> + Send {
-    // The copy kept for the failure path lives on the heap, and only with a
-    // policy; the failure handling (headers, publish futures) is boxed and
-    // only allocated when a delivery actually fails.
-    let kept = ctx.policy.is_some().then(|| Box::new(delivery.clone()));
+    // The copy kept for the failure path lives on the heap, and only when a
+    // failure may end in a copy; the failure handling (headers, publish
+    // futures) is boxed and only allocated when a delivery actually fails.
+    let kept = ctx.needs_publisher().then(|| Box::new(delivery.clone()));
     // Boxed until the handler takes it, so the block holds 8 bytes for it
     // instead of a second copy next to the one in the handler's future.
     let delivery = Box::new(delivery);
@@ -218,9 +305,11 @@ fn handle<H: Handler>(
         let outcome = call(&*handler, *delivery, &ctx).await;
         match (outcome, kept) {
             (Outcome::Ack, _) => (Settlement::Ack, Verdict::Success),
-            (outcome, None) => without_policy(outcome, &ctx).await,
-            (outcome, Some(kept)) => {
+            (outcome, Some(kept)) if ctx.policy.is_some() => {
                 Box::pin(after_failure(handler, ctx, publisher, *kept, outcome)).await
+            }
+            (outcome, kept) => {
+                Box::pin(without_policy(outcome, &ctx, publisher, kept.map(|k| *k))).await
             }
         }
     }
@@ -246,7 +335,7 @@ async fn oversized<H: Handler>(
     if ctx.policy.is_some() {
         after_failure(handler, ctx, publisher, delivery, outcome).await
     } else {
-        without_policy(outcome, &ctx).await
+        without_policy(outcome, &ctx, publisher, Some(delivery)).await
     }
 }
 
@@ -295,7 +384,7 @@ async fn deduplicated<H: Handler>(
                     if ctx.policy.is_some() {
                         after_failure(handler, ctx, publisher, delivery, outcome).await
                     } else {
-                        without_policy(outcome, &ctx).await
+                        without_policy(outcome, &ctx, publisher, Some(delivery)).await
                     }
                 }
             };
@@ -499,7 +588,7 @@ async fn after_failure<H: Handler>(
     mut outcome: Outcome,
 ) -> (Settlement, Verdict) {
     let Some(policy) = &ctx.policy else {
-        return without_policy(outcome, &ctx).await;
+        return without_policy(outcome, &ctx, publisher, Some(kept)).await;
     };
     let (immediate, backoff) = policy.immediate_attempts();
     let mut extra_calls = 0;
@@ -529,41 +618,87 @@ async fn after_failure<H: Handler>(
     };
     let attempt = attempt_of(&kept);
     let failed = FailedMessage::new(&ctx.queue, &kept, kind, &reason);
-    let decision = policy.decide(&ctx.queue, attempt, kind, requested);
-    let (routing_key, properties) = match &decision {
+    match policy.decide(&ctx.queue, attempt, kind, requested) {
         Decision::RetryIn { queue, delay } => {
             debug!(queue = %ctx.queue, attempt, ?delay, %reason, "retrying through a delay tier");
-            (queue.clone(), failed.retry_properties(&kept))
+            let properties = failed.retry_properties(&kept);
+            if publish_copy(&ctx, publisher, &queue, &kept, properties).await {
+                bump(&ctx.stats.retried, 1);
+                (Settlement::Ack, verdict)
+            } else {
+                (Settlement::Requeue, verdict)
+            }
         }
-        Decision::DeadLetter => {
-            warn!(queue = %ctx.queue, attempt, kind = ?kind, %reason, "dead-lettering");
-            (
-                RetryPolicy::dead_letter_queue(&ctx.queue),
-                failed.dead_letter_properties(&kept),
-            )
+        Decision::DeadLetter => dead_letter(&ctx, publisher, &kept, &failed, verdict).await,
+        Decision::Store => store(&ctx, &failed, &kept, verdict).await,
+    }
+}
+
+/// The exhausted path of `kept`: the policy's (`<queue>.dlq` or the
+/// store); without a policy `<queue>.dlq`, or a plain `basic.reject` when
+/// the queue dead-letters by itself.
+async fn exhausted(
+    ctx: &ProcessContext,
+    publisher: Option<ConfirmedPublisher>,
+    kept: &Delivery,
+    failed: &FailedMessage,
+    verdict: Verdict,
+) -> (Settlement, Verdict) {
+    match ctx.policy.as_ref().map(RetryPolicy::exhausted_to) {
+        Some(Exhausted::Store) => store(ctx, failed, kept, verdict).await,
+        None if ctx.queue_dead_letters => (Settlement::Reject, verdict),
+        Some(Exhausted::DeadLetter) | None => {
+            dead_letter(ctx, publisher, kept, failed, verdict).await
         }
-        Decision::Store => return store(&ctx, &failed, &kept, verdict).await,
-    };
+    }
+}
+
+/// Publish, confirm, then ack: a copy of `kept` with the failure headers in
+/// `<queue>.dlq`. Without the confirm the original is requeued.
+async fn dead_letter(
+    ctx: &ProcessContext,
+    publisher: Option<ConfirmedPublisher>,
+    kept: &Delivery,
+    failed: &FailedMessage,
+    verdict: Verdict,
+) -> (Settlement, Verdict) {
+    warn!(queue = %ctx.queue, attempt = failed.attempt, kind = ?failed.kind,
+        reason = %failed.error, "dead-lettering");
+    let dlq = RetryPolicy::dead_letter_queue(&ctx.queue);
+    let properties = failed.dead_letter_properties(kept);
+    if publish_copy(ctx, publisher, &dlq, kept, properties).await {
+        bump(&ctx.stats.dead_lettered, 1);
+        (Settlement::Ack, verdict)
+    } else {
+        (Settlement::Requeue, verdict)
+    }
+}
+
+/// Publishes a copy of `kept` to the queue `routing_key` through the default
+/// exchange and waits for the broker's confirm. False when it is not
+/// confirmed; the failure is counted and logged, and paused on so a broken
+/// publish path slows the consumer down: the caller requeues the original.
+async fn publish_copy(
+    ctx: &ProcessContext,
+    publisher: Option<ConfirmedPublisher>,
+    routing_key: &str,
+    kept: &Delivery,
+    properties: lapin::BasicProperties,
+) -> bool {
     let Some(publisher) = publisher else {
-        error!(queue = %ctx.queue, "no publisher channel for the retry policy; requeueing");
-        return (Settlement::Requeue, verdict);
+        error!(queue = %ctx.queue, "no publisher channel for the copy; requeueing");
+        return false;
     };
     match publisher
-        .publish("", &routing_key, kept.body(), properties)
+        .publish("", routing_key, kept.body(), properties)
         .await
     {
-        Ok(()) => {
-            match decision {
-                Decision::DeadLetter => bump(&ctx.stats.dead_lettered, 1),
-                _ => bump(&ctx.stats.retried, 1),
-            }
-            (Settlement::Ack, verdict)
-        }
+        Ok(()) => true,
         Err(e) => {
             bump(&ctx.stats.publish_failures, 1);
             error!(queue = %ctx.queue, error = %e, "the copy was not confirmed; the original stays and is requeued");
             tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
-            (Settlement::Requeue, verdict)
+            false
         }
     }
 }
@@ -603,12 +738,29 @@ async fn store(
 }
 
 /// Without a retry policy: retry means requeue (after the requested delay,
-/// waited out in process) and reject means `basic.reject`.
-async fn without_policy(outcome: Outcome, ctx: &ProcessContext) -> (Settlement, Verdict) {
+/// waited out in process); reject means a copy in `<queue>.dlq` with the
+/// reason, confirmed before the ack, or a plain `basic.reject` when the
+/// queue has a dead-letter exchange of its own. `kept` is the delivery,
+/// kept whenever [`ProcessContext::needs_publisher`].
+async fn without_policy(
+    outcome: Outcome,
+    ctx: &ProcessContext,
+    publisher: Option<ConfirmedPublisher>,
+    kept: Option<Delivery>,
+) -> (Settlement, Verdict) {
     match outcome {
         Outcome::Ack => (Settlement::Ack, Verdict::Success),
         Outcome::Requeue => (Settlement::Requeue, Verdict::Neutral),
-        Outcome::Reject { .. } => (Settlement::Reject, Verdict::Neutral),
+        Outcome::Reject { .. } if ctx.queue_dead_letters => (Settlement::Reject, Verdict::Neutral),
+        Outcome::Reject { reason } => {
+            let Some(kept) = kept else {
+                // Not reachable: a queue without dead-lettering keeps a copy.
+                error!(queue = %ctx.queue, "no copy kept for the dead-letter queue; requeueing");
+                return (Settlement::Requeue, Verdict::Neutral);
+            };
+            let failed = FailedMessage::new(&ctx.queue, &kept, FailureKind::Permanent, &reason);
+            dead_letter(ctx, publisher, &kept, &failed, Verdict::Neutral).await
+        }
         Outcome::Retry { delay, .. } => {
             if let Some(delay) = delay {
                 Box::pin(tokio::time::sleep(delay.min(ctx.max_retry_delay))).await;
