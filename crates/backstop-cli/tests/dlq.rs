@@ -118,10 +118,12 @@ async fn list_shows_the_failure_headers_and_leaves_every_message() {
 
     let (code, stdout, _) = backstop(&["dlq", "list", &dlq, "--limit", "2"]);
     assert_eq!(code, 0);
-    assert!(
-        stdout.contains("m-0") && stdout.contains("m-1") && !stdout.contains("m-2"),
-        "{stdout}"
-    );
+    // Copies are parked concurrently over several confirm channels, so the
+    // DLQ's order is not the original one: any two of the five.
+    let shown = (0..5)
+        .filter(|i| stdout.contains(&format!("m-{i} ")))
+        .count();
+    assert_eq!(shown, 2, "{stdout}");
     assert!(stdout.contains("bad order"), "{stdout}");
     wait_until(
         "the listed messages to be back",

@@ -11,6 +11,12 @@
 //! deliveries with its generation, so a late ack from an older connection is
 //! never sent on a newer one.
 //!
+//! Copies (retry, dead letter, store re-drive) are published on a second
+//! connection, [`ConnectionSupervisor::publishing`]: a broker in a resource
+//! alarm stops reading from a connection that publishes, and lapin then
+//! writes nothing more on it, acks and closes included. The consumers'
+//! connection never publishes, so an alarm cannot freeze their acks.
+//!
 //! ```no_run
 //! # async fn example() -> backstop::Result<()> {
 //! use backstop::connection::{ConnectionConfig, ConnectionSupervisor};
@@ -41,6 +47,13 @@ use tracing::{debug, error, info, warn};
 
 /// The broker a command uses when nothing names one: the local default.
 pub const DEFAULT_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The bound on one channel-level round trip the runtime waits for
+/// (`channel.open`, `basic.cancel`, `channel.close`) and on closing a
+/// connection. A connection the broker stopped reading (a resource alarm)
+/// or a silent peer would otherwise keep the caller waiting until the
+/// heartbeats run out, or forever.
+pub const CHANNEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Exponential backoff with *full* jitter: the delay before attempt `n` is
 /// uniform in `[0, min(max, initial * 2^n)]`.
@@ -248,8 +261,12 @@ pub enum ConnectionState {
         /// The connection's generation, counted from 1.
         generation: u64,
     },
-    /// The broker blocked publishing on the connection (a resource alarm).
-    /// Consuming and acking still work.
+    /// The broker blocked the connection (a resource alarm): it stopped
+    /// reading from it after a publish, and lapin writes nothing more on it
+    /// (no publish, ack, heartbeat or close) until the broker unblocks it.
+    /// Backstop publishes copies on a connection of their own
+    /// ([`ConnectionSupervisor::publishing`]), so only that one is blocked
+    /// and the consumers' acks go on.
     Blocked {
         /// The connection's generation.
         generation: u64,
@@ -306,12 +323,21 @@ impl LiveConnection {
         self.connection.status().connected()
     }
 
-    /// Opens a channel on this connection.
+    /// True while the broker holds the connection blocked (a resource
+    /// alarm): nothing written on it reaches the broker.
+    pub fn is_blocked(&self) -> bool {
+        self.connection.status().blocked()
+    }
+
+    /// Opens a channel on this connection, within [`CHANNEL_TIMEOUT`].
     pub async fn create_channel(&self) -> Result<lapin::Channel> {
-        self.connection
-            .create_channel()
-            .await
-            .map_err(Error::amqp("channel.open"))
+        match tokio::time::timeout(CHANNEL_TIMEOUT, self.connection.create_channel()).await {
+            Ok(opened) => opened.map_err(Error::amqp("channel.open")),
+            Err(_) => Err(Error::Timeout {
+                context: "channel.open",
+                after: CHANNEL_TIMEOUT,
+            }),
+        }
     }
 }
 
@@ -338,6 +364,18 @@ struct Shared {
     lost_tx: mpsc::UnboundedSender<(u64, String)>,
     shutdown: watch::Sender<bool>,
     connected_since: std::sync::Mutex<Option<Instant>>,
+    /// How to start the publishing connection; `None` on that one itself.
+    sibling: Option<SiblingSeed>,
+    /// The publishing connection's supervisor, once asked for.
+    publishing: std::sync::OnceLock<ConnectionSupervisor>,
+}
+
+/// What the publishing connection is started from: the same addresses,
+/// TLS and settings, another name.
+struct SiblingSeed {
+    config: ConnectionConfig,
+    uris: Vec<AMQPUri>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Owns the connection and keeps it up. Cheap to clone; all clones share one
@@ -369,6 +407,23 @@ impl ConnectionSupervisor {
         } else {
             None
         };
+        Ok(Self::launch(config, uris, tls, true))
+    }
+
+    /// Starts a supervisor task for already validated settings.
+    fn launch(
+        config: ConnectionConfig,
+        uris: Vec<AMQPUri>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        with_sibling: bool,
+    ) -> Self {
+        let sibling = with_sibling.then(|| SiblingSeed {
+            config: config
+                .clone()
+                .connection_name(format!("{} (publish)", config.connection_name)),
+            uris: uris.clone(),
+            tls: tls.clone(),
+        });
         let (state, _) = watch::channel(ConnectionState::Connecting { attempt: 0 });
         let (current, _) = watch::channel(None);
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
@@ -381,6 +436,8 @@ impl ConnectionSupervisor {
             lost_tx,
             shutdown,
             connected_since: std::sync::Mutex::new(None),
+            sibling,
+            publishing: std::sync::OnceLock::new(),
         });
         let task = SupervisorTask {
             shared: shared.clone(),
@@ -391,7 +448,41 @@ impl ConnectionSupervisor {
             rng: fastrand::Rng::new(),
         };
         tokio::spawn(task.run());
-        Ok(ConnectionSupervisor { shared })
+        ConnectionSupervisor { shared }
+    }
+
+    /// The supervisor of the connection copies are published on: a second
+    /// connection to the same brokers with the same settings, named
+    /// `"<connection_name> (publish)"`, opened the first time this is asked
+    /// for (on the current tokio runtime) and kept up like this one.
+    /// [`close`](Self::close) closes it too. Asked of the publishing
+    /// supervisor itself, it answers itself.
+    ///
+    /// A broker in a resource alarm stops reading from a connection that
+    /// publishes (and lapin then writes nothing more on it, acks included):
+    /// publishing only on this connection keeps consumers' acks flowing.
+    pub fn publishing(&self) -> ConnectionSupervisor {
+        let Some(seed) = &self.shared.sibling else {
+            return self.clone();
+        };
+        let sibling = self
+            .shared
+            .publishing
+            .get_or_init(|| {
+                debug!(name = %seed.config.connection_name, "starting the publishing connection");
+                Self::launch(
+                    seed.config.clone(),
+                    seed.uris.clone(),
+                    seed.tls.clone(),
+                    false,
+                )
+            })
+            .clone();
+        // Started after close() looked for it: it stops at once.
+        if *self.shared.shutdown.borrow() {
+            sibling.shared.shutdown.send_replace(true);
+        }
+        sibling
     }
 
     /// A receiver of the supervisor's state.
@@ -462,14 +553,32 @@ impl ConnectionSupervisor {
         since.map(|s| s.elapsed())
     }
 
-    /// Closes the connection and stops the supervisor. Consumers should be
-    /// shut down first so their acks are flushed.
+    /// Closes the connection (and the [publishing](Self::publishing) one)
+    /// and stops the supervisor. Consumers should be shut down first so their
+    /// acks are flushed.
+    ///
+    /// Bounded: a broker that does not answer `connection.close` (a silent
+    /// peer, a connection blocked by a resource alarm) is given
+    /// [`CHANNEL_TIMEOUT`]; the supervisor then stops without its answer.
     pub async fn close(&self) {
         self.shared.shutdown.send_replace(true);
-        let mut state = self.state();
-        let _ = state
-            .wait_for(|s| matches!(s, ConnectionState::Closed { .. }))
+        let own = async {
+            let mut state = self.state();
+            let closed = tokio::time::timeout(
+                CHANNEL_TIMEOUT + Duration::from_secs(1),
+                state.wait_for(|s| matches!(s, ConnectionState::Closed { .. })),
+            )
             .await;
+            if closed.is_err() {
+                warn!("the supervisor did not stop within its bound; leaving it");
+            }
+        };
+        match self.shared.publishing.get().cloned() {
+            Some(sibling) => {
+                tokio::join!(own, Box::pin(sibling.close()));
+            }
+            None => own.await,
+        }
     }
 }
 
@@ -511,12 +620,14 @@ impl SupervisorTask {
         if previous != next {
             match &next {
                 ConnectionState::Reconnecting { .. } | ConnectionState::Blocked { .. } => {
-                    warn!(from = ?previous, to = ?next, reason, "connection state")
+                    warn!(name = %self.config.connection_name, from = ?previous, to = ?next, reason, "connection state")
                 }
                 ConnectionState::Closed { .. } => {
-                    info!(from = ?previous, to = ?next, reason, "connection state")
+                    info!(name = %self.config.connection_name, from = ?previous, to = ?next, reason, "connection state")
                 }
-                _ => info!(from = ?previous, to = ?next, reason, "connection state"),
+                _ => {
+                    info!(name = %self.config.connection_name, from = ?previous, to = ?next, reason, "connection state")
+                }
             }
         }
     }
@@ -674,7 +785,8 @@ impl SupervisorTask {
         if let Some(live) = self.shared.current.send_replace(None) {
             let connection = live.connection.clone();
             tokio::spawn(async move {
-                let _ = connection.close(200, "backstop shutting down".into()).await;
+                let close = connection.close(200, "backstop shutting down".into());
+                let _ = tokio::time::timeout(CHANNEL_TIMEOUT, close).await;
             });
         }
         *self
@@ -776,7 +888,27 @@ impl SupervisorTask {
             tokio::select! {
                 _ = wait_true(shutdown) => {
                     self.shared.current.send_replace(None);
-                    let _ = connection.close(200, "backstop shutting down".into()).await;
+                    // Bounded: a silent connection never answers, and lapin
+                    // writes nothing on a blocked one until the broker
+                    // unblocks it, so that close is left to run on its own.
+                    if connection.status().blocked() {
+                        info!(name = %self.config.connection_name,
+                            "the broker blocks the connection: closing it in the background");
+                        let closing = connection.clone();
+                        tokio::spawn(async move {
+                            let close = closing.close(200, "backstop shutting down".into());
+                            let _ = tokio::time::timeout(CHANNEL_TIMEOUT, close).await;
+                        });
+                    } else if tokio::time::timeout(
+                        CHANNEL_TIMEOUT,
+                        connection.close(200, "backstop shutting down".into()),
+                    )
+                    .await
+                    .is_err()
+                    {
+                        warn!(name = %self.config.connection_name,
+                            "the broker did not answer connection.close; stopping without it");
+                    }
                     return Held::Shutdown;
                 }
                 event = events.next() => match event {

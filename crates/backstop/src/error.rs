@@ -87,6 +87,15 @@ pub enum Error {
         #[source]
         source: lapin::Error,
     },
+    /// An AMQP operation got no answer within its bound (a silent peer, or a
+    /// connection the broker stopped reading during a resource alarm).
+    #[error("no answer to {context} within {after:?}")]
+    Timeout {
+        /// What the library was doing.
+        context: &'static str,
+        /// How long it waited.
+        after: std::time::Duration,
+    },
 }
 
 impl Error {

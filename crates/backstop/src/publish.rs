@@ -6,11 +6,39 @@
 //! confirm that carries a returned message is therefore a failure too. This
 //! is what lets the consumer ack an original only once its copy (retry,
 //! dead letter, replay) is safely stored by the broker.
+//!
+//! **One publish in flight per channel.** lapin hands a `basic.return` to
+//! whichever confirm of the channel completes next (and completes the tags
+//! of a multiple-ack in no set order). The broker returns an unroutable
+//! message at once but confirms a persistent one only once it is written,
+//! and merges confirms into multiple-acks, so with several publishes in
+//! flight on one channel a return lands on another publish: an unroutable
+//! copy looks confirmed and its original would be acked. Each channel
+//! therefore carries one publish at a time, from `basic.publish` until its
+//! confirm, and a small pool of channels gives the throughput back. A
+//! channel whose publish did not end with a confirm (timed out, cancelled,
+//! failed) is closed, never reused: a late confirm or return on it could
+//! otherwise land on the next publish.
+//!
+//! **Every confirm is bounded** ([`ConfirmedPublisher::confirm_timeout`]): a
+//! connection blocked by a resource alarm, or a silent one, never answers.
+//! A timed-out publish is a failure; the copy may still land (a duplicate),
+//! but its original is never acked on it.
 
-use crate::connection::describe;
+use crate::connection::{ConnectionSupervisor, LiveConnection, describe};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tracing::{debug, warn};
+
+/// The default bound on one publish, from `basic.publish` to its confirm.
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default number of confirm channels of a pool.
+pub const DEFAULT_CHANNELS: usize = 4;
 
 /// Why a publish is not known to be stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,40 +64,152 @@ pub enum PublishError {
         /// `exchange:routing_key`.
         destination: String,
     },
+    /// No confirm within the bound. The broker may still store the message.
+    #[error("no confirm for the publish to {destination} within {after:?}")]
+    Timeout {
+        /// `exchange:routing_key`.
+        destination: String,
+        /// The bound.
+        after: Duration,
+    },
+    /// The broker blocked the publishing connection (a resource alarm):
+    /// nothing was sent.
+    #[error(
+        "not publishing to {destination}: the broker blocked the connection (a resource alarm)"
+    )]
+    Blocked {
+        /// `exchange:routing_key`.
+        destination: String,
+    },
 }
 
-/// A channel in confirm mode.
+/// Confirm-mode channels that each carry one publish at a time. Cheap to
+/// clone; clones share the channels.
 #[derive(Clone)]
 pub struct ConfirmedPublisher {
+    pool: Arc<Pool>,
+}
+
+struct Pool {
+    /// Where new channels come from.
+    source: Source,
+    /// One publish at a time per slot; `None` until a channel is opened (or
+    /// after one was given up).
+    slots: Vec<tokio::sync::Mutex<Option<Open>>>,
+    /// As many permits as slots: a holder always finds a free slot.
+    permits: tokio::sync::Semaphore,
+    next: AtomicUsize,
+    confirm_timeout: Duration,
+    /// Why the publisher needs its topology declared again, once it does.
+    broken: std::sync::Mutex<Option<String>>,
+    closed: AtomicBool,
+    /// Every channel the pool holds, to close them all.
+    channels: std::sync::Mutex<Vec<lapin::Channel>>,
+}
+
+enum Source {
+    /// The one channel given to [`ConfirmedPublisher::new`]; no other.
+    Given,
+    /// Channels opened on demand on the supervisor's connection.
+    Supervisor(ConnectionSupervisor),
+}
+
+/// A confirm-mode channel and the connection it lives on.
+struct Open {
     channel: lapin::Channel,
+    live: Option<LiveConnection>,
 }
 
 impl fmt::Debug for ConfirmedPublisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConfirmedPublisher")
-            .field("channel", &self.channel.id())
+            .field("channels", &self.pool.slots.len())
+            .field("confirm_timeout", &self.pool.confirm_timeout)
+            .field("broken", &self.broken())
             .finish()
     }
 }
 
 impl ConfirmedPublisher {
-    /// Puts `channel` in confirm mode.
+    /// Puts `channel` in confirm mode and publishes on it alone, one publish
+    /// at a time. If a publish on it fails or times out, the channel is
+    /// closed and every later publish fails.
     pub async fn new(channel: lapin::Channel) -> crate::Result<Self> {
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(crate::Error::amqp("confirm.select"))?;
-        Ok(ConfirmedPublisher { channel })
+        tokio::time::timeout(
+            crate::connection::CHANNEL_TIMEOUT,
+            channel.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await
+        .map_err(|_| crate::Error::Timeout {
+            context: "confirm.select",
+            after: crate::connection::CHANNEL_TIMEOUT,
+        })?
+        .map_err(crate::Error::amqp("confirm.select"))?;
+        let first = Open {
+            channel: channel.clone(),
+            live: None,
+        };
+        let pool = Pool::new(Source::Given, vec![Some(first)], DEFAULT_CONFIRM_TIMEOUT);
+        pool.registry().push(channel);
+        Ok(ConfirmedPublisher {
+            pool: Arc::new(pool),
+        })
     }
 
-    /// The underlying channel.
-    pub fn channel(&self) -> &lapin::Channel {
-        &self.channel
+    /// A pool of up to `channels` confirm channels (at least one) on
+    /// `supervisor`'s connection: normally its
+    /// [publishing](ConnectionSupervisor::publishing) connection. Each
+    /// publish, from waiting for a free channel to its confirm, is bounded by
+    /// `confirm_timeout`. Nothing is opened here: each channel is opened by
+    /// the publish that first needs it, and opened again after it was given
+    /// up or its connection was replaced.
+    pub fn pooled(
+        supervisor: ConnectionSupervisor,
+        channels: usize,
+        confirm_timeout: Duration,
+    ) -> Self {
+        let slots = (0..channels.max(1)).map(|_| None).collect();
+        ConfirmedPublisher {
+            pool: Arc::new(Pool::new(
+                Source::Supervisor(supervisor),
+                slots,
+                confirm_timeout,
+            )),
+        }
     }
 
-    /// Publishes and waits for the confirm. `Ok` means the broker took
-    /// responsibility for the message (persisted it, for a persistent message
-    /// to a durable queue).
+    /// Set once a publish showed that the topology the publisher relies on is
+    /// gone: a copy came back unroutable (its queue was deleted), or the
+    /// broker closed a channel while the connection stayed up. Publishing
+    /// again will not fix it; declaring the topology again will. The
+    /// consumer ends its session on it and the next session declares the
+    /// topology and gets a fresh publisher.
+    pub fn broken(&self) -> Option<String> {
+        self.pool
+            .broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Closes every channel of the pool, each within
+    /// [`CHANNEL_TIMEOUT`](crate::connection::CHANNEL_TIMEOUT); later
+    /// publishes fail. A publish in flight fails with its channel.
+    pub async fn close(&self) {
+        self.pool.closed.store(true, Ordering::Release);
+        let channels = std::mem::take(&mut *self.pool.registry());
+        let closes = channels.into_iter().map(|channel| async move {
+            if channel.status().connected() {
+                let close = channel.close(200, "backstop: publisher closed".into());
+                let _ = tokio::time::timeout(crate::connection::CHANNEL_TIMEOUT, close).await;
+            }
+        });
+        futures_util::future::join_all(closes).await;
+    }
+
+    /// Publishes and waits for the confirm, within the confirm timeout. `Ok`
+    /// means the broker took responsibility for the message (persisted it,
+    /// for a persistent message to a durable queue).
     pub async fn publish(
         &self,
         exchange: &str,
@@ -78,32 +218,103 @@ impl ConfirmedPublisher {
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
         let destination = || format!("{exchange}:{routing_key}");
-        let channel_error = |e: lapin::Error| PublishError::Channel {
+        let pool = &self.pool;
+        let closed = || PublishError::Channel {
             destination: destination(),
-            reason: describe(&e),
+            reason: "the publisher is closed".into(),
         };
-        let confirm = self
-            .channel
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                body,
-                properties,
-            )
-            .await
-            .map_err(channel_error)?
-            .await
-            .map_err(channel_error)?;
-        match confirm {
+        if pool.closed.load(Ordering::Acquire) {
+            return Err(closed());
+        }
+        let timeout = pool.confirm_timeout;
+        let timed_out = || PublishError::Timeout {
+            destination: destination(),
+            after: timeout,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (_permit, mut slot) = tokio::time::timeout_at(deadline, async {
+            let permit = pool.permits.acquire().await;
+            (permit, pool.free_slot().await)
+        })
+        .await
+        .map_err(|_| timed_out())?;
+        let open = match slot.take() {
+            Some(open) if open.is_usable() => open,
+            stale => {
+                if let Some(stale) = stale {
+                    pool.give_up(stale);
+                }
+                let open = tokio::time::timeout_at(deadline, pool.open())
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|reason| PublishError::Channel {
+                        destination: destination(),
+                        reason,
+                    })?;
+                if pool.closed.load(Ordering::Acquire) {
+                    pool.give_up(open);
+                    return Err(closed());
+                }
+                open
+            }
+        };
+        if open.live.as_ref().is_some_and(LiveConnection::is_blocked) {
+            // Sending now would only wait for the alarm to end.
+            *slot = Some(open);
+            return Err(PublishError::Blocked {
+                destination: destination(),
+            });
+        }
+        // Held until the confirm: dropped any other way (a timeout, a
+        // cancelled caller), it gives the channel up.
+        let channel = open.channel.clone();
+        let mut in_flight = InFlight {
+            pool,
+            open: Some(open),
+        };
+        let confirmed = tokio::time::timeout_at(deadline, async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await;
+        let confirmation = match confirmed {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) => {
+                let reason = describe(&e);
+                // The channel failed while its connection stands: the broker
+                // closed it (an unknown exchange, a refused publish).
+                if in_flight.connection_is_up() && !pool.closed.load(Ordering::Acquire) {
+                    pool.mark_broken(format!(
+                        "the broker closed the publishing channel: {reason}"
+                    ));
+                }
+                return Err(PublishError::Channel {
+                    destination: destination(),
+                    reason,
+                });
+            }
+            Ok(Ok(confirmation)) => confirmation,
+        };
+        *slot = in_flight.keep();
+        match confirmation {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
-                Err(PublishError::Unroutable {
+                let error = PublishError::Unroutable {
                     destination: destination(),
-                })
+                };
+                pool.mark_broken(error.to_string());
+                Err(error)
             }
             Confirmation::Nack(None) => Err(PublishError::Nacked {
                 destination: destination(),
@@ -112,6 +323,123 @@ impl ConfirmedPublisher {
                 destination: destination(),
                 reason: "the channel is not in confirm mode".into(),
             }),
+        }
+    }
+}
+
+impl Pool {
+    fn new(source: Source, slots: Vec<Option<Open>>, confirm_timeout: Duration) -> Self {
+        Pool {
+            source,
+            permits: tokio::sync::Semaphore::new(slots.len()),
+            slots: slots.into_iter().map(tokio::sync::Mutex::new).collect(),
+            next: AtomicUsize::new(0),
+            confirm_timeout,
+            broken: std::sync::Mutex::new(None),
+            closed: AtomicBool::new(false),
+            channels: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Vec<lapin::Channel>> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A slot no other publish holds. The caller holds a permit, so one is
+    /// free; the round-robin start spreads publishes over the channels.
+    async fn free_slot(&self) -> tokio::sync::MutexGuard<'_, Option<Open>> {
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..n {
+            if let Ok(slot) = self.slots[(start + i) % n].try_lock() {
+                return slot;
+            }
+        }
+        self.slots[start % n].lock().await
+    }
+
+    /// Opens a confirm channel on the supervisor's current connection.
+    async fn open(&self) -> Result<Open, String> {
+        let Source::Supervisor(supervisor) = &self.source else {
+            return Err("the publisher's channel was given up after a failed publish".into());
+        };
+        let live = supervisor.connection().await.map_err(|e| e.to_string())?;
+        if live.is_blocked() {
+            return Err("the broker blocked the publishing connection (a resource alarm)".into());
+        }
+        let channel = live.create_channel().await.map_err(|e| e.to_string())?;
+        let selected = channel.confirm_select(ConfirmSelectOptions::default());
+        if let Err(e) = selected.await {
+            return Err(format!("confirm.select: {}", describe(&e)));
+        }
+        debug!(
+            channel = channel.id(),
+            connection = live.generation(),
+            "publisher channel opened"
+        );
+        self.registry().push(channel.clone());
+        Ok(Open {
+            channel,
+            live: Some(live),
+        })
+    }
+
+    /// Closes a channel that must not carry another publish.
+    fn give_up(&self, open: Open) {
+        let channel = open.channel;
+        self.registry().retain(|c| c.id() != channel.id());
+        if !channel.status().connected() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let close = channel.close(200, "backstop: publish abandoned".into());
+            let _ = tokio::time::timeout(crate::connection::CHANNEL_TIMEOUT, close).await;
+        });
+    }
+
+    fn mark_broken(&self, reason: String) {
+        let mut broken = self.broken.lock().unwrap_or_else(|e| e.into_inner());
+        if broken.is_none() {
+            warn!(%reason, "the publisher needs its topology declared again");
+            *broken = Some(reason);
+        }
+    }
+}
+
+impl Open {
+    fn is_usable(&self) -> bool {
+        self.channel.status().connected()
+            && self.live.as_ref().is_none_or(LiveConnection::is_connected)
+    }
+}
+
+/// A channel carrying a publish. Unless [`keep`](Self::keep) takes it back
+/// after a confirm, dropping it gives the channel up.
+struct InFlight<'a> {
+    pool: &'a Pool,
+    open: Option<Open>,
+}
+
+impl InFlight<'_> {
+    fn connection_is_up(&self) -> bool {
+        self.open
+            .as_ref()
+            .and_then(|open| open.live.as_ref())
+            .is_none_or(LiveConnection::is_connected)
+    }
+
+    fn keep(&mut self) -> Option<Open> {
+        self.open.take()
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(open) = self.open.take() {
+            self.pool.give_up(open);
         }
     }
 }

@@ -9,8 +9,12 @@ mod common;
 
 use backstop::connection::ConnectionState;
 use backstop::consumer::ConsumerConfig;
-use backstop_testkit::{amqp_url, connect, publish, rabbitmqctl, unique};
+use backstop::handler::Outcome;
+use backstop::retry::RetryPolicy;
+use backstop_testkit::{amqp_url, connect, delete_queue, publish, rabbitmqctl, unique, wait_until};
 use common::*;
+use lapin::options::BasicGetOptions;
+use std::collections::HashSet;
 use std::time::Duration;
 
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -234,4 +238,192 @@ async fn the_broker_s_consumer_timeout_is_named_and_the_consumer_recovers() {
         ),
         "{logs}"
     );
+}
+
+/// True while the broker has a memory alarm set. Panics when `rabbitmqctl`
+/// fails or answers something that is not a list of alarms.
+async fn memory_alarm() -> bool {
+    let out =
+        tokio::task::spawn_blocking(|| rabbitmqctl(&["-q", "eval", "rabbit_alarm:get_alarms()."]))
+            .await
+            .expect("task")
+            .unwrap_or_else(|e| panic!("{e}"));
+    let out = out.trim();
+    assert!(
+        out.starts_with('[') && out.ends_with(']'),
+        "not a list of alarms: {out:?}"
+    );
+    out.contains("resource_limit,memory")
+}
+
+/// The message ids in `queue`, taken out with `basic.get`.
+async fn take_ids(connection: &lapin::Connection, queue: &str) -> Vec<String> {
+    let channel = connection.create_channel().await.expect("channel");
+    let mut ids = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+    {
+        let id = message
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned());
+        ids.push(id.unwrap_or_else(|| panic!("a message without an id in {queue}")));
+    }
+    let _ = channel.close(200, "counted".into()).await;
+    ids
+}
+
+/// Issue 13, item 5. The broker stops reading from a connection that
+/// publishes during a resource alarm, and lapin then writes nothing on it:
+/// with retry copies published on the consumer's own connection, one failing
+/// message froze every ack. Copies go on a connection of their own, so the
+/// consumer keeps acking, shuts down within its bounds, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_never_stalls_acks_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let queue = unique("alarm");
+    let delay = Duration::from_secs(600);
+    let policy = RetryPolicy::new().delays([delay]);
+    let tier = RetryPolicy::tier_queue(&queue, delay);
+    let topology = classic(&queue);
+    declare(&topology).await;
+    // Published before the alarm: during it, a publisher is blocked.
+    let publisher = connect().await;
+    let (bad, good) = (5u64, 200u64);
+    publish(&publisher, &queue, bad, "bad", |_| b"x".to_vec()).await;
+    publish(&publisher, &queue, good, "ok", |_| b"x".to_vec()).await;
+
+    let (alarm_on, gate) = tokio::sync::watch::channel(false);
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let concurrency = 8;
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .retry(policy.clone())
+            .prefetch(50)
+            .concurrency(concurrency)
+            .publish_timeout(Duration::from_secs(3))
+            .shutdown_timeout(Duration::from_secs(2)),
+        &recorder,
+        move |delivery, _| {
+            let mut gate = gate.clone();
+            async move {
+                // Nothing is handled before the alarm is on.
+                let _ = gate.wait_for(|on| *on).await;
+                if delivery
+                    .message_id()
+                    .is_some_and(|id| id.starts_with("bad-"))
+                {
+                    Outcome::retry("the downstream is down")
+                } else {
+                    Outcome::Ack
+                }
+            }
+        },
+    );
+    wait_stats(&consumer, "handlers waiting for the alarm", |s| {
+        s.in_flight == concurrency as u64
+    })
+    .await;
+    // The consumer's own connection must never be blocked: it never publishes.
+    let consumer_blocked = {
+        let mut state = supervisor.state();
+        tokio::spawn(async move {
+            let _ = state
+                .wait_for(|s| matches!(s, ConnectionState::Blocked { .. }))
+                .await;
+        })
+    };
+    let mut publishing = supervisor.publishing().state();
+
+    let guard = WatermarkGuard;
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]))
+        .await
+        .expect("task")
+        .expect("set watermark");
+    wait_until("the memory alarm", Duration::from_secs(30), memory_alarm).await;
+    alarm_on.send_replace(true);
+
+    // Acks go on: every good message leaves the queue; only the failing
+    // ones, whose copies cannot be confirmed now, stay.
+    wait_until(
+        "every good message acked during the alarm",
+        Duration::from_secs(60),
+        || {
+            let handled = recorder.distinct_handled() as u64;
+            let acked = consumer.stats().handled;
+            let queue = queue.clone();
+            async move {
+                handled == good
+                    && acked >= good
+                    && queue_is(&queue, move |c| c.ready + c.unacked <= bad).await
+            }
+        },
+    )
+    .await;
+    assert!(
+        memory_alarm().await,
+        "the acks must have flowed during the alarm"
+    );
+    let copies_blocked = tokio::time::timeout(
+        Duration::from_secs(30),
+        publishing.wait_for(|s| matches!(s, ConnectionState::Blocked { .. })),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(
+        copies_blocked,
+        "the copies were published on the publishing connection"
+    );
+    assert!(
+        !consumer_blocked.is_finished(),
+        "the consumer's connection was blocked"
+    );
+    consumer_blocked.abort();
+    // Copies that could not be confirmed failed (timed out or refused while
+    // blocked) and their originals stayed.
+    wait_stats(&consumer, "failed copies during the alarm", |s| {
+        s.publish_failures >= 1
+    })
+    .await;
+
+    // The shutdown timeout (2 s) plus a margin: nothing waits for the
+    // blocked publishing connection.
+    let report = tokio::time::timeout(Duration::from_secs(8), consumer.shutdown())
+        .await
+        .expect("shutdown finishes within its bound during the alarm")
+        .expect("clean shutdown");
+    tokio::time::timeout(Duration::from_secs(5), supervisor.close())
+        .await
+        .expect("closing the connections does not wait for the blocked one");
+
+    drop(guard);
+    wait_until("the alarm cleared", Duration::from_secs(30), || async {
+        !memory_alarm().await
+    })
+    .await;
+    // Nothing lost: every failing message is back in its queue or in the tier.
+    let mut found: HashSet<String> = take_ids(&publisher, &queue).await.into_iter().collect();
+    found.extend(take_ids(&publisher, &tier).await);
+    let missing: Vec<String> = (0..bad)
+        .map(|i| format!("bad-{i}"))
+        .filter(|id| !found.contains(id))
+        .collect();
+    assert!(missing.is_empty(), "lost {missing:?}; {report:?}");
+    assert!(
+        found.iter().all(|id| id.starts_with("bad-")),
+        "a good message was left behind: {found:?}"
+    );
+    for name in policy.tier_queues(&queue) {
+        delete_queue(&publisher, &name).await;
+    }
+    delete_queue(&publisher, &RetryPolicy::dead_letter_queue(&queue)).await;
+    delete_queue(&publisher, &queue).await;
 }

@@ -159,3 +159,55 @@ async fn handlers_that_outlive_the_shutdown_timeout_stay_unacked() {
     supervisor.close().await;
     delete_queue(&publisher, &queue).await;
 }
+
+/// `close()` is bounded: with the connection blackholed the broker never
+/// answers `connection.close`, and lapin alone would wait for it until its
+/// heartbeats ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_supervisor_whose_connection_is_blackholed_finishes() {
+    init_tracing();
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let supervisor = supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(60));
+    supervisor.connection().await.expect("connected");
+    proxy.blackhole();
+    tokio::time::timeout(Duration::from_secs(15), supervisor.close())
+        .await
+        .expect("close() finishes while the broker does not answer");
+    assert!(matches!(
+        &*supervisor.state().borrow(),
+        ConnectionState::Closed { .. }
+    ));
+}
+
+/// A shutdown while a session is being opened on a connection that does not
+/// answer (channel.open never completes) finishes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_while_a_session_opens_on_a_silent_connection_finishes() {
+    init_tracing();
+    let queue = unique("open-hang");
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let supervisor = supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(60));
+    supervisor.connection().await.expect("connected");
+    proxy.blackhole();
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(classic(&queue)),
+        &recorder,
+        ack,
+    );
+    // The runtime shows no sign of being inside channel.open, which cannot
+    // complete here; half a second is ample to get there.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(consumer.stats().sessions, 0);
+    tokio::time::timeout(Duration::from_secs(5), consumer.shutdown())
+        .await
+        .expect("the shutdown does not wait for the hung open")
+        .expect("clean shutdown");
+    tokio::time::timeout(Duration::from_secs(15), supervisor.close())
+        .await
+        .expect("close() is bounded");
+    proxy.restore();
+    let publisher = connect().await;
+    delete_queue(&publisher, &queue).await;
+}

@@ -788,3 +788,166 @@ async fn tier_copies_that_expire_while_the_quorum_queue_is_gone_all_come_back() 
     delete_all(&publisher, &queue, &policy).await;
     delete_queue(&publisher, &queue).await;
 }
+
+/// The message ids in `queue`, taken out with `basic.get`; none when the
+/// queue does not exist.
+async fn take_ids(connection: &lapin::Connection, queue: &str) -> Vec<String> {
+    let name = queue.to_owned();
+    let exists = tokio::task::spawn_blocking(move || backstop_testkit::queue_counts(&name))
+        .await
+        .expect("rabbitmqctl task")
+        .is_some();
+    if !exists {
+        return Vec::new();
+    }
+    let channel = connection.create_channel().await.expect("channel");
+    let mut ids = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+    {
+        let id = message
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_else(|| panic!("a message without an id in {queue}"));
+        ids.push(id);
+    }
+    let _ = channel.close(200, "counted".into()).await;
+    ids
+}
+
+/// The number at the end of a test message id (`m-17`).
+fn number_of(delivery: &backstop::handler::Delivery) -> u64 {
+    delivery
+        .message_id()
+        .and_then(|id| id.rsplit('-').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a numbered message id: {:?}", delivery.message_id()))
+}
+
+/// Issue 13, item 1. Copies to a tier queue that is gone come back as
+/// `basic.return` while copies to a live tier are in flight on the same
+/// publisher. A return pinned on another copy's confirm would ack an
+/// original whose copy the broker dropped. Ledger: every message ends up in a
+/// tier or back in its queue, never nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returned_copy_never_passes_for_a_confirmed_one() {
+    init_tracing();
+    let queue = unique("retry-returned");
+    // Long tiers: the copies stay there for the whole test.
+    let (gone_delay, live_delay) = (Duration::from_secs(600), Duration::from_secs(1200));
+    let policy = RetryPolicy::new().delays([gone_delay, live_delay]);
+    let gone = RetryPolicy::tier_queue(&queue, gone_delay);
+    let live = RetryPolicy::tier_queue(&queue, live_delay);
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(policy.clone())
+            .prefetch(200)
+            .concurrency(64),
+        &recorder,
+        move |delivery, _| async move {
+            if number_of(&delivery).is_multiple_of(2) {
+                Outcome::retry_after(gone_delay, "to the tier that was deleted")
+            } else {
+                Outcome::retry_after(live_delay, "to the live tier")
+            }
+        },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    // Deleted before any copy is published, so no copy is confirmed into it
+    // and then deleted: every copy sent to it comes back.
+    delete_queue(&publisher, &gone).await;
+    let n = 2000u64;
+    publish(&publisher, &queue, n, "m", |_| b"x".to_vec()).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let all_copied = loop {
+        let retried = consumer.stats().retried;
+        if retried >= n && queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(ms(200)).await;
+    };
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    let mut found: std::collections::HashSet<String> = Default::default();
+    for name in [&queue, &gone, &live] {
+        found.extend(take_ids(&publisher, name).await);
+    }
+    let missing: Vec<String> = (0..n)
+        .map(|i| format!("m-{i}"))
+        .filter(|id| !found.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} messages are in no queue (acked while their copy was returned), e.g. {:?}; {report:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    assert!(all_copied, "not every message reached a tier: {report:?}");
+    supervisor.close().await;
+    delete_all(&publisher, &queue, &policy).await;
+    delete_queue(&publisher, &queue).await;
+}
+
+/// Issue 13, item 7. A deleted tier queue makes every copy to it come back;
+/// requeueing the original forever would loop. The consumer ends its
+/// session, declares its topology again (the tier with it) and the copies
+/// flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_tier_queue_is_declared_again_and_copies_flow_through_it() {
+    init_tracing();
+    let queue = unique("retry-redeclare");
+    let delay = Duration::from_secs(600);
+    let policy = RetryPolicy::new().delays([delay]);
+    let tier = RetryPolicy::tier_queue(&queue, delay);
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(policy.clone())
+            .concurrency(4),
+        &recorder,
+        |_, _| async { Outcome::retry("the downstream is down") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    delete_queue(&publisher, &tier).await;
+    let n = 20;
+    publish(&publisher, &queue, n, "m", |_| b"x".to_vec()).await;
+    wait_stats(&consumer, "every copy confirmed in the tier", |s| {
+        s.retried == n
+    })
+    .await;
+    wait_until(
+        "the tier declared again, holding every copy",
+        Duration::from_secs(30),
+        || queue_is(&tier, move |c| c.ready == n),
+    )
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    assert!(
+        report.sessions >= 2,
+        "a new session declared the tier: {report:?}"
+    );
+    assert!(report.publish_failures >= 1, "{report:?}");
+    // Each original was requeued until its copy was confirmed: none was
+    // acked on a returned copy and none is left.
+    assert_eq!(report.retried, n, "{report:?}");
+    assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
+    supervisor.close().await;
+    delete_all(&publisher, &queue, &policy).await;
+    delete_queue(&publisher, &queue).await;
+}

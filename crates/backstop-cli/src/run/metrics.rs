@@ -157,7 +157,7 @@ impl Collector for Live {
         family(
             &mut encoder,
             "backstop_connection_blocked_seconds",
-            "time the broker kept the connection blocked",
+            "time the broker kept the publishing connection blocked",
             MetricType::Counter,
             vec![(vec![], ConstCounter::new(blocked.as_secs_f64()))],
         )?;
@@ -359,7 +359,12 @@ pub(crate) async fn serve(
     let blocked = Arc::new(Mutex::new(BlockedClock::default()));
     let depths = Arc::new(Mutex::new(Vec::new()));
     let store_rows = Arc::new(Mutex::new(Vec::new()));
-    tokio::spawn(watch_blocked(supervisor.state(), blocked.clone()));
+    // Copies are published on the publishing connection; only it can be
+    // blocked (the broker blocks a connection when it publishes).
+    tokio::spawn(watch_blocked(
+        supervisor.publishing().state(),
+        blocked.clone(),
+    ));
     tokio::spawn(poll_depths(
         supervisor.clone(),
         consumers.clone(),

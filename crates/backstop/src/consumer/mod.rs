@@ -56,7 +56,7 @@ mod held;
 mod process;
 
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
-use crate::connection::{Backoff, ConnectionSupervisor, LiveConnection, describe};
+use crate::connection::{Backoff, CHANNEL_TIMEOUT, ConnectionSupervisor, LiveConnection, describe};
 use crate::dedup::DedupConfig;
 use crate::error::{Error, Result};
 use crate::handler::{Delivery, Handler};
@@ -121,6 +121,8 @@ pub struct ConsumerConfig {
     dedup: Option<DedupConfig>,
     delivery_limit: Option<u32>,
     queue_type: Option<QueueType>,
+    publish_channels: usize,
+    publish_timeout: Duration,
 }
 
 impl ConsumerConfig {
@@ -152,6 +154,8 @@ impl ConsumerConfig {
             dedup: None,
             delivery_limit: None,
             queue_type: None,
+            publish_channels: crate::publish::DEFAULT_CHANNELS,
+            publish_timeout: crate::publish::DEFAULT_CONFIRM_TIMEOUT,
         }
     }
 
@@ -316,6 +320,23 @@ impl ConsumerConfig {
         self
     }
 
+    /// How many confirm channels carry retry and dead-letter copies (default
+    /// 4). Each carries one copy at a time, from `basic.publish` to its
+    /// confirm, so that a `basic.return` is never taken for another copy's;
+    /// more channels, more copies in flight.
+    pub fn publish_channels(mut self, channels: usize) -> Self {
+        self.publish_channels = channels;
+        self
+    }
+
+    /// The bound on publishing one copy, from waiting for a channel to the
+    /// broker's confirm (default 30 s). A copy not confirmed in time is a
+    /// failed publish: the original is requeued, never acked.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.publish_timeout = timeout;
+        self
+    }
+
     /// Turns the circuit breaker on (see [`crate::breaker`]).
     pub fn circuit_breaker(mut self, config: BreakerConfig) -> Self {
         self.breaker = Some(config);
@@ -371,6 +392,18 @@ impl ConsumerConfig {
         }
         if let Some(breaker) = &self.breaker {
             breaker.validate()?;
+        }
+        if self.publish_channels == 0 {
+            return Err(Error::Config {
+                key: "publish_channels",
+                reason: "copies need at least one channel".into(),
+            });
+        }
+        if self.publish_timeout.is_zero() {
+            return Err(Error::Config {
+                key: "publish_timeout",
+                reason: "a copy needs some time to be confirmed".into(),
+            });
         }
         Ok(())
     }
@@ -777,7 +810,8 @@ struct Session {
     live: LiveConnection,
     channel: lapin::Channel,
     consumer: lapin::Consumer,
-    /// Confirm-mode channel for retry and dead-letter copies.
+    /// Confirm-mode channels on the publishing connection for retry and
+    /// dead-letter copies, opened on the first copy; with a retry policy.
     publisher: Option<ConfirmedPublisher>,
     generation: u64,
     acks: AckCoalescer,
@@ -875,9 +909,16 @@ impl<H: Handler> Runtime<H> {
             self.context
                 .generation
                 .store(self.generation, Ordering::Release);
-            let session = match self.open(live.clone()).await {
-                Ok(session) => session,
-                Err(e) => {
+            // A stop while the session opens (a silent connection holds
+            // channel.open or a declare) ends it there.
+            let opened = tokio::select! {
+                opened = self.open(live.clone()) => Some(opened),
+                _ = wait_true(&mut stop) => None,
+            };
+            let session = match opened {
+                None => break,
+                Some(Ok(session)) => session,
+                Some(Err(e)) => {
                     failures += 1;
                     bump(&self.stats.session_errors, 1);
                     warn!(%queue, error = %e, attempt = failures, "could not start consuming");
@@ -1031,19 +1072,19 @@ impl<H: Handler> Runtime<H> {
                 })
         }
         .await;
-        let publisher = match (&result, self.context.needs_publisher()) {
-            (Ok(_), true) => match live.create_channel().await {
-                Ok(channel) => Some(ConfirmedPublisher::new(channel).await),
-                Err(e) => Some(Err(e)),
-            },
-            _ => None,
-        };
-        let result = match (result, publisher.transpose()) {
-            (Ok(consumer), Ok(publisher)) => Ok((consumer, publisher)),
-            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
-        };
+        // Copies go on the publishing connection, never on this one: a
+        // resource alarm blocks the connection that publishes, acks and
+        // all. Its channels open on the first copy, so a publishing
+        // connection that is down or blocked never holds a session up.
+        let publisher = self.context.needs_publisher().then(|| {
+            ConfirmedPublisher::pooled(
+                self.supervisor.publishing(),
+                self.config.publish_channels,
+                self.config.publish_timeout,
+            )
+        });
         match result {
-            Ok((consumer, publisher)) => {
+            Ok(consumer) => {
                 let batch = self
                     .config
                     .ack_batch
@@ -1065,7 +1106,8 @@ impl<H: Handler> Runtime<H> {
                 })
             }
             Err(e) => {
-                let _ = channel.close(200, "backstop: setup failed".into()).await;
+                let close = channel.close(200, "backstop: setup failed".into());
+                let _ = tokio::time::timeout(CHANNEL_TIMEOUT, close).await;
                 Err(e)
             }
         }
@@ -1127,6 +1169,15 @@ impl<H: Handler> Runtime<H> {
                         if self.breaker_state() == BreakerState::Open {
                             self.drain(session, "circuit breaker open", true).await;
                             return SessionEnd::BreakerOpen;
+                        }
+                        // A copy came back unroutable (a tier queue or the
+                        // DLQ was deleted) or the broker closed a publishing
+                        // channel: only declaring the topology again helps,
+                        // which the next session does.
+                        let broken = session.publisher.as_ref().and_then(ConfirmedPublisher::broken);
+                        if let Some(reason) = broken {
+                            self.drain(session, "the copies' topology is broken", true).await;
+                            return SessionEnd::Broken(reason);
                         }
                     }
                 }
@@ -1412,13 +1463,15 @@ impl<H: Handler> Runtime<H> {
         let queue = self.config.queue.clone();
         let tag = session.consumer.tag();
         info!(%queue, in_flight = self.running, why, "draining: settling what runs, then closing");
-        if cancel
-            && let Err(e) = session
+        if cancel {
+            let cancelling = session
                 .channel
-                .basic_cancel(tag, BasicCancelOptions::default())
-                .await
-        {
-            warn!(%queue, error = %describe(&e), "basic.cancel failed");
+                .basic_cancel(tag, BasicCancelOptions::default());
+            match tokio::time::timeout(CHANNEL_TIMEOUT, cancelling).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(%queue, error = %describe(&e), "basic.cancel failed"),
+                Err(_) => warn!(%queue, "basic.cancel not answered within {CHANNEL_TIMEOUT:?}"),
+            }
         }
         let deadline = tokio::time::Instant::now() + self.config.shutdown_timeout;
         while self.running > 0 {
@@ -1490,15 +1543,17 @@ fn consumer_timeout_of(message: &str) -> Option<String> {
     Some(value.unwrap_or("?").to_owned())
 }
 
-/// Closes a session's channels that still stand; the broker requeues what
-/// they hold unacked.
+/// Closes a session's channels that still stand, within
+/// [`CHANNEL_TIMEOUT`]; the broker requeues what the consumer's channel holds
+/// unacked. The publisher's channels hold no delivery: they close in the
+/// background, so a blocked publishing connection never holds this up.
 async fn close_session(session: &Session, why: &str) {
-    let channels = std::iter::once(&session.channel)
-        .chain(session.publisher.as_ref().map(ConfirmedPublisher::channel));
-    for channel in channels {
-        if channel.status().connected() {
-            let _ = channel.close(200, why.into()).await;
-        }
+    if let Some(publisher) = session.publisher.clone() {
+        tokio::spawn(async move { publisher.close().await });
+    }
+    if session.channel.status().connected() {
+        let close = session.channel.close(200, why.into());
+        let _ = tokio::time::timeout(CHANNEL_TIMEOUT, close).await;
     }
 }
 

@@ -217,7 +217,13 @@ pub(crate) fn process<H: Handler, T>(
             let permits = ctx.permits();
             return Box::pin(
                 Box::pin(near_the_limit(
-                    handler, ctx, publisher, delivery, generation, permits, limit, count,
+                    handler,
+                    ctx,
+                    publisher,
+                    delivery,
+                    generation,
+                    permits,
+                    (limit, count),
                 ))
                 .map(done),
             );
@@ -252,8 +258,7 @@ async fn near_the_limit<H: Handler>(
     delivery: Delivery,
     generation: u64,
     permits: Arc<tokio::sync::Semaphore>,
-    limit: u64,
-    count: u64,
+    (limit, count): (u64, u64),
 ) -> (Settlement, Verdict) {
     let kept = delivery.clone();
     let (settlement, verdict) = if delivery.body().len() > ctx.max_message_size {

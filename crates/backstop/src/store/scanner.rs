@@ -188,7 +188,9 @@ impl Scanner {
         let publisher = match &self.redrive {
             Redrive::Republish(supervisor) => {
                 let opened = async {
-                    let live = supervisor.connection().await?;
+                    // Copies never go on a consumer's connection: a resource
+                    // alarm blocks the connection that publishes.
+                    let live = supervisor.publishing().connection().await?;
                     ConfirmedPublisher::new(live.create_channel().await?).await
                 };
                 let opened = tokio::select! {
@@ -208,8 +210,7 @@ impl Scanner {
         };
         let report = self.redrive_due(publisher.as_ref(), stop).await;
         if let Some(publisher) = publisher {
-            let close = publisher.channel().close(200, "scan done".into());
-            let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), publisher.close()).await;
         }
         report
     }
