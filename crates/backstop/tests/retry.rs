@@ -711,13 +711,20 @@ async fn without_a_policy_rejected_and_oversized_messages_are_parked_with_the_re
 /// tiers with at-least-once dead-lettering keep it until the main queue
 /// confirms it.
 ///
-/// Slow by the broker's design: RabbitMQ's dead-letter worker re-sends a
-/// message it could not place every `dead_letter_worker_publisher_confirm_timeout`
-/// (3 minutes by default; twice that when the copies expired in two
-/// batches), and changing that setting would change the whole broker.
+/// RabbitMQ's dead-letter worker re-sends a message it could not place
+/// every `dead_letter_worker_publisher_confirm_timeout` (3 minutes by
+/// default), read when a quorum queue's worker starts. The test lowers it to
+/// 3 s for the workers started while it runs (a guard puts it back): only
+/// the retry interval of at-least-once dead-lettering changes, not whether
+/// it retries, and no other test depends on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tier_copies_that_expire_while_the_quorum_queue_is_gone_all_come_back() {
     init_tracing();
+    let _resend = tokio::task::spawn_blocking(|| {
+        RabbitEnv::set("dead_letter_worker_publisher_confirm_timeout", 3000)
+    })
+    .await
+    .expect("rabbitmqctl task");
     let queue = unique("tier-gone");
     // Long enough to stop the consumer and delete the queue before it runs out.
     let tier_delay = Duration::from_secs(5);
@@ -776,7 +783,7 @@ async fn tier_copies_that_expire_while_the_quorum_queue_is_gone_all_come_back() 
         .wait_handled(
             failing as usize,
             "every failing message back and handled",
-            Duration::from_secs(400),
+            Duration::from_secs(120),
         )
         .await;
     let report = consumer.shutdown().await.expect("clean shutdown");
@@ -950,4 +957,52 @@ async fn a_deleted_tier_queue_is_declared_again_and_copies_flow_through_it() {
     supervisor.close().await;
     delete_all(&publisher, &queue, &policy).await;
     delete_queue(&publisher, &queue).await;
+}
+
+/// A `rabbit` application variable set for the length of a test and put
+/// back when dropped, even if the test fails half-way.
+struct RabbitEnv {
+    name: &'static str,
+    old: Option<String>,
+}
+
+impl RabbitEnv {
+    /// Sets `rabbit.<name>` to `value`, remembering what it was (unset:
+    /// `undefined`). Panics when `rabbitmqctl` fails or answers something
+    /// that is neither a number nor `undefined`.
+    fn set(name: &'static str, value: u64) -> Self {
+        let out = backstop_testkit::rabbitmqctl(&[
+            "-q",
+            "eval",
+            &format!("application:get_env(rabbit, {name})."),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let out = out.trim();
+        let old = if out == "undefined" {
+            None
+        } else {
+            let value = out
+                .strip_prefix("{ok,")
+                .and_then(|v| v.strip_suffix('}'))
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .unwrap_or_else(|| panic!("cannot read rabbit.{name}: {out:?}"));
+            Some(value.to_owned())
+        };
+        backstop_testkit::rabbitmqctl(&[
+            "eval",
+            &format!("application:set_env(rabbit, {name}, {value})."),
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        RabbitEnv { name, old }
+    }
+}
+
+impl Drop for RabbitEnv {
+    fn drop(&mut self) {
+        let restore = match &self.old {
+            Some(value) => format!("application:set_env(rabbit, {}, {value}).", self.name),
+            None => format!("application:unset_env(rabbit, {}).", self.name),
+        };
+        let _ = backstop_testkit::rabbitmqctl(&["eval", &restore]);
+    }
 }
