@@ -27,6 +27,7 @@
 
 use crate::connection::{ConnectionSupervisor, LiveConnection, describe};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::{BasicProperties, Confirmation};
 use std::fmt;
 use std::sync::Arc;
@@ -180,7 +181,9 @@ impl ConfirmedPublisher {
 
     /// Set once a publish showed that the topology the publisher relies on is
     /// gone: a copy came back unroutable (its queue was deleted), or the
-    /// broker closed a channel while the connection stayed up. Publishing
+    /// broker closed a channel with `NOT_FOUND` (its exchange was deleted)
+    /// while the connection stayed up. Other channel errors (`ACCESS_REFUSED`,
+    /// a message over the broker's size limit) fail the publish alone. Publishing
     /// again will not fix it; declaring the topology again will. The
     /// consumer ends its session on it and the next session declares the
     /// topology and gets a fresh publisher.
@@ -292,9 +295,14 @@ impl ConfirmedPublisher {
             Err(_) => return Err(timed_out()),
             Ok(Err(e)) => {
                 let reason = describe(&e);
-                // The channel failed while its connection stands: the broker
-                // closed it (an unknown exchange, a refused publish).
-                if in_flight.connection_is_up() && !pool.closed.load(Ordering::Acquire) {
+                // Only an exchange that is gone (404) is cured by declaring
+                // the topology again. Other refusals (403 access refused, 406
+                // a message too large) would come back the same on a new
+                // session: ending it would only churn; this copy fails alone.
+                if needs_redeclare(&e)
+                    && in_flight.connection_is_up()
+                    && !pool.closed.load(Ordering::Acquire)
+                {
                     pool.mark_broken(format!(
                         "the broker closed the publishing channel: {reason}"
                     ));
@@ -409,6 +417,17 @@ impl Pool {
     }
 }
 
+/// True for a channel the broker closed with `NOT_FOUND` (404): an exchange
+/// (or queue) the publish relies on is gone, which declaring the topology
+/// again cures.
+fn needs_redeclare(err: &lapin::Error) -> bool {
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+    )
+}
+
 impl Open {
     fn is_usable(&self) -> bool {
         self.channel.status().connected()
@@ -441,5 +460,33 @@ impl Drop for InFlight<'_> {
         if let Some(open) = self.open.take() {
             self.pool.give_up(open);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::AMQPError;
+
+    fn closed_with(kind: AMQPErrorKind) -> lapin::Error {
+        lapin::ErrorKind::ProtocolError(AMQPError::new(kind, "closed by the broker".into())).into()
+    }
+
+    #[test]
+    fn only_a_missing_exchange_asks_for_the_topology_again() {
+        assert!(needs_redeclare(&closed_with(AMQPErrorKind::Soft(
+            AMQPSoftError::NOTFOUND
+        ))));
+        for refused in [AMQPSoftError::ACCESSREFUSED, AMQPSoftError::RESOURCELOCKED] {
+            assert!(!needs_redeclare(&closed_with(AMQPErrorKind::Soft(refused))));
+        }
+        // 406 for a message over the broker's max_message_size.
+        assert!(!needs_redeclare(&closed_with(AMQPErrorKind::Soft(
+            AMQPSoftError::PRECONDITIONFAILED
+        ))));
+        let gone: lapin::Error =
+            lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "channel closed")
+                .into();
+        assert!(!needs_redeclare(&gone));
     }
 }

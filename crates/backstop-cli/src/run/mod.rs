@@ -205,9 +205,12 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
 /// How long the scanner may take to finish its scan once asked to stop.
 const SCANNER_STOP_BOUND: Duration = Duration::from_secs(10);
-/// How long a consumer's drain may take beyond its `shutdown_timeout`:
-/// cancelling the subscription, flushing acks (5 s at most), closing.
-const DRAIN_MARGIN: Duration = Duration::from_secs(10);
+/// How long a consumer's drain may take beyond its `shutdown_timeout`. The
+/// drain bounds each of its own steps: `basic.cancel` (10 s, the library's
+/// `CHANNEL_TIMEOUT`), the final ack flush (5 s) and the channel close
+/// (10 s again), 25 s in all. The margin covers them with room to spare, so
+/// a slow broker is not taken for a hung consumer and abandoned mid-drain.
+const DRAIN_MARGIN: Duration = Duration::from_secs(30);
 /// How long closing the broker connection may take.
 const CLOSE_BOUND: Duration = Duration::from_secs(5);
 

@@ -797,7 +797,8 @@ struct Runtime<H> {
     /// How many of `handlers` belong to the current session: only those
     /// count against the limit. Handlers of ended sessions may hang on (a
     /// consumer_timeout, a cut); their tags are dead and they must not hold
-    /// the new session's slots.
+    /// the new session's slots. They are bounded all the same: see
+    /// [`Self::has_room`].
     running: usize,
     generation: u64,
     rng: fastrand::Rng,
@@ -852,6 +853,8 @@ impl<H: Handler> Runtime<H> {
     async fn run(mut self) -> Result<()> {
         let queue = self.config.queue.clone();
         let mut failures = 0u32;
+        // Sessions in a row that broke soon after they started.
+        let mut broken_streak = 0u32;
         let mut stop = self.stop.clone();
         loop {
             if *self.stop.borrow() {
@@ -935,6 +938,7 @@ impl<H: Handler> Runtime<H> {
             info!(%queue, generation = session.generation, connection = live.generation(),
                 prefetch = self.prefetch(), "consuming");
             self.stats.subscribed.store(1, Ordering::Relaxed);
+            let started = Instant::now();
             let end = self.pump(session).await;
             // No session consumes until the next one opens: deliveries of
             // this one that have not started their handler never will.
@@ -948,14 +952,26 @@ impl<H: Handler> Runtime<H> {
                     if !live.is_connected() {
                         self.supervisor.report_lost(live.generation(), reason);
                     }
-                    // A short pause so a queue that keeps failing does not spin.
-                    self.pause(1).await;
+                    // A pause that grows while sessions keep breaking soon
+                    // after they start (a copy refused every time, a queue
+                    // that keeps failing), so they do not spin; a session
+                    // that lived a while starts the count again.
+                    broken_streak = if started.elapsed() >= BROKEN_STREAK_RESET {
+                        1
+                    } else {
+                        broken_streak.saturating_add(1)
+                    };
+                    self.pause(broken_streak).await;
                 }
                 SessionEnd::BreakerOpen => {}
             }
         }
         // Stopped while no session was up: whatever is still running belongs
-        // to a closed channel and cannot be acked any more.
+        // to a closed channel and cannot be acked any more, but it gets the
+        // shutdown timeout to finish its work (with dedup, to mark its key
+        // done) before it is dropped.
+        self.finish_stale(tokio::time::Instant::now() + self.config.shutdown_timeout)
+            .await;
         self.handlers.clear();
         self.update_in_flight();
         Ok(())
@@ -1040,6 +1056,17 @@ impl<H: Handler> Runtime<H> {
                 }
             }
         }
+    }
+
+    /// True when one more delivery of the current session may start: the
+    /// session has a slot free, and the handlers of all sessions together
+    /// stay under the current limit plus one session's worth of handlers of
+    /// ended sessions. Without the second bound every session ended under
+    /// hung handlers (a cut, a consumer_timeout) would leave up to
+    /// `concurrency` more of them running, without end.
+    fn has_room(&self) -> bool {
+        self.running < self.in_process_limit()
+            && self.handlers.len() < self.in_process_limit() + self.config.concurrency
     }
 
     fn update_in_flight(&self) {
@@ -1132,7 +1159,7 @@ impl<H: Handler> Runtime<H> {
         );
         age_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            while !session.waiting.is_empty() && self.running < self.in_process_limit() {
+            while !session.waiting.is_empty() && self.has_room() {
                 if let Some((tag, delivery)) = session.waiting.pop_front() {
                     self.dispatch(&session, tag, delivery);
                 }
@@ -1149,7 +1176,7 @@ impl<H: Handler> Runtime<H> {
             tokio::select! {
                 biased;
                 _ = &mut stopped => {
-                    self.drain(session, "shutting down", true).await;
+                    self.drain(session, "shutting down", Drain::Shutdown).await;
                     info!(queue = %self.config.queue, "consumer stopped");
                     return SessionEnd::Stop;
                 }
@@ -1167,7 +1194,8 @@ impl<H: Handler> Runtime<H> {
                             return self.end(session, reason).await;
                         }
                         if self.breaker_state() == BreakerState::Open {
-                            self.drain(session, "circuit breaker open", true).await;
+                            self.drain(session, "circuit breaker open", Drain::Resubscribe)
+                                .await;
                             return SessionEnd::BreakerOpen;
                         }
                         // A copy came back unroutable (a tier queue or the
@@ -1176,7 +1204,8 @@ impl<H: Handler> Runtime<H> {
                         // which the next session does.
                         let broken = session.publisher.as_ref().and_then(ConfirmedPublisher::broken);
                         if let Some(reason) = broken {
-                            self.drain(session, "the copies' topology is broken", true).await;
+                            self.drain(session, "the copies' topology is broken", Drain::Resubscribe)
+                                .await;
                             return SessionEnd::Broken(reason);
                         }
                     }
@@ -1201,7 +1230,7 @@ impl<H: Handler> Runtime<H> {
                             // stands: the results of running handlers can
                             // still be settled on it before it closes.
                             let reason = "the broker cancelled the consumer (queue deleted or node down)".to_owned();
-                            self.drain(session, &reason, false).await;
+                            self.drain(session, &reason, Drain::BrokerCancelled).await;
                             return SessionEnd::Broken(reason);
                         }
                         None => {
@@ -1220,7 +1249,7 @@ impl<H: Handler> Runtime<H> {
         bump(&self.stats.delivered, 1);
         let (tag, delivery) = Delivery::from_lapin(delivery);
         self.held.received(tag, &self.stats);
-        if session.waiting.is_empty() && self.running < self.in_process_limit() {
+        if session.waiting.is_empty() && self.has_room() {
             self.dispatch(session, tag, delivery);
         } else {
             session.waiting.push_back((tag, delivery));
@@ -1454,16 +1483,23 @@ impl<H: Handler> Runtime<H> {
     }
 
     /// Ends a live session gracefully: cancel the subscription (unless the
-    /// broker already did: `cancel` false), let this session's running
-    /// handlers finish within the shutdown timeout, flush acks, close.
+    /// broker already did), let this session's running handlers finish
+    /// within the shutdown timeout, flush acks, close.
     ///
-    /// After the broker's cancel the runtime goes on: handlers that did not
-    /// finish in time are left to run out, stale, as after any ended session.
-    async fn drain(&mut self, mut session: Session, why: &str, cancel: bool) {
+    /// On a shutdown the handlers of ended sessions get the same deadline:
+    /// their results are stale, but their work finishes. A handler with a
+    /// dedup claim marks its key done instead of being dropped mid-effect,
+    /// which would leave the key claimed until its lease ends and then let
+    /// the redelivery run the effect again. What is left at the deadline is
+    /// dropped. Otherwise (breaker open, broken copies, the broker's cancel)
+    /// the runtime goes on: handlers that did not finish in time run out,
+    /// stale, as after any ended session.
+    async fn drain(&mut self, mut session: Session, why: &str, how: Drain) {
         let queue = self.config.queue.clone();
         let tag = session.consumer.tag();
-        info!(%queue, in_flight = self.running, why, "draining: settling what runs, then closing");
-        if cancel {
+        info!(%queue, in_flight = self.running, stale = self.handlers.len().saturating_sub(self.running),
+            why, "draining: settling what runs, then closing");
+        if how != Drain::BrokerCancelled {
             let cancelling = session
                 .channel
                 .basic_cancel(tag, BasicCancelOptions::default());
@@ -1493,8 +1529,9 @@ impl<H: Handler> Runtime<H> {
         if let Err(reason) = self.sent_all(&mut session, Duration::from_secs(5)).await {
             warn!(%queue, %reason, "final ack flush failed; the broker redelivers");
         }
-        // Dropping what did not finish cancels it; its messages stay unacked.
-        if cancel {
+        if how == Drain::Shutdown {
+            self.finish_stale(deadline).await;
+            // Dropping what did not finish cancels it; its messages stay unacked.
             self.handlers.clear();
             self.update_in_flight();
         }
@@ -1502,6 +1539,50 @@ impl<H: Handler> Runtime<H> {
         close_session(&session, "backstop: drained").await;
         self.held.released(&self.stats);
     }
+
+    /// Drives the handlers still running, up to `deadline`, so they finish
+    /// their work; their results are dropped and counted as stale (their
+    /// channels are gone or no longer settle them).
+    async fn finish_stale(&mut self, deadline: tokio::time::Instant) {
+        let queue = &self.config.queue;
+        if !self.handlers.is_empty() {
+            info!(%queue, left = self.handlers.len(), "waiting for the handlers of ended sessions to finish their work");
+        }
+        while !self.handlers.is_empty() {
+            match tokio::time::timeout_at(deadline, self.handlers.next()).await {
+                Ok(Some(_)) => {
+                    bump(&self.stats.stale_tags_dropped, 1);
+                    self.update_in_flight();
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    warn!(%queue, left = self.handlers.len(),
+                        "shutdown timeout: handlers of ended sessions dropped unfinished");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A session that lived this long before it broke starts the count of
+/// broken sessions in a row (and so the pause before the next) again.
+const BROKEN_STREAK_RESET: Duration = Duration::from_secs(30);
+
+/// Why a live session is drained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drain {
+    /// The consumer stops: cancel the subscription, and give every handler
+    /// (of ended sessions too) the shutdown timeout; what is left then is
+    /// dropped.
+    Shutdown,
+    /// The session ends and another follows (circuit breaker open, the
+    /// copies' topology broken): cancel the subscription, give this
+    /// session's handlers the shutdown timeout, leave the rest running.
+    Resubscribe,
+    /// The broker cancelled the subscription: as `Resubscribe`, without a
+    /// `basic.cancel` of our own.
+    BrokerCancelled,
 }
 
 /// The longest the switch from the probing subscription to the full one may
