@@ -613,6 +613,94 @@ async fn a_cancelled_running_handler_keeps_its_key_claimed() {
     backstop_testkit::delete_queue(&publisher, &queue).await;
 }
 
+/// A handler of an ended session (the connection was cut under it) still
+/// runs its effect when the consumer shuts down. The shutdown gives it the
+/// shutdown timeout like the current session's handlers, so it finishes and
+/// marks its key done. Before, the drain waited only for the current
+/// session's handlers and dropped the stale one mid-effect: its key stayed
+/// claimed until the lease ended, was never marked done, and after the lease
+/// the redelivery ran the effect a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_lets_a_stale_handler_finish_and_mark_its_key_done() {
+    use futures_util::StreamExt;
+    init_tracing();
+    let queue = unique("dedup-stale-drain");
+    common::declare(&common::classic(&queue)).await;
+    let store = redis().await;
+    let proxy = backstop_testkit::FaultProxy::start(backstop_testkit::broker_addr())
+        .await
+        .expect("proxy");
+    let supervisor = common::supervisor(
+        &backstop_testkit::url_via(&backstop_testkit::amqp_url(), proxy.addr()),
+        Duration::from_secs(5),
+    );
+    let orders = Orders {
+        work: Duration::from_secs(3),
+        ..Orders::default()
+    };
+    let config = ConsumerConfig::new(&queue)
+        .topology(common::classic(&queue))
+        .shutdown_timeout(Duration::from_secs(15))
+        .dedup(dedup(store.clone()));
+    let consumer = Consumer::new(supervisor.clone(), config, orders.clone())
+        .spawn()
+        .expect("valid consumer config");
+    common::wait_stats(&consumer, "subscribed", |r| r.sessions >= 1).await;
+    let publisher = backstop_testkit::connect().await;
+    backstop_testkit::publish(&publisher, &queue, 1, "order", order_body).await;
+    wait_until("the handler runs", Duration::from_secs(10), || {
+        let running = orders.running.load(Ordering::SeqCst);
+        async move { running == 1 }
+    })
+    .await;
+    // A consumer of higher priority takes the redelivery and holds it, so the
+    // consumer's next session has nothing running of its own when it stops.
+    let holder = publisher.create_channel().await.expect("holder channel");
+    holder
+        .basic_qos(1, lapin::options::BasicQosOptions::default())
+        .await
+        .expect("basic.qos");
+    let mut priority = lapin::types::FieldTable::default();
+    priority.insert("x-priority".into(), lapin::types::AMQPValue::LongInt(10));
+    let mut held = holder
+        .basic_consume(
+            queue.as_str().into(),
+            "holder".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            priority,
+        )
+        .await
+        .expect("basic.consume");
+    proxy.cut();
+    let redelivered = tokio::time::timeout(Duration::from_secs(10), held.next())
+        .await
+        .expect("the redelivery reaches the holder")
+        .expect("the holder's subscription stands")
+        .expect("a delivery");
+    assert!(redelivered.redelivered, "{redelivered:?}");
+    common::wait_stats(&consumer, "a second session", |r| r.sessions >= 2).await;
+    assert_eq!(
+        orders.running.load(Ordering::SeqCst),
+        1,
+        "the first session's handler still runs"
+    );
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    assert_eq!(
+        orders.succeeded().get("order-0").copied(),
+        Some(1),
+        "the stale handler was dropped mid-effect: {report:?}"
+    );
+    assert_eq!(report.stale_tags_dropped, 1, "{report:?}");
+    let claim = store
+        .claim(&queue, "order-0", "another-instance", in_ms(60_000))
+        .await
+        .expect("redis answers");
+    assert_eq!(claim, Claim::Done, "the key was not marked done");
+    let _ = holder.close(200, "done".into()).await;
+    backstop_testkit::delete_queue(&publisher, &queue).await;
+}
+
 /// Business ids that are binary, carry a NUL, or are longer than an index
 /// row each stay their own key. Before keys were encoded, the two binary ids
 /// below decoded lossily to one key (the second was acked as a duplicate
