@@ -205,6 +205,67 @@ async fn hung_handlers_of_an_ended_session_hold_no_slot_of_the_next() {
     assert_eq!(report.handled, 7, "{report:?}");
 }
 
+/// Every session ended under hung handlers leaves them running stale. They
+/// hold no slot of the next session, but are capped all the same: at most
+/// one session's worth beyond the current limit (here 2 + 2). Before, each
+/// cut added `concurrency` more hung handlers, without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_handlers_of_many_ended_sessions_stay_capped() {
+    init_tracing();
+    let queue = unique("hung-cap");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let supervisor = supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .prefetch(10)
+            .concurrency(2)
+            .shutdown_timeout(ms(500)),
+        &recorder,
+        |_, _| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Outcome::Ack
+        },
+    );
+    publish(&publisher, &queue, 10, "hang", |_| b"x".to_vec()).await;
+    for session in 1..=4u64 {
+        if session > 1 {
+            proxy.cut();
+        }
+        // Each session gets all ten (the broker requeued them with the
+        // channel) and starts what it may before the next cut.
+        wait_stats(&consumer, "the session's deliveries", |s| {
+            s.sessions >= session && s.delivered >= 10 * session
+        })
+        .await;
+        wait_until(
+            "every dispatched handler to be running",
+            Duration::from_secs(30),
+            || {
+                let running = recorder.running.load(Ordering::SeqCst);
+                let in_flight = consumer.stats().in_flight;
+                async move { running == in_flight && running >= 2 }
+            },
+        )
+        .await;
+        let report = consumer.stats();
+        assert!(
+            report.in_flight <= 4,
+            "session {session}: {} handlers held, over the cap of 4: {report:?}",
+            report.in_flight
+        );
+    }
+    assert_eq!(recorder.max_running.load(Ordering::SeqCst), 4);
+    assert!(!consumer.is_finished());
+    let report = finish(consumer, &supervisor, &publisher, &queue).await;
+    assert_eq!(report.handled, 0, "{report:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_dedup_hung_handlers_of_an_ended_session_hold_no_permit_of_the_next() {
     init_tracing();
