@@ -1107,8 +1107,10 @@ async fn sigterm_during_a_broker_outage_exits_within_the_bound_and_acks_nothing(
         },
     )
     .await;
-    // The bound: the longest shutdown_timeout (2 s), the drain margin
-    // (10 s) and the connection close (5 s), plus a margin for a busy machine.
+    // The process's own bound is the longest shutdown_timeout (2 s), the
+    // drain margin (30 s) and the connection close (5 s). No session is up,
+    // so no drain runs and nothing waits for the broker: 22 s is ample, with
+    // a margin for a busy machine.
     let (code, took) = terminate(&mut run, Duration::from_secs(22)).await;
     let logs = std::fs::read_to_string(&log_path).expect("read the logs");
     // The scanner watches the stop signal while it waits for the broker, so
