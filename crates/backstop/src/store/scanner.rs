@@ -11,7 +11,7 @@
 
 use super::{CompensationStore, FailedRow, RedriveOutcome, StoreError};
 use crate::connection::ConnectionSupervisor;
-use crate::publish::ConfirmedPublisher;
+use crate::publish::{ConfirmedPublisher, DEFAULT_CONFIRM_TIMEOUT, PublishError};
 use crate::retry::now_ms;
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
@@ -107,9 +107,11 @@ pub struct ScannerReport {
     /// Skipped because the lease was gone before the side effect (another
     /// scanner or a person took the row).
     pub lost_leases: u64,
-    /// Re-drives whose outcome is unknown (timed out, or stopped while the
-    /// confirm was pending): left leased, re-driven after the lease, so
-    /// possibly duplicated.
+    /// Re-drives whose outcome is unknown (no confirm in time, or stopped
+    /// while the confirm was pending): left leased, re-driven after the
+    /// lease, so possibly duplicated. The scan ends after one (the broker
+    /// or the handler is not answering, and the next row would wait as
+    /// long): the rows not started yet keep their lease until it runs out.
     pub unknown: u64,
 }
 
@@ -187,11 +189,20 @@ impl Scanner {
         // re-driven, so a broker outage leaves them free for others.
         let publisher = match &self.redrive {
             Redrive::Republish(supervisor) => {
+                // Copies never go on a consumer's connection: a resource
+                // alarm blocks the connection that publishes.
+                let publishing = supervisor.publishing();
+                let confirm_timeout = (self.config.lease / 2).min(DEFAULT_CONFIRM_TIMEOUT);
                 let opened = async {
-                    // Copies never go on a consumer's connection: a resource
-                    // alarm blocks the connection that publishes.
-                    let live = supervisor.publishing().connection().await?;
-                    ConfirmedPublisher::new(live.create_channel().await?).await
+                    publishing.connection().await?;
+                    // A pool of one channel, opened again after a failed
+                    // publish gives it up: a single given channel would fail
+                    // every later row of the batch as "given up".
+                    crate::Result::<ConfirmedPublisher>::Ok(ConfirmedPublisher::pooled(
+                        publishing.clone(),
+                        1,
+                        confirm_timeout,
+                    ))
                 };
                 let opened = tokio::select! {
                     opened = opened => opened,
@@ -269,19 +280,26 @@ impl Scanner {
                 let effect = async {
                     match (&self.redrive, publisher) {
                         (Redrive::Handler(f), _) => {
-                            f(row.clone()).await.map(|()| RedriveOutcome::Resolved)
+                            Ok(f(row.clone()).await.map(|()| RedriveOutcome::Resolved))
                         }
-                        (Redrive::Republish(_), Some(publisher)) => publisher
-                            .publish("", &row.queue, &row.payload, row.republish_properties())
-                            .await
-                            .map(|()| RedriveOutcome::Replayed)
-                            .map_err(|e| e.to_string()),
-                        (Redrive::Republish(_), None) => Err("no publisher".to_owned()),
+                        (Redrive::Republish(_), Some(publisher)) => {
+                            match publisher
+                                .publish("", &row.queue, &row.payload, row.republish_properties())
+                                .await
+                            {
+                                Ok(()) => Ok(Ok(RedriveOutcome::Replayed)),
+                                // No confirm in time: the broker may still
+                                // store the copy.
+                                Err(e @ PublishError::Timeout { .. }) => Err(e.to_string()),
+                                Err(e) => Ok(Err(e.to_string())),
+                            }
+                        }
+                        (Redrive::Republish(_), None) => Ok(Err("no publisher".to_owned())),
                     }
                 };
                 let unknown = tokio::select! {
                     done = tokio::time::timeout(effect_limit, effect) => match done {
-                        Ok(done) => Ok(done),
+                        Ok(done) => done,
                         Err(_) => Err(format!("the re-drive took longer than {effect_limit:?}")),
                     },
                     _ = crate::wait_true(stop) => Err("the scanner stopped during the re-drive".to_owned()),
@@ -294,8 +312,11 @@ impl Scanner {
                         // re-drive at once. The row keeps its lease and is
                         // re-driven when the lease ends, a possible duplicate.
                         report.unknown += 1;
-                        warn!(id, reason = %why, "re-drive outcome unknown; the row stays leased and is re-driven after its lease (possibly a duplicate)");
-                        continue;
+                        warn!(id, reason = %why, "re-drive outcome unknown; the row stays leased and is re-driven after its lease (possibly a duplicate); the scan ends here, the rows not started keep their lease");
+                        // A broker that did not answer this one would only
+                        // make every later row wait as long: they keep
+                        // their lease untouched, as on a stop.
+                        break;
                     }
                 };
                 attempt.unwrap_or_else(|error| {
