@@ -568,7 +568,11 @@ impl ConnectionSupervisor {
         *stopped_at = None;
         *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
-        *self.shared.lost_tx.lock().unwrap_or_else(|e| e.into_inner()) = lost_tx;
+        *self
+            .shared
+            .lost_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = lost_tx;
         let previous = self
             .shared
             .state
