@@ -326,6 +326,12 @@ async fn each_response_status_maps_to_its_outcome_and_metrics_count_them() {
     assert_eq!(count("dead_lettered"), Some(3.0), "{text}");
     assert_eq!(count("duplicate"), Some(0.0), "{text}");
     assert_eq!(metric(&text, "backstop_connection_up"), Some(1.0), "{text}");
+    // The copies above went on the second connection, which is up.
+    assert_eq!(
+        metric(&text, "backstop_publishing_connection_up"),
+        Some(1.0),
+        "{text}"
+    );
     assert_eq!(
         metric(&text, &format!("backstop_consumer_ready{{{q}}}")),
         Some(1.0),

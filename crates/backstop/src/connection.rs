@@ -38,8 +38,8 @@ use crate::wait_true;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::uri::AMQPUri;
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
@@ -361,14 +361,41 @@ struct Shared {
     current: watch::Sender<Option<LiveConnection>>,
     fatal: std::sync::Mutex<Option<Fatal>>,
     counters: Counters,
-    lost_tx: mpsc::UnboundedSender<(u64, String)>,
+    /// To the running task; replaced when a stopped publishing connection
+    /// is started again.
+    lost_tx: std::sync::Mutex<mpsc::UnboundedSender<(u64, String)>>,
     shutdown: watch::Sender<bool>,
     connected_since: std::sync::Mutex<Option<Instant>>,
+    /// The last generation given out: a relaunched task goes on counting.
+    generation: AtomicU64,
     /// How to start the publishing connection; `None` on that one itself.
     sibling: Option<SiblingSeed>,
-    /// The publishing connection's supervisor, once asked for.
+    /// The publishing connection's supervisor, once asked for. It is kept
+    /// for good (publishers and health checks hold it); when its task gives
+    /// up, a new task is started on it (see [`Relaunch`]).
     publishing: std::sync::OnceLock<ConnectionSupervisor>,
+    /// On the publishing connection only: how to start it again after it
+    /// gave up, while the consumers' connection is still wanted.
+    relaunch: Option<Relaunch>,
 }
+
+/// What a publishing connection that stopped on its own (maximum attempts
+/// reached, refused credentials, a TLS failure) is started again from.
+/// Without it, the consumers would stay up while every copy they need waits
+/// out its publish timeout and fails.
+struct Relaunch {
+    /// The consumers' connection: while it is not closed, its publishing
+    /// connection is wanted.
+    parent: Weak<Shared>,
+    seed: SiblingSeed,
+    /// When the task stopped; `None` while one runs.
+    stopped_at: std::sync::Mutex<Option<Instant>>,
+}
+
+/// The least time between a publishing connection stopping on its own and
+/// its next start. Refused credentials or a broken TLS setup are fixed on
+/// an operator's time, so this keeps a relaunch from hammering the broker.
+const RELAUNCH_PAUSE: Duration = Duration::from_secs(5);
 
 /// What the publishing connection is started from: the same addresses,
 /// TLS and settings, another name.
@@ -407,23 +434,40 @@ impl ConnectionSupervisor {
         } else {
             None
         };
-        Ok(Self::launch(config, uris, tls, true))
+        Ok(Self::launch(config, uris, tls, None))
     }
 
-    /// Starts a supervisor task for already validated settings.
+    /// Starts a supervisor task for already validated settings: the
+    /// consumers' connection when `parent` is `None`, else the publishing
+    /// connection of `parent`.
     fn launch(
         config: ConnectionConfig,
         uris: Vec<AMQPUri>,
         tls: Option<Arc<rustls::ClientConfig>>,
-        with_sibling: bool,
+        parent: Option<&Arc<Shared>>,
     ) -> Self {
-        let sibling = with_sibling.then(|| SiblingSeed {
+        let seed = SiblingSeed {
             config: config
                 .clone()
                 .connection_name(format!("{} (publish)", config.connection_name)),
             uris: uris.clone(),
             tls: tls.clone(),
-        });
+        };
+        let (sibling, relaunch) = match parent {
+            None => (Some(seed), None),
+            Some(parent) => (
+                None,
+                Some(Relaunch {
+                    parent: Arc::downgrade(parent),
+                    seed: SiblingSeed {
+                        config: config.clone(),
+                        uris: uris.clone(),
+                        tls: tls.clone(),
+                    },
+                    stopped_at: std::sync::Mutex::new(None),
+                }),
+            ),
+        };
         let (state, _) = watch::channel(ConnectionState::Connecting { attempt: 0 });
         let (current, _) = watch::channel(None);
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
@@ -433,11 +477,13 @@ impl ConnectionSupervisor {
             current,
             fatal: std::sync::Mutex::new(None),
             counters: Counters::default(),
-            lost_tx,
+            lost_tx: std::sync::Mutex::new(lost_tx),
             shutdown,
             connected_since: std::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
             sibling,
             publishing: std::sync::OnceLock::new(),
+            relaunch,
         });
         let task = SupervisorTask {
             shared: shared.clone(),
@@ -458,6 +504,14 @@ impl ConnectionSupervisor {
     /// [`close`](Self::close) closes it too. Asked of the publishing
     /// supervisor itself, it answers itself.
     ///
+    /// It is the same supervisor every time. If it stops on its own (its
+    /// [`Backoff::max_attempts`] ran out, the broker refused the
+    /// credentials, TLS failed) while this supervisor is not closed, it is
+    /// started again, on the same handle, at least 5 s after it stopped:
+    /// by itself, and on the next call to this or to its
+    /// [`connection`](Self::connection). Meanwhile its state is
+    /// [`ConnectionState::Closed`] and copies fail.
+    ///
     /// A broker in a resource alarm stops reading from a connection that
     /// publishes (and lapin then writes nothing more on it, acks included):
     /// publishing only on this connection keeps consumers' acks flowing.
@@ -474,7 +528,7 @@ impl ConnectionSupervisor {
                     seed.config.clone(),
                     seed.uris.clone(),
                     seed.tls.clone(),
-                    false,
+                    Some(&self.shared),
                 )
             })
             .clone();
@@ -482,7 +536,60 @@ impl ConnectionSupervisor {
         if *self.shared.shutdown.borrow() {
             sibling.shared.shutdown.send_replace(true);
         }
+        sibling.relaunch();
         sibling
+    }
+
+    /// Starts the task of a publishing connection again, if it stopped on
+    /// its own at least [`RELAUNCH_PAUSE`] ago and neither it nor the
+    /// consumers' connection was closed. True when it did.
+    fn relaunch(&self) -> bool {
+        let Some(relaunch) = &self.shared.relaunch else {
+            return false;
+        };
+        let mut stopped_at = relaunch
+            .stopped_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(at) = *stopped_at else {
+            return false;
+        };
+        if at.elapsed() < RELAUNCH_PAUSE || *self.shared.shutdown.borrow() {
+            return false;
+        }
+        let Some(parent) = relaunch.parent.upgrade() else {
+            return false;
+        };
+        if *parent.shutdown.borrow()
+            || matches!(*parent.state.borrow(), ConnectionState::Closed { .. })
+        {
+            return false;
+        }
+        *stopped_at = None;
+        *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+        *self
+            .shared
+            .lost_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = lost_tx;
+        let previous = self
+            .shared
+            .state
+            .send_replace(ConnectionState::Connecting { attempt: 0 });
+        let name = &relaunch.seed.config.connection_name;
+        warn!(%name, from = ?previous,
+            "starting the publishing connection again: it had stopped while the consumers' connection is still wanted");
+        let task = SupervisorTask {
+            shared: self.shared.clone(),
+            config: relaunch.seed.config.clone(),
+            uris: relaunch.seed.uris.clone(),
+            tls: relaunch.seed.tls.clone(),
+            lost_rx,
+            rng: fastrand::Rng::new(),
+        };
+        tokio::spawn(task.run());
+        true
     }
 
     /// A receiver of the supervisor's state.
@@ -502,6 +609,10 @@ impl ConnectionSupervisor {
                 return Ok(live);
             }
             if let ConnectionState::Closed { .. } = &*state.borrow_and_update() {
+                // A publishing connection that gave up is started again.
+                if self.relaunch() {
+                    continue;
+                }
                 return Err(self.closed_error());
             }
             tokio::select! {
@@ -535,7 +646,12 @@ impl ConnectionSupervisor {
     /// Tells the supervisor that a user of generation `generation` saw the
     /// connection fail. Reports for older generations are ignored.
     pub fn report_lost(&self, generation: u64, reason: impl Into<String>) {
-        let _ = self.shared.lost_tx.send((generation, reason.into()));
+        let _ = self
+            .shared
+            .lost_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((generation, reason.into()));
     }
 
     /// How many times a lost connection was replaced by a new one.
@@ -634,7 +750,7 @@ impl SupervisorTask {
 
     async fn run(mut self) {
         let mut shutdown = self.shared.shutdown.subscribe();
-        let mut generation = 0u64;
+        let mut generation = self.shared.generation.load(Ordering::Relaxed);
         let mut attempt = 0u32;
         let mut next_address = 0usize;
         // Connections in a row that died before `STABLE_AFTER`: each one is
@@ -658,6 +774,7 @@ impl SupervisorTask {
             match outcome {
                 Ok(connection) => {
                     generation += 1;
+                    self.shared.generation.store(generation, Ordering::Relaxed);
                     if generation > 1 {
                         self.shared
                             .counters
@@ -696,7 +813,14 @@ impl SupervisorTask {
                     }
                 }
                 Err(AttemptError::Fatal(reason)) => {
-                    error!(address = %shown, %reason, "connection refused; not retrying");
+                    if self.shared.relaunch.is_some() {
+                        error!(name = %self.config.connection_name, address = %shown, %reason,
+                            "the PUBLISHING connection was refused: retry, dead-letter and re-drive \
+                             copies fail until it is started again (in 5 s at the earliest)");
+                    } else {
+                        error!(name = %self.config.connection_name, address = %shown, %reason,
+                            "connection refused; not retrying");
+                    }
                     *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(Fatal::AccessRefused {
                             uri: shown.to_string(),
@@ -706,7 +830,14 @@ impl SupervisorTask {
                     return;
                 }
                 Err(AttemptError::Tls(reason)) => {
-                    error!(address = %shown, %reason, "TLS failed; not retrying");
+                    if self.shared.relaunch.is_some() {
+                        error!(name = %self.config.connection_name, address = %shown, %reason,
+                            "TLS failed on the PUBLISHING connection: retry, dead-letter and \
+                             re-drive copies fail until it is started again (in 5 s at the earliest)");
+                    } else {
+                        error!(name = %self.config.connection_name, address = %shown, %reason,
+                            "TLS failed; not retrying");
+                    }
                     *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) =
                         Some(Fatal::Tls {
                             uri: shown.to_string(),
@@ -742,6 +873,11 @@ impl SupervisorTask {
                         && attempt >= max
                     {
                         let reason = format!("gave up after {attempt} attempts: {last_error}");
+                        if self.shared.relaunch.is_some() {
+                            error!(name = %self.config.connection_name, %reason,
+                                "the PUBLISHING connection gave up: copies fail until it is \
+                                 started again (in 5 s at the earliest)");
+                        }
                         *self.shared.fatal.lock().unwrap_or_else(|e| e.into_inner()) =
                             Some(Fatal::GaveUp {
                                 attempts: attempt,
@@ -794,6 +930,27 @@ impl SupervisorTask {
             .connected_since
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(relaunch) = &self.shared.relaunch {
+            *relaunch
+                .stopped_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            // Stopped on its own: started again after the pause, unless
+            // closed meanwhile (relaunch() checks both connections).
+            if !*self.shared.shutdown.borrow() {
+                let me = Arc::downgrade(&self.shared);
+                let mut shutdown = self.shared.shutdown.subscribe();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(RELAUNCH_PAUSE + Duration::from_millis(50)) => {}
+                        _ = wait_true(&mut shutdown) => return,
+                    }
+                    if let Some(shared) = me.upgrade() {
+                        ConnectionSupervisor { shared }.relaunch();
+                    }
+                });
+            }
+        }
         self.transition(
             ConnectionState::Closed {
                 reason: reason.to_owned(),

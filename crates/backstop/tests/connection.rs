@@ -2,7 +2,7 @@
 
 mod common;
 
-use backstop::connection::{ConnectionConfig, ConnectionState, ConnectionSupervisor};
+use backstop::connection::{Backoff, ConnectionConfig, ConnectionState, ConnectionSupervisor};
 use backstop::consumer::ConsumerConfig;
 use backstop::topology::{Queue, Topology};
 use backstop_testkit::{
@@ -210,4 +210,71 @@ async fn a_shutdown_while_a_session_opens_on_a_silent_connection_finishes() {
     proxy.restore();
     let publisher = connect().await;
     delete_queue(&publisher, &queue).await;
+}
+
+/// The publishing connection gives up on its own (its one attempt times out
+/// while the broker does not answer) while the consumers' connection stays
+/// up: it is started again, and `publishing()` hands out a working
+/// connection once the broker answers. Before, it stayed `Closed` for good
+/// and every retry or dead-letter copy failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publishing_connection_that_gave_up_is_started_again() {
+    init_tracing();
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let supervisor = ConnectionSupervisor::start(
+        ConnectionConfig::new(url_via(&amqp_url(), proxy.addr()))
+            // Long enough that the short blackhole below cannot end the
+            // consumers' connection.
+            .heartbeat(Duration::from_secs(30))
+            .connection_name(unique("backstop-relaunch"))
+            .backoff(Backoff {
+                max_attempts: Some(1),
+                ..fast_backoff()
+            })
+            .connect_timeout(Duration::from_secs(1)),
+    )
+    .expect("valid");
+    let consuming = supervisor.connection().await.expect("connected");
+    // New connections get no answer (the open one is held for a moment).
+    proxy.blackhole();
+    let mut state = supervisor.publishing().state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| matches!(s, ConnectionState::Closed { .. })),
+    )
+    .await
+    .expect("the publishing connection gives up after its one attempt")
+    .expect("the supervisor is alive");
+    proxy.restore();
+    let took = wait_until(
+        "a working publishing connection",
+        Duration::from_secs(30),
+        || {
+            let supervisor = supervisor.clone();
+            async move {
+                match supervisor.publishing().connection().await {
+                    Ok(live) => live.create_channel().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        },
+    )
+    .await;
+    tracing::info!(?took, "the publishing connection is back");
+    assert!(
+        state.borrow().is_up(),
+        "the state receiver taken before the relaunch follows it: {:?}",
+        *state.borrow()
+    );
+    let live = supervisor.connection().await.expect("still connected");
+    assert_eq!(
+        live.generation(),
+        consuming.generation(),
+        "the consumers' connection was never replaced"
+    );
+    supervisor.close().await;
+    assert!(matches!(
+        &*supervisor.publishing().state().borrow(),
+        ConnectionState::Closed { .. }
+    ));
 }

@@ -6,13 +6,16 @@ use backstop::consumer::ConsumerConfig;
 use backstop::handler::Outcome;
 use backstop::retry::{Exhausted, RetryPolicy};
 use backstop::store::{
-    CompensationStore, ListFilter, Redrive, Scanner, ScannerConfig, SqlStore, Status,
+    CompensationStore, FailedRow, ListFilter, Redrive, Scanner, ScannerConfig, SqlStore, Status,
+    StoreError,
 };
 use backstop::topology::{Binding, Exchange, Queue, Topology};
 use backstop_testkit::{
-    FaultProxy, amqp_url, connect, delete_queue, postgres_url, publish, unique, wait_until,
+    FaultProxy, amqp_url, broker_addr, connect, delete_queue, postgres_url, publish, unique,
+    url_via, wait_until,
 };
 use common::*;
+use futures_util::future::BoxFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -310,6 +313,183 @@ async fn the_scanner_redrives_rows_until_they_succeed_or_need_review() {
         "the original call and three re-drives"
     );
     consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}
+
+/// The real store, with one fault trigger: the broker stops answering (the
+/// proxy in front of it is blackholed) right after the scanner claims its
+/// rows, so the claimed rows' re-drives get no confirm.
+#[derive(Debug)]
+struct SilentAfterClaim {
+    inner: Arc<SqlStore>,
+    proxy: Arc<FaultProxy>,
+}
+
+impl CompensationStore for SilentAfterClaim {
+    fn store<'a>(
+        &'a self,
+        message: &'a backstop::store::NewFailedMessage,
+    ) -> BoxFuture<'a, Result<i64, StoreError>> {
+        self.inner.store(message)
+    }
+    fn claim_due<'a>(
+        &'a self,
+        owner: &'a str,
+        now: i64,
+        lease_until: i64,
+        limit: i64,
+        queue: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>> {
+        Box::pin(async move {
+            let rows = self
+                .inner
+                .claim_due(owner, now, lease_until, limit, queue)
+                .await;
+            self.proxy.blackhole();
+            rows
+        })
+    }
+    fn renew_lease<'a>(
+        &'a self,
+        owner: &'a str,
+        id: i64,
+        now: i64,
+        lease_until: i64,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.renew_lease(owner, id, now, lease_until)
+    }
+    fn finish_redrives<'a>(
+        &'a self,
+        owner: &'a str,
+        outcomes: &'a [(i64, backstop::store::RedriveOutcome)],
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.inner.finish_redrives(owner, outcomes)
+    }
+    fn list<'a>(
+        &'a self,
+        filter: &'a ListFilter,
+    ) -> BoxFuture<'a, Result<Vec<FailedRow>, StoreError>> {
+        self.inner.list(filter)
+    }
+    fn get(&self, id: i64) -> BoxFuture<'_, Result<FailedRow, StoreError>> {
+        self.inner.get(id)
+    }
+    fn act<'a>(
+        &'a self,
+        id: i64,
+        action: backstop::store::ManualAction,
+        actor: &'a str,
+        note: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<FailedRow, StoreError>> {
+        self.inner.act(id, action, actor, note)
+    }
+    fn audit(
+        &self,
+        id: i64,
+    ) -> BoxFuture<'_, Result<Vec<backstop::store::AuditEntry>, StoreError>> {
+        self.inner.audit(id)
+    }
+    fn purge_finished<'a>(
+        &'a self,
+        before: i64,
+        queue: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        self.inner.purge_finished(before, queue)
+    }
+    fn count_by_status(&self) -> BoxFuture<'_, Result<Vec<(Status, i64)>, StoreError>> {
+        self.inner.count_by_status()
+    }
+}
+
+/// A re-drive that gets no confirm (the broker stops answering after the
+/// claim) has an unknown outcome: the row keeps its lease and no failure is
+/// recorded (a failure would re-drive it again after the back-off, while the
+/// copy may still land). The scan ends there, so the other claimed row is
+/// left untouched instead of failing on the given-up channel and burning a
+/// re-drive attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_without_a_confirm_is_unknown_and_ends_the_scan() {
+    init_tracing();
+    let queue = unique("redrive-silent");
+    let publisher = connect().await;
+    publisher
+        .create_channel()
+        .await
+        .expect("channel")
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+    let inner = sqlite_store().await;
+    let due = backstop::retry::now_ms() as i64 - 1_000;
+    for n in 0..2 {
+        inner
+            .store(&backstop::store::NewFailedMessage {
+                queue: queue.clone(),
+                exchange: String::new(),
+                routing_key: queue.clone(),
+                message_id: Some(format!("m-{n}")),
+                dedup_key: None,
+                payload: b"{}".to_vec(),
+                headers: "{}".to_owned(),
+                properties: "{}".to_owned(),
+                error: "provider down".to_owned(),
+                error_kind: "transient".to_owned(),
+                attempts: 1,
+                next_attempt_at: due + n,
+                store_id: None,
+                fingerprint: format!("id:m-{n}"),
+            })
+            .await
+            .expect("row");
+    }
+    let proxy = Arc::new(FaultProxy::start(broker_addr()).await.expect("proxy"));
+    let supervisor = supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(60));
+    let store = Arc::new(SilentAfterClaim {
+        inner: inner.clone(),
+        proxy: proxy.clone(),
+    });
+    let scanner = Scanner::new(
+        store,
+        Redrive::Republish(supervisor.clone()),
+        ScannerConfig {
+            // A side effect may take half the lease, 32 s: the publisher's
+            // own 30 s confirm bound ends the publish first.
+            lease: Duration::from_secs(64),
+            max_attempts: 5,
+            queue: Some(queue.clone()),
+            ..ScannerConfig::default()
+        },
+    );
+    let report = tokio::time::timeout(Duration::from_secs(90), scanner.run_once())
+        .await
+        .expect("the scan ends")
+        .expect("scan");
+    proxy.restore();
+    assert_eq!(report.claimed, 2, "{report:?}");
+    assert_eq!(
+        (
+            report.unknown,
+            report.failed,
+            report.needs_review,
+            report.redriven
+        ),
+        (1, 0, 0, 0),
+        "one unknown outcome, no failure recorded: {report:?}"
+    );
+    for row in rows_of(&inner, &queue).await {
+        assert_eq!(
+            row.error, "provider down",
+            "no failure was recorded: {row:?}"
+        );
+    }
     supervisor.close().await;
     delete_queue(&publisher, &queue).await;
 }

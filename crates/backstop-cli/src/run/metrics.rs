@@ -68,6 +68,8 @@ struct BlockedClock {
 #[derive(Debug)]
 pub(crate) struct Live {
     supervisor: ConnectionSupervisor,
+    /// The connection copies are published on (a second connection).
+    publishing: ConnectionSupervisor,
     consumers: Vec<ConsumerView>,
     blocked: Arc<Mutex<BlockedClock>>,
     /// (consumer queue, kind, queue name) -> depth.
@@ -113,6 +115,14 @@ impl Collector for Live {
             "1 while a broker connection is open",
             MetricType::Gauge,
             vec![(vec![], ConstGauge::new(i64::from(state.is_up())))],
+        )?;
+        let publishing_up = self.publishing.state().borrow().is_up();
+        family(
+            &mut encoder,
+            "backstop_publishing_connection_up",
+            "1 while the connection that retry, dead-letter and re-drive copies are published on is open",
+            MetricType::Gauge,
+            vec![(vec![], ConstGauge::new(i64::from(publishing_up)))],
         )?;
         family(
             &mut encoder,
@@ -301,6 +311,7 @@ impl Collector for Live {
 struct Served {
     registry: Arc<Registry>,
     supervisor: ConnectionSupervisor,
+    publishing: ConnectionSupervisor,
     consumers: Vec<ConsumerView>,
 }
 
@@ -325,19 +336,27 @@ async fn metrics(State(served): State<Served>) -> impl IntoResponse {
 
 async fn ready(State(served): State<Served>) -> impl IntoResponse {
     let up = served.supervisor.state().borrow().is_up();
+    // Closed: it gave up (or was refused) and is not started again yet, so
+    // every copy fails. Connecting or reconnecting is only a moment.
+    let publishing = served.publishing.state().borrow().clone();
     let waiting: Vec<&str> = served
         .consumers
         .iter()
         .filter(|c| !c.stats.snapshot().subscribed)
         .map(|c| c.queue.as_str())
         .collect();
-    if up && waiting.is_empty() {
-        (StatusCode::OK, "ready\n".to_owned())
-    } else if !up {
+    if !up {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no broker connection\n".to_owned(),
         )
+    } else if let ConnectionState::Closed { reason } = publishing {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the publishing connection is closed ({reason})\n"),
+        )
+    } else if waiting.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -359,12 +378,10 @@ pub(crate) async fn serve(
     let blocked = Arc::new(Mutex::new(BlockedClock::default()));
     let depths = Arc::new(Mutex::new(Vec::new()));
     let store_rows = Arc::new(Mutex::new(Vec::new()));
+    let publishing = supervisor.publishing();
     // Copies are published on the publishing connection; only it can be
     // blocked (the broker blocks a connection when it publishes).
-    tokio::spawn(watch_blocked(
-        supervisor.publishing().state(),
-        blocked.clone(),
-    ));
+    tokio::spawn(watch_blocked(publishing.state(), blocked.clone()));
     tokio::spawn(poll_depths(
         supervisor.clone(),
         consumers.clone(),
@@ -382,6 +399,7 @@ pub(crate) async fn serve(
     );
     registry.register_collector(Box::new(Live {
         supervisor: supervisor.clone(),
+        publishing: publishing.clone(),
         consumers: consumers.clone(),
         blocked,
         depths,
@@ -390,6 +408,7 @@ pub(crate) async fn serve(
     let served = Served {
         registry: Arc::new(registry),
         supervisor,
+        publishing,
         consumers,
     };
     let app = Router::new()

@@ -10,8 +10,8 @@
 //! `needs_review` for a person.
 
 use super::{CompensationStore, FailedRow, RedriveOutcome, StoreError};
-use crate::connection::ConnectionSupervisor;
-use crate::publish::ConfirmedPublisher;
+use crate::connection::{CHANNEL_TIMEOUT, ConnectionSupervisor};
+use crate::publish::{ConfirmedPublisher, PublishError};
 use crate::retry::now_ms;
 use futures_util::future::BoxFuture;
 use std::sync::Arc;
@@ -107,10 +107,20 @@ pub struct ScannerReport {
     /// Skipped because the lease was gone before the side effect (another
     /// scanner or a person took the row).
     pub lost_leases: u64,
-    /// Re-drives whose outcome is unknown (timed out, or stopped while the
-    /// confirm was pending): left leased, re-driven after the lease, so
-    /// possibly duplicated.
+    /// Re-drives whose outcome is unknown (no confirm in time, or stopped
+    /// while the confirm was pending): left leased, re-driven after the
+    /// lease, so possibly duplicated. The scan ends after one (the broker
+    /// or the handler is not answering, and the next row would wait as
+    /// long): the rows not started yet keep their lease until it runs out.
     pub unknown: u64,
+}
+
+/// A confirm channel on the publishing connection of `supervisor`. Copies
+/// never go on a consumer's connection: a resource alarm blocks the
+/// connection that publishes.
+async fn open_publisher(supervisor: &ConnectionSupervisor) -> crate::Result<ConfirmedPublisher> {
+    let live = supervisor.publishing().connection().await?;
+    ConfirmedPublisher::new(live.create_channel().await?).await
 }
 
 /// Re-drives due rows of a store.
@@ -185,16 +195,10 @@ impl Scanner {
     ) -> Result<ScannerReport, StoreError> {
         // The publisher comes first: rows are claimed only once they can be
         // re-driven, so a broker outage leaves them free for others.
-        let publisher = match &self.redrive {
+        let mut publisher = match &self.redrive {
             Redrive::Republish(supervisor) => {
-                let opened = async {
-                    // Copies never go on a consumer's connection: a resource
-                    // alarm blocks the connection that publishes.
-                    let live = supervisor.publishing().connection().await?;
-                    ConfirmedPublisher::new(live.create_channel().await?).await
-                };
                 let opened = tokio::select! {
-                    opened = opened => opened,
+                    opened = open_publisher(supervisor) => opened,
                     _ = crate::wait_true(stop) => return Ok(ScannerReport::default()),
                 };
                 match opened {
@@ -208,7 +212,7 @@ impl Scanner {
             }
             Redrive::Handler(_) => None,
         };
-        let report = self.redrive_due(publisher.as_ref(), stop).await;
+        let report = self.redrive_due(&mut publisher, stop).await;
         if let Some(publisher) = publisher {
             let _ = tokio::time::timeout(Duration::from_secs(5), publisher.close()).await;
         }
@@ -217,7 +221,7 @@ impl Scanner {
 
     async fn redrive_due(
         &self,
-        publisher: Option<&ConfirmedPublisher>,
+        publisher: &mut Option<ConfirmedPublisher>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<ScannerReport, StoreError> {
         let now = now_ms() as i64;
@@ -248,6 +252,10 @@ impl Scanner {
             }
             let id = row.id;
             let redrives = row.redrives;
+            // The publisher's channel is given up after a publish that
+            // failed on it (a channel error): a new one is opened before
+            // the next row.
+            let mut channel_lost = false;
             // The claim counted this re-drive: `redrives` is its number.
             let outcome = if redrives > self.config.max_attempts {
                 RedriveOutcome::Failed {
@@ -267,21 +275,29 @@ impl Scanner {
                     continue;
                 }
                 let effect = async {
-                    match (&self.redrive, publisher) {
+                    match (&self.redrive, publisher.as_ref()) {
                         (Redrive::Handler(f), _) => {
-                            f(row.clone()).await.map(|()| RedriveOutcome::Resolved)
+                            Ok(f(row.clone()).await.map(|()| RedriveOutcome::Resolved))
                         }
-                        (Redrive::Republish(_), Some(publisher)) => publisher
+                        (Redrive::Republish(_), Some(publisher)) => match publisher
                             .publish("", &row.queue, &row.payload, row.republish_properties())
                             .await
-                            .map(|()| RedriveOutcome::Replayed)
-                            .map_err(|e| e.to_string()),
-                        (Redrive::Republish(_), None) => Err("no publisher".to_owned()),
+                        {
+                            Ok(()) => Ok(Ok(RedriveOutcome::Replayed)),
+                            // No confirm in time: the broker may still store
+                            // the copy.
+                            Err(e @ PublishError::Timeout { .. }) => Err(e.to_string()),
+                            Err(e) => {
+                                channel_lost = matches!(e, PublishError::Channel { .. });
+                                Ok(Err(e.to_string()))
+                            }
+                        },
+                        (Redrive::Republish(_), None) => Ok(Err("no publisher".to_owned())),
                     }
                 };
                 let unknown = tokio::select! {
                     done = tokio::time::timeout(effect_limit, effect) => match done {
-                        Ok(done) => Ok(done),
+                        Ok(done) => done,
                         Err(_) => Err(format!("the re-drive took longer than {effect_limit:?}")),
                     },
                     _ = crate::wait_true(stop) => Err("the scanner stopped during the re-drive".to_owned()),
@@ -295,7 +311,11 @@ impl Scanner {
                         // re-driven when the lease ends, a possible duplicate.
                         report.unknown += 1;
                         warn!(id, reason = %why, "re-drive outcome unknown; the row stays leased and is re-driven after its lease (possibly a duplicate)");
-                        continue;
+                        // The broker (or the handler) did not answer: every
+                        // later row would wait as long, and the channel is
+                        // given up. They keep their lease untouched, as on a
+                        // stop, and no attempt of theirs is recorded.
+                        break;
                     }
                 };
                 attempt.unwrap_or_else(|error| {
@@ -319,6 +339,30 @@ impl Scanner {
             self.store
                 .finish_redrives(&self.config.owner, &[(id, outcome)])
                 .await?;
+            if channel_lost && let Redrive::Republish(supervisor) = &self.redrive {
+                // The next row gets a channel of its own. If none can be
+                // opened, the scan ends: the rows not started keep their
+                // lease, with no failed attempt recorded against them.
+                let reopened = tokio::select! {
+                    reopened = tokio::time::timeout(CHANNEL_TIMEOUT, open_publisher(supervisor)) => reopened,
+                    _ = crate::wait_true(stop) => break,
+                };
+                match reopened {
+                    Err(_) => {
+                        warn!(after = ?CHANNEL_TIMEOUT, "no new channel to re-drive on in time; ending the scan, the rows not started keep their lease");
+                        break;
+                    }
+                    Ok(Ok(fresh)) => {
+                        if let Some(old) = publisher.replace(fresh) {
+                            let _ = tokio::time::timeout(Duration::from_secs(5), old.close()).await;
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "no new channel to re-drive on; ending the scan, the rows not started keep their lease");
+                        break;
+                    }
+                }
+            }
         }
         Ok(report)
     }
