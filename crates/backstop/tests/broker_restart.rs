@@ -427,3 +427,178 @@ async fn a_memory_alarm_never_stalls_acks_and_loses_nothing() {
     delete_queue(&publisher, &RetryPolicy::dead_letter_queue(&queue)).await;
     delete_queue(&publisher, &queue).await;
 }
+
+/// Takes `count` messages of `queue` and requeues them: one return each,
+/// which a quorum queue counts. The `x-delivery-count` each showed (0 when
+/// absent); panics on one it cannot read.
+async fn return_all(connection: &lapin::Connection, queue: &str, count: u64) -> Vec<u64> {
+    let channel = connection.create_channel().await.expect("channel");
+    let mut seen = Vec::new();
+    let mut held = Vec::new();
+    // All taken before any goes back: a returned message comes first again.
+    for _ in 0..count {
+        let message = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .expect("basic.get")
+            .unwrap_or_else(|| panic!("{queue} is short of {count} messages"));
+        seen.push(
+            message
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-delivery-count"))
+                .map(|v| {
+                    backstop::retry::header_u64(v)
+                        .unwrap_or_else(|| panic!("x-delivery-count is not an integer: {v:?}"))
+                })
+                .unwrap_or(0),
+        );
+        held.push(message);
+    }
+    for message in held {
+        message
+            .delivery
+            .acker
+            .nack(lapin::options::BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .expect("nack");
+    }
+    let _ = channel.close(200, "returned".into()).await;
+    seen
+}
+
+/// Review of issue 13: a quorum queue with a delivery limit and no
+/// dead-letter exchange, a memory alarm that blocks the publishing
+/// connection. Every failed copy used to requeue its original after 1 s, and
+/// each requeue is a return: within seconds the messages crossed the limit
+/// and the broker dropped them. Now a delivery whose copy fails for a
+/// transient reason is held and the copy tried again with backoff; one a
+/// return from its limit is never requeued by choice. After the alarm every
+/// message is in `<queue>.dlq`, and nothing was requeued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_near_the_delivery_limit_drops_nothing() {
+    let _serial = SERIAL.lock().await;
+    init_tracing();
+    let queue = unique("alarm-limit");
+    let dlq = RetryPolicy::dead_letter_queue(&queue);
+    let topology = backstop::topology::Topology::new().queue(
+        backstop::topology::Queue::quorum(&queue)
+            .delivery_limit(3)
+            .without_dead_letter_queue(),
+    );
+    declare(&topology).await;
+    // Published (and returned twice: one return from the limit) before the
+    // alarm, on a connection of their own: during it, a publisher is blocked.
+    let publisher = connect().await;
+    let (limit, bad) = (3u64, 3u64);
+    publish(&publisher, &queue, limit, "limit", |_| b"x".to_vec()).await;
+    let first = return_all(&publisher, &queue, limit).await;
+    let second = return_all(&publisher, &queue, limit).await;
+    assert!(
+        first.iter().zip(&second).all(|(a, b)| *b == a + 1),
+        "each get saw one more return: {first:?} then {second:?}"
+    );
+    publish(&publisher, &queue, bad, "bad", |_| b"x".to_vec()).await;
+    let total = limit + bad;
+
+    let guard = WatermarkGuard;
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]))
+        .await
+        .expect("task")
+        .expect("set watermark");
+    wait_until("the memory alarm", Duration::from_secs(30), memory_alarm).await;
+
+    // The broker blocks a connection when it next publishes: block the
+    // publishing connection first, or the first copies slip through.
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let publishing = supervisor.publishing();
+    let live = publishing
+        .connection()
+        .await
+        .expect("publishing connection");
+    let channel = live.create_channel().await.expect("channel");
+    let _ = channel
+        .basic_publish(
+            "".into(),
+            unique("nowhere").as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"x",
+            lapin::BasicProperties::default(),
+        )
+        .await;
+    let blocked = tokio::time::timeout(
+        Duration::from_secs(30),
+        publishing
+            .state()
+            .wait_for(|s| matches!(s, ConnectionState::Blocked { .. })),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(blocked, "the publishing connection is blocked");
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .concurrency(8)
+            .publish_timeout(Duration::from_secs(3)),
+        &recorder,
+        |delivery, _| async move {
+            if delivery
+                .message_id()
+                .is_some_and(|id| id.starts_with("limit-"))
+            {
+                // Near the limit a requeue takes the exhausted path.
+                Outcome::Requeue
+            } else {
+                Outcome::reject("malformed")
+            }
+        },
+    );
+    // Long enough for the old code to spin every message past its limit
+    // (each failed copy was a return): at most four failed copies a message.
+    // (The broker's counts of a quorum queue lag by seconds: the consumer's
+    // own counter is the condition.)
+    wait_until(
+        "failed copies during the alarm",
+        Duration::from_secs(60),
+        || {
+            let failures = consumer.stats().publish_failures;
+            async move { failures >= 4 * total }
+        },
+    )
+    .await;
+    assert!(memory_alarm().await, "the alarm lasted");
+    drop(guard);
+    wait_until("the alarm cleared", Duration::from_secs(30), || async {
+        !memory_alarm().await
+    })
+    .await;
+    wait_until(
+        "every message settled after the alarm",
+        Duration::from_secs(60),
+        || queue_is(&queue, |c| c.ready + c.unacked == 0),
+    )
+    .await;
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    let parked: HashSet<String> = take_ids(&publisher, &dlq).await.into_iter().collect();
+    let missing: Vec<String> = (0..limit)
+        .map(|i| format!("limit-{i}"))
+        .chain((0..bad).map(|i| format!("bad-{i}")))
+        .filter(|id| !parked.contains(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost {missing:?} (dropped by the broker at the delivery limit); {report:?}"
+    );
+    assert_eq!(report.dead_lettered, total, "{report:?}");
+    assert_eq!(report.requeued, 0, "held, never requeued: {report:?}");
+    delete_queue(&publisher, &dlq).await;
+    delete_queue(&publisher, &queue).await;
+}

@@ -13,7 +13,6 @@ use backstop_testkit::{
 };
 use common::*;
 use lapin::options::BasicGetOptions;
-use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Channel};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -492,27 +491,6 @@ fn error_of(message: &lapin::message::BasicGetMessage) -> String {
         .unwrap_or_else(|| panic!("no {} header on {headers:?}", retry::ERROR_HEADER))
 }
 
-/// The reason of the first `x-death` entry the broker wrote on a message.
-fn death_reason(message: &lapin::message::BasicGetMessage) -> String {
-    let headers = message
-        .delivery
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default();
-    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
-        panic!("no x-death array on {headers:?}");
-    };
-    match deaths.as_slice().first() {
-        Some(AMQPValue::FieldTable(death)) => death
-            .inner()
-            .get("reason")
-            .and_then(header_str)
-            .unwrap_or_else(|| panic!("no reason in {death:?}")),
-        other => panic!("x-death[0] is not a table: {other:?}"),
-    }
-}
-
 /// A quorum queue counts every return toward its delivery limit and drops
 /// the message (with no dead-letter exchange) at the limit. A handler that
 /// keeps asking to requeue must not walk a message into that drop: one
@@ -569,18 +547,18 @@ async fn requeues_near_the_delivery_limit_park_the_message_with_the_reason() {
 }
 
 /// When the exhausted path itself fails near the limit (the store is down),
-/// the message is requeued, and the broker's own dead-lettering at the
-/// limit must catch it: `Queue::quorum` dead-letters to `<queue>.dlq` by
-/// default. Before, a quorum queue had no dead-letter exchange unless asked,
-/// and the broker dropped the message at its limit.
+/// the message used to be requeued: one more return, and on a quorum queue
+/// without a dead-letter exchange the broker dropped it at its limit. Now it
+/// is held unacked and the store write tried again with backoff until the
+/// store is back; it is never requeued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_the_delivery_limit_a_message_the_store_cannot_take_goes_to_the_dlq() {
+async fn at_the_delivery_limit_a_message_the_store_cannot_take_is_held_until_it_can() {
     init_tracing();
     let queue = unique("limit-store-down");
-    let dlq = RetryPolicy::dead_letter_queue(&queue);
     let pg: std::net::SocketAddr = "127.0.0.1:5432".parse().expect("address");
     let proxy = FaultProxy::start(pg).await.expect("proxy");
-    let url = backstop_testkit::postgres_url().replace("127.0.0.1:5432", &proxy.addr().to_string());
+    let port = proxy.addr();
+    let url = backstop_testkit::postgres_url().replace("127.0.0.1:5432", &port.to_string());
     let store = Arc::new(
         backstop::store::SqlStore::connect(&url)
             .await
@@ -592,31 +570,52 @@ async fn at_the_delivery_limit_a_message_the_store_cannot_take_goes_to_the_dlq()
     let consumer = spawn(
         &supervisor,
         ConsumerConfig::new(&queue)
-            .topology(Topology::new().queue(Queue::quorum(&queue).delivery_limit(2)))
+            .topology(
+                Topology::new().queue(
+                    Queue::quorum(&queue)
+                        .delivery_limit(2)
+                        .without_dead_letter_queue(),
+                ),
+            )
+            // Every delivery is one return from this limit.
+            .delivery_limit(1)
             .retry(RetryPolicy::new().exhausted(retry::Exhausted::Store))
-            .compensation_store(store, Duration::from_secs(60)),
+            .compensation_store(store.clone(), Duration::from_secs(60)),
         &recorder,
         |_, _| async { Outcome::reject("needs a person") },
     );
     wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
     drop(proxy);
     publish(&publisher, &queue, 1, "unstorable", |_| b"{}".to_vec()).await;
-    wait_until(
-        "the message dead-lettered by the broker at its limit",
-        Duration::from_secs(60),
-        || queue_is(&dlq, |c| c.ready == 1),
-    )
+    wait_stats(&consumer, "failed store writes", |s| s.store_failures >= 3).await;
+    let held = consumer.stats();
+    assert_eq!(
+        (held.delivered, held.requeued, held.stored),
+        (1, 0, 0),
+        "held, not requeued: {held:?}"
+    );
+    let _proxy = FaultProxy::start_on(port, pg)
+        .await
+        .expect("the database is back");
+    wait_until("the row stored", Duration::from_secs(60), || {
+        let stored = consumer.stats().stored;
+        async move { stored == 1 }
+    })
     .await;
     let report = consumer.shutdown().await.expect("clean shutdown");
-    assert_eq!(report.stored, 0, "{report:?}");
-    assert!(report.store_failures >= 3, "{report:?}");
-    assert!(queue_is(&queue, |c| c.ready == 0 && c.unacked == 0).await);
-    let channel = publisher.create_channel().await.expect("channel");
-    let parked = get_one(&channel, &dlq).await;
-    assert_eq!(death_reason(&parked), "delivery_limit");
+    assert_eq!((report.delivered, report.requeued), (1, 0), "{report:?}");
+    let rows = backstop::store::CompensationStore::list(
+        &*store,
+        &backstop::store::ListFilter {
+            queue: Some(queue.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("list");
+    assert_eq!(rows.len(), 1);
     supervisor.close().await;
     delete_queue(&publisher, &queue).await;
-    delete_queue(&publisher, &dlq).await;
 }
 
 /// Without a retry policy a handler's reject and an oversized body were a

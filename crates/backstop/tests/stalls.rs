@@ -786,7 +786,8 @@ async fn a_panicking_compensation_store_fails_the_delivery_not_the_consumer() {
     assert!(!consumer.is_finished());
     let report = consumer.shutdown().await.expect("clean shutdown");
     assert_eq!(report.store_failures, 1, "{report:?}");
-    assert_eq!(report.requeued, 1, "{report:?}");
+    // The failed write was tried again in process, not requeued.
+    assert_eq!(report.requeued, 0, "{report:?}");
     let rows = inner
         .list(&ListFilter {
             queue: Some(queue.clone()),

@@ -10,7 +10,7 @@
 use super::{ConsumerStats, bump};
 use crate::dedup::{Claim, DedupConfig, MissingKey, new_token};
 use crate::handler::{Delivery, FailureKind, Handler, Outcome};
-use crate::publish::ConfirmedPublisher;
+use crate::publish::{ConfirmedPublisher, PublishError};
 use crate::retry::{
     Decision, Exhausted, FailedMessage, RetryPolicy, attempt_of, delivery_count, now_ms,
 };
@@ -159,6 +159,122 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 /// broken publish path slows the consumer down instead of spinning.
 const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 
+/// The first pause after a copy or store write failed for a transient
+/// reason; it doubles after each further failure, up to [`BACKOFF_CAP`].
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+
+/// The longest pause between two attempts at a copy or store write.
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+
+/// How long a delivery whose copy or store write keeps failing for a
+/// transient reason (a resource alarm, a publishing connection or database
+/// that is down) is held and tried again in process before it is requeued.
+/// Requeueing at once would spin it through the queue, re-running its
+/// handler, and on a quorum queue each requeue is a return that counts
+/// towards the delivery limit.
+const TRANSIENT_RETRY_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long a failed copy or store write is tried again in process.
+#[derive(Clone, Copy, Debug)]
+struct Hold {
+    /// The session the delivery came from: once it ended, its tag is dead
+    /// and trying again is pointless.
+    generation: u64,
+    /// `None`: until it succeeds (a delivery one return from its limit).
+    window: Option<Duration>,
+}
+
+impl Hold {
+    /// For up to [`TRANSIENT_RETRY_WINDOW`], then the delivery is requeued.
+    fn bounded(generation: u64) -> Self {
+        Hold {
+            generation,
+            window: Some(TRANSIENT_RETRY_WINDOW),
+        }
+    }
+
+    /// Until it succeeds or the delivery's session ends.
+    fn until_done(generation: u64) -> Self {
+        Hold {
+            generation,
+            window: None,
+        }
+    }
+}
+
+/// Why one attempt at a copy or a store row failed.
+#[derive(Debug)]
+struct Failed {
+    error: String,
+    /// Trying again may succeed: blocked, timed out, nacked, a channel or
+    /// connection that failed while the publisher is not broken, a store
+    /// that is unavailable. Not: a copy that came back unroutable or a
+    /// publisher the broker broke (the session ends and the next declares
+    /// the topology again), nothing to publish or store with.
+    transient: bool,
+}
+
+/// Runs `attempt` until it succeeds, with exponential backoff
+/// ([`BACKOFF_FIRST`] doubling to [`BACKOFF_CAP`]) while it fails for a
+/// transient reason, within `hold`. True once it succeeded; false when the
+/// caller should requeue the original: a failure that is not transient
+/// (after [`PUBLISH_FAILURE_PAUSE`]), the window used up, or the session
+/// ended (the runtime drops the dead tag). Each failed attempt is logged,
+/// the first as an error.
+async fn persist<Fut: Future<Output = Result<(), Failed>>>(
+    ctx: &ProcessContext,
+    hold: Hold,
+    what: &str,
+    mut attempt: impl FnMut() -> Fut,
+) -> bool {
+    let queue = &ctx.queue;
+    let started = tokio::time::Instant::now();
+    let mut pause = BACKOFF_FIRST;
+    let mut attempts = 0u32;
+    loop {
+        let Err(failed) = attempt().await else {
+            if attempts > 0 {
+                info!(%queue, what, attempts = attempts + 1, "stored after failed attempts");
+            }
+            return true;
+        };
+        attempts += 1;
+        let error = &failed.error;
+        if ctx.is_stale(hold.generation) {
+            debug!(%queue, what, %error, "failed, and the delivery's session ended: the broker has it back");
+            return false;
+        }
+        let window_left = hold
+            .window
+            .is_none_or(|window| started.elapsed() + pause <= window);
+        if !failed.transient || !window_left {
+            let why = if failed.transient {
+                "still failing after the retry window"
+            } else {
+                "not worth trying again"
+            };
+            error!(%queue, what, attempt = attempts, %error, why, "failed; the original stays and is requeued");
+            if !failed.transient {
+                tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
+            }
+            return false;
+        }
+        if attempts == 1 {
+            error!(%queue, what, attempt = attempts, %error, retry_in = ?pause,
+                "failed; the original is held unacked and tried again");
+        } else {
+            warn!(%queue, what, attempt = attempts, %error, retry_in = ?pause,
+                "failed again; the original is held unacked and tried again");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(BACKOFF_CAP);
+        if ctx.is_stale(hold.generation) {
+            debug!(%queue, what, "the delivery's session ended while it was held: the broker has it back");
+            return false;
+        }
+    }
+}
+
 /// One handler call. A panic or a timeout is a transient failure.
 ///
 /// Every delivery carries this future, so it is built from combinators (no
@@ -230,7 +346,9 @@ pub(crate) fn process<H: Handler, T>(
         }
     }
     if delivery.body().len() > ctx.max_message_size {
-        return Box::pin(Box::pin(oversized(handler, ctx, publisher, delivery)).map(done));
+        return Box::pin(
+            Box::pin(oversized(handler, ctx, publisher, delivery, generation)).map(done),
+        );
     }
     if ctx.dedup.is_some() {
         let permits = ctx.permits();
@@ -241,16 +359,22 @@ pub(crate) fn process<H: Handler, T>(
             .map(done),
         );
     }
-    Box::pin(handle(handler, ctx, publisher, delivery).map(done))
+    Box::pin(handle(handler, ctx, publisher, delivery, generation).map(done))
 }
 
 /// A delivery one return away from the queue's delivery limit: processed as
 /// usual, but an outcome that would requeue it (the handler asked, a retry
 /// without a policy, a failed copy or store write, a busy or failing dedup
 /// store, the circuit breaker) takes the exhausted path instead, with the
-/// reason. Only when that fails too is it requeued: nothing better exists,
-/// and at the limit the broker dead-letters it (`Queue::quorum`'s default
-/// `<queue>.dlq`) or, without a dead-letter exchange, drops it.
+/// reason. It is never requeued by choice: when the exhausted path fails
+/// too (a resource alarm, the publishing connection or the store down), the
+/// delivery is held unacked and the exhausted path tried again with
+/// backoff until it succeeds, because on a queue without a dead-letter
+/// exchange the broker drops a message past its limit. Only a delivery
+/// whose session ended (its tag is dead, the broker has it back already) or
+/// a copy that cannot succeed on this session's publisher (unroutable, a
+/// channel the broker closed: the session ends and the next declares the
+/// topology) goes back.
 async fn near_the_limit<H: Handler>(
     handler: Arc<H>,
     ctx: Arc<ProcessContext>,
@@ -262,7 +386,14 @@ async fn near_the_limit<H: Handler>(
 ) -> (Settlement, Verdict) {
     let kept = delivery.clone();
     let (settlement, verdict) = if delivery.body().len() > ctx.max_message_size {
-        oversized(handler, ctx.clone(), publisher.clone(), delivery).await
+        oversized(
+            handler,
+            ctx.clone(),
+            publisher.clone(),
+            delivery,
+            generation,
+        )
+        .await
     } else if ctx.dedup.is_some() {
         deduplicated(
             handler,
@@ -274,7 +405,14 @@ async fn near_the_limit<H: Handler>(
         )
         .await
     } else {
-        handle(handler, ctx.clone(), publisher.clone(), delivery).await
+        handle(
+            handler,
+            ctx.clone(),
+            publisher.clone(),
+            delivery,
+            generation,
+        )
+        .await
     };
     // A delivery of an ended session went back with its channel already.
     if settlement != Settlement::Requeue || ctx.is_stale(generation) {
@@ -283,12 +421,12 @@ async fn near_the_limit<H: Handler>(
     let reason = format!("delivery limit {limit} nearly reached (x-delivery-count={count})");
     warn!(queue = %ctx.queue, %reason, "not requeueing: taking the exhausted path");
     let failed = FailedMessage::new(&ctx.queue, &kept, FailureKind::Transient, &reason);
-    let (settlement, _) = exhausted(&ctx, publisher, &kept, &failed, verdict).await;
-    if settlement == Settlement::Requeue {
+    let hold = Hold::until_done(generation);
+    let (settlement, _) = exhausted(&ctx, publisher, &kept, &failed, verdict, hold).await;
+    if settlement == Settlement::Requeue && !ctx.is_stale(generation) {
         error!(queue = %ctx.queue, %reason,
-            "the exhausted path failed too: requeueing at the delivery limit; the broker \
-             dead-letters the message on its next return, or drops it if the queue has no \
-             dead-letter exchange");
+            "the exhausted path cannot succeed on this session's publisher: requeueing at the \
+             delivery limit; the next session declares the topology again");
     }
     (settlement, verdict)
 }
@@ -298,6 +436,7 @@ fn handle<H: Handler>(
     ctx: Arc<ProcessContext>,
     publisher: Option<ConfirmedPublisher>,
     delivery: Delivery,
+    generation: u64,
 ) -> impl Future<Output = (Settlement, Verdict)> + Send {
     // The copy kept for the failure path lives on the heap, and only when a
     // failure may end in a copy; the failure handling (headers, publish
@@ -311,10 +450,20 @@ fn handle<H: Handler>(
         match (outcome, kept) {
             (Outcome::Ack, _) => (Settlement::Ack, Verdict::Success),
             (outcome, Some(kept)) if ctx.policy.is_some() => {
-                Box::pin(after_failure(handler, ctx, publisher, *kept, outcome)).await
+                Box::pin(after_failure(
+                    handler, ctx, publisher, *kept, outcome, generation,
+                ))
+                .await
             }
             (outcome, kept) => {
-                Box::pin(without_policy(outcome, &ctx, publisher, kept.map(|k| *k))).await
+                Box::pin(without_policy(
+                    outcome,
+                    &ctx,
+                    publisher,
+                    kept.map(|k| *k),
+                    generation,
+                ))
+                .await
             }
         }
     }
@@ -328,6 +477,7 @@ async fn oversized<H: Handler>(
     ctx: Arc<ProcessContext>,
     publisher: Option<ConfirmedPublisher>,
     delivery: Delivery,
+    generation: u64,
 ) -> (Settlement, Verdict) {
     bump(&ctx.stats.oversized, 1);
     let reason = format!(
@@ -338,9 +488,9 @@ async fn oversized<H: Handler>(
     warn!(queue = %ctx.queue, %reason, "not handling an oversized message");
     let outcome = Outcome::reject(reason);
     if ctx.policy.is_some() {
-        after_failure(handler, ctx, publisher, delivery, outcome).await
+        after_failure(handler, ctx, publisher, delivery, outcome, generation).await
     } else {
-        without_policy(outcome, &ctx, publisher, Some(delivery)).await
+        without_policy(outcome, &ctx, publisher, Some(delivery), generation).await
     }
 }
 
@@ -366,7 +516,7 @@ async fn deduplicated<H: Handler>(
 ) -> (Settlement, Verdict) {
     let shared = ctx.clone();
     let Some(dedup) = &shared.dedup else {
-        return handle(handler, ctx, publisher, delivery).await;
+        return handle(handler, ctx, publisher, delivery, generation).await;
     };
     let queue = &ctx.queue;
     let key = match dedup.key.extract(&delivery) {
@@ -380,16 +530,16 @@ async fn deduplicated<H: Handler>(
                     if ctx.is_stale(generation) {
                         return (Settlement::Requeue, Verdict::Neutral);
                     }
-                    handle(handler, ctx.clone(), publisher, delivery).await
+                    handle(handler, ctx.clone(), publisher, delivery, generation).await
                 }
                 MissingKey::Reject => {
                     warn!(%queue, key = %dedup.key, %reason, "no dedup key: rejecting");
                     let outcome =
                         Outcome::reject(format!("no dedup key ({}): {reason}", dedup.key));
                     if ctx.policy.is_some() {
-                        after_failure(handler, ctx, publisher, delivery, outcome).await
+                        after_failure(handler, ctx, publisher, delivery, outcome, generation).await
                     } else {
-                        without_policy(outcome, &ctx, publisher, Some(delivery)).await
+                        without_policy(outcome, &ctx, publisher, Some(delivery), generation).await
                     }
                 }
             };
@@ -469,7 +619,7 @@ async fn deduplicated<H: Handler>(
     // timeout) leaves the key to its lease rather than freeing it for a
     // redelivery that would run the effect a second time.
     claim.started = true;
-    let (settlement, verdict) = handle(handler, ctx.clone(), publisher, delivery).await;
+    let (settlement, verdict) = handle(handler, ctx.clone(), publisher, delivery, generation).await;
     if verdict == Verdict::Success {
         let expires_at = now_ms() + dedup.ttl.as_millis() as u64;
         if let Err(e) = claim.complete(expires_at).await {
@@ -591,9 +741,10 @@ async fn after_failure<H: Handler>(
     publisher: Option<ConfirmedPublisher>,
     kept: Delivery,
     mut outcome: Outcome,
+    generation: u64,
 ) -> (Settlement, Verdict) {
     let Some(policy) = &ctx.policy else {
-        return without_policy(outcome, &ctx, publisher, Some(kept)).await;
+        return without_policy(outcome, &ctx, publisher, Some(kept), generation).await;
     };
     let (immediate, backoff) = policy.immediate_attempts();
     let mut extra_calls = 0;
@@ -627,15 +778,19 @@ async fn after_failure<H: Handler>(
         Decision::RetryIn { queue, delay } => {
             debug!(queue = %ctx.queue, attempt, ?delay, %reason, "retrying through a delay tier");
             let properties = failed.retry_properties(&kept);
-            if publish_copy(&ctx, publisher, &queue, &kept, properties).await {
+            let hold = Hold::bounded(generation);
+            if publish_copy(&ctx, publisher, &queue, &kept, properties, hold).await {
                 bump(&ctx.stats.retried, 1);
                 (Settlement::Ack, verdict)
             } else {
                 (Settlement::Requeue, verdict)
             }
         }
-        Decision::DeadLetter => dead_letter(&ctx, publisher, &kept, &failed, verdict).await,
-        Decision::Store => store(&ctx, &failed, &kept, verdict).await,
+        Decision::DeadLetter => {
+            let hold = Hold::bounded(generation);
+            dead_letter(&ctx, publisher, &kept, &failed, verdict, hold).await
+        }
+        Decision::Store => store(&ctx, &failed, &kept, verdict, Hold::bounded(generation)).await,
     }
 }
 
@@ -648,30 +803,33 @@ async fn exhausted(
     kept: &Delivery,
     failed: &FailedMessage,
     verdict: Verdict,
+    hold: Hold,
 ) -> (Settlement, Verdict) {
     match ctx.policy.as_ref().map(RetryPolicy::exhausted_to) {
-        Some(Exhausted::Store) => store(ctx, failed, kept, verdict).await,
+        Some(Exhausted::Store) => store(ctx, failed, kept, verdict, hold).await,
         None if ctx.queue_dead_letters => (Settlement::Reject, verdict),
         Some(Exhausted::DeadLetter) | None => {
-            dead_letter(ctx, publisher, kept, failed, verdict).await
+            dead_letter(ctx, publisher, kept, failed, verdict, hold).await
         }
     }
 }
 
 /// Publish, confirm, then ack: a copy of `kept` with the failure headers in
-/// `<queue>.dlq`. Without the confirm the original is requeued.
+/// `<queue>.dlq`. Without the confirm (tried again within `hold`) the
+/// original is requeued.
 async fn dead_letter(
     ctx: &ProcessContext,
     publisher: Option<ConfirmedPublisher>,
     kept: &Delivery,
     failed: &FailedMessage,
     verdict: Verdict,
+    hold: Hold,
 ) -> (Settlement, Verdict) {
     warn!(queue = %ctx.queue, attempt = failed.attempt, kind = ?failed.kind,
         reason = %failed.error, "dead-lettering");
     let dlq = RetryPolicy::dead_letter_queue(&ctx.queue);
     let properties = failed.dead_letter_properties(kept);
-    if publish_copy(ctx, publisher, &dlq, kept, properties).await {
+    if publish_copy(ctx, publisher, &dlq, kept, properties, hold).await {
         bump(&ctx.stats.dead_lettered, 1);
         (Settlement::Ack, verdict)
     } else {
@@ -680,42 +838,60 @@ async fn dead_letter(
 }
 
 /// Publishes a copy of `kept` to the queue `routing_key` through the default
-/// exchange and waits for the broker's confirm. False when it is not
-/// confirmed; the failure is counted and logged, and paused on so a broken
-/// publish path slows the consumer down: the caller requeues the original.
+/// exchange and waits for the broker's confirm, trying again within `hold`
+/// while it fails for a transient reason (see [`persist`]). False when it is
+/// not confirmed: the caller requeues the original. Every failed publish is
+/// counted in `publish_failures`.
 async fn publish_copy(
     ctx: &ProcessContext,
     publisher: Option<ConfirmedPublisher>,
     routing_key: &str,
     kept: &Delivery,
     properties: lapin::BasicProperties,
+    hold: Hold,
 ) -> bool {
-    let Some(publisher) = publisher else {
-        error!(queue = %ctx.queue, "no publisher channel for the copy; requeueing");
-        return false;
-    };
-    match publisher
-        .publish("", routing_key, kept.body(), properties)
-        .await
-    {
-        Ok(()) => true,
-        Err(e) => {
-            bump(&ctx.stats.publish_failures, 1);
-            error!(queue = %ctx.queue, error = %e, "the copy was not confirmed; the original stays and is requeued");
-            tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
-            false
+    let what = format!("the copy to {routing_key}");
+    persist(ctx, hold, &what, || {
+        let (publisher, properties) = (publisher.as_ref(), properties.clone());
+        async move {
+            let Some(publisher) = publisher else {
+                return Err(Failed {
+                    error: "no publisher channel for the copy".into(),
+                    transient: false,
+                });
+            };
+            match publisher
+                .publish("", routing_key, kept.body(), properties)
+                .await
+            {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    bump(&ctx.stats.publish_failures, 1);
+                    // A broken publisher fails the same way until the next
+                    // session declares the topology again.
+                    let transient = !matches!(e, PublishError::Unroutable { .. })
+                        && publisher.broken().is_none();
+                    Err(Failed {
+                        error: e.to_string(),
+                        transient,
+                    })
+                }
+            }
         }
-    }
+    })
+    .await
 }
 
 /// Store, commit, then ack: the row must be durable before the original
-/// leaves the broker. A failed write requeues the original after a pause, so
-/// a store that is down slows the consumer down instead of losing messages.
+/// leaves the broker. A write that fails while the store is unavailable is
+/// tried again within `hold`, then the original is requeued, so a store
+/// that is down slows the consumer down instead of losing messages.
 async fn store(
     ctx: &ProcessContext,
     failed: &FailedMessage,
     kept: &Delivery,
     verdict: Verdict,
+    hold: Hold,
 ) -> (Settlement, Verdict) {
     let Some(store) = &ctx.store else {
         error!(queue = %ctx.queue, "no compensation store configured; requeueing");
@@ -727,18 +903,27 @@ async fn store(
     // deliberate duplicate the same row to review.
     let dedup_key = ctx.dedup.as_ref().and_then(|d| d.key.extract(kept).ok());
     let row = NewFailedMessage::from_failure(failed, kept, due, dedup_key);
-    match guarded(|| store.store(&row), crate::store::StoreError::Unavailable).await {
-        Ok(id) => {
-            bump(&ctx.stats.stored, 1);
-            warn!(queue = %ctx.queue, id, attempt = failed.attempt, error = %failed.error, "stored in the compensation store");
-            (Settlement::Ack, verdict)
+    let stored = persist(ctx, hold, "the compensation store write", || async {
+        match guarded(|| store.store(&row), crate::store::StoreError::Unavailable).await {
+            Ok(id) => {
+                warn!(queue = %ctx.queue, id, attempt = failed.attempt, error = %failed.error, "stored in the compensation store");
+                Ok(())
+            }
+            Err(e) => {
+                bump(&ctx.stats.store_failures, 1);
+                Err(Failed {
+                    transient: e.is_transient(),
+                    error: e.to_string(),
+                })
+            }
         }
-        Err(e) => {
-            bump(&ctx.stats.store_failures, 1);
-            error!(queue = %ctx.queue, error = %e, "the compensation store write failed; the original stays and is requeued");
-            tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
-            (Settlement::Requeue, verdict)
-        }
+    })
+    .await;
+    if stored {
+        bump(&ctx.stats.stored, 1);
+        (Settlement::Ack, verdict)
+    } else {
+        (Settlement::Requeue, verdict)
     }
 }
 
@@ -752,6 +937,7 @@ async fn without_policy(
     ctx: &ProcessContext,
     publisher: Option<ConfirmedPublisher>,
     kept: Option<Delivery>,
+    generation: u64,
 ) -> (Settlement, Verdict) {
     match outcome {
         Outcome::Ack => (Settlement::Ack, Verdict::Success),
@@ -764,7 +950,8 @@ async fn without_policy(
                 return (Settlement::Requeue, Verdict::Neutral);
             };
             let failed = FailedMessage::new(&ctx.queue, &kept, FailureKind::Permanent, &reason);
-            dead_letter(ctx, publisher, &kept, &failed, Verdict::Neutral).await
+            let hold = Hold::bounded(generation);
+            dead_letter(ctx, publisher, &kept, &failed, Verdict::Neutral, hold).await
         }
         Outcome::Retry { delay, .. } => {
             if let Some(delay) = delay {
@@ -779,7 +966,7 @@ async fn without_policy(
 mod tests {
     use crate::handler::{Delivery, HandlerFn};
 
-    fn future_size<A, B, C, D, F: Future>(_: impl FnOnce(A, B, C, D) -> F) -> usize {
+    fn future_size<A, B, C, D, E, F: Future>(_: impl FnOnce(A, B, C, D, E) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
