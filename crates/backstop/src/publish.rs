@@ -65,6 +65,18 @@ pub enum PublishError {
         /// `exchange:routing_key`.
         destination: String,
     },
+    /// The broker closed the publishing channel over this publish, while
+    /// the connection stays up, for a reason that is not a missing exchange:
+    /// `ACCESS_REFUSED` (no write permission), `PRECONDITION_FAILED` (a
+    /// message over the broker's `max_message_size`) and the like. Trying
+    /// the same publish again fails the same way.
+    #[error("the broker refused the publish to {destination}: {reason}")]
+    Refused {
+        /// `exchange:routing_key`.
+        destination: String,
+        /// The broker's reason.
+        reason: String,
+    },
     /// No confirm within the bound. The broker may still store the message.
     #[error("no confirm for the publish to {destination} within {after:?}")]
     Timeout {
@@ -299,13 +311,16 @@ impl ConfirmedPublisher {
                 // the topology again. Other refusals (403 access refused, 406
                 // a message too large) would come back the same on a new
                 // session: ending it would only churn; this copy fails alone.
-                if needs_redeclare(&e)
-                    && in_flight.connection_is_up()
-                    && !pool.closed.load(Ordering::Acquire)
-                {
+                let up = in_flight.connection_is_up() && !pool.closed.load(Ordering::Acquire);
+                if needs_redeclare(&e) && up {
                     pool.mark_broken(format!(
                         "the broker closed the publishing channel: {reason}"
                     ));
+                } else if up && is_refusal(&e) {
+                    return Err(PublishError::Refused {
+                        destination: destination(),
+                        reason,
+                    });
                 }
                 return Err(PublishError::Channel {
                     destination: destination(),
@@ -428,6 +443,16 @@ fn needs_redeclare(err: &lapin::Error) -> bool {
     )
 }
 
+/// True when the broker closed the channel over a publish for a reason
+/// other than a missing exchange (a protocol error it sent), so the same
+/// publish would be refused again: not a transient failure.
+fn is_refusal(err: &lapin::Error) -> bool {
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_))
+    ) && !needs_redeclare(err)
+}
+
 impl Open {
     fn is_usable(&self) -> bool {
         self.channel.status().connected()
@@ -467,6 +492,7 @@ impl Drop for InFlight<'_> {
 mod tests {
     use super::*;
     use lapin::protocol::AMQPError;
+    use lapin::protocol::AMQPHardError;
 
     fn closed_with(kind: AMQPErrorKind) -> lapin::Error {
         lapin::ErrorKind::ProtocolError(AMQPError::new(kind, "closed by the broker".into())).into()
@@ -488,5 +514,31 @@ mod tests {
             lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "channel closed")
                 .into();
         assert!(!needs_redeclare(&gone));
+    }
+
+    /// A refusal is not worth a retry: the copy fails at once instead of
+    /// being held and tried again with the same answer (a delivery near its
+    /// quorum delivery limit was held for ever on a 403 or 406).
+    #[test]
+    fn a_refusal_by_the_broker_is_not_a_transient_failure() {
+        for refused in [
+            AMQPSoftError::ACCESSREFUSED,
+            AMQPSoftError::PRECONDITIONFAILED,
+            AMQPSoftError::RESOURCELOCKED,
+        ] {
+            assert!(is_refusal(&closed_with(AMQPErrorKind::Soft(refused))));
+        }
+        // A missing exchange asks for the topology again instead.
+        assert!(!is_refusal(&closed_with(AMQPErrorKind::Soft(
+            AMQPSoftError::NOTFOUND
+        ))));
+        // The connection going away is transient.
+        assert!(!is_refusal(&closed_with(AMQPErrorKind::Hard(
+            AMQPHardError::CONNECTIONFORCED
+        ))));
+        let gone: lapin::Error =
+            lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "channel closed")
+                .into();
+        assert!(!is_refusal(&gone));
     }
 }

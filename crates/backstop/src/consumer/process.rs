@@ -869,8 +869,12 @@ async fn publish_copy(
                     bump(&ctx.stats.publish_failures, 1);
                     // A broken publisher fails the same way until the next
                     // session declares the topology again.
-                    let transient = !matches!(e, PublishError::Unroutable { .. })
-                        && publisher.broken().is_none();
+                    // A refusal (no write permission, a message over the
+                    // broker's size limit) comes back the same every time.
+                    let transient = !matches!(
+                        e,
+                        PublishError::Unroutable { .. } | PublishError::Refused { .. }
+                    ) && publisher.broken().is_none();
                     Err(Failed {
                         error: e.to_string(),
                         transient,

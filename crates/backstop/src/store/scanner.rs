@@ -287,8 +287,16 @@ impl Scanner {
                             // No confirm in time: the broker may still store
                             // the copy.
                             Err(e @ PublishError::Timeout { .. }) => Err(e.to_string()),
+                            // A resource alarm: nothing was sent, and every
+                            // row would fail the same way until it clears.
+                            // End the scan without counting it against the
+                            // row (as an unknown outcome, its lease kept).
+                            Err(e @ PublishError::Blocked { .. }) => Err(e.to_string()),
                             Err(e) => {
-                                channel_lost = matches!(e, PublishError::Channel { .. });
+                                channel_lost = matches!(
+                                    e,
+                                    PublishError::Channel { .. } | PublishError::Refused { .. }
+                                );
                                 Ok(Err(e.to_string()))
                             }
                         },
