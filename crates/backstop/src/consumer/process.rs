@@ -8,6 +8,7 @@
 //! loop, so a slow confirm never holds back other deliveries.
 
 use super::{ConsumerStats, bump};
+use crate::connection::Backoff;
 use crate::dedup::{Claim, DedupConfig, MissingKey, new_token};
 use crate::handler::{Delivery, FailureKind, Handler, Outcome};
 use crate::publish::{ConfirmedPublisher, PublishError};
@@ -159,12 +160,14 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 /// broken publish path slows the consumer down instead of spinning.
 const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 
-/// The first pause after a copy or store write failed for a transient
-/// reason; it doubles after each further failure, up to [`BACKOFF_CAP`].
-const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-
-/// The longest pause between two attempts at a copy or store write.
-const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// The pauses between attempts at a copy or store write that failed for a
+/// transient reason: 1 s, doubling after each further failure, up to 30 s
+/// (the ceilings of [`Backoff`], without jitter: one delivery's retries).
+const HOLD_BACKOFF: Backoff = Backoff {
+    initial: Duration::from_secs(1),
+    max: Duration::from_secs(30),
+    max_attempts: None,
+};
 
 /// How long a delivery whose copy or store write keeps failing for a
 /// transient reason (a resource alarm, a publishing connection or database
@@ -215,7 +218,7 @@ struct Failed {
 }
 
 /// Runs `attempt` until it succeeds, with exponential backoff
-/// ([`BACKOFF_FIRST`] doubling to [`BACKOFF_CAP`]) while it fails for a
+/// ([`HOLD_BACKOFF`]'s ceilings) while it fails for a
 /// transient reason, within `hold`. True once it succeeded; false when the
 /// caller should requeue the original: a failure that is not transient
 /// (after [`PUBLISH_FAILURE_PAUSE`]), the window used up, or the session
@@ -229,7 +232,6 @@ async fn persist<Fut: Future<Output = Result<(), Failed>>>(
 ) -> bool {
     let queue = &ctx.queue;
     let started = tokio::time::Instant::now();
-    let mut pause = BACKOFF_FIRST;
     let mut attempts = 0u32;
     loop {
         let Err(failed) = attempt().await else {
@@ -239,6 +241,7 @@ async fn persist<Fut: Future<Output = Result<(), Failed>>>(
             return true;
         };
         attempts += 1;
+        let pause = HOLD_BACKOFF.ceiling(attempts - 1);
         let error = &failed.error;
         if ctx.is_stale(hold.generation) {
             debug!(%queue, what, %error, "failed, and the delivery's session ended: the broker has it back");
@@ -267,7 +270,6 @@ async fn persist<Fut: Future<Output = Result<(), Failed>>>(
                 "failed again; the original is held unacked and tried again");
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(BACKOFF_CAP);
         if ctx.is_stale(hold.generation) {
             debug!(%queue, what, "the delivery's session ended while it was held: the broker has it back");
             return false;
