@@ -5,6 +5,7 @@
 //! Everything stays on loopback: the proxy listens on 127.0.0.1 and refuses an
 //! upstream that is not a loopback address.
 
+pub mod cluster;
 mod proxy;
 
 pub use proxy::FaultProxy;

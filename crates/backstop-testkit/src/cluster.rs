@@ -1,0 +1,121 @@
+//! The three-node cluster of `scripts/cluster.sh`: node addresses, node
+//! control (start, graceful stop, `kill -9`) and `rabbitmqctl` against one
+//! node. Node `n` (1..=3) is `backstop-c<n>@localhost` with AMQP on
+//! `127.0.0.1:570<n>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The cluster's nodes, 1 to 3.
+pub const NODES: [u8; 3] = [1, 2, 3];
+
+/// Node `n`'s Erlang node name.
+pub fn node_name(n: u8) -> String {
+    check(n);
+    format!("backstop-c{n}@localhost")
+}
+
+/// Node `n`'s AMQP listener.
+pub fn node_addr(n: u8) -> SocketAddr {
+    check(n);
+    SocketAddr::from(([127, 0, 0, 1], 5700 + u16::from(n)))
+}
+
+/// An AMQP URL for node `n` (guest, vhost `/`).
+pub fn node_url(n: u8) -> String {
+    format!("amqp://guest:guest@{}/%2f", node_addr(n))
+}
+
+/// Which node has this Erlang node name.
+pub fn node_of(name: &str) -> Option<u8> {
+    NODES.into_iter().find(|&n| node_name(n) == name)
+}
+
+fn check(n: u8) {
+    assert!(NODES.contains(&n), "the cluster has nodes 1 to 3, not {n}");
+}
+
+/// `scripts/cluster.sh` of this checkout.
+pub fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/cluster.sh")
+}
+
+/// Runs `scripts/cluster.sh <args>`; its stderr on failure.
+pub fn cluster_sh(args: &[&str]) -> Result<(), String> {
+    let output = Command::new("bash")
+        .arg(script())
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "scripts/cluster.sh {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// Starts node `n` and waits until it runs.
+pub fn start(n: u8) -> Result<(), String> {
+    cluster_sh(&["start", &n.to_string()])
+}
+
+/// Stops node `n` gracefully.
+pub fn stop(n: u8) -> Result<(), String> {
+    cluster_sh(&["stop", &n.to_string()])
+}
+
+/// `kill -9` of node `n`'s Erlang VM.
+pub fn kill(n: u8) -> Result<(), String> {
+    cluster_sh(&["kill", &n.to_string()])
+}
+
+/// Whether node `n` answers and runs the broker.
+pub fn is_running(n: u8) -> bool {
+    ctl(n, &["-q", "await_startup", "--timeout", "1"]).is_ok()
+}
+
+/// Brings the whole cluster up (`scripts/cluster.sh up`): starts what is down.
+pub fn up() -> Result<(), String> {
+    cluster_sh(&["up"])
+}
+
+/// `rabbitmqctl -n <node n> <args>`; stdout on success, stderr on failure.
+pub fn ctl(n: u8, args: &[&str]) -> Result<String, String> {
+    let node = node_name(n);
+    let mut all = vec!["-n", node.as_str()];
+    all.extend_from_slice(args);
+    crate::rabbitmqctl(&all)
+}
+
+/// The node that leads quorum queue `queue`, asked of the first running
+/// node. `None` when the queue does not exist or no node answers. Panics on
+/// an answer it cannot read.
+pub fn leader(queue: &str) -> Option<u8> {
+    for n in NODES {
+        let Ok(out) = ctl(
+            n,
+            &["-q", "list_queues", "--no-table-headers", "name", "leader"],
+        ) else {
+            continue;
+        };
+        for line in out.lines().filter(|l| !l.trim().is_empty()) {
+            let mut fields = line.split('\t');
+            let (Some(name), Some(leader)) = (fields.next(), fields.next()) else {
+                panic!("cannot read rabbitmqctl list_queues line {line:?}");
+            };
+            if name == queue {
+                let leader = leader.trim();
+                return Some(node_of(leader).unwrap_or_else(|| {
+                    panic!("{queue}'s leader {leader:?} is not a cluster node")
+                }));
+            }
+        }
+        return None;
+    }
+    None
+}
