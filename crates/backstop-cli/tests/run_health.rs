@@ -115,18 +115,39 @@ async fn counts(queue: &str) -> QueueCounts {
     .expect("rabbitmqctl task")
 }
 
-/// Waits until `/readyz` answers `status` and the gauge is `gauge`, read in
-/// the same poll.
-async fn wait_health(
-    port: u16,
-    queue: &str,
-    what: &str,
-    within: Duration,
-    status: u16,
-    gauge: f64,
-) {
-    wait_until(what, within, || async move {
-        readyz(port).await.0 == status && ready_gauge(port, queue).await == gauge
+/// Waits up to 30 s until `/readyz` answers 200 and the gauge is 1.
+async fn wait_green(port: u16, queue: &str, what: &str) {
+    wait_until(what, Duration::from_secs(30), || async move {
+        readyz(port).await.0 == 200 && ready_gauge(port, queue).await == 1.0
+    })
+    .await;
+}
+
+/// Waits up to 15 s until `/readyz` answers 503 with `reason` in its body
+/// and the gauge is 0, read in the same poll.
+async fn wait_red(port: u16, queue: &str, reason: &str) {
+    let what = format!("/readyz 503 saying {reason:?}, and the gauge 0");
+    wait_until(&what, Duration::from_secs(15), || async move {
+        let (status, body) = readyz(port).await;
+        status == 503 && body.contains(reason) && ready_gauge(port, queue).await == 0.0
+    })
+    .await;
+}
+
+/// Waits up to 30 s until the endpoint was called once for each of `ids`.
+async fn wait_called(endpoint: &Endpoint, ids: &[&str]) {
+    let what = format!("{ids:?} at the endpoint");
+    wait_until(&what, Duration::from_secs(30), || {
+        let called = ids.iter().all(|id| endpoint.calls_of(id) == 1);
+        async move { called }
+    })
+    .await;
+}
+
+/// Waits up to 30 s until `queue` holds nothing, ready or unacked.
+async fn wait_drained(queue: &str) {
+    wait_until("the queue drained", Duration::from_secs(30), || {
+        backstop_testkit::queue_is(queue, |c| c.ready == 0 && c.unacked == 0)
     })
     .await;
 }
@@ -144,11 +165,7 @@ async fn readyz_goes_red_when_the_broker_silently_drops_the_consumer_and_green_o
     let port = free_port();
     let _run = start_ready(&config(&queue, &url, port), port).await;
     publish(&queue, &[("before-1", "{}".to_owned())]).await;
-    wait_until("before-1 handled", Duration::from_secs(30), || {
-        let done = endpoint.calls_of("before-1") == 1;
-        async move { done }
-    })
-    .await;
+    wait_called(&endpoint, &["before-1"]).await;
     assert_eq!(counts(&queue).await.consumers, 1);
 
     let fault = Instant::now();
@@ -163,46 +180,28 @@ async fn readyz_goes_red_when_the_broker_silently_drops_the_consumer_and_green_o
     assert_eq!(readyz(port).await.0, 200);
     assert_eq!(counts(&queue).await.consumers, 0);
 
-    let reason = format!("the broker does not count our consumer on {queue}");
-    wait_until(
-        "/readyz to say the broker does not count the consumer, and the gauge 0",
-        Duration::from_secs(15),
-        || {
-            let (queue, reason) = (queue.clone(), reason.clone());
-            async move {
-                let (status, body) = readyz(port).await;
-                status == 503 && body.contains(&reason) && ready_gauge(port, &queue).await == 0.0
-            }
-        },
+    wait_red(
+        port,
+        &queue,
+        &format!("the broker does not count our consumer on {queue}"),
     )
     .await;
     let to_red = fault.elapsed();
     println!("time to red: {to_red:?} (from before the rabbitmqctl eval)");
     assert!(to_red <= Duration::from_secs(15), "{to_red:?}");
 
-    wait_health(
+    wait_green(
         port,
         &queue,
         "/readyz 200 and the gauge 1 once the broker counts the new subscription",
-        Duration::from_secs(15),
-        200,
-        1.0,
     )
     .await;
     println!("time to green again: {:?}", fault.elapsed());
     assert_eq!(counts(&queue).await.consumers, 1);
     publish(&queue, &[("after-1", "{}".to_owned())]).await;
-    wait_until("after-1 handled", Duration::from_secs(30), || {
-        let done = endpoint.calls_of("after-1") == 1;
-        async move { done }
-    })
-    .await;
-    wait_until("the queue drained", Duration::from_secs(30), || {
-        backstop_testkit::queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
-    })
-    .await;
+    wait_called(&endpoint, &["after-1"]).await;
+    wait_drained(&queue).await;
     assert_eq!(endpoint.calls_of("before-1"), 1);
-    assert_eq!(endpoint.calls_of("after-1"), 1);
     cleanup(&queue).await;
 }
 
@@ -218,11 +217,7 @@ async fn a_queue_deleted_and_declared_again_by_someone_else_is_consumed_again_an
     let port = free_port();
     let _run = start_ready(&config(&queue, &url, port), port).await;
     publish(&queue, &[("hold-1", "{}".to_owned())]).await;
-    wait_until("hold-1 at the endpoint", Duration::from_secs(30), || {
-        let arrived = endpoint.calls_of("hold-1") == 1;
-        async move { arrived }
-    })
-    .await;
+    wait_called(&endpoint, &["hold-1"]).await;
     assert_eq!(readyz(port).await.0, 200);
 
     // Someone else, on a connection of their own.
@@ -250,32 +245,15 @@ async fn a_queue_deleted_and_declared_again_by_someone_else_is_consumed_again_an
 
     // The request for hold-1 still runs: the broker counts no consumer on
     // the new queue, and /readyz must not say ready.
-    let not_subscribed = format!("not subscribed to {queue}");
-    wait_until(
-        "/readyz 503 (not subscribed) and the gauge 0 while the request runs",
-        Duration::from_secs(15),
-        || {
-            let (queue, not_subscribed) = (queue.clone(), not_subscribed.clone());
-            async move {
-                let (status, body) = readyz(port).await;
-                status == 503
-                    && body.contains(&not_subscribed)
-                    && ready_gauge(port, &queue).await == 0.0
-            }
-        },
-    )
-    .await;
+    wait_red(port, &queue, &format!("not subscribed to {queue}")).await;
     assert_eq!(counts(&queue).await.consumers, 0);
     assert_eq!(endpoint.calls_of("hold-1"), 1);
 
     endpoint.open();
-    wait_health(
+    wait_green(
         port,
         &queue,
         "/readyz 200 and the gauge 1 once subscribed to the new queue",
-        Duration::from_secs(30),
-        200,
-        1.0,
     )
     .await;
     assert_eq!(
@@ -287,18 +265,7 @@ async fn a_queue_deleted_and_declared_again_by_someone_else_is_consumed_again_an
         .map(|i| (format!("after-{i}"), "{}".to_owned()))
         .collect();
     publish_owned(&queue, &after).await;
-    wait_until(
-        "the messages of the new queue handled",
-        Duration::from_secs(30),
-        || {
-            let done = (1..=3).all(|i| endpoint.calls_of(&format!("after-{i}")) == 1);
-            async move { done }
-        },
-    )
-    .await;
-    wait_until("the new queue drained", Duration::from_secs(30), || {
-        backstop_testkit::queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
-    })
-    .await;
+    wait_called(&endpoint, &["after-1", "after-2", "after-3"]).await;
+    wait_drained(&queue).await;
     cleanup(&queue).await;
 }

@@ -885,6 +885,7 @@ async fn a_consumer_the_broker_forgot_subscribes_again_and_settles_what_it_held(
     })
     .await;
     let report = finish(consumer, &supervisor, &publisher, &queue).await;
+    delete_queue(&publisher, &format!("{queue}.dlq")).await;
     assert_eq!(recorder.calls_of("held-0"), 1);
     assert_eq!(report.handled, 4, "{report:?}");
     assert_eq!(report.stale_tags_dropped, 0, "{report:?}");

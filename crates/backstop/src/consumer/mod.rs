@@ -10,6 +10,10 @@
 //! not. The topology and the prefetch are therefore applied again every time.
 //! When the broker cancels the subscription but the channel stays open, the
 //! running handlers first get up to the shutdown timeout to settle on it.
+//! The same happens when the broker loses the subscription without a word:
+//! a passive `queue.declare` every 5 s, on a channel of its own, reads the
+//! broker's consumer count and ends a session the broker no longer counts
+//! (see [`ConsumerConfig::broker_check_every`]).
 //!
 //! The subscription is read all the time, even when every handler slot is
 //! taken (deliveries then wait in the session, bounded by the prefetch), so a
@@ -1543,7 +1547,7 @@ impl<H: Handler> Runtime<H> {
         }
         if self.stats.uncounted.swap(1, Ordering::Relaxed) == 0 {
             warn!(%queue, %why, "the broker does not count our consumer although we are \
-                subscribed: nothing would arrive; subscribing again");
+                subscribed: nothing would arrive; ending the session to subscribe again");
         }
         bump(&self.stats.broker_lost, 1);
         Some(format!("the broker lost our consumer ({why})"))
