@@ -134,6 +134,57 @@ pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// Makes the broker forget every consumer of the classic queue `queue` (in
+/// the virtual host `/`) without telling their clients: the queue process
+/// drops them and sends no `basic.cancel`, so each client still believes it
+/// is subscribed while nothing reaches it. The channels stay open and keep
+/// the deliveries they hold (their acks still count). Returns how many
+/// consumers were dropped.
+///
+/// How, on RabbitMQ 3.10.8 (`rabbit_amqqueue_process.erl`,
+/// `rabbit_classic_queue.erl`): a channel cancels a consumer with the call
+/// `{basic_cancel, ChPid, CTag, OkMsg, ActingUser}` to the queue process,
+/// which sends `OkMsg` to the channel (`maybe_send_reply/2`: nothing for
+/// `undefined`) and removes the consumer. Here that call is made with
+/// `OkMsg = undefined`, for each consumer `rabbit_amqqueue:consumers_all/1`
+/// lists on the queue. The channel still maps the tag: a later
+/// `basic.cancel` from the client is answered with `cancel-ok` as usual.
+pub fn forget_consumers(queue: &str) -> Result<usize, String> {
+    if queue.contains(['"', '\\', '<', '>']) {
+        return Err(format!(
+            "{queue:?}: a queue name to put in an Erlang binary must not hold quotes, backslashes or angle brackets"
+        ));
+    }
+    let expr = format!(
+        r#"QName = rabbit_misc:r(<<"/">>, queue, <<"{queue}">>),
+           {{ok, Q}} = rabbit_amqqueue:lookup(QName),
+           [gen_server2:call(amqqueue:get_pid(Q),
+                             {{basic_cancel, proplists:get_value(channel_pid, C),
+                               proplists:get_value(consumer_tag, C), undefined,
+                               <<"backstop-test">>}}, infinity)
+            || C <- rabbit_amqqueue:consumers_all(<<"/">>),
+               proplists:get_value(queue_name, C) =:= QName]."#
+    );
+    let out = rabbitmqctl(&["eval", &expr])?;
+    // `[ok,ok]`: one `ok` per consumer dropped.
+    let list = out
+        .trim()
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .ok_or_else(|| format!("rabbitmqctl eval answered {out:?}, not a list"))?;
+    let items: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+        .collect();
+    if let Some(bad) = items.iter().find(|i| **i != "ok") {
+        return Err(format!(
+            "dropping a consumer of {queue} answered {bad:?}: {out:?}"
+        ));
+    }
+    Ok(items.len())
+}
+
 /// What the broker says about a queue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueCounts {

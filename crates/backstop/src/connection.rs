@@ -1138,6 +1138,16 @@ pub(crate) fn describe(err: &lapin::Error) -> String {
     }
 }
 
+/// True for an error the broker sent with `NOT_FOUND` (404): a queue or
+/// exchange that does not exist. The broker closed the channel with it.
+pub(crate) fn is_not_found(err: &lapin::Error) -> bool {
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+    )
+}
+
 fn classify_connect_error(err: &lapin::Error) -> AttemptError {
     if let lapin::ErrorKind::ProtocolError(amqp) = err.kind() {
         let message = amqp.get_message().to_string();

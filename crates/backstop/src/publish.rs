@@ -27,7 +27,7 @@
 
 use crate::connection::{ConnectionSupervisor, LiveConnection, describe};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::AMQPErrorKind;
 use lapin::{BasicProperties, Confirmation};
 use std::fmt;
 use std::sync::Arc;
@@ -436,11 +436,7 @@ impl Pool {
 /// (or queue) the publish relies on is gone, which declaring the topology
 /// again cures.
 fn needs_redeclare(err: &lapin::Error) -> bool {
-    matches!(
-        err.kind(),
-        lapin::ErrorKind::ProtocolError(amqp)
-            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
-    )
+    crate::connection::is_not_found(err)
 }
 
 /// True when the broker closed the channel over a publish for a reason
@@ -492,7 +488,7 @@ impl Drop for InFlight<'_> {
 mod tests {
     use super::*;
     use lapin::protocol::AMQPError;
-    use lapin::protocol::AMQPHardError;
+    use lapin::protocol::{AMQPHardError, AMQPSoftError};
 
     fn closed_with(kind: AMQPErrorKind) -> lapin::Error {
         lapin::ErrorKind::ProtocolError(AMQPError::new(kind, "closed by the broker".into())).into()

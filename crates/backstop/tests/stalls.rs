@@ -803,3 +803,92 @@ async fn a_panicking_compensation_store_fails_the_delivery_not_the_consumer() {
     }
     delete_queue(&publisher, &RetryPolicy::dead_letter_queue(&queue)).await;
 }
+
+/// Issue 14, item 4. The broker forgets the consumer without a
+/// `basic.cancel` (the queue process drops it: `forget_consumers`), so the
+/// consumer believes it is subscribed while nothing reaches it. The
+/// periodic passive declare finds the broker counting no consumer, the
+/// report says so, and the session ends as after a broker cancel: the
+/// delivery whose handler runs is settled on its own channel first (acked
+/// once, not stale, its handler called once), then a new session
+/// subscribes, is counted by the broker, and consumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_the_broker_forgot_subscribes_again_and_settles_what_it_held() {
+    init_tracing();
+    let queue = unique("forgotten");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let release = Arc::new(AtomicBool::new(false));
+    let released = release.clone();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(topology)
+            .shutdown_timeout(Duration::from_secs(30))
+            .broker_check_every(Duration::from_secs(1)),
+        &recorder,
+        move |delivery, _| {
+            let hold = delivery.message_id() == Some("held-0");
+            let released = released.clone();
+            async move {
+                while hold && !released.load(Ordering::SeqCst) {
+                    tokio::time::sleep(ms(20)).await;
+                }
+                Outcome::Ack
+            }
+        },
+    );
+    wait_stats(&consumer, "the subscription", |s| s.subscribed).await;
+    publish(&publisher, &queue, 1, "held", |_| b"x".to_vec()).await;
+    wait_until("held-0 in its handler", Duration::from_secs(30), || {
+        let running = recorder.running.load(Ordering::SeqCst);
+        async move { running == 1 }
+    })
+    .await;
+
+    let name = queue.clone();
+    let forgotten = tokio::task::spawn_blocking(move || backstop_testkit::forget_consumers(&name))
+        .await
+        .expect("rabbitmqctl task")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let fault = Instant::now();
+    assert_eq!(forgotten, 1);
+    wait_stats(&consumer, "the broker's loss to be seen", |s| {
+        !s.broker_counted && s.broker_lost == 1
+    })
+    .await;
+    println!("seen after {:?}", fault.elapsed());
+    // The session drains: held-0 still runs, on the old channel.
+    assert_eq!(consumer.stats().sessions, 1);
+    release.store(true, Ordering::SeqCst);
+    wait_stats(&consumer, "counted again in a new session", |s| {
+        s.broker_counted && s.subscribed && s.sessions == 2
+    })
+    .await;
+    println!("counted again after {:?}", fault.elapsed());
+    wait_until(
+        "the broker to count one consumer",
+        Duration::from_secs(30),
+        || queue_is(&queue, |c| c.consumers == 1),
+    )
+    .await;
+
+    publish(&publisher, &queue, 3, "after", |_| b"y".to_vec()).await;
+    recorder
+        .wait_handled(4, "held-0 and the later ones", Duration::from_secs(30))
+        .await;
+    wait_until("the queue drained", Duration::from_secs(30), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    let report = finish(consumer, &supervisor, &publisher, &queue).await;
+    delete_queue(&publisher, &format!("{queue}.dlq")).await;
+    assert_eq!(recorder.calls_of("held-0"), 1);
+    assert_eq!(report.handled, 4, "{report:?}");
+    assert_eq!(report.stale_tags_dropped, 0, "{report:?}");
+    assert_eq!(report.sessions, 2, "{report:?}");
+    assert_eq!(report.broker_lost, 1, "{report:?}");
+}

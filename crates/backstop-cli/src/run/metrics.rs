@@ -57,6 +57,18 @@ pub(crate) struct ConsumerView {
     pub(crate) depth_queues: Vec<(String, &'static str)>,
 }
 
+/// Why a consumer is not ready, or `None` when it is: `/readyz` and the
+/// gauge `backstop_consumer_ready` both read this, so they cannot disagree.
+fn unready(queue: &str, report: &backstop::consumer::ConsumerReport) -> Option<String> {
+    if !report.broker_counted {
+        Some(format!("the broker does not count our consumer on {queue}"))
+    } else if !report.subscribed {
+        Some(format!("not subscribed to {queue}"))
+    } else {
+        None
+    }
+}
+
 /// Time spent blocked by the broker, measured from the supervisor's state.
 #[derive(Debug, Default)]
 struct BlockedClock {
@@ -256,9 +268,18 @@ impl Collector for Live {
         family(
             &mut encoder,
             "backstop_consumer_ready",
-            "1 while the consumer is subscribed",
+            "1 while the consumer is subscribed and the broker counts it on its queue (what /readyz asks of each consumer)",
             MetricType::Gauge,
-            per_queue_gauge(&|r| u64::from(r.subscribed)),
+            reports
+                .iter()
+                .map(|(c, r)| {
+                    let ready = unready(&c.queue, r).is_none();
+                    (
+                        labels(&[("queue", &c.queue)]),
+                        ConstGauge::new(i64::from(ready)),
+                    )
+                })
+                .collect(),
         )?;
         family(
             &mut encoder,
@@ -339,11 +360,10 @@ async fn ready(State(served): State<Served>) -> impl IntoResponse {
     // Closed: it gave up (or was refused) and is not started again yet, so
     // every copy fails. Connecting or reconnecting is only a moment.
     let publishing = served.publishing.state().borrow().clone();
-    let waiting: Vec<&str> = served
+    let waiting: Vec<String> = served
         .consumers
         .iter()
-        .filter(|c| !c.stats.snapshot().subscribed)
-        .map(|c| c.queue.as_str())
+        .filter_map(|c| unready(&c.queue, &c.stats.snapshot()))
         .collect();
     if !up {
         (
@@ -360,7 +380,7 @@ async fn ready(State(served): State<Served>) -> impl IntoResponse {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: not subscribed to {}\n", waiting.join(", ")),
+            format!("not ready: {}\n", waiting.join("; ")),
         )
     }
 }

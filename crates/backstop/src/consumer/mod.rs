@@ -10,6 +10,10 @@
 //! not. The topology and the prefetch are therefore applied again every time.
 //! When the broker cancels the subscription but the channel stays open, the
 //! running handlers first get up to the shutdown timeout to settle on it.
+//! The same happens when the broker loses the subscription without a word:
+//! a passive `queue.declare` every 5 s, on a channel of its own, reads the
+//! broker's consumer count and ends a session the broker no longer counts
+//! (see [`ConsumerConfig::broker_check_every`]).
 //!
 //! The subscription is read all the time, even when every handler slot is
 //! taken (deliveries then wait in the session, bounded by the prefetch), so a
@@ -52,8 +56,11 @@
 //! ```
 
 mod ack;
+mod check;
 mod held;
 mod process;
+
+pub use check::DEFAULT_BROKER_CHECK_EVERY;
 
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 use crate::connection::{Backoff, CHANNEL_TIMEOUT, ConnectionSupervisor, LiveConnection, describe};
@@ -66,6 +73,7 @@ use crate::store::CompensationStore;
 use crate::topology::{Queue, QueueType, Topology};
 use crate::wait_true;
 use ack::AckCoalescer;
+use check::{BrokerCheck, HELD, RECHECK_AFTER, Reading};
 use futures_util::stream::FuturesUnordered;
 use held::HeldDeliveries;
 use lapin::options::{
@@ -123,6 +131,7 @@ pub struct ConsumerConfig {
     queue_type: Option<QueueType>,
     publish_channels: usize,
     publish_timeout: Duration,
+    broker_check_every: Duration,
 }
 
 impl ConsumerConfig {
@@ -156,6 +165,7 @@ impl ConsumerConfig {
             queue_type: None,
             publish_channels: crate::publish::DEFAULT_CHANNELS,
             publish_timeout: crate::publish::DEFAULT_CONFIRM_TIMEOUT,
+            broker_check_every: DEFAULT_BROKER_CHECK_EVERY,
         }
     }
 
@@ -337,6 +347,41 @@ impl ConsumerConfig {
         self
     }
 
+    /// How often the broker is asked whether it still counts this consumer
+    /// on its queue (default 5 s, [`DEFAULT_BROKER_CHECK_EVERY`]).
+    ///
+    /// The broker can lose a consumer without telling the channel, and then
+    /// nothing arrives while the consumer believes it is subscribed. So
+    /// while a session consumes, every `every` a passive `queue.declare` of
+    /// the queue, on a channel of its own, reads the broker's
+    /// `consumer_count`: one round trip per period. A count below the
+    /// subscriptions this consumer holds there (one), or a queue that no
+    /// longer exists, is read again 1 s later before anything is done.
+    /// Still short: the consumer is *not counted*
+    /// ([`ConsumerReport::broker_counted`] is false, a warning is logged,
+    /// [`ConsumerReport::broker_lost`] counts it), and its session ends as
+    /// when the broker cancels it: the running handlers get the shutdown
+    /// timeout to finish and settle on their own channel, the acks are
+    /// flushed, the channel closes (the broker takes back what it holds),
+    /// and a new session declares the topology and subscribes again. The
+    /// lost subscription is not cancelled: on RabbitMQ 3.10 a
+    /// `basic.cancel` of a consumer the queue has already dropped makes the
+    /// queue count one consumer too few for as long as the channel holds
+    /// its deliveries. The consumer is counted again once a reading counts
+    /// it, the first of the new session coming 1 s after it subscribes.
+    ///
+    /// The limit: the broker counts every consumer of the queue, other
+    /// instances' and other applications' too, and cannot say whose they
+    /// are. A lost consumer is only seen when the count falls below the
+    /// ones this consumer holds: while anyone else consumes the same queue,
+    /// a loss of this consumer goes unseen (the count stays at or above
+    /// one). A reading that fails (no answer within 10 s, a channel that
+    /// would not open) says nothing and changes nothing.
+    pub fn broker_check_every(mut self, every: Duration) -> Self {
+        self.broker_check_every = every;
+        self
+    }
+
     /// Turns the circuit breaker on (see [`crate::breaker`]).
     pub fn circuit_breaker(mut self, config: BreakerConfig) -> Self {
         self.breaker = Some(config);
@@ -405,6 +450,12 @@ impl ConsumerConfig {
                 reason: "a copy needs some time to be confirmed".into(),
             });
         }
+        if self.broker_check_every.is_zero() {
+            return Err(Error::Config {
+                key: "broker_check_every",
+                reason: "must be above zero (one passive queue.declare per period)".into(),
+            });
+        }
         Ok(())
     }
 }
@@ -430,6 +481,9 @@ pub struct ConsumerStats {
     store_failures: AtomicU64,
     duplicates: AtomicU64,
     subscribed: AtomicU64,
+    /// 1 while the broker's checks do not count the subscription.
+    uncounted: AtomicU64,
+    broker_lost: AtomicU64,
     dedup_busy: AtomicU64,
     dedup_failures: AtomicU64,
     missing_keys: AtomicU64,
@@ -481,6 +535,15 @@ pub struct ConsumerReport {
     pub duplicates: u64,
     /// True while a subscription is up (a session is consuming).
     pub subscribed: bool,
+    /// False while the broker does not count this consumer's subscription:
+    /// from the second reading in a row that found the broker's
+    /// `consumer_count` for the queue below it (or the queue gone), through
+    /// the new session that follows, until a reading counts it (see
+    /// [`ConsumerConfig::broker_check_every`]). True otherwise.
+    pub broker_counted: bool,
+    /// Times the broker was found not counting this consumer's
+    /// subscription, each ending its session for a new one.
+    pub broker_lost: u64,
     /// Duplicates requeued because their key stayed claimed elsewhere for
     /// longer than the wait.
     pub dedup_busy: u64,
@@ -527,6 +590,8 @@ impl ConsumerStats {
             store_failures: get(&self.store_failures),
             duplicates: get(&self.duplicates),
             subscribed: get(&self.subscribed) == 1,
+            broker_counted: get(&self.uncounted) == 0,
+            broker_lost: get(&self.broker_lost),
             dedup_busy: get(&self.dedup_busy),
             dedup_failures: get(&self.dedup_failures),
             missing_keys: get(&self.missing_keys),
@@ -827,6 +892,8 @@ struct Session {
     /// The oldest held delivery already warned about for its age (its
     /// receive time, ms since the epoch).
     warned_for: u64,
+    /// Whether the broker still counts the subscription.
+    check: BrokerCheck,
 }
 
 /// One ack frame being written: how many deliveries it settles, and lapin's
@@ -1117,6 +1184,18 @@ impl<H: Handler> Runtime<H> {
                     .ack_batch
                     .unwrap_or(usize::from(self.config.prefetch) / 4);
                 Ok(Session {
+                    // After a loss, the new subscription is counted once
+                    // the broker says so: soon.
+                    check: BrokerCheck::new(
+                        live.clone(),
+                        self.config.queue.clone(),
+                        self.config.broker_check_every,
+                        if self.stats.uncounted.load(Ordering::Relaxed) == 1 {
+                            RECHECK_AFTER
+                        } else {
+                            self.config.broker_check_every
+                        },
+                    ),
                     live,
                     channel,
                     consumer,
@@ -1217,6 +1296,13 @@ impl<H: Handler> Runtime<H> {
                     }
                 }
                 _ = age_check.tick() => self.check_age(&mut session),
+                Some((channel, reading)) = futures_util::future::OptionFuture::from(session.check.pending.as_mut()) => {
+                    session.check.returned(channel);
+                    if let Some(reason) = self.counted(&mut session, reading) {
+                        self.drain(session, &reason, Drain::BrokerLost).await;
+                        return SessionEnd::Broken(reason);
+                    }
+                }
                 next = session.consumer.next() => {
                     match next {
                         Some(Ok(delivery)) => self.receive(&mut session, delivery),
@@ -1425,6 +1511,48 @@ impl<H: Handler> Runtime<H> {
         Ok(())
     }
 
+    /// Acts on a reading of the broker's consumer count (see
+    /// [`ConsumerConfig::broker_check_every`]) and schedules the next.
+    /// `Some(reason)` when the broker lost the subscription: the session
+    /// must end.
+    fn counted(&mut self, session: &mut Session, reading: Reading) -> Option<String> {
+        let queue = &self.config.queue;
+        let short = match reading {
+            Reading::Consumers(n) if n >= HELD => None,
+            Reading::Consumers(n) => Some(format!(
+                "the broker counts {n} consumer(s) on the queue, we hold {HELD}"
+            )),
+            Reading::Missing => Some("the queue does not exist".to_owned()),
+            Reading::Unknown(why) => {
+                debug!(%queue, %why, "could not read the broker's consumer count");
+                session.check.schedule(session.check.every());
+                return None;
+            }
+        };
+        let Some(why) = short else {
+            if self.stats.uncounted.swap(0, Ordering::Relaxed) == 1 {
+                info!(%queue, "the broker counts our consumer again");
+            }
+            session.check.short = 0;
+            session.check.schedule(session.check.every());
+            return None;
+        };
+        session.check.short += 1;
+        if session.check.short == 1 {
+            // Read again before acting: a quorum queue reports no consumer
+            // when its leader does not answer within 250 ms.
+            debug!(%queue, %why, "the broker does not count our consumer; reading again");
+            session.check.schedule(RECHECK_AFTER);
+            return None;
+        }
+        if self.stats.uncounted.swap(1, Ordering::Relaxed) == 0 {
+            warn!(%queue, %why, "the broker does not count our consumer although we are \
+                subscribed: nothing would arrive; ending the session to subscribe again");
+        }
+        bump(&self.stats.broker_lost, 1);
+        Some(format!("the broker lost our consumer ({why})"))
+    }
+
     /// Hands the coalesced acks to lapin without waiting for the writes;
     /// [`Self::sent`] counts them when they are written.
     fn flush(&mut self, session: &mut Session) {
@@ -1476,8 +1604,8 @@ impl<H: Handler> Runtime<H> {
 
     /// Ends a broken session: closes its channel if it still stands so the
     /// broker requeues what it holds, and lets in-flight handlers go stale.
-    async fn end(&mut self, session: Session, reason: String) -> SessionEnd {
-        close_session(&session, "backstop: resubscribing").await;
+    async fn end(&mut self, mut session: Session, reason: String) -> SessionEnd {
+        close_session(&mut session, "backstop: resubscribing").await;
         self.held.released(&self.stats);
         SessionEnd::Broken(reason)
     }
@@ -1497,9 +1625,12 @@ impl<H: Handler> Runtime<H> {
     async fn drain(&mut self, mut session: Session, why: &str, how: Drain) {
         let queue = self.config.queue.clone();
         let tag = session.consumer.tag();
+        // The subscription is gone (the broker cancelled it) or about to
+        // be: not ready while the running handlers settle.
+        self.stats.subscribed.store(0, Ordering::Relaxed);
         info!(%queue, in_flight = self.running, stale = self.handlers.len().saturating_sub(self.running),
             why, "draining: settling what runs, then closing");
-        if how != Drain::BrokerCancelled {
+        if matches!(how, Drain::Shutdown | Drain::Resubscribe) {
             let cancelling = session
                 .channel
                 .basic_cancel(tag, BasicCancelOptions::default());
@@ -1536,7 +1667,7 @@ impl<H: Handler> Runtime<H> {
             self.update_in_flight();
         }
         self.running = 0;
-        close_session(&session, "backstop: drained").await;
+        close_session(&mut session, "backstop: drained").await;
         self.held.released(&self.stats);
     }
 
@@ -1583,6 +1714,16 @@ enum Drain {
     /// The broker cancelled the subscription: as `Resubscribe`, without a
     /// `basic.cancel` of our own.
     BrokerCancelled,
+    /// The broker no longer counts the subscription (see
+    /// [`ConsumerConfig::broker_check_every`]): as `BrokerCancelled`. A
+    /// `basic.cancel` of a consumer the queue has dropped would make
+    /// RabbitMQ 3.10 count one consumer too few on the queue while the
+    /// channel holds deliveries (`rabbit_queue_consumers:remove/3` takes
+    /// one off the channel's count without looking for the tag), other
+    /// instances' consumers included. Should the broker still deliver to
+    /// it after all, what arrives is not started and goes back with the
+    /// channel.
+    BrokerLost,
 }
 
 /// The longest the switch from the probing subscription to the full one may
@@ -1626,11 +1767,18 @@ fn consumer_timeout_of(message: &str) -> Option<String> {
 
 /// Closes a session's channels that still stand, within
 /// [`CHANNEL_TIMEOUT`]; the broker requeues what the consumer's channel holds
-/// unacked. The publisher's channels hold no delivery: they close in the
-/// background, so a blocked publishing connection never holds this up.
-async fn close_session(session: &Session, why: &str) {
+/// unacked. The publisher's channels and the check channel hold no
+/// delivery: they close in the background, so a blocked publishing
+/// connection never holds this up.
+async fn close_session(session: &mut Session, why: &str) {
     if let Some(publisher) = session.publisher.clone() {
         tokio::spawn(async move { publisher.close().await });
+    }
+    if let Some(check) = session.check.take_channel() {
+        tokio::spawn(async move {
+            let close = check.close(200, "backstop: session ended".into());
+            let _ = tokio::time::timeout(CHANNEL_TIMEOUT, close).await;
+        });
     }
     if session.channel.status().connected() {
         let close = session.channel.close(200, why.into());
