@@ -179,6 +179,10 @@ async fn readyz_goes_red_when_the_broker_silently_drops_the_consumer_and_green_o
     // (The check needs two readings 1 s apart to call it: not yet.)
     assert_eq!(readyz(port).await.0, 200);
     assert_eq!(counts(&queue).await.consumers, 0);
+    // A message waits for the consumer the broker no longer counts: the
+    // check believes "no consumer" only with a message ready (a quorum
+    // queue whose leader is slow answers 0 consumers and 0 messages).
+    publish(&queue, &[("waiting-1", "{}".to_owned())]).await;
 
     wait_red(
         port,
@@ -199,7 +203,7 @@ async fn readyz_goes_red_when_the_broker_silently_drops_the_consumer_and_green_o
     println!("time to green again: {:?}", fault.elapsed());
     assert_eq!(counts(&queue).await.consumers, 1);
     publish(&queue, &[("after-1", "{}".to_owned())]).await;
-    wait_called(&endpoint, &["after-1"]).await;
+    wait_called(&endpoint, &["waiting-1", "after-1"]).await;
     wait_drained(&queue).await;
     assert_eq!(endpoint.calls_of("before-1"), 1);
     cleanup(&queue).await;

@@ -34,9 +34,14 @@ pub(super) const HELD: u32 = 1;
 /// What one passive declare said.
 #[derive(Debug)]
 pub(super) enum Reading {
-    /// The broker counts this many consumers on the queue (ours and any
-    /// other instance's).
-    Consumers(u32),
+    /// The broker counts `consumers` on the queue (ours and any other
+    /// instance's), with `ready` messages waiting.
+    Consumers {
+        /// `consumer_count`.
+        consumers: u32,
+        /// `message_count`: ready messages.
+        ready: u32,
+    },
     /// The queue does not exist (`NOT_FOUND`).
     Missing,
     /// No answer: the channel would not open, the declare failed otherwise
@@ -60,6 +65,13 @@ pub(super) struct BrokerCheck {
     pub(super) pending: Option<Pending>,
     /// Readings in a row that did not count the consumer.
     pub(super) short: u32,
+    /// Deliveries the session received; a short reading taken while
+    /// deliveries still arrive is not believed.
+    pub(super) received: u64,
+    /// `received` when the previous reading came back.
+    received_before: u64,
+    /// Readings in a row that got no answer.
+    pub(super) unanswered: u32,
 }
 
 impl BrokerCheck {
@@ -78,6 +90,9 @@ impl BrokerCheck {
             channel: None,
             pending: None,
             short: 0,
+            received: 0,
+            received_before: 0,
+            unanswered: 0,
         };
         check.schedule(first);
         check
@@ -92,6 +107,15 @@ impl BrokerCheck {
     pub(super) fn returned(&mut self, channel: Option<lapin::Channel>) {
         self.pending = None;
         self.channel = channel;
+    }
+
+    /// Whether a delivery arrived since the previous reading came back:
+    /// the broker still delivers to this subscription. Marks the reading
+    /// that just came back as the previous one.
+    pub(super) fn delivered_since(&mut self) -> bool {
+        let delivered = self.received != self.received_before;
+        self.received_before = self.received;
+        delivered
     }
 
     /// Takes the next reading `after` from now.
@@ -138,7 +162,13 @@ async fn read(
         FieldTable::default(),
     );
     match tokio::time::timeout(CHANNEL_TIMEOUT, declare).await {
-        Ok(Ok(declared)) => (Some(channel), Reading::Consumers(declared.consumer_count())),
+        Ok(Ok(declared)) => (
+            Some(channel),
+            Reading::Consumers {
+                consumers: declared.consumer_count(),
+                ready: declared.message_count(),
+            },
+        ),
         Ok(Err(e)) if is_not_found(&e) => (None, Reading::Missing),
         Ok(Err(e)) => (None, Reading::Unknown(describe(&e))),
         // The channel still owes the answer: it is dropped, and closed.

@@ -1305,7 +1305,10 @@ impl<H: Handler> Runtime<H> {
                 }
                 next = session.consumer.next() => {
                     match next {
-                        Some(Ok(delivery)) => self.receive(&mut session, delivery),
+                        Some(Ok(delivery)) => {
+                            session.check.received += 1;
+                            self.receive(&mut session, delivery);
+                        }
                         Some(Err(e)) => {
                             let reason = channel_error(&e);
                             return self.end(session, reason).await;
@@ -1516,15 +1519,43 @@ impl<H: Handler> Runtime<H> {
     /// `Some(reason)` when the broker lost the subscription: the session
     /// must end.
     fn counted(&mut self, session: &mut Session, reading: Reading) -> Option<String> {
+        /// Unanswered readings in a row that are worth a warning.
+        const UNANSWERED_WARN: u32 = 3;
         let queue = &self.config.queue;
+        if !matches!(reading, Reading::Unknown(_)) {
+            session.check.unanswered = 0;
+        }
+        let delivered = session.check.delivered_since();
         let short = match reading {
-            Reading::Consumers(n) if n >= HELD => None,
-            Reading::Consumers(n) => Some(format!(
-                "the broker counts {n} consumer(s) on the queue, we hold {HELD}"
+            Reading::Consumers { consumers, .. } if consumers >= HELD => None,
+            // What a quorum queue answers when its leader does not reply
+            // within 250 ms (`rabbit_quorum_queue:stat/1` returns
+            // `{ok, 0, 0}`): no consumer and no message. It proves nothing;
+            // a consumer really lost shows once a message waits for it.
+            Reading::Consumers {
+                consumers: 0,
+                ready: 0,
+            } => {
+                debug!(%queue, "the broker counts no consumer and no message: not a reading");
+                session.check.schedule(session.check.every());
+                return None;
+            }
+            // Deliveries still arrive: the broker delivers to us.
+            Reading::Consumers { .. } if delivered => None,
+            Reading::Consumers { consumers, ready } => Some(format!(
+                "the broker counts {consumers} consumer(s) on the queue with {ready} message(s) \
+                 ready, we hold {HELD}"
             )),
             Reading::Missing => Some("the queue does not exist".to_owned()),
             Reading::Unknown(why) => {
-                debug!(%queue, %why, "could not read the broker's consumer count");
+                session.check.unanswered += 1;
+                if session.check.unanswered == UNANSWERED_WARN {
+                    warn!(%queue, %why, readings = UNANSWERED_WARN,
+                        "the broker has not answered the consumer check for a while; \
+                         readiness cannot see a lost consumer meanwhile");
+                } else {
+                    debug!(%queue, %why, "could not read the broker's consumer count");
+                }
                 session.check.schedule(session.check.every());
                 return None;
             }
@@ -1539,8 +1570,8 @@ impl<H: Handler> Runtime<H> {
         };
         session.check.short += 1;
         if session.check.short == 1 {
-            // Read again before acting: a quorum queue reports no consumer
-            // when its leader does not answer within 250 ms.
+            // Read again before acting: one reading may catch the broker
+            // between a cancel and a consume of someone else's.
             debug!(%queue, %why, "the broker does not count our consumer; reading again");
             session.check.schedule(RECHECK_AFTER);
             return None;
