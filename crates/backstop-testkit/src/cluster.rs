@@ -120,40 +120,42 @@ pub fn leader(queue: &str) -> Option<u8> {
     None
 }
 
-/// The nodes holding a member (replica) of quorum queue `queue`, sorted,
-/// asked of the first running node. `None` when the queue does not exist or
-/// no node answers. Panics on an answer it cannot read.
-pub fn members(queue: &str) -> Option<Vec<u8>> {
+/// Quorum queue `queue`'s members and the members online, as nodes, asked
+/// of the first running node. `None` when no node answers or the queue does
+/// not exist. Panics on an answer it cannot read.
+pub fn members(queue: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let nodes = |list: &str| -> Vec<u8> {
+        list.trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(|name| node_of(name).unwrap_or_else(|| panic!("{name:?} is not a cluster node")))
+            .collect()
+    };
     for n in NODES {
         let Ok(out) = ctl(
             n,
-            &["-q", "list_queues", "--no-table-headers", "name", "members"],
+            &[
+                "-q",
+                "list_queues",
+                "--no-table-headers",
+                "name",
+                "members",
+                "online",
+            ],
         ) else {
             continue;
         };
         for line in out.lines().filter(|l| !l.trim().is_empty()) {
-            let Some((name, members)) = line.split_once('\t') else {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [name, members, online] = fields.as_slice() else {
                 panic!("cannot read rabbitmqctl list_queues line {line:?}");
             };
-            if name != queue {
-                continue;
+            if *name == queue {
+                return Some((nodes(members), nodes(online)));
             }
-            let list = members
-                .trim()
-                .strip_prefix('[')
-                .and_then(|m| m.strip_suffix(']'))
-                .unwrap_or_else(|| panic!("{queue}'s members {members:?} are not a list"));
-            let mut nodes: Vec<u8> = list
-                .split(',')
-                .map(str::trim)
-                .filter(|m| !m.is_empty())
-                .map(|m| {
-                    node_of(m)
-                        .unwrap_or_else(|| panic!("{queue}'s member {m:?} is not a cluster node"))
-                })
-                .collect();
-            nodes.sort_unstable();
-            return Some(nodes);
         }
         return None;
     }
@@ -229,7 +231,7 @@ pub fn connection_ports(via: u8, name: &str) -> Result<Vec<u16>, String> {
             "client_properties",
         ],
     )?;
-    let wanted = format!("{{\"connection_name\",longstr,<<\"{name}\">>}}");
+    let wanted = format!("{{\"connection_name\",\"{name}\"}}");
     Ok(out
         .lines()
         .filter(|l| !l.trim().is_empty())
