@@ -119,3 +119,128 @@ pub fn leader(queue: &str) -> Option<u8> {
     }
     None
 }
+
+/// Quorum queue `queue`'s members and the members online, as nodes, asked
+/// of the first running node. `None` when no node answers or the queue does
+/// not exist. Panics on an answer it cannot read.
+pub fn members(queue: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let nodes = |list: &str| -> Vec<u8> {
+        list.trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(|name| node_of(name).unwrap_or_else(|| panic!("{name:?} is not a cluster node")))
+            .collect()
+    };
+    for n in NODES {
+        let Ok(out) = ctl(
+            n,
+            &[
+                "-q",
+                "list_queues",
+                "--no-table-headers",
+                "name",
+                "members",
+                "online",
+            ],
+        ) else {
+            continue;
+        };
+        for line in out.lines().filter(|l| !l.trim().is_empty()) {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [name, members, online] = fields.as_slice() else {
+                panic!("cannot read rabbitmqctl list_queues line {line:?}");
+            };
+            if *name == queue {
+                return Some((nodes(members), nodes(online)));
+            }
+        }
+        return None;
+    }
+    None
+}
+
+/// The nodes the cluster reports running (`rabbitmqctl cluster_status`,
+/// asked of the first node that answers), sorted; empty when none answers.
+/// Panics on an answer it cannot read.
+pub fn running_nodes() -> Vec<u8> {
+    for n in NODES {
+        let Ok(out) = ctl(n, &["-q", "cluster_status", "--formatter", "json"]) else {
+            continue;
+        };
+        let list = out
+            .split_once("\"running_nodes\":[")
+            .and_then(|(_, rest)| rest.split_once(']'))
+            .map(|(list, _)| list)
+            .unwrap_or_else(|| panic!("no running_nodes in rabbitmqctl cluster_status: {out}"));
+        let mut nodes: Vec<u8> = list
+            .split(',')
+            .map(|name| name.trim().trim_matches('"'))
+            .filter(|name| !name.is_empty())
+            .filter_map(node_of)
+            .collect();
+        nodes.sort_unstable();
+        return nodes;
+    }
+    Vec::new()
+}
+
+/// Moves the leadership of quorum queue `queue` (vhost `/`) to node `to`
+/// with `rabbit_quorum_queue:transfer_leadership/2`, the call maintenance
+/// mode uses to drain a node (RabbitMQ 3.10 has no CLI command for one
+/// queue), run on node `to` through `rabbitmqctl eval`. Returns the node
+/// leading afterwards, as Ra reports it; an error when the broker answers
+/// `not_migrated` or something else.
+pub fn transfer_leader(queue: &str, to: u8) -> Result<u8, String> {
+    // The name goes into an Erlang binary literal: no quoting to get wrong.
+    assert!(
+        !queue.is_empty()
+            && queue
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+        "a queue name of letters, digits, '.', '_' and '-' only, not {queue:?}"
+    );
+    let expr = format!(
+        "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+         rabbit_quorum_queue:transfer_leadership(Q, '{}').",
+        node_name(to)
+    );
+    let out = ctl(to, &["-q", "eval", &expr])?;
+    let answer = out.trim();
+    let leader = answer
+        .strip_prefix("{migrated,'")
+        .and_then(|rest| rest.strip_suffix("'}"))
+        .ok_or_else(|| format!("moving {queue}'s leader to node {to}: {answer}"))?;
+    node_of(leader).ok_or_else(|| format!("{queue}'s new leader {leader:?} is not a cluster node"))
+}
+
+/// The AMQP connections whose client-given name (`connection_name` client
+/// property) is `name`, as the broker port each is connected to, asked of
+/// node `via` (the listing covers the whole cluster). Panics on an answer
+/// it cannot read.
+pub fn connection_ports(via: u8, name: &str) -> Result<Vec<u16>, String> {
+    let out = ctl(
+        via,
+        &[
+            "-q",
+            "list_connections",
+            "--no-table-headers",
+            "port",
+            "client_properties",
+        ],
+    )?;
+    let wanted = format!("{{\"connection_name\",\"{name}\"}}");
+    Ok(out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .filter(|l| l.contains(&wanted))
+        .map(|l| {
+            let port = l.split('\t').next().unwrap_or_default();
+            port.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("cannot read rabbitmqctl list_connections line {l:?}"))
+        })
+        .collect())
+}
