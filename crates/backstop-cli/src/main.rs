@@ -7,6 +7,8 @@ mod demo;
 mod dlq;
 mod failed;
 mod run;
+mod servers;
+mod sidecar;
 mod torture;
 mod ui;
 

@@ -119,3 +119,72 @@ pub fn leader(queue: &str) -> Option<u8> {
     }
     None
 }
+
+/// The first running node, or `None` when none answers.
+pub fn any_running() -> Option<u8> {
+    NODES.into_iter().find(|&n| is_running(n))
+}
+
+/// Every queue's counts, as the first running node (trying from `prefer`)
+/// sees them: one `rabbitmqctl -n <node> list_queues`. A line it cannot
+/// parse is an error, never a zero.
+pub fn queue_counts_from(
+    prefer: u8,
+) -> Result<std::collections::HashMap<String, crate::QueueCounts>, String> {
+    let mut errors = Vec::new();
+    for n in NODES.into_iter().cycle().skip_while(|&n| n != prefer).take(3) {
+        match ctl(
+            n,
+            &[
+                "-q",
+                "list_queues",
+                "--no-table-headers",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+            ],
+        ) {
+            Ok(out) => return crate::parse_queue_counts(&out),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(format!("no cluster node listed its queues: {}", errors.join("; ")))
+}
+
+/// Quorum queue `queue`'s members and the members online, as nodes, asked
+/// of the first running node. `None` when no node answers or the queue does
+/// not exist. Panics on an answer it cannot read.
+pub fn members(queue: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let nodes = |list: &str| -> Vec<u8> {
+        list.trim()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(|name| {
+                node_of(name).unwrap_or_else(|| panic!("{name:?} is not a cluster node"))
+            })
+            .collect()
+    };
+    for n in NODES {
+        let Ok(out) = ctl(
+            n,
+            &["-q", "list_queues", "--no-table-headers", "name", "members", "online"],
+        ) else {
+            continue;
+        };
+        for line in out.lines().filter(|l| !l.trim().is_empty()) {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [name, members, online] = fields.as_slice() else {
+                panic!("cannot read rabbitmqctl list_queues line {line:?}");
+            };
+            if *name == queue {
+                return Some((nodes(members), nodes(online)));
+            }
+        }
+        return None;
+    }
+    None
+}

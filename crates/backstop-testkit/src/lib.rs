@@ -6,6 +6,7 @@
 //! upstream that is not a loopback address.
 
 pub mod cluster;
+pub mod effects;
 mod proxy;
 
 pub use proxy::FaultProxy;
@@ -166,6 +167,14 @@ pub fn all_queue_counts() -> Result<std::collections::HashMap<String, QueueCount
         "messages_unacknowledged",
         "consumers",
     ])?;
+    parse_queue_counts(&out)
+}
+
+/// Reads the lines of `rabbitmqctl list_queues name messages_ready
+/// messages_unacknowledged consumers`. A line it cannot parse is an error.
+pub(crate) fn parse_queue_counts(
+    out: &str,
+) -> Result<std::collections::HashMap<String, QueueCounts>, String> {
     let mut counts = std::collections::HashMap::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split_whitespace().collect();

@@ -1,0 +1,157 @@
+//! The servers around the sidecar, driven from the fault tests (`backstop
+//! torture`, `backstop chaos`): restarting the local PostgreSQL or Redis as
+//! scripts/postgres.sh and scripts/redis.sh run them, and running
+//! `rabbitmqctl` or another command off the async runtime.
+
+use anyhow::Context;
+use backstop_testkit::rabbitmqctl;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a Redis restart keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum RedisRestart {
+    /// `SHUTDOWN NOSAVE`: every key is gone, as scripts/redis.sh keeps none
+    /// (no RDB, no AOF): a crash of a Redis without persistence.
+    DropData,
+    /// `SHUTDOWN SAVE` into a dump of its own, loaded by the new server:
+    /// the restart of a Redis that persists, which a dedup store must.
+    KeepData,
+}
+
+/// Restarts the PostgreSQL or Redis server among `urls` (loopback only);
+/// SQLite has no server. Says what it restarted.
+pub(crate) async fn restart_servers(urls: &[&str], redis: RedisRestart) -> anyhow::Result<String> {
+    let mut done = Vec::new();
+    for (scheme, name) in [("redis", "Redis"), ("postgres", "PostgreSQL")] {
+        let Some(url) = urls.iter().find(|u| u.starts_with(scheme)) else {
+            continue;
+        };
+        let parsed = reqwest::Url::parse(url).context("parsing the store URL")?;
+        let loopback = parsed
+            .host_str()
+            .is_some_and(|h| matches!(h, "127.0.0.1" | "localhost" | "[::1]"));
+        if !loopback {
+            return Ok(format!(
+                "server restart skipped ({name} is not on loopback)"
+            ));
+        }
+        if scheme == "redis" {
+            restart_redis(parsed.port().unwrap_or(6379), redis).await?;
+        } else {
+            restart_postgres().await?;
+        }
+        done.push(name);
+    }
+    Ok(if done.is_empty() {
+        "server restart skipped (SQLite has no server)".to_owned()
+    } else {
+        format!("{} restart", done.join("+"))
+    })
+}
+
+/// `pg_ctlcluster <newest version> main restart` (a fast shutdown: open
+/// connections are closed, committed data stays).
+pub(crate) async fn restart_postgres() -> anyhow::Result<()> {
+    let version = std::fs::read_dir("/usr/lib/postgresql")
+        .context("finding the PostgreSQL version")?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|v| v.parse::<u32>().ok())
+        .max()
+        .context("no PostgreSQL under /usr/lib/postgresql")?;
+    run_command("pg_ctlcluster", &[&version.to_string(), "main", "restart"]).await
+}
+
+/// Restarts the Redis on 127.0.0.1:`port` as scripts/redis.sh starts it,
+/// and waits until it answers PING (30 s at most).
+pub(crate) async fn restart_redis(port: u16, keep: RedisRestart) -> anyhow::Result<()> {
+    let port = port.to_string();
+    let at = ["-h", "127.0.0.1", "-p", port.as_str()];
+    let mut start = vec!["--bind", "127.0.0.1", "--port", &port, "--daemonize", "yes"];
+    start.extend(["--save", "", "--appendonly", "no"]);
+    start.extend(["--logfile", "/tmp/backstop-redis.log"]);
+    let dump = std::env::temp_dir().join(format!("backstop-redis-restart-{port}"));
+    let dump_dir = dump.display().to_string();
+    match keep {
+        RedisRestart::DropData => {
+            // Not running already is fine: it is started again below.
+            let _ = run_command("redis-cli", &[&at[..], &["shutdown", "nosave"]].concat()).await;
+        }
+        RedisRestart::KeepData => {
+            std::fs::create_dir_all(&dump)
+                .with_context(|| format!("creating {}", dump.display()))?;
+            // The dump goes to a folder of its own, so that a later start
+            // of scripts/redis.sh (from any folder) does not load it.
+            run_command(
+                "redis-cli",
+                &[&at[..], &["config", "set", "dir", &dump_dir]].concat(),
+            )
+            .await
+            .context("pointing Redis at the restart's dump folder")?;
+            // redis-cli may see the connection end before an answer.
+            let _ = run_command("redis-cli", &[&at[..], &["shutdown", "save"]].concat()).await;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while run_command("redis-cli", &[&at[..], &["ping"]].concat())
+                .await
+                .is_ok()
+            {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "Redis still answers 30 s after SHUTDOWN SAVE"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::ensure!(
+                dump.join("dump.rdb").exists(),
+                "Redis wrote no dump in {dump_dir} on SHUTDOWN SAVE"
+            );
+            start.extend(["--dir", &dump_dir]);
+        }
+    }
+    run_command("redis-server", &start).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if run_command("redis-cli", &[&at[..], &["ping"]].concat())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "Redis did not answer PING within 30 s of its restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if keep == RedisRestart::KeepData {
+        // Loaded: the running server does not need the file any more.
+        let _ = std::fs::remove_dir_all(&dump);
+    }
+    Ok(())
+}
+
+/// Runs `program` with `args` off the runtime; fails unless it exits 0.
+pub(crate) async fn run_command(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let program = program.to_owned();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new(&program)
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .with_context(|| format!("running {program}"))
+    })
+    .await??;
+    anyhow::ensure!(status.success(), "the command exited with {status}");
+    Ok(())
+}
+
+/// `rabbitmqctl <args>` off the runtime; its stdout.
+pub(crate) async fn rabbitmqctl_blocking(args: Vec<String>) -> anyhow::Result<String> {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        rabbitmqctl(&args).map_err(anyhow::Error::msg)
+    })
+    .await?
+}
