@@ -172,4 +172,3 @@ impl Sidecar {
         Ok(Some(total))
     }
 }
-

@@ -16,10 +16,10 @@ mod plan;
 mod verdict;
 
 use crate::UsageError;
-use anyhow::Context;
-use backstop::store::{CompensationStore, ListFilter, ManualAction, SqlStore};
 use crate::servers::{RedisRestart, rabbitmqctl_blocking, restart_servers};
 use crate::sidecar::{Sidecar, free_port, write_private};
+use anyhow::Context;
+use backstop::store::{CompensationStore, ListFilter, ManualAction, SqlStore};
 use backstop_testkit::{FaultProxy, unique, url_via};
 use endpoint::Endpoint;
 use lapin::options::{
@@ -224,7 +224,7 @@ pub(crate) async fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A clap value's name as typed on the command line.
-fn enum_name(value: impl clap::ValueEnum) -> String {
+pub(crate) fn enum_name(value: impl clap::ValueEnum) -> String {
     value
         .to_possible_value()
         .map(|v| v.get_name().to_owned())

@@ -132,7 +132,12 @@ pub fn queue_counts_from(
     prefer: u8,
 ) -> Result<std::collections::HashMap<String, crate::QueueCounts>, String> {
     let mut errors = Vec::new();
-    for n in NODES.into_iter().cycle().skip_while(|&n| n != prefer).take(3) {
+    for n in NODES
+        .into_iter()
+        .cycle()
+        .skip_while(|&n| n != prefer)
+        .take(3)
+    {
         match ctl(
             n,
             &[
@@ -149,7 +154,10 @@ pub fn queue_counts_from(
             Err(e) => errors.push(e),
         }
     }
-    Err(format!("no cluster node listed its queues: {}", errors.join("; ")))
+    Err(format!(
+        "no cluster node listed its queues: {}",
+        errors.join("; ")
+    ))
 }
 
 /// Quorum queue `queue`'s members and the members online, as nodes, asked
@@ -163,15 +171,20 @@ pub fn members(queue: &str) -> Option<(Vec<u8>, Vec<u8>)> {
             .split(',')
             .map(str::trim)
             .filter(|name| !name.is_empty())
-            .map(|name| {
-                node_of(name).unwrap_or_else(|| panic!("{name:?} is not a cluster node"))
-            })
+            .map(|name| node_of(name).unwrap_or_else(|| panic!("{name:?} is not a cluster node")))
             .collect()
     };
     for n in NODES {
         let Ok(out) = ctl(
             n,
-            &["-q", "list_queues", "--no-table-headers", "name", "members", "online"],
+            &[
+                "-q",
+                "list_queues",
+                "--no-table-headers",
+                "name",
+                "members",
+                "online",
+            ],
         ) else {
             continue;
         };

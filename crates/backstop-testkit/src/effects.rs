@@ -19,7 +19,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::post;
-use sqlx::PgPool;
+pub use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -157,6 +157,50 @@ pub async fn connect(url: &str) -> Result<PgPool, sqlx::Error> {
         .acquire_timeout(Duration::from_secs(2))
         .connect(url)
         .await
+}
+
+/// `url` (a `postgres://` URL) naming database `name` instead, created
+/// first when missing (the URL's role needs CREATEDB).
+pub async fn database_of_its_own(url: &str, name: &str) -> Result<String, String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let Some(slash) = base[scheme_end..].find('/').map(|i| i + scheme_end) else {
+        return Err(format!("{url:?} names no database"));
+    };
+    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("{name:?} is not a plain database name"));
+    }
+    let pool = connect(url)
+        .await
+        .map_err(|e| format!("connecting to PostgreSQL: {e}"))?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&pool)
+            .await
+            .map_err(|e| format!("looking for database {name}: {e}"))?;
+    if !exists
+        && let Err(e) = sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&pool)
+            .await
+    {
+        // Another run may have created it meanwhile.
+        let raced = e
+            .as_database_error()
+            .and_then(|d| d.code())
+            .is_some_and(|code| code == "42P04" || code == "23505");
+        if !raced {
+            return Err(format!("creating database {name}: {e}"));
+        }
+    }
+    pool.close().await;
+    Ok(match query {
+        Some(query) => format!("{}/{name}?{query}", &base[..slash]),
+        None => format!("{}/{name}", &base[..slash]),
+    })
 }
 
 /// Creates the effects tables when missing.
@@ -377,8 +421,16 @@ mod tests {
         let again: Vec<Fate> = (0..10_000).map(|i| fates.of(&format!("o-{i}"))).collect();
         assert_eq!(drawn, again);
         let count = |f: Fate| drawn.iter().filter(|d| **d == f).count();
-        assert!((120..=280).contains(&count(Fate::Refuse)), "{}", count(Fate::Refuse));
-        assert!((380..=620).contains(&count(Fate::FailOnce)), "{}", count(Fate::FailOnce));
+        assert!(
+            (120..=280).contains(&count(Fate::Refuse)),
+            "{}",
+            count(Fate::Refuse)
+        );
+        assert!(
+            (380..=620).contains(&count(Fate::FailOnce)),
+            "{}",
+            count(Fate::FailOnce)
+        );
         let other = Fates { seed: 8, ..fates };
         assert_ne!(
             drawn,
