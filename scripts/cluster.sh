@@ -92,6 +92,20 @@ EOF
 
 running() { ctl "$1" await_startup --timeout 1 >/dev/null 2>&1; }
 
+# Closes every file descriptor above 2 of the current (sub)shell. A node
+# started with the caller's descriptors open keeps them for as long as it
+# runs: a `flock /tmp/broker.lock` around a test that starts a node would
+# then stay held by the node's Erlang VM, and every later flock waits for ever.
+close_inherited_fds() {
+  local fd
+  for fd in /proc/$BASHPID/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ] 2>/dev/null; then
+      eval "exec $fd>&-" 2>/dev/null || true
+    fi
+  done
+}
+
 start_node() {
   local n=$1
   prepare "$n"
@@ -99,8 +113,10 @@ start_node() {
     ctl "$n" start_app >/dev/null 2>&1 || true
   else
     log "starting $(node_name "$n") on 127.0.0.1:$(amqp_port "$n")"
-    as_rabbitmq ". '$base/c$n/env' && rabbitmq-server -detached" >/dev/null 2>&1 ||
-      die "rabbitmq-server -detached failed for node $n; see $logs/c$n/"
+    (
+      close_inherited_fds
+      as_rabbitmq ". '$base/c$n/env' && rabbitmq-server -detached" >/dev/null 2>&1
+    ) || die "rabbitmq-server -detached failed for node $n; see $logs/c$n/"
   fi
 }
 
