@@ -15,6 +15,12 @@
 //!   first copy between them, within the scanner's lease).
 //! - consuming: after every fault some instance handled a delivery again,
 //!   and every instance running at the end of the load was still handling.
+//!
+//! Time to resume, per fault: from its start, and from the end of its
+//! recovery step, to the first effect after it (any instance: with three
+//! consumers it is often milliseconds); and the longest pause in effects
+//! from its start to 30 s after its end, which shows how much a fault
+//! really stalled the flow.
 
 use super::schedule::Struck;
 use backstop::store::AuditEntry;
@@ -30,6 +36,8 @@ pub(crate) const KILL_WINDOW_MS: i64 = 5_000;
 /// The scanner's lease (`ScannerConfig::default`): two re-drives of one row
 /// closer than this without a failure between them overlapped.
 const SCANNER_LEASE_MS: i64 = 60_000;
+/// How long after a fault's end its longest pause in effects is looked for.
+const PAUSE_TAIL_MS: i64 = 30_000;
 /// An instance running through the last this-many ms of the load must have
 /// handled something in them.
 const STALL_WINDOW_MS: i64 = 30_000;
@@ -85,6 +93,10 @@ pub(crate) struct Ledger {
 fn rel(ms: i64, start: i64) -> f64 {
     (ms - start) as f64 / 1000.0
 }
+
+/// One fault kind's times (ms): to resume from the start, to resume from
+/// the recovery, the longest pause.
+type KindTimes = (Vec<i64>, Vec<i64>, Vec<i64>);
 
 /// The median and the maximum of `values` (ms).
 fn p50_max(values: &mut [i64]) -> Option<(i64, i64)> {
@@ -328,14 +340,36 @@ pub(crate) fn compute(o: &Observed) -> Ledger {
 
     // Time to resume, per fault and per kind.
     let after = |ms: i64| o.log.iter().find(|e| e.at_ms > ms).map(|e| e.at_ms - ms);
-    let mut per_kind: BTreeMap<&str, (Vec<i64>, Vec<i64>)> = BTreeMap::new();
+    // The longest time without any effect from a fault's start to
+    // PAUSE_TAIL_MS after its end (or the end of the load).
+    let longest_pause = |from: i64, to: i64| -> Option<i64> {
+        let to = to.min(o.load_end_ms);
+        if to <= from {
+            return None;
+        }
+        let mut last = from;
+        let mut longest = 0;
+        for at in o
+            .log
+            .iter()
+            .map(|e| e.at_ms)
+            .filter(|&at| at > from && at <= to)
+        {
+            longest = longest.max(at - last);
+            last = at;
+        }
+        Some(longest.max(to - last))
+    };
+    let mut per_kind: BTreeMap<&str, KindTimes> = BTreeMap::new();
     let mut faults_json = Vec::new();
     for fault in &o.faults {
         let from_start = after(fault.start_ms);
         let from_recovery = fault.recovered_ms.and_then(after);
+        let pause = longest_pause(fault.start_ms, fault.end_ms + PAUSE_TAIL_MS);
         let kind = per_kind.entry(fault.kind).or_default();
         kind.0.extend(from_start);
         kind.1.extend(from_recovery);
+        kind.2.extend(pause);
         if let Some(error) = &fault.error {
             failures.push(format!("fault {:?} failed: {error}", fault.label));
         }
@@ -363,23 +397,26 @@ pub(crate) fn compute(o: &Observed) -> Ledger {
             "resume_from_start_ms": from_start,
             "resume_from_recovery_ms": from_recovery,
             "restarted_instance_resume_ms": instance_resume,
+            "longest_pause_ms": pause,
             "error": fault.error,
         }));
     }
     let mut resume_lines = Vec::new();
     let mut resume_json = serde_json::Map::new();
-    for (kind, (mut from_start, mut from_recovery)) in per_kind {
+    for (kind, (mut from_start, mut from_recovery, mut pauses)) in per_kind {
         let count = from_start.len();
         let start_stats = p50_max(&mut from_start);
         let recovery_stats = p50_max(&mut from_recovery);
+        let pause_stats = p50_max(&mut pauses);
         let show = |s: Option<(i64, i64)>| match s {
             Some((p50, max)) => format!("p50={p50}ms max={max}ms"),
             None => "n/a".to_owned(),
         };
         resume_lines.push(format!(
-            "time_to_resume {kind}: from start {} ; from recovery {} (n={count})",
+            "time_to_resume {kind}: from start {} ; from recovery {} ; longest pause {} (n={count})",
             show(start_stats),
-            show(recovery_stats)
+            show(recovery_stats),
+            show(pause_stats)
         ));
         resume_json.insert(
             kind.to_owned(),
@@ -388,6 +425,8 @@ pub(crate) fn compute(o: &Observed) -> Ledger {
                 "from_start_max_ms": start_stats.map(|s| s.1),
                 "from_recovery_p50_ms": recovery_stats.map(|s| s.0),
                 "from_recovery_max_ms": recovery_stats.map(|s| s.1),
+                "longest_pause_p50_ms": pause_stats.map(|s| s.0),
+                "longest_pause_max_ms": pause_stats.map(|s| s.1),
                 "faults": count,
             }),
         );
