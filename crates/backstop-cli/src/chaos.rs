@@ -29,11 +29,12 @@ mod publisher;
 mod schedule;
 
 use crate::UsageError;
+use crate::servers::forget_rows;
 use crate::sidecar::{Sidecar, free_port, write_private};
 use anyhow::Context;
 use backstop::config::Config;
 use backstop::retry::{RetryPolicy, now_ms};
-use backstop::store::{CompensationStore, ListFilter, ManualAction, SqlStore};
+use backstop::store::{CompensationStore, ListFilter, SqlStore};
 use backstop_testkit::effects::{self, EffectsEndpoint, Fates};
 use backstop_testkit::{FaultProxy, cluster, url_via};
 use lapin::options::{BasicGetOptions, QueueDeleteOptions};
@@ -661,21 +662,7 @@ async fn cleanup(must_drain: &[String], dlq: &str, store: &SqlStore, queue: &str
         }
         let _ = connection.close(200, "cleaned up".into()).await;
     }
-    let filter = ListFilter {
-        queue: Some(queue.to_owned()),
-        limit: Some(1_000_000),
-        ..ListFilter::default()
-    };
-    if let Ok(rows) = store.list(&filter).await {
-        for row in rows.iter().filter(|r| !r.status.is_finished()) {
-            let _ = store
-                .act(row.id, ManualAction::Discard, "chaos", Some("run over"))
-                .await;
-        }
-    }
-    let _ = store
-        .purge_finished(now_ms() as i64 + 1_000, Some(queue))
-        .await;
+    forget_rows(store, queue, "chaos").await;
 }
 
 fn ensure_parent(path: &Path) -> anyhow::Result<()> {

@@ -1,9 +1,11 @@
 //! The servers around the sidecar, driven from the fault tests (`backstop
 //! torture`, `backstop chaos`): restarting the local PostgreSQL or Redis as
 //! scripts/postgres.sh and scripts/redis.sh run them, and running
-//! `rabbitmqctl` or another command off the async runtime.
+//! `rabbitmqctl` or another command off the async runtime, and closing the
+//! compensation store rows a run leaves behind.
 
 use anyhow::Context;
+use backstop::store::{CompensationStore, ListFilter, ManualAction, SqlStore};
 use backstop_testkit::rabbitmqctl;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -154,4 +156,25 @@ pub(crate) async fn rabbitmqctl_blocking(args: Vec<String>) -> anyhow::Result<St
         rabbitmqctl(&args).map_err(anyhow::Error::msg)
     })
     .await?
+}
+
+/// Discards the unfinished rows of `queue` (audited as `actor`), then
+/// purges its finished rows: a shared PostgreSQL store keeps nothing of a
+/// run that is over. Best effort.
+pub(crate) async fn forget_rows(store: &SqlStore, queue: &str, actor: &str) {
+    let filter = ListFilter {
+        queue: Some(queue.to_owned()),
+        limit: Some(1_000_000),
+        ..ListFilter::default()
+    };
+    if let Ok(rows) = store.list(&filter).await {
+        for row in rows.iter().filter(|r| !r.status.is_finished()) {
+            let _ = store
+                .act(row.id, ManualAction::Discard, actor, Some("run over"))
+                .await;
+        }
+    }
+    let _ = store
+        .purge_finished(backstop::retry::now_ms() as i64 + 1_000, Some(queue))
+        .await;
 }

@@ -16,10 +16,10 @@ mod plan;
 mod verdict;
 
 use crate::UsageError;
-use crate::servers::{RedisRestart, rabbitmqctl_blocking, restart_servers};
+use crate::servers::{RedisRestart, forget_rows, rabbitmqctl_blocking, restart_servers};
 use crate::sidecar::{Sidecar, free_port, write_private};
 use anyhow::Context;
-use backstop::store::{CompensationStore, ListFilter, ManualAction, SqlStore};
+use backstop::store::{CompensationStore, ListFilter, SqlStore};
 use backstop_testkit::{FaultProxy, unique, url_via};
 use endpoint::Endpoint;
 use lapin::options::{
@@ -824,21 +824,6 @@ async fn cleanup(connection: &Connection, queues: &Queues, store_url: &str, stor
     if store == StoreKind::Postgres
         && let Ok(db) = SqlStore::connect(store_url).await
     {
-        let queue = queues.main[STORE_CONSUMER].clone();
-        let filter = ListFilter {
-            queue: Some(queue.clone()),
-            limit: Some(1_000_000),
-            ..ListFilter::default()
-        };
-        if let Ok(rows) = db.list(&filter).await {
-            for row in rows.iter().filter(|r| !r.status.is_finished()) {
-                let _ = db
-                    .act(row.id, ManualAction::Discard, "torture", Some("round over"))
-                    .await;
-            }
-        }
-        let _ = db
-            .purge_finished(backstop::retry::now_ms() as i64 + 1_000, Some(&queue))
-            .await;
+        forget_rows(&db, &queues.main[STORE_CONSUMER], "torture").await;
     }
 }

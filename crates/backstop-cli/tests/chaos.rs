@@ -8,22 +8,11 @@
 //! It stops a cluster node: nothing else may use the cluster meanwhile (it
 //! leaves the single broker on 5672 alone, and restarts no PostgreSQL).
 
-use std::collections::HashMap;
-use std::process::Command;
-use std::time::{Duration, Instant};
+mod sidecar;
 
-fn backstop(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run backstop");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use sidecar::backstop;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// The `ledger:` line's fields. Panics on a line it cannot read.
 fn ledger(stdout: &str) -> HashMap<String, u64> {

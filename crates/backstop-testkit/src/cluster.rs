@@ -138,18 +138,7 @@ pub fn queue_counts_from(
         .skip_while(|&n| n != prefer)
         .take(3)
     {
-        match ctl(
-            n,
-            &[
-                "-q",
-                "list_queues",
-                "--no-table-headers",
-                "name",
-                "messages_ready",
-                "messages_unacknowledged",
-                "consumers",
-            ],
-        ) {
+        match ctl(n, &crate::QUEUE_COUNTS_ARGS) {
             Ok(out) => return crate::parse_queue_counts(&out),
             Err(e) => errors.push(e),
         }

@@ -224,19 +224,15 @@ pub(crate) async fn strike(fault: Fault, rig: &mut Rig<'_>) -> Struck {
 
 async fn carry_out(fault: Fault, rig: &mut Rig<'_>, struck: &mut Struck) -> anyhow::Result<()> {
     match fault {
-        Fault::StopStart { target, down } => {
+        Fault::StopStart { target, down } | Fault::KillNode { target, down } => {
             let (n, name) = resolve(target, rig.queue).await;
-            struck.label = format!("stop and start node {n}{name}");
-            blocking(move || cluster::stop(n)).await?;
-            tokio::time::sleep(down).await;
-            blocking(move || cluster::start(n)).await?;
-            struck.recovered_ms = Some(now_ms() as i64);
-            rejoin(rig.queue, n).await?;
-        }
-        Fault::KillNode { target, down } => {
-            let (n, name) = resolve(target, rig.queue).await;
-            struck.label = format!("kill -9 node {n}{name}, then start it");
-            blocking(move || cluster::kill(n)).await?;
+            if matches!(fault, Fault::StopStart { .. }) {
+                struck.label = format!("stop and start node {n}{name}");
+                blocking(move || cluster::stop(n)).await?;
+            } else {
+                struck.label = format!("kill -9 node {n}{name}, then start it");
+                blocking(move || cluster::kill(n)).await?;
+            }
             tokio::time::sleep(down).await;
             blocking(move || cluster::start(n)).await?;
             struck.recovered_ms = Some(now_ms() as i64);
