@@ -283,15 +283,17 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     restore_cluster().await;
     let published = publishing.await.context("the publishing task failed")?;
     println!(
-        "chaos: publishing done: {} of {orders} orders confirmed, {} publishes ({} again after a failure), {} connections",
+        "chaos: publishing done: {} of {orders} orders confirmed, {} publishes ({} again after a \
+         failure: {} nacks, {} confirm errors, {} confirm timeouts, {} publish errors), {} connections",
         published.confirmed.len(),
         published.publishes,
         published.republished,
+        published.nacks,
+        published.confirm_errors,
+        published.confirm_timeouts,
+        published.publish_errors,
         published.connections
     );
-    for failure in published.failures.iter().take(5) {
-        println!("  publisher: {failure}");
-    }
 
     let drain_deadline = Instant::now()
         + match args.schedule {
@@ -336,6 +338,7 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         orders,
         fates,
         confirmed: published.confirmed.clone(),
+        first_sent: published.first_sent.clone(),
         effects: effects_seen,
         log,
         rows,
@@ -379,7 +382,12 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
                 "republished": published.republished,
                 "connections": published.connections,
                 "complete": published.complete,
-                "failures": published.failures,
+                "nacks": published.nacks,
+                "confirm_errors": published.confirm_errors,
+                "confirm_timeouts": published.confirm_timeouts,
+                "publish_errors": published.publish_errors,
+                "first_failures": published.failures,
+                "last_failures": published.last_failures,
             }),
         );
         report.insert("shutdown".into(), serde_json::json!(shutdown));

@@ -72,24 +72,25 @@ pub(crate) async fn restart_redis(port: u16, keep: RedisRestart) -> anyhow::Resu
     let mut start = vec!["--bind", "127.0.0.1", "--port", &port, "--daemonize", "yes"];
     start.extend(["--save", "", "--appendonly", "no"]);
     start.extend(["--logfile", "/tmp/backstop-redis.log"]);
-    let dump = std::env::temp_dir().join(format!("backstop-redis-restart-{port}"));
-    let dump_dir = dump.display().to_string();
+    // Where a kept dump is loaded from: a folder of its own, so that a later
+    // start of scripts/redis.sh (from any folder) does not load it.
+    let home = std::env::temp_dir().join(format!("backstop-redis-{port}"));
+    let home_text = home.display().to_string();
     match keep {
         RedisRestart::DropData => {
             // Not running already is fine: it is started again below.
             let _ = run_command("redis-cli", &[&at[..], &["shutdown", "nosave"]].concat()).await;
         }
         RedisRestart::KeepData => {
-            std::fs::create_dir_all(&dump)
-                .with_context(|| format!("creating {}", dump.display()))?;
-            // The dump goes to a folder of its own, so that a later start
-            // of scripts/redis.sh (from any folder) does not load it.
-            run_command(
-                "redis-cli",
-                &[&at[..], &["config", "set", "dir", &dump_dir]].concat(),
-            )
-            .await
-            .context("pointing Redis at the restart's dump folder")?;
+            // `dir` is a protected setting (Redis 7): the dump goes where
+            // the server says, and moves to the folder of its own.
+            let saved = std::path::Path::new(&redis_setting(&at, "dir").await?)
+                .join(redis_setting(&at, "dbfilename").await?);
+            anyhow::ensure!(
+                !saved.exists(),
+                "{} exists already: a Redis restart that keeps its keys would overwrite it",
+                saved.display()
+            );
             // redis-cli may see the connection end before an answer.
             let _ = run_command("redis-cli", &[&at[..], &["shutdown", "save"]].concat()).await;
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -103,11 +104,18 @@ pub(crate) async fn restart_redis(port: u16, keep: RedisRestart) -> anyhow::Resu
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            anyhow::ensure!(
-                dump.join("dump.rdb").exists(),
-                "Redis wrote no dump in {dump_dir} on SHUTDOWN SAVE"
-            );
-            start.extend(["--dir", &dump_dir]);
+            std::fs::create_dir_all(&home)
+                .with_context(|| format!("creating {}", home.display()))?;
+            std::fs::copy(&saved, home.join("dump.rdb")).with_context(|| {
+                format!(
+                    "moving Redis's dump {} to {}",
+                    saved.display(),
+                    home.display()
+                )
+            })?;
+            std::fs::remove_file(&saved)
+                .with_context(|| format!("removing {}", saved.display()))?;
+            start.extend(["--dir", &home_text, "--dbfilename", "dump.rdb"]);
         }
     }
     run_command("redis-server", &start).await?;
@@ -126,10 +134,31 @@ pub(crate) async fn restart_redis(port: u16, keep: RedisRestart) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if keep == RedisRestart::KeepData {
-        // Loaded: the running server does not need the file any more.
-        let _ = std::fs::remove_dir_all(&dump);
+        // Loaded: the running server does not need the file any more (it
+        // keeps the folder as its `dir`).
+        let _ = std::fs::remove_file(home.join("dump.rdb"));
     }
     Ok(())
+}
+
+/// `CONFIG GET <name>` of the Redis at `at` (`-h`, `-p` arguments).
+async fn redis_setting(at: &[&str], name: &str) -> anyhow::Result<String> {
+    let mut args: Vec<String> = at.iter().map(|a| (*a).to_owned()).collect();
+    args.extend(["config".to_owned(), "get".to_owned(), name.to_owned()]);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("redis-cli")
+            .args(&args)
+            .stderr(Stdio::null())
+            .output()
+            .context("running redis-cli")
+    })
+    .await??;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut lines = text.lines();
+    match (lines.next(), lines.next()) {
+        (Some(key), Some(value)) if key == name && !value.is_empty() => Ok(value.to_owned()),
+        _ => anyhow::bail!("cannot read Redis's answer to CONFIG GET {name}: {text:?}"),
+    }
 }
 
 /// Runs `program` with `args` off the runtime; fails unless it exits 0.

@@ -36,6 +36,8 @@ pub(crate) const KILL_WINDOW_MS: i64 = 5_000;
 /// The scanner's lease (`ScannerConfig::default`): two re-drives of one row
 /// closer than this without a failure between them overlapped.
 const SCANNER_LEASE_MS: i64 = 60_000;
+/// A confirm or an effect later than this is counted as late.
+const LATE_MS: i64 = 10_000;
 /// How long after a fault's end its longest pause in effects is looked for.
 const PAUSE_TAIL_MS: i64 = 30_000;
 /// An instance running through the last this-many ms of the load must have
@@ -59,6 +61,8 @@ pub(crate) struct Observed {
     pub(crate) orders: u64,
     pub(crate) fates: Fates,
     pub(crate) confirmed: HashMap<String, i64>,
+    /// Each order's first publish, ms since the epoch.
+    pub(crate) first_sent: HashMap<String, i64>,
     pub(crate) effects: Vec<Effect>,
     pub(crate) log: Vec<LoggedEffect>,
     pub(crate) rows: Vec<RowSeen>,
@@ -461,7 +465,68 @@ pub(crate) fn compute(o: &Observed) -> Ledger {
         );
     }
 
+    // Latencies: publish to confirm, confirm to first effect.
+    let mut to_confirm: Vec<i64> = o
+        .confirmed
+        .iter()
+        .filter_map(|(order, at)| Some(at - o.first_sent.get(order)?))
+        .collect();
+    let mut to_effect: Vec<(i64, &str)> = o
+        .effects
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e.at_ms - o.confirmed.get(&e.business_id)?,
+                e.business_id.as_str(),
+            ))
+        })
+        .collect();
+    to_effect.sort_unstable();
+    let slow_confirms = to_confirm.iter().filter(|ms| **ms > LATE_MS).count();
+    let late_effects: Vec<String> = to_effect
+        .iter()
+        .rev()
+        .take_while(|(ms, _)| *ms > LATE_MS)
+        .map(|(ms, order)| format!("{order} {:.1}s", *ms as f64 / 1000.0))
+        .collect();
+    let confirm_stats = p50_max(&mut to_confirm);
+    let mut effect_latencies: Vec<i64> = to_effect.iter().map(|(ms, _)| *ms).collect();
+    let effect_stats = p50_max(&mut effect_latencies);
+    notes.push(format!(
+        "latency: publish to confirm p50={}ms max={}ms ({slow_confirms} over {} s); confirm to \
+         effect p50={}ms max={}ms ({} over {} s{})",
+        confirm_stats.map_or(0, |s| s.0),
+        confirm_stats.map_or(0, |s| s.1),
+        LATE_MS / 1000,
+        effect_stats.map_or(0, |s| s.0),
+        effect_stats.map_or(0, |s| s.1),
+        late_effects.len(),
+        LATE_MS / 1000,
+        if late_effects.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; the latest: {}",
+                late_effects
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    ));
+
     let json = json!({
+        "latency": {
+            "publish_to_confirm_p50_ms": confirm_stats.map(|s| s.0),
+            "publish_to_confirm_max_ms": confirm_stats.map(|s| s.1),
+            "confirms_over_10s": slow_confirms,
+            "confirm_to_effect_p50_ms": effect_stats.map(|s| s.0),
+            "confirm_to_effect_max_ms": effect_stats.map(|s| s.1),
+            "effects_over_10s_after_confirm": late_effects.len(),
+            "latest_effects": late_effects.iter().take(50).collect::<Vec<_>>(),
+        },
         "ledger": {
             "published": published,
             "effects": o.effects.len(),
@@ -523,6 +588,7 @@ mod tests {
                 .into_iter()
                 .map(|o| (o.to_owned(), 1_000))
                 .collect(),
+            first_sent: HashMap::new(),
             effects: Vec::new(),
             log: Vec::new(),
             rows: Vec::new(),

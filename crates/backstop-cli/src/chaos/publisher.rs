@@ -84,6 +84,8 @@ pub(crate) struct Published {
     /// Each confirmed order and when its first copy was confirmed (ms
     /// since the epoch).
     pub(crate) confirmed: HashMap<String, i64>,
+    /// Each order's first `basic.publish` (ms since the epoch).
+    pub(crate) first_sent: HashMap<String, i64>,
     /// Messages in the plan.
     pub(crate) planned_messages: usize,
     /// `basic.publish` calls, first copies and again-publishes together.
@@ -92,16 +94,31 @@ pub(crate) struct Published {
     pub(crate) republished: u64,
     /// Connections opened (the first one included).
     pub(crate) connections: u64,
-    /// Why connections were left, the last few.
+    /// Nacks and returns (the queue did not take the copy).
+    pub(crate) nacks: u64,
+    /// Confirms that failed (the channel closed under them).
+    pub(crate) confirm_errors: u64,
+    /// Confirms that did not come within [`CONFIRM_TIMEOUT`].
+    pub(crate) confirm_timeouts: u64,
+    /// `basic.publish` calls that failed.
+    pub(crate) publish_errors: u64,
+    /// The first failures, in words.
     pub(crate) failures: Vec<String>,
+    /// The last failures, in words.
+    pub(crate) last_failures: VecDeque<String>,
     /// True when every message was confirmed before the deadline.
     pub(crate) complete: bool,
 }
 
 impl Published {
     fn failed(&mut self, why: String) {
-        if self.failures.len() < 20 {
+        if self.failures.len() < 10 {
             self.failures.push(why);
+        } else {
+            if self.last_failures.len() == 10 {
+                self.last_failures.pop_front();
+            }
+            self.last_failures.push_back(why);
         }
     }
 }
@@ -167,10 +184,12 @@ pub(crate) async fn publish(
                     }
                     Ok(Ok(other)) => {
                         // Nacked or returned: the queue did not take it.
+                        done.nacks += 1;
                         done.failed(format!("{}: {other:?}", messages[index].message_id));
                         again.push_back((index, Instant::now() + Duration::from_millis(200)));
                     }
                     Ok(Err(e)) => {
+                        done.confirm_errors += 1;
                         done.failed(format!("confirm of {}: {e}", messages[index].message_id));
                         again.push_back((index, Instant::now()));
                         if link.as_ref().is_some_and(|(_, ch)| !ch.status().connected()) {
@@ -178,6 +197,7 @@ pub(crate) async fn publish(
                         }
                     }
                     Err(()) => {
+                        done.confirm_timeouts += 1;
                         done.failed(format!(
                             "no confirm of {} within {CONFIRM_TIMEOUT:?}",
                             messages[index].message_id
@@ -219,6 +239,9 @@ pub(crate) async fn publish(
                 {
                     Ok(confirm) => {
                         done.publishes += 1;
+                        done.first_sent
+                            .entry(message.order.clone())
+                            .or_insert_with(|| backstop::retry::now_ms() as i64);
                         if republish {
                             done.republished += 1;
                         }
@@ -227,6 +250,7 @@ pub(crate) async fn publish(
                         }));
                     }
                     Err(e) => {
+                        done.publish_errors += 1;
                         done.failed(format!("publishing {}: {e}", message.message_id));
                         again.push_front((index, Instant::now()));
                         leave(&mut link, &mut node);
