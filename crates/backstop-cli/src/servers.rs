@@ -61,7 +61,7 @@ pub(crate) async fn restart_postgres() -> anyhow::Result<()> {
         .filter_map(|v| v.parse::<u32>().ok())
         .max()
         .context("no PostgreSQL under /usr/lib/postgresql")?;
-    run_command("pg_ctlcluster", &[&version.to_string(), "main", "restart"]).await
+    run_command_closing_fds("pg_ctlcluster", &[&version.to_string(), "main", "restart"]).await
 }
 
 /// Restarts the Redis on 127.0.0.1:`port` as scripts/redis.sh starts it,
@@ -118,7 +118,7 @@ pub(crate) async fn restart_redis(port: u16, keep: RedisRestart) -> anyhow::Resu
             start.extend(["--dir", &home_text, "--dbfilename", "dump.rdb"]);
         }
     }
-    run_command("redis-server", &start).await?;
+    run_command_closing_fds("redis-server", &start).await?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if run_command("redis-cli", &[&at[..], &["ping"]].concat())
@@ -139,6 +139,18 @@ pub(crate) async fn restart_redis(port: u16, keep: RedisRestart) -> anyhow::Resu
         let _ = std::fs::remove_file(home.join("dump.rdb"));
     }
     Ok(())
+}
+
+/// Runs `program` like [`run_command`], with no descriptor above 2 open:
+/// a server it starts must not keep the caller's descriptors as long as it
+/// runs (a `flock /tmp/broker.lock` around this command would stay held by
+/// the restarted Redis, and every later flock would wait for ever). Through
+/// bash, since the workspace forbids the `unsafe` a `pre_exec` would need.
+pub(crate) async fn run_command_closing_fds(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    const CLOSE_AND_EXEC: &str = r#"for fd in /proc/$$/fd/*; do fd=${fd##*/}; if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null; fi; done; exec "$@""#;
+    let mut all = vec!["-c", CLOSE_AND_EXEC, "backstop-server-start", program];
+    all.extend_from_slice(args);
+    run_command("bash", &all).await
 }
 
 /// `CONFIG GET <name>` of the Redis at `at` (`-h`, `-p` arguments).
