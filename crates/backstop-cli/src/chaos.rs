@@ -518,7 +518,8 @@ fn sidecar_config(s: &SidecarSettings<'_>) -> String {
     )
 }
 
-/// Waits until the queues that must drain are empty with nothing unacked,
+/// Waits until the queues that must drain are empty (no message ready,
+/// unacked or waiting to be dead-lettered),
 /// no sidecar holds a delivery, the endpoint answers nothing, three polls
 /// in a row, and every confirmed order has an effect or a store row (or the
 /// DLQ holds something, read later). False at the deadline.
@@ -539,7 +540,10 @@ async fn drain(
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let counts = tokio::task::spawn_blocking(|| cluster::queue_counts_from(1)).await?;
-        let Ok(counts) = counts else {
+        // Messages expired in a tier and waiting for at-least-once
+        // dead-lettering back to the queue count in the total only.
+        let totals = tokio::task::spawn_blocking(|| cluster::queue_totals_from(1)).await?;
+        let (Ok(counts), Ok(totals)) = (counts, totals) else {
             quiet = 0;
             continue;
         };
@@ -552,6 +556,7 @@ async fn drain(
                 counts
                     .get(q)
                     .is_some_and(|c| c.ready == 0 && c.unacked == 0)
+                    && totals.get(q) == Some(&0)
             });
         for sidecar in sidecars {
             if !idle {

@@ -190,3 +190,47 @@ pub fn members(queue: &str) -> Option<(Vec<u8>, Vec<u8>)> {
     }
     None
 }
+
+/// Every queue's total of messages (`rabbitmqctl list_queues name
+/// messages`), as the first running node (trying from `prefer`) sees them.
+/// For a quorum queue the total also holds messages waiting for
+/// at-least-once dead-lettering, which are neither ready nor unacked.
+pub fn queue_totals_from(prefer: u8) -> Result<std::collections::HashMap<String, u64>, String> {
+    let mut errors = Vec::new();
+    for n in NODES
+        .into_iter()
+        .cycle()
+        .skip_while(|&n| n != prefer)
+        .take(3)
+    {
+        match ctl(
+            n,
+            &[
+                "-q",
+                "list_queues",
+                "--no-table-headers",
+                "name",
+                "messages",
+            ],
+        ) {
+            Ok(out) => {
+                let mut totals = std::collections::HashMap::new();
+                for line in out.lines().filter(|l| !l.trim().is_empty()) {
+                    let (Some(name), Some(Ok(total))) = (
+                        line.split('\t').next(),
+                        line.split('\t').nth(1).map(|t| t.trim().parse::<u64>()),
+                    ) else {
+                        return Err(format!("cannot read rabbitmqctl list_queues line {line:?}"));
+                    };
+                    totals.insert(name.to_owned(), total);
+                }
+                return Ok(totals);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(format!(
+        "no cluster node listed its queues: {}",
+        errors.join("; ")
+    ))
+}
