@@ -141,13 +141,15 @@ pub(crate) async fn restart_redis(port: u16, keep: RedisRestart) -> anyhow::Resu
     Ok(())
 }
 
+/// Closes every descriptor above 2, then runs `"$@"` in its place.
+const CLOSE_AND_EXEC: &str = r#"for fd in /proc/$$/fd/*; do fd=${fd##*/}; if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null; fi; done; exec "$@""#;
+
 /// Runs `program` like [`run_command`], with no descriptor above 2 open:
 /// a server it starts must not keep the caller's descriptors as long as it
 /// runs (a `flock /tmp/broker.lock` around this command would stay held by
 /// the restarted Redis, and every later flock would wait for ever). Through
 /// bash, since the workspace forbids the `unsafe` a `pre_exec` would need.
 pub(crate) async fn run_command_closing_fds(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    const CLOSE_AND_EXEC: &str = r#"for fd in /proc/$$/fd/*; do fd=${fd##*/}; if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null; fi; done; exec "$@""#;
     let mut all = vec!["-c", CLOSE_AND_EXEC, "backstop-server-start", program];
     all.extend_from_slice(args);
     run_command("bash", &all).await
@@ -218,4 +220,34 @@ pub(crate) async fn forget_rows(store: &SqlStore, queue: &str, actor: &str) {
     let _ = store
         .purge_finished(backstop::retry::now_ms() as i64 + 1_000, Some(queue))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The descriptors `ls /proc/self/fd` sees when run by `script`, in a
+    /// shell that opened descriptor 7 first (as `flock FILE cmd` leaves its
+    /// lock open in `cmd`).
+    fn descriptors_seen(script: &str) -> Vec<String> {
+        let output = Command::new("bash")
+            .env("CLOSE_AND_EXEC", CLOSE_AND_EXEC)
+            .args(["-c", &format!("exec 7</dev/null; {script}")])
+            .output()
+            .expect("run bash");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn a_started_server_keeps_no_descriptor_of_its_caller() {
+        // Without the wrapper the inherited descriptor reaches the program.
+        assert!(descriptors_seen("exec ls /proc/self/fd").contains(&"7".to_owned()));
+        let seen = descriptors_seen(r#"exec bash -c "$CLOSE_AND_EXEC" start ls /proc/self/fd"#);
+        assert!(!seen.contains(&"7".to_owned()), "{seen:?}");
+        assert!(seen.contains(&"2".to_owned()), "{seen:?}");
+    }
 }
