@@ -3,10 +3,13 @@
 //! (0 ok, 1 runtime failure, 2 bad usage or configuration).
 
 mod bench;
+mod chaos;
 mod demo;
 mod dlq;
 mod failed;
 mod run;
+mod servers;
+mod sidecar;
 mod torture;
 mod ui;
 
@@ -57,6 +60,11 @@ enum Command {
     /// endpoint answers, message shapes and faults, with every message and
     /// business id checked at the end of each round. Prints the seed.
     Torture(torture::TortureArgs),
+    /// The fault matrix on the three-node cluster of scripts/cluster.sh:
+    /// three sidecars sharing a PostgreSQL store and a dedup store, orders
+    /// published with confirms throughout, a ledger (lost must be 0, every
+    /// duplicate effect explained), a JSON report and an SVG picture.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -113,6 +121,7 @@ fn main() -> ExitCode {
             Command::Dlq(command) => dlq::run(command).await,
             Command::Failed(command) => failed::run(command).await,
             Command::Torture(args) => torture::run(args).await,
+            Command::Chaos(args) => chaos::run(args).await,
         }
     });
     // Tasks a command abandoned (a bounded shutdown gave up on them) must not

@@ -16,9 +16,11 @@ mod plan;
 mod verdict;
 
 use crate::UsageError;
+use crate::servers::{RedisRestart, forget_rows, rabbitmqctl_blocking, restart_servers};
+use crate::sidecar::{Sidecar, free_port, write_private};
 use anyhow::Context;
-use backstop::store::{CompensationStore, ListFilter, ManualAction, SqlStore};
-use backstop_testkit::{FaultProxy, rabbitmqctl, unique, url_via};
+use backstop::store::{CompensationStore, ListFilter, SqlStore};
+use backstop_testkit::{FaultProxy, unique, url_via};
 use endpoint::Endpoint;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -27,8 +29,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, ByteArray, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use plan::{DLQ_CONSUMER, Fault, FaultSet, KeyShape, MESSAGE_TTL, Plan, STORE_CONSUMER, Without};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use verdict::{Observed, Parked, StoredRow, Summary};
 
@@ -223,7 +224,7 @@ pub(crate) async fn run(args: TortureArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// A clap value's name as typed on the command line.
-fn enum_name(value: impl clap::ValueEnum) -> String {
+pub(crate) fn enum_name(value: impl clap::ValueEnum) -> String {
     value
         .to_possible_value()
         .map(|v| v.get_name().to_owned())
@@ -346,12 +347,7 @@ async fn round(
     declare(&channel, &queues.expired).await?;
     set_expiry_policy(&queues).await?;
 
-    let mut sidecar = Sidecar {
-        child: None,
-        config: config_path,
-        log: dir.join("sidecar.log"),
-        port,
-    };
+    let mut sidecar = Sidecar::new(config_path, dir.join("sidecar.log"), port);
     let outcome = drive(
         args,
         &plan,
@@ -493,83 +489,16 @@ async fn strike(
             format!("kill -9 (restarted after {}ms)", pause.as_millis())
         }
         Fault::BrokerRestart(pause) => {
-            run_blocking(vec!["stop_app".into()]).await?;
+            rabbitmqctl_blocking(vec!["stop_app".into()]).await?;
             tokio::time::sleep(pause).await;
-            run_blocking(vec!["start_app".into()]).await?;
+            rabbitmqctl_blocking(vec!["start_app".into()]).await?;
             format!("broker restart ({}ms down)", pause.as_millis())
         }
-        Fault::StoreRestart => restart_servers(store_url, dedup_url).await?,
-    })
-}
-
-/// Restarts the PostgreSQL or Redis server the round uses (loopback only,
-/// as scripts/redis.sh and scripts/postgres.sh start them); SQLite has no
-/// server.
-async fn restart_servers(store_url: &str, dedup_url: Option<&str>) -> anyhow::Result<String> {
-    let urls: Vec<&str> = std::iter::once(store_url).chain(dedup_url).collect();
-    let mut done = Vec::new();
-    for (scheme, name) in [("redis", "Redis"), ("postgres", "PostgreSQL")] {
-        let Some(url) = urls.iter().find(|u| u.starts_with(scheme)) else {
-            continue;
-        };
-        let parsed = reqwest::Url::parse(url).context("parsing the store URL")?;
-        let loopback = parsed
-            .host_str()
-            .is_some_and(|h| matches!(h, "127.0.0.1" | "localhost" | "[::1]"));
-        if !loopback {
-            return Ok(format!(
-                "server restart skipped ({name} is not on loopback)"
-            ));
+        Fault::StoreRestart => {
+            let urls: Vec<&str> = std::iter::once(store_url).chain(dedup_url).collect();
+            restart_servers(&urls, RedisRestart::DropData).await?
         }
-        if scheme == "redis" {
-            let port = parsed.port().unwrap_or(6379).to_string();
-            let at = ["-h", "127.0.0.1", "-p", &port];
-            // Not running already is fine: it is started again below.
-            let _ = run_command("redis-cli", &[&at[..], &["shutdown", "nosave"]].concat()).await;
-            let mut start = vec!["--bind", "127.0.0.1", "--port", &port, "--daemonize", "yes"];
-            start.extend(["--save", "", "--appendonly", "no"]);
-            start.extend(["--logfile", "/tmp/backstop-redis.log"]);
-            run_command("redis-server", &start).await?;
-        } else {
-            let version = std::fs::read_dir("/usr/lib/postgresql")
-                .context("finding the PostgreSQL version")?
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter_map(|v| v.parse::<u32>().ok())
-                .max()
-                .context("no PostgreSQL under /usr/lib/postgresql")?;
-            run_command("pg_ctlcluster", &[&version.to_string(), "main", "restart"]).await?;
-        }
-        done.push(name);
-    }
-    Ok(if done.is_empty() {
-        "server restart skipped (SQLite has no server)".to_owned()
-    } else {
-        format!("{} restart", done.join("+"))
     })
-}
-
-async fn run_command(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let program = program.to_owned();
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    let status = tokio::task::spawn_blocking(move || {
-        Command::new(&program)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .with_context(|| format!("running {program}"))
-    })
-    .await??;
-    anyhow::ensure!(status.success(), "the command exited with {status}");
-    Ok(())
-}
-
-async fn run_blocking(args: Vec<String>) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        rabbitmqctl(&args).map_err(anyhow::Error::msg)
-    })
-    .await?
 }
 
 /// Dead-letters messages that expire in the round's main queues to the
@@ -591,7 +520,7 @@ async fn set_expiry_policy(queues: &Queues) -> anyhow::Result<()> {
         "dead-letter-routing-key": queues.expired,
     })
     .to_string();
-    run_blocking(vec![
+    rabbitmqctl_blocking(vec![
         "set_policy".into(),
         "--apply-to".into(),
         "queues".into(),
@@ -643,149 +572,6 @@ fn sidecar_config(
         }
     }
     text
-}
-
-/// Writes a file only this user can read: it holds passwords.
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port for the sidecar's metrics")?
-        .port())
-}
-
-/// The sidecar child process. Killed when dropped.
-struct Sidecar {
-    child: Option<Child>,
-    config: PathBuf,
-    log: PathBuf,
-    port: u16,
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-impl Sidecar {
-    /// Starts `backstop run` and waits until `/readyz` answers 200.
-    async fn start(&mut self) -> anyhow::Result<()> {
-        let exe = std::env::current_exe().context("finding the backstop executable")?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .with_context(|| format!("opening {}", self.log.display()))?;
-        let child = Command::new(exe)
-            .args(["run", "-c"])
-            .arg(&self.config)
-            .env_remove("BACKSTOP_BROKER_URI")
-            .env_remove("BACKSTOP_STORE_URL")
-            .env("RUST_LOG", "warn,lapin=off")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting backstop run")?;
-        self.child = Some(child);
-        let ready = format!("http://127.0.0.1:{}/readyz", self.port);
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = client.get(&ready).send().await
-                && response.status().as_u16() == 200
-            {
-                return Ok(());
-            }
-            if let Some(child) = &mut self.child
-                && let Some(status) = child.try_wait()?
-            {
-                anyhow::bail!(
-                    "backstop run exited with {status} before it was ready; see {}",
-                    self.log.display()
-                );
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "backstop run was not ready within 30 s; see {}",
-                self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM, then `kill -9` if it has not exited within 15 s. Says what
-    /// went wrong unless it exited 0 in time (or was not running).
-    async fn stop(&mut self) -> Option<String> {
-        let child = self.child.as_mut()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    self.child = None;
-                    return (!status.success())
-                        .then(|| format!("backstop run exited with {status} after SIGTERM"));
-                }
-                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(e) => {
-                    self.child = None;
-                    return Some(format!("cannot wait for backstop run: {e}"));
-                }
-            }
-        }
-        self.kill9();
-        Some("backstop run did not exit within 15 s of SIGTERM (killed)".to_owned())
-    }
-
-    /// Deliveries the sidecar holds unsettled, over both consumers; `None`
-    /// while it is not answering (restarting).
-    async fn in_flight(&self) -> anyhow::Result<Option<u64>> {
-        let url = format!("http://127.0.0.1:{}/metrics", self.port);
-        let Ok(response) = reqwest::get(&url).await else {
-            return Ok(None);
-        };
-        let text = response.text().await.context("reading /metrics")?;
-        let mut total = 0;
-        let mut found = 0;
-        for line in text.lines().filter(|l| l.starts_with("backstop_unacked{")) {
-            let value = line
-                .rsplit(' ')
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .with_context(|| format!("cannot read the metric line {line:?}"))?;
-            total += value;
-            found += 1;
-        }
-        anyhow::ensure!(
-            found == 2,
-            "/metrics shows backstop_unacked for {found} queues, not 2"
-        );
-        Ok(Some(total))
-    }
 }
 
 async fn declare(channel: &Channel, queue: &str) -> anyhow::Result<()> {
@@ -892,7 +678,7 @@ async fn drain(
         let received = endpoint.ledger.received();
         let mut idle = endpoint.ledger.busy() == 0
             && received == last_received
-            && sidecar.in_flight().await? == Some(0);
+            && sidecar.in_flight(2).await? == Some(0);
         last_received = received;
         for queue in queues.must_drain() {
             if !idle {
@@ -1034,25 +820,10 @@ async fn cleanup(connection: &Connection, queues: &Queues, store_url: &str, stor
         }
         let _ = channel.close(200, "cleaned up".into()).await;
     }
-    let _ = run_blocking(vec!["clear_policy".into(), queues.policy.clone()]).await;
+    let _ = rabbitmqctl_blocking(vec!["clear_policy".into(), queues.policy.clone()]).await;
     if store == StoreKind::Postgres
         && let Ok(db) = SqlStore::connect(store_url).await
     {
-        let queue = queues.main[STORE_CONSUMER].clone();
-        let filter = ListFilter {
-            queue: Some(queue.clone()),
-            limit: Some(1_000_000),
-            ..ListFilter::default()
-        };
-        if let Ok(rows) = db.list(&filter).await {
-            for row in rows.iter().filter(|r| !r.status.is_finished()) {
-                let _ = db
-                    .act(row.id, ManualAction::Discard, "torture", Some("round over"))
-                    .await;
-            }
-        }
-        let _ = db
-            .purge_finished(backstop::retry::now_ms() as i64 + 1_000, Some(&queue))
-            .await;
+        forget_rows(&db, &queues.main[STORE_CONSUMER], "torture").await;
     }
 }

@@ -120,6 +120,35 @@ pub fn leader(queue: &str) -> Option<u8> {
     None
 }
 
+/// The first running node, or `None` when none answers.
+pub fn any_running() -> Option<u8> {
+    NODES.into_iter().find(|&n| is_running(n))
+}
+
+/// Every queue's counts, as the first running node (trying from `prefer`)
+/// sees them: one `rabbitmqctl -n <node> list_queues`. A line it cannot
+/// parse is an error, never a zero.
+pub fn queue_counts_from(
+    prefer: u8,
+) -> Result<std::collections::HashMap<String, crate::QueueCounts>, String> {
+    let mut errors = Vec::new();
+    for n in NODES
+        .into_iter()
+        .cycle()
+        .skip_while(|&n| n != prefer)
+        .take(3)
+    {
+        match ctl(n, &crate::QUEUE_COUNTS_ARGS) {
+            Ok(out) => return crate::parse_queue_counts(&out),
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(format!(
+        "no cluster node listed its queues: {}",
+        errors.join("; ")
+    ))
+}
+
 /// Quorum queue `queue`'s members and the members online, as nodes, asked
 /// of the first running node. `None` when no node answers or the queue does
 /// not exist. Panics on an answer it cannot read.
@@ -243,4 +272,48 @@ pub fn connection_ports(via: u8, name: &str) -> Result<Vec<u16>, String> {
                 .unwrap_or_else(|_| panic!("cannot read rabbitmqctl list_connections line {l:?}"))
         })
         .collect())
+}
+
+/// Every queue's total of messages (`rabbitmqctl list_queues name
+/// messages`), as the first running node (trying from `prefer`) sees them.
+/// For a quorum queue the total also holds messages waiting for
+/// at-least-once dead-lettering, which are neither ready nor unacked.
+pub fn queue_totals_from(prefer: u8) -> Result<std::collections::HashMap<String, u64>, String> {
+    let mut errors = Vec::new();
+    for n in NODES
+        .into_iter()
+        .cycle()
+        .skip_while(|&n| n != prefer)
+        .take(3)
+    {
+        match ctl(
+            n,
+            &[
+                "-q",
+                "list_queues",
+                "--no-table-headers",
+                "name",
+                "messages",
+            ],
+        ) {
+            Ok(out) => {
+                let mut totals = std::collections::HashMap::new();
+                for line in out.lines().filter(|l| !l.trim().is_empty()) {
+                    let (Some(name), Some(Ok(total))) = (
+                        line.split('\t').next(),
+                        line.split('\t').nth(1).map(|t| t.trim().parse::<u64>()),
+                    ) else {
+                        return Err(format!("cannot read rabbitmqctl list_queues line {line:?}"));
+                    };
+                    totals.insert(name.to_owned(), total);
+                }
+                return Ok(totals);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    Err(format!(
+        "no cluster node listed its queues: {}",
+        errors.join("; ")
+    ))
 }

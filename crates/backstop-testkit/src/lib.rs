@@ -6,6 +6,7 @@
 //! upstream that is not a loopback address.
 
 pub mod cluster;
+pub mod effects;
 mod proxy;
 
 pub use proxy::FaultProxy;
@@ -208,15 +209,27 @@ pub fn queue_counts(queue: &str) -> Option<QueueCounts> {
 /// Every queue's counts, by name, read with one `rabbitmqctl list_queues`.
 /// A line it cannot parse is an error, never a zero.
 pub fn all_queue_counts() -> Result<std::collections::HashMap<String, QueueCounts>, String> {
-    let out = rabbitmqctl(&[
-        "-q",
-        "list_queues",
-        "--no-table-headers",
-        "name",
-        "messages_ready",
-        "messages_unacknowledged",
-        "consumers",
-    ])?;
+    let out = rabbitmqctl(&QUEUE_COUNTS_ARGS)?;
+    parse_queue_counts(&out)
+}
+
+/// `rabbitmqctl` arguments listing every queue's counts, as
+/// [`parse_queue_counts`] reads them.
+pub(crate) const QUEUE_COUNTS_ARGS: [&str; 7] = [
+    "-q",
+    "list_queues",
+    "--no-table-headers",
+    "name",
+    "messages_ready",
+    "messages_unacknowledged",
+    "consumers",
+];
+
+/// Reads the lines of `rabbitmqctl list_queues name messages_ready
+/// messages_unacknowledged consumers`. A line it cannot parse is an error.
+pub(crate) fn parse_queue_counts(
+    out: &str,
+) -> Result<std::collections::HashMap<String, QueueCounts>, String> {
     let mut counts = std::collections::HashMap::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split_whitespace().collect();
