@@ -1,7 +1,8 @@
 //! The three-node cluster of `scripts/cluster.sh`: node addresses, node
 //! control (start, graceful stop, `kill -9`) and `rabbitmqctl` against one
-//! node. Node `n` (1..=3) is `backstop-c<n>@localhost` with AMQP on
-//! `127.0.0.1:570<n>`.
+//! node; what the cluster says about quorum queues (leader, members) and
+//! connections, and a quorum queue's leadership moved on demand. Node `n`
+//! (1..=3) is `backstop-c<n>@localhost` with AMQP on `127.0.0.1:570<n>`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

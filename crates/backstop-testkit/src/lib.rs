@@ -1,6 +1,7 @@
 //! Test support for Backstop: the broker fixture (address, `rabbitmqctl`
-//! helpers, publishing, waiting with deadlines) and [`FaultProxy`], a TCP proxy
-//! that cuts or blackholes connections on demand.
+//! helpers, publishing, waiting with deadlines), [`FaultProxy`], a TCP proxy
+//! that cuts or blackholes connections on demand (or, on one connection,
+//! throws the broker's replies away), and [`cluster`], the three-node cluster.
 //!
 //! Everything stays on loopback: the proxy listens on 127.0.0.1 and refuses an
 //! upstream that is not a loopback address.
