@@ -135,7 +135,9 @@ stop_node() {
   local n=$1
   if ctl "$n" ping >/dev/null 2>&1; then
     log "stopping $(node_name "$n")"
-    ctl "$n" stop >/dev/null 2>&1 || true
+    # With the pid file, rabbitmqctl waits until the VM has exited: a start
+    # right after must not find the halting node still answering.
+    ctl "$n" stop "$base/c$n/pid" >/dev/null 2>&1 || true
   fi
 }
 
@@ -143,6 +145,9 @@ kill_node() {
   local n=$1 pid
   pid=$(cat "$base/c$n/pid" 2>/dev/null || true)
   [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || die "node $n is not running (no live pid in $base/c$n/pid)"
+  # A stale pid file must not name another process (the main broker, say).
+  tr '\0' '\n' <"/proc/$pid/environ" | grep -qx "RABBITMQ_NODENAME=$(node_name "$n")" ||
+    die "pid $pid in $base/c$n/pid is not node $n's VM"
   log "kill -9 $(node_name "$n") (pid $pid)"
   kill -9 "$pid"
 }
@@ -150,7 +155,9 @@ kill_node() {
 # Joins nodes 2 and 3 to node 1 when they are not in its cluster yet.
 join() {
   local n members
-  members=$(ctl 1 cluster_status --formatter json 2>/dev/null || true)
+  # A failed query must not read as "not a member": that would reset a
+  # member and wipe its replicas.
+  members=$(ctl 1 cluster_status --formatter json 2>/dev/null) || die "cannot read node 1's cluster status"
   for n in 2 3; do
     if ! grep -q "\"$(node_name "$n")\"" <<<"$(grep -o '"disk_nodes":\[[^]]*\]' <<<"$members")"; then
       log "joining $(node_name "$n") to $(node_name 1)"

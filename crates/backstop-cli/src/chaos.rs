@@ -354,7 +354,9 @@ pub(crate) async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     };
     let mut verdict = ledger::compute(&observed);
     for problem in &shutdown {
-        verdict.notes.push(format!("shutdown: {problem}"));
+        // A sidecar that does not stop on SIGTERM, or exits with an
+        // error, is a hang or a crash: the gate fails.
+        verdict.failures.push(format!("shutdown: {problem}"));
     }
     println!("{}", verdict.line);
     for line in &verdict.resume_lines {
@@ -575,7 +577,13 @@ async fn drain(
             .await
             .map(|all| all.into_iter().map(|e| e.business_id).collect())
             .unwrap_or_default();
-        accounted.extend(read_rows(store, queue).await?.into_iter().map(|r| r.order));
+        accounted.extend(
+            read_rows(store, queue)
+                .await?
+                .into_iter()
+                .filter(|r| !r.finished)
+                .map(|r| r.order),
+        );
         let missing = confirmed.keys().filter(|o| !accounted.contains(*o)).count();
         if missing == 0 {
             return Ok(true);

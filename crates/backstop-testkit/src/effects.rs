@@ -168,7 +168,11 @@ pub async fn database_of_its_own(url: &str, name: &str) -> Result<String, String
     };
     let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
     let Some(slash) = base[scheme_end..].find('/').map(|i| i + scheme_end) else {
-        return Err(format!("{url:?} names no database"));
+        // The URL is not shown: it may carry a password.
+        return Err(
+            "the PostgreSQL URL names no database (postgres://user:***@host:port/DATABASE)"
+                .to_owned(),
+        );
     };
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(format!("{name:?} is not a plain database name"));

@@ -33,6 +33,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 /// key marked done (milliseconds; seconds at most when the dedup store is
 /// slow).
 pub(crate) const KILL_WINDOW_MS: i64 = 5_000;
+/// How long before a kill -9 an effect may have committed and still come
+/// from a request the killed instance had in flight (the endpoint commits
+/// what it received even when the caller is gone).
+const IN_FLIGHT_SLACK_MS: i64 = 2_000;
 /// The scanner's lease (`ScannerConfig::default`): two re-drives of one row
 /// closer than this without a failure between them overlapped.
 const SCANNER_LEASE_MS: i64 = 60_000;
@@ -147,10 +151,15 @@ pub(crate) fn compute(o: &Observed) -> Ledger {
         .keys()
         .map(String::as_str)
         .filter(|order| {
-            !effects.contains_key(order)
-                && !rows_of.contains_key(order)
-                && !dlq.contains(order)
-                && !queued.contains(order)
+            // A row counts while it is open: a re-driven (finished) row whose
+            // copy never had an effect is a loss after the re-drive.
+            let open_row = rows_of
+                .get(order)
+                .is_some_and(|rows| rows.iter().any(|r| !r.finished));
+            // A leftover in a queue counts only beside a row: the copy a
+            // scanner re-drove after the drain.
+            let redriven_leftover = queued.contains(order) && rows_of.contains_key(order);
+            !(effects.contains_key(order) || open_row || dlq.contains(order) || redriven_leftover)
         })
         .collect();
     let line = format!(
@@ -197,6 +206,7 @@ pub(crate) fn compute(o: &Observed) -> Ledger {
             .or_default()
             .push(entry);
     }
+    let mut explained_per_kill: HashMap<i64, u32> = HashMap::new();
     let mut duplicated: Vec<&Effect> = o.effects.iter().filter(|e| e.duplicates > 0).collect();
     duplicated.sort_by(|a, b| a.business_id.cmp(&b.business_id));
     for effect in duplicated {
@@ -210,11 +220,26 @@ pub(crate) fn compute(o: &Observed) -> Ledger {
                     .join(", ")
             })
             .unwrap_or_default();
+        // One extra effect, after a kill -9 of the first effect's instance
+        // that came within the window after that effect (or while its
+        // request was still in flight: the commit may land just after the
+        // kill), and at most one per handler slot of the killed instance.
+        let mut times: Vec<i64> = by_order
+            .get(effect.business_id.as_str())
+            .map(|entries| entries.iter().map(|e| e.at_ms).collect())
+            .unwrap_or_default();
+        times.sort_unstable();
         let kill = kills.iter().find(|(instance, at)| {
             o.instances.get(*instance) == Some(&effect.instance)
-                && *at >= effect.at_ms
+                && effect.duplicates == 1
+                && *at >= effect.at_ms - IN_FLIGHT_SLACK_MS
                 && *at - effect.at_ms <= KILL_WINDOW_MS
+                && times.get(1).is_some_and(|second| second >= at)
+                && explained_per_kill.get(at).copied().unwrap_or(0) < super::CONCURRENCY
         });
+        if let Some((_, at)) = kill {
+            *explained_per_kill.entry(*at).or_insert(0) += 1;
+        }
         let entry = json!({
             "order": effect.business_id,
             "effects": history,
@@ -235,8 +260,8 @@ pub(crate) fn compute(o: &Observed) -> Ledger {
             }
             None => {
                 failures.push(format!(
-                    "unexplained duplicate: order {} (effects: {history}): no kill -9 of {} within \
-                     {KILL_WINDOW_MS} ms after its first effect",
+                    "unexplained duplicate: order {} (effects: {history}): not one extra effect after \
+                     a kill -9 of {} within {KILL_WINDOW_MS} ms after its first effect",
                     effect.business_id, effect.instance
                 ));
                 unexplained.push(entry);
