@@ -132,6 +132,12 @@ pub fn any_running() -> Option<u8> {
 pub fn queue_counts_from(
     prefer: u8,
 ) -> Result<std::collections::HashMap<String, crate::QueueCounts>, String> {
+    crate::parse_queue_counts(&ctl_from(prefer, &crate::QUEUE_COUNTS_ARGS)?)
+}
+
+/// `rabbitmqctl <args>` on the first node that answers, trying from
+/// `prefer` on; every node's error when none does.
+fn ctl_from(prefer: u8, args: &[&str]) -> Result<String, String> {
     let mut errors = Vec::new();
     for n in NODES
         .into_iter()
@@ -139,8 +145,8 @@ pub fn queue_counts_from(
         .skip_while(|&n| n != prefer)
         .take(3)
     {
-        match ctl(n, &crate::QUEUE_COUNTS_ARGS) {
-            Ok(out) => return crate::parse_queue_counts(&out),
+        match ctl(n, args) {
+            Ok(out) => return Ok(out),
             Err(e) => errors.push(e),
         }
     }
@@ -280,41 +286,25 @@ pub fn connection_ports(via: u8, name: &str) -> Result<Vec<u16>, String> {
 /// For a quorum queue the total also holds messages waiting for
 /// at-least-once dead-lettering, which are neither ready nor unacked.
 pub fn queue_totals_from(prefer: u8) -> Result<std::collections::HashMap<String, u64>, String> {
-    let mut errors = Vec::new();
-    for n in NODES
-        .into_iter()
-        .cycle()
-        .skip_while(|&n| n != prefer)
-        .take(3)
-    {
-        match ctl(
-            n,
-            &[
-                "-q",
-                "list_queues",
-                "--no-table-headers",
-                "name",
-                "messages",
-            ],
-        ) {
-            Ok(out) => {
-                let mut totals = std::collections::HashMap::new();
-                for line in out.lines().filter(|l| !l.trim().is_empty()) {
-                    let (Some(name), Some(Ok(total))) = (
-                        line.split('\t').next(),
-                        line.split('\t').nth(1).map(|t| t.trim().parse::<u64>()),
-                    ) else {
-                        return Err(format!("cannot read rabbitmqctl list_queues line {line:?}"));
-                    };
-                    totals.insert(name.to_owned(), total);
-                }
-                return Ok(totals);
-            }
-            Err(e) => errors.push(e),
-        }
+    let out = ctl_from(
+        prefer,
+        &[
+            "-q",
+            "list_queues",
+            "--no-table-headers",
+            "name",
+            "messages",
+        ],
+    )?;
+    let mut totals = std::collections::HashMap::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let (Some(name), Some(Ok(total))) = (
+            line.split('\t').next(),
+            line.split('\t').nth(1).map(|t| t.trim().parse::<u64>()),
+        ) else {
+            return Err(format!("cannot read rabbitmqctl list_queues line {line:?}"));
+        };
+        totals.insert(name.to_owned(), total);
     }
-    Err(format!(
-        "no cluster node listed its queues: {}",
-        errors.join("; ")
-    ))
+    Ok(totals)
 }
