@@ -321,6 +321,17 @@ impl Inner {
         )
     }
 
+    /// True when the broker is known to be away or blocking: the connection
+    /// was lost, blocked, closed, or its first attempts failed. Not while the
+    /// first attempt is under way (a publish then waits for it).
+    fn known_unavailable(&self) -> bool {
+        match *self.supervisor.state().borrow() {
+            ConnectionState::Connected { .. } => false,
+            ConnectionState::Connecting { attempt } => attempt > 0,
+            _ => true,
+        }
+    }
+
     fn give_up(&self, lane: Lane) {
         self.open_lanes.fetch_sub(1, Ordering::AcqRel);
         lane.close();
@@ -462,7 +473,7 @@ impl Publisher {
                 .collect();
         }
         if inner.spool.as_ref().is_some_and(|s| s.messages() > 0)
-            || (inner.spool.is_some() && !inner.can_send())
+            || (inner.spool.is_some() && inner.known_unavailable())
         {
             let flags = vec![false; messages.len()];
             return to_spool(inner, messages, flags).await;
