@@ -281,7 +281,7 @@ async fn a_pool_of_four_never_opens_a_fifth_channel_under_sixty_four_publishers(
         seen.len()
     );
     assert!(broker_max <= 4, "the broker saw {broker_max} channels");
-    assert!(max_channels <= 4 && max_channels >= 1);
+    assert!((1..=4).contains(&max_channels));
     let stats = publisher.stats();
     assert_eq!(stats.confirmed, 64 * per_task + 1);
     assert_eq!(
