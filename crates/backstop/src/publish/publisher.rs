@@ -1034,8 +1034,49 @@ async fn to_spool(
     }
 }
 
+/// Entries of a drained batch that the broker confirmed, to delete from the
+/// spool while the next batch is out.
+struct Confirmed {
+    ids: Vec<i64>,
+    /// Failures of the batch that may have reached the broker.
+    doubtful: u64,
+}
+
+/// Deletes a batch's confirmed entries and counts them; false when the
+/// delete failed (they stay spooled and are sent again: duplicates).
+async fn delete_confirmed(inner: &Inner, spool: &Spool, done: Option<Confirmed>) -> bool {
+    let Some(Confirmed { ids, doubtful }) = done else {
+        return true;
+    };
+    let n = ids.len() as u64;
+    if let Err(e) = spool.delete(ids).await {
+        // Confirmed but still spooled: sent again later, a duplicate.
+        warn!(error = %e, "deleting confirmed messages from the spool failed");
+        inner.counters.uncertain.fetch_add(n, Ordering::Relaxed);
+        return false;
+    }
+    inner.counters.drained.fetch_add(n, Ordering::Relaxed);
+    inner
+        .counters
+        .uncertain
+        .fetch_add(doubtful, Ordering::Relaxed);
+    if n > 0 {
+        debug!(
+            messages = n,
+            left = spool.messages(),
+            "drained from the spool"
+        );
+    }
+    true
+}
+
 /// Publishes the spool in order, with confirms, while the broker is up;
 /// deletes each entry only once it is confirmed.
+///
+/// One batch is out at a time, so the first copies reach the broker in
+/// spool order. While it is out, the next batch is read from the spool and
+/// the previous batch's confirmed entries are deleted (a delete waits for
+/// its fsync), so the broker's confirms, not the spool, set the pace.
 async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
     let mut shutdown = match inner.upgrade() {
         Some(inner) => inner.shutdown.subscribe(),
@@ -1043,20 +1084,33 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
     };
     let mut backoff = Duration::ZERO;
     let mut returns: HashMap<i64, u32> = HashMap::new();
+    // The entries after the batch out, read while it was out.
+    let mut prefetched: Option<Vec<spool::Entry>> = None;
+    // The confirmed entries of the batch before, not deleted yet.
+    let mut pending: Option<Confirmed> = None;
     loop {
-        if *shutdown.borrow() {
-            return;
-        }
         let Some(strong) = inner.upgrade() else {
             return;
         };
+        if *shutdown.borrow() {
+            delete_confirmed(&strong, &spool, pending.take()).await;
+            return;
+        }
         if !backoff.is_zero() {
+            delete_confirmed(&strong, &spool, pending.take()).await;
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.changed() => return,
             }
         }
         if spool.messages() == 0 || !strong.can_send() {
+            if pending.is_some() {
+                if !delete_confirmed(&strong, &spool, pending.take()).await {
+                    backoff = next_backoff(backoff);
+                }
+                prefetched = None;
+                continue;
+            }
             // Woken by a spooling publish, or checked again shortly (the
             // connection coming back is seen here).
             tokio::select! {
@@ -1066,17 +1120,32 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
             }
             continue;
         }
-        let entries = match spool.peek(0, DRAIN_BATCH).await {
-            Ok(entries) => entries,
-            Err(e) => {
-                warn!(error = %e, "reading the spool failed");
-                backoff = next_backoff(backoff);
-                continue;
+        let entries = match prefetched.take() {
+            Some(entries) => entries,
+            None => {
+                // From the start: nothing confirmed may still be there.
+                if !delete_confirmed(&strong, &spool, pending.take()).await {
+                    backoff = next_backoff(backoff);
+                    continue;
+                }
+                match spool.peek(0, DRAIN_BATCH).await {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        warn!(error = %e, "reading the spool failed");
+                        backoff = next_backoff(backoff);
+                        continue;
+                    }
+                }
             }
         };
-        if entries.is_empty() {
+        let Some(last) = entries.last().map(|e| e.id) else {
+            // Everything was sent: delete the last batch, then read again
+            // from the start.
+            if !delete_confirmed(&strong, &spool, pending.take()).await {
+                backoff = next_backoff(backoff);
+            }
             continue;
-        }
+        };
         let messages: Vec<Message> = entries
             .iter()
             .map(|e| Message {
@@ -1086,9 +1155,13 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
                 properties: e.properties.clone(),
             })
             .collect();
-        let outcomes = send_all(&strong, &messages).await;
+        let (outcomes, next, deleted) = tokio::join!(
+            send_all(&strong, &messages),
+            spool.peek(last, DRAIN_BATCH),
+            delete_confirmed(&strong, &spool, pending.take()),
+        );
         let mut confirmed = Vec::new();
-        let mut failed = false;
+        let mut failed = !deleted;
         let mut doubtful = 0u64;
         for (entry, outcome) in entries.iter().zip(outcomes) {
             match outcome {
@@ -1122,26 +1195,12 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
                 }
             }
         }
-        let n = confirmed.len() as u64;
-        if let Err(e) = spool.delete(confirmed).await {
-            // Confirmed but still spooled: sent again later, a duplicate.
-            warn!(error = %e, "deleting confirmed messages from the spool failed");
-            strong.counters.uncertain.fetch_add(n, Ordering::Relaxed);
-            backoff = next_backoff(backoff);
-            continue;
-        }
-        strong.counters.drained.fetch_add(n, Ordering::Relaxed);
-        strong
-            .counters
-            .uncertain
-            .fetch_add(doubtful, Ordering::Relaxed);
-        if n > 0 {
-            debug!(
-                messages = n,
-                left = spool.messages(),
-                "drained from the spool"
-            );
-        }
+        pending = Some(Confirmed {
+            ids: confirmed,
+            doubtful,
+        });
+        // After a failure, read again from the start (what failed first).
+        prefetched = if failed { None } else { next.ok() };
         backoff = if failed {
             next_backoff(backoff)
         } else {
