@@ -14,7 +14,7 @@
 use super::{cpu_time, median};
 use crate::{UsageError, ui};
 use anyhow::Context;
-use backstop::connection::{ConnectionConfig, LiveConnection};
+use backstop::connection::{Backoff, ConnectionConfig, ConnectionState, LiveConnection};
 use backstop::publish::{Message, Published, Publisher};
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -492,14 +492,34 @@ impl Run<'_> {
             (messages * (self.args.size as u64 + 1024))
                 .max(backstop::publish::DEFAULT_SPOOL_MAX_BYTES),
         );
+        // A slow backoff: few warnings in the output.
         let offline = Publisher::builder(
             ConnectionConfig::new(unreachable_broker()?)
-                .connection_name("backstop-bench (offline)"),
+                .connection_name("backstop-bench (offline)")
+                .backoff(Backoff {
+                    initial: Duration::from_secs(1),
+                    max: Duration::from_secs(1),
+                    max_attempts: None,
+                }),
         )
         .spool(&path)
         .spool_limits(limits.0, limits.1)
         .start()
         .await?;
+        // Publishes wait for the first connection attempt; once it failed,
+        // the broker is known to be away and they go straight to the spool.
+        let mut state = offline.supervisor().state();
+        // (The `Ref` wait_for returns holds the state's lock: not kept.)
+        let known_away = tokio::time::timeout(
+            Duration::from_secs(30),
+            state.wait_for(|s| !matches!(s, ConnectionState::Connecting { attempt: 0 })),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        anyhow::ensure!(
+            known_away,
+            "the offline publisher's first connection attempt did not end within 30 s"
+        );
         let filled = self.batches(&offline, queue, messages, "spool fill").await;
         offline.close().await;
         let (fill, answered) = match filled {
@@ -525,8 +545,9 @@ impl Run<'_> {
         let drained = online.drained(Duration::from_secs(600)).await;
         let measured = self.measured(messages, started, cpu_before);
         bar.finish_and_clear();
-        let stats = online.stats();
+        // After close, which waits for the drain task: its counters are final.
         online.close().await;
+        let stats = online.stats();
         remove_sqlite(&path);
         anyhow::ensure!(
             drained && stats.drained == messages && stats.spool_parked == 0,
