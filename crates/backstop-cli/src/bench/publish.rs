@@ -48,7 +48,7 @@ pub(crate) struct PublishArgs {
     #[arg(long, default_value_t = 1000)]
     in_flight: usize,
     /// Messages per `publish_batch` call.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 250)]
     batch: usize,
     /// Channels of the Publisher's pool.
     #[arg(long, default_value_t = backstop::publish::DEFAULT_CHANNELS)]
