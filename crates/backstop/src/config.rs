@@ -38,6 +38,9 @@ pub struct Config {
     /// `[[consumer]]`: one block per queue consumed by `backstop run`.
     #[serde(default, rename = "consumer")]
     pub consumers: Vec<ConsumerSettings>,
+    /// `[publish]`: the publish endpoint of `backstop run`; present (even
+    /// empty) turns it on.
+    pub publish: Option<PublishSettings>,
 }
 
 /// `[reconnect]`: exponential backoff with full jitter between attempts.
@@ -74,6 +77,149 @@ impl MetricsConfig {
         let text = self.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN);
         text.parse()
             .map_err(|e| format!("{text:?} is not an address like \"127.0.0.1:9464\": {e}"))
+    }
+}
+
+/// `[publish]`: the sidecar's publish endpoint, `POST
+/// /publish/{exchange}/{routing_key}`, and the publisher behind it. Every
+/// key is optional; the section's presence turns the endpoint on.
+///
+/// ```
+/// let config = backstop::config::Config::parse(
+///     "[publish]\nspool = \"/var/lib/backstop/spool.db\"\nspool_max_messages = 100000\n",
+///     "backstop.toml",
+/// ).expect("valid");
+/// let publish = config.publish.expect("the section is there");
+/// assert_eq!(publish.listen_addr().expect("valid").to_string(), "127.0.0.1:9466");
+/// assert_eq!(publish.spool_max_messages, Some(100_000));
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PublishSettings {
+    /// Where the endpoint listens (default `127.0.0.1:9466`: loopback).
+    pub listen: Option<String>,
+    /// The bearer token every request must carry (`Authorization: Bearer
+    /// TOKEN`). Required when `listen` is not a loopback address.
+    /// `BACKSTOP_PUBLISH_TOKEN` replaces it, to keep it out of the file.
+    pub token: Option<Secret>,
+    /// The publisher's spool (a SQLite file): a message the broker cannot
+    /// take now is written there, answered `202 spooled`, and published
+    /// once it can. Default: no spool.
+    pub spool: Option<std::path::PathBuf>,
+    /// The most messages the spool holds; beyond it a publish is answered
+    /// `507` (default: the publisher's).
+    pub spool_max_messages: Option<u64>,
+    /// The most payload bytes the spool holds (default: the publisher's).
+    pub spool_max_bytes: Option<u64>,
+    /// Confirm channels of the publisher (default 4).
+    pub channels: Option<usize>,
+    /// How long a publish waits for the broker's confirm (default `5s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub confirm_timeout: Option<Duration>,
+    /// The largest body accepted, in bytes (default 16 MiB, as for
+    /// consumers); a larger one is answered `413`.
+    pub max_message_size: Option<usize>,
+}
+
+/// The default address of the publish endpoint.
+pub const DEFAULT_PUBLISH_LISTEN: &str = "127.0.0.1:9466";
+
+/// The default number of confirm channels of the sidecar's publisher.
+pub const DEFAULT_PUBLISH_CHANNELS: usize = 4;
+
+/// The default bound on one publish of the sidecar, to its confirm.
+pub const DEFAULT_PUBLISH_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl PublishSettings {
+    /// The address to listen on.
+    pub fn listen_addr(&self) -> std::result::Result<std::net::SocketAddr, String> {
+        let text = self.listen.as_deref().unwrap_or(DEFAULT_PUBLISH_LISTEN);
+        text.parse()
+            .map_err(|e| format!("{text:?} is not an address like \"127.0.0.1:9466\": {e}"))
+    }
+
+    /// The largest body accepted.
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+            .unwrap_or(crate::consumer::DEFAULT_MAX_MESSAGE_SIZE)
+    }
+
+    /// The key and the reason of the first inconsistent setting.
+    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let listen = self.listen_addr().map_err(|e| ("listen", e))?;
+        match &self.token {
+            None if !listen.ip().is_loopback() => {
+                return Err((
+                    "listen",
+                    format!(
+                        "{listen} is not a loopback address: set publish.token (or \
+                         BACKSTOP_PUBLISH_TOKEN) so that only holders of the token can publish"
+                    ),
+                ));
+            }
+            Some(token) if token.expose().is_empty() => {
+                return Err((
+                    "token",
+                    "the token (from the file or BACKSTOP_PUBLISH_TOKEN) is empty".into(),
+                ));
+            }
+            Some(token) if !token.expose().bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err((
+                    "token",
+                    "the token must be printable ASCII without spaces, \
+                     to travel in an Authorization header"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.channels == Some(0) {
+            return Err(("channels", "must be at least 1".into()));
+        }
+        if self.confirm_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(("confirm_timeout", "must be above zero".into()));
+        }
+        if self.max_message_size == Some(0) {
+            return Err(("max_message_size", "must be at least 1".into()));
+        }
+        for (key, limit) in [
+            ("spool_max_messages", self.spool_max_messages),
+            ("spool_max_bytes", self.spool_max_bytes),
+        ] {
+            match limit {
+                Some(0) => return Err((key, "must be at least 1".into())),
+                Some(_) if self.spool.is_none() => {
+                    return Err((key, "bounds the spool: set publish.spool too".into()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A secret from the configuration (a token): its `Debug` shows `***`, so
+/// that logging a configuration never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `secret`.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
+    /// The secret itself, for the one place that compares or sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(\"***\")")
     }
 }
 
@@ -440,7 +586,9 @@ impl Config {
 
     /// Parses `text`; `origin` names it in errors. Secrets may come from
     /// the environment instead of the file: `BACKSTOP_BROKER_URI` replaces
-    /// `[broker] uri` and `BACKSTOP_STORE_URL` replaces `[store] url`.
+    /// `[broker] uri`, `BACKSTOP_STORE_URL` replaces `[store] url` and
+    /// `BACKSTOP_PUBLISH_TOKEN` replaces `[publish] token` (when there is a
+    /// `[publish]` section).
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let mut config: Config = toml::from_str(text).map_err(|e| Error::ConfigFile {
             path: origin.to_owned(),
@@ -451,6 +599,12 @@ impl Config {
         }
         if let Ok(url) = std::env::var("BACKSTOP_STORE_URL") {
             config.store.url = Some(url);
+        }
+        if let (Some(publish), Ok(token)) = (
+            config.publish.as_mut(),
+            std::env::var("BACKSTOP_PUBLISH_TOKEN"),
+        ) {
+            publish.token = Some(Secret(token));
         }
         if let Some(file) = config.broker.password_file.clone() {
             let fail = |message: String| Error::ConfigFile {
@@ -508,6 +662,11 @@ impl Config {
             .metrics
             .listen_addr()
             .map_err(|e| fail(Some(("metrics", 0)), "listen", e))?;
+        if let Some(publish) = &config.publish {
+            publish
+                .check()
+                .map_err(|(key, e)| fail(Some(("publish", 0)), key, e))?;
+        }
         let mut queues = std::collections::HashSet::new();
         for (i, consumer) in config.consumers.iter().enumerate() {
             let table = Some(("consumer", i));
@@ -646,6 +805,27 @@ impl Config {
             .as_deref()
             .unwrap_or(DEFAULT_METRICS_LISTEN);
         let _ = writeln!(out, "\n[metrics]\nlisten = {listen:?}");
+        if let Some(p) = &self.publish {
+            let listen = p.listen.as_deref().unwrap_or(DEFAULT_PUBLISH_LISTEN);
+            let _ = writeln!(out, "\n[publish]\nlisten = {listen:?}");
+            if p.token.is_some() {
+                let _ = writeln!(out, "token = \"***\"");
+            }
+            if let Some(spool) = &p.spool {
+                let _ = writeln!(out, "spool = {:?}", spool.display().to_string());
+            }
+            if let Some(n) = p.spool_max_messages {
+                let _ = writeln!(out, "spool_max_messages = {n}");
+            }
+            if let Some(n) = p.spool_max_bytes {
+                let _ = writeln!(out, "spool_max_bytes = {n}");
+            }
+            let channels = p.channels.unwrap_or(DEFAULT_PUBLISH_CHANNELS);
+            let _ = writeln!(out, "channels = {channels}");
+            let timeout = p.confirm_timeout.unwrap_or(DEFAULT_PUBLISH_CONFIRM_TIMEOUT);
+            let _ = writeln!(out, "confirm_timeout = {:?}", secs(timeout));
+            let _ = writeln!(out, "max_message_size = {}", p.max_message_size());
+        }
         for c in &self.consumers {
             let _ = writeln!(out, "\n[[consumer]]");
             let _ = writeln!(out, "queue = {:?}", c.queue);
@@ -1040,6 +1220,71 @@ mod tests {
         .expect("valid");
         assert_eq!(config.consumers[0].delivery_limit, Some(5));
         assert!(config.normalized().contains("delivery_limit = 5"));
+    }
+
+    #[test]
+    fn the_publish_section_defaults_and_is_redacted() {
+        let config = Config::parse("[publish]\n", "test.toml").expect("valid");
+        let publish = config.publish.clone().expect("present");
+        assert_eq!(
+            publish.listen_addr().expect("valid").to_string(),
+            DEFAULT_PUBLISH_LISTEN
+        );
+        assert_eq!(
+            publish.max_message_size(),
+            crate::consumer::DEFAULT_MAX_MESSAGE_SIZE
+        );
+        assert!(
+            Config::parse("", "test.toml")
+                .expect("valid")
+                .publish
+                .is_none()
+        );
+        let text = "[publish]\nlisten = \"0.0.0.0:9466\"\ntoken = \"s3cret-token\"\n\
+                    spool = \"/tmp/spool.db\"\nspool_max_messages = 10\n";
+        let config = Config::parse(text, "test.toml").expect("valid");
+        let shown = config.normalized();
+        assert!(shown.contains("token = \"***\""), "{shown}");
+        assert!(shown.contains("spool_max_messages = 10"), "{shown}");
+        assert!(shown.contains("confirm_timeout = \"5s\""), "{shown}");
+        for text in [shown, format!("{config:?}")] {
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+        let token = config.publish.and_then(|p| p.token).expect("token");
+        assert_eq!(token.expose(), "s3cret-token");
+    }
+
+    #[test]
+    fn a_publish_endpoint_off_loopback_needs_a_token() {
+        let err = error_of("[publish]\nlisten = \"0.0.0.0:9466\"\n");
+        assert!(
+            err.contains("line 2")
+                && err.contains("key publish.listen")
+                && err.contains("publish.token"),
+            "{err}"
+        );
+        for (line, key) in [
+            ("listen = \"[::1]:9466\"", ""),
+            ("token = \"\"", "publish.token"),
+            ("token = \"two words\"", "publish.token"),
+            ("channels = 0", "publish.channels"),
+            ("confirm_timeout = \"0s\"", "publish.confirm_timeout"),
+            ("max_message_size = 0", "publish.max_message_size"),
+            ("spool_max_messages = 5", "publish.spool_max_messages"),
+            (
+                "spool = \"s.db\"\nspool_max_bytes = 0",
+                "publish.spool_max_bytes",
+            ),
+            ("listen = \"localhost\"", "publish.listen"),
+            ("lisen = \"x\"", "lisen"),
+        ] {
+            let err = error_of(&format!("[publish]\n{line}\n"));
+            if key.is_empty() {
+                assert!(err.is_empty(), "{line}: {err}");
+            } else {
+                assert!(err.contains(key) && err.contains("line "), "{line}: {err}");
+            }
+        }
     }
 
     #[test]
