@@ -8,7 +8,6 @@ mod demo;
 mod dlq;
 mod failed;
 mod publish;
-mod publisher_stub;
 mod run;
 mod servers;
 mod sidecar;

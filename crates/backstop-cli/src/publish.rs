@@ -14,10 +14,9 @@
 //! `publish: 1000 confirmed, 0 spooled, 0 failed`, and exits 1 when any
 //! message failed, 2 on bad usage (an exchange that does not exist).
 
-use crate::publisher_stub::{Message, Published, Publisher};
 use crate::{UsageError, ui};
 use anyhow::Context;
-use backstop::config::DEFAULT_PUBLISH_CONFIRM_TIMEOUT;
+use backstop::publish::{DEFAULT_PUBLISH_TIMEOUT, Message, Published, Publisher};
 use lapin::BasicProperties;
 use lapin::options::ExchangeDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
@@ -250,10 +249,7 @@ pub(crate) async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
         backstop::RedactedUri::new(config.broker.uri.as_deref().unwrap_or_default()).to_string();
     let mut builder = Publisher::builder(ui::direct_connection(&config, "backstop-publish")?)
         .channels(1)
-        .confirm_timeout(
-            args.confirm_timeout
-                .unwrap_or(DEFAULT_PUBLISH_CONFIRM_TIMEOUT),
-        );
+        .confirm_timeout(args.confirm_timeout.unwrap_or(DEFAULT_PUBLISH_TIMEOUT));
     if let Some(spool) = &args.spool {
         builder = builder.spool(spool);
     }

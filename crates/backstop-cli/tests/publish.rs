@@ -173,7 +173,10 @@ async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
     for request in refused {
         let (status, json) = answer_of(request.send().await.expect("POST")).await;
         assert!(json["error"].is_string(), "{status}: {json}");
-        codes.push((status, json["error"].as_str().unwrap_or_default().to_owned()));
+        codes.push((
+            status,
+            json["error"].as_str().unwrap_or_default().to_owned(),
+        ));
     }
     let want = [
         (401, "unauthorized"),
@@ -303,7 +306,9 @@ async fn backstop_publish_sends_every_line_of_a_file() {
     );
     let taken = take_all(&queue).await;
     let bodies: HashSet<Vec<u8>> = taken.iter().map(|t| t.body.clone()).collect();
-    let want: HashSet<Vec<u8>> = (0..1000).map(|i| format!("line-{i}").into_bytes()).collect();
+    let want: HashSet<Vec<u8>> = (0..1000)
+        .map(|i| format!("line-{i}").into_bytes())
+        .collect();
     assert_eq!(taken.len(), 1000);
     assert_eq!(bodies, want);
     let _ = std::fs::remove_file(&file);
@@ -345,4 +350,188 @@ async fn wait_metric(port: u16, line_start: &str, want: f64) {
         },
     )
     .await;
+}
+
+/// POSTs `body` with `Idempotency-Key: key`; the status, the JSON answer
+/// and its `Retry-After`.
+async fn post_keyed(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &str,
+) -> (u16, serde_json::Value, Option<String>) {
+    let response = http
+        .post(url)
+        .header("Idempotency-Key", key)
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("POST");
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (status, json) = answer_of(response).await;
+    (status, json, retry_after)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_answers_507_and_every_accepted_message_arrives() {
+    let queue = unique("publish-spool-full");
+    declare(&queue).await;
+    let proxy = backstop_testkit::FaultProxy::start(backstop_testkit::broker_addr())
+        .await
+        .expect("the proxy");
+    let spool = std::env::temp_dir().join(format!("{}.db", unique("publish-spool")));
+    let (metrics_port, publish_port) = (free_port(), free_port());
+    let config = format!(
+        "[broker]\nuri = \"{}\"\nheartbeat = \"5s\"\n\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+         [publish]\nlisten = \"127.0.0.1:{publish_port}\"\nspool = \"{}\"\nspool_max_messages = 20\n\
+         confirm_timeout = \"2s\"\n",
+        backstop_testkit::url_via(&backstop_testkit::amqp_url(), proxy.addr()),
+        spool.display()
+    );
+    let mut run = start_run(&config);
+    wait_ready(metrics_port).await;
+    wait_metric(metrics_port, "backstop_publisher_connection_up", 1.0).await;
+    let http = client();
+    let url = format!("http://127.0.0.1:{publish_port}/publish/amq.default/{queue}");
+    for i in 0..5 {
+        let (status, json, _) = post_keyed(&http, &url, &format!("m-{i}"), "before").await;
+        assert_eq!((status, json["status"].as_str()), (202, Some("confirmed")));
+    }
+
+    // The broker goes away: what it cannot take is spooled, up to the bound.
+    proxy.blackhole();
+    proxy.cut();
+    wait_metric(metrics_port, "backstop_publisher_connection_up", 0.0).await;
+    let mut refused = Vec::new();
+    for i in 5..30 {
+        let key = format!("m-{i}");
+        let (status, json, retry_after) = post_keyed(&http, &url, &key, "during").await;
+        if i < 25 {
+            assert_eq!(
+                (status, json["status"].as_str()),
+                (202, Some("spooled")),
+                "{json}"
+            );
+            assert_eq!(json["message_id"].as_str(), Some(key.as_str()));
+        } else {
+            assert_eq!(
+                (status, json["error"].as_str()),
+                (507, Some("spool_full")),
+                "{json}"
+            );
+            assert_eq!(retry_after.as_deref(), Some("1"));
+            refused.push(key);
+        }
+    }
+    wait_metric(metrics_port, "backstop_spool_messages", 20.0).await;
+    let (_, metrics) = get(&format!("http://127.0.0.1:{metrics_port}/metrics")).await;
+    assert_eq!(
+        metric_value(&metrics, "backstop_published_total{outcome=\"spool_full\"}"),
+        5.0
+    );
+    assert!(metric_value(&metrics, "backstop_spool_bytes") > 0.0);
+    assert_eq!(
+        metric_value(&metrics, "backstop_publish_requests_total{code=\"507\"}"),
+        5.0
+    );
+
+    // Back: the spool drains, in order, and new publishes are confirmed.
+    proxy.restore();
+    wait_metric(metrics_port, "backstop_spool_messages", 0.0).await;
+    let (status, json, _) = post_keyed(&http, &url, "m-after", "after").await;
+    assert_eq!(
+        (status, json["status"].as_str()),
+        (202, Some("confirmed")),
+        "{json}"
+    );
+
+    let taken = take_all(&queue).await;
+    let ids: Vec<String> = taken
+        .iter()
+        .map(|t| t.message_id.clone().expect("a message id"))
+        .collect();
+    let mut want: Vec<String> = (0..25).map(|i| format!("m-{i}")).collect();
+    want.push("m-after".into());
+    assert_eq!(ids, want, "every 202 arrived once, in order; no 507 did");
+    for key in &refused {
+        assert!(!ids.contains(key));
+    }
+    let (code, _) = terminate(&mut run, Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0));
+    delete(&queue).await;
+    let _ = std::fs::remove_file(&spool);
+}
+
+/// SIGTERM while a publish is in flight: the listener closes at once, the
+/// request in flight is still answered (and its message published), then
+/// the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_the_publish_in_flight_and_accepts_no_more() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let queue = unique("publish-sigterm");
+    declare(&queue).await;
+    let (metrics_port, publish_port) = (free_port(), free_port());
+    let config = publish_config(
+        metrics_port,
+        &format!("listen = \"127.0.0.1:{publish_port}\"\n"),
+    );
+    let mut run = start_run(&config);
+    wait_ready(metrics_port).await;
+    let address = format!("127.0.0.1:{publish_port}");
+
+    // A request whose body is not all sent yet: its handler is waiting.
+    let mut stream = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /publish/amq.default/{queue} HTTP/1.1\r\nHost: {address}\r\n\
+         Idempotency-Key: in-flight\r\nContent-Length: 9\r\n\r\nin-"
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    wait_metric(metrics_port, "backstop_publish_requests_in_flight", 1.0).await;
+
+    let pid = run.0.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    wait_until(
+        "the publish listener to stop accepting",
+        Duration::from_secs(10),
+        || {
+            let address = address.clone();
+            async move { tokio::net::TcpStream::connect(&address).await.is_err() }
+        },
+    )
+    .await;
+
+    stream.write_all(b"flight").await.expect("write the rest");
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .await
+        .expect("read the answer");
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {answer}"));
+    assert_eq!(
+        json,
+        serde_json::json!({"status": "confirmed", "message_id": "in-flight"})
+    );
+    let (code, _) = wait_exit(&mut run, Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0));
+    let taken = take_all(&queue).await;
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].body, b"in-flight");
+    delete(&queue).await;
 }

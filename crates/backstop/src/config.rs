@@ -108,9 +108,9 @@ pub struct PublishSettings {
     /// once it can. Default: no spool.
     pub spool: Option<std::path::PathBuf>,
     /// The most messages the spool holds; beyond it a publish is answered
-    /// `507` (default: the publisher's).
+    /// `507` (default 1,000,000).
     pub spool_max_messages: Option<u64>,
-    /// The most payload bytes the spool holds (default: the publisher's).
+    /// The most bytes the spool holds (default 1 GiB).
     pub spool_max_bytes: Option<u64>,
     /// Confirm channels of the publisher (default 4).
     pub channels: Option<usize>,
@@ -125,18 +125,33 @@ pub struct PublishSettings {
 /// The default address of the publish endpoint.
 pub const DEFAULT_PUBLISH_LISTEN: &str = "127.0.0.1:9466";
 
-/// The default number of confirm channels of the sidecar's publisher.
-pub const DEFAULT_PUBLISH_CHANNELS: usize = 4;
-
-/// The default bound on one publish of the sidecar, to its confirm.
-pub const DEFAULT_PUBLISH_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl PublishSettings {
     /// The address to listen on.
     pub fn listen_addr(&self) -> std::result::Result<std::net::SocketAddr, String> {
         let text = self.listen.as_deref().unwrap_or(DEFAULT_PUBLISH_LISTEN);
         text.parse()
             .map_err(|e| format!("{text:?} is not an address like \"127.0.0.1:9466\": {e}"))
+    }
+
+    /// The confirm channels of the publisher.
+    pub fn channels(&self) -> usize {
+        self.channels.unwrap_or(crate::publish::DEFAULT_CHANNELS)
+    }
+
+    /// The bound on one publish, to its confirm.
+    pub fn confirm_timeout(&self) -> Duration {
+        self.confirm_timeout
+            .unwrap_or(crate::publish::DEFAULT_PUBLISH_TIMEOUT)
+    }
+
+    /// The spool's bounds: (messages, bytes).
+    pub fn spool_limits(&self) -> (u64, u64) {
+        (
+            self.spool_max_messages
+                .unwrap_or(crate::publish::DEFAULT_SPOOL_MAX_MESSAGES),
+            self.spool_max_bytes
+                .unwrap_or(crate::publish::DEFAULT_SPOOL_MAX_BYTES),
+        )
     }
 
     /// The largest body accepted.
@@ -575,6 +590,29 @@ impl Config {
         Ok(connection)
     }
 
+    /// The one conversion of `[publish]` into the sidecar's
+    /// [`Publisher`](crate::publish::Publisher): a connection of its own
+    /// from `[broker]` and `[reconnect]` ([`connection_config`](Self::connection_config),
+    /// so the same addresses, TLS and credentials as the consumers), the
+    /// channels, the confirm timeout, and the spool with its bounds. `None`
+    /// without a `[publish]` section.
+    pub fn publisher(
+        &self,
+        default_name: &str,
+    ) -> Result<Option<crate::publish::PublisherBuilder>> {
+        let Some(settings) = &self.publish else {
+            return Ok(None);
+        };
+        let mut builder = crate::publish::Publisher::builder(self.connection_config(default_name)?)
+            .channels(settings.channels())
+            .confirm_timeout(settings.confirm_timeout());
+        if let Some(spool) = &settings.spool {
+            let (messages, bytes) = settings.spool_limits();
+            builder = builder.spool(spool).spool_limits(messages, bytes);
+        }
+        Ok(Some(builder))
+    }
+
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
@@ -813,17 +851,12 @@ impl Config {
             }
             if let Some(spool) = &p.spool {
                 let _ = writeln!(out, "spool = {:?}", spool.display().to_string());
+                let (messages, bytes) = p.spool_limits();
+                let _ = writeln!(out, "spool_max_messages = {messages}");
+                let _ = writeln!(out, "spool_max_bytes = {bytes}");
             }
-            if let Some(n) = p.spool_max_messages {
-                let _ = writeln!(out, "spool_max_messages = {n}");
-            }
-            if let Some(n) = p.spool_max_bytes {
-                let _ = writeln!(out, "spool_max_bytes = {n}");
-            }
-            let channels = p.channels.unwrap_or(DEFAULT_PUBLISH_CHANNELS);
-            let _ = writeln!(out, "channels = {channels}");
-            let timeout = p.confirm_timeout.unwrap_or(DEFAULT_PUBLISH_CONFIRM_TIMEOUT);
-            let _ = writeln!(out, "confirm_timeout = {:?}", secs(timeout));
+            let _ = writeln!(out, "channels = {}", p.channels());
+            let _ = writeln!(out, "confirm_timeout = {:?}", secs(p.confirm_timeout()));
             let _ = writeln!(out, "max_message_size = {}", p.max_message_size());
         }
         for c in &self.consumers {

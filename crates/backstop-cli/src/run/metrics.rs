@@ -22,7 +22,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex};
@@ -73,13 +73,22 @@ fn unready(queue: &str, report: &backstop::consumer::ConsumerReport) -> Option<S
 /// and its answers by status code.
 #[derive(Debug, Clone)]
 pub(crate) struct PublishView {
-    pub(crate) publisher: crate::publisher_stub::Publisher,
+    pub(crate) publisher: backstop::publish::Publisher,
+    /// Answers by status code.
     pub(crate) answers: Family<Labels, Counter>,
+    /// Requests being handled now.
+    pub(crate) in_flight: Gauge,
 }
 
-/// A fresh family of the publish endpoint's answers by status code.
-pub(crate) fn publish_answers() -> Family<Labels, Counter> {
-    Family::default()
+impl PublishView {
+    /// The view of `publisher`, with fresh request metrics.
+    pub(crate) fn new(publisher: backstop::publish::Publisher) -> Self {
+        PublishView {
+            publisher,
+            answers: Family::default(),
+            in_flight: Gauge::default(),
+        }
+    }
 }
 
 /// Time spent blocked by the broker, measured from the supervisor's state.
@@ -345,7 +354,7 @@ impl Collector for Live {
 }
 
 /// The publisher of the publish endpoint: its outcomes, its spool and its
-/// connection, from [`stats`](crate::publisher_stub::Publisher::stats) at
+/// connection, from [`stats`](backstop::publish::Publisher::stats) at
 /// each scrape.
 fn encode_publisher(
     encoder: &mut DescriptorEncoder,
@@ -521,6 +530,11 @@ pub(crate) async fn serve(
             "backstop_publish_requests",
             "requests to the publish endpoint, by the status code answered",
             publish.answers.clone(),
+        );
+        registry.register(
+            "backstop_publish_requests_in_flight",
+            "requests to the publish endpoint being handled now",
+            publish.in_flight.clone(),
         );
     }
     registry.register_collector(Box::new(Live {

@@ -28,7 +28,6 @@
 
 use super::http::{HEADER_PREFIX, MESSAGE_ID_HEADER};
 use super::metrics::PublishView;
-use crate::publisher_stub::{Message, PublishError, Published, Publisher, PublisherBuilder};
 use anyhow::Context;
 use axum::Router;
 use axum::body::Body;
@@ -36,14 +35,12 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use backstop::config::{
-    Config, DEFAULT_PUBLISH_CHANNELS, DEFAULT_PUBLISH_CONFIRM_TIMEOUT, PublishSettings, Secret,
-};
+use backstop::config::{Config, PublishSettings, Secret};
+use backstop::publish::{Message, PublishError, Published, Publisher};
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -61,8 +58,8 @@ pub(crate) struct PublishEndpoint {
     publisher: Publisher,
     token: Option<Secret>,
     max_message_size: usize,
-    /// Answers by HTTP status code: `backstop_publish_requests_total{code}`.
-    answers: Family<Vec<(String, String)>, Counter>,
+    /// What `/metrics` shows of it.
+    view: PublishView,
 }
 
 /// A refused request: its status, the reason's code and its text.
@@ -279,19 +276,18 @@ pub(crate) fn answer(result: Result<Published, PublishError>) -> Response {
     }
 }
 
-/// What a publish error answers.
+/// What a publish error answers: 507 for a full spool, 422 for what the
+/// broker will refuse again (no queue bound, a missing exchange, no
+/// permission, too large for the broker), 503 for what may pass on a retry.
 fn refusal_of(error: &PublishError) -> Refusal {
-    use backstop::publish::PublishError as Inner;
     let (status, code) = match error {
         PublishError::SpoolFull { .. } => (StatusCode::INSUFFICIENT_STORAGE, "spool_full"),
+        PublishError::Unroutable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unroutable"),
+        PublishError::Refused { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "refused"),
         PublishError::Spool { .. } => (StatusCode::SERVICE_UNAVAILABLE, "spool_failed"),
-        PublishError::Inner(Inner::Unroutable { .. }) => {
-            (StatusCode::UNPROCESSABLE_ENTITY, "unroutable")
-        }
-        PublishError::Inner(Inner::Refused { .. }) => (StatusCode::UNPROCESSABLE_ENTITY, "refused"),
-        PublishError::Inner(Inner::Nacked { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "nacked"),
-        PublishError::Inner(Inner::Timeout { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
-        PublishError::Inner(Inner::Blocked { .. }) => (StatusCode::SERVICE_UNAVAILABLE, "blocked"),
+        PublishError::Nacked { .. } => (StatusCode::SERVICE_UNAVAILABLE, "nacked"),
+        PublishError::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+        PublishError::Blocked { .. } => (StatusCode::SERVICE_UNAVAILABLE, "blocked"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
     Refusal {
@@ -342,7 +338,19 @@ async fn message_of(endpoint: &PublishEndpoint, request: Request) -> Result<Mess
     })
 }
 
+/// Counts a request in flight until it is dropped (answered, or given up
+/// when its client went away).
+struct InFlight(Gauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn publish(State(endpoint): State<Arc<PublishEndpoint>>, request: Request) -> Response {
+    endpoint.view.in_flight.inc();
+    let _in_flight = InFlight(endpoint.view.in_flight.clone());
     let response = match message_of(&endpoint, request).await {
         Err(refusal) => {
             debug!(status = %refusal.status, reason = refusal.code, "publish request refused");
@@ -359,6 +367,7 @@ async fn publish(State(endpoint): State<Arc<PublishEndpoint>>, request: Request)
         }
     };
     endpoint
+        .view
         .answers
         .get_or_create(&vec![(
             "code".to_owned(),
@@ -383,30 +392,6 @@ pub(crate) struct Publishing {
     drain_bound: Duration,
 }
 
-/// The publisher `[publish]` describes, on `[broker]`'s addresses, TLS and
-/// credentials (a connection of its own).
-fn publisher(config: &Config, settings: &PublishSettings) -> backstop::Result<PublisherBuilder> {
-    let mut builder = Publisher::builder(config.connection_config("backstop-run")?)
-        .channels(settings.channels.unwrap_or(DEFAULT_PUBLISH_CHANNELS))
-        .confirm_timeout(confirm_timeout(settings));
-    if let Some(spool) = &settings.spool {
-        builder = builder.spool(spool);
-    }
-    if settings.spool_max_messages.is_some() || settings.spool_max_bytes.is_some() {
-        builder = builder.spool_limits(
-            settings.spool_max_messages.unwrap_or(u64::MAX),
-            settings.spool_max_bytes.unwrap_or(u64::MAX),
-        );
-    }
-    Ok(builder)
-}
-
-fn confirm_timeout(settings: &PublishSettings) -> Duration {
-    settings
-        .confirm_timeout
-        .unwrap_or(DEFAULT_PUBLISH_CONFIRM_TIMEOUT)
-}
-
 /// Starts the publisher and serves the endpoint until `stop` turns true.
 pub(crate) async fn start(
     config: &Config,
@@ -416,26 +401,26 @@ pub(crate) async fn start(
     let listen = settings
         .listen_addr()
         .map_err(|e| crate::UsageError(format!("publish.listen: {e}")))?;
-    let publisher = publisher(config, settings)?
+    let Some(builder) = config.publisher("backstop-run")? else {
+        anyhow::bail!("internal: no [publish] section to start");
+    };
+    let publisher = builder
         .start()
         .await
         .context("starting the publisher of [publish]")?;
-    let view = PublishView {
-        publisher: publisher.clone(),
-        answers: super::metrics::publish_answers(),
-    };
+    let view = PublishView::new(publisher.clone());
     let endpoint = PublishEndpoint {
         publisher,
         token: settings.token.clone(),
         max_message_size: settings.max_message_size(),
-        answers: view.answers.clone(),
+        view: view.clone(),
     };
     let (bound, server) = serve(listen, endpoint, stop).await?;
     Ok(Publishing {
         bound,
         view,
         server,
-        drain_bound: confirm_timeout(settings) + SPOOL_MARGIN,
+        drain_bound: settings.confirm_timeout() + SPOOL_MARGIN,
     })
 }
 

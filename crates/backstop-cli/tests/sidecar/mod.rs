@@ -94,9 +94,15 @@ pub async fn terminate(run: &mut Running, within: Duration) -> (Option<i32>, Dur
         .status()
         .expect("kill");
     assert!(killed.success(), "kill -TERM {pid}");
+    wait_exit(run, within).await
+}
+
+/// Waits up to `within` for `run` to exit (panics after); returns its exit
+/// code and how long it took.
+pub async fn wait_exit(run: &mut Running, within: Duration) -> (Option<i32>, Duration) {
     let mut code = None;
     let took = wait_until(
-        &format!("backstop run to exit within {within:?} of SIGTERM"),
+        &format!("backstop run to exit within {within:?}"),
         within,
         || {
             let exited = run.0.try_wait().expect("the child's status");
