@@ -106,7 +106,10 @@ async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
             "listen = \"127.0.0.1:{publish_port}\"\ntoken = \"t0ken-secret\"\nmax_message_size = 1024\n"
         ),
     );
-    let mut run = start_run(&config);
+    // Debug logs to a file: neither the token nor a body may reach them.
+    let log = std::env::temp_dir().join(format!("{}.log", unique("publish-endpoint")));
+    let log_file = std::fs::File::create(&log).expect("the log file");
+    let mut run = start_run_logging(&config, "debug,lapin=off", log_file);
     wait_ready(metrics_port).await;
     let http = client();
     let base = format!("http://127.0.0.1:{publish_port}/publish");
@@ -269,6 +272,15 @@ async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
 
     let (code, _) = terminate(&mut run, Duration::from_secs(20)).await;
     assert_eq!(code, Some(0));
+    let logged = std::fs::read_to_string(&log).expect("the log");
+    assert!(
+        logged.contains("publish answered"),
+        "debug logs are on: {logged}"
+    );
+    for secret in ["t0ken-secret", "\"order\":7", "binary tail"] {
+        assert!(!logged.contains(secret), "{secret:?} reached the log");
+    }
+    let _ = std::fs::remove_file(&log);
     delete(&queue).await;
     delete(&routed).await;
 }

@@ -593,7 +593,8 @@ impl Config {
     /// The one conversion of `[publish]` into the sidecar's
     /// [`Publisher`](crate::publish::Publisher): a connection of its own
     /// from `[broker]` and `[reconnect]` ([`connection_config`](Self::connection_config),
-    /// so the same addresses, TLS and credentials as the consumers), the
+    /// so the same addresses, TLS and credentials as the consumers), named
+    /// `"<connection_name> (publisher)"` to tell it apart on the broker, the
     /// channels, the confirm timeout, and the spool with its bounds. `None`
     /// without a `[publish]` section.
     pub fn publisher(
@@ -603,7 +604,15 @@ impl Config {
         let Some(settings) = &self.publish else {
             return Ok(None);
         };
-        let mut builder = crate::publish::Publisher::builder(self.connection_config(default_name)?)
+        let name = self
+            .broker
+            .connection_name
+            .as_deref()
+            .unwrap_or(default_name);
+        let connection = self
+            .connection_config(default_name)?
+            .connection_name(format!("{name} (publisher)"));
+        let mut builder = crate::publish::Publisher::builder(connection)
             .channels(settings.channels())
             .confirm_timeout(settings.confirm_timeout());
         if let Some(spool) = &settings.spool {
@@ -1285,6 +1294,33 @@ mod tests {
         }
         let token = config.publish.and_then(|p| p.token).expect("token");
         assert_eq!(token.expose(), "s3cret-token");
+    }
+
+    /// Every `[publish]` and `[broker]` setting reaches the publisher.
+    #[test]
+    fn the_publisher_carries_every_publish_setting() {
+        let text = "[broker]\nuri = \"amqp://svc:pw@rabbit-a:5672/%2f\"\n\
+                    addresses = [\"amqp://svc:pw@rabbit-b:5672/%2f\"]\n\
+                    connection_name = \"orders-sidecar\"\n\
+                    [publish]\nspool = \"/var/lib/spool.db\"\nspool_max_messages = 10\n\
+                    channels = 2\nconfirm_timeout = \"3s\"\n";
+        let config = Config::parse(text, "test.toml").expect("valid");
+        let builder = config.publisher("backstop-run").expect("builds");
+        let shown = format!("{:?}", builder.expect("a [publish] section"));
+        for part in [
+            "amqp://svc:***@rabbit-a:5672/%2f, amqp://svc:***@rabbit-b:5672/%2f",
+            "connection_name: \"orders-sidecar (publisher)\"",
+            "channels: 2",
+            "timeout: 3s",
+            "spool: Some(\"/var/lib/spool.db\")",
+            "max_messages: 10",
+            "max_bytes: 1073741824",
+        ] {
+            assert!(shown.contains(part), "{part:?} not in {shown}");
+        }
+        assert!(!shown.contains("pw@"), "{shown}");
+        let none = Config::parse("", "test.toml").expect("valid");
+        assert!(none.publisher("x").expect("builds").is_none());
     }
 
     #[test]
