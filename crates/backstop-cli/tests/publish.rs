@@ -6,7 +6,7 @@
 mod sidecar;
 
 use backstop_testkit::{unique, wait_until};
-use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::QueueBindOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use sidecar::*;
 use std::collections::HashSet;
@@ -22,44 +22,19 @@ struct Taken {
     headers: FieldTable,
 }
 
-async fn declare(queue: &str) {
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare the queue");
-    let _ = connection.close(200, "declared".into()).await;
-}
-
 /// Every message in `queue`, taken out for good.
-async fn take_all(queue: &str) -> Vec<Taken> {
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    let mut out = Vec::new();
-    while let Some(message) = channel
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+async fn take_messages(queue: &str) -> Vec<Taken> {
+    take_all(queue)
         .await
-        .expect("basic.get")
-    {
-        let properties = &message.delivery.properties;
-        out.push(Taken {
-            body: message.delivery.data.clone(),
+        .into_iter()
+        .map(|(body, properties)| Taken {
+            body,
             message_id: properties.message_id().as_ref().map(|s| s.to_string()),
             content_type: properties.content_type().as_ref().map(|s| s.to_string()),
             delivery_mode: *properties.delivery_mode(),
             headers: properties.headers().clone().unwrap_or_default(),
-        });
-    }
-    let _ = connection.close(200, "taken".into()).await;
-    out
+        })
+        .collect()
 }
 
 async fn delete(queue: &str) {
@@ -98,7 +73,7 @@ fn publish_config(metrics_port: u16, publish: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
     let queue = unique("publish-endpoint");
-    declare(&queue).await;
+    declare_queue(&queue).await;
     let (metrics_port, publish_port) = (free_port(), free_port());
     let config = publish_config(
         metrics_port,
@@ -205,7 +180,7 @@ async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
     .await;
     assert_eq!((status, json["error"].as_str()), (422, Some("unroutable")));
 
-    let taken = take_all(&queue).await;
+    let taken = take_messages(&queue).await;
     assert_eq!(taken.len(), 2, "only the two accepted messages: {taken:?}");
     let first = &taken[0];
     assert_eq!(first.body, body);
@@ -223,7 +198,7 @@ async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
 
     // A routing key with '/' and '#', percent-encoded, to a named exchange.
     let routed = unique("publish-routed");
-    declare(&routed).await;
+    declare_queue(&routed).await;
     let connection = backstop_testkit::connect().await;
     let channel = connection.create_channel().await.expect("channel");
     channel
@@ -247,7 +222,7 @@ async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
     )
     .await;
     assert_eq!(status, 202, "{json}");
-    let taken = take_all(&routed).await;
+    let taken = take_messages(&routed).await;
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0].body, b"routed");
 
@@ -288,7 +263,7 @@ async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backstop_publish_sends_every_line_of_a_file() {
     let queue = unique("publish-cli");
-    declare(&queue).await;
+    declare_queue(&queue).await;
     let file = std::env::temp_dir().join(format!("{}.txt", unique("publish-lines")));
     let text: String = (0..1000).map(|i| format!("line-{i}\n")).collect();
     std::fs::write(&file, text).expect("write the lines");
@@ -316,7 +291,7 @@ async fn backstop_publish_sends_every_line_of_a_file() {
         Some("publish: 1000 confirmed, 0 spooled, 0 failed"),
         "{stdout}"
     );
-    let taken = take_all(&queue).await;
+    let taken = take_messages(&queue).await;
     let bodies: HashSet<Vec<u8>> = taken.iter().map(|t| t.body.clone()).collect();
     let want: HashSet<Vec<u8>> = (0..1000)
         .map(|i| format!("line-{i}").into_bytes())
@@ -391,7 +366,7 @@ async fn post_keyed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_answers_507_and_every_accepted_message_arrives() {
     let queue = unique("publish-spool-full");
-    declare(&queue).await;
+    declare_queue(&queue).await;
     let proxy = backstop_testkit::FaultProxy::start(backstop_testkit::broker_addr())
         .await
         .expect("the proxy");
@@ -462,7 +437,7 @@ async fn a_full_spool_answers_507_and_every_accepted_message_arrives() {
         "{json}"
     );
 
-    let taken = take_all(&queue).await;
+    let taken = take_messages(&queue).await;
     let ids: Vec<String> = taken
         .iter()
         .map(|t| t.message_id.clone().expect("a message id"))
@@ -486,7 +461,7 @@ async fn a_full_spool_answers_507_and_every_accepted_message_arrives() {
 async fn sigterm_answers_the_publish_in_flight_and_accepts_no_more() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let queue = unique("publish-sigterm");
-    declare(&queue).await;
+    declare_queue(&queue).await;
     let (metrics_port, publish_port) = (free_port(), free_port());
     let config = publish_config(
         metrics_port,
@@ -542,7 +517,7 @@ async fn sigterm_answers_the_publish_in_flight_and_accepts_no_more() {
     );
     let (code, _) = wait_exit(&mut run, Duration::from_secs(20)).await;
     assert_eq!(code, Some(0));
-    let taken = take_all(&queue).await;
+    let taken = take_messages(&queue).await;
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0].body, b"in-flight");
     delete(&queue).await;

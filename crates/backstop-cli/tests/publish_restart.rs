@@ -8,8 +8,6 @@
 mod sidecar;
 
 use backstop_testkit::{rabbitmqctl, unique, wait_until};
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use sidecar::*;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -100,20 +98,7 @@ async fn client(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_publish_is_accepted_and_arrives_through_a_broker_restart() {
     let queue = unique("publish-restart");
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare the queue");
-    let _ = connection.close(200, "declared".into()).await;
+    declare_queue(&queue).await;
 
     let spool = std::env::temp_dir().join(format!("{}.db", unique("publish-restart")));
     let (metrics_port, publish_port) = (free_port(), free_port());
@@ -224,18 +209,10 @@ async fn every_publish_is_accepted_and_arrives_through_a_broker_restart() {
     let drained = metric_value(&text, "backstop_spool_drained_total") as u64;
     assert_eq!(drained, spooled as u64, "{text}");
 
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
     let mut seen: HashMap<String, u64> = HashMap::new();
     let mut total = 0u64;
-    while let Some(message) = channel
-        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
-        .await
-        .expect("basic.get")
-    {
-        let id = message
-            .delivery
-            .properties
+    for (body, properties) in take_all(&queue).await {
+        let id = properties
             .message_id()
             .as_ref()
             .map(|s| s.to_string())
@@ -244,10 +221,11 @@ async fn every_publish_is_accepted_and_arrives_through_a_broker_restart() {
             .strip_prefix("m-")
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("an unexpected message id {id:?}"));
-        assert_eq!(message.delivery.data, format!("message {i}").into_bytes());
+        assert_eq!(body, format!("message {i}").into_bytes());
         *seen.entry(id).or_insert(0) += 1;
         total += 1;
     }
+    let connection = backstop_testkit::connect().await;
     backstop_testkit::delete_queue(&connection, &queue).await;
     let _ = connection.close(200, "checked".into()).await;
     let missing: Vec<String> = (0..MESSAGES)
