@@ -36,8 +36,8 @@ mod publisher;
 mod spool;
 
 pub use publisher::{
-    DEFAULT_PUBLISH_TIMEOUT, Message, PendingConfirm, PooledChannel, Published, Publisher,
-    PublisherBuilder, PublisherStats,
+    DEFAULT_PARK_UNROUTABLE_AFTER, DEFAULT_PUBLISH_TIMEOUT, Message, PendingConfirm, PooledChannel,
+    Published, Publisher, PublisherBuilder, PublisherStats,
 };
 pub use spool::{
     DEFAULT_MAX_BYTES as DEFAULT_SPOOL_MAX_BYTES,
