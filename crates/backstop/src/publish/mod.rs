@@ -25,6 +25,11 @@
 //! A timed-out publish is a failure; the copy may still land (a duplicate),
 //! but its original is never acked on it.
 
+mod interim;
+pub mod outbox;
+
+pub use interim::{Message, Published, Publisher, PublisherBuilder};
+
 use crate::connection::{ConnectionSupervisor, LiveConnection, describe};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::AMQPErrorKind;
