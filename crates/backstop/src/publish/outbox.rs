@@ -60,7 +60,7 @@
 //!     .execute(&mut *tx)
 //!     .await?;
 //! let event = Message::new("orders", "order.created", br#"{"id":"order-42"}"#.to_vec());
-//! outbox.enqueue_partitioned(&mut *tx, event, "order-42").await?;
+//! outbox.enqueue_partitioned(&mut tx, event, "order-42").await?;
 //! tx.commit().await?;
 //!
 //! // Publishes committed rows with confirms (a publisher without a spool:
@@ -398,7 +398,7 @@ impl Outbox {
     }
 
     /// Inserts `message` through `tx`, the application's open transaction
-    /// (`&mut *tx` of a `sqlx::Transaction<'_, sqlx::Any>`), and returns its
+    /// (a `&mut sqlx::Transaction<'_, sqlx::Any>` derefs to it), and returns its
     /// message id: the message's own, or a generated one. The row commits or
     /// rolls back with the transaction; nothing is published before it
     /// commits. No order is promised for rows without a partition key.

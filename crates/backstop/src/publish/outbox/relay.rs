@@ -142,10 +142,12 @@ impl RelayHandle {
 
     /// Stops the relay after the wave it is publishing (bounded by the
     /// publisher's confirm timeout), marking what was confirmed and
-    /// releasing the rest of its batch, and waits for it.
-    pub async fn close(self) {
+    /// releasing the rest of its batch; waits for it and returns its final
+    /// counters.
+    pub async fn close(self) -> RelayStats {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
