@@ -78,6 +78,10 @@ pub enum Error {
     /// The supervisor or consumer was closed.
     #[error("closed")]
     Closed,
+    /// The publisher's spool could not be opened (another process holds
+    /// it, the file is not a spool, the disk failed).
+    #[error("the publish spool: {0}")]
+    Spool(String),
     /// An AMQP operation failed.
     #[error("AMQP error during {context}: {source}")]
     Amqp {

@@ -238,7 +238,11 @@ async fn a_business_write_and_its_event_commit_together(db: Db) {
     let message =
         Message::new("", &*queue, b"{\"event\":\"o-2\"}".to_vec()).with_properties(properties);
     let id = order_and_event(&pool, &outbox, &orders, "o-2", message, None, true).await;
-    assert!(!id.is_empty());
+    assert_eq!(
+        id.split('-').count(),
+        5,
+        "a generated id, as the Publisher makes them: {id}"
+    );
     assert_eq!(
         count(&pool, &format!("SELECT COUNT(*) FROM {orders}")).await,
         1

@@ -1,5 +1,11 @@
-//! A confirmed publisher: every publish waits for the broker's confirm, and
-//! an unroutable message counts as a failure.
+//! Publishing with confirms: the application's [`Publisher`] (a pipelined
+//! channel pool with an offline spool) and the consumer's
+//! [`ConfirmedPublisher`] for the copies it makes.
+//!
+//! # The consumer's confirmed publisher
+//!
+//! Every publish waits for the broker's confirm, and an unroutable message
+//! counts as a failure.
 //!
 //! Publishes are `mandatory`, so a message that no queue would take comes
 //! back as a `basic.return` before its confirm instead of vanishing; a
@@ -25,10 +31,19 @@
 //! A timed-out publish is a failure; the copy may still land (a duplicate),
 //! but its original is never acked on it.
 
-mod interim;
+mod lane;
 pub mod outbox;
+mod publisher;
+mod spool;
 
-pub use interim::{Message, Published, Publisher, PublisherBuilder};
+pub use publisher::{
+    DEFAULT_PUBLISH_TIMEOUT, Message, PendingConfirm, PooledChannel, Published, Publisher,
+    PublisherBuilder, PublisherStats,
+};
+pub use spool::{
+    DEFAULT_MAX_BYTES as DEFAULT_SPOOL_MAX_BYTES,
+    DEFAULT_MAX_MESSAGES as DEFAULT_SPOOL_MAX_MESSAGES,
+};
 
 use crate::connection::{ConnectionSupervisor, LiveConnection, describe};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -98,6 +113,22 @@ pub enum PublishError {
     Blocked {
         /// `exchange:routing_key`.
         destination: String,
+    },
+    /// The [`Publisher`]'s spool is at its bound: nothing was written, the
+    /// caller keeps the message (backpressure).
+    #[error("the spool is full ({messages} messages, {bytes} bytes): not spooled")]
+    SpoolFull {
+        /// Messages in the spool.
+        messages: u64,
+        /// Bytes in the spool.
+        bytes: u64,
+    },
+    /// The [`Publisher`]'s spool could not be written (a disk error): not
+    /// spooled.
+    #[error("{reason}")]
+    Spool {
+        /// What failed.
+        reason: String,
     },
 }
 

@@ -298,11 +298,6 @@ fn check_table(name: &str) -> Result<(), OutboxError> {
     Ok(())
 }
 
-/// A message id for a message that has none: 128 random bits in hex.
-fn generated_message_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
-}
-
 /// A leased row, as the relay publishes it.
 #[derive(Clone, Debug)]
 struct LeasedRow {
@@ -432,10 +427,13 @@ impl Outbox {
         message: Message,
         partition: Option<&str>,
     ) -> Result<String, OutboxError> {
+        // The Publisher's rule: the caller's id, else a generated one.
         let message_id = message
             .message_id()
+            .filter(|id| !id.is_empty())
             .map(str::to_owned)
-            .unwrap_or_else(generated_message_id);
+            .unwrap_or_else(super::publisher::new_message_id);
+        let message = message.with_message_id(message_id.as_str());
         let properties = serde_json::to_string(message.properties())
             .map_err(|e| OutboxError::InvalidMessage(e.to_string()))?;
         // The relay must be able to read back whatever was committed.

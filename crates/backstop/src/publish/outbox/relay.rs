@@ -109,10 +109,11 @@ pub struct RelayHandle {
 }
 
 impl Relay {
-    /// Starts relaying `outbox`'s rows through `publisher` (build it without
-    /// a spool: the outbox is the durable store, and a spooled publish would
-    /// be marked sent before the broker has it). The relay does not close
-    /// the publisher.
+    /// Starts relaying `outbox`'s rows through `publisher`. Build it without
+    /// a spool: the outbox is the durable store already, and a row the
+    /// publisher spools instead of publishing is marked sent on the spool's
+    /// word, before the broker has it (logged as a warning). The relay does
+    /// not close the publisher.
     pub fn start(outbox: Outbox, publisher: Publisher, config: RelayConfig) -> RelayHandle {
         let (stop, stopped) = watch::channel(false);
         let stats = Arc::new(Mutex::new(RelayStats::default()));
@@ -395,7 +396,17 @@ impl Worker {
             let results = self.publisher.publish_batch(messages).await;
             for (row, result) in sending.into_iter().zip(results) {
                 match result {
-                    Ok(_) => {
+                    Ok(published) => {
+                        if published.is_spooled() {
+                            // Durable in the publisher's spool, which
+                            // publishes it in order: marked sent, but the
+                            // relay should have a publisher without one.
+                            warn!(
+                                id = row.id,
+                                message_id = %row.message_id,
+                                "outbox row spooled instead of confirmed: give the relay a publisher without a spool"
+                            );
+                        }
                         if row.in_doubt {
                             self.count(|s| s.republished += 1);
                             warn!(

@@ -1,0 +1,1142 @@
+//! The application's publisher: a pool of confirm channels, pipelined and
+//! exactly correlated, with an optional offline spool.
+
+use super::PublishError;
+use super::lane::{Lane, Settled};
+use super::spool::{self, NewEntry, Spool, SpoolError};
+use crate::connection::{ConnectionConfig, ConnectionState, ConnectionSupervisor, LiveConnection};
+use lapin::BasicProperties;
+use lapin::protocol::AMQPErrorKind;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+/// The default bound on one publish, from taking a channel to its confirm.
+pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many spooled messages the drain sends before it waits for their
+/// confirms.
+const DRAIN_BATCH: usize = 512;
+
+/// How often a spooled message may come back unroutable before it is
+/// parked (its exchange or queue is gone, not just late).
+const RETURNS_BEFORE_PARKING: u32 = 3;
+
+/// A message to publish.
+#[derive(Clone, Debug)]
+pub struct Message {
+    exchange: String,
+    routing_key: String,
+    body: Vec<u8>,
+    properties: BasicProperties,
+}
+
+impl Message {
+    /// A persistent message for `exchange` (`""` is the default exchange)
+    /// with `routing_key`.
+    pub fn new(
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+        body: impl Into<Vec<u8>>,
+    ) -> Self {
+        Message {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            body: body.into(),
+            properties: BasicProperties::default(),
+        }
+    }
+
+    /// Sets the properties. The message stays persistent (delivery mode 2)
+    /// unless they set a delivery mode.
+    pub fn with_properties(mut self, properties: BasicProperties) -> Self {
+        self.properties = properties;
+        self
+    }
+
+    /// Sets the message-id (a client's idempotency key, for example).
+    pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
+        self.properties = self.properties.with_message_id(id.into().into());
+        self
+    }
+
+    /// The exchange.
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    /// The routing key.
+    pub fn routing_key(&self) -> &str {
+        &self.routing_key
+    }
+
+    /// The body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The properties.
+    pub fn properties(&self) -> &BasicProperties {
+        &self.properties
+    }
+
+    /// The message-id, if set.
+    pub fn message_id(&self) -> Option<&str> {
+        self.properties.message_id().as_ref().map(|id| id.as_str())
+    }
+
+    /// Persistent unless a delivery mode was set, and with a message-id.
+    fn normalized(mut self) -> Self {
+        if self.properties.delivery_mode().is_none() {
+            self.properties = self.properties.with_delivery_mode(2);
+        }
+        if self.message_id().is_none_or(str::is_empty) {
+            self.properties = self.properties.with_message_id(new_message_id().into());
+        }
+        self
+    }
+
+    fn destination(&self) -> String {
+        format!("{}:{}", self.exchange, self.routing_key)
+    }
+}
+
+/// A random 128-bit id in the UUID v4 layout.
+pub(crate) fn new_message_id() -> String {
+    let mut b = [0u8; 16];
+    fastrand::fill(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// What became of a publish that did not fail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Published {
+    /// The broker confirmed it.
+    Confirmed {
+        /// The message-id it was published with.
+        message_id: String,
+    },
+    /// It is in the spool, on disk; the drain publishes it once the broker
+    /// is back.
+    Spooled {
+        /// The message-id it will be published with.
+        message_id: String,
+    },
+}
+
+impl Published {
+    /// The message-id.
+    pub fn message_id(&self) -> &str {
+        match self {
+            Published::Confirmed { message_id } | Published::Spooled { message_id } => message_id,
+        }
+    }
+
+    /// True when the message went to the spool.
+    pub fn is_spooled(&self) -> bool {
+        matches!(self, Published::Spooled { .. })
+    }
+}
+
+/// A snapshot of a publisher's counters and spool.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PublisherStats {
+    /// Publishes the broker confirmed directly.
+    pub confirmed: u64,
+    /// Publishes written to the spool.
+    pub spooled: u64,
+    /// Spooled messages the drain published and the broker confirmed.
+    pub drained: u64,
+    /// Messages spooled (or sent again by the drain) after an attempt that
+    /// may have reached the broker (a confirm that timed out, a connection
+    /// lost while waiting): each may arrive twice. Duplicates are bounded by
+    /// this count.
+    pub uncertain: u64,
+    /// Publishes returned as unroutable.
+    pub unroutable: u64,
+    /// Publishes the broker nacked.
+    pub nacked: u64,
+    /// Publishes the broker refused (a channel error over the publish).
+    pub refused: u64,
+    /// Publishes refused because the spool was full.
+    pub spool_full: u64,
+    /// Messages in the spool.
+    pub spool_messages: u64,
+    /// Bytes in the spool.
+    pub spool_bytes: u64,
+    /// The age of the oldest spooled message.
+    pub spool_oldest: Option<Duration>,
+    /// Spooled messages set aside (never published, kept in the spool
+    /// file's `parked` table).
+    pub spool_parked: u64,
+    /// Confirm channels open now.
+    pub channels: usize,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    confirmed: AtomicU64,
+    spooled: AtomicU64,
+    drained: AtomicU64,
+    uncertain: AtomicU64,
+    unroutable: AtomicU64,
+    nacked: AtomicU64,
+    refused: AtomicU64,
+    spool_full: AtomicU64,
+}
+
+/// Builds a [`Publisher`].
+#[derive(Debug)]
+pub struct PublisherBuilder {
+    connection: ConnectionConfig,
+    channels: usize,
+    timeout: Duration,
+    spool: Option<PathBuf>,
+    max_messages: u64,
+    max_bytes: u64,
+}
+
+impl PublisherBuilder {
+    /// The size of the channel pool (at least 1; default 4).
+    pub fn channels(mut self, channels: usize) -> Self {
+        self.channels = channels.max(1);
+        self
+    }
+
+    /// The bound on one publish, from taking a channel to the broker's
+    /// confirm (default 5 s). Past it, a publish is spooled (with a spool)
+    /// or fails with [`PublishError::Timeout`].
+    pub fn confirm_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Spools to the SQLite file at `path` what the broker cannot confirm in
+    /// time, and drains it in order once the broker is back.
+    pub fn spool(mut self, path: impl Into<PathBuf>) -> Self {
+        self.spool = Some(path.into());
+        self
+    }
+
+    /// The spool's bounds (default 1,000,000 messages and 1 GiB). Past
+    /// either, publishes that would spool fail with
+    /// [`PublishError::SpoolFull`].
+    pub fn spool_limits(mut self, max_messages: u64, max_bytes: u64) -> Self {
+        self.max_messages = max_messages;
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Opens the spool (when set) and starts the connection. Never waits for
+    /// the broker. Fails on a bad connection setting, or a spool that cannot
+    /// be opened (another process holds it, the file is not a spool).
+    pub async fn start(self) -> crate::Result<Publisher> {
+        let spool = match &self.spool {
+            Some(path) => Some(
+                Spool::open(path, self.max_messages, self.max_bytes)
+                    .await
+                    .map_err(|e| crate::Error::Spool(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let supervisor = ConnectionSupervisor::start(self.connection)?;
+        let (shutdown, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            supervisor,
+            slots: std::sync::Mutex::new((0..self.channels).map(|_| Slot::default()).collect()),
+            permits: Arc::new(Semaphore::new(self.channels)),
+            timeout: self.timeout,
+            spool,
+            counters: Counters::default(),
+            open_lanes: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            wake_drain: Notify::new(),
+            shutdown,
+            drain: std::sync::Mutex::new(None),
+        });
+        if let Some(spool) = &inner.spool {
+            if spool.messages() > 0 {
+                info!(
+                    messages = spool.messages(),
+                    "the spool holds messages from an earlier run; draining them once the broker is up"
+                );
+            }
+            let task = tokio::spawn(drain(Arc::downgrade(&inner), spool.clone()));
+            *inner.drain.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        }
+        Ok(Publisher { inner })
+    }
+}
+
+#[derive(Default)]
+struct Slot {
+    lane: Option<Lane>,
+    busy: bool,
+}
+
+struct Inner {
+    supervisor: ConnectionSupervisor,
+    slots: std::sync::Mutex<Vec<Slot>>,
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+    spool: Option<Spool>,
+    counters: Counters,
+    open_lanes: AtomicUsize,
+    closed: AtomicBool,
+    wake_drain: Notify,
+    shutdown: watch::Sender<bool>,
+    drain: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when a connection is open and not blocked.
+    fn can_send(&self) -> bool {
+        matches!(
+            *self.supervisor.state().borrow(),
+            ConnectionState::Connected { .. }
+        )
+    }
+
+    /// True when the broker is known to be away or blocking: the connection
+    /// was lost, blocked, closed, or its first attempts failed. Not while the
+    /// first attempt is under way (a publish then waits for it).
+    fn known_unavailable(&self) -> bool {
+        match *self.supervisor.state().borrow() {
+            ConnectionState::Connected { .. } => false,
+            ConnectionState::Connecting { attempt } => attempt > 0,
+            _ => true,
+        }
+    }
+
+    fn give_up(&self, lane: Lane) {
+        self.open_lanes.fetch_sub(1, Ordering::AcqRel);
+        lane.close();
+    }
+}
+
+/// A publisher for applications: its own supervised connection, a bounded
+/// pool of confirm channels, and an optional offline spool. Cheap to clone.
+///
+/// - **Confirmed.** [`publish`](Self::publish) resolves once the broker
+///   confirmed the message (or, with a spool, once it is on disk in the
+///   spool). Messages are `mandatory`: an unroutable one is an error, not a
+///   silent drop.
+/// - **Pipelined.** Many publishes are in flight on each channel; each
+///   confirm, nack and return is matched to its own message by delivery tag
+///   and message-id (see the `lane` module), not by lapin's pairing.
+/// - **Bounded.** At most `channels` channels are open; a channel is taken
+///   through a [`PooledChannel`] guard only while a publish is written, and
+///   given back when the guard drops.
+/// - **Persistent** by default, with a message-id generated when missing.
+///
+/// ```no_run
+/// use backstop::connection::ConnectionConfig;
+/// use backstop::publish::{Message, Publisher};
+///
+/// # async fn example() -> backstop::Result<()> {
+/// let publisher = Publisher::builder(ConnectionConfig::new("amqp://127.0.0.1:5672"))
+///     .spool("/var/lib/orders/spool.db")
+///     .start()
+///     .await?;
+/// match publisher.publish(Message::new("orders", "order.created", b"{}".to_vec())).await {
+///     Ok(published) => println!("{} ({})", published.message_id(),
+///         if published.is_spooled() { "spooled" } else { "confirmed" }),
+///     Err(e) => eprintln!("not published: {e}"),
+/// }
+/// publisher.close().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publisher")
+            .field("channels", &self.inner.permits.available_permits())
+            .field("timeout", &self.inner.timeout)
+            .field("spool", &self.inner.spool)
+            .finish()
+    }
+}
+
+impl Publisher {
+    /// A builder for a publisher on `connection` (a connection of its own:
+    /// give it a [`connection_name`](ConnectionConfig::connection_name) that
+    /// tells it apart from the consumers').
+    pub fn builder(connection: ConnectionConfig) -> PublisherBuilder {
+        PublisherBuilder {
+            connection,
+            channels: super::DEFAULT_CHANNELS,
+            timeout: DEFAULT_PUBLISH_TIMEOUT,
+            spool: None,
+            max_messages: spool::DEFAULT_MAX_MESSAGES,
+            max_bytes: spool::DEFAULT_MAX_BYTES,
+        }
+    }
+
+    /// The publisher's connection supervisor.
+    pub fn supervisor(&self) -> &ConnectionSupervisor {
+        &self.inner.supervisor
+    }
+
+    /// A snapshot of the counters and the spool.
+    pub fn stats(&self) -> PublisherStats {
+        let c = &self.inner.counters;
+        let spool = self.inner.spool.as_ref();
+        PublisherStats {
+            confirmed: c.confirmed.load(Ordering::Relaxed),
+            spooled: c.spooled.load(Ordering::Relaxed),
+            drained: c.drained.load(Ordering::Relaxed),
+            uncertain: c.uncertain.load(Ordering::Relaxed),
+            unroutable: c.unroutable.load(Ordering::Relaxed),
+            nacked: c.nacked.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            spool_full: c.spool_full.load(Ordering::Relaxed),
+            spool_messages: spool.map_or(0, Spool::messages),
+            spool_bytes: spool.map_or(0, Spool::bytes),
+            spool_oldest: spool.and_then(Spool::oldest),
+            spool_parked: spool.map_or(0, Spool::parked),
+            channels: self.inner.open_lanes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes a channel of the pool, waiting for one to be free (within the
+    /// publish timeout) and opening it when needed. Dropping the guard gives
+    /// it back; a channel that failed is replaced by the next taker.
+    pub async fn acquire(&self) -> Result<PooledChannel, PublishError> {
+        let deadline = Instant::now() + self.inner.timeout;
+        acquire(&self.inner, deadline).await
+    }
+
+    /// Publishes `message` and resolves once the broker confirmed it, or,
+    /// with a spool, once it is durably spooled: when the broker is down or
+    /// blocks the connection, when the confirm does not come within the
+    /// timeout, or while earlier messages wait in the spool (order).
+    pub async fn publish(&self, message: Message) -> Result<Published, PublishError> {
+        let mut results = self.publish_batch(vec![message]).await;
+        results.pop().unwrap_or_else(|| {
+            Err(PublishError::Channel {
+                destination: String::new(),
+                reason: "internal: no result for the publish".into(),
+            })
+        })
+    }
+
+    /// Publishes `messages` in order on one channel, pipelined, and gives one
+    /// result per message, in order. With a spool, a message that cannot be
+    /// confirmed is spooled, and so is every later one of the batch that was
+    /// not confirmed, in order.
+    pub async fn publish_batch(
+        &self,
+        messages: Vec<Message>,
+    ) -> Vec<Result<Published, PublishError>> {
+        let inner = &self.inner;
+        let messages: Vec<Message> = messages.into_iter().map(Message::normalized).collect();
+        if messages.is_empty() {
+            return Vec::new();
+        }
+        if inner.closed.load(Ordering::Acquire) {
+            return messages
+                .iter()
+                .map(|m| {
+                    Err(PublishError::Channel {
+                        destination: m.destination(),
+                        reason: "the publisher is closed".into(),
+                    })
+                })
+                .collect();
+        }
+        if inner.spool.as_ref().is_some_and(|s| s.messages() > 0)
+            || (inner.spool.is_some() && inner.known_unavailable())
+        {
+            let flags = vec![false; messages.len()];
+            return to_spool(inner, messages, flags).await;
+        }
+        let outcomes = send_all(inner, &messages).await;
+        let mut results: Vec<Option<Result<Published, PublishError>>> =
+            Vec::with_capacity(messages.len());
+        let mut spool_these = Vec::new();
+        for (i, (message, outcome)) in messages.iter().zip(outcomes).enumerate() {
+            let id = message.message_id().unwrap_or_default().to_owned();
+            match outcome {
+                Ok(()) => {
+                    inner.counters.confirmed.fetch_add(1, Ordering::Relaxed);
+                    results.push(Some(Ok(Published::Confirmed { message_id: id })));
+                }
+                Err(failure) => {
+                    count_failure(inner, &failure.error);
+                    if inner.spool.is_some() && failure.spoolable() {
+                        spool_these.push((i, failure.uncertain));
+                        results.push(None);
+                    } else {
+                        results.push(Some(Err(failure.error)));
+                    }
+                }
+            }
+        }
+        if !spool_these.is_empty() {
+            let mut owned: Vec<Option<Message>> = messages.into_iter().map(Some).collect();
+            let batch: Vec<Message> = spool_these
+                .iter()
+                .filter_map(|(i, _)| owned[*i].take())
+                .collect();
+            let flags = spool_these.iter().map(|(_, u)| *u).collect();
+            let spooled = to_spool(inner, batch, flags).await;
+            for ((i, _), result) in spool_these.into_iter().zip(spooled) {
+                results[i] = Some(result);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(PublishError::Spool {
+                        reason: "internal: no result for the message".into(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until the spool is empty, at most `within`; true when it is
+    /// (and true at once without a spool).
+    pub async fn drained(&self, within: Duration) -> bool {
+        let Some(spool) = &self.inner.spool else {
+            return true;
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            if spool.messages() == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.inner.wake_drain.notify_one();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the drain, closes the channels and the connection. The spool
+    /// stays on disk for the next start. Publishes after this fail.
+    pub async fn close(&self) {
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::Release);
+        inner.shutdown.send_replace(true);
+        let task = inner.drain.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = tokio::time::timeout(inner.timeout + Duration::from_secs(1), task).await;
+        }
+        let lanes: Vec<Lane> = inner
+            .slots()
+            .iter_mut()
+            .filter_map(|s| s.lane.take())
+            .collect();
+        for lane in lanes {
+            inner.open_lanes.fetch_sub(1, Ordering::AcqRel);
+            lane.close_now().await;
+        }
+        inner.supervisor.close().await;
+        if let Some(spool) = &inner.spool {
+            spool.close().await;
+        }
+    }
+}
+
+/// A failed publish and whether it may have reached the broker.
+struct Failure {
+    error: PublishError,
+    /// Sent, and not known to be refused: may be stored.
+    uncertain: bool,
+}
+
+impl Failure {
+    /// Failures the spool takes: the broker was away, blocked or silent.
+    fn spoolable(&self) -> bool {
+        matches!(
+            self.error,
+            PublishError::Channel { .. }
+                | PublishError::Timeout { .. }
+                | PublishError::Blocked { .. }
+        )
+    }
+}
+
+fn count_failure(inner: &Inner, error: &PublishError) {
+    let counter = match error {
+        PublishError::Unroutable { .. } => &inner.counters.unroutable,
+        PublishError::Nacked { .. } => &inner.counters.nacked,
+        PublishError::Refused { .. } => &inner.counters.refused,
+        _ => return,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Sends `messages` in order on one channel and waits for their confirms,
+/// all within one publish timeout.
+async fn send_all(inner: &Arc<Inner>, messages: &[Message]) -> Vec<Result<(), Failure>> {
+    let deadline = Instant::now() + inner.timeout;
+    let mut guard = match acquire(inner, deadline).await {
+        Ok(guard) => guard,
+        Err(error) => {
+            return messages
+                .iter()
+                .map(|m| {
+                    Err(Failure {
+                        error: retarget(&error, m),
+                        uncertain: false,
+                    })
+                })
+                .collect();
+        }
+    };
+    let mut pending = Vec::with_capacity(messages.len());
+    let mut stopped: Option<Failure> = None;
+    for message in messages {
+        if let Some(failure) = &stopped {
+            pending.push(Err(Failure {
+                error: retarget(&failure.error, message),
+                uncertain: false,
+            }));
+            continue;
+        }
+        match guard.send_by_ref(message, deadline).await {
+            Ok(confirm) => pending.push(Ok(confirm)),
+            Err(failure) => {
+                stopped = Some(Failure {
+                    error: failure.error.clone(),
+                    uncertain: false,
+                });
+                pending.push(Err(failure));
+            }
+        }
+    }
+    drop(guard);
+    let mut outcomes = Vec::with_capacity(pending.len());
+    for p in pending {
+        outcomes.push(match p {
+            Ok(confirm) => confirm.settle().await,
+            Err(failure) => Err(failure),
+        });
+    }
+    outcomes
+}
+
+/// The same error, for another message's destination.
+fn retarget(error: &PublishError, message: &Message) -> PublishError {
+    let destination = message.destination();
+    match error {
+        PublishError::Channel { reason, .. } => PublishError::Channel {
+            destination,
+            reason: reason.clone(),
+        },
+        PublishError::Timeout { after, .. } => PublishError::Timeout {
+            destination,
+            after: *after,
+        },
+        PublishError::Blocked { .. } => PublishError::Blocked { destination },
+        other => other.clone(),
+    }
+}
+
+/// Takes a free slot (a permit guarantees one) and makes sure it holds a
+/// usable channel, within `deadline`.
+async fn acquire(inner: &Arc<Inner>, deadline: Instant) -> Result<PooledChannel, PublishError> {
+    let timed_out = |what: &str| PublishError::Channel {
+        destination: String::new(),
+        reason: format!("{what} within {:?}", inner.timeout),
+    };
+    if inner.closed.load(Ordering::Acquire) {
+        return Err(PublishError::Channel {
+            destination: String::new(),
+            reason: "the publisher is closed".into(),
+        });
+    }
+    let permit = tokio::time::timeout_at(deadline, inner.permits.clone().acquire_owned())
+        .await
+        .map_err(|_| timed_out("no free channel"))?
+        .map_err(|_| timed_out("the pool is closed"))?;
+    let (index, lane) = {
+        let mut slots = inner.slots();
+        let pick = slots
+            .iter()
+            .position(|s| !s.busy && s.lane.as_ref().is_some_and(Lane::is_usable))
+            .or_else(|| slots.iter().position(|s| !s.busy));
+        let Some(index) = pick else {
+            return Err(PublishError::Channel {
+                destination: String::new(),
+                reason: "internal: a permit without a free slot".into(),
+            });
+        };
+        slots[index].busy = true;
+        (index, slots[index].lane.take())
+    };
+    let mut guard = PooledChannel {
+        inner: inner.clone(),
+        index,
+        lane: None,
+        _permit: permit,
+    };
+    match lane {
+        Some(lane) if lane.is_usable() => guard.lane = Some(lane),
+        stale => {
+            if let Some(stale) = stale {
+                inner.give_up(stale);
+            }
+            let live = tokio::time::timeout_at(deadline, inner.supervisor.connection())
+                .await
+                .map_err(|_| timed_out("no connection to the broker"))?
+                .map_err(|e| PublishError::Channel {
+                    destination: String::new(),
+                    reason: e.to_string(),
+                })?;
+            let lane = tokio::time::timeout_at(deadline, Lane::open(live))
+                .await
+                .map_err(|_| timed_out("no channel opened"))?
+                .map_err(|reason| PublishError::Channel {
+                    destination: String::new(),
+                    reason,
+                })?;
+            inner.open_lanes.fetch_add(1, Ordering::AcqRel);
+            guard.lane = Some(lane);
+        }
+    }
+    Ok(guard)
+}
+
+/// A channel of the pool, held while publishes are written to it. Dropping
+/// it gives the channel back (or, if it failed, closes it so the next taker
+/// opens a fresh one). Confirms are awaited on [`PendingConfirm`], after the
+/// guard is gone.
+pub struct PooledChannel {
+    inner: Arc<Inner>,
+    index: usize,
+    lane: Option<Lane>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl fmt::Debug for PooledChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledChannel")
+            .field("slot", &self.index)
+            .finish()
+    }
+}
+
+impl Drop for PooledChannel {
+    fn drop(&mut self) {
+        let lane = self.lane.take();
+        let mut slots = self.inner.slots();
+        let Some(slot) = slots.get_mut(self.index) else {
+            return;
+        };
+        slot.busy = false;
+        match lane {
+            Some(lane) if lane.is_usable() && !self.inner.closed.load(Ordering::Acquire) => {
+                slot.lane = Some(lane)
+            }
+            Some(lane) => {
+                drop(slots);
+                self.inner.give_up(lane);
+            }
+            None => {}
+        }
+    }
+}
+
+impl PooledChannel {
+    /// Publishes `message` (made persistent, with a message-id, when not
+    /// set) on this channel. Resolves once it is written, with the future
+    /// of its confirm, which resolves within the publish timeout.
+    pub async fn send(&mut self, message: Message) -> Result<PendingConfirm, PublishError> {
+        let message = message.normalized();
+        let deadline = Instant::now() + self.inner.timeout;
+        let confirm = self
+            .send_by_ref(&message, deadline)
+            .await
+            .map_err(|f| f.error)?;
+        Ok(PendingConfirm {
+            inner: Box::pin(async move { confirm.settle().await.map_err(|f| f.error) }),
+        })
+    }
+
+    async fn send_by_ref(
+        &mut self,
+        message: &Message,
+        deadline: Instant,
+    ) -> Result<Confirm, Failure> {
+        let destination = message.destination();
+        let Some(lane) = &self.lane else {
+            return Err(Failure {
+                error: PublishError::Channel {
+                    destination,
+                    reason: "the channel was given up".into(),
+                },
+                uncertain: false,
+            });
+        };
+        if lane.is_blocked() {
+            return Err(Failure {
+                error: PublishError::Blocked { destination },
+                uncertain: false,
+            });
+        }
+        let sent = tokio::time::timeout_at(
+            deadline,
+            lane.send(
+                &message.exchange,
+                &message.routing_key,
+                &message.body,
+                message.properties.clone(),
+            ),
+        )
+        .await;
+        match sent {
+            Ok(Ok(settled)) => Ok(Confirm {
+                settled,
+                deadline,
+                destination,
+                live: lane.live().clone(),
+                timeout: self.inner.timeout,
+            }),
+            Ok(Err(e)) => Err(Failure {
+                error: PublishError::Channel {
+                    destination,
+                    reason: crate::connection::describe(&e),
+                },
+                uncertain: false,
+            }),
+            // Written or not: the lane is tainted, the outcome unknown.
+            Err(_) => Err(Failure {
+                error: PublishError::Timeout {
+                    destination,
+                    after: self.inner.timeout,
+                },
+                uncertain: true,
+            }),
+        }
+    }
+}
+
+/// A written publish waiting for its settlement.
+struct Confirm {
+    settled: oneshot::Receiver<Settled>,
+    deadline: Instant,
+    destination: String,
+    live: LiveConnection,
+    timeout: Duration,
+}
+
+impl Confirm {
+    async fn settle(self) -> Result<(), Failure> {
+        let destination = self.destination;
+        let settled = match tokio::time::timeout_at(self.deadline, self.settled).await {
+            Err(_) => {
+                return Err(Failure {
+                    error: PublishError::Timeout {
+                        destination,
+                        after: self.timeout,
+                    },
+                    uncertain: true,
+                });
+            }
+            Ok(Err(_)) => {
+                return Err(Failure {
+                    error: PublishError::Channel {
+                        destination,
+                        reason: "the channel's collector stopped".into(),
+                    },
+                    uncertain: true,
+                });
+            }
+            Ok(Ok(settled)) => settled,
+        };
+        match settled {
+            Settled::Ack => Ok(()),
+            Settled::Returned => Err(Failure {
+                error: PublishError::Unroutable { destination },
+                uncertain: false,
+            }),
+            Settled::Nack => Err(Failure {
+                error: PublishError::Nacked { destination },
+                uncertain: false,
+            }),
+            Settled::Failed(e) => {
+                let reason = crate::connection::describe(&e);
+                // A channel closed by the broker over a publish, the
+                // connection still up: the broker refused it (404 no such
+                // exchange, 403, 406). Anything else lost the confirm.
+                let soft = matches!(
+                    e.kind(),
+                    lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_))
+                );
+                if soft && self.live.is_connected() {
+                    Err(Failure {
+                        error: PublishError::Refused {
+                            destination,
+                            reason,
+                        },
+                        uncertain: false,
+                    })
+                } else {
+                    Err(Failure {
+                        error: PublishError::Channel {
+                            destination,
+                            reason,
+                        },
+                        uncertain: true,
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// The confirm of a publish sent through a [`PooledChannel`]: resolves to
+/// `Ok(())` once the broker confirmed it, or to the reason it did not
+/// (returned, nacked, refused, the channel failed, the timeout passed).
+pub struct PendingConfirm {
+    inner: Pin<Box<dyn Future<Output = Result<(), PublishError>> + Send>>,
+}
+
+impl fmt::Debug for PendingConfirm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingConfirm").finish()
+    }
+}
+
+impl Future for PendingConfirm {
+    type Output = Result<(), PublishError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// Writes `messages` to the spool in order (`uncertain[i]`: it may already
+/// be at the broker) and wakes the drain.
+async fn to_spool(
+    inner: &Inner,
+    messages: Vec<Message>,
+    uncertain: Vec<bool>,
+) -> Vec<Result<Published, PublishError>> {
+    let Some(spool) = &inner.spool else {
+        return Vec::new();
+    };
+    let ids: Vec<String> = messages
+        .iter()
+        .map(|m| m.message_id().unwrap_or_default().to_owned())
+        .collect();
+    let entries = messages
+        .into_iter()
+        .map(|m| NewEntry {
+            exchange: m.exchange,
+            routing_key: m.routing_key,
+            properties: m.properties,
+            body: m.body,
+        })
+        .collect();
+    match spool.append(entries).await {
+        Ok(()) => {
+            let n = ids.len() as u64;
+            inner.counters.spooled.fetch_add(n, Ordering::Relaxed);
+            let doubtful = uncertain.iter().filter(|u| **u).count() as u64;
+            inner
+                .counters
+                .uncertain
+                .fetch_add(doubtful, Ordering::Relaxed);
+            inner.wake_drain.notify_one();
+            ids.into_iter()
+                .map(|message_id| Ok(Published::Spooled { message_id }))
+                .collect()
+        }
+        Err(SpoolError::Full { messages, bytes }) => {
+            inner
+                .counters
+                .spool_full
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+            ids.iter()
+                .map(|_| Err(PublishError::SpoolFull { messages, bytes }))
+                .collect()
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            ids.iter()
+                .map(|_| {
+                    Err(PublishError::Spool {
+                        reason: reason.clone(),
+                    })
+                })
+                .collect()
+        }
+    }
+}
+
+/// Publishes the spool in order, with confirms, while the broker is up;
+/// deletes each entry only once it is confirmed.
+async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
+    let mut shutdown = match inner.upgrade() {
+        Some(inner) => inner.shutdown.subscribe(),
+        None => return,
+    };
+    let mut backoff = Duration::ZERO;
+    let mut returns: HashMap<i64, u32> = HashMap::new();
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if !backoff.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+        if spool.messages() == 0 || !strong.can_send() {
+            // Woken by a spooling publish, or checked again shortly (the
+            // connection coming back is seen here).
+            tokio::select! {
+                _ = strong.wake_drain.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.changed() => return,
+            }
+            continue;
+        }
+        let entries = match spool.peek(0, DRAIN_BATCH).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(error = %e, "reading the spool failed");
+                backoff = next_backoff(backoff);
+                continue;
+            }
+        };
+        if entries.is_empty() {
+            continue;
+        }
+        let messages: Vec<Message> = entries
+            .iter()
+            .map(|e| Message {
+                exchange: e.exchange.clone(),
+                routing_key: e.routing_key.clone(),
+                body: e.body.clone(),
+                properties: e.properties.clone(),
+            })
+            .collect();
+        let outcomes = send_all(&strong, &messages).await;
+        let mut confirmed = Vec::new();
+        let mut failed = false;
+        let mut doubtful = 0u64;
+        for (entry, outcome) in entries.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => {
+                    returns.remove(&entry.id);
+                    confirmed.push(entry.id);
+                }
+                Err(failure) => {
+                    failed = true;
+                    if failure.uncertain {
+                        doubtful += 1;
+                    }
+                    let park = match &failure.error {
+                        PublishError::Refused { .. } => Some(failure.error.to_string()),
+                        PublishError::Unroutable { .. } => {
+                            let n = returns.entry(entry.id).or_insert(0);
+                            *n += 1;
+                            (*n >= RETURNS_BEFORE_PARKING).then(|| {
+                                format!("{} ({} times)", failure.error, RETURNS_BEFORE_PARKING)
+                            })
+                        }
+                        _ => None,
+                    };
+                    if let Some(reason) = park {
+                        returns.remove(&entry.id);
+                        warn!(id = entry.id, %reason, "parking a spooled message: it cannot be published");
+                        if let Err(e) = spool.park(entry.id, reason).await {
+                            warn!(error = %e, "parking a spooled message failed");
+                        }
+                    }
+                }
+            }
+        }
+        let n = confirmed.len() as u64;
+        if let Err(e) = spool.delete(confirmed).await {
+            // Confirmed but still spooled: sent again later, a duplicate.
+            warn!(error = %e, "deleting confirmed messages from the spool failed");
+            strong.counters.uncertain.fetch_add(n, Ordering::Relaxed);
+            backoff = next_backoff(backoff);
+            continue;
+        }
+        strong.counters.drained.fetch_add(n, Ordering::Relaxed);
+        strong
+            .counters
+            .uncertain
+            .fetch_add(doubtful, Ordering::Relaxed);
+        if n > 0 {
+            debug!(
+                messages = n,
+                left = spool.messages(),
+                "drained from the spool"
+            );
+        }
+        backoff = if failed {
+            next_backoff(backoff)
+        } else {
+            Duration::ZERO
+        };
+    }
+}
+
+fn next_backoff(current: Duration) -> Duration {
+    let next = (current * 2).max(Duration::from_millis(100));
+    next.min(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_is_persistent_with_an_id_unless_told_otherwise() {
+        let m = Message::new("x", "k", b"b".to_vec()).normalized();
+        assert_eq!(*m.properties().delivery_mode(), Some(2));
+        let id = m.message_id().expect("an id").to_owned();
+        assert_eq!(id.len(), 36);
+        let other = Message::new("x", "k", b"b".to_vec()).normalized();
+        assert_ne!(other.message_id(), Some(id.as_str()));
+
+        let kept = Message::new("x", "k", b"b".to_vec())
+            .with_properties(BasicProperties::default().with_delivery_mode(1))
+            .with_message_id("order-7")
+            .normalized();
+        assert_eq!(*kept.properties().delivery_mode(), Some(1));
+        assert_eq!(kept.message_id(), Some("order-7"));
+    }
+}
