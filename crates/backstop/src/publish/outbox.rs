@@ -123,6 +123,14 @@ pub enum OutboxError {
     Unavailable(String),
 }
 
+impl OutboxError {
+    /// True when trying again later may succeed (the database was
+    /// unavailable); false for a bad URL, table name or message.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OutboxError::Unavailable(_))
+    }
+}
+
 fn unavailable(e: sqlx::Error) -> OutboxError {
     OutboxError::Unavailable(e.to_string())
 }

@@ -29,14 +29,15 @@ use tracing::{debug, info, warn};
 pub struct RelayConfig {
     /// The most rows leased and published in one batch (default 100).
     pub batch: u32,
-    /// How long a lease holds rows for this relay (default 30 s). It must
-    /// comfortably exceed one wave's publish (bounded by the publisher's
-    /// confirm timeout): a relay still publishing when its lease runs out
-    /// can see another relay publish the same rows (a counted duplicate).
+    /// How long a lease holds rows for this relay (default 30 s, at least
+    /// 1 s). It must comfortably exceed one wave's publish (bounded by the
+    /// publisher's confirm timeout): a relay still publishing when its
+    /// lease runs out can see another relay publish the same rows (a
+    /// counted duplicate).
     pub lease: Duration,
     /// How long the relay waits before looking again when there was
-    /// nothing to publish (default 200 ms): the longest a committed row
-    /// waits for its publish while the relay is idle.
+    /// nothing to publish (default 200 ms, at least 10 ms): the longest a
+    /// committed row waits for its publish while the relay is idle.
     pub poll_interval: Duration,
     /// The ceiling of the first pause before a failed row is tried again,
     /// doubling with each failure (full jitter; default 1 s).
@@ -114,7 +115,9 @@ impl Relay {
     /// publisher spools instead of publishing is marked sent on the spool's
     /// word, before the broker has it (logged as a warning). The relay does
     /// not close the publisher.
-    pub fn start(outbox: Outbox, publisher: Publisher, config: RelayConfig) -> RelayHandle {
+    pub fn start(outbox: Outbox, publisher: Publisher, mut config: RelayConfig) -> RelayHandle {
+        config.lease = config.lease.max(Duration::from_secs(1));
+        config.poll_interval = config.poll_interval.max(Duration::from_millis(10));
         let (stop, stopped) = watch::channel(false);
         let stats = Arc::new(Mutex::new(RelayStats::default()));
         let worker = Worker {
