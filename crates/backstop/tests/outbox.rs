@@ -492,16 +492,7 @@ async fn outbox_child_process() {
     let (pool, outbox) = db.open().await;
     let _relay = match role.as_str() {
         "enqueue" => {
-            order_and_event(
-                &pool,
-                &outbox,
-                &db.orders(),
-                "o-kill",
-                event(&queue, "kill-1"),
-                None,
-                true,
-            )
-            .await;
+            order_to_be_killed(&db, &pool, &outbox, &queue).await;
             None
         }
         "relay" => Some(Relay::start(
@@ -515,6 +506,12 @@ async fn outbox_child_process() {
         other => panic!("unknown role {other}"),
     };
     std::future::pending::<()>().await;
+}
+
+/// The order and event `kill-1` of the kill tests, committed.
+async fn order_to_be_killed(db: &Db, pool: &AnyPool, outbox: &Outbox, queue: &str) {
+    let event = event(queue, "kill-1");
+    order_and_event(pool, outbox, &db.orders(), "o-kill", event, None, true).await;
 }
 
 fn child(role: &str, db: &Db, queue: &str) -> KillOnDrop {
@@ -583,16 +580,7 @@ async fn a_kill_between_publish_and_mark_is_a_counted_duplicate(db: Db) {
     let (pool, outbox) = db.open().await;
     let queue = unique("outbox-kill-mark");
     common::declare(&common::classic(&queue)).await;
-    order_and_event(
-        &pool,
-        &outbox,
-        &db.orders(),
-        "o-kill",
-        event(&queue, "kill-1"),
-        None,
-        true,
-    )
-    .await;
+    order_to_be_killed(&db, &pool, &outbox, &queue).await;
     // The child's relay publishes, and its mark fails: killed there, it
     // dies between the publish and the mark.
     let table = &db.table;
