@@ -524,3 +524,74 @@ async fn a_spool_survives_kill_nine_and_the_restart_drains_all_of_it() {
     );
     publisher.close().await;
 }
+
+/// Spooled messages that can never be published (their exchange is gone,
+/// their queue never existed) are parked in the spool file, not dropped
+/// and not retried for ever; the messages around them drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_message_that_cannot_be_published_is_parked_and_the_rest_drain() {
+    init_tracing();
+    let dir = tempdir("spool-park");
+    let path = dir.join("spool.db");
+    let queue = unique("pub-park");
+    let connection = connect().await;
+    durable_queue(&connection, &queue).await;
+    let offline = Publisher::builder(
+        ConnectionConfig::new(dead_broker())
+            .connection_name("pub-park-offline")
+            .backoff(fast_backoff()),
+    )
+    .spool(&path)
+    .start()
+    .await
+    .expect("start");
+    let messages = vec![
+        Message::new("", &queue, b"a".to_vec()).with_message_id("a"),
+        Message::new(unique("pub-park-no-exchange"), "k", b"b".to_vec()).with_message_id("b"),
+        Message::new("", &queue, b"c".to_vec()).with_message_id("c"),
+        Message::new("", unique("pub-park-no-queue"), b"d".to_vec()).with_message_id("d"),
+        Message::new("", &queue, b"e".to_vec()).with_message_id("e"),
+    ];
+    for result in offline.publish_batch(messages).await {
+        assert!(result.expect("spooled").is_spooled());
+    }
+    offline.close().await;
+
+    let online = Publisher::builder(publisher_config(&unique("pub-park-online")))
+        .spool(&path)
+        .start()
+        .await
+        .expect("restart");
+    assert!(
+        online.drained(Duration::from_secs(60)).await,
+        "the spool empties: what cannot be published is parked"
+    );
+    let stats = online.stats();
+    assert_eq!((stats.spool_parked, stats.drained), (2, 3), "{stats:?}");
+    let arrived: Vec<String> = take_all(&connection, &queue)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    // The refused publish closes its channel: a neighbour sent before it
+    // loses its confirm and is sent again, a duplicate that is counted.
+    let mut first = Vec::new();
+    for id in &arrived {
+        if !first.contains(id) {
+            first.push(id.clone());
+        }
+    }
+    assert_eq!(first, ["a", "c", "e"], "{arrived:?}");
+    let duplicates = (arrived.len() - first.len()) as u64;
+    assert!(duplicates <= stats.uncertain, "{arrived:?} {stats:?}");
+    online.close().await;
+    // Kept in the file: a later publisher on it counts them from disk.
+    let reopened = Publisher::builder(publisher_config(&unique("pub-park-again")))
+        .spool(&path)
+        .start()
+        .await
+        .expect("reopen");
+    assert_eq!(reopened.stats().spool_parked, 2);
+    assert_eq!(reopened.stats().spool_messages, 0);
+    reopened.close().await;
+}

@@ -822,6 +822,8 @@ impl PooledChannel {
                 settled,
                 deadline,
                 destination,
+                exchange: message.exchange.clone(),
+                size: message.body.len(),
                 live: lane.live().clone(),
                 timeout: self.inner.timeout,
             }),
@@ -849,6 +851,10 @@ struct Confirm {
     settled: oneshot::Receiver<Settled>,
     deadline: Instant,
     destination: String,
+    /// The message's exchange and body size, to tell the publish the
+    /// broker refused from its neighbours on the channel.
+    exchange: String,
+    size: usize,
     live: LiveConnection,
     timeout: Duration,
 }
@@ -890,13 +896,21 @@ impl Confirm {
             Settled::Failed(e) => {
                 let reason = crate::connection::describe(&e);
                 // A channel closed by the broker over a publish, the
-                // connection still up: the broker refused it (404 no such
-                // exchange, 403, 406). Anything else lost the confirm.
-                let soft = matches!(
-                    e.kind(),
-                    lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_))
-                );
-                if soft && self.live.is_connected() {
+                // connection still up: the broker refused one publish (404
+                // no such exchange, 403, 406 too large), and every other
+                // publish in flight on the channel failed with it. Only the
+                // ones the broker's reason names are refused; the others
+                // lost their confirm (uncertain: sent before the offender,
+                // they may be stored).
+                let refused = match e.kind() {
+                    lapin::ErrorKind::ProtocolError(amqp)
+                        if matches!(amqp.kind(), AMQPErrorKind::Soft(_)) =>
+                    {
+                        refusal_names(amqp.get_message().as_str(), &self.exchange, self.size)
+                    }
+                    _ => false,
+                };
+                if refused && self.live.is_connected() {
                     Err(Failure {
                         error: PublishError::Refused {
                             destination,
@@ -916,6 +930,28 @@ impl Confirm {
             }
         }
     }
+}
+
+/// True when the broker's reason for closing a channel names this publish:
+/// its exchange is missing (404) or not writable (403), or its body is over
+/// the broker's `max_message_size` (406). RabbitMQ's texts
+/// (`rabbit_channel.erl`, 3.10): `NOT_FOUND - no exchange 'x' in vhost '/'`,
+/// `ACCESS_REFUSED - access to exchange 'x' in vhost '/' refused for user
+/// 'u'`, `PRECONDITION_FAILED - message size 12 is larger than configured
+/// max size 10`.
+fn refusal_names(reason: &str, exchange: &str, size: usize) -> bool {
+    if reason.contains(&format!("no exchange '{exchange}' in vhost"))
+        || reason.contains(&format!("access to exchange '{exchange}' in vhost"))
+    {
+        return true;
+    }
+    if let Some(rest) = reason.split("larger than configured max size ").nth(1) {
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if let Ok(max) = digits.parse::<usize>() {
+            return size > max;
+        }
+    }
+    false
 }
 
 /// The confirm of a publish sent through a [`PooledChannel`]: resolves to
@@ -1122,6 +1158,26 @@ fn next_backoff(current: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_publish_the_broker_names_is_refused() {
+        let missing = "NOT_FOUND - no exchange 'orders' in vhost '/'";
+        assert!(refusal_names(missing, "orders", 10));
+        assert!(!refusal_names(missing, "billing", 10));
+        assert!(!refusal_names(missing, "", 10));
+        let denied =
+            "ACCESS_REFUSED - access to exchange 'orders' in vhost '/' refused for user 'u'";
+        assert!(refusal_names(denied, "orders", 10));
+        assert!(!refusal_names(denied, "other", 10));
+        let large = "PRECONDITION_FAILED - message size 200 is larger than configured max size 100";
+        assert!(refusal_names(large, "x", 200));
+        assert!(!refusal_names(large, "x", 100));
+        assert!(!refusal_names(
+            "PRECONDITION_FAILED - something else",
+            "x",
+            1 << 20
+        ));
+    }
 
     #[test]
     fn a_message_is_persistent_with_an_id_unless_told_otherwise() {
