@@ -32,6 +32,7 @@
 //! but its original is never acked on it.
 
 mod lane;
+pub mod outbox;
 mod publisher;
 mod spool;
 

@@ -112,7 +112,7 @@ impl Message {
 }
 
 /// A random 128-bit id in the UUID v4 layout.
-fn new_message_id() -> String {
+pub(crate) fn new_message_id() -> String {
     let mut b = [0u8; 16];
     fastrand::fill(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40;
