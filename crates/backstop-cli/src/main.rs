@@ -7,6 +7,7 @@ mod chaos;
 mod demo;
 mod dlq;
 mod failed;
+mod publish;
 mod run;
 mod servers;
 mod sidecar;
@@ -41,6 +42,9 @@ enum Command {
     /// The sidecar: consume every [[consumer]] of the config file and deliver
     /// each message to its HTTP endpoint, with metrics and health endpoints.
     Run(run::RunArgs),
+    /// Publish one --body, or each line of a file or stdin, to an exchange
+    /// and routing key, with confirms; ends with a summary line.
+    Publish(publish::PublishArgs),
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(args).await,
             Command::Config(ConfigCommand::Check(args)) => run::check(args),
+            Command::Publish(args) => publish::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(BenchCommand::Consume(args)) => bench::consume(args).await,
             Command::Bench(BenchCommand::Store(args)) => bench::store(args).await,

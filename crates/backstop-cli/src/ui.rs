@@ -98,14 +98,23 @@ pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
 }
 
 /// A supervisor for a command's own direct connection, from `config`'s
-/// `[broker]` and `[reconnect]`. Unless `[reconnect] max_attempts` says
-/// otherwise it gives up after a few attempts, so that a missing broker is
-/// reported rather than waited for.
+/// `[broker]` and `[reconnect]`, as [`direct_connection`] describes it.
 pub(crate) fn direct_supervisor(
     config: &Config,
     name: &str,
 ) -> backstop::Result<ConnectionSupervisor> {
+    ConnectionSupervisor::start(direct_connection(config, name)?)
+}
+
+/// A command's own direct connection, from `config`'s `[broker]` and
+/// `[reconnect]`. Unless `[reconnect] max_attempts` says otherwise it gives
+/// up after a few attempts, so that a missing broker is reported rather
+/// than waited for.
+pub(crate) fn direct_connection(
+    config: &Config,
+    name: &str,
+) -> backstop::Result<backstop::connection::ConnectionConfig> {
     let mut config = config.clone();
     config.reconnect.max_attempts = config.reconnect.max_attempts.or(Some(5));
-    ConnectionSupervisor::start(config.connection_config(name)?)
+    config.connection_config(name)
 }

@@ -38,6 +38,9 @@ pub struct Config {
     /// `[[consumer]]`: one block per queue consumed by `backstop run`.
     #[serde(default, rename = "consumer")]
     pub consumers: Vec<ConsumerSettings>,
+    /// `[publish]`: the publish endpoint of `backstop run`; present (even
+    /// empty) turns it on.
+    pub publish: Option<PublishSettings>,
 }
 
 /// `[reconnect]`: exponential backoff with full jitter between attempts.
@@ -74,6 +77,164 @@ impl MetricsConfig {
         let text = self.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN);
         text.parse()
             .map_err(|e| format!("{text:?} is not an address like \"127.0.0.1:9464\": {e}"))
+    }
+}
+
+/// `[publish]`: the sidecar's publish endpoint, `POST
+/// /publish/{exchange}/{routing_key}`, and the publisher behind it. Every
+/// key is optional; the section's presence turns the endpoint on.
+///
+/// ```
+/// let config = backstop::config::Config::parse(
+///     "[publish]\nspool = \"/var/lib/backstop/spool.db\"\nspool_max_messages = 100000\n",
+///     "backstop.toml",
+/// ).expect("valid");
+/// let publish = config.publish.expect("the section is there");
+/// assert_eq!(publish.listen_addr().expect("valid").to_string(), "127.0.0.1:9466");
+/// assert_eq!(publish.spool_max_messages, Some(100_000));
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PublishSettings {
+    /// Where the endpoint listens (default `127.0.0.1:9466`: loopback).
+    pub listen: Option<String>,
+    /// The bearer token every request must carry (`Authorization: Bearer
+    /// TOKEN`). Required when `listen` is not a loopback address.
+    /// `BACKSTOP_PUBLISH_TOKEN` replaces it, to keep it out of the file.
+    pub token: Option<Secret>,
+    /// The publisher's spool (a SQLite file): a message the broker cannot
+    /// take now is written there, answered `202 spooled`, and published
+    /// once it can. Default: no spool.
+    pub spool: Option<std::path::PathBuf>,
+    /// The most messages the spool holds; beyond it a publish is answered
+    /// `507` (default 1,000,000).
+    pub spool_max_messages: Option<u64>,
+    /// The most bytes the spool holds (default 1 GiB).
+    pub spool_max_bytes: Option<u64>,
+    /// Confirm channels of the publisher (default 4).
+    pub channels: Option<usize>,
+    /// How long a publish waits for the broker's confirm (default `5s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub confirm_timeout: Option<Duration>,
+    /// The largest body accepted, in bytes (default 16 MiB, as for
+    /// consumers); a larger one is answered `413`.
+    pub max_message_size: Option<usize>,
+}
+
+/// The default address of the publish endpoint.
+pub const DEFAULT_PUBLISH_LISTEN: &str = "127.0.0.1:9466";
+
+impl PublishSettings {
+    /// The address to listen on.
+    pub fn listen_addr(&self) -> std::result::Result<std::net::SocketAddr, String> {
+        let text = self.listen.as_deref().unwrap_or(DEFAULT_PUBLISH_LISTEN);
+        text.parse()
+            .map_err(|e| format!("{text:?} is not an address like \"127.0.0.1:9466\": {e}"))
+    }
+
+    /// The confirm channels of the publisher.
+    pub fn channels(&self) -> usize {
+        self.channels.unwrap_or(crate::publish::DEFAULT_CHANNELS)
+    }
+
+    /// The bound on one publish, to its confirm.
+    pub fn confirm_timeout(&self) -> Duration {
+        self.confirm_timeout
+            .unwrap_or(crate::publish::DEFAULT_PUBLISH_TIMEOUT)
+    }
+
+    /// The spool's bounds: (messages, bytes).
+    pub fn spool_limits(&self) -> (u64, u64) {
+        (
+            self.spool_max_messages
+                .unwrap_or(crate::publish::DEFAULT_SPOOL_MAX_MESSAGES),
+            self.spool_max_bytes
+                .unwrap_or(crate::publish::DEFAULT_SPOOL_MAX_BYTES),
+        )
+    }
+
+    /// The largest body accepted.
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+            .unwrap_or(crate::consumer::DEFAULT_MAX_MESSAGE_SIZE)
+    }
+
+    /// The key and the reason of the first inconsistent setting.
+    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let listen = self.listen_addr().map_err(|e| ("listen", e))?;
+        match &self.token {
+            None if !listen.ip().is_loopback() => {
+                return Err((
+                    "listen",
+                    format!(
+                        "{listen} is not a loopback address: set publish.token (or \
+                         BACKSTOP_PUBLISH_TOKEN) so that only holders of the token can publish"
+                    ),
+                ));
+            }
+            Some(token) if token.expose().is_empty() => {
+                return Err((
+                    "token",
+                    "the token (from the file or BACKSTOP_PUBLISH_TOKEN) is empty".into(),
+                ));
+            }
+            Some(token) if !token.expose().bytes().all(|b| b.is_ascii_graphic()) => {
+                return Err((
+                    "token",
+                    "the token must be printable ASCII without spaces, \
+                     to travel in an Authorization header"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.channels == Some(0) {
+            return Err(("channels", "must be at least 1".into()));
+        }
+        if self.confirm_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(("confirm_timeout", "must be above zero".into()));
+        }
+        if self.max_message_size == Some(0) {
+            return Err(("max_message_size", "must be at least 1".into()));
+        }
+        for (key, limit) in [
+            ("spool_max_messages", self.spool_max_messages),
+            ("spool_max_bytes", self.spool_max_bytes),
+        ] {
+            match limit {
+                Some(0) => return Err((key, "must be at least 1".into())),
+                Some(_) if self.spool.is_none() => {
+                    return Err((key, "bounds the spool: set publish.spool too".into()));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A secret from the configuration (a token): its `Debug` shows `***`, so
+/// that logging a configuration never shows it.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `secret`.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Secret(secret.into())
+    }
+
+    /// The secret itself, for the one place that compares or sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(\"***\")")
     }
 }
 
@@ -429,6 +590,38 @@ impl Config {
         Ok(connection)
     }
 
+    /// The one conversion of `[publish]` into the sidecar's
+    /// [`Publisher`](crate::publish::Publisher): a connection of its own
+    /// from `[broker]` and `[reconnect]` ([`connection_config`](Self::connection_config),
+    /// so the same addresses, TLS and credentials as the consumers), named
+    /// `"<connection_name> (publisher)"` to tell it apart on the broker, the
+    /// channels, the confirm timeout, and the spool with its bounds. `None`
+    /// without a `[publish]` section.
+    pub fn publisher(
+        &self,
+        default_name: &str,
+    ) -> Result<Option<crate::publish::PublisherBuilder>> {
+        let Some(settings) = &self.publish else {
+            return Ok(None);
+        };
+        let name = self
+            .broker
+            .connection_name
+            .as_deref()
+            .unwrap_or(default_name);
+        let connection = self
+            .connection_config(default_name)?
+            .connection_name(format!("{name} (publisher)"));
+        let mut builder = crate::publish::Publisher::builder(connection)
+            .channels(settings.channels())
+            .confirm_timeout(settings.confirm_timeout());
+        if let Some(spool) = &settings.spool {
+            let (messages, bytes) = settings.spool_limits();
+            builder = builder.spool(spool).spool_limits(messages, bytes);
+        }
+        Ok(Some(builder))
+    }
+
     /// Reads and parses `path`.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
@@ -440,7 +633,9 @@ impl Config {
 
     /// Parses `text`; `origin` names it in errors. Secrets may come from
     /// the environment instead of the file: `BACKSTOP_BROKER_URI` replaces
-    /// `[broker] uri` and `BACKSTOP_STORE_URL` replaces `[store] url`.
+    /// `[broker] uri`, `BACKSTOP_STORE_URL` replaces `[store] url` and
+    /// `BACKSTOP_PUBLISH_TOKEN` replaces `[publish] token` (when there is a
+    /// `[publish]` section).
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let mut config: Config = toml::from_str(text).map_err(|e| Error::ConfigFile {
             path: origin.to_owned(),
@@ -451,6 +646,12 @@ impl Config {
         }
         if let Ok(url) = std::env::var("BACKSTOP_STORE_URL") {
             config.store.url = Some(url);
+        }
+        if let (Some(publish), Ok(token)) = (
+            config.publish.as_mut(),
+            std::env::var("BACKSTOP_PUBLISH_TOKEN"),
+        ) {
+            publish.token = Some(Secret(token));
         }
         if let Some(file) = config.broker.password_file.clone() {
             let fail = |message: String| Error::ConfigFile {
@@ -508,6 +709,11 @@ impl Config {
             .metrics
             .listen_addr()
             .map_err(|e| fail(Some(("metrics", 0)), "listen", e))?;
+        if let Some(publish) = &config.publish {
+            publish
+                .check()
+                .map_err(|(key, e)| fail(Some(("publish", 0)), key, e))?;
+        }
         let mut queues = std::collections::HashSet::new();
         for (i, consumer) in config.consumers.iter().enumerate() {
             let table = Some(("consumer", i));
@@ -646,6 +852,22 @@ impl Config {
             .as_deref()
             .unwrap_or(DEFAULT_METRICS_LISTEN);
         let _ = writeln!(out, "\n[metrics]\nlisten = {listen:?}");
+        if let Some(p) = &self.publish {
+            let listen = p.listen.as_deref().unwrap_or(DEFAULT_PUBLISH_LISTEN);
+            let _ = writeln!(out, "\n[publish]\nlisten = {listen:?}");
+            if p.token.is_some() {
+                let _ = writeln!(out, "token = \"***\"");
+            }
+            if let Some(spool) = &p.spool {
+                let _ = writeln!(out, "spool = {:?}", spool.display().to_string());
+                let (messages, bytes) = p.spool_limits();
+                let _ = writeln!(out, "spool_max_messages = {messages}");
+                let _ = writeln!(out, "spool_max_bytes = {bytes}");
+            }
+            let _ = writeln!(out, "channels = {}", p.channels());
+            let _ = writeln!(out, "confirm_timeout = {:?}", secs(p.confirm_timeout()));
+            let _ = writeln!(out, "max_message_size = {}", p.max_message_size());
+        }
         for c in &self.consumers {
             let _ = writeln!(out, "\n[[consumer]]");
             let _ = writeln!(out, "queue = {:?}", c.queue);
@@ -1040,6 +1262,98 @@ mod tests {
         .expect("valid");
         assert_eq!(config.consumers[0].delivery_limit, Some(5));
         assert!(config.normalized().contains("delivery_limit = 5"));
+    }
+
+    #[test]
+    fn the_publish_section_defaults_and_is_redacted() {
+        let config = Config::parse("[publish]\n", "test.toml").expect("valid");
+        let publish = config.publish.clone().expect("present");
+        assert_eq!(
+            publish.listen_addr().expect("valid").to_string(),
+            DEFAULT_PUBLISH_LISTEN
+        );
+        assert_eq!(
+            publish.max_message_size(),
+            crate::consumer::DEFAULT_MAX_MESSAGE_SIZE
+        );
+        assert!(
+            Config::parse("", "test.toml")
+                .expect("valid")
+                .publish
+                .is_none()
+        );
+        let text = "[publish]\nlisten = \"0.0.0.0:9466\"\ntoken = \"s3cret-token\"\n\
+                    spool = \"/tmp/spool.db\"\nspool_max_messages = 10\n";
+        let config = Config::parse(text, "test.toml").expect("valid");
+        let shown = config.normalized();
+        assert!(shown.contains("token = \"***\""), "{shown}");
+        assert!(shown.contains("spool_max_messages = 10"), "{shown}");
+        assert!(shown.contains("confirm_timeout = \"5s\""), "{shown}");
+        for text in [shown, format!("{config:?}")] {
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+        let token = config.publish.and_then(|p| p.token).expect("token");
+        assert_eq!(token.expose(), "s3cret-token");
+    }
+
+    /// Every `[publish]` and `[broker]` setting reaches the publisher.
+    #[test]
+    fn the_publisher_carries_every_publish_setting() {
+        let text = "[broker]\nuri = \"amqp://svc:pw@rabbit-a:5672/%2f\"\n\
+                    addresses = [\"amqp://svc:pw@rabbit-b:5672/%2f\"]\n\
+                    connection_name = \"orders-sidecar\"\n\
+                    [publish]\nspool = \"/var/lib/spool.db\"\nspool_max_messages = 10\n\
+                    channels = 2\nconfirm_timeout = \"3s\"\n";
+        let config = Config::parse(text, "test.toml").expect("valid");
+        let builder = config.publisher("backstop-run").expect("builds");
+        let shown = format!("{:?}", builder.expect("a [publish] section"));
+        for part in [
+            "amqp://svc:***@rabbit-a:5672/%2f, amqp://svc:***@rabbit-b:5672/%2f",
+            "connection_name: \"orders-sidecar (publisher)\"",
+            "channels: 2",
+            "timeout: 3s",
+            "spool: Some(\"/var/lib/spool.db\")",
+            "max_messages: 10",
+            "max_bytes: 1073741824",
+        ] {
+            assert!(shown.contains(part), "{part:?} not in {shown}");
+        }
+        assert!(!shown.contains("pw@"), "{shown}");
+        let none = Config::parse("", "test.toml").expect("valid");
+        assert!(none.publisher("x").expect("builds").is_none());
+    }
+
+    #[test]
+    fn a_publish_endpoint_off_loopback_needs_a_token() {
+        let err = error_of("[publish]\nlisten = \"0.0.0.0:9466\"\n");
+        assert!(
+            err.contains("line 2")
+                && err.contains("key publish.listen")
+                && err.contains("publish.token"),
+            "{err}"
+        );
+        for (line, key) in [
+            ("listen = \"[::1]:9466\"", ""),
+            ("token = \"\"", "publish.token"),
+            ("token = \"two words\"", "publish.token"),
+            ("channels = 0", "publish.channels"),
+            ("confirm_timeout = \"0s\"", "publish.confirm_timeout"),
+            ("max_message_size = 0", "publish.max_message_size"),
+            ("spool_max_messages = 5", "publish.spool_max_messages"),
+            (
+                "spool = \"s.db\"\nspool_max_bytes = 0",
+                "publish.spool_max_bytes",
+            ),
+            ("listen = \"localhost\"", "publish.listen"),
+            ("lisen = \"x\"", "lisen"),
+        ] {
+            let err = error_of(&format!("[publish]\n{line}\n"));
+            if key.is_empty() {
+                assert!(err.is_empty(), "{line}: {err}");
+            } else {
+                assert!(err.contains(key) && err.contains("line "), "{line}: {err}");
+            }
+        }
     }
 
     #[test]

@@ -1140,7 +1140,7 @@ pub(crate) fn describe(err: &lapin::Error) -> String {
 
 /// True for an error the broker sent with `NOT_FOUND` (404): a queue or
 /// exchange that does not exist. The broker closed the channel with it.
-pub(crate) fn is_not_found(err: &lapin::Error) -> bool {
+pub fn is_not_found(err: &lapin::Error) -> bool {
     matches!(
         err.kind(),
         lapin::ErrorKind::ProtocolError(amqp)

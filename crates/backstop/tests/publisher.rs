@@ -526,8 +526,10 @@ async fn a_spool_survives_kill_nine_and_the_restart_drains_all_of_it() {
 }
 
 /// Spooled messages that can never be published (their exchange is gone,
-/// their queue never existed) are parked in the spool file, not dropped
-/// and not retried for ever; the messages around them drain.
+/// their queue never existed, the broker refuses their properties) are
+/// parked in the spool file, not dropped and not retried for ever; the
+/// messages around them drain. A second round of parking in a later
+/// session works too (spool ids start again once the spool is empty).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spooled_message_that_cannot_be_published_is_parked_and_the_rest_drain() {
     init_tracing();
@@ -536,44 +538,53 @@ async fn a_spooled_message_that_cannot_be_published_is_parked_and_the_rest_drain
     let queue = unique("pub-park");
     let connection = connect().await;
     durable_queue(&connection, &queue).await;
-    let offline = Publisher::builder(
-        ConnectionConfig::new(dead_broker())
-            .connection_name("pub-park-offline")
-            .backoff(fast_backoff()),
-    )
-    .spool(&path)
-    .start()
-    .await
-    .expect("start");
+    let offline = |name: &str| {
+        Publisher::builder(
+            ConnectionConfig::new(dead_broker())
+                .connection_name(name)
+                .backoff(fast_backoff()),
+        )
+        .spool(&path)
+    };
+    let online = |name: &str| {
+        Publisher::builder(publisher_config(&unique(name)))
+            .spool(&path)
+            .park_unroutable_after(Duration::from_secs(1))
+    };
+    let spool = offline("pub-park-offline").start().await.expect("start");
+    // An expiration that is not a number: RabbitMQ closes the channel with
+    // a reason the publisher does not recognise, so the drain finds the
+    // culprit by sending alone.
+    let bad_expiration = lapin::BasicProperties::default().with_expiration("soon".into());
     let messages = vec![
         Message::new("", &queue, b"a".to_vec()).with_message_id("a"),
         Message::new(unique("pub-park-no-exchange"), "k", b"b".to_vec()).with_message_id("b"),
         Message::new("", &queue, b"c".to_vec()).with_message_id("c"),
         Message::new("", unique("pub-park-no-queue"), b"d".to_vec()).with_message_id("d"),
         Message::new("", &queue, b"e".to_vec()).with_message_id("e"),
+        Message::new("", &queue, b"x".to_vec())
+            .with_properties(bad_expiration)
+            .with_message_id("x"),
+        Message::new("", &queue, b"f".to_vec()).with_message_id("f"),
     ];
-    for result in offline.publish_batch(messages).await {
+    for result in spool.publish_batch(messages).await {
         assert!(result.expect("spooled").is_spooled());
     }
-    offline.close().await;
+    spool.close().await;
 
-    let online = Publisher::builder(publisher_config(&unique("pub-park-online")))
-        .spool(&path)
-        .start()
-        .await
-        .expect("restart");
+    let drain = online("pub-park-online").start().await.expect("restart");
     assert!(
-        online.drained(Duration::from_secs(60)).await,
+        drain.drained(Duration::from_secs(60)).await,
         "the spool empties: what cannot be published is parked"
     );
-    let stats = online.stats();
-    assert_eq!((stats.spool_parked, stats.drained), (2, 3), "{stats:?}");
+    let stats = drain.stats();
+    assert_eq!((stats.spool_parked, stats.drained), (3, 4), "{stats:?}");
     let arrived: Vec<String> = take_all(&connection, &queue)
         .await
         .into_iter()
         .map(|(id, _)| id)
         .collect();
-    // The refused publish closes its channel: a neighbour sent before it
+    // A refused publish closes its channel: a neighbour sent before it
     // loses its confirm and is sent again, a duplicate that is counted.
     let mut first = Vec::new();
     for id in &arrived {
@@ -581,17 +592,70 @@ async fn a_spooled_message_that_cannot_be_published_is_parked_and_the_rest_drain
             first.push(id.clone());
         }
     }
-    assert_eq!(first, ["a", "c", "e"], "{arrived:?}");
+    assert_eq!(first, ["a", "c", "e", "f"], "{arrived:?}");
     let duplicates = (arrived.len() - first.len()) as u64;
     assert!(duplicates <= stats.uncertain, "{arrived:?} {stats:?}");
-    online.close().await;
-    // Kept in the file: a later publisher on it counts them from disk.
-    let reopened = Publisher::builder(publisher_config(&unique("pub-park-again")))
-        .spool(&path)
-        .start()
+    drain.close().await;
+
+    // A second session: the spool's ids start again at 1.
+    let spool = offline("pub-park-offline-2").start().await.expect("start");
+    let messages = vec![
+        Message::new(unique("pub-park-no-exchange"), "k", b"g".to_vec()).with_message_id("g"),
+        Message::new("", &queue, b"h".to_vec()).with_message_id("h"),
+    ];
+    for result in spool.publish_batch(messages).await {
+        assert!(result.expect("spooled").is_spooled());
+    }
+    spool.close().await;
+    let drain = online("pub-park-online-2").start().await.expect("restart");
+    assert!(drain.drained(Duration::from_secs(60)).await);
+    assert_eq!(drain.stats().spool_parked, 4, "counted from the file");
+    let arrived: Vec<String> = take_all(&connection, &queue)
         .await
-        .expect("reopen");
-    assert_eq!(reopened.stats().spool_parked, 2);
-    assert_eq!(reopened.stats().spool_messages, 0);
-    reopened.close().await;
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(arrived.last().map(String::as_str), Some("h"), "{arrived:?}");
+    drain.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_file_has_one_owner() {
+    init_tracing();
+    let dir = tempdir("spool-owner");
+    let path = dir.join("spool.db");
+    let first = Publisher::builder(
+        ConnectionConfig::new(dead_broker())
+            .connection_name("pub-owner-1")
+            .backoff(fast_backoff()),
+    )
+    .spool(&path)
+    .start()
+    .await
+    .expect("start");
+    let second = Publisher::builder(
+        ConnectionConfig::new(dead_broker())
+            .connection_name("pub-owner-2")
+            .backoff(fast_backoff()),
+    )
+    .spool(&path)
+    .start()
+    .await;
+    let err = second.expect_err("a second owner is refused");
+    assert!(
+        err.to_string()
+            .contains("another process has this spool open"),
+        "{err}"
+    );
+    first.close().await;
+    let third = Publisher::builder(
+        ConnectionConfig::new(dead_broker())
+            .connection_name("pub-owner-3")
+            .backoff(fast_backoff()),
+    )
+    .spool(&path)
+    .start()
+    .await
+    .expect("free again once the first closed");
+    third.close().await;
 }

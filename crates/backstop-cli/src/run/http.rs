@@ -72,40 +72,55 @@ impl HttpHandler {
     }
 
     fn headers(&self, delivery: &Delivery) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        let mut put = |name: &str, value: &str| {
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_str(value),
-            ) {
-                headers.insert(name, value);
-            }
-        };
-        let properties = delivery.properties();
-        put(
-            "content-type",
-            properties
-                .content_type()
-                .as_ref()
-                .map_or("application/octet-stream", |c| c.as_str()),
-        );
-        if let Some(id) = delivery.message_id() {
-            put("backstop-message-id", id);
-        }
-        put("backstop-attempt", &attempt_of(delivery).to_string());
-        put("backstop-queue", &self.queue);
-        put("backstop-routing-key", delivery.routing_key());
-        put("backstop-redelivered", &delivery.redelivered().to_string());
-        if let Some(table) = properties.headers() {
-            for (name, value) in table.inner() {
-                let text = header_str(value).or_else(|| header_u64(value).map(|n| n.to_string()));
-                if let Some(text) = text {
-                    put(&format!("backstop-header-{}", name.as_str()), &text);
-                }
-            }
-        }
-        headers
+        delivery_headers(delivery, &self.queue)
     }
+}
+
+/// The content type of a delivery whose message names none.
+pub(crate) const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+/// The HTTP header carrying the message id (both ways: delivery and publish).
+pub(crate) const MESSAGE_ID_HEADER: &str = "backstop-message-id";
+/// The prefix of the HTTP header that carries each message header `NAME`
+/// as `backstop-header-NAME` (both ways).
+pub(crate) const HEADER_PREFIX: &str = "backstop-header-";
+
+/// The HTTP headers a delivery is POSTed with. The publish endpoint reads
+/// the same names back (`run::publish`), so a message can be passed on as
+/// it came.
+pub(crate) fn delivery_headers(delivery: &Delivery, queue: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let mut put = |name: &str, value: &str| {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            headers.insert(name, value);
+        }
+    };
+    let properties = delivery.properties();
+    put(
+        "content-type",
+        properties
+            .content_type()
+            .as_ref()
+            .map_or(DEFAULT_CONTENT_TYPE, |c| c.as_str()),
+    );
+    if let Some(id) = delivery.message_id() {
+        put(MESSAGE_ID_HEADER, id);
+    }
+    put("backstop-attempt", &attempt_of(delivery).to_string());
+    put("backstop-queue", queue);
+    put("backstop-routing-key", delivery.routing_key());
+    put("backstop-redelivered", &delivery.redelivered().to_string());
+    if let Some(table) = properties.headers() {
+        for (name, value) in table.inner() {
+            let text = header_str(value).or_else(|| header_u64(value).map(|n| n.to_string()));
+            if let Some(text) = text {
+                put(&format!("{HEADER_PREFIX}{}", name.as_str()), &text);
+            }
+        }
+    }
+    headers
 }
 
 /// The delay a `Retry-After` header asks for (delta-seconds only).

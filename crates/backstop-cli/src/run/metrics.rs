@@ -20,9 +20,9 @@ use lapin::types::FieldTable;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::{Arc, Mutex};
@@ -69,6 +69,28 @@ fn unready(queue: &str, report: &backstop::consumer::ConsumerReport) -> Option<S
     }
 }
 
+/// What the publish endpoint shows: its publisher's counters and spool,
+/// and its answers by status code.
+#[derive(Debug, Clone)]
+pub(crate) struct PublishView {
+    pub(crate) publisher: backstop::publish::Publisher,
+    /// Answers by status code.
+    pub(crate) answers: Family<Labels, Counter>,
+    /// Requests being handled now.
+    pub(crate) in_flight: Gauge,
+}
+
+impl PublishView {
+    /// The view of `publisher`, with fresh request metrics.
+    pub(crate) fn new(publisher: backstop::publish::Publisher) -> Self {
+        PublishView {
+            publisher,
+            answers: Family::default(),
+            in_flight: Gauge::default(),
+        }
+    }
+}
+
 /// Time spent blocked by the broker, measured from the supervisor's state.
 #[derive(Debug, Default)]
 struct BlockedClock {
@@ -87,6 +109,7 @@ pub(crate) struct Live {
     /// (consumer queue, kind, queue name) -> depth.
     depths: Depths,
     store_rows: Arc<Mutex<Vec<(String, i64)>>>,
+    publish: Option<PublishView>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -323,8 +346,92 @@ impl Collector for Live {
                 .map(|(status, n)| (labels(&[("status", status)]), ConstGauge::new(*n)))
                 .collect(),
         )?;
+        if let Some(publish) = &self.publish {
+            encode_publisher(&mut encoder, publish)?;
+        }
         Ok(())
     }
+}
+
+/// The publisher of the publish endpoint: its outcomes, its spool and its
+/// connection, from [`stats`](backstop::publish::Publisher::stats) at
+/// each scrape.
+fn encode_publisher(
+    encoder: &mut DescriptorEncoder,
+    publish: &PublishView,
+) -> Result<(), std::fmt::Error> {
+    let stats = publish.publisher.stats();
+    let counter = |n: u64| vec![(vec![], ConstCounter::new(n))];
+    let gauge = |n: u64| vec![(vec![], ConstGauge::new(n as i64))];
+    family(
+        encoder,
+        "backstop_published",
+        "messages the publish endpoint's publisher settled, by outcome: confirmed by the broker, \
+         spooled, or refused (unroutable, nacked, refused, spool_full)",
+        MetricType::Counter,
+        [
+            ("confirmed", stats.confirmed),
+            ("spooled", stats.spooled),
+            ("unroutable", stats.unroutable),
+            ("nacked", stats.nacked),
+            ("refused", stats.refused),
+            ("spool_full", stats.spool_full),
+        ]
+        .into_iter()
+        .map(|(outcome, n)| (labels(&[("outcome", outcome)]), ConstCounter::new(n)))
+        .collect(),
+    )?;
+    family(
+        encoder,
+        "backstop_publish_uncertain",
+        "messages spooled or failed after they may have reached the broker: possible duplicates",
+        MetricType::Counter,
+        counter(stats.uncertain),
+    )?;
+    family(
+        encoder,
+        "backstop_spool_drained",
+        "spooled messages the broker has since confirmed",
+        MetricType::Counter,
+        counter(stats.drained),
+    )?;
+    family(
+        encoder,
+        "backstop_spool_messages",
+        "messages in the spool, waiting for the broker",
+        MetricType::Gauge,
+        gauge(stats.spool_messages),
+    )?;
+    family(
+        encoder,
+        "backstop_spool_bytes",
+        "payload bytes in the spool",
+        MetricType::Gauge,
+        gauge(stats.spool_bytes),
+    )?;
+    let oldest = stats.spool_oldest.unwrap_or_default().as_secs_f64();
+    family(
+        encoder,
+        "backstop_spool_oldest_seconds",
+        "how long the oldest spooled message has waited (0 when the spool is empty)",
+        MetricType::Gauge,
+        vec![(vec![], ConstGauge::new(oldest))],
+    )?;
+    family(
+        encoder,
+        "backstop_spool_parked",
+        "spooled messages the drain set aside (the broker refused them): see the logs",
+        MetricType::Gauge,
+        gauge(stats.spool_parked),
+    )?;
+    let up = publish.publisher.supervisor().state().borrow().is_up();
+    family(
+        encoder,
+        "backstop_publisher_connection_up",
+        "1 while the publish endpoint's publisher has its broker connection open",
+        MetricType::Gauge,
+        vec![(vec![], ConstGauge::new(i64::from(up)))],
+    )
 }
 
 /// The served state.
@@ -393,6 +500,7 @@ pub(crate) async fn serve(
     consumers: Vec<ConsumerView>,
     store: Option<Arc<dyn CompensationStore>>,
     durations: Family<Labels, Histogram>,
+    publish: Option<PublishView>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<std::net::SocketAddr> {
     let blocked = Arc::new(Mutex::new(BlockedClock::default()));
@@ -417,6 +525,18 @@ pub(crate) async fn serve(
         "handler call duration",
         durations,
     );
+    if let Some(publish) = &publish {
+        registry.register(
+            "backstop_publish_requests",
+            "requests to the publish endpoint, by the status code answered",
+            publish.answers.clone(),
+        );
+        registry.register(
+            "backstop_publish_requests_in_flight",
+            "requests to the publish endpoint being handled now",
+            publish.in_flight.clone(),
+        );
+    }
     registry.register_collector(Box::new(Live {
         supervisor: supervisor.clone(),
         publishing: publishing.clone(),
@@ -424,6 +544,7 @@ pub(crate) async fn serve(
         blocked,
         depths,
         store_rows,
+        publish,
     }));
     let served = Served {
         registry: Arc::new(registry),

@@ -6,11 +6,17 @@
 //! is bounded, so an outage cannot hold the process: what overruns its bound
 //! is abandoned with a log line naming it, and the exit code is then 1.
 //!
+//! With a `[publish]` section it also serves the publish endpoint
+//! ([`publish`]) on a listener of its own, through a publisher with its own
+//! connection; SIGTERM stops it accepting, answers the publishes in flight
+//! and closes the publisher (its spool stays on disk).
+//!
 //! `backstop config check -c FILE` validates a file and prints it normalized,
 //! with passwords redacted.
 
 pub(crate) mod http;
 pub(crate) mod metrics;
+pub(crate) mod publish;
 
 use crate::UsageError;
 use anyhow::Context;
@@ -64,9 +70,9 @@ fn topology(settings: &ConsumerSettings) -> Topology {
 /// `backstop run`.
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    if config.consumers.is_empty() {
+    if config.consumers.is_empty() && config.publish.is_none() {
         return Err(UsageError(format!(
-            "{}: no [[consumer]] block: nothing to consume",
+            "{}: no [[consumer]] block and no [publish] section: nothing to do",
             args.config.display()
         ))
         .into());
@@ -164,6 +170,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => Vec::new(),
     };
 
+    let publishing = match &config.publish {
+        Some(settings) => Some(publish::start(&config, settings, stop.clone()).await?),
+        None => None,
+    };
     let listen = config
         .metrics
         .listen_addr()
@@ -174,6 +184,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         views,
         store.clone(),
         durations,
+        publishing.as_ref().map(|p| p.view.clone()),
         stop.clone(),
     )
     .await?;
@@ -181,6 +192,12 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         "backstop run: consuming {} queue(s); metrics on http://{bound}/metrics",
         handles.len()
     );
+    if let Some(publishing) = &publishing {
+        println!(
+            "backstop run: publishing on http://{}/publish/{{exchange}}/{{routing_key}}",
+            publishing.bound
+        );
+    }
 
     let reason = wait_for_signal_or_failure(&handles).await;
     info!(%reason, "shutting down: draining in-flight messages");
@@ -188,7 +205,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let scanners_stop = (!scanners.is_empty()).then_some(async move {
         futures_util::future::join_all(scanners.into_iter().map(|s| s.stop())).await;
     });
-    let outcome = shut_down(handles, scanners_stop, &supervisor).await;
+    let outcome = shut_down(handles, scanners_stop, publishing, &supervisor).await;
     match outcome {
         Shutdown::Clean => Ok(ExitCode::SUCCESS),
         Shutdown::ConsumerFailed(e) => Err(e.into()),
@@ -223,18 +240,25 @@ enum Shutdown {
     Abandoned(Vec<String>),
 }
 
-/// Stops everything, each wait bounded: the consumers drain and the scanner
-/// stops at the same time, then the connection closes. A part that overruns
+/// Stops everything, each wait bounded: the consumers drain, the scanner
+/// stops and the publish endpoint answers its last requests and closes its
+/// publisher, all at the same time; then the connection closes. A part that overruns
 /// its bound is abandoned with a log line naming it. Nothing is lost by
 /// abandoning: an unacked delivery is requeued by the broker when the
 /// process's connection goes, and a claimed store row is re-driven once its
 /// lease expires.
+///
+/// A publish in flight is answered within its confirm timeout (plus
+/// writing the spool); one that overruns is abandoned and its client sees
+/// the connection end, which it retries like any 5xx. Spooled messages stay
+/// in the spool file for the next start.
 ///
 /// The whole shutdown ends within the longest `shutdown_timeout` plus
 /// `DRAIN_MARGIN` plus `CLOSE_BOUND`.
 async fn shut_down(
     handles: Vec<(String, ConsumerHandle, Duration)>,
     scanner_stop: Option<impl Future<Output = ()>>,
+    publishing: Option<publish::Publishing>,
     supervisor: &ConnectionSupervisor,
 ) -> Shutdown {
     let mut failed = None;
@@ -259,7 +283,13 @@ async fn shut_down(
             (queue, bound, result)
         },
     ));
-    let (scanner_abandoned, results) = tokio::join!(scanner, consumers);
+    let publish = async {
+        match publishing {
+            Some(publishing) => publishing.stop(CLOSE_BOUND).await,
+            None => Vec::new(),
+        }
+    };
+    let (scanner_abandoned, results, publish_abandoned) = tokio::join!(scanner, consumers, publish);
     for (queue, bound, result) in results {
         match result {
             Ok(Ok(report)) => println!(
@@ -285,6 +315,7 @@ async fn shut_down(
         }
     }
     abandoned.extend(scanner_abandoned);
+    abandoned.extend(publish_abandoned);
     if tokio::time::timeout(CLOSE_BOUND, supervisor.close())
         .await
         .is_err()

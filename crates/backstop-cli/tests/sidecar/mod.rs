@@ -94,9 +94,15 @@ pub async fn terminate(run: &mut Running, within: Duration) -> (Option<i32>, Dur
         .status()
         .expect("kill");
     assert!(killed.success(), "kill -TERM {pid}");
+    wait_exit(run, within).await
+}
+
+/// Waits up to `within` for `run` to exit (panics after); returns its exit
+/// code and how long it took.
+pub async fn wait_exit(run: &mut Running, within: Duration) -> (Option<i32>, Duration) {
     let mut code = None;
     let took = wait_until(
-        &format!("backstop run to exit within {within:?} of SIGTERM"),
+        &format!("backstop run to exit within {within:?}"),
         within,
         || {
             let exited = run.0.try_wait().expect("the child's status");
@@ -234,9 +240,28 @@ pub fn metric_value(text: &str, line_start: &str) -> f64 {
         .unwrap_or_else(|| panic!("{line:?} does not end with a number"))
 }
 
-/// Every message in `queue`, taken out for good: (message id, the
-/// `x-backstop-error` header).
-pub async fn drain_errors(queue: &str) -> Vec<(String, String)> {
+/// Declares the durable classic queue `queue`.
+pub async fn declare_queue(queue: &str) {
+    use lapin::options::QueueDeclareOptions;
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the queue");
+    let _ = connection.close(200, "declared".into()).await;
+}
+
+/// Every message in `queue`, taken out for good, in queue order: (body,
+/// properties).
+pub async fn take_all(queue: &str) -> Vec<(Vec<u8>, BasicProperties)> {
     use lapin::options::BasicGetOptions;
     let connection = backstop_testkit::connect().await;
     let channel = connection.create_channel().await.expect("channel");
@@ -246,22 +271,33 @@ pub async fn drain_errors(queue: &str) -> Vec<(String, String)> {
         .await
         .expect("basic.get")
     {
-        let properties = &message.delivery.properties;
-        let id = properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.to_string())
-            .unwrap_or_default();
-        let error = properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-backstop-error").cloned())
-            .and_then(|v| backstop::retry::header_str(&v))
-            .unwrap_or_default();
-        out.push((id, error));
+        out.push((message.delivery.data, message.delivery.properties));
     }
-    let _ = connection.close(200, "drained".into()).await;
+    let _ = connection.close(200, "taken".into()).await;
     out
+}
+
+/// Every message in `queue`, taken out for good: (message id, the
+/// `x-backstop-error` header).
+pub async fn drain_errors(queue: &str) -> Vec<(String, String)> {
+    take_all(queue)
+        .await
+        .into_iter()
+        .map(|(_, properties)| {
+            let id = properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let error = properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("x-backstop-error").cloned())
+                .and_then(|v| backstop::retry::header_str(&v))
+                .unwrap_or_default();
+            (id, error)
+        })
+        .collect()
 }
 
 pub async fn cleanup(queue: &str) {

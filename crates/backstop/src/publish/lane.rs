@@ -36,7 +36,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation, PublisherConfirm};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -50,8 +50,13 @@ use tracing::{debug, warn};
 pub(crate) enum Settled {
     /// Confirmed, not returned.
     Ack,
-    /// Returned as unroutable (then confirmed or nacked).
-    Returned,
+    /// Returned as unroutable (then confirmed or nacked). `ambiguous`: the
+    /// return matched several publishes in flight with the same message-id,
+    /// so this one may have been routed and stored.
+    Returned {
+        /// Several publishes shared the returned identity.
+        ambiguous: bool,
+    },
     /// `basic.nack`.
     Nack,
     /// The channel failed before the confirm.
@@ -73,6 +78,11 @@ struct Waiting {
     exchange: String,
     routing_key: String,
     returned: bool,
+    /// A return matched this publish and another in flight with the same
+    /// identity: only one of them was returned.
+    ambiguous: bool,
+    /// The confirm, once lapin resolved it.
+    result: Option<lapin::Result<Confirmation>>,
     reply: oneshot::Sender<Settled>,
 }
 
@@ -246,9 +256,16 @@ type ConfirmFuture = Pin<Box<dyn Future<Output = (u64, lapin::Result<Confirmatio
 const MAX_ORPHANS: usize = 4096;
 
 /// Settles every publish of a lane: see the module's documentation.
+///
+/// Publishes are settled in delivery-tag order: one whose confirm came is
+/// held until every earlier publish of the lane has its confirm too. On
+/// RabbitMQ the confirm carrying a return is never later, in tag order,
+/// than the return's owner (the broker sends the return, then acks the
+/// tags up to the owner), so by the time the owner is settled the carrier
+/// has been read, whatever order `FuturesUnordered` yields them in.
 async fn collect(mut rx: mpsc::UnboundedReceiver<Sent>, in_flight: Arc<AtomicUsize>) {
     let mut confirms: FuturesUnordered<ConfirmFuture> = FuturesUnordered::new();
-    let mut waiting: HashMap<u64, Waiting> = HashMap::new();
+    let mut waiting: BTreeMap<u64, Waiting> = BTreeMap::new();
     // Returns whose publish was not registered yet: (id, exchange, key).
     let mut orphans: Vec<(Option<String>, String, String)> = Vec::new();
     let mut next = 0u64;
@@ -268,6 +285,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Sent>, in_flight: Arc<AtomicUsi
                     }
                 }
             }
+            let any_registered = !registered.is_empty();
             for sent in registered {
                 let seq = next;
                 next += 1;
@@ -280,6 +298,8 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Sent>, in_flight: Arc<AtomicUsi
                         exchange: sent.exchange,
                         routing_key: sent.routing_key,
                         returned: false,
+                        ambiguous: false,
+                        result: None,
                         reply: sent.reply,
                     },
                 );
@@ -288,7 +308,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Sent>, in_flight: Arc<AtomicUsi
             while let Poll::Ready(Some(item)) = confirms.poll_next_unpin(cx) {
                 done.push(item);
             }
-            if !done.is_empty() {
+            if !done.is_empty() || (any_registered && !orphans.is_empty()) {
                 Poll::Ready(Some(done))
             } else if senders_gone && confirms.is_empty() {
                 Poll::Ready(None)
@@ -297,14 +317,14 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Sent>, in_flight: Arc<AtomicUsi
             }
         })
         .await;
-        let Some(mut done) = ready else {
+        let Some(done) = ready else {
             return;
         };
         // Orphans first: a publish registered in this round may own one.
         orphans.retain(|(id, exchange, key)| !mark_returned(&mut waiting, id, exchange, key));
         // Every return of the round, before any settlement.
-        for (_, result) in done.iter_mut() {
-            let returned = match result {
+        for (seq, mut result) in done {
+            let returned = match &mut result {
                 Ok(Confirmation::Ack(message)) | Ok(Confirmation::Nack(message)) => message.take(),
                 _ => None,
             };
@@ -321,34 +341,42 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Sent>, in_flight: Arc<AtomicUsi
                     orphans.push((id, exchange, key));
                 }
             }
+            if let Some(w) = waiting.get_mut(&seq) {
+                w.result = Some(result);
+            }
         }
         if orphans.len() > MAX_ORPHANS {
             warn!(
                 orphans = orphans.len(),
                 "returned messages match no publish of the channel: failing its publishes"
             );
-            for (_, w) in waiting.iter_mut() {
+            for w in waiting.values_mut() {
                 w.returned = true;
+                w.ambiguous = true;
             }
             orphans.clear();
         }
-        for (seq, result) in done {
-            let Some(w) = waiting.remove(&seq) else {
-                continue;
-            };
+        // Settle from the oldest, while the oldest has its confirm.
+        while let Some(entry) = waiting.first_entry() {
+            if entry.get().result.is_none() {
+                break;
+            }
+            let w = entry.remove();
             in_flight.fetch_sub(1, Ordering::AcqRel);
-            let settled = match result {
-                Ok(_) if w.returned => Settled::Returned,
-                Ok(Confirmation::Ack(_)) => Settled::Ack,
-                Ok(Confirmation::Nack(_)) => Settled::Nack,
-                Ok(Confirmation::NotRequested) => Settled::Failed(
+            let settled = match w.result {
+                Some(Ok(_)) if w.returned => Settled::Returned {
+                    ambiguous: w.ambiguous,
+                },
+                Some(Ok(Confirmation::Ack(_))) => Settled::Ack,
+                Some(Ok(Confirmation::Nack(_))) => Settled::Nack,
+                Some(Ok(Confirmation::NotRequested)) | None => Settled::Failed(
                     lapin::ErrorKind::InvalidChannelState(
                         lapin::ChannelState::Closed,
                         "the channel is not in confirm mode",
                     )
                     .into(),
                 ),
-                Err(e) => Settled::Failed(e),
+                Some(Err(e)) => Settled::Failed(e),
             };
             // The publisher may have stopped waiting (its deadline passed).
             let _ = w.reply.send(settled);
@@ -358,14 +386,15 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Sent>, in_flight: Arc<AtomicUsi
 
 /// Marks every waiting publish with this identity as returned; true when
 /// one was. A return without a message-id (none of ours) marks them all.
+/// When several match, each is marked ambiguous: one of them was returned.
 fn mark_returned(
-    waiting: &mut HashMap<u64, Waiting>,
+    waiting: &mut BTreeMap<u64, Waiting>,
     id: &Option<String>,
     exchange: &str,
     key: &str,
 ) -> bool {
-    let mut any = false;
-    for w in waiting.values_mut() {
+    let mut matched = Vec::new();
+    for (seq, w) in waiting.iter() {
         let same = match id {
             Some(id) => {
                 w.message_id.as_deref() == Some(id.as_str())
@@ -375,11 +404,17 @@ fn mark_returned(
             None => true,
         };
         if same {
-            w.returned = true;
-            any = true;
+            matched.push(*seq);
         }
     }
-    any
+    let ambiguous = matched.len() > 1;
+    for seq in &matched {
+        if let Some(w) = waiting.get_mut(seq) {
+            w.returned = true;
+            w.ambiguous |= ambiguous;
+        }
+    }
+    !matched.is_empty()
 }
 
 #[cfg(test)]
@@ -392,13 +427,15 @@ mod tests {
             exchange: exchange.into(),
             routing_key: key.into(),
             returned: false,
+            ambiguous: false,
+            result: None,
             reply: oneshot::channel().0,
         }
     }
 
     #[test]
     fn a_return_marks_only_publishes_with_its_identity() {
-        let mut w = HashMap::new();
+        let mut w = BTreeMap::new();
         w.insert(1, waiting(Some("a"), "x", "k"));
         w.insert(2, waiting(Some("b"), "x", "k"));
         w.insert(3, waiting(Some("a"), "x", "other"));
@@ -411,16 +448,16 @@ mod tests {
 
     #[test]
     fn publishes_sharing_an_id_are_all_marked() {
-        let mut w = HashMap::new();
+        let mut w = BTreeMap::new();
         w.insert(1, waiting(Some("a"), "x", "k"));
         w.insert(2, waiting(Some("a"), "x", "k"));
         assert!(mark_returned(&mut w, &Some("a".into()), "x", "k"));
-        assert!(w.values().all(|w| w.returned));
+        assert!(w.values().all(|w| w.returned && w.ambiguous));
     }
 
     #[test]
     fn a_return_without_an_id_marks_every_publish() {
-        let mut w = HashMap::new();
+        let mut w = BTreeMap::new();
         w.insert(1, waiting(Some("a"), "x", "k"));
         w.insert(2, waiting(None, "y", "j"));
         assert!(mark_returned(&mut w, &None, "x", "k"));

@@ -32,12 +32,13 @@
 //! but its original is never acked on it.
 
 mod lane;
+pub mod outbox;
 mod publisher;
 mod spool;
 
 pub use publisher::{
-    DEFAULT_PUBLISH_TIMEOUT, Message, PendingConfirm, PooledChannel, Published, Publisher,
-    PublisherBuilder, PublisherStats,
+    DEFAULT_PARK_UNROUTABLE_AFTER, DEFAULT_PUBLISH_TIMEOUT, Message, PendingConfirm, PooledChannel,
+    Published, Publisher, PublisherBuilder, PublisherStats,
 };
 pub use spool::{
     DEFAULT_MAX_BYTES as DEFAULT_SPOOL_MAX_BYTES,

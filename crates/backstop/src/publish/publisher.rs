@@ -27,9 +27,10 @@ pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// confirms.
 const DRAIN_BATCH: usize = 512;
 
-/// How often a spooled message may come back unroutable before it is
-/// parked (its exchange or queue is gone, not just late).
-const RETURNS_BEFORE_PARKING: u32 = 3;
+/// How long a spooled message may keep coming back unroutable before it is
+/// parked: long enough for a broker's definitions to load, or for
+/// consumers to declare their queues, after a restart.
+pub const DEFAULT_PARK_UNROUTABLE_AFTER: Duration = Duration::from_secs(300);
 
 /// A message to publish.
 #[derive(Clone, Debug)]
@@ -111,7 +112,7 @@ impl Message {
 }
 
 /// A random 128-bit id in the UUID v4 layout.
-fn new_message_id() -> String {
+pub(crate) fn new_message_id() -> String {
     let mut b = [0u8; 16];
     fastrand::fill(&mut b);
     b[6] = (b[6] & 0x0f) | 0x40;
@@ -214,9 +215,19 @@ pub struct PublisherBuilder {
     spool: Option<PathBuf>,
     max_messages: u64,
     max_bytes: u64,
+    park_after: Duration,
 }
 
 impl PublisherBuilder {
+    /// How long a spooled message may keep coming back unroutable (no queue
+    /// bound for it) before the drain parks it in the spool file's `parked`
+    /// table (default 5 minutes). Until then it is sent again with every
+    /// batch, and the messages behind it drain past it.
+    pub fn park_unroutable_after(mut self, after: Duration) -> Self {
+        self.park_after = after;
+        self
+    }
+
     /// The size of the channel pool (at least 1; default 4).
     pub fn channels(mut self, channels: usize) -> Self {
         self.channels = channels.max(1);
@@ -263,9 +274,10 @@ impl PublisherBuilder {
         let (shutdown, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             supervisor,
-            slots: std::sync::Mutex::new((0..self.channels).map(|_| Slot::default()).collect()),
-            permits: Arc::new(Semaphore::new(self.channels)),
+            pool: Pool::new(self.channels),
+            drain_pool: Pool::new(1),
             timeout: self.timeout,
+            park_after: self.park_after,
             spool,
             counters: Counters::default(),
             open_lanes: AtomicUsize::new(0),
@@ -288,6 +300,33 @@ impl PublisherBuilder {
     }
 }
 
+/// A bounded set of channels: as many permits as slots, so a permit holder
+/// always finds a free slot.
+struct Pool {
+    slots: std::sync::Mutex<Vec<Slot>>,
+    permits: Arc<Semaphore>,
+}
+
+impl Pool {
+    fn new(channels: usize) -> Self {
+        Pool {
+            slots: std::sync::Mutex::new((0..channels).map(|_| Slot::default()).collect()),
+            permits: Arc::new(Semaphore::new(channels)),
+        }
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Which pool a guard came from.
+#[derive(Clone, Copy, Debug)]
+enum Which {
+    Main,
+    Drain,
+}
+
 #[derive(Default)]
 struct Slot {
     lane: Option<Lane>,
@@ -296,9 +335,14 @@ struct Slot {
 
 struct Inner {
     supervisor: ConnectionSupervisor,
-    slots: std::sync::Mutex<Vec<Slot>>,
-    permits: Arc<Semaphore>,
+    /// The channels publishes take.
+    pool: Pool,
+    /// The drain's own channel: nothing else is ever in flight on it, so a
+    /// channel the broker closes while the drain sends one message alone
+    /// was closed over that message.
+    drain_pool: Pool,
     timeout: Duration,
+    park_after: Duration,
     spool: Option<Spool>,
     counters: Counters,
     open_lanes: AtomicUsize,
@@ -309,8 +353,11 @@ struct Inner {
 }
 
 impl Inner {
-    fn slots(&self) -> std::sync::MutexGuard<'_, Vec<Slot>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    fn pool(&self, which: Which) -> &Pool {
+        match which {
+            Which::Main => &self.pool,
+            Which::Drain => &self.drain_pool,
+        }
     }
 
     /// True when a connection is open and not blocked.
@@ -378,7 +425,10 @@ pub struct Publisher {
 impl fmt::Debug for Publisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Publisher")
-            .field("channels", &self.inner.permits.available_permits())
+            .field(
+                "free_channels",
+                &self.inner.pool.permits.available_permits(),
+            )
             .field("timeout", &self.inner.timeout)
             .field("spool", &self.inner.spool)
             .finish()
@@ -397,6 +447,7 @@ impl Publisher {
             spool: None,
             max_messages: spool::DEFAULT_MAX_MESSAGES,
             max_bytes: spool::DEFAULT_MAX_BYTES,
+            park_after: DEFAULT_PARK_UNROUTABLE_AFTER,
         }
     }
 
@@ -431,7 +482,7 @@ impl Publisher {
     /// it back; a channel that failed is replaced by the next taker.
     pub async fn acquire(&self) -> Result<PooledChannel, PublishError> {
         let deadline = Instant::now() + self.inner.timeout;
-        acquire(&self.inner, deadline).await
+        acquire(&self.inner, Which::Main, deadline).await
     }
 
     /// Publishes `message` and resolves once the broker confirmed it, or,
@@ -478,7 +529,7 @@ impl Publisher {
             let flags = vec![false; messages.len()];
             return to_spool(inner, messages, flags).await;
         }
-        let outcomes = send_all(inner, &messages).await;
+        let outcomes = send_all(inner, Which::Main, &messages).await;
         let mut results: Vec<Option<Result<Published, PublishError>>> =
             Vec::with_capacity(messages.len());
         let mut spool_these = Vec::new();
@@ -495,6 +546,10 @@ impl Publisher {
                         spool_these.push((i, failure.uncertain));
                         results.push(None);
                     } else {
+                        // Back to the caller, who may publish it again.
+                        if failure.uncertain {
+                            inner.counters.uncertain.fetch_add(1, Ordering::Relaxed);
+                        }
                         results.push(Some(Err(failure.error)));
                     }
                 }
@@ -553,15 +608,12 @@ impl Publisher {
         if let Some(task) = task {
             let _ = tokio::time::timeout(inner.timeout + Duration::from_secs(1), task).await;
         }
-        let lanes: Vec<Lane> = inner
-            .slots()
-            .iter_mut()
-            .filter_map(|s| s.lane.take())
-            .collect();
-        for lane in lanes {
-            inner.open_lanes.fetch_sub(1, Ordering::AcqRel);
-            lane.close_now().await;
+        let mut lanes: Vec<Lane> = Vec::new();
+        for pool in [&inner.pool, &inner.drain_pool] {
+            lanes.extend(pool.slots().iter_mut().filter_map(|s| s.lane.take()));
         }
+        inner.open_lanes.fetch_sub(lanes.len(), Ordering::AcqRel);
+        futures_util::future::join_all(lanes.into_iter().map(Lane::close_now)).await;
         inner.supervisor.close().await;
         if let Some(spool) = &inner.spool {
             spool.close().await;
@@ -574,6 +626,10 @@ struct Failure {
     error: PublishError,
     /// Sent, and not known to be refused: may be stored.
     uncertain: bool,
+    /// The broker closed the channel with a soft error (the connection up),
+    /// for a reason that did not name this publish: this one or a
+    /// neighbour on the channel was refused.
+    soft_close: bool,
 }
 
 impl Failure {
@@ -600,9 +656,13 @@ fn count_failure(inner: &Inner, error: &PublishError) {
 
 /// Sends `messages` in order on one channel and waits for their confirms,
 /// all within one publish timeout.
-async fn send_all(inner: &Arc<Inner>, messages: &[Message]) -> Vec<Result<(), Failure>> {
+async fn send_all(
+    inner: &Arc<Inner>,
+    which: Which,
+    messages: &[Message],
+) -> Vec<Result<(), Failure>> {
     let deadline = Instant::now() + inner.timeout;
-    let mut guard = match acquire(inner, deadline).await {
+    let mut guard = match acquire(inner, which, deadline).await {
         Ok(guard) => guard,
         Err(error) => {
             return messages
@@ -611,6 +671,7 @@ async fn send_all(inner: &Arc<Inner>, messages: &[Message]) -> Vec<Result<(), Fa
                     Err(Failure {
                         error: retarget(&error, m),
                         uncertain: false,
+                        soft_close: false,
                     })
                 })
                 .collect();
@@ -623,6 +684,7 @@ async fn send_all(inner: &Arc<Inner>, messages: &[Message]) -> Vec<Result<(), Fa
             pending.push(Err(Failure {
                 error: retarget(&failure.error, message),
                 uncertain: false,
+                soft_close: false,
             }));
             continue;
         }
@@ -632,6 +694,7 @@ async fn send_all(inner: &Arc<Inner>, messages: &[Message]) -> Vec<Result<(), Fa
                 stopped = Some(Failure {
                     error: failure.error.clone(),
                     uncertain: false,
+                    soft_close: false,
                 });
                 pending.push(Err(failure));
             }
@@ -667,7 +730,11 @@ fn retarget(error: &PublishError, message: &Message) -> PublishError {
 
 /// Takes a free slot (a permit guarantees one) and makes sure it holds a
 /// usable channel, within `deadline`.
-async fn acquire(inner: &Arc<Inner>, deadline: Instant) -> Result<PooledChannel, PublishError> {
+async fn acquire(
+    inner: &Arc<Inner>,
+    which: Which,
+    deadline: Instant,
+) -> Result<PooledChannel, PublishError> {
     let timed_out = |what: &str| PublishError::Channel {
         destination: String::new(),
         reason: format!("{what} within {:?}", inner.timeout),
@@ -678,12 +745,13 @@ async fn acquire(inner: &Arc<Inner>, deadline: Instant) -> Result<PooledChannel,
             reason: "the publisher is closed".into(),
         });
     }
-    let permit = tokio::time::timeout_at(deadline, inner.permits.clone().acquire_owned())
+    let pool = inner.pool(which);
+    let permit = tokio::time::timeout_at(deadline, pool.permits.clone().acquire_owned())
         .await
         .map_err(|_| timed_out("no free channel"))?
         .map_err(|_| timed_out("the pool is closed"))?;
     let (index, lane) = {
-        let mut slots = inner.slots();
+        let mut slots = pool.slots();
         let pick = slots
             .iter()
             .position(|s| !s.busy && s.lane.as_ref().is_some_and(Lane::is_usable))
@@ -699,6 +767,7 @@ async fn acquire(inner: &Arc<Inner>, deadline: Instant) -> Result<PooledChannel,
     };
     let mut guard = PooledChannel {
         inner: inner.clone(),
+        which,
         index,
         lane: None,
         _permit: permit,
@@ -736,6 +805,7 @@ async fn acquire(inner: &Arc<Inner>, deadline: Instant) -> Result<PooledChannel,
 /// guard is gone.
 pub struct PooledChannel {
     inner: Arc<Inner>,
+    which: Which,
     index: usize,
     lane: Option<Lane>,
     _permit: OwnedSemaphorePermit,
@@ -752,7 +822,7 @@ impl fmt::Debug for PooledChannel {
 impl Drop for PooledChannel {
     fn drop(&mut self) {
         let lane = self.lane.take();
-        let mut slots = self.inner.slots();
+        let mut slots = self.inner.pool(self.which).slots();
         let Some(slot) = slots.get_mut(self.index) else {
             return;
         };
@@ -799,12 +869,26 @@ impl PooledChannel {
                     reason: "the channel was given up".into(),
                 },
                 uncertain: false,
+                soft_close: false,
             });
         };
         if lane.is_blocked() {
             return Err(Failure {
                 error: PublishError::Blocked { destination },
                 uncertain: false,
+                soft_close: false,
+            });
+        }
+        if !lane.is_usable() {
+            // Failed, or tainted by a cancelled send: a confirm or return of
+            // that send could land on this one.
+            return Err(Failure {
+                error: PublishError::Channel {
+                    destination,
+                    reason: "the channel failed or a publish on it was cancelled".into(),
+                },
+                uncertain: false,
+                soft_close: false,
             });
         }
         let sent = tokio::time::timeout_at(
@@ -833,6 +917,7 @@ impl PooledChannel {
                     reason: crate::connection::describe(&e),
                 },
                 uncertain: false,
+                soft_close: false,
             }),
             // Written or not: the lane is tainted, the outcome unknown.
             Err(_) => Err(Failure {
@@ -841,6 +926,7 @@ impl PooledChannel {
                     after: self.inner.timeout,
                 },
                 uncertain: true,
+                soft_close: false,
             }),
         }
     }
@@ -870,6 +956,7 @@ impl Confirm {
                         after: self.timeout,
                     },
                     uncertain: true,
+                    soft_close: false,
                 });
             }
             Ok(Err(_)) => {
@@ -879,19 +966,24 @@ impl Confirm {
                         reason: "the channel's collector stopped".into(),
                     },
                     uncertain: true,
+                    soft_close: false,
                 });
             }
             Ok(Ok(settled)) => settled,
         };
         match settled {
             Settled::Ack => Ok(()),
-            Settled::Returned => Err(Failure {
+            // Ambiguous: a publish with the same message-id was returned
+            // and this one may be stored.
+            Settled::Returned { ambiguous } => Err(Failure {
                 error: PublishError::Unroutable { destination },
-                uncertain: false,
+                uncertain: ambiguous,
+                soft_close: false,
             }),
             Settled::Nack => Err(Failure {
                 error: PublishError::Nacked { destination },
                 uncertain: false,
+                soft_close: false,
             }),
             Settled::Failed(e) => {
                 let reason = crate::connection::describe(&e);
@@ -902,21 +994,25 @@ impl Confirm {
                 // ones the broker's reason names are refused; the others
                 // lost their confirm (uncertain: sent before the offender,
                 // they may be stored).
-                let refused = match e.kind() {
-                    lapin::ErrorKind::ProtocolError(amqp)
-                        if matches!(amqp.kind(), AMQPErrorKind::Soft(_)) =>
-                    {
-                        refusal_names(amqp.get_message().as_str(), &self.exchange, self.size)
-                    }
-                    _ => false,
-                };
-                if refused && self.live.is_connected() {
+                let soft = matches!(
+                    e.kind(),
+                    lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(_))
+                ) && self.live.is_connected();
+                let refused = soft
+                    && match e.kind() {
+                        lapin::ErrorKind::ProtocolError(amqp) => {
+                            refusal_names(amqp.get_message().as_str(), &self.exchange, self.size)
+                        }
+                        _ => false,
+                    };
+                if refused {
                     Err(Failure {
                         error: PublishError::Refused {
                             destination,
                             reason,
                         },
                         uncertain: false,
+                        soft_close: false,
                     })
                 } else {
                     Err(Failure {
@@ -925,6 +1021,7 @@ impl Confirm {
                             reason,
                         },
                         uncertain: true,
+                        soft_close: soft,
                     })
                 }
             }
@@ -1034,83 +1131,30 @@ async fn to_spool(
     }
 }
 
-/// Entries of a drained batch that the broker confirmed, to delete from the
-/// spool while the next batch is out.
-struct Confirmed {
-    ids: Vec<i64>,
-    /// Failures of the batch that may have reached the broker.
-    doubtful: u64,
-}
-
-/// Deletes a batch's confirmed entries and counts them; false when the
-/// delete failed (they stay spooled and are sent again: duplicates).
-async fn delete_confirmed(inner: &Inner, spool: &Spool, done: Option<Confirmed>) -> bool {
-    let Some(Confirmed { ids, doubtful }) = done else {
-        return true;
-    };
-    let n = ids.len() as u64;
-    if let Err(e) = spool.delete(ids).await {
-        // Confirmed but still spooled: sent again later, a duplicate.
-        warn!(error = %e, "deleting confirmed messages from the spool failed");
-        inner.counters.uncertain.fetch_add(n, Ordering::Relaxed);
-        return false;
-    }
-    inner.counters.drained.fetch_add(n, Ordering::Relaxed);
-    inner
-        .counters
-        .uncertain
-        .fetch_add(doubtful, Ordering::Relaxed);
-    if n > 0 {
-        debug!(
-            messages = n,
-            left = spool.messages(),
-            "drained from the spool"
-        );
-    }
-    true
-}
-
 /// Publishes the spool in order, with confirms, while the broker is up;
 /// deletes each entry only once it is confirmed.
-///
-/// One batch is out at a time, so the first copies reach the broker in
-/// spool order. While it is out, the next batch is read from the spool and
-/// the previous batch's confirmed entries are deleted (a delete waits for
-/// its fsync), so the broker's confirms, not the spool, set the pace.
 async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
     let mut shutdown = match inner.upgrade() {
         Some(inner) => inner.shutdown.subscribe(),
         None => return,
     };
     let mut backoff = Duration::ZERO;
-    let mut returns: HashMap<i64, u32> = HashMap::new();
-    // The entries after the batch out, read while it was out.
-    let mut prefetched: Option<Vec<spool::Entry>> = None;
-    // The confirmed entries of the batch before, not deleted yet.
-    let mut pending: Option<Confirmed> = None;
+    let mut unroutable_since: HashMap<i64, std::time::Instant> = HashMap::new();
+    let mut isolate = false;
     loop {
+        if *shutdown.borrow() {
+            return;
+        }
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        if *shutdown.borrow() {
-            delete_confirmed(&strong, &spool, pending.take()).await;
-            return;
-        }
         if !backoff.is_zero() {
-            delete_confirmed(&strong, &spool, pending.take()).await;
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.changed() => return,
             }
         }
         if spool.messages() == 0 || !strong.can_send() {
-            if pending.is_some() {
-                if !delete_confirmed(&strong, &spool, pending.take()).await {
-                    backoff = next_backoff(backoff);
-                }
-                prefetched = None;
-                continue;
-            }
             // Woken by a spooling publish, or checked again shortly (the
             // connection coming back is seen here).
             tokio::select! {
@@ -1120,32 +1164,25 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
             }
             continue;
         }
-        let entries = match prefetched.take() {
-            Some(entries) => entries,
-            None => {
-                // From the start: nothing confirmed may still be there.
-                if !delete_confirmed(&strong, &spool, pending.take()).await {
-                    backoff = next_backoff(backoff);
-                    continue;
-                }
-                match spool.peek(0, DRAIN_BATCH).await {
-                    Ok(entries) => entries,
-                    Err(e) => {
-                        warn!(error = %e, "reading the spool failed");
-                        backoff = next_backoff(backoff);
-                        continue;
-                    }
-                }
+        // After a channel closed over a publish the broker did not name,
+        // one message at a time, to find the one it refuses.
+        let limit = if isolate { 1 } else { DRAIN_BATCH };
+        let entries = match spool.peek(0, limit).await {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(error = %e, "reading the spool failed");
+                backoff = next_backoff(backoff);
+                continue;
             }
         };
-        let Some(last) = entries.last().map(|e| e.id) else {
-            // Everything was sent: delete the last batch, then read again
-            // from the start.
-            if !delete_confirmed(&strong, &spool, pending.take()).await {
-                backoff = next_backoff(backoff);
+        if entries.is_empty() {
+            tokio::select! {
+                _ = strong.wake_drain.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.changed() => return,
             }
             continue;
-        };
+        }
         let messages: Vec<Message> = entries
             .iter()
             .map(|e| Message {
@@ -1155,53 +1192,80 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
                 properties: e.properties.clone(),
             })
             .collect();
-        let (outcomes, next, deleted) = tokio::join!(
-            send_all(&strong, &messages),
-            spool.peek(last, DRAIN_BATCH),
-            delete_confirmed(&strong, &spool, pending.take()),
-        );
+        let alone = entries.len() == 1;
+        let outcomes = send_all(&strong, Which::Drain, &messages).await;
         let mut confirmed = Vec::new();
-        let mut failed = !deleted;
+        let mut failed = false;
+        let mut soft_close = false;
         let mut doubtful = 0u64;
         for (entry, outcome) in entries.iter().zip(outcomes) {
             match outcome {
                 Ok(()) => {
-                    returns.remove(&entry.id);
+                    unroutable_since.remove(&entry.id);
                     confirmed.push(entry.id);
                 }
                 Err(failure) => {
                     failed = true;
+                    soft_close |= failure.soft_close;
                     if failure.uncertain {
                         doubtful += 1;
                     }
                     let park = match &failure.error {
                         PublishError::Refused { .. } => Some(failure.error.to_string()),
+                        // Sent alone, and the broker closed the channel over it.
+                        PublishError::Channel { reason, .. } if failure.soft_close && alone => {
+                            Some(format!("the broker refused it: {reason}"))
+                        }
                         PublishError::Unroutable { .. } => {
-                            let n = returns.entry(entry.id).or_insert(0);
-                            *n += 1;
-                            (*n >= RETURNS_BEFORE_PARKING).then(|| {
-                                format!("{} ({} times)", failure.error, RETURNS_BEFORE_PARKING)
-                            })
+                            let since = *unroutable_since
+                                .entry(entry.id)
+                                .or_insert_with(std::time::Instant::now);
+                            (since.elapsed() >= strong.park_after)
+                                .then(|| format!("{} for {:?}", failure.error, since.elapsed()))
                         }
                         _ => None,
                     };
                     if let Some(reason) = park {
-                        returns.remove(&entry.id);
+                        unroutable_since.remove(&entry.id);
                         warn!(id = entry.id, %reason, "parking a spooled message: it cannot be published");
-                        if let Err(e) = spool.park(entry.id, reason).await {
-                            warn!(error = %e, "parking a spooled message failed");
+                        match spool.park(entry.id, reason).await {
+                            // Its failure was settled: no duplicate of it.
+                            Ok(()) => {
+                                doubtful = doubtful.saturating_sub(u64::from(failure.uncertain))
+                            }
+                            Err(e) => warn!(error = %e, "parking a spooled message failed"),
                         }
                     }
                 }
             }
         }
-        pending = Some(Confirmed {
-            ids: confirmed,
-            doubtful,
-        });
-        // After a failure, read again from the start (what failed first).
-        prefetched = if failed { None } else { next.ok() };
-        backoff = if failed {
+        isolate = soft_close && !alone;
+        let n = confirmed.len() as u64;
+        if let Err(e) = spool.delete(confirmed).await {
+            // Confirmed but still spooled: sent again later, a duplicate.
+            warn!(error = %e, "deleting confirmed messages from the spool failed");
+            strong
+                .counters
+                .uncertain
+                .fetch_add(n + doubtful, Ordering::Relaxed);
+            backoff = next_backoff(backoff);
+            continue;
+        }
+        strong.counters.drained.fetch_add(n, Ordering::Relaxed);
+        strong
+            .counters
+            .uncertain
+            .fetch_add(doubtful, Ordering::Relaxed);
+        if n > 0 {
+            debug!(
+                messages = n,
+                left = spool.messages(),
+                "drained from the spool"
+            );
+        }
+        // Back off only when nothing moved: an unroutable message at the
+        // head must not slow the ones behind it.
+        backoff = if failed && n == 0 && !isolate {
             next_backoff(backoff)
         } else {
             Duration::ZERO

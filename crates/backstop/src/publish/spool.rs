@@ -38,6 +38,7 @@ const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS spool (
     size INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS parked (
     id INTEGER PRIMARY KEY,
+    spool_id INTEGER NOT NULL,
     created_ms INTEGER NOT NULL,
     parked_ms INTEGER NOT NULL,
     reason TEXT NOT NULL,
@@ -122,12 +123,32 @@ enum Op {
 /// Counters of the spool, shared with the writer thread.
 #[derive(Debug, Default)]
 struct Gauges {
-    /// Messages stored or reserved by an append in progress.
+    /// Messages and bytes stored (committed).
     messages: AtomicU64,
     bytes: AtomicU64,
+    /// Messages and bytes of appends in progress, counted against the
+    /// bounds until they end.
+    reserved_messages: AtomicU64,
+    reserved_bytes: AtomicU64,
     /// `created_ms` of the oldest stored message; 0 when empty.
     oldest_ms: AtomicI64,
     parked: AtomicU64,
+}
+
+/// Messages and bytes counted against the bounds for an append in
+/// progress; given back when it ends, however it ends.
+struct Reservation<'a> {
+    gauges: &'a Gauges,
+    count: u64,
+    size: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        let g = self.gauges;
+        g.reserved_messages.fetch_sub(self.count, Ordering::AcqRel);
+        g.reserved_bytes.fetch_sub(self.size, Ordering::AcqRel);
+    }
 }
 
 /// A handle to the spool; clones share the writer thread, which ends when
@@ -202,12 +223,12 @@ impl Spool {
         }
     }
 
-    /// Messages in the spool (appends in progress included).
+    /// Messages in the spool.
     pub(crate) fn messages(&self) -> u64 {
         self.gauges.messages.load(Ordering::Acquire)
     }
 
-    /// Bytes in the spool (appends in progress included).
+    /// Bytes in the spool.
     pub(crate) fn bytes(&self) -> u64 {
         self.gauges.bytes.load(Ordering::Acquire)
     }
@@ -233,6 +254,13 @@ impl Spool {
         for entry in entries {
             let properties = serde_json::to_string(&entry.properties)
                 .map_err(|e| self.io(format!("encoding the properties: {e}")))?;
+            // What cannot be read back (a NaN or an infinite float in a
+            // header becomes null) would be parked unpublished: refuse it now.
+            if let Err(e) = serde_json::from_str::<BasicProperties>(&properties) {
+                return Err(self.io(format!(
+                    "the message's properties cannot be stored and read back ({e}): not spooled"
+                )));
+            }
             let size = entry.size(&properties);
             rows.push((entry, properties, size));
         }
@@ -240,17 +268,21 @@ impl Spool {
         let size: u64 = rows.iter().map(|(_, _, s)| s).sum();
         {
             let _one = self.reserve.lock().unwrap_or_else(|e| e.into_inner());
-            let messages = self.messages();
-            let bytes = self.bytes();
+            let g = &self.gauges;
+            let messages = self.messages() + g.reserved_messages.load(Ordering::Acquire);
+            let bytes = self.bytes() + g.reserved_bytes.load(Ordering::Acquire);
             if messages + count > self.max_messages || bytes + size > self.max_bytes {
                 return Err(SpoolError::Full { messages, bytes });
             }
-            self.gauges.messages.fetch_add(count, Ordering::AcqRel);
-            self.gauges.bytes.fetch_add(size, Ordering::AcqRel);
+            g.reserved_messages.fetch_add(count, Ordering::AcqRel);
+            g.reserved_bytes.fetch_add(size, Ordering::AcqRel);
         }
-        let release = || {
-            self.gauges.messages.fetch_sub(count, Ordering::AcqRel);
-            self.gauges.bytes.fetch_sub(size, Ordering::AcqRel);
+        // Released when the append ends, even if the caller is cancelled
+        // while it waits; the writer counts what it committed.
+        let _reservation = Reservation {
+            gauges: &self.gauges,
+            count,
+            size,
         };
         let (reply, answer) = oneshot::channel();
         if self
@@ -261,19 +293,12 @@ impl Spool {
             })
             .is_err()
         {
-            release();
             return Err(self.io("the spool writer stopped".into()));
         }
         match answer.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => {
-                release();
-                Err(self.io(reason))
-            }
-            Err(_) => {
-                release();
-                Err(self.io("the spool writer stopped".into()))
-            }
+            Ok(Err(reason)) => Err(self.io(reason)),
+            Err(_) => Err(self.io("the spool writer stopped".into())),
         }
     }
 
@@ -408,6 +433,7 @@ fn write(connection: &mut Connection, batch: &mut Vec<Op>, gauges: &Gauges) {
     let now = now_ms() as i64;
     // What the transaction takes out of the spool, applied once it commits.
     let mut removed = (0u64, 0u64);
+    let mut added = (0u64, 0u64);
     let mut parked = 0u64;
     let result = (|| -> Result<(), rusqlite::Error> {
         let tx = connection.transaction()?;
@@ -419,7 +445,7 @@ fn write(connection: &mut Connection, batch: &mut Vec<Op>, gauges: &Gauges) {
             let mut size_of = tx.prepare_cached("SELECT size FROM spool WHERE id = ?1")?;
             let mut delete = tx.prepare_cached("DELETE FROM spool WHERE id = ?1")?;
             let mut park = tx.prepare_cached(
-                "INSERT INTO parked (id, created_ms, parked_ms, reason, exchange, routing_key, properties, body)
+                "INSERT INTO parked (spool_id, created_ms, parked_ms, reason, exchange, routing_key, properties, body)
                  SELECT id, created_ms, ?2, ?3, exchange, routing_key, properties, body FROM spool WHERE id = ?1",
             )?;
             let mut remove = |id: i64| -> Result<bool, rusqlite::Error> {
@@ -446,6 +472,8 @@ fn write(connection: &mut Connection, batch: &mut Vec<Op>, gauges: &Gauges) {
                                 entry.body,
                                 *size as i64
                             ])?;
+                            added.0 += 1;
+                            added.1 += *size;
                         }
                     }
                     Op::Delete { ids, .. } => {
@@ -466,6 +494,8 @@ fn write(connection: &mut Connection, batch: &mut Vec<Op>, gauges: &Gauges) {
     })();
     let error = match result {
         Ok(()) => {
+            gauges.messages.fetch_add(added.0, Ordering::AcqRel);
+            gauges.bytes.fetch_add(added.1, Ordering::AcqRel);
             gauges.messages.fetch_sub(removed.0, Ordering::AcqRel);
             gauges.bytes.fetch_sub(removed.1, Ordering::AcqRel);
             gauges.parked.fetch_add(parked, Ordering::AcqRel);

@@ -17,6 +17,7 @@
 mod scanner;
 mod sql;
 
+pub(crate) use scanner::unique_owner;
 pub use scanner::{Redrive, RedriveFn, Scanner, ScannerConfig, ScannerReport};
 pub use sql::SqlStore;
 pub(crate) use sql::{Backend, open_pool};

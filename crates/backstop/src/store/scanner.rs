@@ -80,6 +80,12 @@ impl Default for ScannerConfig {
 /// A lease owner unique across hosts and restarts: host, pid and a random
 /// part. A pid alone is 1 in every container.
 fn default_owner() -> String {
+    unique_owner("scanner")
+}
+
+/// A name for a lease holder in `role`, unique across hosts and restarts:
+/// `<role>-<host>-<pid>-<random>`.
+pub(crate) fn unique_owner(role: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
@@ -87,7 +93,7 @@ fn default_owner() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown-host".to_owned());
     format!(
-        "scanner-{host}-{}-{:08x}",
+        "{role}-{host}-{}-{:08x}",
         std::process::id(),
         fastrand::u32(..)
     )
