@@ -9,11 +9,14 @@
 //!   tasks;
 //! - the naive pattern: one publish, its confirm, the next publish;
 //! - the spool: filled while the broker is unreachable, then drained;
-//! - the sidecar's HTTP publish endpoint, when `backstop run` has one.
+//! - the sidecar's HTTP publish endpoint (`backstop run` with `[publish]`,
+//!   this executable as a child process), over keep-alive connections.
 
 use super::{cpu_time, median};
+use crate::sidecar::{Sidecar, free_port, write_private};
 use crate::{UsageError, ui};
 use anyhow::Context;
+use backstop::config::Config;
 use backstop::connection::{Backoff, ConnectionConfig, ConnectionState, LiveConnection};
 use backstop::publish::{Message, Published, Publisher};
 use lapin::options::{
@@ -53,7 +56,10 @@ pub(crate) struct PublishArgs {
     /// Channels of the Publisher's pool.
     #[arg(long, default_value_t = backstop::publish::DEFAULT_CHANNELS)]
     channels: usize,
-    /// Skip the sidecar's HTTP endpoint.
+    /// Concurrent requests to the sidecar's publish endpoint.
+    #[arg(long, default_value_t = 64)]
+    http_concurrency: usize,
+    /// Skip the sidecar's publish endpoint (`backstop run` with `[publish]`).
     #[arg(long)]
     no_sidecar: bool,
     #[command(flatten)]
@@ -75,16 +81,7 @@ enum Kind {
     Tasks,
     Naive,
     Spool,
-}
-
-impl Kind {
-    const ALL: [Kind; 5] = [
-        Kind::Ceiling,
-        Kind::Batches,
-        Kind::Tasks,
-        Kind::Naive,
-        Kind::Spool,
-    ];
+    Sidecar,
 }
 
 pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
@@ -93,9 +90,12 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         || args.in_flight == 0
         || args.batch == 0
         || args.channels == 0
+        || args.http_concurrency == 0
     {
         return Err(UsageError(
-            "--messages, --rounds, --in-flight, --batch and --channels must be at least 1".into(),
+            "--messages, --rounds, --in-flight, --batch, --channels and --http-concurrency \
+             must be at least 1"
+                .into(),
         )
         .into());
     }
@@ -107,6 +107,11 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         .channels(args.channels)
         .start()
         .await?;
+    let mut sidecar = if args.no_sidecar {
+        None
+    } else {
+        Some(SidecarEndpoint::start(&config, args.channels).await?)
+    };
     let run = Run {
         live: &live,
         admin: &admin,
@@ -118,40 +123,62 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     let batches_in_flight = (args.in_flight / args.batch).max(1);
     println!(
         "publishing {} persistent messages of {} bytes per measurement to a fresh durable \
-         classic queue; naive: {}",
+         classic queue; naive: {}; sidecar: {}",
         args.messages,
         args.size,
-        run.naive_messages()
+        run.naive_messages(),
+        run.sidecar_messages()
     );
     println!(
         "publisher ({} channels): (batch) publish_batch of {} messages, {} calls in flight, \
-         the pattern the README recommends; (tasks) {} concurrent publish tasks",
-        args.channels, args.batch, batches_in_flight, args.in_flight
+         the pattern the README recommends; (tasks) {} concurrent publish tasks; sidecar: \
+         {} concurrent POSTs over {HTTP_CLIENTS} keep-alive clients",
+        args.channels, args.batch, batches_in_flight, args.in_flight, args.http_concurrency
     );
 
+    let mut kinds = vec![
+        Kind::Ceiling,
+        Kind::Batches,
+        Kind::Tasks,
+        Kind::Naive,
+        Kind::Spool,
+    ];
+    if sidecar.is_some() {
+        kinds.push(Kind::Sidecar);
+    }
     let mut all: Vec<Vec<(Kind, Measured)>> = Vec::new();
-    let mut drains = Vec::new();
     let mut fills = Vec::new();
     for round in 1..=args.rounds {
-        let mut order = Kind::ALL.to_vec();
-        order.rotate_left((round as usize - 1) % Kind::ALL.len());
+        let mut order = kinds.clone();
+        order.rotate_left((round as usize - 1) % kinds.len());
         let mut measured = Vec::new();
         for kind in order {
             let queue = run.fresh_queue(round, kind).await?;
             let m = match kind {
-                Kind::Ceiling => run.bare(&queue, args.messages, args.in_flight).await?,
-                Kind::Naive => run.bare(&queue, run.naive_messages(), 1).await?,
-                Kind::Batches => {
-                    run.batches(&publisher, &queue, args.messages, "publisher batch")
-                        .await?
-                        .0
-                }
-                Kind::Tasks => run.tasks(&queue).await?,
-                Kind::Spool => {
-                    let (fill, drain) = run.spool(&queue, round).await?;
+                Kind::Ceiling => run.bare(&queue, args.messages, args.in_flight).await,
+                Kind::Naive => run.bare(&queue, run.naive_messages(), 1).await,
+                Kind::Batches => run
+                    .batches(&publisher, &queue, args.messages, "publisher batch")
+                    .await
+                    .map(|(m, _)| m),
+                Kind::Tasks => run.tasks(&queue).await,
+                Kind::Spool => run.spool(&queue, round).await.map(|(fill, drain)| {
                     fills.push(fill.rate);
-                    drains.push(drain.rate);
                     drain
+                }),
+                Kind::Sidecar => match &sidecar {
+                    Some(endpoint) => run.sidecar(endpoint, &queue).await,
+                    None => continue,
+                },
+            };
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = run.delete_queue(&queue).await;
+                    if let Some(endpoint) = &mut sidecar {
+                        endpoint.stop().await;
+                    }
+                    return Err(e);
                 }
             };
             run.delete_queue(&queue).await?;
@@ -167,17 +194,12 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
                     cpu_us: f64::NAN,
                 })
         };
-        let (c, b, t, n) = (
-            get(Kind::Ceiling),
-            get(Kind::Batches),
-            get(Kind::Tasks),
-            get(Kind::Naive),
-        );
+        let (c, b, t) = (get(Kind::Ceiling), get(Kind::Batches), get(Kind::Tasks));
         println!(
             "round {round}: ceiling {:.0} msg/s ({:.1} us cpu/msg); publisher batch {:.0} msg/s \
              ({:.1} us cpu/msg, ratio {:.2}); publisher tasks {:.0} msg/s ({:.1} us cpu/msg, \
-             ratio {:.2}); naive {:.0} msg/s; spool fill {:.0} msg/s, drain {:.0} msg/s \
-             (order: {})",
+             ratio {:.2}); naive {:.0} msg/s; spool fill {:.0} msg/s, drain {:.0} msg/s; \
+             sidecar {:.0} msg/s (order: {})",
             c.rate,
             c.cpu_us,
             b.rate,
@@ -186,9 +208,10 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
             t.rate,
             t.cpu_us,
             t.rate / c.rate,
-            n.rate,
+            get(Kind::Naive).rate,
             fills.last().copied().unwrap_or(f64::NAN),
             get(Kind::Spool).rate,
+            get(Kind::Sidecar).rate,
             measured
                 .iter()
                 .map(|(k, _)| format!("{k:?}").to_lowercase())
@@ -197,6 +220,13 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
         );
         all.push(measured);
     }
+    if let Some(endpoint) = &mut sidecar {
+        endpoint.stop().await;
+    }
+    publisher.close().await;
+    let _ = admin.close(200, "bench done".into()).await;
+    supervisor.close().await;
+
     let rates = |k: Kind| {
         all.iter()
             .filter_map(move |round| round.iter().find(|(kind, _)| *kind == k))
@@ -211,35 +241,95 @@ pub(crate) async fn publish(args: PublishArgs) -> anyhow::Result<ExitCode> {
     };
     let ceiling = median(rates(Kind::Ceiling));
     let batches = median(rates(Kind::Batches));
-    let tasks = median(rates(Kind::Tasks));
     let naive = median(rates(Kind::Naive));
     let ratio = paired(Kind::Batches);
     println!(
-        "publisher tasks: {tasks:.0} msg/s ratio={:.2} ({} concurrent publish tasks)",
+        "publisher tasks: {:.0} msg/s ratio={:.2} ({} concurrent publish tasks)",
+        median(rates(Kind::Tasks)),
         paired(Kind::Tasks),
         args.in_flight
     );
     println!(
-        "spool (SQLite, synchronous=FULL): fill={:.0} msg/s spool_drain={:.0} msg/s",
+        "spool (SQLite, synchronous=FULL): fill={:.0} msg/s spool_drain={:.0} msg/s \
+         (ratio to the ceiling {:.2})",
         median(fills.into_iter()),
-        median(drains.into_iter())
+        median(rates(Kind::Spool)),
+        paired(Kind::Spool)
     );
-    let sidecar = if args.no_sidecar {
-        "n/a".to_owned()
+    let sidecar = if sidecar.is_some() {
+        format!("{:.0}", median(rates(Kind::Sidecar)))
     } else {
-        match run.sidecar().await? {
-            Some(rate) => format!("{rate:.0}"),
-            None => "n/a".to_owned(),
-        }
+        "n/a".to_owned()
     };
-    publisher.close().await;
-    let _ = admin.close(200, "bench done".into()).await;
-    supervisor.close().await;
     println!(
         "bench: ceiling={ceiling:.0} msg/s publisher={batches:.0} msg/s ratio={ratio:.2} \
          naive={naive:.0} msg/s sidecar={sidecar} msg/s"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// HTTP clients the sidecar measurement spreads its requests over.
+const HTTP_CLIENTS: usize = 4;
+
+/// `backstop run` (this executable) with only a `[publish]` section.
+struct SidecarEndpoint {
+    sidecar: Sidecar,
+    /// `http://127.0.0.1:PORT/publish`.
+    base: String,
+    dir: PathBuf,
+}
+
+impl SidecarEndpoint {
+    async fn start(config: &Config, channels: usize) -> anyhow::Result<Self> {
+        // reqwest is built without a crypto provider (as in the sidecar).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let uri = config
+            .broker
+            .uri
+            .clone()
+            .unwrap_or_else(|| ui::DEFAULT_URI.to_owned());
+        let dir =
+            std::env::temp_dir().join(format!("backstop-bench-sidecar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (metrics_port, publish_port) = (free_port()?, free_port()?);
+        let path = dir.join("backstop.toml");
+        write_private(
+            &path,
+            &format!(
+                "[broker]\nuri = {uri:?}\nconnection_name = \"backstop-bench-sidecar\"\n\n\
+                 [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+                 [publish]\nlisten = \"127.0.0.1:{publish_port}\"\nchannels = {channels}\n"
+            ),
+        )?;
+        let mut sidecar = Sidecar::new(path, dir.join("backstop.log"), metrics_port);
+        sidecar.start().await?;
+        // Ready: its broker connection is up; the publish listener too once
+        // it accepts a connection.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", publish_port))
+            .await
+            .is_err()
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the sidecar's publish endpoint did not listen within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(SidecarEndpoint {
+            sidecar,
+            base: format!("http://127.0.0.1:{publish_port}/publish"),
+            dir,
+        })
+    }
+
+    async fn stop(&mut self) {
+        if let Some(problem) = self.sidecar.stop().await {
+            eprintln!("{problem}");
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// What every measurement shares.
@@ -557,10 +647,87 @@ impl Run<'_> {
         Ok((fill, measured))
     }
 
-    /// The sidecar's HTTP publish endpoint; `None` where this build's
-    /// `backstop run` has none.
-    async fn sidecar(&self) -> anyhow::Result<Option<f64>> {
-        Ok(None)
+    fn sidecar_messages(&self) -> u64 {
+        (self.args.messages / 5).max(1)
+    }
+
+    /// POSTs to the sidecar's publish endpoint: --http-concurrency requests
+    /// at a time over a few keep-alive clients; each 202 (confirmed or
+    /// spooled) counts.
+    async fn sidecar(&self, endpoint: &SidecarEndpoint, queue: &str) -> anyhow::Result<Measured> {
+        let messages = self.sidecar_messages();
+        let clients = (0..HTTP_CLIENTS)
+            .map(|_| {
+                reqwest::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .build()
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .context("building the HTTP clients")?;
+        let url = format!("{}/amq.default/{queue}", endpoint.base);
+        let bar = ui::progress(messages, "sidecar");
+        let cpu_before = cpu_time();
+        let started = Instant::now();
+        let next = Arc::new(AtomicU64::new(0));
+        let mut workers = JoinSet::new();
+        for w in 0..self.args.http_concurrency.min(messages as usize) {
+            let (client, url, next, body, bar) = (
+                clients[w % clients.len()].clone(),
+                url.clone(),
+                next.clone(),
+                self.body.clone(),
+                bar.clone(),
+            );
+            workers.spawn(async move {
+                let mut answered = Answered::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= messages {
+                        return answered;
+                    }
+                    let sent = client
+                        .post(&url)
+                        .header("Idempotency-Key", format!("{i:036}"))
+                        .body(body.clone())
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            // Read to the end: the connection is kept alive.
+                            let text = response.text().await.unwrap_or_default();
+                            if status == 202 && text.contains("\"spooled\"") {
+                                answered.spooled += 1;
+                            } else if status == 202 {
+                                answered.confirmed += 1;
+                            } else {
+                                answered.failed += 1;
+                                answered
+                                    .first_error
+                                    .get_or_insert_with(|| format!("{status} {text}"));
+                            }
+                        }
+                        Err(e) => {
+                            answered.failed += 1;
+                            answered.first_error.get_or_insert_with(|| e.to_string());
+                        }
+                    }
+                    if i % 1000 == 0 {
+                        bar.set_position(i);
+                    }
+                }
+            });
+        }
+        let mut answered = Answered::default();
+        while let Some(part) = workers.join_next().await {
+            answered.add(&part.context("a sidecar client task failed")?);
+        }
+        // The client side's CPU only; the sidecar is another process.
+        let measured = self.measured(answered.total(), started, cpu_before);
+        bar.finish_and_clear();
+        answered.ensure("sidecar", messages)?;
+        self.check_holds(queue, answered.confirmed).await?;
+        Ok(measured)
     }
 }
 
@@ -613,7 +780,7 @@ impl Answered {
 
 /// An AMQP URI on a loopback port nothing listens on.
 fn unreachable_broker() -> anyhow::Result<String> {
-    let port = crate::sidecar::free_port()?;
+    let port = free_port()?;
     Ok(format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
 }
 
