@@ -376,19 +376,9 @@ impl Run<'_> {
     /// Checks that the queue holds at least the `confirmed` messages (a
     /// confirmed message that is not there is a loss).
     async fn check_holds(&self, queue: &str, confirmed: u64) -> anyhow::Result<()> {
-        let held = self
-            .admin
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let held = backstop_testkit::ready_count(self.admin, queue)
             .await
-            .context("reading the bench queue's depth")?
-            .message_count();
+            .context("reading the bench queue's depth")?;
         anyhow::ensure!(
             u64::from(held) >= confirmed,
             "{queue} holds {held} messages, but {confirmed} were confirmed"
@@ -526,30 +516,59 @@ impl Run<'_> {
     /// --in-flight tasks, each publishing one message at a time with
     /// `publisher.publish` until all are sent.
     async fn tasks(&self, queue: &str) -> anyhow::Result<Measured> {
-        let messages = self.args.messages;
-        let bar = ui::progress(messages, "publisher tasks");
+        let (publisher, queue_name, body) =
+            (self.publisher.clone(), queue.to_owned(), self.body.clone());
+        self.workers(
+            queue,
+            "publisher tasks",
+            self.args.messages,
+            self.args.in_flight,
+            move |i| {
+                let message = Message::new("", queue_name.as_str(), body.clone())
+                    .with_message_id(format!("{i:036}"));
+                let publisher = publisher.clone();
+                async move {
+                    match publisher.publish(message).await {
+                        Ok(published) => Ok(published.is_spooled()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// `concurrency` tasks that each run `one(i)` for the next message
+    /// number `i` until `messages` ran; `one` answers whether the message
+    /// was spooled (else confirmed), or why it failed. Counts what was
+    /// answered and checks the queue holds what was confirmed.
+    async fn workers<F, Fut>(
+        &self,
+        queue: &str,
+        label: &str,
+        messages: u64,
+        concurrency: usize,
+        one: F,
+    ) -> anyhow::Result<Measured>
+    where
+        F: Fn(u64) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = Result<bool, String>> + Send,
+    {
+        let bar = ui::progress(messages, label);
         let cpu_before = cpu_time();
         let started = Instant::now();
         let next = Arc::new(AtomicU64::new(0));
-        let mut tasks = JoinSet::new();
-        for _ in 0..self.args.in_flight.min(messages as usize) {
-            let (next, publisher, queue, body) = (
-                next.clone(),
-                self.publisher.clone(),
-                queue.to_owned(),
-                self.body.clone(),
-            );
-            let bar = bar.clone();
-            tasks.spawn(async move {
+        let mut workers = JoinSet::new();
+        for _ in 0..concurrency.min(messages as usize) {
+            let (next, bar, one) = (next.clone(), bar.clone(), one.clone());
+            workers.spawn(async move {
                 let mut answered = Answered::default();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= messages {
                         return answered;
                     }
-                    let message =
-                        Message::new("", &queue, body.clone()).with_message_id(format!("{i:036}"));
-                    answered.count(publisher.publish(message).await);
+                    answered.record(one(i).await);
                     if i % 1000 == 0 {
                         bar.set_position(i);
                     }
@@ -557,12 +576,12 @@ impl Run<'_> {
             });
         }
         let mut answered = Answered::default();
-        while let Some(part) = tasks.join_next().await {
-            answered.add(&part.context("a publish task failed")?);
+        while let Some(part) = workers.join_next().await {
+            answered.add(&part.with_context(|| format!("a {label} task failed"))?);
         }
         let measured = self.measured(answered.total(), started, cpu_before);
         bar.finish_and_clear();
-        answered.ensure("publisher tasks", messages)?;
+        answered.ensure(label, messages)?;
         self.check_holds(queue, answered.confirmed).await?;
         Ok(measured)
     }
@@ -655,7 +674,6 @@ impl Run<'_> {
     /// at a time over a few keep-alive clients; each 202 (confirmed or
     /// spooled) counts.
     async fn sidecar(&self, endpoint: &SidecarEndpoint, queue: &str) -> anyhow::Result<Measured> {
-        let messages = self.sidecar_messages();
         let clients = (0..HTTP_CLIENTS)
             .map(|_| {
                 reqwest::Client::builder()
@@ -665,69 +683,32 @@ impl Run<'_> {
             .collect::<Result<Vec<_>, _>>()
             .context("building the HTTP clients")?;
         let url = format!("{}/amq.default/{queue}", endpoint.base);
-        let bar = ui::progress(messages, "sidecar");
-        let cpu_before = cpu_time();
-        let started = Instant::now();
-        let next = Arc::new(AtomicU64::new(0));
-        let mut workers = JoinSet::new();
-        for w in 0..self.args.http_concurrency.min(messages as usize) {
-            let (client, url, next, body, bar) = (
-                clients[w % clients.len()].clone(),
-                url.clone(),
-                next.clone(),
-                self.body.clone(),
-                bar.clone(),
-            );
-            workers.spawn(async move {
-                let mut answered = Answered::default();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= messages {
-                        return answered;
-                    }
-                    let sent = client
-                        .post(&url)
-                        .header("Idempotency-Key", format!("{i:036}"))
-                        .body(body.clone())
-                        .send()
-                        .await;
-                    match sent {
-                        Ok(response) => {
-                            let status = response.status().as_u16();
-                            // Read to the end: the connection is kept alive.
-                            let text = response.text().await.unwrap_or_default();
-                            if status == 202 && text.contains("\"spooled\"") {
-                                answered.spooled += 1;
-                            } else if status == 202 {
-                                answered.confirmed += 1;
-                            } else {
-                                answered.failed += 1;
-                                answered
-                                    .first_error
-                                    .get_or_insert_with(|| format!("{status} {text}"));
-                            }
-                        }
-                        Err(e) => {
-                            answered.failed += 1;
-                            answered.first_error.get_or_insert_with(|| e.to_string());
-                        }
-                    }
-                    if i % 1000 == 0 {
-                        bar.set_position(i);
+        let body = self.body.clone();
+        // The client side's CPU only: the sidecar is another process.
+        self.workers(
+            queue,
+            "sidecar",
+            self.sidecar_messages(),
+            self.args.http_concurrency,
+            move |i| {
+                let client = clients[i as usize % clients.len()].clone();
+                let request = client
+                    .post(&url)
+                    .header("Idempotency-Key", format!("{i:036}"))
+                    .body(body.clone());
+                async move {
+                    let response = request.send().await.map_err(|e| e.to_string())?;
+                    let status = response.status().as_u16();
+                    // Read to the end, so that the connection is kept alive.
+                    let text = response.text().await.map_err(|e| e.to_string())?;
+                    match status {
+                        202 => Ok(text.contains("\"spooled\"")),
+                        _ => Err(format!("{status} {text}")),
                     }
                 }
-            });
-        }
-        let mut answered = Answered::default();
-        while let Some(part) = workers.join_next().await {
-            answered.add(&part.context("a sidecar client task failed")?);
-        }
-        // The client side's CPU only; the sidecar is another process.
-        let measured = self.measured(answered.total(), started, cpu_before);
-        bar.finish_and_clear();
-        answered.ensure("sidecar", messages)?;
-        self.check_holds(queue, answered.confirmed).await?;
-        Ok(measured)
+            },
+        )
+        .await
     }
 }
 
@@ -742,12 +723,17 @@ struct Answered {
 
 impl Answered {
     fn count(&mut self, result: Result<Published, backstop::publish::PublishError>) {
+        self.record(result.map(|p| p.is_spooled()).map_err(|e| e.to_string()));
+    }
+
+    /// Spooled (`Ok(true)`), confirmed (`Ok(false)`) or failed.
+    fn record(&mut self, result: Result<bool, String>) {
         match result {
-            Ok(Published::Confirmed { .. }) => self.confirmed += 1,
-            Ok(Published::Spooled { .. }) => self.spooled += 1,
+            Ok(true) => self.spooled += 1,
+            Ok(false) => self.confirmed += 1,
             Err(e) => {
                 self.failed += 1;
-                self.first_error.get_or_insert_with(|| e.to_string());
+                self.first_error.get_or_insert(e);
             }
         }
     }
