@@ -634,13 +634,17 @@ struct Failure {
 
 impl Failure {
     /// Failures the spool takes: the broker was away, blocked or silent.
+    /// Not a channel the broker closed over a publish (its reason named no
+    /// publish we recognise): it may be this one, refused for good, and a
+    /// spooled message must be one the drain can publish.
     fn spoolable(&self) -> bool {
-        matches!(
-            self.error,
-            PublishError::Channel { .. }
-                | PublishError::Timeout { .. }
-                | PublishError::Blocked { .. }
-        )
+        !self.soft_close
+            && matches!(
+                self.error,
+                PublishError::Channel { .. }
+                    | PublishError::Timeout { .. }
+                    | PublishError::Blocked { .. }
+            )
     }
 }
 
@@ -1039,6 +1043,8 @@ impl Confirm {
 fn refusal_names(reason: &str, exchange: &str, size: usize) -> bool {
     if reason.contains(&format!("no exchange '{exchange}' in vhost"))
         || reason.contains(&format!("access to exchange '{exchange}' in vhost"))
+        || reason.contains(&format!("cannot publish to internal exchange '{exchange}'"))
+        || reason.contains(&format!("in exchange '{exchange}' in vhost"))
     {
         return true;
     }
