@@ -166,15 +166,15 @@ impl RelayHandle {
     /// returns its final counters.
     pub async fn close(mut self) -> RelayStats {
         let _ = self.stop.send(true);
-        if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(self.lease, &mut task).await.is_err() {
-                warn!(
-                    lease = ?self.lease,
-                    "the outbox relay did not stop within its lease (the database does not answer?); aborting it"
-                );
-                task.abort();
-                let _ = task.await;
-            }
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(self.lease, &mut task).await.is_err()
+        {
+            warn!(
+                lease = ?self.lease,
+                "the outbox relay did not stop within its lease (the database does not answer?); aborting it"
+            );
+            task.abort();
+            let _ = task.await;
         }
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
