@@ -776,6 +776,46 @@ async fn a_stalled_lease_does_not_stop_another_relay() {
 }
 
 // ---------------------------------------------------------------------------
+// i. `close` is bounded when the database stops answering.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_bounded_when_the_database_does_not_answer() {
+    init_tracing();
+    let db = Db::postgres();
+    let (pool, outbox) = db.open().await;
+    // Every statement of the relay on the table waits behind this lock.
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", db.table))
+        .execute(&mut *lock)
+        .await
+        .expect("lock the table");
+    let publisher = publisher("outbox-close-bound").await;
+    let relay = Relay::start(
+        outbox.clone(),
+        publisher.clone(),
+        RelayConfig {
+            lease: Duration::from_secs(1),
+            ..relay_config("relay-i")
+        },
+    );
+    let waiting = format!(
+        "SELECT COUNT(*) FROM pg_locks WHERE relation = '{}'::regclass AND NOT granted",
+        db.table
+    );
+    wait_until(
+        "the relay waits for the table",
+        Duration::from_secs(10),
+        || async { count(&pool, &waiting).await >= 1 },
+    )
+    .await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), relay.close()).await;
+    lock.rollback().await.expect("unlock");
+    publisher.close().await;
+    assert!(closed.is_ok(), "close returned within 5 s (lease 1 s)");
+    db.drop_tables(&pool).await;
+}
+
+// ---------------------------------------------------------------------------
 // h. An ambiguous return keeps the row in doubt.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
