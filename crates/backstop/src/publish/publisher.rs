@@ -579,6 +579,38 @@ impl Publisher {
             .collect()
     }
 
+    /// Publishes `messages` in order on one channel and waits for their
+    /// confirms, never spooling (the outbox relay's path: a row is marked
+    /// sent only on the broker's confirm). Each failure comes with whether
+    /// the publish may have reached the broker.
+    pub(crate) async fn publish_batch_confirmed(
+        &self,
+        messages: Vec<Message>,
+    ) -> Vec<Result<(), Unconfirmed>> {
+        let inner = &self.inner;
+        let messages: Vec<Message> = messages.into_iter().map(Message::normalized).collect();
+        let outcomes = send_all(inner, Which::Main, &messages).await;
+        outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(()) => {
+                    inner.counters.confirmed.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(failure) => {
+                    count_failure(inner, &failure.error);
+                    if failure.uncertain {
+                        inner.counters.uncertain.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Unconfirmed {
+                        error: failure.error,
+                        uncertain: failure.uncertain,
+                    })
+                }
+            })
+            .collect()
+    }
+
     /// Waits until the spool is empty, at most `within`; true when it is
     /// (and true at once without a spool).
     pub async fn drained(&self, within: Duration) -> bool {
@@ -619,6 +651,16 @@ impl Publisher {
             spool.close().await;
         }
     }
+}
+
+/// A publish of [`Publisher::publish_batch_confirmed`] that was not
+/// confirmed.
+#[derive(Debug)]
+pub(crate) struct Unconfirmed {
+    /// Why.
+    pub(crate) error: PublishError,
+    /// It was sent and not known to be refused: it may be stored.
+    pub(crate) uncertain: bool,
 }
 
 /// A failed publish and whether it may have reached the broker.
