@@ -348,7 +348,8 @@ pub(crate) async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     if let Some(e) = failure {
         return Err(e);
     }
-    Ok(if tally.failed == 0 {
+    // Messages left in the spool are not published yet: not a success.
+    Ok(if tally.failed == 0 && left.is_none() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

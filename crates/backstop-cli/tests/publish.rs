@@ -146,6 +146,11 @@ async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
         http.post(format!("{base}/amq.default"))
             .bearer_auth("t0ken-secret")
             .body("x"),
+        // 400: a forged Backstop failure header.
+        http.post(&to_queue)
+            .bearer_auth("t0ken-secret")
+            .header("Backstop-Header-x-backstop-original-queue", "elsewhere")
+            .body("x"),
     ];
     let mut codes = Vec::new();
     for request in refused {
@@ -160,6 +165,7 @@ async fn the_endpoint_publishes_confirmed_and_refuses_what_it_must() {
         (401, "unauthorized"),
         (401, "unauthorized"),
         (413, "too_large"),
+        (400, "bad_request"),
         (400, "bad_request"),
         (400, "bad_request"),
         (400, "bad_request"),

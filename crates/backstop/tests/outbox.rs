@@ -647,6 +647,225 @@ async fn a_kill_between_publish_and_mark_is_a_counted_duplicate(db: Db) {
 }
 
 // ---------------------------------------------------------------------------
+// f. A publisher with a spool: the relay never takes the spool's word for
+//    the broker's confirm.
+
+async fn a_relay_with_a_spooling_publisher_marks_nothing_unconfirmed(db: Db) {
+    let (pool, outbox) = db.open().await;
+    let queue = unique("outbox-spool");
+    order_and_event(
+        &pool,
+        &outbox,
+        &db.orders(),
+        "o-spool",
+        event(&queue, "spool-1"),
+        None,
+        true,
+    )
+    .await;
+    // No broker listens on port 1: every publish would be spooled.
+    let spool = std::env::temp_dir().join(format!("{}.db", unique("outbox-spool")));
+    let publisher = Publisher::builder(
+        ConnectionConfig::new("amqp://127.0.0.1:1/%2f")
+            .connection_name("outbox-spool")
+            .backoff(common::fast_backoff()),
+    )
+    .confirm_timeout(Duration::from_millis(500))
+    .spool(&spool)
+    .start()
+    .await
+    .expect("publisher");
+    let relay = Relay::start(outbox.clone(), publisher.clone(), relay_config("relay-f"));
+    wait_until(
+        "the relay tried to publish the row",
+        Duration::from_secs(30),
+        || {
+            let stats = relay.stats();
+            async move { stats.failed >= 2 || stats.sent >= 1 }
+        },
+    )
+    .await;
+    let stats = relay.close().await;
+    let spooled = publisher.stats().spooled;
+    publisher.close().await;
+    assert_eq!(
+        (stats.sent, spooled),
+        (0, 0),
+        "nothing marked sent, nothing spooled: {stats:?}"
+    );
+    assert_eq!(
+        outbox.backlog().await.expect("backlog").pending,
+        1,
+        "the row waits for a broker that confirms it"
+    );
+    db.drop_tables(&pool).await;
+}
+
+// ---------------------------------------------------------------------------
+// g. A relay stalled while holding the lease lock does not stop the others.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_lease_does_not_stop_another_relay() {
+    init_tracing();
+    let db = Db::postgres();
+    let (pool, outbox) = db.open().await;
+    let queue = unique("outbox-stalled");
+    common::declare(&common::classic(&queue)).await;
+    let orders = db.orders();
+    order_and_event(
+        &pool,
+        &outbox,
+        &orders,
+        "o-1",
+        event(&queue, "st-1"),
+        None,
+        true,
+    )
+    .await;
+    // A stalled relay: its lease transaction open, the table's lease lock
+    // held (the key the outbox derives from the table name).
+    let mut stalled = pool.begin().await.expect("begin");
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(
+             ('x' || substr(encode(sha256(convert_to($1, 'UTF8')), 'hex'), 1, 16))::bit(64)::bigint)",
+    )
+    .bind(format!("backstop outbox lease {}", db.table))
+    .execute(&mut *stalled)
+    .await
+    .expect("hold the lease lock");
+    let publisher = publisher("outbox-stalled").await;
+    let relay = Relay::start(outbox.clone(), publisher.clone(), relay_config("relay-g"));
+    wait_until(
+        "the relay counted its backlog",
+        Duration::from_secs(10),
+        || {
+            let pending = relay.stats().pending;
+            async move { pending == 1 }
+        },
+    )
+    .await;
+    // The relay goes on (it counts its backlog again, about once a
+    // second) instead of waiting for the lock.
+    order_and_event(
+        &pool,
+        &outbox,
+        &orders,
+        "o-2",
+        event(&queue, "st-2"),
+        None,
+        true,
+    )
+    .await;
+    wait_until(
+        "the relay sees the second row while the lock is held",
+        Duration::from_secs(10),
+        || {
+            let pending = relay.stats().pending;
+            async move { pending == 2 }
+        },
+    )
+    .await;
+    assert_eq!(ready(&queue).await, 0, "nothing leased without the lock");
+    stalled.rollback().await.expect("the stalled relay goes");
+    wait_sent(&outbox, "both rows sent once the lock is free").await;
+    let stats = relay.close().await;
+    publisher.close().await;
+    assert_eq!((stats.sent, stats.republished), (2, 0));
+    assert_eq!(ready(&queue).await, 2);
+    db.drop_tables(&pool).await;
+}
+
+// ---------------------------------------------------------------------------
+// i. `close` is bounded when the database stops answering.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_is_bounded_when_the_database_does_not_answer() {
+    init_tracing();
+    let db = Db::postgres();
+    let (pool, outbox) = db.open().await;
+    // Every statement of the relay on the table waits behind this lock.
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query(&format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", db.table))
+        .execute(&mut *lock)
+        .await
+        .expect("lock the table");
+    let publisher = publisher("outbox-close-bound").await;
+    let relay = Relay::start(
+        outbox.clone(),
+        publisher.clone(),
+        RelayConfig {
+            lease: Duration::from_secs(1),
+            ..relay_config("relay-i")
+        },
+    );
+    let waiting = format!(
+        "SELECT COUNT(*) FROM pg_locks WHERE relation = '{}'::regclass AND NOT granted",
+        db.table
+    );
+    wait_until(
+        "the relay waits for the table",
+        Duration::from_secs(10),
+        || async { count(&pool, &waiting).await >= 1 },
+    )
+    .await;
+    let closed = tokio::time::timeout(Duration::from_secs(5), relay.close()).await;
+    lock.rollback().await.expect("unlock");
+    publisher.close().await;
+    assert!(closed.is_ok(), "close returned within 5 s (lease 1 s)");
+    db.drop_tables(&pool).await;
+}
+
+// ---------------------------------------------------------------------------
+// h. An ambiguous return keeps the row in doubt.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_return_keeps_the_rows_in_doubt() {
+    init_tracing();
+    let db = Db::sqlite();
+    let (pool, outbox) = db.open().await;
+    // No such queue: both are returned; two rows with one message-id in one
+    // wave make each return match both publishes.
+    let queue = unique("outbox-ambiguous");
+    let mut tx = pool.begin().await.expect("begin");
+    for _ in 0..2 {
+        outbox
+            .enqueue(&mut tx, event(&queue, "twin"))
+            .await
+            .expect("enqueue");
+    }
+    tx.commit().await.expect("commit");
+    let publisher = publisher("outbox-ambiguous").await;
+    let relay = Relay::start(
+        outbox.clone(),
+        publisher.clone(),
+        RelayConfig {
+            backoff: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(60),
+            ..relay_config("relay-h")
+        },
+    );
+    wait_until("both rows failed", Duration::from_secs(30), || {
+        let failed = relay.stats().failed;
+        async move { failed >= 2 }
+    })
+    .await;
+    let stats = relay.close().await;
+    let uncertain = publisher.stats().uncertain;
+    publisher.close().await;
+    assert_eq!((stats.failed, stats.sent), (2, 0));
+    assert_eq!(uncertain, 2, "the publisher found the returns ambiguous");
+    assert_eq!(
+        count(
+            &pool,
+            &format!("SELECT COUNT(*) FROM {} WHERE in_doubt = 1", db.table)
+        )
+        .await,
+        2,
+        "an uncertain failure keeps the row in doubt"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // b. Two relays sharing a PostgreSQL table.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -747,4 +966,5 @@ both_backends!(
     retention_purges_only_old_sent_rows,
     a_kill_between_commit_and_publish_publishes_once,
     a_kill_between_publish_and_mark_is_a_counted_duplicate,
+    a_relay_with_a_spooling_publisher_marks_nothing_unconfirmed,
 );

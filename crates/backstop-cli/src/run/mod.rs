@@ -90,6 +90,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 
     let durations = metrics::durations();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    // The publish endpoint stops after the consumers drained: a handler
+    // that publishes through this sidecar keeps it while it finishes.
+    let (publish_stop_tx, publish_stop) = tokio::sync::watch::channel(false);
     let mut handles: Vec<(String, ConsumerHandle, Duration)> = Vec::new();
     let mut views = Vec::new();
     for settings in &config.consumers {
@@ -171,7 +174,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
 
     let publishing = match &config.publish {
-        Some(settings) => Some(publish::start(&config, settings, stop.clone()).await?),
+        Some(settings) => Some(publish::start(&config, settings, publish_stop).await?),
         None => None,
     };
     let listen = config
@@ -205,7 +208,14 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let scanners_stop = (!scanners.is_empty()).then_some(async move {
         futures_util::future::join_all(scanners.into_iter().map(|s| s.stop())).await;
     });
-    let outcome = shut_down(handles, scanners_stop, publishing, &supervisor).await;
+    let outcome = shut_down(
+        handles,
+        scanners_stop,
+        publishing,
+        publish_stop_tx,
+        &supervisor,
+    )
+    .await;
     match outcome {
         Shutdown::Clean => Ok(ExitCode::SUCCESS),
         Shutdown::ConsumerFailed(e) => Err(e.into()),
@@ -253,12 +263,16 @@ enum Shutdown {
 /// the connection end, which it retries like any 5xx. Spooled messages stay
 /// in the spool file for the next start.
 ///
+/// The publish endpoint stops accepting only once the consumers drained, so
+/// a handler that publishes through this sidecar can finish.
+///
 /// The whole shutdown ends within the longest `shutdown_timeout` plus
-/// `DRAIN_MARGIN` plus `CLOSE_BOUND`.
+/// `DRAIN_MARGIN`, plus the publish endpoint's bound, plus `CLOSE_BOUND`.
 async fn shut_down(
     handles: Vec<(String, ConsumerHandle, Duration)>,
     scanner_stop: Option<impl Future<Output = ()>>,
     publishing: Option<publish::Publishing>,
+    publish_stop: tokio::sync::watch::Sender<bool>,
     supervisor: &ConnectionSupervisor,
 ) -> Shutdown {
     let mut failed = None;
@@ -283,13 +297,14 @@ async fn shut_down(
             (queue, bound, result)
         },
     ));
-    let publish = async {
-        match publishing {
-            Some(publishing) => publishing.stop(CLOSE_BOUND).await,
-            None => Vec::new(),
-        }
+    let (scanner_abandoned, results) = tokio::join!(scanner, consumers);
+    // Only now: handlers that publish through this sidecar had it while
+    // they drained.
+    publish_stop.send_replace(true);
+    let publish_abandoned = match publishing {
+        Some(publishing) => publishing.stop(CLOSE_BOUND).await,
+        None => Vec::new(),
     };
-    let (scanner_abandoned, results, publish_abandoned) = tokio::join!(scanner, consumers, publish);
     for (queue, bound, result) in results {
         match result {
             Ok(Ok(report)) => println!(

@@ -249,6 +249,19 @@ pub(crate) fn properties_from(
             continue;
         };
         let field = short_text("a Backstop-Header- name", field)?;
+        // Backstop's own failure headers and the broker's dead-letter
+        // records are read back by the retry path and `dlq replay`: a
+        // client must not forge them.
+        let lower = field.as_str().to_ascii_lowercase();
+        if lower.starts_with("x-backstop-")
+            || lower == "x-death"
+            || lower.starts_with("x-first-death")
+            || lower.starts_with("x-last-death")
+        {
+            return Err(Refusal::bad_request(
+                "Backstop-Header-x-backstop-* and the broker's x-death headers are reserved",
+            ));
+        }
         let value = text_header(headers, name.as_str())?.unwrap_or_default();
         table.insert(field, AMQPValue::LongString(value.into()));
     }
@@ -361,7 +374,16 @@ async fn publish(State(endpoint): State<Arc<PublishEndpoint>>, request: Request)
                 message.exchange().to_owned(),
                 message.routing_key().to_owned(),
             );
-            let response = answer(endpoint.publisher.publish(message).await);
+            // On a task of its own: a client that hangs up does not cancel
+            // a publish half-way (a cancelled send taints its channel; a
+            // cancelled spool append commits unanswered).
+            let publisher = endpoint.publisher.clone();
+            let published = tokio::spawn(async move { publisher.publish(message).await }).await;
+            let response = answer(published.unwrap_or_else(|e| {
+                Err(PublishError::Spool {
+                    reason: format!("internal: the publish task failed: {e}"),
+                })
+            }));
             debug!(%exchange, %routing_key, status = %response.status(), "publish answered");
             response
         }

@@ -22,7 +22,9 @@
 //! Several relays can share one table (several instances of a service): on
 //! PostgreSQL each lease is a short transaction that locks its rows with
 //! `FOR UPDATE SKIP LOCKED`, and leases are taken one relay at a time (a
-//! transaction-scoped advisory lock per table) so that the per-partition
+//! transaction-scoped advisory lock per table, tried: a relay that finds it
+//! taken leases nothing this round and looks again after its poll
+//! interval) so that the per-partition
 //! order below holds across relays; publishing, the slow part, runs in
 //! parallel. On SQLite the lease is a single `UPDATE`, and SQLite runs one
 //! writer at a time.
@@ -511,12 +513,20 @@ impl Outbox {
                 // Relays lease one at a time: with `SKIP LOCKED` alone, a
                 // relay would not see the rows another is leasing right now,
                 // and could lease a younger row of their partition.
+                // Tried, never waited for: a relay stalled while holding it
+                // (its connection alive, its transaction open) must not stop
+                // every other relay. Not taken: nothing leased this round.
                 let mut tx = self.pool.begin().await.map_err(unavailable)?;
-                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                let locked: bool = sqlx::query("SELECT pg_try_advisory_xact_lock($1) AS locked")
                     .bind(self.lease_lock_key())
-                    .execute(&mut *tx)
+                    .fetch_one(&mut *tx)
                     .await
+                    .and_then(|row| row.try_get("locked"))
                     .map_err(unavailable)?;
+                if !locked {
+                    tx.rollback().await.map_err(unavailable)?;
+                    return Ok(Vec::new());
+                }
                 let rows = query.fetch_all(&mut *tx).await.map_err(unavailable)?;
                 tx.commit().await.map_err(unavailable)?;
                 rows

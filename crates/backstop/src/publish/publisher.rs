@@ -579,6 +579,38 @@ impl Publisher {
             .collect()
     }
 
+    /// Publishes `messages` in order on one channel and waits for their
+    /// confirms, never spooling (the outbox relay's path: a row is marked
+    /// sent only on the broker's confirm). Each failure comes with whether
+    /// the publish may have reached the broker.
+    pub(crate) async fn publish_batch_confirmed(
+        &self,
+        messages: Vec<Message>,
+    ) -> Vec<Result<(), Unconfirmed>> {
+        let inner = &self.inner;
+        let messages: Vec<Message> = messages.into_iter().map(Message::normalized).collect();
+        let outcomes = send_all(inner, Which::Main, &messages).await;
+        outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(()) => {
+                    inner.counters.confirmed.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+                Err(failure) => {
+                    count_failure(inner, &failure.error);
+                    if failure.uncertain {
+                        inner.counters.uncertain.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(Unconfirmed {
+                        error: failure.error,
+                        uncertain: failure.uncertain,
+                    })
+                }
+            })
+            .collect()
+    }
+
     /// Waits until the spool is empty, at most `within`; true when it is
     /// (and true at once without a spool).
     pub async fn drained(&self, within: Duration) -> bool {
@@ -621,6 +653,16 @@ impl Publisher {
     }
 }
 
+/// A publish of [`Publisher::publish_batch_confirmed`] that was not
+/// confirmed.
+#[derive(Debug)]
+pub(crate) struct Unconfirmed {
+    /// Why.
+    pub(crate) error: PublishError,
+    /// It was sent and not known to be refused: it may be stored.
+    pub(crate) uncertain: bool,
+}
+
 /// A failed publish and whether it may have reached the broker.
 struct Failure {
     error: PublishError,
@@ -634,13 +676,17 @@ struct Failure {
 
 impl Failure {
     /// Failures the spool takes: the broker was away, blocked or silent.
+    /// Not a channel the broker closed over a publish (its reason named no
+    /// publish we recognise): it may be this one, refused for good, and a
+    /// spooled message must be one the drain can publish.
     fn spoolable(&self) -> bool {
-        matches!(
-            self.error,
-            PublishError::Channel { .. }
-                | PublishError::Timeout { .. }
-                | PublishError::Blocked { .. }
-        )
+        !self.soft_close
+            && matches!(
+                self.error,
+                PublishError::Channel { .. }
+                    | PublishError::Timeout { .. }
+                    | PublishError::Blocked { .. }
+            )
     }
 }
 
@@ -1039,6 +1085,8 @@ impl Confirm {
 fn refusal_names(reason: &str, exchange: &str, size: usize) -> bool {
     if reason.contains(&format!("no exchange '{exchange}' in vhost"))
         || reason.contains(&format!("access to exchange '{exchange}' in vhost"))
+        || reason.contains(&format!("cannot publish to internal exchange '{exchange}'"))
+        || reason.contains(&format!("in exchange '{exchange}' in vhost"))
     {
         return true;
     }

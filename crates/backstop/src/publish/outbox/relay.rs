@@ -10,7 +10,7 @@
 //! lease of the rows still to publish is renewed, and the wave's rows are
 //! marked *in doubt* (a publish may reach the broker). A failed publish
 //! stops its partition for this batch: the row backs off, the partition's
-//! later rows are released untouched. After the last wave the confirmed rows
+//! later rows are released untouched. After each wave its confirmed rows
 //! are marked sent in one statement.
 
 use super::{LeasedRow, Outbox, OutboxError};
@@ -24,10 +24,15 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+/// The largest [`RelayConfig::batch`]: PostgreSQL and SQLite bind at most
+/// 32,767 parameters in one statement.
+const MAX_BATCH: u32 = 1000;
+
 /// How a relay works.
 #[derive(Clone, Debug)]
 pub struct RelayConfig {
-    /// The most rows leased and published in one batch (default 100).
+    /// The most rows leased and published in one batch (default 100, at
+    /// most 1,000: the statements bind one parameter per row).
     pub batch: u32,
     /// How long a lease holds rows for this relay (default 30 s, at least
     /// 1 s). It must comfortably exceed one wave's publish (bounded by the
@@ -105,19 +110,23 @@ pub struct Relay;
 #[derive(Debug)]
 pub struct RelayHandle {
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    /// The bound on `close`.
+    lease: Duration,
+    /// Taken by `close`.
+    task: Option<JoinHandle<()>>,
     stats: Arc<Mutex<RelayStats>>,
 }
 
 impl Relay {
-    /// Starts relaying `outbox`'s rows through `publisher`. Build it without
-    /// a spool: the outbox is the durable store already, and a row the
-    /// publisher spools instead of publishing is marked sent on the spool's
-    /// word, before the broker has it (logged as a warning). The relay does
-    /// not close the publisher.
+    /// Starts relaying `outbox`'s rows through `publisher`. The relay never
+    /// uses the publisher's spool (the outbox is the durable store): a row
+    /// is marked sent on the broker's confirm only. The relay does not
+    /// close the publisher.
     pub fn start(outbox: Outbox, publisher: Publisher, mut config: RelayConfig) -> RelayHandle {
+        config.batch = config.batch.clamp(1, MAX_BATCH);
         config.lease = config.lease.max(Duration::from_secs(1));
         config.poll_interval = config.poll_interval.max(Duration::from_millis(10));
+        let lease = config.lease;
         let (stop, stopped) = watch::channel(false);
         let stats = Arc::new(Mutex::new(RelayStats::default()));
         let worker = Worker {
@@ -134,7 +143,12 @@ impl Relay {
             rng: fastrand::Rng::new(),
         };
         let task = tokio::spawn(worker.run(stopped));
-        RelayHandle { stop, task, stats }
+        RelayHandle {
+            stop,
+            lease,
+            task: Some(task),
+            stats,
+        }
     }
 }
 
@@ -146,13 +160,35 @@ impl RelayHandle {
 
     /// Stops the relay after the wave it is publishing (bounded by the
     /// publisher's confirm timeout), marking what was confirmed and
-    /// releasing the rest of its batch; waits for it and returns its final
-    /// counters.
-    pub async fn close(self) -> RelayStats {
+    /// releasing the rest of its batch; waits for it, at most the lease
+    /// (then it is aborted: its leased rows wait for their lease to run out,
+    /// and confirmed ones not yet marked are published again, counted), and
+    /// returns its final counters.
+    pub async fn close(mut self) -> RelayStats {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(self.lease, &mut task).await.is_err()
+        {
+            warn!(
+                lease = ?self.lease,
+                "the outbox relay did not stop within its lease (the database does not answer?); aborting it"
+            );
+            task.abort();
+            let _ = task.await;
+        }
         self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// True when the relay must stop: told to, or its handle is gone.
+fn stopping(stopped: &watch::Receiver<bool>) -> bool {
+    *stopped.borrow() || stopped.has_changed().is_err()
 }
 
 struct Worker {
@@ -217,7 +253,7 @@ impl Worker {
         let mut last_purge: Option<Instant> = None;
         let mut last_backlog: Option<Instant> = None;
         let mut database_failures = 0u32;
-        while !*stopped.borrow() {
+        while !stopping(&stopped) {
             if last_backlog.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
                 last_backlog = Some(Instant::now());
                 match self.outbox.backlog().await {
@@ -284,7 +320,7 @@ impl Worker {
                     if purged > 0 {
                         debug!(table = %self.outbox.table(), purged, "purged sent outbox rows");
                     }
-                    if purged < limit || *stopped.borrow() {
+                    if purged < limit || stopping(stopped) {
                         return;
                     }
                 }
@@ -315,26 +351,17 @@ impl Worker {
             return Ok(0);
         }
         let mut batch = Batch::default();
-        // A database failure ends the publishing, never the bookkeeping of
-        // what was confirmed before it.
+        // A database failure ends the publishing, never the release of what
+        // was not published. Confirmed rows whose mark failed stay leased
+        // and in doubt in `unmarked`: marked on the next round, or
+        // published again by whoever leases them after the lease (counted
+        // then).
         let published = self.publish(&rows, &mut batch, stopped).await;
-        let confirmed: Vec<i64> = rows
-            .iter()
-            .filter(|row| matches!(batch.fates.get(&row.id), Some(Fate::Confirmed)))
-            .map(|row| row.id)
-            .collect();
         let untouched: Vec<i64> = rows
             .iter()
             .filter(|row| matches!(batch.fates.get(&row.id), None | Some(Fate::Skipped)))
             .map(|row| row.id)
             .collect();
-        if !confirmed.is_empty() {
-            // Unmarked, the rows stay leased and in doubt: marked on the
-            // next round, or published again by whoever leases them after
-            // the lease (counted then).
-            self.unmarked = confirmed;
-            self.mark_unmarked().await?;
-        }
         if !untouched.is_empty() {
             self.outbox.release(&self.config.owner, &untouched).await?;
         }
@@ -351,7 +378,7 @@ impl Worker {
         let owner = self.config.owner.clone();
         let lease = self.config.lease.as_millis() as i64;
         for wave in waves(rows) {
-            if *stopped.borrow() {
+            if stopping(stopped) {
                 return Ok(());
             }
             let wave: Vec<&LeasedRow> = wave.into_iter().filter(|row| batch.open(row)).collect();
@@ -396,20 +423,13 @@ impl Worker {
             if messages.is_empty() {
                 continue;
             }
-            let results = self.publisher.publish_batch(messages).await;
+            // Never spooled: a row is marked sent on the broker's confirm
+            // only, whatever spool the publisher has.
+            let results = self.publisher.publish_batch_confirmed(messages).await;
+            let mut confirmed = Vec::new();
             for (row, result) in sending.into_iter().zip(results) {
                 match result {
-                    Ok(published) => {
-                        if published.is_spooled() {
-                            // Durable in the publisher's spool, which
-                            // publishes it in order: marked sent, but the
-                            // relay should have a publisher without one.
-                            warn!(
-                                id = row.id,
-                                message_id = %row.message_id,
-                                "outbox row spooled instead of confirmed: give the relay a publisher without a spool"
-                            );
-                        }
+                    Ok(()) => {
                         if row.in_doubt {
                             self.count(|s| s.republished += 1);
                             warn!(
@@ -419,13 +439,26 @@ impl Worker {
                             );
                         }
                         batch.settle(row, Fate::Confirmed);
+                        confirmed.push(row.id);
                     }
-                    Err(error) => {
+                    Err(failure) => {
                         batch.settle(row, Fate::Failed);
-                        let in_doubt = row.in_doubt || may_have_reached_the_broker(&error);
-                        self.failed(row, &error.to_string(), in_doubt).await?;
+                        // An ambiguous return (two publishes with one
+                        // message-id, one returned) is uncertain although
+                        // unroutable: the other may be stored.
+                        let in_doubt = row.in_doubt
+                            || failure.uncertain
+                            || may_have_reached_the_broker(&failure.error);
+                        self.failed(row, &failure.error.to_string(), in_doubt)
+                            .await?;
                     }
                 }
+            }
+            // Marked right after their wave, while their lease holds: a
+            // long batch's later waves do not leave them to run out.
+            if !confirmed.is_empty() {
+                self.unmarked.extend(confirmed);
+                self.mark_unmarked().await?;
             }
         }
         Ok(())
@@ -506,6 +539,36 @@ mod tests {
             attempts: 0,
             in_doubt: false,
         }
+    }
+
+    /// Dropping the handle ends the relay's task (it spun before: the
+    /// stop channel closed, every pause was skipped).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_handle_stops_the_relay() {
+        let path = std::env::temp_dir().join(format!(
+            "{}.db",
+            backstop_testkit::unique("backstop-relay-drop")
+        ));
+        let pool = super::super::open_pool(&format!("sqlite://{}", path.display()))
+            .await
+            .expect("pool");
+        let outbox = Outbox::new(pool).await.expect("outbox");
+        let publisher = Publisher::builder(crate::connection::ConnectionConfig::new(
+            "amqp://127.0.0.1:1/%2f",
+        ))
+        .start()
+        .await
+        .expect("publisher");
+        let handle = Relay::start(outbox, publisher.clone(), RelayConfig::default());
+        let task = handle.task.as_ref().expect("running").abort_handle();
+        drop(handle);
+        backstop_testkit::wait_until("the relay's task ended", Duration::from_secs(5), || {
+            let done = task.is_finished();
+            async move { done }
+        })
+        .await;
+        publisher.close().await;
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]
