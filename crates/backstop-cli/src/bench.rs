@@ -1,6 +1,11 @@
 //! `backstop bench consume`: the broker's auto-ack ceiling and the Backstop
 //! runtime (no-op handler, manual coalesced acks), measured in the same run
-//! on the same pre-filled durable queue.
+//! on the same pre-filled durable queue. `backstop bench publish` is in
+//! [`publish`].
+
+mod publish;
+
+pub(crate) use publish::{PublishArgs, publish};
 
 use crate::{UsageError, ui};
 use anyhow::Context;

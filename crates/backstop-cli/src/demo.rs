@@ -1,29 +1,35 @@
 //! `backstop demo`: the full stack under faults. N order messages (with
-//! deliberate duplicates) go through the supervised runtime over the test
-//! kit's fault proxy, which cuts the connection every second and blackholes
-//! it once, to an HTTP endpoint that fails some orders transiently and some
+//! deliberate duplicates) are published through the [`Publisher`] with its
+//! spool and consumed by the supervised runtime, both over the test kit's
+//! fault proxy, which cuts the connections every second and blackholes them
+//! once, while the orders are still being published. The consumer delivers
+//! them to an HTTP endpoint that fails some orders transiently and some
 //! permanently. Dedup, delay tiers and the compensation store do the rest;
 //! the ledger accounts for every order.
 //!
-//! `handled` counts orders the endpoint accepted (2xx), `stored` the rows in
-//! the compensation store (one per order that ended there: the demo fails
-//! when an order has two), and `lost` the orders that are neither.
+//! `published` counts the messages the Publisher answered (confirmed by the
+//! broker, or spooled and drained later), `handled` the orders the endpoint
+//! accepted (2xx), `stored` the rows in the compensation store (one per
+//! order that ended there: the demo fails when an order has two), and
+//! `lost` the answered orders that are neither.
 
 use crate::ui;
 use anyhow::Context;
 use backstop::connection::{Backoff, ConnectionSupervisor};
 use backstop::consumer::{Consumer, ConsumerConfig};
 use backstop::dedup::{DedupConfig, DedupKey};
+use backstop::publish::{Message, PublishError, Published, Publisher};
 use backstop::retry::{Exhausted, RetryPolicy};
 use backstop::store::{CompensationStore, ListFilter, SqlStore};
 use backstop::topology::{Queue, Topology};
-use backstop_testkit::{FaultProxy, try_publish, url_via};
+use backstop_testkit::{FaultProxy, url_via};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use std::collections::{HashMap, HashSet};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
 
 /// Options of `backstop demo`.
 #[derive(Debug, clap::Args)]
@@ -42,6 +48,10 @@ pub(crate) struct DemoArgs {
     /// Give up (and report what is missing as lost) after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// Orders published per second, so that publishing goes on across the
+    /// first faults.
+    #[arg(long, default_value_t = 2000)]
+    publish_rate: u64,
 }
 
 pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
@@ -53,8 +63,8 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| ui::DEFAULT_URI.to_owned());
     let broker = ui::loopback_addr(&uri)?;
 
-    // Direct connection for arranging the queue and publishing.
-    let direct = ui::direct_supervisor(&config, "backstop-demo-publisher")?;
+    // Direct connection for arranging the queue and reading its depth.
+    let direct = ui::direct_supervisor(&config, "backstop-demo")?;
     let live = direct.connection().await?;
     let channel = live.create_channel().await?;
     channel
@@ -63,41 +73,37 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .context("deleting the old demo queue")?;
     let topology = Topology::new().queue(Queue::classic(&args.queue));
     topology.apply(&channel).await?;
-    let orders = order_sequence(args.messages);
+    let orders = Arc::new(order_sequence(args.messages));
     let distinct_orders: HashSet<u64> = orders.iter().copied().collect();
-    let bar = ui::progress(args.messages, "published");
-    try_publish(
-        &channel,
-        &args.queue,
-        args.messages,
-        "demo",
-        |i| format!("{{\"order_id\":{}}}", orders[i as usize]).into_bytes(),
-        |n| bar.set_position(n),
-    )
-    .await
-    .context("publishing the demo messages")?;
-    bar.finish_and_clear();
-    eprintln!("published {} messages to {}", args.messages, args.queue);
 
     let proxy = FaultProxy::start(broker)
         .await
         .context("starting the fault proxy")?;
     let heartbeat = Duration::from_secs(2);
-    // The consumer's connection: the same [broker] settings, through the
-    // proxy, with a short heartbeat and backoff so the faults show quickly.
+    // The consumer's and the publisher's connections: the same [broker]
+    // settings, through the proxy, with a short heartbeat and backoff so the
+    // faults show quickly.
     let mut proxied = config.clone();
     proxied.broker.uri = Some(url_via(&uri, proxy.addr()));
     proxied.broker.addresses.clear();
-    let supervisor = ConnectionSupervisor::start(
-        proxied
-            .connection_config("backstop-demo-consumer")?
+    let through_proxy = |name: &str| -> anyhow::Result<_> {
+        Ok(proxied
+            .connection_config(name)?
             .heartbeat(heartbeat)
             .connect_timeout(Duration::from_secs(2))
             .backoff(Backoff {
                 max: Duration::from_secs(1),
                 ..Backoff::default()
-            }),
-    )?;
+            }))
+    };
+    let supervisor = ConnectionSupervisor::start(through_proxy("backstop-demo-consumer")?)?;
+    let spool = std::env::temp_dir().join(format!("backstop-demo-spool-{}.db", std::process::id()));
+    remove_sqlite(&spool.display().to_string());
+    let publisher = Publisher::builder(through_proxy("backstop-demo-publisher")?)
+        .confirm_timeout(Duration::from_secs(2))
+        .spool(&spool)
+        .start()
+        .await?;
     let endpoint = Endpoint {
         answers: Arc::default(),
         work: Duration::from_millis(args.work_ms),
@@ -131,26 +137,45 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         handler,
     )
     .spawn()?;
+    let side = Arc::new(Mutex::new(PublishSide::default()));
+    let publishing = tokio::spawn(publish_orders(
+        publisher.clone(),
+        args.queue.clone(),
+        orders.clone(),
+        args.publish_rate.max(1),
+        side.clone(),
+    ));
 
-    // Done when every order was accepted or stored.
+    // Done when every order was published (answered by the publisher), the
+    // spool is empty, and every order was accepted or stored.
     let settled = || {
         let accepted = endpoint.accepted();
         let refused = endpoint.refused();
         let stored = consumer.stats().stored as usize;
         (accepted + refused.min(stored)) as u64
     };
-    let distinct = settled;
-    let total = distinct_orders.len() as u64;
-    let bar = ui::progress(total, "orders settled");
+    let answered = || side.lock().map(|s| s.orders.len() as u64).unwrap_or(0);
+    let done = || {
+        publishing.is_finished() && publisher.stats().spool_messages == 0 && settled() >= answered()
+    };
+    let bar = ui::progress(distinct_orders.len() as u64, "orders settled");
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.timeout_secs);
     let mut next_fault = started + Duration::from_secs(1);
     let mut faults = 0u32;
     let mut blackholed_until: Option<Instant> = None;
-    while distinct() < total && Instant::now() < deadline {
+    while !done() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        bar.set_position(distinct());
-        bar.set_message(format!("reconnects={}", supervisor.reconnects()));
+        bar.set_position(settled());
+        let stats = publisher.stats();
+        bar.set_message(format!(
+            "published={} spooled={} in_spool={} reconnects={}+{}",
+            side.lock().map(|s| s.messages).unwrap_or(0),
+            stats.spooled,
+            stats.spool_messages,
+            supervisor.reconnects(),
+            publisher.supervisor().reconnects(),
+        ));
         let now = Instant::now();
         if let Some(until) = blackholed_until {
             if now >= until {
@@ -175,6 +200,12 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     proxy.restore();
     bar.finish_and_clear();
+    // Past the deadline, what was not answered yet is reported, not retried.
+    publishing.abort();
+    let _ = publishing.await;
+    let drained = publisher
+        .drained(deadline.saturating_duration_since(Instant::now()))
+        .await;
 
     // Redeliveries of messages whose ack was cut off are still coming in;
     // let them be handled (as duplicates) before stopping.
@@ -194,7 +225,7 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut quiet = 0;
     while quiet < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut idle = consumer.stats().in_flight == 0;
+        let mut idle = consumer.stats().in_flight == 0 && publisher.stats().spool_messages == 0;
         for name in std::iter::once(args.queue.clone()).chain(policy.tier_queues(&args.queue)) {
             idle = idle
                 && ready(channel.clone(), name)
@@ -205,6 +236,10 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         quiet = if idle { quiet + 1 } else { 0 };
     }
 
+    // Closed first: it waits for the drain, so its counters are final.
+    publisher.close().await;
+    let published = publisher.stats();
+    let publisher_reconnects = publisher.supervisor().reconnects();
     let report = consumer.shutdown().await?;
     let reconnects = supervisor.reconnects();
     supervisor.close().await;
@@ -224,16 +259,20 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .await?;
     let stored: HashSet<u64> = rows.iter().filter_map(|r| order_of(&r.payload)).collect();
     let accepted = endpoint.accepted_orders();
-    let lost = distinct_orders
+    let side = side.lock().map(|s| s.clone()).unwrap_or_default();
+    // Every order the publisher answered (confirmed or spooled) must be
+    // handled or stored; orders it refused were never the system's.
+    let lost = side
+        .orders
         .iter()
         .filter(|o| !accepted.contains(o) && !stored.contains(o))
         .count();
+    let unanswered = args.messages.saturating_sub(side.messages);
     let twice = endpoint.accepted_twice();
     // One failing order is one row to review, however often it arrived.
     let extra_rows = rows.len().saturating_sub(stored.len());
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
+    remove_sqlite(&db.display().to_string());
+    remove_sqlite(&spool.display().to_string());
     cleanup(&direct, &args.queue, &policy).await;
     eprintln!(
         "faults injected={faults} stale_tags_dropped={} sessions={} left_in_queue={left} elapsed={:.1}s",
@@ -241,6 +280,30 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         report.sessions,
         started.elapsed().as_secs_f64()
     );
+    eprintln!(
+        "publisher: confirmed={} spooled={} drained={} uncertain={} in_spool={} parked={} \
+         errors={} reconnects={publisher_reconnects}{}",
+        published.confirmed,
+        published.spooled,
+        published.drained,
+        published.uncertain,
+        published.spool_messages,
+        published.spool_parked,
+        side.errors,
+        side.last_error
+            .as_ref()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default()
+    );
+    if !drained || published.spool_messages > 0 || published.spool_parked > 0 {
+        eprintln!(
+            "the spool was not drained: {} messages left, {} parked",
+            published.spool_messages, published.spool_parked
+        );
+    }
+    if unanswered > 0 {
+        eprintln!("{unanswered} messages were never answered by the publisher before the deadline");
+    }
     if twice > 0 {
         eprintln!("{twice} orders reached the endpoint with 2xx more than once");
     }
@@ -253,19 +316,97 @@ pub(crate) async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     direct.close().await;
     println!(
-        "ledger: published={} handled={} duplicates={} retried={} dead_lettered={} stored={} lost={lost} reconnects={reconnects}",
-        args.messages,
+        "ledger: published={} confirmed={} spooled={} drained={} uncertain={} handled={} \
+         duplicates={} retried={} dead_lettered={} stored={} lost={lost} reconnects={reconnects}",
+        side.messages,
+        published.confirmed,
+        published.spooled,
+        published.drained,
+        published.uncertain,
         accepted.len(),
         report.duplicates,
         report.retried,
         report.dead_lettered,
         rows.len(),
     );
-    Ok(if lost == 0 && extra_rows == 0 {
+    Ok(if lost == 0 && extra_rows == 0 && unanswered == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
+}
+
+/// The publishing side of the ledger.
+#[derive(Clone, Debug, Default)]
+struct PublishSide {
+    /// Orders the publisher answered (confirmed or spooled).
+    orders: HashSet<u64>,
+    /// Messages it answered.
+    messages: u64,
+    /// Publishes it failed (each tried again).
+    errors: u64,
+    last_error: Option<String>,
+}
+
+/// Publishes `orders[i]` as message `demo-i`, `rate` messages a second in
+/// batches of 50 (each batch its own task, so a batch waiting out a fault
+/// does not hold up the next), until the publisher answered every one; a
+/// failed publish is tried again in a later batch.
+async fn publish_orders(
+    publisher: Publisher,
+    queue: String,
+    orders: Arc<Vec<u64>>,
+    rate: u64,
+    side: Arc<Mutex<PublishSide>>,
+) {
+    const BATCH: usize = 50;
+    let mut todo: std::collections::VecDeque<usize> = (0..orders.len()).collect();
+    let tick = Duration::from_secs_f64(BATCH as f64 / rate as f64);
+    let mut next = tokio::time::Instant::now();
+    let mut batches: JoinSet<Vec<(usize, Result<Published, PublishError>)>> = JoinSet::new();
+    while !todo.is_empty() || !batches.is_empty() {
+        tokio::select! {
+            Some(done) = batches.join_next(), if !batches.is_empty() => {
+                let Ok(done) = done else { continue };
+                let Ok(mut side) = side.lock() else { return };
+                for (i, result) in done {
+                    match result {
+                        Ok(_) => {
+                            side.orders.insert(orders[i]);
+                            side.messages += 1;
+                        }
+                        Err(e) => {
+                            side.errors += 1;
+                            side.last_error = Some(e.to_string());
+                            todo.push_back(i);
+                        }
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(next), if !todo.is_empty() => {
+                let batch: Vec<usize> = todo.drain(..BATCH.min(todo.len())).collect();
+                let messages = batch
+                    .iter()
+                    .map(|&i| {
+                        let body = format!("{{\"order_id\":{}}}", orders[i]).into_bytes();
+                        Message::new("", queue.as_str(), body).with_message_id(format!("demo-{i}"))
+                    })
+                    .collect();
+                let publisher = publisher.clone();
+                batches.spawn(async move {
+                    let results = publisher.publish_batch(messages).await;
+                    batch.into_iter().zip(results).collect()
+                });
+                next += tick;
+            }
+        }
+    }
+}
+
+fn remove_sqlite(path: &str) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{path}{suffix}"));
+    }
 }
 
 /// `messages` orders: every 20th message repeats an earlier order.

@@ -83,6 +83,9 @@ enum BenchCommand {
     Consume(bench::ConsumeArgs),
     /// Compensation store re-drive throughput, on SQLite and PostgreSQL.
     Store(bench::StoreArgs),
+    /// Publish throughput with confirms: the Publisher against a bare lapin
+    /// ceiling and the naive one-at-a-time loop, its spool, the sidecar.
+    Publish(bench::PublishArgs),
 }
 
 /// An error the CLI reports with exit code 2: bad usage or configuration.
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(BenchCommand::Consume(args)) => bench::consume(args).await,
             Command::Bench(BenchCommand::Store(args)) => bench::store(args).await,
+            Command::Bench(BenchCommand::Publish(args)) => bench::publish(args).await,
             Command::Dlq(command) => dlq::run(command).await,
             Command::Failed(command) => failed::run(command).await,
             Command::Torture(args) => torture::run(args).await,

@@ -35,6 +35,14 @@ fn the_demo_loses_nothing_under_faults() {
     };
     assert_eq!(field("published"), 10_000, "{ledger}");
     assert_eq!(field("lost"), 0, "{ledger}");
+    // Published through the Publisher across the faults: each message was
+    // confirmed or spooled, some were spooled, and the spool drained.
+    assert_eq!(field("confirmed") + field("spooled"), 10_000, "{ledger}");
+    assert!(
+        field("spooled") > 0,
+        "no fault reached the publishing: {ledger}"
+    );
+    assert_eq!(field("drained"), field("spooled"), "{ledger}");
     // 10,000 messages carry 9,500 orders (every 20th repeats one): each is
     // accepted by the endpoint or stored, and the failures took their paths.
     assert_eq!(field("handled") + field("stored"), 9_500, "{ledger}");
@@ -73,4 +81,6 @@ fn bad_bench_arguments_exit_2() {
     assert_eq!(code, 2, "{stderr}");
     let (code, _, _) = backstop(&["bench", "consume", "--messages", "many"]);
     assert_eq!(code, 2);
+    let (code, _, stderr) = backstop(&["bench", "publish", "--messages", "0"]);
+    assert_eq!(code, 2, "{stderr}");
 }

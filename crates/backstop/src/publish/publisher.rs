@@ -1179,8 +1179,55 @@ async fn to_spool(
     }
 }
 
+/// The confirmed entries of a drained batch, deleted from the spool while
+/// the next batch is out.
+struct Confirmed {
+    ids: Vec<i64>,
+    /// The batch's failures that may have reached the broker.
+    doubtful: u64,
+}
+
+/// Deletes a batch's confirmed entries and counts them; false when the
+/// delete failed (they stay spooled and are sent again: duplicates).
+async fn delete_confirmed(inner: &Inner, spool: &Spool, done: Option<Confirmed>) -> bool {
+    let Some(Confirmed { ids, doubtful }) = done else {
+        return true;
+    };
+    let n = ids.len() as u64;
+    if let Err(e) = spool.delete(ids).await {
+        // Confirmed but still spooled: sent again later, a duplicate.
+        warn!(error = %e, "deleting confirmed messages from the spool failed");
+        inner
+            .counters
+            .uncertain
+            .fetch_add(n + doubtful, Ordering::Relaxed);
+        return false;
+    }
+    inner.counters.drained.fetch_add(n, Ordering::Relaxed);
+    inner
+        .counters
+        .uncertain
+        .fetch_add(doubtful, Ordering::Relaxed);
+    if n > 0 {
+        debug!(
+            messages = n,
+            left = spool.messages(),
+            "drained from the spool"
+        );
+    }
+    true
+}
+
 /// Publishes the spool in order, with confirms, while the broker is up;
 /// deletes each entry only once it is confirmed.
+///
+/// One batch is out at a time, so first copies reach the broker in spool
+/// order. While it is out, the batch after it is read, and the confirmed
+/// entries of the batch before are deleted (a delete waits for its fsync):
+/// the broker's confirms set the pace, not the spool. The read-ahead starts
+/// after the last id of the batch out, which is still in the spool then, so
+/// every entry appended since has a larger id. After any failure, or when
+/// the read-ahead is empty, the next batch is read from the start again.
 async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
     let mut shutdown = match inner.upgrade() {
         Some(inner) => inner.shutdown.subscribe(),
@@ -1189,20 +1236,33 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
     let mut backoff = Duration::ZERO;
     let mut unroutable_since: HashMap<i64, std::time::Instant> = HashMap::new();
     let mut isolate = false;
+    // The entries after the batch out, read while it was out.
+    let mut read_ahead: Option<Vec<spool::Entry>> = None;
+    // The confirmed entries of the batch before, not deleted yet.
+    let mut pending: Option<Confirmed> = None;
     loop {
-        if *shutdown.borrow() {
-            return;
-        }
         let Some(strong) = inner.upgrade() else {
             return;
         };
+        if *shutdown.borrow() {
+            delete_confirmed(&strong, &spool, pending.take()).await;
+            return;
+        }
         if !backoff.is_zero() {
+            delete_confirmed(&strong, &spool, pending.take()).await;
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.changed() => return,
             }
         }
         if spool.messages() == 0 || !strong.can_send() {
+            if pending.is_some() {
+                if !delete_confirmed(&strong, &spool, pending.take()).await {
+                    backoff = next_backoff(backoff);
+                }
+                read_ahead = None;
+                continue;
+            }
             // Woken by a spooling publish, or checked again shortly (the
             // connection coming back is seen here).
             tokio::select! {
@@ -1212,25 +1272,35 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
             }
             continue;
         }
-        // After a channel closed over a publish the broker did not name,
-        // one message at a time, to find the one it refuses.
-        let limit = if isolate { 1 } else { DRAIN_BATCH };
-        let entries = match spool.peek(0, limit).await {
-            Ok(entries) => entries,
-            Err(e) => {
-                warn!(error = %e, "reading the spool failed");
-                backoff = next_backoff(backoff);
-                continue;
+        let entries = match read_ahead.take() {
+            Some(entries) if !entries.is_empty() => entries,
+            _ => {
+                // From the start: nothing confirmed may still be there.
+                if !delete_confirmed(&strong, &spool, pending.take()).await {
+                    backoff = next_backoff(backoff);
+                    continue;
+                }
+                // After a channel closed over a publish the broker did not
+                // name, one message at a time, to find the one it refuses.
+                let limit = if isolate { 1 } else { DRAIN_BATCH };
+                match spool.peek(0, limit).await {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        warn!(error = %e, "reading the spool failed");
+                        backoff = next_backoff(backoff);
+                        continue;
+                    }
+                }
             }
         };
-        if entries.is_empty() {
+        let Some(last) = entries.last().map(|e| e.id) else {
             tokio::select! {
                 _ = strong.wake_drain.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 _ = shutdown.changed() => return,
             }
             continue;
-        }
+        };
         let messages: Vec<Message> = entries
             .iter()
             .map(|e| Message {
@@ -1241,7 +1311,17 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
             })
             .collect();
         let alone = entries.len() == 1;
-        let outcomes = send_all(&strong, Which::Drain, &messages).await;
+        let (outcomes, next, deleted) = tokio::join!(
+            send_all(&strong, Which::Drain, &messages),
+            async {
+                if isolate {
+                    None
+                } else {
+                    spool.peek(last, DRAIN_BATCH).await.ok()
+                }
+            },
+            delete_confirmed(&strong, &spool, pending.take()),
+        );
         let mut confirmed = Vec::new();
         let mut failed = false;
         let mut soft_close = false;
@@ -1289,31 +1369,16 @@ async fn drain(inner: std::sync::Weak<Inner>, spool: Spool) {
         }
         isolate = soft_close && !alone;
         let n = confirmed.len() as u64;
-        if let Err(e) = spool.delete(confirmed).await {
-            // Confirmed but still spooled: sent again later, a duplicate.
-            warn!(error = %e, "deleting confirmed messages from the spool failed");
-            strong
-                .counters
-                .uncertain
-                .fetch_add(n + doubtful, Ordering::Relaxed);
-            backoff = next_backoff(backoff);
-            continue;
-        }
-        strong.counters.drained.fetch_add(n, Ordering::Relaxed);
-        strong
-            .counters
-            .uncertain
-            .fetch_add(doubtful, Ordering::Relaxed);
-        if n > 0 {
-            debug!(
-                messages = n,
-                left = spool.messages(),
-                "drained from the spool"
-            );
-        }
+        pending = Some(Confirmed {
+            ids: confirmed,
+            doubtful,
+        });
+        // The read-ahead follows only a batch that went through whole, and
+        // a delete that did.
+        read_ahead = if failed || !deleted { None } else { next };
         // Back off only when nothing moved: an unroutable message at the
         // head must not slow the ones behind it.
-        backoff = if failed && n == 0 && !isolate {
+        backoff = if (failed && n == 0 && !isolate) || !deleted {
             next_backoff(backoff)
         } else {
             Duration::ZERO
