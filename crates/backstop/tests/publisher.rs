@@ -9,49 +9,10 @@ use backstop::connection::ConnectionConfig;
 use backstop::publish::{Message, PublishError, Published, Publisher};
 use backstop_testkit::{amqp_url, connect, rabbitmqctl, unique};
 use common::*;
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::options::BasicGetOptions;
 use std::collections::HashSet;
 use std::io::BufRead;
 use std::time::Duration;
-
-/// A durable classic queue, declared on a plain connection.
-async fn durable_queue(connection: &lapin::Connection, name: &str) {
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare");
-}
-
-/// Every message of `queue`, by `basic.get` until the broker says empty:
-/// (message-id, body), in queue order.
-async fn take_all(connection: &lapin::Connection, queue: &str) -> Vec<(String, Vec<u8>)> {
-    let channel = connection.create_channel().await.expect("channel");
-    let mut out = Vec::new();
-    while let Some(message) = channel
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
-        .await
-        .expect("basic.get")
-    {
-        let id = message
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|id| id.to_string())
-            .expect("every published message has a message-id");
-        out.push((id, message.delivery.data.clone()));
-    }
-    out
-}
 
 fn publisher_config(name: &str) -> ConnectionConfig {
     ConnectionConfig::new(amqp_url())
@@ -384,12 +345,6 @@ async fn a_full_spool_answers_spool_full_and_loses_nothing() {
     assert_eq!(arrived, expected, "every message, in order");
     assert_eq!(online.stats().drained, 50);
     online.close().await;
-}
-
-fn tempdir(what: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(unique(what));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 /// The child of the `kill -9` test: spools to `BACKSTOP_SPOOL_CHILD`'s file

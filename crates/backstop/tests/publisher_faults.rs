@@ -10,8 +10,6 @@ use backstop::connection::{ConnectionConfig, ConnectionState};
 use backstop::publish::{Message, Published, Publisher};
 use backstop_testkit::{amqp_url, connect, rabbitmqctl, unique, wait_until};
 use common::*;
-use lapin::options::{BasicGetOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,48 +43,13 @@ async fn ctl(args: &'static [&'static str]) {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-async fn durable_queue(connection: &lapin::Connection, name: &str) {
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare");
-}
-
 /// The message-ids of `queue`, in queue order, by `basic.get` until empty.
 async fn take_ids(queue: &str) -> Vec<String> {
-    let connection = connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    let mut out = Vec::new();
-    while let Some(message) = channel
-        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+    take_all(&connect().await, queue)
         .await
-        .expect("basic.get")
-    {
-        out.push(
-            message
-                .delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.to_string())
-                .expect("a message-id"),
-        );
-    }
-    out
-}
-
-fn tempdir(what: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(unique(what));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
 }
 
 /// Checks that every `n` ids arrived, in order of first arrival, and

@@ -283,3 +283,53 @@ pub async fn publish_confirmed(
         "the broker did not confirm the publish to {exchange}:{routing_key}: {confirmation:?}"
     );
 }
+
+// The publisher tests' helpers.
+
+/// A durable classic queue, declared on a plain connection.
+pub async fn durable_queue(connection: &lapin::Connection, name: &str) {
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            name.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+}
+
+/// Every message of `queue`, by `basic.get` until the broker says empty:
+/// (message-id, body), in queue order.
+pub async fn take_all(connection: &lapin::Connection, queue: &str) -> Vec<(String, Vec<u8>)> {
+    let channel = connection.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+    {
+        let id = message
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .expect("every published message has a message-id");
+        out.push((id, message.delivery.data.clone()));
+    }
+    out
+}
+
+/// A fresh directory under the system's temp dir.
+pub fn tempdir(what: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(backstop_testkit::unique(what));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
