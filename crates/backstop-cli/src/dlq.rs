@@ -416,9 +416,14 @@ pub(crate) struct DlqMessage {
     #[serde(skip)]
     #[allow(dead_code)] // the console shows it (hex and text)
     pub body: Vec<u8>,
-    /// Every header, as JSON (the compensation store's form).
-    #[serde(rename = "headers", serialize_with = "raw_json")]
+    /// Every header, as JSON (the compensation store's form, each value
+    /// tagged with its AMQP type).
+    #[serde(skip)]
+    #[allow(dead_code)] // the console keeps it as the store does
     pub headers_json: String,
+    /// Every header as plain JSON, for reading: strings as text (lossy UTF-8),
+    /// numbers, booleans, tables as objects, arrays (`x-death`) as arrays.
+    pub headers: serde_json::Value,
     /// The properties, as a JSON object.
     #[serde(rename = "properties", serialize_with = "raw_json")]
     pub properties_json: String,
@@ -434,9 +439,47 @@ impl DlqMessage {
             listed: describe(message),
             body: message.delivery.data.clone(),
             headers_json: serde_json::to_string(&headers).unwrap_or_else(|_| "{}".into()),
+            headers: readable_table(&headers),
             properties_json: backstop::store::properties_json(&message.delivery.properties),
             dead_lettered_ms: dead_lettered_ms(&headers),
         }
+    }
+}
+
+/// A header table as plain JSON (see [`DlqMessage::headers`]).
+pub(crate) fn readable_table(table: &FieldTable) -> serde_json::Value {
+    serde_json::Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), readable_value(v)))
+            .collect(),
+    )
+}
+
+fn readable_value(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AMQPValue::Boolean(b) => Value::from(*b),
+        AMQPValue::ShortShortInt(n) => Value::from(*n),
+        AMQPValue::ShortShortUInt(n) => Value::from(*n),
+        AMQPValue::ShortInt(n) => Value::from(*n),
+        AMQPValue::ShortUInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        AMQPValue::LongUInt(n) => Value::from(*n),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::Timestamp(n) => Value::from(*n),
+        AMQPValue::Float(n) => Value::from(*n),
+        AMQPValue::Double(n) => Value::from(*n),
+        AMQPValue::DecimalValue(d) => {
+            Value::from(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+        }
+        AMQPValue::FieldArray(items) => {
+            Value::Array(items.as_slice().iter().map(readable_value).collect())
+        }
+        AMQPValue::FieldTable(table) => readable_table(table),
+        AMQPValue::Void => Value::Null,
+        other => header_str(other).map_or(Value::Null, Value::from),
     }
 }
 

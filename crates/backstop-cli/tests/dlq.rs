@@ -812,7 +812,12 @@ async fn peek_keeps_the_queue_depth_and_order() {
         binary
     );
     assert_eq!(listed[0]["body"], "{\"id\":\"p-0\"}");
-    assert_eq!(listed[0]["headers"]["x-tenant"], serde_json::Value::Null);
+    assert_eq!(listed[0]["headers"][retry::ERROR_HEADER], "bad order");
+    assert_eq!(
+        listed[0]["headers"][retry::ORIGINAL_QUEUE_HEADER],
+        queue.as_str()
+    );
+    assert_eq!(listed[0]["properties"]["message_id"], "p-0");
     assert!(listed[0]["dead_lettered_ms"].is_u64(), "{}", listed[0]);
 
     // Same depth, same order; now flagged redelivered.
