@@ -1052,3 +1052,67 @@ pub(crate) async fn purge(
     dlq.close().await;
     result.map(|()| report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_send<T: Send>(_: T) {}
+
+    /// The console runs these on spawned tasks and in axum handlers (with a
+    /// plain `&dyn Fn` progress callback, `replay`'s future is not `Send`).
+    #[test]
+    fn the_operations_are_send() {
+        let broker = DlqBroker::from_config(&Config::default());
+        let opts = ReplayOptions::default();
+        is_send(peek(&broker, "q", 1));
+        is_send(replay(&broker, "q", &opts, &|_| {}));
+        is_send(purge(&broker, "q", Duration::ZERO, true));
+    }
+
+    #[test]
+    fn times_are_rfc3339_or_a_duration_ago() {
+        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(parse_time("2024-05-01T10:00:00.5Z"), Ok(1_714_557_600_500));
+        let before = retry::now_ms();
+        let ago = parse_time("2h").expect("a duration");
+        let after = retry::now_ms();
+        assert!((before - 7_200_000..=after - 7_200_000).contains(&ago));
+        assert!(parse_time("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn header_filters_split_at_the_first_equals_sign() {
+        assert_eq!(
+            parse_header("x-tenant=a=b"),
+            Ok(("x-tenant".to_owned(), "a=b".to_owned()))
+        );
+        assert_eq!(
+            parse_header("x-empty="),
+            Ok(("x-empty".into(), String::new()))
+        );
+        assert!(parse_header("=v").is_err());
+        assert!(parse_header("novalue").is_err());
+    }
+
+    #[test]
+    fn header_values_compare_as_text() {
+        assert_eq!(header_text(&AMQPValue::LongLongInt(-5)), Some("-5".into()));
+        assert_eq!(header_text(&AMQPValue::Boolean(true)), Some("true".into()));
+        assert_eq!(
+            header_text(&AMQPValue::LongString("acme".into())),
+            Some("acme".into())
+        );
+    }
+
+    #[test]
+    fn dlq_queues_are_each_consumer_s_dlq_in_config_order() {
+        let config = Config::parse(
+            "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"http://127.0.0.1:1/\"\n\
+             [[consumer]]\nqueue = \"refunds\"\nhandler.http.url = \"http://127.0.0.1:1/\"\n",
+            "test",
+        )
+        .expect("config");
+        assert_eq!(dlq_queues(&config), ["orders.dlq", "refunds.dlq"]);
+    }
+}
