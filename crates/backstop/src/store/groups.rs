@@ -152,7 +152,8 @@ fn email_at(chars: &[char], i: usize) -> Option<usize> {
     }
     let domain_start = at + 1;
     let mut end = domain_start;
-    while end < chars.len() && (chars[end].is_ascii_alphanumeric() || matches!(chars[end], '.' | '-'))
+    while end < chars.len()
+        && (chars[end].is_ascii_alphanumeric() || matches!(chars[end], '.' | '-'))
     {
         end += 1;
     }
@@ -486,11 +487,12 @@ impl SqlStore {
     /// The largest row id now, and how many unfinished rows of the group
     /// are at or below it.
     async fn group_extent(&self, key: &GroupKey) -> Result<(i64, u64), StoreError> {
-        let up_to: i64 = sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM backstop_failed_messages")
-            .fetch_one(&self.pool)
-            .await
-            .and_then(|r| r.try_get("m"))
-            .map_err(unavailable)?;
+        let up_to: i64 =
+            sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM backstop_failed_messages")
+                .fetch_one(&self.pool)
+                .await
+                .and_then(|r| r.try_get("m"))
+                .map_err(unavailable)?;
         let total: i64 = sqlx::query(&format!(
             "SELECT COUNT(*) AS n FROM backstop_failed_messages
              WHERE {GROUP_WHERE} AND status IN {UNFINISHED} AND id <= $4"
@@ -907,7 +909,10 @@ mod tests {
             normalize_error("token 01HZX3K9QYB2M7RT4VW8 expired for ana.b+x@mail.example.com."),
             "token <id> expired for <email>."
         );
-        assert_eq!(normalize_error("http 503 from v2 api"), "http # from v# api");
+        assert_eq!(
+            normalize_error("http 503 from v2 api"),
+            "http # from v# api"
+        );
         // Words without digits stay, including short hex-looking ones.
         assert_eq!(normalize_error("bad face cafe"), "bad face cafe");
         assert_eq!(normalize_error("  "), "");

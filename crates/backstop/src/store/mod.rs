@@ -19,8 +19,8 @@ mod scanner;
 mod sql;
 
 pub use groups::{
-    FailureGroup, GroupBatch, GroupBatchTotals, GroupJob, GroupKey, GroupProgress,
-    PayloadVersion, normalize_error, run_group_action,
+    FailureGroup, GroupBatch, GroupBatchTotals, GroupJob, GroupKey, GroupProgress, PayloadVersion,
+    normalize_error, run_group_action,
 };
 
 pub(crate) use scanner::unique_owner;

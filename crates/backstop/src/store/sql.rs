@@ -454,16 +454,15 @@ impl SqlStore {
     async fn backfill_causes<'c>(
         tx: &mut sqlx::Transaction<'c, sqlx::Any>,
     ) -> Result<(), StoreError> {
-        let errors: Vec<String> = sqlx::query(
-            "SELECT DISTINCT error FROM backstop_failed_messages WHERE cause IS NULL",
-        )
-        .fetch_all(&mut **tx)
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(|r| r.try_get::<String, _>("error"))
-        .collect::<Result<_, _>>()
-        .map_err(unavailable)?;
+        let errors: Vec<String> =
+            sqlx::query("SELECT DISTINCT error FROM backstop_failed_messages WHERE cause IS NULL")
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(|r| r.try_get::<String, _>("error"))
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?;
         for error in errors {
             sqlx::query(
                 "UPDATE backstop_failed_messages SET cause = $1
