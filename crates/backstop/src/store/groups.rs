@@ -24,8 +24,8 @@ const CAUSE_MAX_CHARS: usize = 200;
 
 /// The error text with what varies from one message to the next masked, so
 /// that failures of one cause share one text: UUIDs become `<uuid>`, hex
-/// and long mixed ids (8+ hex characters with a digit, `0x...`, 16+
-/// characters of letters and digits) `<id>`, e-mail addresses `<email>`,
+/// and long mixed ids (4+ hex characters with a digit and a letter, `0x...`,
+/// 16+ characters of letters and digits) `<id>`, e-mail addresses `<email>`,
 /// other numbers `#` (`1.5` and `1,000` too). Whitespace runs become one
 /// space, and the result is cut at 200 characters.
 pub fn normalize_error(error: &str) -> String {
@@ -90,7 +90,7 @@ fn mask_word(word: &str) -> String {
     let lower = word.to_ascii_lowercase();
     let hex = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_hexdigit());
     if (lower.starts_with("0x") && hex(&lower[2..]))
-        || (word.len() >= 8 && hex(&lower))
+        || (word.len() >= 4 && hex(&lower))
         || word.len() >= 16
     {
         return "<id>".to_owned();
