@@ -854,8 +854,7 @@ async fn wait_for_job(console: &Console, cookie: &str, job: &str) -> String {
         }
     })
     .await;
-    let page = last.lock().expect("lock").clone();
-    page
+    last.lock().expect("lock").clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
