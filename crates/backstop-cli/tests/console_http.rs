@@ -1109,3 +1109,55 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;
 }
+
+/// `backstop run` with a `[console]` section serves the console too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backstop_run_serves_the_console_of_its_config() {
+    let db = temp("db");
+    let config = temp("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nuri = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n\
+             [console]\nlisten = \"127.0.0.1:0\"\ntoken = {TOKEN:?}\n",
+            backstop_testkit::amqp_url(),
+            db.display()
+        ),
+    )
+    .expect("write the config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start backstop run");
+    let stdout = child.stdout.take().expect("stdout");
+    let base = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).lines().find_map(|line| {
+            line.expect("read stdout")
+                .strip_prefix("backstop run: review console on ")
+                .map(|b| b.trim_end_matches('/').to_owned())
+        })
+    })
+    .await
+    .expect("join");
+    let Some(base) = base else {
+        let _ = child.kill();
+        panic!("backstop run did not say where the console is");
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::Client::new()
+        .get(format!("{base}/login"))
+        .send()
+        .await
+        .expect("GET /login");
+    let status = response.status();
+    assert_safe_headers("run: /login", response.headers());
+    let html = response.text().await.expect("body");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("id=\"login-form\""), "{html}");
+}
