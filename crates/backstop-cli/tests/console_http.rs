@@ -1,0 +1,1163 @@
+//! The review console's HTTP rules, against a real `backstop console`
+//! process on a SQLite store: the login wall, CSRF, the security headers,
+//! the refusal to listen off loopback without auth, secrets kept out of the
+//! logs, hostile rows shown inert, and audited actions.
+
+use backstop::retry::now_ms;
+use backstop::store::{CompensationStore, NewFailedMessage, SqlStore, Status};
+use backstop_testkit::unique;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+const TOKEN: &str = "t0ken-9f8e7d6c5b4a";
+const PASSWORD: &str = "pa55word-1a2b3c4d";
+
+/// A running `backstop console` on a fresh SQLite store.
+struct Console {
+    child: Child,
+    base: String,
+    stderr: PathBuf,
+    store: SqlStore,
+    http: reqwest::Client,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A new path in the temp folder ending in `.extension`.
+fn temp(extension: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{}.{extension}", unique("console-http")))
+}
+
+/// Starts the console with `[console] extra` on a new store.
+async fn start(extra: &str) -> Console {
+    start_with("", extra).await
+}
+
+/// Starts the console with `sections` (TOML before `[store]`) and
+/// `[console] extra` on a new store.
+async fn start_with(sections: &str, extra: &str) -> Console {
+    let db = temp("db");
+    let url = format!("sqlite://{}", db.display());
+    let store = SqlStore::connect(&url).await.expect("create the store");
+    let config = temp("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{sections}\n[store]\nurl = {url:?}\n\n[console]\nlisten = \"127.0.0.1:0\"\n{extra}\n"
+        ),
+    )
+    .expect("write the config");
+    let stderr = temp("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["--log", "info", "console", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("BACKSTOP_CONSOLE_TOKEN")
+        .env_remove("BACKSTOP_CONSOLE_PASSWORD")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("start backstop console");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await
+    .expect("join")
+    .expect("read stdout");
+    let base = line
+        .trim()
+        .strip_prefix("backstop console: serving on ")
+        .unwrap_or_else(|| {
+            panic!(
+                "unexpected first line {line:?}; stderr: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            )
+        })
+        .trim_end_matches('/')
+        .to_owned();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    Console {
+        child,
+        base,
+        stderr,
+        store,
+        http,
+    }
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                utf8_percent_encode(k, NON_ALPHANUMERIC),
+                utf8_percent_encode(v, NON_ALPHANUMERIC)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The value of cookie `name` set by a response.
+fn set_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(SET_COOKIE).iter().find_map(|v| {
+        let text = v.to_str().ok()?;
+        let (pair, _) = text.split_once(';').unwrap_or((text, ""));
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| v.to_owned())
+    })
+}
+
+/// The `value` of the element of `html` with `name="..."` (hidden fields).
+fn hidden(html: &str, name: &str) -> String {
+    let at = html
+        .find(&format!("name=\"{name}\""))
+        .unwrap_or_else(|| panic!("no field {name} in {html}"));
+    let rest = &html[at..];
+    let start = rest.find("value=\"").expect("a value") + 7;
+    let end = rest[start..].find('"').expect("end of value");
+    rest[start..start + end].to_owned()
+}
+
+/// Every response of the console carries these.
+fn assert_safe_headers(what: &str, headers: &HeaderMap) {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("{what}: no {name} header in {headers:?}"))
+            .to_owned()
+    };
+    assert_eq!(
+        get("content-security-policy"),
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; \
+         form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        "{what}"
+    );
+    assert_eq!(get("x-frame-options"), "DENY", "{what}");
+    assert_eq!(get("x-content-type-options"), "nosniff", "{what}");
+    assert_eq!(get("referrer-policy"), "no-referrer", "{what}");
+    assert_eq!(get("cache-control"), "no-store", "{what}");
+}
+
+impl Console {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET `path` with `cookie`; (status, headers, body), headers checked.
+    async fn get(&self, path: &str, cookie: Option<&str>) -> (StatusCode, HeaderMap, String) {
+        let mut request = self.http.get(self.url(path)).header("accept", "text/html");
+        if let Some(c) = cookie {
+            request = request.header("cookie", c);
+        }
+        let response = request.send().await.expect("GET");
+        let status = response.status();
+        let headers = response.headers().clone();
+        assert_safe_headers(&format!("GET {path}"), &headers);
+        (status, headers, response.text().await.expect("body"))
+    }
+
+    /// POSTs a form to `path` with `cookie`.
+    async fn post(
+        &self,
+        path: &str,
+        cookie: Option<&str>,
+        body: String,
+    ) -> (StatusCode, HeaderMap, String) {
+        let mut request = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(c) = cookie {
+            request = request.header("cookie", c);
+        }
+        let response = request.send().await.expect("POST");
+        let status = response.status();
+        let headers = response.headers().clone();
+        assert_safe_headers(&format!("POST {path}"), &headers);
+        (status, headers, response.text().await.expect("body"))
+    }
+
+    /// Logs in as `name` with `secret`: the session cookie (`name=value`)
+    /// and the CSRF token of its pages, or the refusal's status.
+    async fn login(&self, name: &str, secret: &str) -> Result<(String, String), StatusCode> {
+        let (status, headers, html) = self.get("/login", None).await;
+        assert_eq!(status, StatusCode::OK, "{html}");
+        let login_cookie = set_cookie(&headers, "backstop_login").expect("login cookie");
+        let login_csrf = hidden(&html, "login_csrf");
+        let (status, headers, body) = self
+            .post(
+                "/login",
+                Some(&format!("backstop_login={login_cookie}")),
+                form(&[
+                    ("name", name),
+                    ("secret", secret),
+                    ("login_csrf", &login_csrf),
+                ]),
+            )
+            .await;
+        if status != StatusCode::SEE_OTHER {
+            assert!(
+                set_cookie(&headers, "backstop_session").is_none(),
+                "a refused login set a session: {headers:?}"
+            );
+            assert!(body.contains("id=\"login-form\""), "{body}");
+            return Err(status);
+        }
+        let session = set_cookie(&headers, "backstop_session").expect("session cookie");
+        let raw = headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("backstop_session="))
+            .expect("session cookie");
+        for part in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+            assert!(raw.contains(part), "{raw}");
+        }
+        assert_eq!(session.len(), 64, "32 random bytes in hex");
+        let cookie = format!("backstop_session={session}");
+        let (status, _, html) = self.get("/", Some(&cookie)).await;
+        assert_eq!(status, StatusCode::OK, "{html}");
+        let csrf = hidden(&html, "csrf");
+        Ok((cookie, csrf))
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).expect("read stderr")
+    }
+}
+
+fn message(queue: &str, id: &str, payload: &[u8]) -> NewFailedMessage {
+    NewFailedMessage {
+        queue: queue.to_owned(),
+        exchange: "payments".to_owned(),
+        routing_key: "charge".to_owned(),
+        message_id: Some(id.to_owned()),
+        dedup_key: None,
+        payload: payload.to_vec(),
+        headers: "{}".to_owned(),
+        properties: "{}".to_owned(),
+        error: "card declined".to_owned(),
+        error_kind: "permanent".to_owned(),
+        attempts: 3,
+        next_attempt_at: now_ms() as i64 + 3_600_000,
+        store_id: None,
+        fingerprint: format!("id:{id}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_login_nothing_is_shown() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{\"secret\":\"payload-abc\"}"))
+        .await
+        .expect("store");
+    for path in ["/", "/rows", &format!("/rows/{id}")] {
+        // A browser goes to the login page.
+        let (status, headers, body) = console.get(path, None).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{path}: {body}");
+        assert_eq!(headers.get(LOCATION).expect("location"), "/login", "{path}");
+        // An API client gets 401, also with a wrong token or session.
+        for auth in [None, Some("Bearer wrong"), Some("Basic b3BzOndyb25n")] {
+            let mut request = console.http.get(console.url(path));
+            if let Some(a) = auth {
+                request = request.header("authorization", a);
+            }
+            let response = request.send().await.expect("GET");
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "{path} {auth:?}"
+            );
+            assert_safe_headers(path, response.headers());
+            let body = response.text().await.expect("body");
+            assert!(!body.contains("payload-abc"), "{body}");
+        }
+        let (status, _, _) = console.get(path, Some("backstop_session=00112233")).await;
+        assert_eq!(
+            status,
+            StatusCode::SEE_OTHER,
+            "{path} with a made-up session"
+        );
+    }
+    // The bearer token reads.
+    let response = console
+        .http
+        .get(console.url(&format!("/rows/{id}")))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.text().await.expect("body").contains("payload-abc"));
+    // A POST without a session changes nothing.
+    let (status, _, _) = console
+        .post(
+            &format!("/rows/{id}/action"),
+            None,
+            form(&[("action", "discard"), ("note", "x")]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Pending
+    );
+    // The headers are on everything: the stylesheet, a missing page.
+    for path in ["/static/console.css", "/login", "/nowhere"] {
+        let _ = console.get(path, None).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_does_not_log_in_and_secrets_stay_out_of_the_log() {
+    let console = start(&format!(
+        "token = {TOKEN:?}\nuser = \"ops\"\npassword = {PASSWORD:?}"
+    ))
+    .await;
+    assert_eq!(
+        console.login("alice", "wrong").await,
+        Err(StatusCode::UNAUTHORIZED)
+    );
+    assert_eq!(
+        console.login("alice", PASSWORD).await,
+        Err(StatusCode::UNAUTHORIZED),
+        "the password is the user's only"
+    );
+    assert!(console.login("ops", TOKEN).await.is_ok());
+    assert!(console.login("alice", TOKEN).await.is_ok());
+    assert!(console.login("ops", PASSWORD).await.is_ok());
+    // A secret typed in the name field is not logged either.
+    assert!(console.login(PASSWORD, "nope").await.is_err());
+    // Without the login form's own token, no login.
+    let (status, headers, _) = console
+        .post(
+            "/login",
+            None,
+            form(&[("name", "alice"), ("secret", TOKEN)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(set_cookie(&headers, "backstop_session").is_none());
+    // Basic auth with the user's password reads.
+    let response = console
+        .http
+        .get(console.url("/rows"))
+        .basic_auth("ops", Some(PASSWORD))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let stderr = console.stderr();
+    assert!(
+        stderr.contains("console login"),
+        "logins are logged: {stderr}"
+    );
+    for secret in [TOKEN, PASSWORD] {
+        assert!(!stderr.contains(secret), "a secret in the log: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_post_needs_the_csrf_token_and_actions_are_audited() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{}"))
+        .await
+        .expect("store");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let audit_before = console.store.audit(id).await.expect("audit");
+    let action = format!("/rows/{id}/action");
+    for (path, body) in [
+        (
+            action.as_str(),
+            form(&[("action", "discard"), ("note", "dup")]),
+        ),
+        (
+            action.as_str(),
+            form(&[("action", "discard"), ("note", "dup"), ("csrf", "")]),
+        ),
+        (
+            action.as_str(),
+            form(&[("action", "discard"), ("note", "dup"), ("csrf", &csrf[1..])]),
+        ),
+        (
+            action.as_str(),
+            form(&[
+                ("action", "discard"),
+                ("note", "dup"),
+                ("csrf", &"0".repeat(64)),
+            ]),
+        ),
+        ("/logout", String::new()),
+        (
+            &format!("/rows/{id}/edit"),
+            form(&[("payload", "x"), ("note", "n")]),
+        ),
+        (
+            "/groups/0123456789abcdef/action",
+            form(&[("action", "retry")]),
+        ),
+        ("/jobs/1/cancel", String::new()),
+        ("/dlq/orders.dlq/replay", form(&[("mode", "replay")])),
+        (
+            "/dlq/orders.dlq/purge",
+            form(&[("older_than", "1s"), ("confirm", "yes")]),
+        ),
+    ] {
+        let (status, _, html) = console.post(path, Some(&cookie), body.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path} {body}: {html}");
+    }
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Pending
+    );
+    assert_eq!(console.store.audit(id).await.expect("audit"), audit_before);
+    // The session survived the refused logout.
+    let (status, _, _) = console.get("/", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // A discard without a note is refused; with one it is audited.
+    let (status, _, _) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", " "), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, headers, html) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[
+                ("action", "discard"),
+                ("note", "duplicate of order 7"),
+                ("csrf", &csrf),
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{html}");
+    assert_eq!(
+        headers.get(LOCATION).expect("location"),
+        &format!("/rows/{id}")
+    );
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Discarded
+    );
+    let last = console
+        .store
+        .audit(id)
+        .await
+        .expect("audit")
+        .pop()
+        .expect("an entry");
+    assert_eq!(
+        (
+            last.actor.as_str(),
+            last.action.as_str(),
+            last.note.as_deref()
+        ),
+        ("console:alice", "discard", Some("duplicate of order 7"))
+    );
+    let (_, _, page) = console.get(&format!("/rows/{id}"), Some(&cookie)).await;
+    let audit = &page[page.find("id=\"row-audit\"").expect("audit table")..];
+    assert!(
+        audit.contains("console:alice") && audit.contains("duplicate of order 7"),
+        "{audit}"
+    );
+
+    // Logging out with the token ends the session.
+    let (status, _, _) = console
+        .post("/logout", Some(&cookie), form(&[("csrf", &csrf)]))
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (status, _, _) = console.get("/", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_row_is_shown_inert() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-evil".into(),
+        AMQPValue::LongString(LongString::from(
+            b"<script>window.pwned=1</script>\x00\xff".to_vec(),
+        )),
+    );
+    headers.insert(
+        "<img src=x onerror=alert(1)>".into(),
+        AMQPValue::LongString(LongString::from(b"v".to_vec())),
+    );
+    let mut hostile = message(
+        "orders",
+        "m-evil",
+        b"<script>window.pwned=1</script>\x00\xff\xfe tail \x1b[31m",
+    );
+    hostile.headers = serde_json::to_string(&headers).expect("headers json");
+    hostile.error = "<img src=x onerror=alert(2)> declined".to_owned();
+    hostile.properties = r#"{"content_type":"<script>alert(3)</script>"}"#.to_owned();
+    let evil = console.store.store(&hostile).await.expect("store");
+    let long = format!("{{\"note\":\"{}<script>\"}}", "A".repeat(1024 * 1024));
+    let big = console
+        .store
+        .store(&message("orders", "m-big", long.as_bytes()))
+        .await
+        .expect("store");
+    let (cookie, _) = console.login("alice", TOKEN).await.expect("login");
+
+    let (status, _, html) = console.get(&format!("/rows/{evil}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert!(!html.contains("<script"), "raw <script in the page: {html}");
+    assert!(!html.contains("<img"), "raw <img in the page: {html}");
+    let payload = &html[html.find("id=\"row-payload\"").expect("payload")..];
+    assert!(
+        payload.contains("&lt;script&gt;window.pwned=1&lt;/script&gt;"),
+        "{payload}"
+    );
+    assert!(payload.contains("Binary, "), "{payload}");
+    assert!(
+        payload.contains("\u{2400}") && payload.contains("\u{241b}[31m"),
+        "{payload}"
+    );
+    assert!(
+        payload.contains("3c 73 63 72 69 70 74 3e"),
+        "the hex dump: {payload}"
+    );
+    assert!(
+        !html.contains('\u{0}') && !html.contains('\u{1b}'),
+        "raw control characters"
+    );
+    assert!(
+        html.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "the header name is shown"
+    );
+    assert!(
+        html.contains("&lt;img src=x onerror=alert(2)&gt; declined"),
+        "the error is shown"
+    );
+
+    let (status, _, html) = console.get(&format!("/rows/{big}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.len() < 200 * 1024, "the page is {} bytes", html.len());
+    assert!(
+        html.contains("only the first 65536 bytes are shown"),
+        "{}",
+        &html[..2000]
+    );
+    assert!(html.contains(&format!("JSON, {} bytes", long.len())));
+
+    // The list shows both, escaped.
+    let (_, _, list) = console.get("/rows", Some(&cookie)).await;
+    assert!(!list.contains("<img") && list.contains("&lt;img src=x onerror=alert(2)&gt;"));
+}
+
+#[test]
+fn off_loopback_without_auth_it_refuses_to_start() {
+    let db = temp("db");
+    let config = temp("toml");
+    std::fs::write(
+        &config,
+        format!("[store]\nurl = \"sqlite://{}\"\n", db.display()),
+    )
+    .expect("write the config");
+    let run = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_backstop"));
+        command
+            .args(args)
+            .env_remove("BACKSTOP_CONSOLE_TOKEN")
+            .env_remove("BACKSTOP_CONSOLE_PASSWORD");
+        if let Some((k, v)) = env {
+            command.env(k, v);
+        }
+        let output = command.output().expect("run backstop");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let path = config.to_str().expect("utf-8 path");
+    let (code, stderr) = run(&["console", "-c", path, "--listen", "0.0.0.0:0"], None);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("0.0.0.0:0 is not a loopback address") && stderr.contains("console.token"),
+        "{stderr}"
+    );
+    let in_file = temp("toml");
+    std::fs::write(
+        &in_file,
+        format!(
+            "[store]\nurl = \"sqlite://{}\"\n[console]\nlisten = \"0.0.0.0:0\"\n",
+            db.display()
+        ),
+    )
+    .expect("write the config");
+    let in_file = in_file.to_str().expect("utf-8 path");
+    for command in ["console", "run"] {
+        let (code, stderr) = run(&[command, "-c", in_file], None);
+        assert_eq!(code, Some(2), "{command}: {stderr}");
+        assert!(stderr.contains("key console.listen"), "{command}: {stderr}");
+    }
+    // `config check` accepts it with the token from the environment, and
+    // shows it redacted.
+    let (code, stderr) = run(
+        &["config", "check", "-c", in_file],
+        Some(("BACKSTOP_CONSOLE_TOKEN", TOKEN)),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let output = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["config", "check", "-c", in_file])
+        .env("BACKSTOP_CONSOLE_TOKEN", TOKEN)
+        .output()
+        .expect("run");
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        shown.contains("[console]") && shown.contains("token = \"***\""),
+        "{shown}"
+    );
+    assert!(!shown.contains(TOKEN), "{shown}");
+}
+
+/// `html` with maud's escapes undone (for attribute values).
+fn unescape(html: &str) -> String {
+    html.replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+}
+
+/// The text of the element with `id` (up to its first tag end).
+fn text_of(html: &str, id: &str) -> String {
+    let at = html
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in {html}"));
+    let start = at + html[at..].find('>').expect("tag end") + 1;
+    let end = start + html[start..].find('<').expect("next tag");
+    html[start..end].to_owned()
+}
+
+/// Rows of one group: one queue, one kind, errors that differ only in
+/// their numbers.
+fn group_rows(queue: &str, n: usize) -> Vec<NewFailedMessage> {
+    (0..n)
+        .map(|i| {
+            let mut m = message(
+                queue,
+                &format!("{queue}-{i}"),
+                format!("{{\"n\":{i}}}").as_bytes(),
+            );
+            m.error = format!("card {} declined by issuer {}", 4000 + i, i % 7);
+            m
+        })
+        .collect()
+}
+
+/// The id of the group of `queue` on the landing page.
+fn group_id(home: &str, queue: &str) -> String {
+    let table = &home[home.find("id=\"groups\"").expect("groups table")..];
+    table
+        .split("<tr class=\"group\" data-group-id=\"")
+        .skip(1)
+        .find(|row| row.contains(queue))
+        .and_then(|row| row.split('"').next())
+        .unwrap_or_else(|| panic!("no group of {queue} in {table}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let queue = unique("orders");
+    console
+        .store
+        .store_batch(&group_rows(&queue, 1200))
+        .await
+        .expect("seed");
+    let other = unique("refunds");
+    console
+        .store
+        .store_batch(&group_rows(&other, 3000))
+        .await
+        .expect("seed");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (_, _, home) = console.get("/", Some(&cookie)).await;
+    let id = group_id(&home, &queue);
+    let (status, _, page) = console.get(&format!("/groups/{id}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("Act on all 1200 rows"), "{page}");
+    assert!(page.contains("id=\"group-action\""));
+
+    let action = format!("/groups/{id}/action");
+    let (status, _, _) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", "x")]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", ""), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a discard needs a note");
+    assert!(
+        !console
+            .store
+            .count_by_status()
+            .await
+            .expect("counts")
+            .iter()
+            .any(|(s, _)| *s == Status::Discarded)
+    );
+
+    let (status, headers, body) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[
+                ("action", "discard"),
+                ("note", "test orders"),
+                ("csrf", &csrf),
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    let job = headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_owned();
+    assert!(job.starts_with("/jobs/"), "{job}");
+    let page = wait_for_job(&console, &cookie, &job).await;
+    assert_eq!(text_of(&page, "job-status"), "finished");
+    assert_eq!(text_of(&page, "job-done"), "1200");
+    assert_eq!(text_of(&page, "job-total"), "1200");
+    let rows = console
+        .store
+        .list(&backstop::store::ListFilter {
+            queue: Some(queue.clone()),
+            limit: Some(5000),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(rows.len(), 1200);
+    assert!(rows.iter().all(|r| r.status == Status::Discarded));
+    let last = console
+        .store
+        .audit(rows[17].id)
+        .await
+        .expect("audit")
+        .pop()
+        .expect("entry");
+    assert_eq!(
+        (
+            last.actor.as_str(),
+            last.action.as_str(),
+            last.note.as_deref()
+        ),
+        ("console:alice", "discard", Some("test orders"))
+    );
+    // The group is gone from the landing page; the other one is still there.
+    let (_, _, home) = console.get("/", Some(&cookie)).await;
+    assert!(!home.contains(&format!("data-group-id=\"{id}\"")));
+
+    // Cancelling stops between whole batches: the rows discarded are
+    // exactly those the job counts, each audited.
+    let other_id = group_id(&home, &other);
+    let (status, headers, _) = console
+        .post(
+            &format!("/groups/{other_id}/action"),
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", "stop me"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let job = headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_owned();
+    let (status, _, _) = console
+        .post(&format!("{job}/cancel"), Some(&cookie), String::new())
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "cancel needs the CSRF token");
+    let (status, _, _) = console
+        .post(
+            &format!("{job}/cancel"),
+            Some(&cookie),
+            form(&[("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let page = wait_for_job(&console, &cookie, &job).await;
+    let done: usize = text_of(&page, "job-done").parse().expect("a count");
+    let status = text_of(&page, "job-status");
+    assert!(
+        status == "cancelled" || (status == "finished" && done == 3000),
+        "{status} {done}"
+    );
+    let rows = console
+        .store
+        .list(&backstop::store::ListFilter {
+            queue: Some(other.clone()),
+            limit: Some(5000),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let discarded = rows
+        .iter()
+        .filter(|r| r.status == Status::Discarded)
+        .count();
+    assert_eq!(discarded, done, "{status}");
+    assert_eq!(done % 500, 0, "whole batches of 500 rows");
+}
+
+/// Reloads the job page until it no longer refreshes itself (60 s at most).
+async fn wait_for_job(console: &Console, cookie: &str, job: &str) -> String {
+    let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    backstop_testkit::wait_until("the job to end", std::time::Duration::from_secs(60), || {
+        let request = console
+            .http
+            .get(console.url(job))
+            .header("cookie", cookie)
+            .send();
+        let last = last.clone();
+        async move {
+            let page = request.await.expect("GET").text().await.expect("body");
+            let running = page.contains("http-equiv=\"refresh\"");
+            *last.lock().expect("lock") = page;
+            !running
+        }
+    })
+    .await;
+    last.lock().expect("lock").clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_needs_a_note_keeps_the_original_and_is_audited() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let mut original = message("orders", "m-edit", br#"{"amount":1}"#);
+    let mut headers = FieldTable::default();
+    headers.insert("x-tenant".into(), AMQPValue::ShortString("acme".into()));
+    original.headers = serde_json::to_string(&headers).expect("json");
+    let id = console.store.store(&original).await.expect("store");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (status, _, page) = console
+        .get(&format!("/rows/{id}/edit"), Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let shown = unescape(&hidden(&page, "headers_shown"));
+    assert!(shown.contains("\"x-tenant\": \"acme\""), "{shown}");
+    let path = format!("/rows/{id}/edit");
+    let edit = |note: &str, csrf: &str| {
+        form(&[
+            ("payload", "{\"amount\":2}\r\n"),
+            ("encoding", "text"),
+            ("headers", &shown),
+            ("headers_shown", &shown),
+            ("note", note),
+            ("retry", "1"),
+            ("csrf", csrf),
+        ])
+    };
+    let (status, _, _) = console.post(&path, Some(&cookie), edit("fix", "")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = console.post(&path, Some(&cookie), edit("  ", &csrf)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(console.store.versions(id).await.expect("versions").len(), 1);
+
+    let (status, _, body) = console
+        .post(&path, Some(&cookie), edit("amount was wrong", &csrf))
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    let row = console.store.get(id).await.expect("row");
+    assert_eq!(
+        (row.version, row.payload.as_slice()),
+        (1, &b"{\"amount\":2}\n"[..])
+    );
+    assert_eq!(
+        row.headers, original.headers,
+        "unchanged headers are kept exactly"
+    );
+    let versions = console.store.versions(id).await.expect("versions");
+    assert_eq!(versions[0].payload, br#"{"amount":1}"#);
+    let audit = console.store.audit(id).await.expect("audit");
+    let edit_entry = audit
+        .iter()
+        .find(|e| e.action == "edit")
+        .expect("an edit entry");
+    assert_eq!(edit_entry.actor, "console:alice");
+    let note = edit_entry.note.as_deref().unwrap_or("");
+    assert!(
+        note.starts_with("amount was wrong") && note.contains("+{\"amount\":2}"),
+        "{note}"
+    );
+    let (_, _, page) = console.get(&format!("/rows/{id}"), Some(&cookie)).await;
+    assert!(page.contains("(edited: version 1)") && page.contains("id=\"row-versions\""));
+}
+
+/// Waits until `queue` holds `n` ready messages and none unacked.
+async fn settled(queue: &str, n: u64) {
+    let q = queue.to_owned();
+    backstop_testkit::wait_until(
+        &format!("{queue} to hold {n} ready, none unacked"),
+        std::time::Duration::from_secs(10),
+        move || {
+            let q = q.clone();
+            async move { backstop_testkit::queue_is(&q, move |c| c.ready == n && c.unacked == 0).await }
+        },
+    )
+    .await;
+}
+
+/// Publishes to `dlq` one message with Backstop's failure headers, failed
+/// in `queue` with `error`, dead-lettered `age_ms` ago, with a confirm.
+async fn park(
+    channel: &lapin::Channel,
+    dlq: &str,
+    queue: &str,
+    id: &str,
+    error: &str,
+    age_ms: u64,
+) {
+    use backstop::retry;
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        (retry::ORIGINAL_QUEUE_HEADER, queue),
+        (retry::ORIGINAL_EXCHANGE_HEADER, ""),
+        (retry::ORIGINAL_ROUTING_KEY_HEADER, queue),
+        (retry::ERROR_HEADER, error),
+        (retry::ERROR_KIND_HEADER, "permanent"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    headers.insert(
+        retry::LAST_FAILURE_HEADER.into(),
+        AMQPValue::LongLongInt((now_ms() - age_ms) as i64),
+    );
+    let body = format!("{{\"id\":\"{id}\",\"html\":\"<script>window.pwned=1</script>\"}}");
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            dlq.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body.as_bytes(),
+            lapin::BasicProperties::default()
+                .with_message_id(id.into())
+                .with_headers(headers)
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+}
+
+/// The message ids of the `tr.dlq-message` rows of table `id`, in order.
+fn dlq_ids(html: &str, id: &str) -> Vec<String> {
+    let Some(at) = html.find(&format!("id=\"{id}\"")) else {
+        panic!("no #{id} in {html}");
+    };
+    let table = &html[at..at + html[at..].find("</tbody></table>").expect("table end")];
+    table
+        .split("<tr class=\"dlq-message\"")
+        .skip(1)
+        .map(|row| {
+            let cells: Vec<&str> = row.split("<td").collect();
+            let cell = cells.get(2).expect("a message id cell");
+            cell[cell.find('>').expect(">") + 1..cell.find('<').expect("<")].to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
+    let queue = unique("console-dlq");
+    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    backstop::topology::Topology::new()
+        .queue(backstop::topology::Queue::classic(&queue))
+        .queue(backstop::topology::Queue::classic(&dlq))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    park(&channel, &dlq, &queue, "a", "timeout after 30s", 0).await;
+    park(&channel, &dlq, &queue, "b", "card declined", 2 * 3_600_000).await;
+    park(&channel, &dlq, &queue, "c", "timeout after 5s", 0).await;
+    let sections = format!(
+        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
+        backstop_testkit::amqp_url()
+    );
+    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+
+    let (status, _, page) = console.get("/dlq", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains(&format!("data-queue=\"{dlq}\"")), "{page}");
+    let (status, _, page) = console.get(&format!("/dlq/{dlq}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("Peeked with requeue, in queue order"),
+        "{page}"
+    );
+    assert_eq!(dlq_ids(&page, "dlq-messages"), ["a", "b", "c"]);
+    assert!(!page.contains("<script"), "raw <script in the page");
+    settled(&dlq, 3).await;
+    let (status, _, _) = console.get("/dlq/not-configured.dlq", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // No replay without its dry run.
+    let replay = format!("/dlq/{dlq}/replay");
+    let filters = [("error_contains", "timeout"), ("csrf", csrf.as_str())];
+    let mut real = filters.to_vec();
+    real.push(("mode", "replay"));
+    let (status, _, _) = console.post(&replay, Some(&cookie), form(&real)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    settled(&dlq, 3).await;
+
+    let mut dry = filters.to_vec();
+    dry.push(("mode", "dry_run"));
+    let (status, _, page) = console.post(&replay, Some(&cookie), form(&dry)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(text_of(&page, "replay-would-move"), "2");
+    assert_eq!(dlq_ids(&page, "replay-would-move-list"), ["a", "c"]);
+    assert!(page.contains("id=\"replay-submit\""), "{page}");
+    settled(&dlq, 3).await;
+    let dry_run_of = unescape(&hidden(&page, "dry_run_of"));
+    // Other filters than the dry run's are refused.
+    let (status, _, _) = console
+        .post(
+            &replay,
+            Some(&cookie),
+            form(&[
+                ("error_contains", "declined"),
+                ("csrf", &csrf),
+                ("mode", "replay"),
+                ("dry_run_of", &dry_run_of),
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    real.push(("dry_run_of", &dry_run_of));
+    let (status, _, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(text_of(&page, "replay-moved"), "2");
+    settled(&queue, 2).await;
+    settled(&dlq, 1).await;
+
+    // Purge: the count first, nothing removed; then the confirm.
+    let purge = format!("/dlq/{dlq}/purge");
+    let (status, _, page) = console
+        .post(
+            &purge,
+            Some(&cookie),
+            form(&[("older_than", "1h"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("id=\"purge-confirm\""), "{page}");
+    assert!(page.contains("<strong>1 message(s)</strong>"), "{page}");
+    settled(&dlq, 1).await;
+    let (status, _, page) = console
+        .post(
+            &purge,
+            Some(&cookie),
+            form(&[("older_than", "1h"), ("confirm", "yes"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("1 message(s) removed"), "{page}");
+    settled(&dlq, 0).await;
+    backstop_testkit::delete_queue(&connection, &queue).await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+}
+
+/// `backstop run` with a `[console]` section serves the console too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backstop_run_serves_the_console_of_its_config() {
+    let db = temp("db");
+    let config = temp("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nuri = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n\
+             [console]\nlisten = \"127.0.0.1:0\"\ntoken = {TOKEN:?}\n",
+            backstop_testkit::amqp_url(),
+            db.display()
+        ),
+    )
+    .expect("write the config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start backstop run");
+    let stdout = child.stdout.take().expect("stdout");
+    let base = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).lines().find_map(|line| {
+            line.expect("read stdout")
+                .strip_prefix("backstop run: review console on ")
+                .map(|b| b.trim_end_matches('/').to_owned())
+        })
+    })
+    .await
+    .expect("join");
+    let Some(base) = base else {
+        let _ = child.kill();
+        panic!("backstop run did not say where the console is");
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::Client::new()
+        .get(format!("{base}/login"))
+        .send()
+        .await
+        .expect("GET /login");
+    let status = response.status();
+    assert_safe_headers("run: /login", response.headers());
+    let html = response.text().await.expect("body");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("id=\"login-form\""), "{html}");
+}
