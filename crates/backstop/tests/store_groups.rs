@@ -105,6 +105,24 @@ async fn wait_done(progress: &GroupProgress, n: u64) {
     }
 }
 
+/// `action` by `ana` on the declined group of `queue`, in a task of its own.
+fn spawn_action(
+    store: &SqlStore,
+    queue: &str,
+    action: ManualAction,
+    note: Option<&str>,
+    batch: i64,
+    progress: &Arc<GroupProgress>,
+) -> tokio::task::JoinHandle<Result<backstop::store::GroupBatchTotals, StoreError>> {
+    let store = store.clone();
+    let progress = progress.clone();
+    let key = key(queue, "permanent", DECLINED);
+    let note = note.map(str::to_owned);
+    tokio::spawn(async move {
+        run_group_action(&store, key, action, "ana".to_owned(), note, batch, progress).await
+    })
+}
+
 const DECLINED: &str = "order # declined by bank #";
 
 async fn grouping_masks_numbers_and_uuids_by_queue_kind_and_cause(store: SqlStore) {
@@ -275,23 +293,7 @@ async fn a_group_action_skips_rows_that_arrive_after_its_start(store: SqlStore) 
     let queue = unique("group-late");
     seed(&store, &queue, 0, 400).await;
     let progress = GroupProgress::new();
-    let run = {
-        let store = store.clone();
-        let progress = progress.clone();
-        let key = key(&queue, "permanent", DECLINED);
-        tokio::spawn(async move {
-            run_group_action(
-                &store,
-                key,
-                ManualAction::Retry,
-                "ana".to_owned(),
-                None,
-                1,
-                progress,
-            )
-            .await
-        })
-    };
+    let run = spawn_action(&store, &queue, ManualAction::Retry, None, 1, &progress);
     wait_done(&progress, 1).await;
     let late = seed(&store, &queue, 1000, 1).await[0];
     assert!(
@@ -317,23 +319,14 @@ async fn a_cancelled_group_action_stops_between_whole_batches(store: SqlStore) {
     let queue = unique("group-cancel");
     let ids = seed(&store, &queue, 0, 400).await;
     let progress = GroupProgress::new();
-    let run = {
-        let store = store.clone();
-        let progress = progress.clone();
-        let key = key(&queue, "permanent", DECLINED);
-        tokio::spawn(async move {
-            run_group_action(
-                &store,
-                key,
-                ManualAction::Resolve,
-                "ana".to_owned(),
-                Some("fixed by hand".to_owned()),
-                5,
-                progress,
-            )
-            .await
-        })
-    };
+    let run = spawn_action(
+        &store,
+        &queue,
+        ManualAction::Resolve,
+        Some("fixed by hand"),
+        5,
+        &progress,
+    );
     wait_done(&progress, 5).await;
     progress.cancel();
     let totals = run.await.expect("task").expect("group action");
