@@ -241,8 +241,9 @@ pub fn fingerprint(queue: &str, delivery: &Delivery, dedup_key: Option<&str>) ->
     format!("sha256:{}", hex::encode(hash.finalize()))
 }
 
-/// The properties worth keeping, as a JSON object.
-fn properties_json(p: &BasicProperties) -> String {
+/// The properties worth keeping, as a JSON object (as stored in a row's
+/// `properties`).
+pub fn properties_json(p: &BasicProperties) -> String {
     let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.to_string());
     serde_json::json!({
         "content_type": s(p.content_type()),
