@@ -3,8 +3,10 @@
 //! on the same pre-filled durable queue. `backstop bench publish` is in
 //! [`publish`].
 
+mod group_retry;
 mod publish;
 
+pub(crate) use group_retry::{GroupRetryArgs, group_retry};
 pub(crate) use publish::{PublishArgs, publish};
 
 use crate::{UsageError, ui};

@@ -7,8 +7,8 @@
 use crate::UsageError;
 use backstop::config::Config;
 use backstop::store::{
-    AuditEntry, CompensationStore, FailedRow, ListFilter, ManualAction, SqlStore, Status,
-    StoreError,
+    AuditEntry, CompensationStore, FailedRow, GroupJob, GroupProgress, ListFilter, ManualAction,
+    SqlStore, Status, StoreError,
 };
 use base64::Engine;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
@@ -108,12 +108,31 @@ pub(crate) enum FailedCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// The groups of unfinished rows by cause (queue, error kind, error text
+    /// with numbers and ids masked), largest first.
+    Groups {
+        /// Only this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Re-drive messages at the next scan. A finished row (resolved,
     /// discarded, replayed) needs --force.
     Retry {
         /// Row ids.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        #[arg(required_unless_present_any = ["all", "group"], conflicts_with_all = ["all", "group"])]
         ids: Vec<i64>,
+        /// Every unfinished row of this failure group (`failed groups`), in
+        /// batches, with a progress bar; Ctrl-C stops between two batches.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["all", "force"])]
+        group: Option<String>,
+        /// Why, in each row's audit entry.
+        #[arg(long)]
+        note: Option<String>,
         /// Every row that needs review (of --queue, if given).
         #[arg(long)]
         all: bool,
@@ -133,7 +152,11 @@ pub(crate) enum FailedCommand {
     /// Mark a message as handled by hand.
     Resolve {
         /// The row id.
-        id: i64,
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        id: Option<i64>,
+        /// Every unfinished row of this failure group, in batches.
+        #[arg(long, value_name = "ID")]
+        group: Option<String>,
         /// What was done.
         #[arg(long)]
         note: String,
@@ -146,9 +169,13 @@ pub(crate) enum FailedCommand {
     /// Give a message up.
     Discard {
         /// The row id.
-        id: i64,
+        #[arg(required_unless_present = "group", conflicts_with = "group")]
+        id: Option<i64>,
+        /// Every unfinished row of this failure group, in batches.
+        #[arg(long, value_name = "ID")]
+        group: Option<String>,
         /// Why.
-        #[arg(long)]
+        #[arg(long, alias = "note")]
         reason: String,
         /// Who did it (default: $USER).
         #[arg(long)]
@@ -382,13 +409,56 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
                 println!("history:\n{h}");
             }
         }
+        FailedCommand::Groups { queue, json, store } => {
+            let (store, _) = store.open().await?;
+            let groups = store.groups(queue.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&groups)?);
+            } else {
+                let mut t = table(&[
+                    "id",
+                    "queue",
+                    "kind",
+                    "cause",
+                    "count",
+                    "first seen",
+                    "last seen",
+                    "sample id",
+                ]);
+                for g in &groups {
+                    t.add_row([
+                        g.id.clone(),
+                        g.key.queue.clone(),
+                        g.key.error_kind.clone(),
+                        short(&g.key.cause, 60),
+                        g.count.to_string(),
+                        rfc3339(g.first_seen),
+                        rfc3339(g.last_seen),
+                        g.sample_id.to_string(),
+                    ]);
+                }
+                println!("{t}");
+                eprintln!("groups={}", groups.len());
+            }
+        }
+        FailedCommand::Retry {
+            group: Some(group),
+            note,
+            actor: who,
+            store,
+            ..
+        } => {
+            return act_on_group(&store, &group, ManualAction::Retry, who, note).await;
+        }
         FailedCommand::Retry {
             ids,
             all,
             queue,
             force,
+            note,
             actor: who,
             store,
+            group: None,
         } => {
             let (store, _) = store.open().await?;
             let ids = if all {
@@ -413,7 +483,7 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
             };
             let (mut refused, mut failed) = (0, 0);
             for id in &ids {
-                match store.act(*id, action, &who, None).await {
+                match store.act(*id, action, &who, note.as_deref()).await {
                     Ok(_) => {}
                     Err(e @ StoreError::InvalidTransition { status, .. })
                         if status.is_finished() && !force =>
@@ -447,16 +517,18 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
         }
         FailedCommand::Resolve {
             id,
+            group,
             note,
             actor: who,
             store,
-        } => close(&store, id, ManualAction::Resolve, who, &note).await?,
+        } => return close(&store, id, group, ManualAction::Resolve, who, note).await,
         FailedCommand::Discard {
             id,
+            group,
             reason,
             actor: who,
             store,
-        } => close(&store, id, ManualAction::Discard, who, &reason).await?,
+        } => return close(&store, id, group, ManualAction::Discard, who, reason).await,
         FailedCommand::Purge {
             older_than,
             queue,
@@ -477,16 +549,86 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves or discards one row, with its audit entry.
+/// Resolves or discards one row (or a whole group), with its audit entry.
 async fn close(
     store: &StoreArgs,
-    id: i64,
+    id: Option<i64>,
+    group: Option<String>,
     action: ManualAction,
     who: Option<String>,
-    note: &str,
-) -> anyhow::Result<()> {
+    note: String,
+) -> anyhow::Result<ExitCode> {
+    match (id, group) {
+        (_, Some(group)) => act_on_group(store, &group, action, who, Some(note)).await,
+        (Some(id), None) => {
+            let (store, _) = store.open().await?;
+            let row = store.act(id, action, &actor(who), Some(&note)).await?;
+            println!("row {} is {}", row.id, row.status);
+            Ok(ExitCode::SUCCESS)
+        }
+        // clap requires one of them.
+        (None, None) => Err(UsageError("give a row id or --group ID".into()).into()),
+    }
+}
+
+/// Runs `action` on every unfinished row of group `id` in batches, with a
+/// progress bar; Ctrl-C stops it between two batches (each one whole).
+async fn act_on_group(
+    store: &StoreArgs,
+    id: &str,
+    action: ManualAction,
+    who: Option<String>,
+    note: Option<String>,
+) -> anyhow::Result<ExitCode> {
     let (store, _) = store.open().await?;
-    let row = store.act(id, action, &actor(who), Some(note)).await?;
-    println!("row {} is {}", row.id, row.status);
-    Ok(())
+    let Some(group) = store.group(id).await? else {
+        return Err(UsageError(format!(
+            "no failure group {id} with unfinished rows (see `backstop failed groups`)"
+        ))
+        .into());
+    };
+    let progress = GroupProgress::new();
+    let job = GroupJob {
+        key: group.key.clone(),
+        action,
+        actor: actor(who),
+        note,
+        batch: 1000,
+    };
+    let task = {
+        let store = store.clone();
+        let progress = progress.clone();
+        tokio::spawn(async move { job.run(&store, progress).await })
+    };
+    let bar = crate::ui::progress(group.count.max(0) as u64, action.as_str());
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
+    while !task.is_finished() {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut interrupt, if !progress.is_cancelled() => {
+                eprintln!("stopping after the current batch");
+                progress.cancel();
+            }
+        }
+        let (total, done, skipped) = progress.snapshot();
+        bar.set_length(total.max(1));
+        bar.set_position(done + skipped);
+    }
+    bar.finish_and_clear();
+    let totals = task.await??;
+    println!(
+        "group={} action={} acted={} skipped={} cancelled={}",
+        group.id,
+        action.as_str(),
+        totals.acted,
+        totals.skipped,
+        totals.cancelled
+    );
+    Ok(if totals.cancelled {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -90,6 +90,9 @@ enum BenchCommand {
     /// Publish throughput with confirms: the Publisher against a bare lapin
     /// ceiling and the naive one-at-a-time loop, its spool, the sidecar.
     Publish(bench::PublishArgs),
+    /// A failure group retried by an operator and re-driven by the scanner
+    /// (SQLite), from the click to the last row replayed.
+    GroupRetry(bench::GroupRetryArgs),
 }
 
 /// An error the CLI reports with exit code 2: bad usage or configuration.
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Consume(args)) => bench::consume(args).await,
             Command::Bench(BenchCommand::Store(args)) => bench::store(args).await,
             Command::Bench(BenchCommand::Publish(args)) => bench::publish(args).await,
+            Command::Bench(BenchCommand::GroupRetry(args)) => bench::group_retry(args).await,
             Command::Dlq(command) => dlq::run(command).await,
             Command::Failed(command) => failed::run(command).await,
             Command::Console(args) => console::run(args).await,

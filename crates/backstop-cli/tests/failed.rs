@@ -546,3 +546,63 @@ fn a_postgres_database_without_a_store_is_refused() {
         "{stderr}"
     );
 }
+
+/// `failed groups --json` lists one group per cause with masked numbers,
+/// and `failed discard --group ID --note` closes exactly that group's rows,
+/// each with its audit entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_listed_as_json_and_a_group_is_discarded() {
+    let url = sqlite_url();
+    let queue = unique("payments");
+    let store = SqlStore::connect(&url).await.expect("store");
+    let mut declined = Vec::new();
+    for n in 0..3 {
+        let mut m = row(&queue, &format!("pay-{n}"), b"{}");
+        m.error = format!("card {} declined for order {n}", 4000 + n);
+        declined.push(store.store(&m).await.expect("store"));
+    }
+    let mut other = row(&queue, "pay-9", b"{}");
+    other.error = "provider timed out".to_owned();
+    let other = store.store(&other).await.expect("store");
+
+    let (code, stdout, stderr) = backstop(&["failed", "groups", "--json", "--store", &url]);
+    assert_eq!(code, 0, "{stderr}");
+    let groups = json(&stdout);
+    let groups = groups.as_array().expect("an array");
+    assert_eq!(groups.len(), 2, "{stdout}");
+    let first = &groups[0];
+    assert_eq!(first["key"]["queue"], queue.as_str());
+    assert_eq!(first["key"]["error_kind"], "permanent");
+    assert_eq!(first["key"]["cause"], "card # declined for order #");
+    assert_eq!(first["count"], 3);
+    assert_eq!(first["sample_id"], declined[0]);
+    assert_eq!(first["sample_error"], "card 4000 declined for order 0");
+    assert_eq!(first["by_status"], serde_json::json!([["pending", 3]]));
+    assert_eq!(groups[1]["key"]["cause"], "provider timed out");
+    let id = first["id"].as_str().expect("a group id");
+    assert_eq!(id.len(), 16);
+
+    let (code, stdout, stderr) = backstop(&[
+        "failed",
+        "discard",
+        "--group",
+        id,
+        "--note",
+        "cards expired",
+        "--store",
+        &url,
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("acted=3 skipped=0"), "{stdout}");
+    for id in &declined {
+        let (status, last) = last_audit(&url, *id);
+        assert_eq!(status, "discarded");
+        assert_eq!(last["action"], "discard");
+        assert_eq!(last["actor"], "tester");
+        assert_eq!(last["note"], "cards expired");
+    }
+    let (status, _) = last_audit(&url, other);
+    assert_eq!(status, "pending");
+    let (code, _, stderr) = backstop(&["failed", "retry", "--group", id, "--store", &url]);
+    assert_eq!(code, 2, "the group has no unfinished rows left: {stderr}");
+}

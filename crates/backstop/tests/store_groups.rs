@@ -105,6 +105,24 @@ async fn wait_done(progress: &GroupProgress, n: u64) {
     }
 }
 
+/// `action` by `ana` on the declined group of `queue`, in a task of its own.
+fn spawn_action(
+    store: &SqlStore,
+    queue: &str,
+    action: ManualAction,
+    note: Option<&str>,
+    batch: i64,
+    progress: &Arc<GroupProgress>,
+) -> tokio::task::JoinHandle<Result<backstop::store::GroupBatchTotals, StoreError>> {
+    let store = store.clone();
+    let progress = progress.clone();
+    let key = key(queue, "permanent", DECLINED);
+    let note = note.map(str::to_owned);
+    tokio::spawn(async move {
+        run_group_action(&store, key, action, "ana".to_owned(), note, batch, progress).await
+    })
+}
+
 const DECLINED: &str = "order # declined by bank #";
 
 async fn grouping_masks_numbers_and_uuids_by_queue_kind_and_cause(store: SqlStore) {
@@ -275,23 +293,7 @@ async fn a_group_action_skips_rows_that_arrive_after_its_start(store: SqlStore) 
     let queue = unique("group-late");
     seed(&store, &queue, 0, 400).await;
     let progress = GroupProgress::new();
-    let run = {
-        let store = store.clone();
-        let progress = progress.clone();
-        let key = key(&queue, "permanent", DECLINED);
-        tokio::spawn(async move {
-            run_group_action(
-                &store,
-                key,
-                ManualAction::Retry,
-                "ana".to_owned(),
-                None,
-                1,
-                progress,
-            )
-            .await
-        })
-    };
+    let run = spawn_action(&store, &queue, ManualAction::Retry, None, 1, &progress);
     wait_done(&progress, 1).await;
     let late = seed(&store, &queue, 1000, 1).await[0];
     assert!(
@@ -317,23 +319,14 @@ async fn a_cancelled_group_action_stops_between_whole_batches(store: SqlStore) {
     let queue = unique("group-cancel");
     let ids = seed(&store, &queue, 0, 400).await;
     let progress = GroupProgress::new();
-    let run = {
-        let store = store.clone();
-        let progress = progress.clone();
-        let key = key(&queue, "permanent", DECLINED);
-        tokio::spawn(async move {
-            run_group_action(
-                &store,
-                key,
-                ManualAction::Resolve,
-                "ana".to_owned(),
-                Some("fixed by hand".to_owned()),
-                5,
-                progress,
-            )
-            .await
-        })
-    };
+    let run = spawn_action(
+        &store,
+        &queue,
+        ManualAction::Resolve,
+        Some("fixed by hand"),
+        5,
+        &progress,
+    );
     wait_done(&progress, 5).await;
     progress.cancel();
     let totals = run.await.expect("task").expect("group action");
@@ -520,6 +513,78 @@ async fn a_redriven_edited_row_publishes_only_the_edited_body(store: SqlStore) {
         .expect("delete");
 }
 
+/// 200 due rows in one scan: the first goes alone, the rest together on
+/// several confirm channels; every row ends `replayed` with exactly one copy
+/// in the queue.
+async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
+    let queue = unique("redrive-batch");
+    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .expect("connect");
+    common::durable_queue(&connection, &queue).await;
+    let ids = seed(&store, &queue, 0, 200).await;
+    run_group_action(
+        &store,
+        key(&queue, "permanent", DECLINED),
+        ManualAction::Retry,
+        "ana".to_owned(),
+        None,
+        1000,
+        GroupProgress::new(),
+    )
+    .await
+    .expect("retry the group");
+    let supervisor = common::supervisor(&amqp_url(), Duration::from_secs(10));
+    let scanner = Scanner::new(
+        Arc::new(store.clone()),
+        Redrive::Republish(supervisor.clone()),
+        ScannerConfig {
+            queue: Some(queue.clone()),
+            batch: 500,
+            publish_channels: 8,
+            ..ScannerConfig::default()
+        },
+    );
+    let report = scanner.run_once().await.expect("scan");
+    assert_eq!(
+        (
+            report.claimed,
+            report.redriven,
+            report.unknown,
+            report.failed
+        ),
+        (200, 200, 0, 0),
+        "{report:?}"
+    );
+    for id in &ids {
+        let row = store.get(*id).await.expect("get");
+        assert_eq!(row.status, Status::Replayed, "row {id}");
+        let replayed = store
+            .audit(*id)
+            .await
+            .expect("audit")
+            .iter()
+            .filter(|a| a.action == "replayed")
+            .count();
+        assert_eq!(replayed, 1, "row {id}");
+    }
+    let mut messages: Vec<String> = common::take_all(&connection, &queue)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    messages.sort();
+    let mut expected: Vec<String> = (0..200).map(|n| format!("m-{n}")).collect();
+    expected.sort();
+    assert_eq!(messages, expected, "one copy per row");
+    supervisor.close().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .expect("delete");
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -553,4 +618,5 @@ both_backends!(
     a_cancelled_group_action_stops_between_whole_batches,
     an_edit_keeps_the_original_and_is_what_a_claim_returns,
     a_redriven_edited_row_publishes_only_the_edited_body,
+    a_scan_sends_its_batch_together_one_copy_per_row,
 );

@@ -388,8 +388,10 @@ pub struct PayloadVersion {
     pub note: Option<String>,
 }
 
-/// The group's rows, by id: `key` binds as `$first`..`$first+2`.
-const GROUP_WHERE: &str = "queue = $1 AND error_kind = $2 AND COALESCE(cause, '') = $3";
+/// The group's rows: `key` binds as `$1`..`$3`. A plain equality on each
+/// column, so the group index `(queue, error_kind, cause, id)` serves it and
+/// batches walk it by id.
+const GROUP_WHERE: &str = "queue = $1 AND error_kind = $2 AND cause = $3";
 
 /// The longest diff kept in an edit's audit note, in bytes.
 const DIFF_MAX_BYTES: usize = 64 * 1024;
@@ -402,7 +404,7 @@ impl SqlStore {
             "SELECT g.queue, g.error_kind, g.cause, g.n, g.first_seen, g.last_seen, g.sample_id,
                     g.pending, g.retrying, g.needs_review, m.error AS sample_error
              FROM (
-                 SELECT queue, error_kind, COALESCE(cause, '') AS cause, COUNT(*) AS n,
+                 SELECT queue, error_kind, cause, COUNT(*) AS n,
                         MIN(created_at) AS first_seen, MAX(updated_at) AS last_seen,
                         MIN(id) AS sample_id,
                         CAST(SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END) AS BIGINT)
@@ -413,7 +415,8 @@ impl SqlStore {
                             AS needs_review
                  FROM backstop_failed_messages
                  WHERE status IN {UNFINISHED} AND ($1 IS NULL OR queue = $1)
-                 GROUP BY queue, error_kind, COALESCE(cause, '')) g
+                   AND cause IS NOT NULL
+                 GROUP BY queue, error_kind, cause) g
              JOIN backstop_failed_messages m ON m.id = g.sample_id
              ORDER BY g.n DESC, g.first_seen, g.sample_id"
         );

@@ -44,7 +44,8 @@ impl std::fmt::Debug for Redrive {
 /// When and how much the scanner works.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScannerConfig {
-    /// Pause between scans.
+    /// Pause between scans; none after a scan that claimed a full batch
+    /// and re-drove it without an unknown outcome or a lost lease.
     pub interval: Duration,
     /// Rows claimed per scan.
     pub batch: i64,
@@ -69,14 +70,14 @@ impl Default for ScannerConfig {
     fn default() -> Self {
         ScannerConfig {
             interval: Duration::from_secs(30),
-            batch: 100,
+            batch: 500,
             max_attempts: 5,
             lease: Duration::from_secs(60),
             backoff: Duration::from_secs(60),
             max_backoff: Duration::from_secs(3600),
             owner: default_owner(),
             queue: None,
-            publish_channels: 16,
+            publish_channels: 32,
         }
     }
 }
@@ -537,15 +538,26 @@ impl Scanner {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
-                match self.run_once_until(&mut stopped).await {
+                let full = match self.run_once_until(&mut stopped).await {
                     Ok(report) if report.claimed > 0 => {
-                        info!(owner = %self.config.owner, ?report, "scan done")
+                        info!(owner = %self.config.owner, ?report, "scan done");
+                        // A full batch that went well: more rows are likely
+                        // due (a retried group), so the next scan starts now.
+                        report.claimed >= self.config.batch.max(1) as u64
+                            && report.unknown == 0
+                            && report.lost_leases == 0
                     }
-                    Ok(_) => {}
-                    Err(e) => warn!(owner = %self.config.owner, error = %e, "scan failed"),
-                }
+                    Ok(_) => false,
+                    Err(e) => {
+                        warn!(owner = %self.config.owner, error = %e, "scan failed");
+                        false
+                    }
+                };
                 if *stopped.borrow() {
                     break;
+                }
+                if full {
+                    continue;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(self.config.interval) => {}

@@ -725,7 +725,53 @@ impl SqlStore {
         let now = now_ms() as i64;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         let mut applied = 0;
+        // Confirmed re-drives, the bulk of a batch: a statement per chunk.
+        let replayed: Vec<i64> = outcomes
+            .iter()
+            .filter(|(_, outcome)| *outcome == RedriveOutcome::Replayed)
+            .map(|(id, _)| *id)
+            .collect();
+        for chunk in replayed.chunks(IN_LIST_CHUNK) {
+            let sql = format!(
+                "UPDATE backstop_failed_messages
+                 SET status = 'replayed', lease_owner = NULL, lease_until = NULL, updated_at = $1
+                 WHERE lease_owner = $2 AND id IN ({})
+                 RETURNING id",
+                in_list(3, chunk.len())
+            );
+            let mut query = sqlx::query(&sql).bind(now).bind(owner);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            let updated: Vec<i64> = query
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(|r| r.try_get("id"))
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?;
+            // Rows this owner no longer holds were updated by a new failure.
+            if updated.is_empty() {
+                continue;
+            }
+            applied += updated.len() as u64;
+            let sql = format!(
+                "INSERT INTO backstop_failed_audit (row_id, at, actor, action, note)
+                 SELECT id, $1, $2, 'replayed', NULL FROM backstop_failed_messages
+                 WHERE id IN ({})",
+                in_list(3, updated.len())
+            );
+            let mut query = sqlx::query(&sql).bind(now).bind(owner);
+            for id in &updated {
+                query = query.bind(*id);
+            }
+            query.execute(&mut *tx).await.map_err(unavailable)?;
+        }
         for (id, outcome) in outcomes {
+            if *outcome == RedriveOutcome::Replayed {
+                continue;
+            }
             let (status, next, error, action) = match outcome {
                 RedriveOutcome::Replayed => (Status::Replayed, None, None, "replayed"),
                 RedriveOutcome::Resolved => (Status::Resolved, None, None, "resolved"),
