@@ -1,11 +1,14 @@
 //! Test support for Backstop: the broker fixture (address, `rabbitmqctl`
 //! helpers, publishing, waiting with deadlines), [`FaultProxy`], a TCP proxy
 //! that cuts or blackholes connections on demand (or, on one connection,
-//! throws the broker's replies away), and [`cluster`], the three-node cluster.
+//! throws the broker's replies away), [`cluster`], the three-node cluster,
+//! and [`browser`], a headless Chromium over WebDriver for the console's
+//! end-to-end tests.
 //!
 //! Everything stays on loopback: the proxy listens on 127.0.0.1 and refuses an
 //! upstream that is not a loopback address.
 
+pub mod browser;
 pub mod cluster;
 pub mod effects;
 mod proxy;
