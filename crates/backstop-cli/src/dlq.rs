@@ -1,16 +1,20 @@
-//! `backstop dlq list | replay | purge`: operate a dead-letter queue without
+//! `backstop dlq list | replay | purge`, and the same operations as
+//! functions the review console calls: operate a dead-letter queue without
 //! losing anything.
 //!
-//! Every command takes messages with `basic.get` and manual acks. What it
-//! keeps stays unacked on its channel until the command ends and the channel
-//! closes, so the broker puts it back where it was; what it moves is
-//! published with a confirm before it is acked. Killing a command at any
-//! point therefore loses nothing: at worst a replayed message exists twice.
+//! Every operation takes messages with `basic.get` and manual acks. What it
+//! keeps stays unacked on its channel until the operation ends and the
+//! channel closes, so the broker puts it back where it was, in queue order;
+//! what it moves is published with a confirm before it is acked. Killing an
+//! operation at any point therefore loses nothing: at worst a replayed
+//! message exists twice. A dry run acks nothing and publishes nothing.
 
 use crate::{UsageError, ui};
 use anyhow::Context;
+use backstop::config::Config;
 use backstop::publish::ConfirmedPublisher;
 use backstop::retry::{self, header_str, header_u64};
+use base64::Engine;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use lapin::BasicProperties;
 use lapin::message::BasicGetMessage;
@@ -18,36 +22,75 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 use std::process::ExitCode;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+/// At most this many messages are kept in a dry run's
+/// [`ReplayReport::would_move`]; the counts are always exact.
+pub(crate) const WOULD_MOVE_SHOWN: usize = 1000;
 
 /// `backstop dlq ...`.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum DlqCommand {
-    /// Show messages with their failure headers; every message stays.
-    List {
-        /// The dead-letter queue, for example `orders.dlq`.
-        queue: String,
-        /// Show at most this many.
-        #[arg(long)]
-        limit: Option<u64>,
+    /// The dead-letter queues of the configured consumers (`-c FILE`), with
+    /// their depths.
+    Queues {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         broker: ui::BrokerArgs,
     },
+    /// Peek at messages with their failure headers, in queue order; every
+    /// message is requeued where it was (its redelivered flag is then set).
+    List {
+        /// The dead-letter queue, for example `orders.dlq`.
+        queue: String,
+        /// Show at most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Print JSON instead of a table (a body that is not UTF-8 is
+        /// base64, with `"payload_encoding": "base64"`).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        broker: ui::BrokerArgs,
+    },
     /// Send messages back to the queue each failed in, through the default
-    /// exchange (or to --to), each confirmed before it leaves the DLQ.
+    /// exchange (or to --to), each confirmed before it leaves the DLQ. The
+    /// filters select which; the others stay, in order.
     Replay {
         /// The dead-letter queue.
         queue: String,
-        /// Replay at most this many.
+        /// Replay at most this many (of those the filters select).
         #[arg(long)]
         limit: Option<u64>,
         /// `EXCHANGE:ROUTING_KEY` to send to instead of the queue each message
         /// failed in (a deliberate re-route); `:orders` is the default exchange.
         #[arg(long, value_name = "EXCHANGE:ROUTING_KEY")]
         to: Option<String>,
+        /// Only messages whose error text contains this (case-sensitive).
+        #[arg(long, value_name = "TEXT")]
+        error_contains: Option<String>,
+        /// Only messages dead-lettered at or after this time: RFC 3339
+        /// (`2024-05-01T10:00:00Z`) or a duration ago (`2h`).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        since: Option<u64>,
+        /// Only messages dead-lettered before this time (same forms as --since).
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        until: Option<u64>,
+        /// Only messages with this header value, `NAME=VALUE`.
+        #[arg(long, value_name = "NAME=VALUE", value_parser = parse_header)]
+        header: Option<(String, String)>,
+        /// Show what would move; publish nothing, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Publish at most N messages a second (a token bucket with a burst
+        /// of N/10, at least 1).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        rate: Option<u32>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         broker: ui::BrokerArgs,
     },
@@ -58,6 +101,9 @@ pub(crate) enum DlqCommand {
         /// For example `7d`, `12h`, `30m`.
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         older_than: Duration,
+        /// Count what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         broker: ui::BrokerArgs,
     },
@@ -65,26 +111,63 @@ pub(crate) enum DlqCommand {
 
 pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
     match command {
+        DlqCommand::Queues { json, broker } => queues(&broker, json).await,
         DlqCommand::List {
             queue,
             limit,
             json,
             broker,
-        } => list(&broker, &queue, limit, json).await,
+        } => list(&DlqBroker::from_args(&broker)?, &queue, limit, json).await,
         DlqCommand::Replay {
             queue,
             limit,
             to,
+            error_contains,
+            since,
+            until,
+            header,
+            dry_run,
+            rate,
+            json,
             broker,
         } => {
-            let to = to.map(|t| parse_destination(&t)).transpose()?;
-            replay(&broker, &queue, limit, to).await
+            let opts = ReplayOptions {
+                filter: DlqFilter {
+                    error_contains,
+                    since_ms: since,
+                    until_ms: until,
+                    header,
+                },
+                limit,
+                to: to.map(|t| parse_destination(&t)).transpose()?,
+                dry_run,
+                rate_per_sec: rate,
+            };
+            replay_command(&DlqBroker::from_args(&broker)?, &queue, &opts, json).await
         }
         DlqCommand::Purge {
             queue,
             older_than,
+            dry_run,
             broker,
-        } => purge(&broker, &queue, older_than).await,
+        } => {
+            let report =
+                purge(&DlqBroker::from_args(&broker)?, &queue, older_than, dry_run).await?;
+            let PurgeReport {
+                purged,
+                kept,
+                undated,
+            } = report;
+            if dry_run {
+                println!(
+                    "dry run, nothing removed: would_purge={purged} kept={} undated={undated}",
+                    kept + purged
+                );
+            } else {
+                println!("purged={purged} kept={kept} undated={undated}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -98,6 +181,127 @@ fn parse_destination(text: &str) -> anyhow::Result<(String, String)> {
     Ok((exchange.to_owned(), routing_key.to_owned()))
 }
 
+/// A time for `--since`/`--until`: RFC 3339, or a duration ago; in ms since
+/// the epoch.
+pub(crate) fn parse_time(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    if let Ok(at) = humantime::parse_rfc3339_weak(text) {
+        return at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|_| format!("{text:?} is before 1970"));
+    }
+    match humantime::parse_duration(text) {
+        Ok(ago) => Ok(retry::now_ms().saturating_sub(ago.as_millis() as u64)),
+        Err(_) => Err(format!(
+            "{text:?} is neither an RFC 3339 time (2024-05-01T10:00:00Z) nor a duration ago (2h)"
+        )),
+    }
+}
+
+/// `NAME=VALUE`, split at the first `=`.
+pub(crate) fn parse_header(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?}: expected NAME=VALUE")),
+    }
+}
+
+/// How to reach the broker whose DLQs are operated on.
+#[derive(Clone, Debug)]
+pub(crate) struct DlqBroker {
+    config: Config,
+}
+
+impl DlqBroker {
+    /// The CLI's broker: `-c FILE`, `--uri`, `BACKSTOP_AMQP_URL` or the
+    /// default, as every command resolves it.
+    pub(crate) fn from_args(args: &ui::BrokerArgs) -> anyhow::Result<Self> {
+        Ok(DlqBroker::from_config(&args.config()?))
+    }
+
+    /// The broker of a loaded configuration (the console's): its `[broker]`
+    /// section, or `BACKSTOP_AMQP_URL` or the default when it names no URI.
+    pub(crate) fn from_config(config: &Config) -> Self {
+        let mut config = config.clone();
+        if config.broker.uri.is_none() {
+            config.broker.uri = Some(
+                std::env::var("BACKSTOP_AMQP_URL").unwrap_or_else(|_| ui::DEFAULT_URI.to_owned()),
+            );
+        }
+        DlqBroker { config }
+    }
+
+    fn uri(&self) -> String {
+        self.config
+            .broker
+            .uri
+            .clone()
+            .unwrap_or_else(|| ui::DEFAULT_URI.to_owned())
+    }
+}
+
+/// The dead-letter queues of the configured consumers: `<queue>.dlq` of
+/// each `[[consumer]]`, where the consumer parks what it gives up on (and
+/// where a quorum queue dead-letters by default), in config order, each once.
+pub(crate) fn dlq_queues(config: &Config) -> Vec<String> {
+    let mut queues: Vec<String> = Vec::new();
+    for consumer in &config.consumers {
+        let dlq = retry::RetryPolicy::dead_letter_queue(&consumer.queue);
+        if !queues.contains(&dlq) {
+            queues.push(dlq);
+        }
+    }
+    queues
+}
+
+/// One configured DLQ and its depth (`None` when it does not exist yet).
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct DlqDepth {
+    /// The queue.
+    pub queue: String,
+    /// Its depth, or `None` when the broker has no such queue.
+    pub depth: Option<u64>,
+}
+
+/// The depth of each of `queues` (a passive declare each; nothing is read).
+pub(crate) async fn depths(broker: &DlqBroker, queues: &[String]) -> anyhow::Result<Vec<DlqDepth>> {
+    let mut all = Vec::with_capacity(queues.len());
+    for queue in queues {
+        let depth = match Dlq::open(broker, queue, "backstop-dlq-depth").await {
+            Ok(dlq) => {
+                let depth = dlq.depth;
+                dlq.close().await;
+                Some(depth)
+            }
+            Err(e) if e.downcast_ref::<UsageError>().is_some() => None,
+            Err(e) => return Err(e),
+        };
+        all.push(DlqDepth {
+            queue: queue.clone(),
+            depth,
+        });
+    }
+    Ok(all)
+}
+
+async fn queues(args: &ui::BrokerArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let config = args.config()?;
+    let broker = DlqBroker::from_config(&config);
+    let all = depths(&broker, &dlq_queues(&config)).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        for q in &all {
+            match q.depth {
+                Some(depth) => println!("{} {depth}", q.queue),
+                None => println!("{} (missing)", q.queue),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// An open channel on the DLQ, with its depth when opened.
 struct Dlq {
     supervisor: backstop::connection::ConnectionSupervisor,
@@ -107,9 +311,8 @@ struct Dlq {
 }
 
 impl Dlq {
-    async fn open(broker: &ui::BrokerArgs, queue: &str, name: &str) -> anyhow::Result<Self> {
-        let uri = broker.resolve()?;
-        let supervisor = broker.direct_supervisor(name)?;
+    async fn open(broker: &DlqBroker, queue: &str, name: &str) -> anyhow::Result<Self> {
+        let supervisor = ui::direct_supervisor(&broker.config, name)?;
         let live = supervisor.connection().await?;
         let channel = live.create_channel().await?;
         let declared = channel
@@ -128,11 +331,14 @@ impl Dlq {
                 supervisor.close().await;
                 return Err(UsageError(format!(
                     "queue {queue:?} does not exist on {}",
-                    backstop::RedactedUri::new(&uri)
+                    backstop::RedactedUri::new(&broker.uri())
                 ))
                 .into());
             }
-            Err(e) => return Err(e).context(format!("checking queue {queue:?}")),
+            Err(e) => {
+                supervisor.close().await;
+                return Err(e).context(format!("checking queue {queue:?}"));
+            }
         };
         Ok(Dlq {
             supervisor,
@@ -152,6 +358,13 @@ impl Dlq {
             .with_context(|| format!("basic.get from {}", self.queue))
     }
 
+    async fn ack(&self, message: &BasicGetMessage, what: &str) -> anyhow::Result<()> {
+        self.channel
+            .basic_ack(message.delivery.delivery_tag, BasicAckOptions::default())
+            .await
+            .with_context(|| what.to_owned())
+    }
+
     /// Closes the channel: the broker requeues everything left unacked.
     async fn close(self) {
         let _ = self.channel.close(200, "backstop dlq done".into()).await;
@@ -160,20 +373,78 @@ impl Dlq {
 }
 
 /// What `dlq list` shows of one message.
-#[derive(Debug, Serialize)]
-struct Listed {
-    message_id: Option<String>,
-    error: Option<String>,
-    error_kind: Option<String>,
-    attempts: Option<u64>,
-    original_exchange: Option<String>,
-    original_routing_key: Option<String>,
-    original_queue: Option<String>,
-    first_failure: Option<String>,
-    dead_lettered_at: Option<String>,
-    redelivered: bool,
-    body_bytes: usize,
-    body: String,
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Listed {
+    /// The `message-id` property.
+    pub message_id: Option<String>,
+    /// Backstop's error text (`x-backstop-error`).
+    pub error: Option<String>,
+    /// `transient`, `permanent`, ... (`x-backstop-error-kind`).
+    pub error_kind: Option<String>,
+    /// Attempts made before it was parked.
+    pub attempts: Option<u64>,
+    /// The exchange it was first published to.
+    pub original_exchange: Option<String>,
+    /// Its routing key then.
+    pub original_routing_key: Option<String>,
+    /// The queue it failed in (see [`failed_in`]).
+    pub original_queue: Option<String>,
+    /// Its first failure, RFC 3339.
+    pub first_failure: Option<String>,
+    /// When it was dead-lettered, RFC 3339 (see [`dead_lettered_ms`]).
+    pub dead_lettered_at: Option<String>,
+    /// The broker's redelivered flag on this delivery.
+    pub redelivered: bool,
+    /// The body's size.
+    pub body_bytes: usize,
+    /// The body: UTF-8 text, or base64 when it is not UTF-8.
+    pub body: String,
+    /// `utf8` or `base64`: how [`body`](Self::body) is written.
+    pub payload_encoding: &'static str,
+}
+
+/// One message as peeked or selected: what `dlq list` shows, plus the raw
+/// body, headers and properties.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct DlqMessage {
+    /// Its place in the queue when it was read: 1 is the head.
+    pub position: u64,
+    /// The failure headers and the body as text.
+    #[serde(flatten)]
+    pub listed: Listed,
+    /// The body, as is.
+    #[serde(skip)]
+    #[allow(dead_code)] // the console shows it (hex and text)
+    pub body: Vec<u8>,
+    /// Every header, as JSON (the compensation store's form).
+    #[serde(rename = "headers", serialize_with = "raw_json")]
+    pub headers_json: String,
+    /// The properties, as a JSON object.
+    #[serde(rename = "properties", serialize_with = "raw_json")]
+    pub properties_json: String,
+    /// When it was dead-lettered, ms since the epoch.
+    pub dead_lettered_ms: Option<u64>,
+}
+
+impl DlqMessage {
+    fn new(position: u64, message: &BasicGetMessage) -> Self {
+        let headers = headers_of(&message.delivery.properties);
+        DlqMessage {
+            position,
+            listed: describe(message),
+            body: message.delivery.data.clone(),
+            headers_json: serde_json::to_string(&headers).unwrap_or_else(|_| "{}".into()),
+            properties_json: backstop::store::properties_json(&message.delivery.properties),
+            dead_lettered_ms: dead_lettered_ms(&headers),
+        }
+    }
+}
+
+/// Writes JSON text as the JSON value it is (null if it is not JSON).
+fn raw_json<S: serde::Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serde_json::from_str::<serde_json::Value>(text)
+        .unwrap_or(serde_json::Value::Null)
+        .serialize(serializer)
 }
 
 fn headers_of(properties: &BasicProperties) -> FieldTable {
@@ -182,6 +453,24 @@ fn headers_of(properties: &BasicProperties) -> FieldTable {
 
 fn text(headers: &FieldTable, key: &str) -> Option<String> {
     headers.inner().get(key).and_then(header_str)
+}
+
+/// A header's value as text, for `--header NAME=VALUE`: strings as they
+/// are, numbers and booleans written out.
+fn header_text(value: &AMQPValue) -> Option<String> {
+    if let Some(text) = header_str(value) {
+        return Some(text);
+    }
+    match value {
+        AMQPValue::Boolean(b) => Some(b.to_string()),
+        AMQPValue::ShortShortInt(n) => Some(n.to_string()),
+        AMQPValue::ShortInt(n) => Some(n.to_string()),
+        AMQPValue::LongInt(n) => Some(n.to_string()),
+        AMQPValue::LongLongInt(n) => Some(n.to_string()),
+        AMQPValue::Float(n) => Some(n.to_string()),
+        AMQPValue::Double(n) => Some(n.to_string()),
+        other => header_u64(other).map(|n| n.to_string()),
+    }
 }
 
 fn rfc3339(ms: u64) -> String {
@@ -217,6 +506,14 @@ fn x_death_first(headers: &FieldTable) -> Option<&FieldTable> {
 fn describe(message: &BasicGetMessage) -> Listed {
     let headers = headers_of(&message.delivery.properties);
     let number = |k: &str| headers.inner().get(k).and_then(header_u64);
+    let data = &message.delivery.data;
+    let (body, payload_encoding) = match std::str::from_utf8(data) {
+        Ok(text) => (text.to_owned(), "utf8"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(data),
+            "base64",
+        ),
+    };
     Listed {
         message_id: message
             .delivery
@@ -233,36 +530,113 @@ fn describe(message: &BasicGetMessage) -> Listed {
         first_failure: number(retry::FIRST_FAILURE_HEADER).map(rfc3339),
         dead_lettered_at: dead_lettered_ms(&headers).map(rfc3339),
         redelivered: message.delivery.redelivered,
-        body_bytes: message.delivery.data.len(),
-        body: String::from_utf8_lossy(&message.delivery.data).into_owned(),
+        body_bytes: data.len(),
+        body,
+        payload_encoding,
     }
 }
 
+/// Which messages a replay selects. Every set condition must hold; an
+/// empty filter selects everything.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DlqFilter {
+    /// The error text (Backstop's `x-backstop-error`, or else the broker's
+    /// `x-death` reason) contains this, case-sensitive.
+    pub error_contains: Option<String>,
+    /// Dead-lettered at or after this time (ms since the epoch).
+    pub since_ms: Option<u64>,
+    /// Dead-lettered before this time (ms since the epoch).
+    pub until_ms: Option<u64>,
+    /// This header has this value (strings as they are, numbers written out).
+    pub header: Option<(String, String)>,
+}
+
+impl DlqFilter {
+    /// Whether `message` is selected. A message without a dead-lettered time
+    /// matches no time condition; one without an error text matches no
+    /// error condition.
+    pub(crate) fn matches(&self, message: &BasicGetMessage) -> bool {
+        let headers = headers_of(&message.delivery.properties);
+        if let Some(wanted) = &self.error_contains {
+            let error = text(&headers, retry::ERROR_HEADER)
+                .or_else(|| x_death_first(&headers).and_then(|d| text(d, "reason")));
+            if !error.is_some_and(|e| e.contains(wanted.as_str())) {
+                return false;
+            }
+        }
+        if self.since_ms.is_some() || self.until_ms.is_some() {
+            let Some(at) = dead_lettered_ms(&headers) else {
+                return false;
+            };
+            if self.since_ms.is_some_and(|since| at < since)
+                || self.until_ms.is_some_and(|until| at >= until)
+            {
+                return false;
+            }
+        }
+        if let Some((name, value)) = &self.header {
+            let found = headers.inner().get(name.as_str()).and_then(header_text);
+            if found.as_deref() != Some(value.as_str()) {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// What a peek saw.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Peek {
+    /// The queue's depth when it was opened.
+    pub depth: u64,
+    /// The first messages, in queue order.
+    pub messages: Vec<DlqMessage>,
+}
+
+/// Reads up to `limit` messages from the head of `queue` without taking
+/// them: `basic.get` without ack, then the channel is closed and the broker
+/// requeues every one where it was, in queue order (with its redelivered
+/// flag set). Nothing moves.
+pub(crate) async fn peek(broker: &DlqBroker, queue: &str, limit: u64) -> anyhow::Result<Peek> {
+    let dlq = Dlq::open(broker, queue, "backstop-dlq-peek").await?;
+    let result = peek_open(&dlq, limit).await;
+    let depth = dlq.depth;
+    dlq.close().await;
+    Ok(Peek {
+        depth,
+        messages: result?,
+    })
+}
+
+async fn peek_open(dlq: &Dlq, limit: u64) -> anyhow::Result<Vec<DlqMessage>> {
+    let wanted = limit.min(dlq.depth);
+    let mut messages = Vec::new();
+    while (messages.len() as u64) < wanted {
+        let Some(message) = dlq.get().await? else {
+            break;
+        };
+        messages.push(DlqMessage::new(messages.len() as u64 + 1, &message));
+    }
+    Ok(messages)
+}
+
 async fn list(
-    broker: &ui::BrokerArgs,
+    broker: &DlqBroker,
     queue: &str,
     limit: Option<u64>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let dlq = Dlq::open(broker, queue, "backstop-dlq-list").await?;
-    let wanted = limit.unwrap_or(dlq.depth).min(dlq.depth);
-    let mut listed = Vec::new();
-    while (listed.len() as u64) < wanted {
-        let Some(message) = dlq.get().await? else {
-            break;
-        };
-        listed.push(describe(&message));
-    }
-    let depth = dlq.depth;
-    dlq.close().await;
+    let peeked = peek(broker, queue, limit.unwrap_or(u64::MAX)).await?;
+    let listed = &peeked.messages;
     if json {
-        println!("{}", serde_json::to_string_pretty(&listed)?);
+        println!("{}", serde_json::to_string_pretty(listed)?);
     } else {
         let mut table = Table::new();
         table
             .load_preset(UTF8_FULL_CONDENSED)
             .set_content_arrangement(ContentArrangement::Dynamic)
             .set_header([
+                "#",
                 "message id",
                 "kind",
                 "attempts",
@@ -272,12 +646,15 @@ async fn list(
                 "dead-lettered",
                 "bytes",
             ]);
-        for m in &listed {
+        for m in listed {
+            let position = m.position;
+            let m = &m.listed;
             let from = match (&m.original_exchange, &m.original_routing_key) {
                 (Some(e), Some(k)) => format!("{e}:{k}"),
                 _ => "-".to_owned(),
             };
             table.add_row([
+                position.to_string(),
                 m.message_id.clone().unwrap_or_else(|| "-".into()),
                 m.error_kind.clone().unwrap_or_else(|| "-".into()),
                 m.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
@@ -290,7 +667,10 @@ async fn list(
         }
         println!("{table}");
     }
-    eprintln!("listed={} kept={depth}", listed.len());
+    eprintln!("listed={} kept={}", listed.len(), peeked.depth);
+    eprintln!(
+        "peeked: every message listed was requeued in queue order (its redelivered flag is now set)"
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -315,101 +695,317 @@ fn failed_in(headers: &FieldTable) -> Option<String> {
         .filter(|queue| !queue.is_empty())
 }
 
-async fn replay(
-    broker: &ui::BrokerArgs,
+/// How to replay.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ReplayOptions {
+    /// Which messages.
+    pub filter: DlqFilter,
+    /// Replay at most this many of the selected ones.
+    pub limit: Option<u64>,
+    /// `(exchange, routing key)` to send to instead of the queue each
+    /// message failed in.
+    pub to: Option<(String, String)>,
+    /// Publish nothing, ack nothing: report what would move.
+    pub dry_run: bool,
+    /// At most this many publishes a second (a token bucket, burst
+    /// [`rate_burst`]).
+    pub rate_per_sec: Option<u32>,
+}
+
+/// A replay's progress, reported after each message read.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub(crate) struct ReplayProgress {
+    /// The queue's depth when the replay started.
+    pub depth: u64,
+    /// Messages read so far.
+    pub seen: u64,
+    /// Of those, selected by the filter.
+    pub matched: u64,
+    /// Published, confirmed and acked (0 in a dry run).
+    pub moved: u64,
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct ReplayReport {
+    /// The queue's depth when the replay started.
+    pub depth: u64,
+    /// Messages read.
+    pub seen: u64,
+    /// Messages the filter selected (up to the limit).
+    pub matched: u64,
+    /// Selected messages published with a confirm and then acked (removed
+    /// from the DLQ). Always 0 in a dry run.
+    pub moved: u64,
+    /// Messages left in the DLQ (everything not moved).
+    pub kept: u64,
+    /// Selected messages that could not be moved (no queue recorded to send
+    /// them to, or the publish failed): they stay in the DLQ.
+    pub failed: u64,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+    /// Dry run: the selected messages a real run would move (`matched -
+    /// failed` of them), in queue order, at most [`WOULD_MOVE_SHOWN`].
+    pub would_move: Vec<DlqMessage>,
+    /// Dry run: how many a real run would move (the whole count, even past
+    /// what `would_move` shows).
+    pub would_move_count: u64,
+    /// Why messages failed, one line each (at most [`WOULD_MOVE_SHOWN`]).
+    pub errors: Vec<String>,
+}
+
+/// The burst of the `--rate` token bucket: a tenth of a second's worth of
+/// publishes, at least one.
+pub(crate) fn rate_burst(rate_per_sec: u32) -> u32 {
+    (rate_per_sec / 10).max(1)
+}
+
+/// A token bucket: `burst` tokens at first, refilled at `rate` a second;
+/// each publish takes one, waiting for it when the bucket is empty. So `n`
+/// publishes take at least `(n - burst) / rate` seconds, and publish time
+/// counts against the budget instead of adding to a fixed sleep.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate_per_sec: u32) -> Self {
+        let burst = f64::from(rate_burst(rate_per_sec));
+        TokenBucket {
+            rate: f64::from(rate_per_sec),
+            burst,
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+    }
+
+    async fn take(&mut self) {
+        self.refill();
+        while self.tokens < 1.0 {
+            let wait = (1.0 - self.tokens) / self.rate;
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            self.refill();
+        }
+        self.tokens -= 1.0;
+    }
+}
+
+/// Replays the messages of `queue` that `opts.filter` selects (at most
+/// `opts.limit`) to the queue each failed in (or `opts.to`), each published
+/// with a confirm before it is acked. Every message not moved stays unacked
+/// until the end, when the channel closes and the broker requeues it where
+/// it was, in order. A dry run publishes and acks nothing and reports what
+/// would move. `progress` is called after each message read.
+pub(crate) async fn replay(
+    broker: &DlqBroker,
     queue: &str,
-    limit: Option<u64>,
-    to: Option<(String, String)>,
-) -> anyhow::Result<ExitCode> {
+    opts: &ReplayOptions,
+    progress: &(dyn Fn(ReplayProgress) + Send + Sync),
+) -> anyhow::Result<ReplayReport> {
     let dlq = Dlq::open(broker, queue, "backstop-dlq-replay").await?;
-    let publisher = ConfirmedPublisher::new(dlq.channel.clone()).await?;
-    let wanted = limit.unwrap_or(dlq.depth).min(dlq.depth);
-    let bar = ui::progress(wanted, "replayed");
-    let (mut moved, mut failed, mut seen) = (0u64, 0u64, 0u64);
-    while seen < wanted {
+    let mut report = ReplayReport {
+        depth: dlq.depth,
+        dry_run: opts.dry_run,
+        ..ReplayReport::default()
+    };
+    let result = replay_open(&dlq, opts, progress, &mut report).await;
+    dlq.close().await;
+    report.kept = report.depth.saturating_sub(report.moved);
+    result.map(|()| report)
+}
+
+async fn replay_open(
+    dlq: &Dlq,
+    opts: &ReplayOptions,
+    progress: &(dyn Fn(ReplayProgress) + Send + Sync),
+    report: &mut ReplayReport,
+) -> anyhow::Result<()> {
+    let publisher = if opts.dry_run {
+        None
+    } else {
+        Some(ConfirmedPublisher::new(dlq.channel.clone()).await?)
+    };
+    let mut bucket = opts.rate_per_sec.map(TokenBucket::new);
+    let limit = opts.limit.unwrap_or(u64::MAX);
+    let note_error = |report: &mut ReplayReport, error: String| {
+        report.failed += 1;
+        if report.errors.len() < WOULD_MOVE_SHOWN {
+            report.errors.push(error);
+        }
+    };
+    while report.seen < report.depth && report.matched < limit {
         let Some(message) = dlq.get().await? else {
             break;
         };
-        seen += 1;
-        // Straight to the queue it failed in, through the default exchange:
-        // going back through the original exchange would hand a copy to
-        // every other queue bound there, which already had the message.
-        let destination = to.clone().or_else(|| {
-            failed_in(&headers_of(&message.delivery.properties)).map(|q| (String::new(), q))
-        });
-        let Some((exchange, routing_key)) = destination else {
-            bar.println(format!(
-                "kept {:?}: no original queue recorded; use --to EXCHANGE:ROUTING_KEY",
-                describe(&message).message_id
-            ));
-            failed += 1;
-            continue;
-        };
-        let properties = replay_properties(&message.delivery.properties);
-        match publisher
-            .publish(&exchange, &routing_key, &message.delivery.data, properties)
-            .await
-        {
-            Ok(()) => {
-                dlq.channel
-                    .basic_ack(message.delivery.delivery_tag, BasicAckOptions::default())
-                    .await
-                    .context("acking a replayed message (it was already re-published)")?;
-                moved += 1;
-                bar.set_position(moved);
-            }
-            Err(e) => {
-                bar.println(format!("kept a message: {e}"));
-                failed += 1;
+        report.seen += 1;
+        let position = report.seen;
+        if opts.filter.matches(&message) {
+            report.matched += 1;
+            // Straight to the queue it failed in, through the default
+            // exchange: going back through the original exchange would hand
+            // a copy to every other queue bound there, which already had it.
+            let destination = opts.to.clone().or_else(|| {
+                failed_in(&headers_of(&message.delivery.properties)).map(|q| (String::new(), q))
+            });
+            match (destination, &publisher) {
+                (None, _) => note_error(
+                    report,
+                    format!(
+                        "kept #{position} {:?}: no original queue recorded; use --to EXCHANGE:ROUTING_KEY",
+                        describe(&message).message_id
+                    ),
+                ),
+                (Some(_), None) => {
+                    report.would_move_count += 1;
+                    if report.would_move.len() < WOULD_MOVE_SHOWN {
+                        report.would_move.push(DlqMessage::new(position, &message));
+                    }
+                }
+                (Some((exchange, routing_key)), Some(publisher)) => {
+                    if let Some(bucket) = bucket.as_mut() {
+                        bucket.take().await;
+                    }
+                    let properties = replay_properties(&message.delivery.properties);
+                    match publisher
+                        .publish(&exchange, &routing_key, &message.delivery.data, properties)
+                        .await
+                    {
+                        Ok(()) => {
+                            dlq.ack(
+                                &message,
+                                "acking a replayed message (it was already re-published)",
+                            )
+                            .await?;
+                            report.moved += 1;
+                        }
+                        Err(e) => note_error(report, format!("kept #{position}: {e}")),
+                    }
+                }
             }
         }
+        progress(ReplayProgress {
+            depth: report.depth,
+            seen: report.seen,
+            matched: report.matched,
+            moved: report.moved,
+        });
     }
+    Ok(())
+}
+
+/// `dlq replay`: [`replay`] with a progress bar and a summary.
+async fn replay_command(
+    broker: &DlqBroker,
+    queue: &str,
+    opts: &ReplayOptions,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let bar = ui::progress(0, if opts.dry_run { "checked" } else { "replayed" });
+    let report = replay(broker, queue, opts, &|p: ReplayProgress| {
+        bar.set_length(p.depth);
+        bar.set_position(p.seen);
+        bar.set_message(format!("matched={} moved={}", p.matched, p.moved));
+    })
+    .await;
     bar.finish_and_clear();
-    let depth = dlq.depth;
-    dlq.close().await;
-    println!(
-        "moved={moved} kept={} failed={failed}",
-        depth.saturating_sub(moved)
-    );
-    Ok(if failed == 0 {
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for error in &report.errors {
+            eprintln!("{error}");
+        }
+        if opts.dry_run {
+            for m in &report.would_move {
+                let destination = match &opts.to {
+                    Some((e, k)) => format!("{e}:{k}"),
+                    None => format!(":{}", m.listed.original_queue.as_deref().unwrap_or("-")),
+                };
+                println!(
+                    "would move #{} {} -> {destination} ({})",
+                    m.position,
+                    m.listed.message_id.as_deref().unwrap_or("-"),
+                    m.listed.error.as_deref().unwrap_or("-"),
+                );
+            }
+            println!(
+                "dry run, nothing moved: would_move={} kept={} failed={} matched={} seen={}",
+                report.would_move_count, report.depth, report.failed, report.matched, report.seen
+            );
+        } else {
+            println!(
+                "moved={} kept={} failed={} matched={} seen={}",
+                report.moved, report.kept, report.failed, report.matched, report.seen
+            );
+        }
+    }
+    Ok(if report.failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     })
 }
 
-async fn purge(
-    broker: &ui::BrokerArgs,
+/// What a purge did (or, in a dry run, would do).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub(crate) struct PurgeReport {
+    /// Removed (dry run: would be removed): dead-lettered before the cutoff.
+    pub purged: u64,
+    /// Kept: newer, or undated.
+    pub kept: u64,
+    /// Of the kept, those with no dead-lettered time (never purged by age).
+    pub undated: u64,
+}
+
+/// Removes the messages of `queue` dead-lettered longer ago than
+/// `older_than` (acks them); everything else stays unacked until the
+/// channel closes and is requeued in order. Undated messages are kept. A dry
+/// run acks nothing and reports what would go.
+pub(crate) async fn purge(
+    broker: &DlqBroker,
     queue: &str,
     older_than: Duration,
-) -> anyhow::Result<ExitCode> {
+    dry_run: bool,
+) -> anyhow::Result<PurgeReport> {
     let dlq = Dlq::open(broker, queue, "backstop-dlq-purge").await?;
     let cutoff = retry::now_ms().saturating_sub(older_than.as_millis() as u64);
     let bar = ui::progress(dlq.depth, "checked");
-    let (mut purged, mut kept, mut undated) = (0u64, 0u64, 0u64);
-    for _ in 0..dlq.depth {
-        let Some(message) = dlq.get().await? else {
-            break;
-        };
-        let headers = headers_of(&message.delivery.properties);
-        match dead_lettered_ms(&headers) {
-            Some(at) if at < cutoff => {
-                dlq.channel
-                    .basic_ack(message.delivery.delivery_tag, BasicAckOptions::default())
-                    .await
-                    .context("removing a message")?;
-                purged += 1;
+    let mut report = PurgeReport::default();
+    let result = async {
+        for _ in 0..dlq.depth {
+            let Some(message) = dlq.get().await? else {
+                break;
+            };
+            let headers = headers_of(&message.delivery.properties);
+            match dead_lettered_ms(&headers) {
+                Some(at) if at < cutoff => {
+                    if !dry_run {
+                        dlq.ack(&message, "removing a message").await?;
+                    }
+                    report.purged += 1;
+                }
+                Some(_) => report.kept += 1,
+                None => {
+                    report.undated += 1;
+                    report.kept += 1;
+                }
             }
-            Some(_) => kept += 1,
-            None => {
-                undated += 1;
-                kept += 1;
-            }
+            bar.inc(1);
         }
-        bar.inc(1);
+        anyhow::Ok(())
     }
+    .await;
     bar.finish_and_clear();
     dlq.close().await;
-    println!("purged={purged} kept={kept} undated={undated}");
-    Ok(ExitCode::SUCCESS)
+    result.map(|()| report)
 }

@@ -4,6 +4,7 @@
 
 mod bench;
 mod chaos;
+mod console;
 mod demo;
 mod dlq;
 mod failed;
@@ -57,6 +58,9 @@ enum Command {
     /// Dead-letter queue tools: list, replay, purge.
     #[command(subcommand)]
     Dlq(dlq::DlqCommand),
+    /// The review console: a web UI over the compensation store and the
+    /// dead-letter queues (failure groups, row detail, edits, replays).
+    Console(console::ConsoleArgs),
     /// Manual review of the compensation store: list, show, retry, resolve, discard, purge.
     #[command(subcommand)]
     Failed(failed::FailedCommand),
@@ -129,6 +133,7 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Publish(args)) => bench::publish(args).await,
             Command::Dlq(command) => dlq::run(command).await,
             Command::Failed(command) => failed::run(command).await,
+            Command::Console(args) => console::run(args).await,
             Command::Torture(args) => torture::run(args).await,
             Command::Chaos(args) => chaos::run(args).await,
         }

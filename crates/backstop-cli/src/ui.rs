@@ -43,15 +43,6 @@ impl BrokerArgs {
         Ok(config)
     }
 
-    /// The broker's URI, resolved as [`config`](Self::config) does.
-    pub(crate) fn resolve(&self) -> anyhow::Result<String> {
-        Ok(self
-            .config()?
-            .broker
-            .uri
-            .unwrap_or_else(|| DEFAULT_URI.to_owned()))
-    }
-
     /// A supervisor for the command's own direct connection, built from the
     /// whole `[broker]` section (TLS, addresses, heartbeat ...) by
     /// [`Config::connection_config`], like every other command's.

@@ -643,3 +643,437 @@ async fn broker_tls_settings_from_the_config_file_are_used() {
     delete_queue(&connection, &queue).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One message parked by hand in a DLQ, with the headers Backstop writes.
+struct Parked {
+    id: &'static str,
+    /// The queue it failed in (`x-backstop-original-queue`).
+    failed_in: String,
+    error: &'static str,
+    /// `x-tenant`, a header of the producer's.
+    tenant: Option<&'static str>,
+    /// How long ago it was dead-lettered; `None`: no time recorded.
+    age_ms: Option<u64>,
+    body: Vec<u8>,
+}
+
+fn parked(id: &'static str, failed_in: &str, error: &'static str) -> Parked {
+    Parked {
+        id,
+        failed_in: failed_in.to_owned(),
+        error,
+        tenant: None,
+        age_ms: Some(0),
+        body: format!("{{\"id\":\"{id}\"}}").into_bytes(),
+    }
+}
+
+/// Declares `dlq` and each failed-in queue, then publishes `messages` to
+/// `dlq` one at a time with a confirm each, so the DLQ holds them in order.
+async fn park_in_order(channel: &lapin::Channel, dlq: &str, messages: &[Parked]) {
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut topology = Topology::new().queue(Queue::classic(dlq));
+    let mut queues: Vec<&str> = messages.iter().map(|m| m.failed_in.as_str()).collect();
+    queues.dedup();
+    for q in queues {
+        topology = topology.queue(Queue::classic(q));
+    }
+    topology.apply(channel).await.expect("declare");
+    let now = retry::now_ms();
+    for m in messages {
+        let mut headers = FieldTable::default();
+        let mut text = |k: &str, v: &str| {
+            headers.insert(k.into(), AMQPValue::LongString(v.into()));
+        };
+        text(retry::ORIGINAL_QUEUE_HEADER, &m.failed_in);
+        text(retry::ORIGINAL_EXCHANGE_HEADER, "");
+        text(retry::ORIGINAL_ROUTING_KEY_HEADER, &m.failed_in);
+        text(retry::ERROR_HEADER, m.error);
+        text(retry::ERROR_KIND_HEADER, "permanent");
+        if let Some(tenant) = m.tenant {
+            text("x-tenant", tenant);
+        }
+        if let Some(age) = m.age_ms {
+            headers.insert(
+                retry::LAST_FAILURE_HEADER.into(),
+                AMQPValue::LongLongInt((now - age) as i64),
+            );
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                dlq.into(),
+                BasicPublishOptions::default(),
+                &m.body,
+                lapin::BasicProperties::default()
+                    .with_message_id(m.id.into())
+                    .with_headers(headers)
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "the broker nacked {}", m.id);
+    }
+}
+
+fn json(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}"))
+}
+
+/// The `message_id`s of a JSON array of messages, in order.
+fn ids_of(messages: &serde_json::Value) -> Vec<String> {
+    messages
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {messages}"))
+        .iter()
+        .map(|m| {
+            m["message_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no message_id: {m}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Waits until `queue` holds `n` ready messages and none unacked (a
+/// command's channel closed and the broker requeued what it kept).
+async fn settled(queue: &str, n: u64) {
+    let q = queue.to_owned();
+    wait_until(
+        &format!("{queue} to hold {n} ready, none unacked"),
+        Duration::from_secs(10),
+        move || {
+            let q = q.clone();
+            async move { queue_is(&q, move |c| c.ready == n && c.unacked == 0).await }
+        },
+    )
+    .await;
+}
+
+/// The ids in `dlq`, in queue order, peeked with `dlq list --json`.
+async fn peek_ids(dlq: &str, n: u64) -> Vec<String> {
+    settled(dlq, n).await;
+    let (code, stdout, stderr) = backstop(&["dlq", "list", dlq, "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let ids = ids_of(&json(&stdout));
+    settled(dlq, n).await;
+    ids
+}
+
+/// `dlq list` peeks: the messages come in queue order with their
+/// positions, a body that is not UTF-8 comes as base64, and afterwards the
+/// queue has the same depth and the same order (only the redelivered flag
+/// changed), also after peeking at its head alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peek_keeps_the_queue_depth_and_order() {
+    let dlq = unique("dlq-peek");
+    let queue = unique("dlq-peek-src");
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let ids = [
+        "p-0", "p-1", "p-2", "p-3", "p-4", "p-5", "p-6", "p-7", "p-8", "p-9",
+    ];
+    let binary: Vec<u8> = vec![0xff, 0x00, 0xfe, b'<', 0x80];
+    let messages: Vec<Parked> = ids
+        .iter()
+        .map(|id| {
+            let mut m = parked(id, &queue, "bad order");
+            if *id == "p-3" {
+                m.body = binary.clone();
+            }
+            m
+        })
+        .collect();
+    park_in_order(&channel, &dlq, &messages).await;
+
+    let (code, stdout, stderr) = backstop(&["dlq", "list", &dlq, "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("listed=10 kept=10"), "{stderr}");
+    assert!(stderr.contains("requeued in queue order"), "{stderr}");
+    let listed = json(&stdout);
+    assert_eq!(ids_of(&listed), ids);
+    for (i, m) in listed.as_array().into_iter().flatten().enumerate() {
+        assert_eq!(m["position"], i as u64 + 1, "{m}");
+        assert_eq!(m["redelivered"], false, "{m}");
+        let encoding = if i == 3 { "base64" } else { "utf8" };
+        assert_eq!(m["payload_encoding"], encoding, "{m}");
+    }
+    use base64::Engine;
+    let body = listed[3]["body"].as_str().expect("a body");
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .expect("base64"),
+        binary
+    );
+    assert_eq!(listed[0]["body"], "{\"id\":\"p-0\"}");
+    assert_eq!(listed[0]["headers"]["x-tenant"], serde_json::Value::Null);
+    assert!(listed[0]["dead_lettered_ms"].is_u64(), "{}", listed[0]);
+
+    // Same depth, same order; now flagged redelivered.
+    settled(&dlq, 10).await;
+    let (code, stdout, stderr) = backstop(&["dlq", "list", &dlq, "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let again = json(&stdout);
+    assert_eq!(ids_of(&again), ids);
+    assert!(
+        again
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|m| m["redelivered"] == true),
+        "{again}"
+    );
+
+    // Peeking at the head alone puts it back at the head.
+    settled(&dlq, 10).await;
+    let (code, stdout, stderr) = backstop(&["dlq", "list", &dlq, "--json", "--limit", "3"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(ids_of(&json(&stdout)), ids[..3]);
+    settled(&dlq, 10).await;
+    assert_eq!(drain_ids(&dlq).await, ids);
+    delete_queue(&connection, &dlq).await;
+    delete_queue(&connection, &queue).await;
+}
+
+/// Runs `dlq replay DLQ ARGS --dry-run --json`, checks that nothing moved
+/// (the DLQ's ids and order as `before`, the failed-in queues empty), then
+/// the same without `--dry-run`, and returns the ids the dry run said
+/// would move after checking that exactly those moved, each to the queue it
+/// failed in, and the rest stayed in order.
+async fn dry_run_then_replay(
+    dlq: &str,
+    args: &[&str],
+    before: &[String],
+    failed_in: &[(&str, &str)],
+) -> Vec<String> {
+    let mut dry = vec!["dlq", "replay", dlq, "--dry-run", "--json"];
+    dry.extend_from_slice(args);
+    let (code, stdout, stderr) = backstop(&dry);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    let report = json(&stdout);
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(report["moved"], 0, "{report}");
+    let would = ids_of(&report["would_move"]);
+    assert_eq!(report["would_move_count"], would.len() as u64);
+    assert_eq!(peek_ids(dlq, before.len() as u64).await, before, "{args:?}");
+    for (_, queue) in failed_in {
+        assert_eq!(depth(queue), 0, "a dry run published to {queue}");
+    }
+
+    let mut real = vec!["dlq", "replay", dlq, "--json"];
+    real.extend_from_slice(args);
+    let (code, stdout, stderr) = backstop(&real);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    let report = json(&stdout);
+    assert_eq!(report["moved"], would.len() as u64, "{report}");
+    // Each moved message is in the queue it failed in, in DLQ order.
+    let mut moved = Vec::new();
+    for (prefix, queue) in failed_in {
+        let ids = drain_ids(queue).await;
+        assert!(
+            ids.iter().all(|id| id.starts_with(prefix)),
+            "{queue} got {ids:?}"
+        );
+        moved.extend(ids);
+    }
+    moved.sort_by_key(|id| before.iter().position(|b| b == id));
+    assert_eq!(moved, would, "{args:?}: the dry run said otherwise");
+    let left: Vec<String> = before
+        .iter()
+        .filter(|id| !would.contains(id))
+        .cloned()
+        .collect();
+    assert_eq!(peek_ids(dlq, left.len() as u64).await, left, "{args:?}");
+    would
+}
+
+/// Replay by error text, by header value and by dead-lettered time range
+/// moves exactly the matching messages, each to the queue it failed in, and
+/// keeps the others in order; each dry run before moves nothing and lists
+/// exactly what the real run then moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_replay_moves_exactly_what_its_dry_run_showed() {
+    const HOUR: u64 = 3_600_000;
+    let dlq = unique("dlq-filter");
+    let (a, b) = (unique("dlq-filter-a"), unique("dlq-filter-b"));
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let m =
+        |id: &'static str, error: &'static str, tenant: Option<&'static str>, age: Option<u64>| {
+            // The id says where it failed: a-* in A, b-* in B.
+            let queue = if id.starts_with('a') { &a } else { &b };
+            Parked {
+                tenant,
+                age_ms: age,
+                ..parked(id, queue, error)
+            }
+        };
+    let messages = [
+        m("a-1", "timeout after 30s", Some("acme"), Some(0)),
+        m("b-1", "bad order 17", Some("acme"), Some(2 * HOUR)),
+        m("a-2", "bad order 18", Some("zeta"), Some(5 * HOUR)),
+        m("b-2", "timeout after 31s", None, Some(2 * HOUR)),
+        m("a-3", "bad order 19", Some("acme"), None),
+        m("b-3", "bad order 20", Some("zeta"), Some(HOUR / 2)),
+        m("a-4", "timeout after 32s", Some("zeta"), Some(2 * HOUR)),
+        m("b-4", "bad order 21", Some("acme"), Some(10 * HOUR)),
+        m(
+            "a-5",
+            "upstream said: timeout",
+            Some("acme"),
+            Some(3 * HOUR),
+        ),
+        m("b-5", "bad order 22", None, Some(0)),
+    ];
+    park_in_order(&channel, &dlq, &messages).await;
+    let mut left: Vec<String> = messages.iter().map(|m| m.id.to_owned()).collect();
+    let queues = [("a-", a.as_str()), ("b-", b.as_str())];
+
+    let moved = dry_run_then_replay(&dlq, &["--error-contains", "timeout"], &left, &queues).await;
+    assert_eq!(moved, ["a-1", "b-2", "a-4", "a-5"]);
+    left.retain(|id| !moved.contains(id));
+
+    let moved = dry_run_then_replay(&dlq, &["--header", "x-tenant=zeta"], &left, &queues).await;
+    assert_eq!(moved, ["a-2", "b-3"]);
+    left.retain(|id| !moved.contains(id));
+
+    // Dead-lettered between 3h and 1h ago (RFC 3339 for the end): b-1 only
+    // of what is left; a-3 has no time and never matches a time filter.
+    let until = humantime::format_rfc3339_seconds(
+        std::time::SystemTime::now() - Duration::from_millis(HOUR),
+    )
+    .to_string();
+    let moved =
+        dry_run_then_replay(&dlq, &["--since", "4h", "--until", &until], &left, &queues).await;
+    assert_eq!(moved, ["b-1"]);
+    left.retain(|id| !moved.contains(id));
+    assert_eq!(left, ["a-3", "b-4", "b-5"]);
+
+    // --limit counts selected messages.
+    let moved = dry_run_then_replay(
+        &dlq,
+        &["--error-contains", "bad order", "--limit", "2"],
+        &left,
+        &queues,
+    )
+    .await;
+    assert_eq!(moved, ["a-3", "b-4"]);
+    for q in [&dlq, &a, &b] {
+        delete_queue(&connection, q).await;
+    }
+}
+
+/// `--rate N` bounds the publish rate: n messages take at least
+/// (n - burst) / N seconds (burst = N/10, at least 1), and all of them move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rate_bounds_the_publishes() {
+    const N: u64 = 30;
+    const RATE: u64 = 20;
+    let burst = (RATE / 10).max(1);
+    let queue = unique("dlq-rate");
+    let dlq = park(&queue, N).await;
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) = backstop(&["dlq", "replay", &dlq, "--rate", &RATE.to_string()]);
+    let elapsed = started.elapsed();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(&format!("moved={N} kept=0")), "{stdout}");
+    let floor = Duration::from_secs_f64((N - burst) as f64 / RATE as f64);
+    assert!(
+        elapsed >= floor,
+        "{N} messages at --rate {RATE} took {elapsed:?}, under {floor:?}"
+    );
+    settled(&queue, N).await;
+    let (code, _, stderr) = backstop(&["dlq", "replay", &dlq, "--rate", "0"]);
+    assert_eq!(code, 2, "--rate 0 must be refused: {stderr}");
+    let connection = connect().await;
+    delete_queue(&connection, &queue).await;
+    delete_queue(&connection, &dlq).await;
+}
+
+/// `dlq purge --dry-run` counts what would go and removes nothing; the
+/// real purge then removes exactly that many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_dry_run_removes_nothing() {
+    let dlq = unique("dlq-purge-dry");
+    let queue = unique("dlq-purge-dry-src");
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let messages = [
+        Parked {
+            age_ms: Some(7_200_000),
+            ..parked("old-1", &queue, "x")
+        },
+        Parked {
+            age_ms: None,
+            ..parked("undated-1", &queue, "x")
+        },
+        parked("new-1", &queue, "x"),
+        Parked {
+            age_ms: Some(3_700_000),
+            ..parked("old-2", &queue, "x")
+        },
+    ];
+    park_in_order(&channel, &dlq, &messages).await;
+    let all: Vec<String> = messages.iter().map(|m| m.id.to_owned()).collect();
+    let (code, stdout, stderr) =
+        backstop(&["dlq", "purge", &dlq, "--older-than", "1h", "--dry-run"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("would_purge=2 kept=4 undated=1"),
+        "{stdout}"
+    );
+    assert_eq!(peek_ids(&dlq, 4).await, all);
+    let (code, stdout, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("purged=2 kept=2 undated=1"), "{stdout}");
+    assert_eq!(peek_ids(&dlq, 2).await, ["undated-1", "new-1"]);
+    delete_queue(&connection, &dlq).await;
+    delete_queue(&connection, &queue).await;
+}
+
+/// `dlq queues -c FILE`: the DLQ of each configured consumer, with its depth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_lists_the_configured_dlqs() {
+    let queue = unique("dlq-conf");
+    let missing = unique("dlq-conf-missing");
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let dlq = format!("{queue}.dlq");
+    park_in_order(&channel, &dlq, &[parked("c-1", &queue, "x")]).await;
+    let dir = std::env::temp_dir().join(unique("backstop-dlq-queues"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("backstop.toml");
+    let consumer = |q: &str| {
+        format!("[[consumer]]\nqueue = {q:?}\nhandler.http.url = \"http://127.0.0.1:1/\"\n")
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "[broker]\nuri = {:?}\n{}{}",
+            amqp_url(),
+            consumer(&queue),
+            consumer(&missing)
+        ),
+    )
+    .expect("write");
+    let (code, stdout, stderr) =
+        backstop(&["dlq", "queues", "--json", "-c", path.to_str().unwrap_or("")]);
+    assert_eq!(code, 0, "{stderr}");
+    let listed = json(&stdout);
+    assert_eq!(
+        listed,
+        serde_json::json!([
+            {"queue": dlq, "depth": 1},
+            {"queue": format!("{missing}.dlq"), "depth": null},
+        ])
+    );
+    delete_queue(&connection, &dlq).await;
+    delete_queue(&connection, &queue).await;
+    let _ = std::fs::remove_dir_all(dir);
+}

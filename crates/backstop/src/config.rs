@@ -41,6 +41,9 @@ pub struct Config {
     /// `[publish]`: the publish endpoint of `backstop run`; present (even
     /// empty) turns it on.
     pub publish: Option<PublishSettings>,
+    /// `[console]`: the review console (`backstop console`, and `backstop
+    /// run` when the section is present).
+    pub console: Option<ConsoleSettings>,
 }
 
 /// `[reconnect]`: exponential backoff with full jitter between attempts.
@@ -211,6 +214,131 @@ impl PublishSettings {
             }
         }
         Ok(())
+    }
+}
+
+/// `[console]`: the review console, a web UI over the compensation store
+/// and the dead-letter queues. Every key is optional; in `backstop run` the
+/// section's presence turns the console on.
+///
+/// ```
+/// let config = backstop::config::Config::parse(
+///     "[console]\nlisten = \"0.0.0.0:9465\"\nuser = \"ops\"\npassword = \"pw\"\n",
+///     "backstop.toml",
+/// ).expect("valid");
+/// let console = config.console.as_ref().expect("the section is there");
+/// assert_eq!(console.listen_addr().expect("valid").port(), 9465);
+/// assert!(!config.normalized().contains("\"pw\""));
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ConsoleSettings {
+    /// Where the console listens (default `127.0.0.1:9465`: loopback).
+    pub listen: Option<String>,
+    /// A shared secret: whoever logs in with it gives a name, which is the
+    /// actor of their audit entries; API clients send it as `Authorization:
+    /// Bearer TOKEN`. `BACKSTOP_CONSOLE_TOKEN` replaces it.
+    pub token: Option<Secret>,
+    /// The one user who may log in with `password` (basic auth for API
+    /// clients).
+    pub user: Option<String>,
+    /// The password of `user`. `BACKSTOP_CONSOLE_PASSWORD` replaces it.
+    pub password: Option<Secret>,
+    /// How long a login lasts (default `8h`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub session_ttl: Option<Duration>,
+}
+
+/// The default address of the review console.
+pub const DEFAULT_CONSOLE_LISTEN: &str = "127.0.0.1:9465";
+
+impl ConsoleSettings {
+    /// The address to listen on.
+    pub fn listen_addr(&self) -> std::result::Result<std::net::SocketAddr, String> {
+        let text = self.listen.as_deref().unwrap_or(DEFAULT_CONSOLE_LISTEN);
+        text.parse()
+            .map_err(|e| format!("{text:?} is not an address like \"127.0.0.1:9465\": {e}"))
+    }
+
+    /// How long a login lasts.
+    pub fn session_ttl(&self) -> Duration {
+        self.session_ttl.unwrap_or(Duration::from_secs(8 * 3600))
+    }
+
+    /// True when a token or a user and password are set.
+    pub fn has_auth(&self) -> bool {
+        self.token.is_some() || self.password.is_some()
+    }
+
+    /// Replaces the token and the password with `BACKSTOP_CONSOLE_TOKEN`
+    /// and `BACKSTOP_CONSOLE_PASSWORD` when they are set.
+    pub fn apply_env(&mut self) {
+        if let Ok(token) = std::env::var("BACKSTOP_CONSOLE_TOKEN") {
+            self.token = Some(Secret(token));
+        }
+        if let Ok(password) = std::env::var("BACKSTOP_CONSOLE_PASSWORD") {
+            self.password = Some(Secret(password));
+        }
+    }
+
+    /// The key and the reason of the first inconsistent setting. `listen`
+    /// is the address in effect (the file's, or a command line's).
+    pub fn check_for(
+        &self,
+        listen: std::net::SocketAddr,
+    ) -> std::result::Result<(), (&'static str, String)> {
+        if !listen.ip().is_loopback() && !self.has_auth() {
+            return Err((
+                "listen",
+                format!(
+                    "{listen} is not a loopback address: set console.token (or \
+                     BACKSTOP_CONSOLE_TOKEN), or console.user and console.password \
+                     (or BACKSTOP_CONSOLE_PASSWORD), so that only operators can log in"
+                ),
+            ));
+        }
+        for (key, secret) in [("token", &self.token), ("password", &self.password)] {
+            match secret {
+                Some(s) if s.expose().is_empty() => {
+                    return Err((key, format!("the {key} is empty")));
+                }
+                Some(s) if !s.expose().bytes().all(|b| b.is_ascii_graphic()) => {
+                    return Err((
+                        key,
+                        format!(
+                            "the {key} must be printable ASCII without spaces, \
+                             to travel in an Authorization header"
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        match (&self.user, &self.password) {
+            (Some(user), Some(_)) if user.is_empty() || user.contains(':') => {
+                return Err(("user", "the user is empty or contains ':'".into()));
+            }
+            (Some(_), None) => {
+                return Err((
+                    "user",
+                    "a user needs console.password (or BACKSTOP_CONSOLE_PASSWORD)".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(("password", "a password needs console.user".into()));
+            }
+            _ => {}
+        }
+        if self.session_ttl.is_some_and(|t| t.is_zero()) {
+            return Err(("session_ttl", "must be above zero".into()));
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let listen = self.listen_addr().map_err(|e| ("listen", e))?;
+        self.check_for(listen)
     }
 }
 
@@ -653,6 +781,9 @@ impl Config {
         ) {
             publish.token = Some(Secret(token));
         }
+        if let Some(console) = config.console.as_mut() {
+            console.apply_env();
+        }
         if let Some(file) = config.broker.password_file.clone() {
             let fail = |message: String| Error::ConfigFile {
                 path: origin.to_owned(),
@@ -713,6 +844,11 @@ impl Config {
             publish
                 .check()
                 .map_err(|(key, e)| fail(Some(("publish", 0)), key, e))?;
+        }
+        if let Some(console) = &config.console {
+            console
+                .check()
+                .map_err(|(key, e)| fail(Some(("console", 0)), key, e))?;
         }
         let mut queues = std::collections::HashSet::new();
         for (i, consumer) in config.consumers.iter().enumerate() {
@@ -867,6 +1003,20 @@ impl Config {
             let _ = writeln!(out, "channels = {}", p.channels());
             let _ = writeln!(out, "confirm_timeout = {:?}", secs(p.confirm_timeout()));
             let _ = writeln!(out, "max_message_size = {}", p.max_message_size());
+        }
+        if let Some(c) = &self.console {
+            let listen = c.listen.as_deref().unwrap_or(DEFAULT_CONSOLE_LISTEN);
+            let _ = writeln!(out, "\n[console]\nlisten = {listen:?}");
+            if c.token.is_some() {
+                let _ = writeln!(out, "token = \"***\"");
+            }
+            if let Some(user) = &c.user {
+                let _ = writeln!(out, "user = {user:?}");
+            }
+            if c.password.is_some() {
+                let _ = writeln!(out, "password = \"***\"");
+            }
+            let _ = writeln!(out, "session_ttl = {:?}", secs(c.session_ttl()));
         }
         for c in &self.consumers {
             let _ = writeln!(out, "\n[[consumer]]");
@@ -1348,6 +1498,67 @@ mod tests {
             ("lisen = \"x\"", "lisen"),
         ] {
             let err = error_of(&format!("[publish]\n{line}\n"));
+            if key.is_empty() {
+                assert!(err.is_empty(), "{line}: {err}");
+            } else {
+                assert!(err.contains(key) && err.contains("line "), "{line}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_console_section_is_redacted_and_checked() {
+        let text = "[console]\nlisten = \"0.0.0.0:9465\"\ntoken = \"t0k3n-secret\"\n\
+                    user = \"ops\"\npassword = \"pa55-secret\"\n";
+        let config = Config::parse(text, "test.toml").expect("valid");
+        let shown = config.normalized();
+        assert!(
+            shown.contains("[console]\nlisten = \"0.0.0.0:9465\""),
+            "{shown}"
+        );
+        assert!(shown.contains("user = \"ops\""), "{shown}");
+        assert!(shown.contains("session_ttl = \"8h\""), "{shown}");
+        for text in [shown, format!("{config:?}")] {
+            assert!(!text.contains("-secret"), "{text}");
+        }
+        let console = config.console.expect("present");
+        assert_eq!(
+            console.password.as_ref().map(Secret::expose),
+            Some("pa55-secret")
+        );
+        assert!(
+            Config::parse("", "t.toml")
+                .expect("valid")
+                .console
+                .is_none()
+        );
+        let default = Config::parse("[console]\n", "t.toml").expect("valid");
+        assert_eq!(
+            default
+                .console
+                .expect("present")
+                .listen_addr()
+                .expect("valid")
+                .to_string(),
+            DEFAULT_CONSOLE_LISTEN
+        );
+        let err = error_of("[console]\nlisten = \"0.0.0.0:9465\"\n");
+        assert!(
+            err.contains("line 2")
+                && err.contains("key console.listen")
+                && err.contains("console.token"),
+            "{err}"
+        );
+        for (line, key) in [
+            ("listen = \"[::1]:9465\"", ""),
+            ("token = \"\"", "console.token"),
+            ("user = \"ops\"", "console.user"),
+            ("password = \"pw\"", "console.password"),
+            ("user = \"a:b\"\npassword = \"pw\"", "console.user"),
+            ("session_ttl = \"0s\"", "console.session_ttl"),
+            ("listen = \"localhost\"", "console.listen"),
+        ] {
+            let err = error_of(&format!("[console]\n{line}\n"));
             if key.is_empty() {
                 assert!(err.is_empty(), "{line}: {err}");
             } else {

@@ -70,23 +70,26 @@ fn topology(settings: &ConsumerSettings) -> Topology {
 /// `backstop run`.
 pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    if config.consumers.is_empty() && config.publish.is_none() {
+    if config.consumers.is_empty() && config.publish.is_none() && config.console.is_none() {
         return Err(UsageError(format!(
-            "{}: no [[consumer]] block and no [publish] section: nothing to do",
+            "{}: no [[consumer]] block, no [publish] and no [console] section: nothing to do",
             args.config.display()
         ))
         .into());
     }
     let supervisor = ConnectionSupervisor::start(config.connection_config("backstop-run")?)?;
 
-    let store: Option<Arc<dyn CompensationStore>> = match &config.store.url {
-        Some(url) => Some(Arc::new(
+    let sql_store = match &config.store.url {
+        Some(url) => Some(
             SqlStore::connect(url)
                 .await
                 .context("opening the compensation store")?,
-        )),
+        ),
         None => None,
     };
+    let store: Option<Arc<dyn CompensationStore>> = sql_store
+        .clone()
+        .map(|s| Arc::new(s) as Arc<dyn CompensationStore>);
 
     let durations = metrics::durations();
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -177,6 +180,15 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(settings) => Some(publish::start(&config, settings, publish_stop).await?),
         None => None,
     };
+    let console = match &config.console {
+        Some(settings) => {
+            let listen = settings
+                .listen_addr()
+                .map_err(|e| UsageError(format!("console.listen: {e}")))?;
+            Some(crate::console::serve(&config, settings, listen, sql_store, stop.clone()).await?)
+        }
+        None => None,
+    };
     let listen = config
         .metrics
         .listen_addr()
@@ -200,6 +212,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "backstop run: publishing on http://{}/publish/{{exchange}}/{{routing_key}}",
             publishing.bound
         );
+    }
+
+    if let Some((bound, _)) = &console {
+        println!("backstop run: review console on http://{bound}/");
     }
 
     let reason = wait_for_signal_or_failure(&handles).await;
@@ -347,7 +363,9 @@ async fn shut_down(
 
 /// Waits for SIGTERM, Ctrl-C, or a consumer that stopped by itself (for
 /// example, refused credentials).
-async fn wait_for_signal_or_failure(handles: &[(String, ConsumerHandle, Duration)]) -> String {
+pub(crate) async fn wait_for_signal_or_failure(
+    handles: &[(String, ConsumerHandle, Duration)],
+) -> String {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => Some(term),
         Err(e) => {

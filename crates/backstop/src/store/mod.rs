@@ -14,8 +14,14 @@
 //! SQLite (the embedded default, in WAL mode) and PostgreSQL (for several
 //! consumer instances, with `FOR UPDATE SKIP LOCKED` claims).
 
+mod groups;
 mod scanner;
 mod sql;
+
+pub use groups::{
+    FailureGroup, GroupBatch, GroupBatchTotals, GroupJob, GroupKey, GroupProgress, PayloadVersion,
+    normalize_error, run_group_action,
+};
 
 pub(crate) use scanner::unique_owner;
 pub use scanner::{Redrive, RedriveFn, Scanner, ScannerConfig, ScannerReport};
@@ -235,8 +241,9 @@ pub fn fingerprint(queue: &str, delivery: &Delivery, dedup_key: Option<&str>) ->
     format!("sha256:{}", hex::encode(hash.finalize()))
 }
 
-/// The properties worth keeping, as a JSON object.
-fn properties_json(p: &BasicProperties) -> String {
+/// The properties worth keeping, as a JSON object (as stored in a row's
+/// `properties`).
+pub fn properties_json(p: &BasicProperties) -> String {
     let s = |v: &Option<ShortString>| v.as_ref().map(|s| s.to_string());
     serde_json::json!({
         "content_type": s(p.content_type()),
@@ -270,11 +277,16 @@ pub struct FailedRow {
     pub message_id: Option<String>,
     /// The deduplication key.
     pub dedup_key: Option<String>,
-    /// The body.
+    /// The body to re-drive: the latest edited version's, or the original
+    /// when the row was never edited (see [`version`](Self::version); the
+    /// original stays readable through `SqlStore::versions`).
     #[serde(skip)]
     pub payload: Vec<u8>,
-    /// Headers as JSON.
+    /// Headers as JSON, of the same version as `payload`.
     pub headers: String,
+    /// Which version `payload` and `headers` are: 0 for the original, 1, 2,
+    /// ... for an operator's edits.
+    pub version: i64,
     /// Other properties as JSON.
     pub properties: String,
     /// The last error.
@@ -451,6 +463,10 @@ pub enum StoreError {
         /// The unfinished row of the same message.
         open: i64,
     },
+    /// An edit that cannot be stored: no note, headers that are not a JSON
+    /// header table, or a row a scanner is re-driving right now.
+    #[error("cannot edit: {0}")]
+    InvalidEdit(String),
     /// The action does not apply to the row's status.
     #[error("cannot {action} row {id}: it is {status}")]
     InvalidTransition {
@@ -508,6 +524,28 @@ pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
         now: i64,
         lease_until: i64,
     ) -> BoxFuture<'a, Result<bool, StoreError>>;
+
+    /// [`renew_lease`](Self::renew_lease) for several rows at once: extends
+    /// `owner`'s live leases on `ids` and returns the ids whose lease it
+    /// still held (the others must not be re-driven). The default renews
+    /// them one by one; the SQL store does it in one statement.
+    fn renew_leases<'a>(
+        &'a self,
+        owner: &'a str,
+        ids: &'a [i64],
+        now: i64,
+        lease_until: i64,
+    ) -> BoxFuture<'a, Result<Vec<i64>, StoreError>> {
+        Box::pin(async move {
+            let mut held = Vec::with_capacity(ids.len());
+            for id in ids {
+                if self.renew_lease(owner, *id, now, lease_until).await? {
+                    held.push(*id);
+                }
+            }
+            Ok(held)
+        })
+    }
 
     /// Records how the re-drives of claimed rows went and releases their
     /// leases, in one transaction. A row that `owner` no longer holds is left
@@ -568,6 +606,7 @@ mod tests {
             message_id: Some("m-1".into()),
             dedup_key: None,
             payload: b"{}".to_vec(),
+            version: 0,
             headers: r#"{"x-death":{"FieldArray":[]},"x-tenant":{"LongString":[97]}}"#.into(),
             properties: r#"{"expiration":"1500","message_id":"m-1"}"#.into(),
             error: "declined".into(),

@@ -60,6 +60,9 @@ pub struct ScannerConfig {
     pub owner: String,
     /// Only rows of this queue; all queues when `None`.
     pub queue: Option<String>,
+    /// [`Redrive::Republish`]: publishes of a batch in flight at once, each
+    /// on a confirm channel of its own (the first row of a scan goes alone).
+    pub publish_channels: usize,
 }
 
 impl Default for ScannerConfig {
@@ -73,6 +76,7 @@ impl Default for ScannerConfig {
             max_backoff: Duration::from_secs(3600),
             owner: default_owner(),
             queue: None,
+            publish_channels: 16,
         }
     }
 }
@@ -251,7 +255,8 @@ impl Scanner {
         };
         // A side effect must finish well inside the renewed lease.
         let effect_limit = self.config.lease / 2;
-        for row in rows {
+        let mut rows = rows.into_iter();
+        while let Some(row) = rows.next() {
             if *stop.borrow() {
                 // Unstarted rows keep their lease until it runs out.
                 break;
@@ -341,6 +346,7 @@ impl Scanner {
                     }
                 })
             };
+            let confirmed = outcome == RedriveOutcome::Replayed;
             match &outcome {
                 RedriveOutcome::Replayed | RedriveOutcome::Resolved => report.redriven += 1,
                 RedriveOutcome::Failed { give_up: true, .. } => report.needs_review += 1,
@@ -353,6 +359,15 @@ impl Scanner {
             self.store
                 .finish_redrives(&self.config.owner, &[(id, outcome)])
                 .await?;
+            // The broker confirms: the rest of the batch goes out together.
+            if confirmed && let Redrive::Republish(supervisor) = &self.redrive {
+                let rest: Vec<FailedRow> = rows.by_ref().collect();
+                if !rest.is_empty() {
+                    self.republish_together(rest, supervisor, stop, &mut report)
+                        .await?;
+                }
+                break;
+            }
             if channel_lost && let Redrive::Republish(supervisor) = &self.redrive {
                 // The next row gets a channel of its own. If none can be
                 // opened, the scan ends: the rows not started keep their
@@ -379,6 +394,140 @@ impl Scanner {
             }
         }
         Ok(report)
+    }
+
+    /// Re-drives `rows` (claimed by this scanner, after a first row of the
+    /// scan was confirmed) with their publishes in flight together:
+    /// 1. every lease is renewed and checked in one statement right before
+    ///    the publishes (a row whose lease is gone is skipped, `lost_leases`);
+    /// 2. the copies go out on up to `publish_channels` confirm channels,
+    ///    each carrying one publish at a time until its confirm, all of them
+    ///    within half the lease;
+    /// 3. only then are the rows finished, in one transaction: `replayed`
+    ///    for each confirmed copy, a failure for each refused one. A copy
+    ///    with no confirm in time (or when stopped) has an unknown outcome:
+    ///    its row keeps its lease, no failure is recorded, and it is
+    ///    re-driven after the lease (a possible duplicate, `unknown`).
+    async fn republish_together(
+        &self,
+        rows: Vec<FailedRow>,
+        supervisor: &ConnectionSupervisor,
+        stop: &mut watch::Receiver<bool>,
+        report: &mut ScannerReport,
+    ) -> Result<(), StoreError> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let owner = &self.config.owner;
+        let lease = self.config.lease.as_millis() as i64;
+        let mut outcomes: Vec<(i64, RedriveOutcome)> = Vec::with_capacity(rows.len());
+        let mut to_send = Vec::with_capacity(rows.len());
+        for row in rows {
+            if row.redrives > self.config.max_attempts {
+                outcomes.push((
+                    row.id,
+                    RedriveOutcome::Failed {
+                        error: format!("{}; re-driven {} times", row.error, row.redrives - 1),
+                        next_attempt_at: now_ms() as i64,
+                        give_up: true,
+                    },
+                ));
+            } else {
+                to_send.push(row);
+            }
+        }
+        let ids: Vec<i64> = to_send.iter().map(|r| r.id).collect();
+        let at = now_ms() as i64;
+        let held: std::collections::HashSet<i64> = self
+            .store
+            .renew_leases(owner, &ids, at, at + lease)
+            .await?
+            .into_iter()
+            .collect();
+        let publisher = ConfirmedPublisher::pooled(
+            supervisor.publishing(),
+            self.config.publish_channels.max(1),
+            crate::publish::DEFAULT_CONFIRM_TIMEOUT,
+        );
+        let deadline = tokio::time::Instant::now() + self.config.lease / 2;
+        let (to_send, lost): (Vec<FailedRow>, Vec<FailedRow>) =
+            to_send.into_iter().partition(|row| held.contains(&row.id));
+        for row in lost {
+            report.lost_leases += 1;
+            warn!(id = row.id, owner = %owner, "the lease on the row is gone; not re-driving it");
+        }
+        let mut queued = to_send.into_iter();
+        // Rows published and not answered yet.
+        let mut sent = std::collections::HashSet::new();
+        let mut in_flight = FuturesUnordered::new();
+        let publish = |row: FailedRow| {
+            let publisher = publisher.clone();
+            async move {
+                let result = publisher
+                    .publish("", &row.queue, &row.payload, row.republish_properties())
+                    .await;
+                (row.id, row.redrives, result)
+            }
+        };
+        for row in queued.by_ref().take(self.config.publish_channels.max(1)) {
+            sent.insert(row.id);
+            in_flight.push(publish(row));
+        }
+        let mut unknown = false;
+        loop {
+            let next = tokio::select! {
+                next = in_flight.next() => next,
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(after = ?self.config.lease / 2, "re-drives without a confirm within half the lease: their outcome is unknown");
+                    break;
+                }
+                _ = crate::wait_true(stop) => break,
+            };
+            let Some((id, redrives, result)) = next else { break };
+            sent.remove(&id);
+            let outcome = match result {
+                Ok(()) => RedriveOutcome::Replayed,
+                Err(e @ (PublishError::Timeout { .. } | PublishError::Blocked { .. })) => {
+                    // Kept leased and re-driven after the lease.
+                    report.unknown += 1;
+                    unknown = true;
+                    warn!(id, reason = %e, "re-drive outcome unknown; the row stays leased and is re-driven after its lease (possibly a duplicate)");
+                    continue;
+                }
+                Err(e) => RedriveOutcome::Failed {
+                    error: e.to_string(),
+                    next_attempt_at: now_ms() as i64 + self.backoff(redrives).as_millis() as i64,
+                    give_up: redrives >= self.config.max_attempts,
+                },
+            };
+            outcomes.push((id, outcome));
+            // No new publish once one outcome is unknown: the broker is not
+            // answering, and the rows not sent keep their lease untouched.
+            if !unknown
+                && !*stop.borrow()
+                && let Some(row) = queued.next()
+            {
+                sent.insert(row.id);
+                in_flight.push(publish(row));
+            }
+        }
+        drop(in_flight);
+        // In flight at a stop or the deadline: unknown, like above.
+        report.unknown += sent.len() as u64;
+        let _ = tokio::time::timeout(Duration::from_secs(5), publisher.close()).await;
+        for (id, outcome) in &outcomes {
+            match outcome {
+                RedriveOutcome::Replayed | RedriveOutcome::Resolved => report.redriven += 1,
+                RedriveOutcome::Failed { give_up: true, .. } => report.needs_review += 1,
+                RedriveOutcome::Failed { error, .. } => {
+                    report.failed += 1;
+                    warn!(id, %error, "re-drive failed");
+                }
+            }
+        }
+        self.store.finish_redrives(owner, &outcomes).await?;
+        Ok(())
     }
 
     /// Scans every `interval` in the background.

@@ -25,17 +25,26 @@ pub(crate) enum Backend {
 /// (`postgres://user:password@host/db`).
 #[derive(Clone, Debug)]
 pub struct SqlStore {
-    pool: AnyPool,
-    backend: Backend,
+    pub(super) pool: AnyPool,
+    pub(super) backend: Backend,
 }
 
-const COLUMNS: &str = "id, queue, exchange, routing_key, message_id, dedup_key, payload, \
-     headers, properties, error, error_kind, attempts, redrives, status, next_attempt_at, \
+/// A row's columns, with the payload and headers of its latest version (an
+/// operator's edit; the original when there is none): what a re-drive sends.
+/// Correlated on the table's own name, so it also works in `RETURNING`.
+pub(super) const COLUMNS: &str = "id, queue, exchange, routing_key, message_id, dedup_key, \
+     COALESCE((SELECT v.payload FROM backstop_failed_versions v \
+         WHERE v.row_id = backstop_failed_messages.id \
+           AND v.version = backstop_failed_messages.version), payload) AS payload, \
+     COALESCE((SELECT v.headers FROM backstop_failed_versions v \
+         WHERE v.row_id = backstop_failed_messages.id \
+           AND v.version = backstop_failed_messages.version), headers) AS headers, \
+     version, properties, error, error_kind, attempts, redrives, status, next_attempt_at, \
      created_at, updated_at, fingerprint, occurrences";
 
 /// The statuses of a row still waiting for someone: a re-drive or a person.
 /// At most one such row per `(queue, fingerprint)`.
-const UNFINISHED: &str = "('pending', 'retrying', 'needs_review')";
+pub(super) const UNFINISHED: &str = "('pending', 'retrying', 'needs_review')";
 
 /// Version 2, the same on both backends: one unfinished row per message.
 /// Rows from before get a fingerprint of their own (`row:<id>`), so old
@@ -48,6 +57,38 @@ const FINGERPRINT_SCHEMA: &[&str] = &[
         ON backstop_failed_messages (queue, fingerprint)
         WHERE status IN ('pending', 'retrying', 'needs_review')",
 ];
+
+/// Version 3: failure groups (the normalized error in `cause`, backfilled in
+/// Rust by [`SqlStore::backfill_causes`]) and edited payload versions. The
+/// row keeps its original payload; `version` names the latest edit (0: none).
+const GROUPS_SCHEMA: &[&str] = &[
+    "ALTER TABLE backstop_failed_messages ADD COLUMN cause TEXT",
+    "ALTER TABLE backstop_failed_messages ADD COLUMN version BIGINT NOT NULL DEFAULT 0",
+    "CREATE INDEX IF NOT EXISTS backstop_failed_group
+        ON backstop_failed_messages (queue, error_kind, cause, id)",
+];
+
+const SQLITE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS backstop_failed_versions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        row_id BIGINT NOT NULL REFERENCES backstop_failed_messages (id) ON DELETE CASCADE,
+        version BIGINT NOT NULL,
+        payload BLOB NOT NULL,
+        headers TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        note TEXT,
+        UNIQUE (row_id, version))";
+
+const POSTGRES_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS backstop_failed_versions (
+        id BIGSERIAL PRIMARY KEY,
+        row_id BIGINT NOT NULL REFERENCES backstop_failed_messages (id) ON DELETE CASCADE,
+        version BIGINT NOT NULL,
+        payload BYTEA NOT NULL,
+        headers TEXT NOT NULL,
+        at BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        note TEXT,
+        UNIQUE (row_id, version))";
 
 const SQLITE_SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS backstop_failed_messages (
@@ -123,13 +164,25 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         "fingerprints and occurrences: one unfinished row per message",
     ),
+    (3, "failure groups (cause) and edited payload versions"),
 ];
 
-fn unavailable(e: sqlx::Error) -> StoreError {
+pub(super) fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-fn row_of(row: &AnyRow) -> Result<FailedRow, StoreError> {
+/// Ids bound per `IN (...)` list: well under both drivers' parameter limits.
+pub(super) const IN_LIST_CHUNK: usize = 500;
+
+/// `$first, $first+1, ...`: `n` numbered parameters for an `IN (...)` list.
+pub(super) fn in_list(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(super) fn row_of(row: &AnyRow) -> Result<FailedRow, StoreError> {
     let get_err = |e: sqlx::Error| StoreError::Unavailable(format!("reading a row: {e}"));
     let status: String = row.try_get("status").map_err(get_err)?;
     let id: i64 = row.try_get("id").map_err(get_err)?;
@@ -145,6 +198,7 @@ fn row_of(row: &AnyRow) -> Result<FailedRow, StoreError> {
         dedup_key: row.try_get("dedup_key").map_err(get_err)?,
         payload: row.try_get("payload").map_err(get_err)?,
         headers: row.try_get("headers").map_err(get_err)?,
+        version: row.try_get("version").map_err(get_err)?,
         properties: row.try_get("properties").map_err(get_err)?,
         error: row.try_get("error").map_err(get_err)?,
         error_kind: row.try_get("error_kind").map_err(get_err)?,
@@ -361,6 +415,7 @@ impl SqlStore {
                 (Backend::Sqlite, 1) => SQLITE_SCHEMA,
                 (Backend::Postgres, 1) => POSTGRES_SCHEMA,
                 (_, 2) => FINGERPRINT_SCHEMA,
+                (_, 3) => GROUPS_SCHEMA,
                 _ => &[],
             };
             for statement in statements {
@@ -368,6 +423,17 @@ impl SqlStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(unavailable)?;
+            }
+            if *version == 3 {
+                let versions = match self.backend {
+                    Backend::Sqlite => SQLITE_VERSIONS,
+                    Backend::Postgres => POSTGRES_VERSIONS,
+                };
+                sqlx::query(versions)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                Self::backfill_causes(&mut tx).await?;
             }
             sqlx::query(
                 "INSERT INTO backstop_schema_migrations (version, description, applied_at)
@@ -383,7 +449,35 @@ impl SqlStore {
         tx.commit().await.map_err(unavailable)
     }
 
-    async fn audit_in<'c>(
+    /// Sets `cause` on every row without one: one update per distinct error
+    /// text, since failures repeat.
+    async fn backfill_causes<'c>(
+        tx: &mut sqlx::Transaction<'c, sqlx::Any>,
+    ) -> Result<(), StoreError> {
+        let errors: Vec<String> =
+            sqlx::query("SELECT DISTINCT error FROM backstop_failed_messages WHERE cause IS NULL")
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(|r| r.try_get::<String, _>("error"))
+                .collect::<Result<_, _>>()
+                .map_err(unavailable)?;
+        for error in errors {
+            sqlx::query(
+                "UPDATE backstop_failed_messages SET cause = $1
+                 WHERE error = $2 AND cause IS NULL",
+            )
+            .bind(super::normalize_error(&error))
+            .bind(&error)
+            .execute(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn audit_in<'c>(
         tx: &mut sqlx::Transaction<'c, sqlx::Any>,
         row_id: i64,
         actor: &str,
@@ -415,9 +509,9 @@ impl SqlStore {
         let row = sqlx::query(
             "INSERT INTO backstop_failed_messages (queue, exchange, routing_key, message_id,
                  dedup_key, payload, headers, properties, error, error_kind, attempts, redrives,
-                 status, next_attempt_at, created_at, updated_at, fingerprint, occurrences)
+                 status, next_attempt_at, created_at, updated_at, fingerprint, occurrences, cause)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, 'pending', $12, $13, $13,
-                 $14, 1)
+                 $14, 1, $15)
              ON CONFLICT DO NOTHING
              RETURNING id",
         )
@@ -435,6 +529,7 @@ impl SqlStore {
         .bind(m.next_attempt_at)
         .bind(now)
         .bind(&m.fingerprint)
+        .bind(super::normalize_error(&m.error))
         .fetch_optional(&mut **tx)
         .await
         .map_err(unavailable)?;
@@ -524,7 +619,8 @@ impl SqlStore {
             let updated = sqlx::query(&format!(
                 "UPDATE backstop_failed_messages
                  SET error = $1, error_kind = $2, attempts = attempts + $3, status = 'retrying',
-                     next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, updated_at = $5
+                     next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, updated_at = $5,
+                     cause = $9
                  WHERE id = $6 AND queue = $7 AND fingerprint = $8
                    AND status IN ('pending', 'retrying', 'replayed')
                    AND NOT EXISTS (
@@ -540,6 +636,7 @@ impl SqlStore {
             .bind(id)
             .bind(&m.queue)
             .bind(&m.fingerprint)
+            .bind(super::normalize_error(&m.error))
             .execute(&mut **tx)
             .await
             .map_err(unavailable)?;
@@ -552,7 +649,8 @@ impl SqlStore {
         // publish): one row to review, one more occurrence.
         let repeated = sqlx::query(&format!(
             "UPDATE backstop_failed_messages
-             SET occurrences = occurrences + 1, error = $1, error_kind = $2, updated_at = $3
+             SET occurrences = occurrences + 1, error = $1, error_kind = $2, updated_at = $3,
+                 cause = $6
              WHERE queue = $4 AND fingerprint = $5 AND status IN {UNFINISHED}
              RETURNING id"
         ))
@@ -561,6 +659,7 @@ impl SqlStore {
         .bind(now)
         .bind(&m.queue)
         .bind(&m.fingerprint)
+        .bind(super::normalize_error(&m.error))
         .fetch_optional(&mut **tx)
         .await
         .map_err(unavailable)?;
@@ -654,7 +753,8 @@ impl SqlStore {
                  SET status = $1,
                      next_attempt_at = COALESCE($2, next_attempt_at),
                      error = COALESCE($3, error),
-                     lease_owner = NULL, lease_until = NULL, updated_at = $4
+                     lease_owner = NULL, lease_until = NULL, updated_at = $4,
+                     cause = COALESCE($7, cause)
                  WHERE id = $5 AND lease_owner = $6",
             )
             .bind(status.as_str())
@@ -663,6 +763,7 @@ impl SqlStore {
             .bind(now)
             .bind(*id)
             .bind(owner)
+            .bind(error.map(super::normalize_error))
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
@@ -895,6 +996,35 @@ impl CompensationStore for SqlStore {
             .await
             .map_err(unavailable)?;
             Ok(renewed.rows_affected() == 1)
+        })
+    }
+
+    fn renew_leases<'a>(
+        &'a self,
+        owner: &'a str,
+        ids: &'a [i64],
+        now: i64,
+        lease_until: i64,
+    ) -> BoxFuture<'a, Result<Vec<i64>, StoreError>> {
+        Box::pin(async move {
+            let mut held = Vec::with_capacity(ids.len());
+            for chunk in ids.chunks(IN_LIST_CHUNK) {
+                let sql = format!(
+                    "UPDATE backstop_failed_messages SET lease_until = $1
+                     WHERE lease_owner = $2 AND lease_until >= $3 AND status = 'retrying'
+                       AND id IN ({})
+                     RETURNING id",
+                    in_list(4, chunk.len())
+                );
+                let mut query = sqlx::query(&sql).bind(lease_until).bind(owner).bind(now);
+                for id in chunk {
+                    query = query.bind(*id);
+                }
+                for row in query.fetch_all(&self.pool).await.map_err(unavailable)? {
+                    held.push(row.try_get::<i64, _>("id").map_err(unavailable)?);
+                }
+            }
+            Ok(held)
         })
     }
 

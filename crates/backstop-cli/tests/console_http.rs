@@ -1,0 +1,621 @@
+//! The review console's HTTP rules, against a real `backstop console`
+//! process on a SQLite store: the login wall, CSRF, the security headers,
+//! the refusal to listen off loopback without auth, secrets kept out of the
+//! logs, hostile rows shown inert, and audited actions.
+
+use backstop::retry::now_ms;
+use backstop::store::{CompensationStore, NewFailedMessage, SqlStore, Status};
+use backstop_testkit::unique;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+const TOKEN: &str = "t0ken-9f8e7d6c5b4a";
+const PASSWORD: &str = "pa55word-1a2b3c4d";
+
+/// A running `backstop console` on a fresh SQLite store.
+struct Console {
+    child: Child,
+    base: String,
+    stderr: PathBuf,
+    store: SqlStore,
+    http: reqwest::Client,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(unique(name))
+}
+
+/// Starts the console with `[console] extra` on a new store.
+async fn start(extra: &str) -> Console {
+    let db = temp("console-http").with_extension("db");
+    let url = format!("sqlite://{}", db.display());
+    let store = SqlStore::connect(&url).await.expect("create the store");
+    let config = temp("console-http").with_extension("toml");
+    std::fs::write(
+        &config,
+        format!("[store]\nurl = {url:?}\n\n[console]\nlisten = \"127.0.0.1:0\"\n{extra}\n"),
+    )
+    .expect("write the config");
+    let stderr = temp("console-http").with_extension("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["--log", "info", "console", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("BACKSTOP_CONSOLE_TOKEN")
+        .env_remove("BACKSTOP_CONSOLE_PASSWORD")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("start backstop console");
+    let stdout = child.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    })
+    .await
+    .expect("join")
+    .expect("read stdout");
+    let base = line
+        .trim()
+        .strip_prefix("backstop console: serving on ")
+        .unwrap_or_else(|| {
+            panic!(
+                "unexpected first line {line:?}; stderr: {}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            )
+        })
+        .trim_end_matches('/')
+        .to_owned();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    Console {
+        child,
+        base,
+        stderr,
+        store,
+        http,
+    }
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{}={}",
+                utf8_percent_encode(k, NON_ALPHANUMERIC),
+                utf8_percent_encode(v, NON_ALPHANUMERIC)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The value of cookie `name` set by a response.
+fn set_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(SET_COOKIE).iter().find_map(|v| {
+        let text = v.to_str().ok()?;
+        let (pair, _) = text.split_once(';').unwrap_or((text, ""));
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| v.to_owned())
+    })
+}
+
+/// The `value` of the element of `html` with `name="..."` (hidden fields).
+fn hidden(html: &str, name: &str) -> String {
+    let at = html
+        .find(&format!("name=\"{name}\""))
+        .unwrap_or_else(|| panic!("no field {name} in {html}"));
+    let rest = &html[at..];
+    let start = rest.find("value=\"").expect("a value") + 7;
+    let end = rest[start..].find('"').expect("end of value");
+    rest[start..start + end].to_owned()
+}
+
+/// Every response of the console carries these.
+fn assert_safe_headers(what: &str, headers: &HeaderMap) {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("{what}: no {name} header in {headers:?}"))
+            .to_owned()
+    };
+    assert_eq!(
+        get("content-security-policy"),
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; \
+         form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        "{what}"
+    );
+    assert_eq!(get("x-frame-options"), "DENY", "{what}");
+    assert_eq!(get("x-content-type-options"), "nosniff", "{what}");
+    assert_eq!(get("referrer-policy"), "no-referrer", "{what}");
+    assert_eq!(get("cache-control"), "no-store", "{what}");
+}
+
+impl Console {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET `path` with `cookie`; (status, headers, body), headers checked.
+    async fn get(&self, path: &str, cookie: Option<&str>) -> (StatusCode, HeaderMap, String) {
+        let mut request = self.http.get(self.url(path)).header("accept", "text/html");
+        if let Some(c) = cookie {
+            request = request.header("cookie", c);
+        }
+        let response = request.send().await.expect("GET");
+        let status = response.status();
+        let headers = response.headers().clone();
+        assert_safe_headers(&format!("GET {path}"), &headers);
+        (status, headers, response.text().await.expect("body"))
+    }
+
+    /// POSTs a form to `path` with `cookie`.
+    async fn post(
+        &self,
+        path: &str,
+        cookie: Option<&str>,
+        body: String,
+    ) -> (StatusCode, HeaderMap, String) {
+        let mut request = self
+            .http
+            .post(self.url(path))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        if let Some(c) = cookie {
+            request = request.header("cookie", c);
+        }
+        let response = request.send().await.expect("POST");
+        let status = response.status();
+        let headers = response.headers().clone();
+        assert_safe_headers(&format!("POST {path}"), &headers);
+        (status, headers, response.text().await.expect("body"))
+    }
+
+    /// Logs in as `name` with `secret`: the session cookie (`name=value`)
+    /// and the CSRF token of its pages, or the refusal's status.
+    async fn login(&self, name: &str, secret: &str) -> Result<(String, String), StatusCode> {
+        let (status, headers, html) = self.get("/login", None).await;
+        assert_eq!(status, StatusCode::OK, "{html}");
+        let login_cookie = set_cookie(&headers, "backstop_login").expect("login cookie");
+        let login_csrf = hidden(&html, "login_csrf");
+        let (status, headers, body) = self
+            .post(
+                "/login",
+                Some(&format!("backstop_login={login_cookie}")),
+                form(&[
+                    ("name", name),
+                    ("secret", secret),
+                    ("login_csrf", &login_csrf),
+                ]),
+            )
+            .await;
+        if status != StatusCode::SEE_OTHER {
+            assert!(
+                set_cookie(&headers, "backstop_session").is_none(),
+                "a refused login set a session: {headers:?}"
+            );
+            assert!(body.contains("id=\"login-form\""), "{body}");
+            return Err(status);
+        }
+        let session = set_cookie(&headers, "backstop_session").expect("session cookie");
+        let raw = headers
+            .get_all(SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("backstop_session="))
+            .expect("session cookie");
+        for part in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+            assert!(raw.contains(part), "{raw}");
+        }
+        assert_eq!(session.len(), 64, "32 random bytes in hex");
+        let cookie = format!("backstop_session={session}");
+        let (status, _, html) = self.get("/", Some(&cookie)).await;
+        assert_eq!(status, StatusCode::OK, "{html}");
+        let csrf = hidden(&html, "csrf");
+        Ok((cookie, csrf))
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).expect("read stderr")
+    }
+}
+
+fn message(queue: &str, id: &str, payload: &[u8]) -> NewFailedMessage {
+    NewFailedMessage {
+        queue: queue.to_owned(),
+        exchange: "payments".to_owned(),
+        routing_key: "charge".to_owned(),
+        message_id: Some(id.to_owned()),
+        dedup_key: None,
+        payload: payload.to_vec(),
+        headers: "{}".to_owned(),
+        properties: "{}".to_owned(),
+        error: "card declined".to_owned(),
+        error_kind: "permanent".to_owned(),
+        attempts: 3,
+        next_attempt_at: now_ms() as i64 + 3_600_000,
+        store_id: None,
+        fingerprint: format!("id:{id}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_login_nothing_is_shown() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{\"secret\":\"payload-abc\"}"))
+        .await
+        .expect("store");
+    for path in ["/", "/rows", &format!("/rows/{id}")] {
+        // A browser goes to the login page.
+        let (status, headers, body) = console.get(path, None).await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "{path}: {body}");
+        assert_eq!(headers.get(LOCATION).expect("location"), "/login", "{path}");
+        // An API client gets 401, also with a wrong token or session.
+        for auth in [None, Some("Bearer wrong"), Some("Basic b3BzOndyb25n")] {
+            let mut request = console.http.get(console.url(path));
+            if let Some(a) = auth {
+                request = request.header("authorization", a);
+            }
+            let response = request.send().await.expect("GET");
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "{path} {auth:?}"
+            );
+            assert_safe_headers(path, response.headers());
+            let body = response.text().await.expect("body");
+            assert!(!body.contains("payload-abc"), "{body}");
+        }
+        let (status, _, _) = console.get(path, Some("backstop_session=00112233")).await;
+        assert_eq!(
+            status,
+            StatusCode::SEE_OTHER,
+            "{path} with a made-up session"
+        );
+    }
+    // The bearer token reads.
+    let response = console
+        .http
+        .get(console.url(&format!("/rows/{id}")))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(response.text().await.expect("body").contains("payload-abc"));
+    // A POST without a session changes nothing.
+    let (status, _, _) = console
+        .post(
+            &format!("/rows/{id}/action"),
+            None,
+            form(&[("action", "discard"), ("note", "x")]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Pending
+    );
+    // The headers are on everything: the stylesheet, a missing page.
+    for path in ["/static/console.css", "/login", "/nowhere"] {
+        let _ = console.get(path, None).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_does_not_log_in_and_secrets_stay_out_of_the_log() {
+    let console = start(&format!(
+        "token = {TOKEN:?}\nuser = \"ops\"\npassword = {PASSWORD:?}"
+    ))
+    .await;
+    assert_eq!(
+        console.login("alice", "wrong").await,
+        Err(StatusCode::UNAUTHORIZED)
+    );
+    assert_eq!(
+        console.login("alice", PASSWORD).await,
+        Err(StatusCode::UNAUTHORIZED),
+        "the password is the user's only"
+    );
+    assert!(console.login("ops", TOKEN).await.is_ok());
+    assert!(console.login("alice", TOKEN).await.is_ok());
+    assert!(console.login("ops", PASSWORD).await.is_ok());
+    // A secret typed in the name field is not logged either.
+    assert!(console.login(PASSWORD, "nope").await.is_err());
+    // Without the login form's own token, no login.
+    let (status, headers, _) = console
+        .post(
+            "/login",
+            None,
+            form(&[("name", "alice"), ("secret", TOKEN)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(set_cookie(&headers, "backstop_session").is_none());
+    // Basic auth with the user's password reads.
+    let response = console
+        .http
+        .get(console.url("/rows"))
+        .basic_auth("ops", Some(PASSWORD))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let stderr = console.stderr();
+    assert!(
+        stderr.contains("console login"),
+        "logins are logged: {stderr}"
+    );
+    for secret in [TOKEN, PASSWORD] {
+        assert!(!stderr.contains(secret), "a secret in the log: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_post_needs_the_csrf_token_and_actions_are_audited() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{}"))
+        .await
+        .expect("store");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let audit_before = console.store.audit(id).await.expect("audit");
+    let action = format!("/rows/{id}/action");
+    for (path, body) in [
+        (
+            action.as_str(),
+            form(&[("action", "discard"), ("note", "dup")]),
+        ),
+        (
+            action.as_str(),
+            form(&[("action", "discard"), ("note", "dup"), ("csrf", "")]),
+        ),
+        (
+            action.as_str(),
+            form(&[("action", "discard"), ("note", "dup"), ("csrf", &csrf[1..])]),
+        ),
+        (
+            action.as_str(),
+            form(&[
+                ("action", "discard"),
+                ("note", "dup"),
+                ("csrf", &"0".repeat(64)),
+            ]),
+        ),
+        ("/logout", String::new()),
+    ] {
+        let (status, _, html) = console.post(path, Some(&cookie), body.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path} {body}: {html}");
+    }
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Pending
+    );
+    assert_eq!(console.store.audit(id).await.expect("audit"), audit_before);
+    // The session survived the refused logout.
+    let (status, _, _) = console.get("/", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // A discard without a note is refused; with one it is audited.
+    let (status, _, _) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", " "), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, headers, html) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[
+                ("action", "discard"),
+                ("note", "duplicate of order 7"),
+                ("csrf", &csrf),
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{html}");
+    assert_eq!(
+        headers.get(LOCATION).expect("location"),
+        &format!("/rows/{id}")
+    );
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Discarded
+    );
+    let last = console
+        .store
+        .audit(id)
+        .await
+        .expect("audit")
+        .pop()
+        .expect("an entry");
+    assert_eq!(
+        (
+            last.actor.as_str(),
+            last.action.as_str(),
+            last.note.as_deref()
+        ),
+        ("console:alice", "discard", Some("duplicate of order 7"))
+    );
+    let (_, _, page) = console.get(&format!("/rows/{id}"), Some(&cookie)).await;
+    let audit = &page[page.find("id=\"row-audit\"").expect("audit table")..];
+    assert!(
+        audit.contains("console:alice") && audit.contains("duplicate of order 7"),
+        "{audit}"
+    );
+
+    // Logging out with the token ends the session.
+    let (status, _, _) = console
+        .post("/logout", Some(&cookie), form(&[("csrf", &csrf)]))
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (status, _, _) = console.get("/", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_row_is_shown_inert() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-evil".into(),
+        AMQPValue::LongString(LongString::from(
+            b"<script>window.pwned=1</script>\x00\xff".to_vec(),
+        )),
+    );
+    headers.insert(
+        "<img src=x onerror=alert(1)>".into(),
+        AMQPValue::LongString(LongString::from(b"v".to_vec())),
+    );
+    let mut hostile = message(
+        "orders",
+        "m-evil",
+        b"<script>window.pwned=1</script>\x00\xff\xfe tail \x1b[31m",
+    );
+    hostile.headers = serde_json::to_string(&headers).expect("headers json");
+    hostile.error = "<img src=x onerror=alert(2)> declined".to_owned();
+    hostile.properties = r#"{"content_type":"<script>alert(3)</script>"}"#.to_owned();
+    let evil = console.store.store(&hostile).await.expect("store");
+    let long = format!("{{\"note\":\"{}<script>\"}}", "A".repeat(1024 * 1024));
+    let big = console
+        .store
+        .store(&message("orders", "m-big", long.as_bytes()))
+        .await
+        .expect("store");
+    let (cookie, _) = console.login("alice", TOKEN).await.expect("login");
+
+    let (status, _, html) = console.get(&format!("/rows/{evil}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert!(!html.contains("<script"), "raw <script in the page: {html}");
+    assert!(!html.contains("<img"), "raw <img in the page: {html}");
+    let payload = &html[html.find("id=\"row-payload\"").expect("payload")..];
+    assert!(
+        payload.contains("&lt;script&gt;window.pwned=1&lt;/script&gt;"),
+        "{payload}"
+    );
+    assert!(payload.contains("Binary, "), "{payload}");
+    assert!(
+        payload.contains("\u{2400}") && payload.contains("\u{241b}[31m"),
+        "{payload}"
+    );
+    assert!(
+        payload.contains("3c 73 63 72 69 70 74 3e"),
+        "the hex dump: {payload}"
+    );
+    assert!(
+        !html.contains('\u{0}') && !html.contains('\u{1b}'),
+        "raw control characters"
+    );
+    assert!(
+        html.contains("&lt;img src=x onerror=alert(1)&gt;"),
+        "the header name is shown"
+    );
+    assert!(
+        html.contains("&lt;img src=x onerror=alert(2)&gt; declined"),
+        "the error is shown"
+    );
+
+    let (status, _, html) = console.get(&format!("/rows/{big}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.len() < 200 * 1024, "the page is {} bytes", html.len());
+    assert!(
+        html.contains("only the first 65536 bytes are shown"),
+        "{}",
+        &html[..2000]
+    );
+    assert!(html.contains(&format!("JSON, {} bytes", long.len())));
+
+    // The list shows both, escaped.
+    let (_, _, list) = console.get("/rows", Some(&cookie)).await;
+    assert!(!list.contains("<img") && list.contains("&lt;img src=x onerror=alert(2)&gt;"));
+}
+
+#[test]
+fn off_loopback_without_auth_it_refuses_to_start() {
+    let db = temp("console-http").with_extension("db");
+    let config = temp("console-http").with_extension("toml");
+    std::fs::write(
+        &config,
+        format!("[store]\nurl = \"sqlite://{}\"\n", db.display()),
+    )
+    .expect("write the config");
+    let run = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_backstop"));
+        command
+            .args(args)
+            .env_remove("BACKSTOP_CONSOLE_TOKEN")
+            .env_remove("BACKSTOP_CONSOLE_PASSWORD");
+        if let Some((k, v)) = env {
+            command.env(k, v);
+        }
+        let output = command.output().expect("run backstop");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let path = config.to_str().expect("utf-8 path");
+    let (code, stderr) = run(&["console", "-c", path, "--listen", "0.0.0.0:0"], None);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("0.0.0.0:0 is not a loopback address") && stderr.contains("console.token"),
+        "{stderr}"
+    );
+    let in_file = temp("console-http").with_extension("toml");
+    std::fs::write(
+        &in_file,
+        format!(
+            "[store]\nurl = \"sqlite://{}\"\n[console]\nlisten = \"0.0.0.0:0\"\n",
+            db.display()
+        ),
+    )
+    .expect("write the config");
+    let in_file = in_file.to_str().expect("utf-8 path");
+    for command in ["console", "run"] {
+        let (code, stderr) = run(&[command, "-c", in_file], None);
+        assert_eq!(code, Some(2), "{command}: {stderr}");
+        assert!(stderr.contains("key console.listen"), "{command}: {stderr}");
+    }
+    // `config check` accepts it with the token from the environment, and
+    // shows it redacted.
+    let (code, stderr) = run(
+        &["config", "check", "-c", in_file],
+        Some(("BACKSTOP_CONSOLE_TOKEN", TOKEN)),
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let output = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["config", "check", "-c", in_file])
+        .env("BACKSTOP_CONSOLE_TOKEN", TOKEN)
+        .output()
+        .expect("run");
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        shown.contains("[console]") && shown.contains("token = \"***\""),
+        "{shown}"
+    );
+    assert!(!shown.contains(TOKEN), "{shown}");
+}
