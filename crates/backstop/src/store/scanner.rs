@@ -484,7 +484,9 @@ impl Scanner {
                 }
                 _ = crate::wait_true(stop) => break,
             };
-            let Some((id, redrives, result)) = next else { break };
+            let Some((id, redrives, result)) = next else {
+                break;
+            };
             sent.remove(&id);
             let outcome = match result {
                 Ok(()) => RedriveOutcome::Replayed,
