@@ -32,22 +32,23 @@ impl Drop for Console {
     }
 }
 
-fn temp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(unique(name))
+/// A new path in the temp folder ending in `.extension`.
+fn temp(extension: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{}.{extension}", unique("console-http")))
 }
 
 /// Starts the console with `[console] extra` on a new store.
 async fn start(extra: &str) -> Console {
-    let db = temp("console-http").with_extension("db");
+    let db = temp("db");
     let url = format!("sqlite://{}", db.display());
     let store = SqlStore::connect(&url).await.expect("create the store");
-    let config = temp("console-http").with_extension("toml");
+    let config = temp("toml");
     std::fs::write(
         &config,
         format!("[store]\nurl = {url:?}\n\n[console]\nlisten = \"127.0.0.1:0\"\n{extra}\n"),
     )
     .expect("write the config");
-    let stderr = temp("console-http").with_extension("stderr");
+    let stderr = temp("stderr");
     let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
         .args(["--log", "info", "console", "-c"])
         .arg(&config)
@@ -404,6 +405,20 @@ async fn every_post_needs_the_csrf_token_and_actions_are_audited() {
             ]),
         ),
         ("/logout", String::new()),
+        (
+            &format!("/rows/{id}/edit"),
+            form(&[("payload", "x"), ("note", "n")]),
+        ),
+        (
+            "/groups/0123456789abcdef/action",
+            form(&[("action", "retry")]),
+        ),
+        ("/jobs/1/cancel", String::new()),
+        ("/dlq/orders.dlq/replay", form(&[("mode", "replay")])),
+        (
+            "/dlq/orders.dlq/purge",
+            form(&[("older_than", "1s"), ("confirm", "yes")]),
+        ),
     ] {
         let (status, _, html) = console.post(path, Some(&cookie), body.clone()).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{path} {body}: {html}");
@@ -556,8 +571,8 @@ async fn a_hostile_row_is_shown_inert() {
 
 #[test]
 fn off_loopback_without_auth_it_refuses_to_start() {
-    let db = temp("console-http").with_extension("db");
-    let config = temp("console-http").with_extension("toml");
+    let db = temp("db");
+    let config = temp("toml");
     std::fs::write(
         &config,
         format!("[store]\nurl = \"sqlite://{}\"\n", db.display()),
@@ -585,7 +600,7 @@ fn off_loopback_without_auth_it_refuses_to_start() {
         stderr.contains("0.0.0.0:0 is not a loopback address") && stderr.contains("console.token"),
         "{stderr}"
     );
-    let in_file = temp("console-http").with_extension("toml");
+    let in_file = temp("toml");
     std::fs::write(
         &in_file,
         format!(
@@ -618,4 +633,289 @@ fn off_loopback_without_auth_it_refuses_to_start() {
         "{shown}"
     );
     assert!(!shown.contains(TOKEN), "{shown}");
+}
+
+/// `html` with maud's escapes undone (for attribute values).
+fn unescape(html: &str) -> String {
+    html.replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+}
+
+/// The text of the element with `id` (up to its first tag end).
+fn text_of(html: &str, id: &str) -> String {
+    let at = html
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in {html}"));
+    let start = at + html[at..].find('>').expect("tag end") + 1;
+    let end = start + html[start..].find('<').expect("next tag");
+    html[start..end].to_owned()
+}
+
+/// Rows of one group: one queue, one kind, errors that differ only in
+/// their numbers.
+fn group_rows(queue: &str, n: usize) -> Vec<NewFailedMessage> {
+    (0..n)
+        .map(|i| {
+            let mut m = message(
+                queue,
+                &format!("{queue}-{i}"),
+                format!("{{\"n\":{i}}}").as_bytes(),
+            );
+            m.error = format!("card {} declined by issuer {}", 4000 + i, i % 7);
+            m
+        })
+        .collect()
+}
+
+/// The id of the group of `queue` on the landing page.
+fn group_id(home: &str, queue: &str) -> String {
+    let table = &home[home.find("id=\"groups\"").expect("groups table")..];
+    table
+        .split("<tr class=\"group\" data-group-id=\"")
+        .skip(1)
+        .find(|row| row.contains(queue))
+        .and_then(|row| row.split('"').next())
+        .unwrap_or_else(|| panic!("no group of {queue} in {table}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let queue = unique("orders");
+    console
+        .store
+        .store_batch(&group_rows(&queue, 1200))
+        .await
+        .expect("seed");
+    let other = unique("refunds");
+    console
+        .store
+        .store_batch(&group_rows(&other, 3000))
+        .await
+        .expect("seed");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (_, _, home) = console.get("/", Some(&cookie)).await;
+    let id = group_id(&home, &queue);
+    let (status, _, page) = console.get(&format!("/groups/{id}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("Act on all 1200 rows"), "{page}");
+    assert!(page.contains("id=\"group-action\""));
+
+    let action = format!("/groups/{id}/action");
+    let (status, _, _) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", "x")]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", ""), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a discard needs a note");
+    assert!(
+        !console
+            .store
+            .count_by_status()
+            .await
+            .expect("counts")
+            .iter()
+            .any(|(s, _)| *s == Status::Discarded)
+    );
+
+    let (status, headers, body) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[
+                ("action", "discard"),
+                ("note", "test orders"),
+                ("csrf", &csrf),
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    let job = headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_owned();
+    assert!(job.starts_with("/jobs/"), "{job}");
+    let page = wait_for_job(&console, &cookie, &job).await;
+    assert_eq!(text_of(&page, "job-status"), "finished");
+    assert_eq!(text_of(&page, "job-done"), "1200");
+    assert_eq!(text_of(&page, "job-total"), "1200");
+    let rows = console
+        .store
+        .list(&backstop::store::ListFilter {
+            queue: Some(queue.clone()),
+            limit: Some(5000),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(rows.len(), 1200);
+    assert!(rows.iter().all(|r| r.status == Status::Discarded));
+    let last = console
+        .store
+        .audit(rows[17].id)
+        .await
+        .expect("audit")
+        .pop()
+        .expect("entry");
+    assert_eq!(
+        (
+            last.actor.as_str(),
+            last.action.as_str(),
+            last.note.as_deref()
+        ),
+        ("console:alice", "discard", Some("test orders"))
+    );
+    // The group is gone from the landing page; the other one is still there.
+    let (_, _, home) = console.get("/", Some(&cookie)).await;
+    assert!(!home.contains(&format!("data-group-id=\"{id}\"")));
+
+    // Cancelling stops between whole batches: the rows discarded are
+    // exactly those the job counts, each audited.
+    let other_id = group_id(&home, &other);
+    let (status, headers, _) = console
+        .post(
+            &format!("/groups/{other_id}/action"),
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", "stop me"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let job = headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_owned();
+    let (status, _, _) = console
+        .post(&format!("{job}/cancel"), Some(&cookie), String::new())
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "cancel needs the CSRF token");
+    let (status, _, _) = console
+        .post(
+            &format!("{job}/cancel"),
+            Some(&cookie),
+            form(&[("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let page = wait_for_job(&console, &cookie, &job).await;
+    let done: usize = text_of(&page, "job-done").parse().expect("a count");
+    let status = text_of(&page, "job-status");
+    assert!(
+        status == "cancelled" || (status == "finished" && done == 3000),
+        "{status} {done}"
+    );
+    let rows = console
+        .store
+        .list(&backstop::store::ListFilter {
+            queue: Some(other.clone()),
+            limit: Some(5000),
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    let discarded = rows
+        .iter()
+        .filter(|r| r.status == Status::Discarded)
+        .count();
+    assert_eq!(discarded, done, "{status}");
+    assert_eq!(done % 500, 0, "whole batches of 500 rows");
+}
+
+/// Reloads the job page until it no longer refreshes itself (60 s at most).
+async fn wait_for_job(console: &Console, cookie: &str, job: &str) -> String {
+    let last = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    backstop_testkit::wait_until("the job to end", std::time::Duration::from_secs(60), || {
+        let request = console
+            .http
+            .get(console.url(job))
+            .header("cookie", cookie)
+            .send();
+        let last = last.clone();
+        async move {
+            let page = request.await.expect("GET").text().await.expect("body");
+            let running = page.contains("http-equiv=\"refresh\"");
+            *last.lock().expect("lock") = page;
+            !running
+        }
+    })
+    .await;
+    last.lock().expect("lock").clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_needs_a_note_keeps_the_original_and_is_audited() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let mut original = message("orders", "m-edit", br#"{"amount":1}"#);
+    let mut headers = FieldTable::default();
+    headers.insert("x-tenant".into(), AMQPValue::ShortString("acme".into()));
+    original.headers = serde_json::to_string(&headers).expect("json");
+    let id = console.store.store(&original).await.expect("store");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (status, _, page) = console
+        .get(&format!("/rows/{id}/edit"), Some(&cookie))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let shown = unescape(&hidden(&page, "headers_shown"));
+    assert!(shown.contains("\"x-tenant\": \"acme\""), "{shown}");
+    let path = format!("/rows/{id}/edit");
+    let edit = |note: &str, csrf: &str| {
+        form(&[
+            ("payload", "{\"amount\":2}\r\n"),
+            ("encoding", "text"),
+            ("headers", &shown),
+            ("headers_shown", &shown),
+            ("note", note),
+            ("retry", "1"),
+            ("csrf", csrf),
+        ])
+    };
+    let (status, _, _) = console.post(&path, Some(&cookie), edit("fix", "")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = console.post(&path, Some(&cookie), edit("  ", &csrf)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(console.store.versions(id).await.expect("versions").len(), 1);
+
+    let (status, _, body) = console
+        .post(&path, Some(&cookie), edit("amount was wrong", &csrf))
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+    let row = console.store.get(id).await.expect("row");
+    assert_eq!(
+        (row.version, row.payload.as_slice()),
+        (1, &b"{\"amount\":2}\n"[..])
+    );
+    assert_eq!(
+        row.headers, original.headers,
+        "unchanged headers are kept exactly"
+    );
+    let versions = console.store.versions(id).await.expect("versions");
+    assert_eq!(versions[0].payload, br#"{"amount":1}"#);
+    let audit = console.store.audit(id).await.expect("audit");
+    let edit_entry = audit
+        .iter()
+        .find(|e| e.action == "edit")
+        .expect("an edit entry");
+    assert_eq!(edit_entry.actor, "console:alice");
+    let note = edit_entry.note.as_deref().unwrap_or("");
+    assert!(
+        note.starts_with("amount was wrong") && note.contains("+{\"amount\":2}"),
+        "{note}"
+    );
+    let (_, _, page) = console.get(&format!("/rows/{id}"), Some(&cookie)).await;
+    assert!(page.contains("(edited: version 1)") && page.contains("id=\"row-versions\""));
 }

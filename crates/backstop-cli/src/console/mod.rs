@@ -17,6 +17,9 @@
 //! - Secrets are never logged; payloads and headers are shown inert.
 
 mod auth;
+mod dlq;
+mod edit;
+mod groups;
 mod pages;
 mod render;
 
@@ -66,6 +69,9 @@ pub(crate) struct ConsoleArgs {
 pub(crate) struct Console {
     store: Option<SqlStore>,
     auth: Auth,
+    jobs: groups::Jobs,
+    broker: crate::dlq::DlqBroker,
+    dlqs: Vec<String>,
 }
 
 type Shared = Arc<Console>;
@@ -112,7 +118,7 @@ pub(crate) async fn run(args: ConsoleArgs) -> anyhow::Result<ExitCode> {
 /// Starts the console on `listen` (checked against the auth rules first)
 /// until `stop` turns true. Returns the bound address and the server task.
 pub(crate) async fn serve(
-    _config: &Config,
+    config: &Config,
     settings: &ConsoleSettings,
     listen: SocketAddr,
     store: Option<SqlStore>,
@@ -124,6 +130,9 @@ pub(crate) async fn serve(
     let console = Arc::new(Console {
         store,
         auth: Auth::new(settings),
+        jobs: groups::Jobs::default(),
+        broker: crate::dlq::DlqBroker::from_config(config),
+        dlqs: crate::dlq::dlq_queues(config),
     });
     let app = router(console);
     let listener = tokio::net::TcpListener::bind(listen)
@@ -153,6 +162,18 @@ fn router(console: Shared) -> Router {
         .route("/rows", get(rows))
         .route("/rows/{id}", get(row))
         .route("/rows/{id}/action", post(row_action))
+        .route(
+            "/rows/{id}/edit",
+            get(edit::edit_page).post(edit::edit_submit),
+        )
+        .route("/groups/{id}", get(groups::group))
+        .route("/groups/{id}/action", post(groups::group_action))
+        .route("/jobs/{id}", get(groups::job))
+        .route("/jobs/{id}/cancel", post(groups::cancel_job))
+        .route("/dlq", get(dlq::list))
+        .route("/dlq/{queue}", get(dlq::queue))
+        .route("/dlq/{queue}/replay", post(dlq::replay))
+        .route("/dlq/{queue}/purge", post(dlq::purge))
         .route("/logout", post(logout))
         .layer(middleware::from_fn_with_state(
             console.clone(),
@@ -211,6 +232,7 @@ impl From<StoreError> for PageError {
             StoreError::StillOpen { .. } | StoreError::InvalidTransition { .. } => {
                 StatusCode::CONFLICT
             }
+            StoreError::InvalidEdit(_) => StatusCode::UNPROCESSABLE_ENTITY,
             _ => StatusCode::BAD_REQUEST,
         };
         PageError::new(status, e.to_string())
@@ -479,9 +501,12 @@ async fn logout(State(console): State<Shared>, headers: HeaderMap) -> Response {
 async fn home(State(console): State<Shared>, Extension(op): Extension<Operator>) -> Page {
     let store = console.store()?;
     let counts = store.count_by_status().await?;
+    let groups = store.groups(None).await?;
     let body = maud::html! {
         h1 { "Failures" }
         (pages::status_cards(&counts))
+        h2 { "Failure groups (unfinished rows by queue, error kind and cause)" }
+        (groups::groups_table(&groups))
     };
     Ok(pages::layout("Failures", Some(&op), body))
 }
@@ -536,7 +561,8 @@ async fn row(
     let store = console.store()?;
     let row = store.get(id).await?;
     let audit = store.audit(id).await?;
-    let body = pages::row(&row, &audit, &op, maud::html! {});
+    let versions = store.versions(id).await?;
+    let body = pages::row(&row, &audit, &op, pages::versions(&row, &versions));
     Ok(pages::layout(&format!("Row {id}"), Some(&op), body))
 }
 

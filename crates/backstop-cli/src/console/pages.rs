@@ -5,7 +5,7 @@
 
 use super::auth::{Csrf, Operator};
 use super::render::{self, PayloadView};
-use backstop::store::{AuditEntry, FailedRow, Status};
+use backstop::store::{AuditEntry, FailedRow, PayloadVersion, Status};
 use maud::{DOCTYPE, Markup, html};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -36,12 +36,25 @@ pub(crate) fn csrf_field(operator: &Operator) -> Markup {
 
 /// The page around `body`: header with navigation and logout.
 pub(crate) fn layout(title: &str, operator: Option<&Operator>, body: Markup) -> Markup {
+    layout_refreshing(title, operator, None, body)
+}
+
+/// [`layout`], reloaded every `refresh` seconds when given (a meta refresh).
+pub(crate) fn layout_refreshing(
+    title: &str,
+    operator: Option<&Operator>,
+    refresh: Option<u32>,
+    body: Markup,
+) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
             head {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
+                @if let Some(seconds) = refresh {
+                    meta http-equiv="refresh" content=(seconds);
+                }
                 title { (title) " · Backstop console" }
                 link rel="stylesheet" href="/static/console.css";
             }
@@ -199,11 +212,16 @@ pub(crate) fn row_table(rows: &[FailedRow], id: &str) -> Markup {
     }
 }
 
-/// The payload, as [`render::payload_view`] chooses.
+/// The payload, as [`render::payload_view`] chooses, in `#row-payload`.
 pub(crate) fn payload(payload: &[u8]) -> Markup {
+    payload_view("row-payload", payload)
+}
+
+/// The payload, as [`render::payload_view`] chooses, in an element `id`.
+pub(crate) fn payload_view(id: &str, payload: &[u8]) -> Markup {
     let size = payload.len();
     html! {
-        div id="row-payload" {
+        div.payload-view id=(id) {
             @match render::payload_view(payload) {
                 PayloadView::Json { pretty, truncated } => {
                     p.note { "JSON, " (size) " bytes, pretty-printed"
@@ -285,8 +303,35 @@ pub(crate) fn row_action(row: &FailedRow, operator: &Operator) -> Markup {
     }
 }
 
+/// The versions of a row's payload, newest first, each in a `<details>`.
+pub(crate) fn versions(row: &FailedRow, versions: &[PayloadVersion]) -> Markup {
+    html! {
+        @if versions.len() > 1 {
+            h2 { "Versions" }
+            p.note { "The payload above is version " (row.version) ", the one a re-drive sends. The original stays stored as version 0." }
+            table id="row-versions" {
+                thead { tr { th.num { "version" } th { "when" } th { "by" } th { "note" } th { "payload" } } }
+                tbody {
+                    @for v in versions.iter().rev() {
+                        tr.version data-version=(v.version) {
+                            td.num { (v.version) }
+                            td { (time(v.at)) }
+                            td.cell { (render::inert(&v.actor)) }
+                            td.cell { (render::inert(v.note.as_deref().unwrap_or(""))) }
+                            td.cell { details {
+                                summary { (v.payload.len()) " bytes" }
+                                (payload_view(&format!("version-payload-{}", v.version), &v.payload))
+                            } }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `/rows/{id}`: everything about one row. `extra` goes after the payload
-/// (versions, when the store has them).
+/// (its versions).
 pub(crate) fn row(
     row: &FailedRow,
     entries: &[AuditEntry],
@@ -297,6 +342,7 @@ pub(crate) fn row(
     let meta: Vec<(String, String)> = vec![
         ("queue".into(), render::inert(&row.queue)),
         ("status".into(), row.status.as_str().into()),
+        ("payload version".into(), row.version.to_string()),
         ("error kind".into(), render::inert(&row.error_kind)),
         (
             "error".into(),
@@ -317,8 +363,9 @@ pub(crate) fn row(
     html! {
         h1 { "Row " (row.id) " " (status_badge(row.status)) }
         (pairs("row-meta", &meta))
-        h2 { "Payload" }
+        h2 { "Payload" @if row.version > 0 { " (edited: version " (row.version) ")" } }
         (payload(&row.payload))
+        p { a href={ "/rows/" (row.id) "/edit" } id="edit-link" { "Edit the payload and retry" } }
         (extra)
         h2 { "Headers" }
         (pairs("row-headers", &render::headers(&row.headers)))

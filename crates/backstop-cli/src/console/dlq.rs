@@ -1,0 +1,357 @@
+//! The dead-letter queues of the configured consumers: their depths, a
+//! peek (basic.get without ack, requeued in order: nothing moves), a
+//! filtered replay (a dry run first, then the real one with the same
+//! filters, each message published with a confirm before it is acked) and
+//! a purge by age with a confirm step. Only the configured DLQs are
+//! reachable.
+
+use super::auth::Operator;
+use super::pages::{self, csrf_field};
+use super::{Page, PageError, Shared, render};
+use crate::dlq::{self, DlqFilter, DlqMessage, ReplayOptions, ReplayReport};
+use axum::extract::{Extension, Path, State};
+use axum::http::StatusCode;
+use maud::{Markup, html};
+use serde::Deserialize;
+use std::time::Duration;
+use tracing::info;
+
+/// Messages a peek shows.
+const PEEKED: u64 = 100;
+
+impl super::Console {
+    /// `queue` when it is one of the configured DLQs.
+    fn dlq(&self, queue: &str) -> Result<(), PageError> {
+        if self.dlqs.iter().any(|q| q == queue) {
+            Ok(())
+        } else {
+            Err(PageError::new(
+                StatusCode::NOT_FOUND,
+                "not a dead-letter queue of a configured consumer",
+            ))
+        }
+    }
+}
+
+fn broker_error(e: anyhow::Error) -> PageError {
+    PageError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("the broker: {e:#}"),
+    )
+}
+
+/// `/dlq`.
+pub(crate) async fn list(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+) -> Page {
+    let depths = dlq::depths(&console.broker, &console.dlqs)
+        .await
+        .map_err(broker_error)?;
+    let body = html! {
+        h1 { "Dead-letter queues" }
+        table id="dlqs" {
+            thead { tr { th { "queue" } th.num { "messages" } } }
+            tbody {
+                @for d in &depths {
+                    tr.dlq data-queue=(d.queue) {
+                        td { a href={ "/dlq/" (d.queue) } { (d.queue) } }
+                        td.num { @match d.depth { Some(n) => (n), None => span.note { "not declared yet" } } }
+                    }
+                }
+                @if depths.is_empty() {
+                    tr { td colspan="2" .note { "No [[consumer]] in the configuration: no dead-letter queue to show." } }
+                }
+            }
+        }
+    };
+    Ok(pages::layout("Dead-letter queues", Some(&op), body))
+}
+
+/// A table of DLQ messages, each with its body in a `<details>` (no
+/// JavaScript needed).
+fn messages(id: &str, messages: &[DlqMessage]) -> Markup {
+    html! {
+        table id=(id) {
+            thead { tr {
+                th.num { "#" } th { "message id" } th { "error" } th { "kind" } th.num { "attempts" }
+                th { "failed in" } th { "dead-lettered" } th { "body" }
+            } }
+            tbody {
+                @for m in messages {
+                    tr.dlq-message data-position=(m.position) {
+                        td.num { (m.position) }
+                        td.cell { (render::inert(m.listed.message_id.as_deref().unwrap_or(""))) }
+                        td.cell { (render::inert(render::cut(m.listed.error.as_deref().unwrap_or(""), 300).0)) }
+                        td { (render::inert(m.listed.error_kind.as_deref().unwrap_or(""))) }
+                        td.num { @if let Some(a) = m.listed.attempts { (a) } }
+                        td.cell { (render::inert(m.listed.original_queue.as_deref().unwrap_or(""))) }
+                        td { (m.listed.dead_lettered_at.as_deref().unwrap_or("")) }
+                        td.cell {
+                            details {
+                                summary { (m.body.len()) " bytes" }
+                                (pages::payload_view(&format!("dlq-payload-{}", m.position), &m.body))
+                                (pages::pairs(&format!("dlq-headers-{}", m.position), &render::headers(&m.headers_json)))
+                            }
+                        }
+                    }
+                }
+                @if messages.is_empty() {
+                    tr { td colspan="8" .note { "No messages." } }
+                }
+            }
+        }
+    }
+}
+
+/// The replay filters as the form sends them.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub(crate) struct ReplayForm {
+    #[serde(default)]
+    error_contains: String,
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
+    #[serde(default)]
+    header: String,
+    #[serde(default)]
+    rate: String,
+    /// `dry_run` or `replay`.
+    #[serde(default)]
+    mode: String,
+    /// The filters of the dry run this replay follows (see [`Self::fingerprint`]).
+    #[serde(default)]
+    dry_run_of: String,
+}
+
+impl ReplayForm {
+    /// The filters and rate, as one string: a real replay must carry the
+    /// one of its dry run.
+    fn fingerprint(&self) -> String {
+        serde_json::json!([
+            self.error_contains.trim(),
+            self.since.trim(),
+            self.until.trim(),
+            self.header.trim(),
+            self.rate.trim()
+        ])
+        .to_string()
+    }
+
+    fn options(&self, dry_run: bool) -> Result<ReplayOptions, PageError> {
+        let some = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+        let time = |s: &str| match some(s) {
+            Some(t) => dlq::parse_time(&t)
+                .map(Some)
+                .map_err(PageError::bad_request),
+            None => Ok(None),
+        };
+        let header = match some(&self.header) {
+            Some(h) => Some(dlq::parse_header(&h).map_err(PageError::bad_request)?),
+            None => None,
+        };
+        let rate = match some(&self.rate) {
+            Some(r) => Some(r.parse::<u32>().ok().filter(|r| *r > 0).ok_or_else(|| {
+                PageError::bad_request(
+                    "the rate is a whole number of messages a second, at least 1",
+                )
+            })?),
+            None => None,
+        };
+        Ok(ReplayOptions {
+            filter: DlqFilter {
+                error_contains: some(&self.error_contains),
+                since_ms: time(&self.since)?,
+                until_ms: time(&self.until)?,
+                header,
+            },
+            limit: None,
+            to: None,
+            dry_run,
+            rate_per_sec: rate,
+        })
+    }
+}
+
+/// The replay form; `after_dry_run` adds the real replay button, bound to
+/// these filters.
+fn replay_form(queue: &str, form: &ReplayForm, op: &Operator, after_dry_run: bool) -> Markup {
+    html! {
+        form.action method="post" action={ "/dlq/" (queue) "/replay" } id="replay-form" {
+            (csrf_field(op))
+            div.filters {
+                div { label for="error_contains" { "Error contains" }
+                      input type="text" id="error_contains" name="error_contains" value=(form.error_contains); }
+                div { label for="since" { "Dead-lettered since (RFC 3339 or a duration ago: 2h)" }
+                      input type="text" id="since" name="since" value=(form.since); }
+                div { label for="until" { "Until" }
+                      input type="text" id="until" name="until" value=(form.until); }
+                div { label for="header" { "Header NAME=VALUE" }
+                      input type="text" id="header" name="header" value=(form.header); }
+                div { label for="rate" { "At most N a second (optional)" }
+                      input type="number" id="rate" name="rate" min="1" value=(form.rate); }
+            }
+            @if after_dry_run {
+                input type="hidden" name="dry_run_of" value=(form.fingerprint());
+            }
+            p {
+                button.secondary type="submit" id="replay-dry-run" name="mode" value="dry_run" { "Dry run" }
+                @if after_dry_run {
+                    " "
+                    button type="submit" id="replay-submit" name="mode" value="replay" { "Replay these" }
+                } @else {
+                    " " span.note { "A dry run comes first: it lists what would move, then offers the replay." }
+                }
+            }
+        }
+    }
+}
+
+fn purge_form(queue: &str, op: &Operator) -> Markup {
+    html! {
+        form.action method="post" action={ "/dlq/" (queue) "/purge" } id="purge-form" {
+            (csrf_field(op))
+            label for="older_than" { "Remove messages dead-lettered longer ago than (e.g. 30d, 12h)" }
+            input type="text" id="older_than" name="older_than" required;
+            p { button.danger type="submit" id="purge-submit" { "Purge…" } " " span.note { "You confirm on the next page, which shows the count." } }
+        }
+    }
+}
+
+/// `/dlq/{queue}`: a peek, the replay and purge forms.
+pub(crate) async fn queue(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path(queue): Path<String>,
+) -> Page {
+    console.dlq(&queue)?;
+    let peek = dlq::peek(&console.broker, &queue, PEEKED)
+        .await
+        .map_err(broker_error)?;
+    let body = html! {
+        h1 { "Dead letters: " (queue) }
+        p id="dlq-depth" { (peek.depth) " message(s) in the queue." }
+        p.note id="dlq-peek-note" {
+            "Peeked with requeue, in queue order: the first " (peek.messages.len())
+            " messages were read without ack and handed back where they were; nothing moved (the broker marks them redelivered)."
+        }
+        (messages("dlq-messages", &peek.messages))
+        h2 { "Replay" }
+        (replay_form(&queue, &ReplayForm::default(), &op, false))
+        h2 { "Purge" }
+        (purge_form(&queue, &op))
+    };
+    Ok(pages::layout(&format!("DLQ {queue}"), Some(&op), body))
+}
+
+fn replay_result(report: &ReplayReport) -> Markup {
+    html! {
+        div.box id="replay-result" data-dry-run=(report.dry_run) {
+            @if report.dry_run {
+                p { strong { "Dry run: " span id="replay-would-move" { (report.would_move_count) } " message(s) would move" }
+                    " (read " (report.seen) ", selected " (report.matched) ", " (report.failed) " could not be moved). Nothing moved." }
+                @if (report.would_move.len() as u64) < report.would_move_count {
+                    p.note { "The first " (report.would_move.len()) " are listed." }
+                }
+                (messages("replay-would-move-list", &report.would_move))
+            } @else {
+                p { strong { "Replayed: " span id="replay-moved" { (report.moved) } " message(s) moved" }
+                    " (read " (report.seen) ", selected " (report.matched) ", kept " (report.kept) ", failed " (report.failed) ")." }
+            }
+            @if !report.errors.is_empty() {
+                ul.error { @for e in &report.errors { li { (render::inert(e)) } } }
+            }
+        }
+    }
+}
+
+/// `POST /dlq/{queue}/replay`: a dry run, or the replay that follows one.
+pub(crate) async fn replay(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path(queue): Path<String>,
+    axum::Form(form): axum::Form<ReplayForm>,
+) -> Page {
+    console.dlq(&queue)?;
+    let dry_run = form.mode != "replay";
+    if !dry_run && form.dry_run_of != form.fingerprint() {
+        return Err(PageError::bad_request(
+            "a replay follows a dry run of the same filters: run the dry run again",
+        ));
+    }
+    let options = form.options(dry_run)?;
+    let report = dlq::replay(&console.broker, &queue, &options, &|_| {})
+        .await
+        .map_err(broker_error)?;
+    info!(
+        %queue,
+        dry_run,
+        moved = report.moved,
+        matched = report.matched,
+        actor = %op.actor(),
+        filter = %form.fingerprint(),
+        "console DLQ replay"
+    );
+    let body = html! {
+        h1 { "Replay: " a href={ "/dlq/" (queue) } { (queue) } }
+        (replay_result(&report))
+        @if dry_run {
+            (replay_form(&queue, &form, &op, true))
+        } @else {
+            (replay_form(&queue, &ReplayForm::default(), &op, false))
+        }
+    };
+    Ok(pages::layout(&format!("Replay {queue}"), Some(&op), body))
+}
+
+/// The purge form.
+#[derive(Deserialize)]
+pub(crate) struct PurgeForm {
+    #[serde(default)]
+    older_than: String,
+    #[serde(default)]
+    confirm: String,
+}
+
+/// `POST /dlq/{queue}/purge`: without `confirm=yes`, counts what would go
+/// (a dry run) and asks; with it, purges.
+pub(crate) async fn purge(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path(queue): Path<String>,
+    axum::Form(form): axum::Form<PurgeForm>,
+) -> Page {
+    console.dlq(&queue)?;
+    let older_than: Duration = humantime::parse_duration(form.older_than.trim()).map_err(|e| {
+        PageError::bad_request(format!("the age is a duration such as 30d or 12h: {e}"))
+    })?;
+    let confirmed = form.confirm == "yes";
+    let report = dlq::purge(&console.broker, &queue, older_than, !confirmed)
+        .await
+        .map_err(broker_error)?;
+    let age = humantime::format_duration(older_than).to_string();
+    let body = if confirmed {
+        info!(%queue, older_than = %age, purged = report.purged, actor = %op.actor(), "console DLQ purge");
+        html! {
+            h1 { "Purged: " a href={ "/dlq/" (queue) } { (queue) } }
+            p.box id="purge-result" { (report.purged) " message(s) removed; " (report.kept) " kept (" (report.undated) " without a dead-lettered time)." }
+        }
+    } else {
+        html! {
+            h1 { "Purge " (queue) "?" }
+            p.box id="purge-count" {
+                strong { (report.purged) " message(s)" } " were dead-lettered more than " (age)
+                " ago and would be removed for good; " (report.kept) " would stay (" (report.undated) " without a dead-lettered time are never purged by age)."
+            }
+            form.action method="post" action={ "/dlq/" (queue) "/purge" } id="purge-confirm-form" {
+                (csrf_field(&op))
+                input type="hidden" name="older_than" value=(form.older_than.trim());
+                input type="hidden" name="confirm" value="yes";
+                button.danger type="submit" id="purge-confirm" { "Remove them" }
+                " " a href={ "/dlq/" (queue) } { "Cancel" }
+            }
+        }
+    };
+    Ok(pages::layout(&format!("Purge {queue}"), Some(&op), body))
+}

@@ -1,0 +1,300 @@
+//! Failure groups and their bulk actions: the landing page's groups, a
+//! group's page with its rows and action form, and the job that acts on
+//! the whole group in batches (a tokio task running
+//! [`run_group_action`]), with a progress page that refreshes itself
+//! (no JavaScript) and a cancel button. Cancelling stops between two
+//! batches; every batch is committed whole.
+
+use super::auth::Operator;
+use super::pages::{self, csrf_field, time};
+use super::{Page, PageError, Shared, note_of, parse_action, render};
+use axum::extract::{Extension, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
+use backstop::store::{
+    FailureGroup, GroupBatchTotals, GroupKey, GroupProgress, ManualAction, SqlStore,
+    run_group_action,
+};
+use maud::{Markup, html};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tracing::{info, warn};
+
+/// Rows per transaction of a group action.
+const BATCH: i64 = 500;
+/// Rows of a group shown on its page.
+const GROUP_ROWS_SHOWN: i64 = 200;
+
+/// A group action under way or done.
+pub(crate) struct Job {
+    id: u64,
+    group: FailureGroup,
+    action: ManualAction,
+    actor: String,
+    note: Option<String>,
+    started_at: i64,
+    progress: Arc<GroupProgress>,
+    outcome: Mutex<Option<Result<GroupBatchTotals, String>>>,
+}
+
+/// The jobs of this process (kept until it stops).
+#[derive(Default)]
+pub(crate) struct Jobs {
+    next: AtomicU64,
+    jobs: Mutex<HashMap<u64, Arc<Job>>>,
+}
+
+impl Jobs {
+    fn get(&self, id: u64) -> Option<Arc<Job>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    /// Starts acting on `group` in a task of its own.
+    fn start(
+        &self,
+        store: SqlStore,
+        group: FailureGroup,
+        action: ManualAction,
+        actor: String,
+        note: Option<String>,
+    ) -> Arc<Job> {
+        let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        let job = Arc::new(Job {
+            id,
+            group,
+            action,
+            actor,
+            note,
+            started_at: backstop::retry::now_ms() as i64,
+            progress: GroupProgress::new(),
+            outcome: Mutex::new(None),
+        });
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, job.clone());
+        let running = job.clone();
+        tokio::spawn(async move {
+            let key: GroupKey = running.group.key.clone();
+            let result = run_group_action(
+                &store,
+                key,
+                running.action,
+                running.actor.clone(),
+                running.note.clone(),
+                BATCH,
+                running.progress.clone(),
+            )
+            .await;
+            match &result {
+                Ok(totals) => info!(
+                    job = running.id,
+                    group = %running.group.id,
+                    action = running.action.as_str(),
+                    actor = %running.actor,
+                    acted = totals.acted,
+                    skipped = totals.skipped,
+                    cancelled = totals.cancelled,
+                    "console group action ended"
+                ),
+                Err(e) => warn!(job = running.id, error = %e, "console group action failed"),
+            }
+            *running.outcome.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(result.map_err(|e| e.to_string()));
+        });
+        job
+    }
+}
+
+/// The groups table of the landing page.
+pub(crate) fn groups_table(groups: &[FailureGroup]) -> Markup {
+    html! {
+        table id="groups" {
+            thead { tr {
+                th { "queue" } th { "kind" } th { "cause" } th.num { "rows" }
+                th { "by status" } th { "first seen" } th { "last seen" } th { "sample" }
+            } }
+            tbody {
+                @for g in groups {
+                    tr.group data-group-id=(g.id) {
+                        td.cell { (render::inert(&g.key.queue)) }
+                        td { (render::inert(&g.key.error_kind)) }
+                        td.cell { a href={ "/groups/" (g.id) } { (render::inert(&g.key.cause)) } }
+                        td.num.count { (g.count) }
+                        td { @for (s, n) in &g.by_status { span.badge { (s.as_str()) " " (n) } " " } }
+                        td { (time(g.first_seen)) }
+                        td { (time(g.last_seen)) }
+                        td.cell {
+                            a href={ "/rows/" (g.sample_id) } { "#" (g.sample_id) }
+                            " " span.note { (render::inert(render::cut(&g.sample_error, 200).0)) }
+                        }
+                    }
+                }
+                @if groups.is_empty() {
+                    tr { td colspan="8" .note { "No unfinished rows: nothing to review." } }
+                }
+            }
+        }
+    }
+}
+
+/// `/groups/{id}`.
+pub(crate) async fn group(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path(id): Path<String>,
+) -> Page {
+    let store = console.store()?;
+    let group = store.group(&id).await?.ok_or_else(|| {
+        PageError::new(
+            StatusCode::NOT_FOUND,
+            "no group with unfinished rows has this id",
+        )
+    })?;
+    let rows = store.group_rows(&group.key, 0, GROUP_ROWS_SHOWN).await?;
+    let body = html! {
+        h1 { "Group " (group.id) }
+        (pages::pairs("group-meta", &[
+            ("queue".into(), render::inert(&group.key.queue)),
+            ("error kind".into(), render::inert(&group.key.error_kind)),
+            ("cause".into(), render::inert(&group.key.cause)),
+            ("unfinished rows".into(), group.count.to_string()),
+            ("first seen".into(), time(group.first_seen)),
+            ("last seen".into(), time(group.last_seen)),
+            ("sample error".into(), render::inert(render::cut(&group.sample_error, 4096).0)),
+        ]))
+        h2 { "Act on all " (group.count) " rows" }
+        form.action method="post" action={ "/groups/" (group.id) "/action" } id="group-action" {
+            (csrf_field(&op))
+            label for="group-action-select" { "Action" }
+            select id="group-action-select" name="action" {
+                option value="retry" { "retry (re-drive every row at the next scan)" }
+                option value="discard" { "discard (give them up)" }
+                option value="resolve" { "resolve (handled by hand)" }
+            }
+            label for="group-action-note" { "Note (required to discard or resolve; recorded on every row)" }
+            textarea id="group-action-note" name="note" {}
+            p.note { "Runs in batches of " (BATCH) " rows, each committed whole; rows that arrive after the start are left alone; it can be cancelled between batches." }
+            p { button type="submit" id="group-action-submit" { "Apply to the group" } }
+        }
+        h2 { "Rows" @if group.count > GROUP_ROWS_SHOWN { " (the first " (GROUP_ROWS_SHOWN) ")" } }
+        (pages::row_table(&rows, "group-rows"))
+    };
+    Ok(pages::layout(
+        &format!("Group {}", group.id),
+        Some(&op),
+        body,
+    ))
+}
+
+/// The form of a group action.
+#[derive(Deserialize)]
+pub(crate) struct GroupActionForm {
+    action: String,
+    #[serde(default)]
+    note: String,
+}
+
+/// `POST /groups/{id}/action`: starts the job, then shows its page.
+pub(crate) async fn group_action(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path(id): Path<String>,
+    axum::Form(form): axum::Form<GroupActionForm>,
+) -> Result<Response, PageError> {
+    let store = console.store()?.clone();
+    let (action, needs_note) = parse_action(&form.action)?;
+    if action == ManualAction::ForceRetry {
+        return Err(PageError::bad_request(
+            "a group holds unfinished rows only: use retry",
+        ));
+    }
+    let note = note_of(&form.note, needs_note)?.map(str::to_owned);
+    let group = store.group(&id).await?.ok_or_else(|| {
+        PageError::new(
+            StatusCode::NOT_FOUND,
+            "no group with unfinished rows has this id",
+        )
+    })?;
+    info!(group = %group.id, action = action.as_str(), actor = %op.actor(), "console group action started");
+    let job = console.jobs.start(store, group, action, op.actor(), note);
+    Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response())
+}
+
+/// `/jobs/{id}`: progress, refreshed every second until it ends.
+pub(crate) async fn job(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path(id): Path<u64>,
+) -> Result<Response, PageError> {
+    let job = console
+        .jobs
+        .get(id)
+        .ok_or_else(|| PageError::new(StatusCode::NOT_FOUND, "no such job"))?;
+    let (total, done, skipped) = job.progress.snapshot();
+    let outcome = job
+        .outcome
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let (status, error) = match &outcome {
+        None if job.progress.is_cancelled() => ("cancelling", None),
+        None => ("running", None),
+        Some(Ok(t)) if t.cancelled => ("cancelled", None),
+        Some(Ok(_)) => ("finished", None),
+        Some(Err(e)) => ("failed", Some(e.clone())),
+    };
+    let body = html! {
+        h1 { "Job " (job.id) ": " (job.action.as_str()) " group " a href={ "/groups/" (job.group.id) } { (job.group.id) } }
+        (pages::pairs("job-meta", &[
+            ("queue".into(), render::inert(&job.group.key.queue)),
+            ("cause".into(), render::inert(&job.group.key.cause)),
+            ("actor".into(), render::inert(&job.actor)),
+            ("note".into(), render::inert(job.note.as_deref().unwrap_or(""))),
+            ("started".into(), time(job.started_at)),
+        ]))
+        p { "Status: " strong id="job-status" class=(status) { (status) } }
+        p {
+            progress id="job-progress" max=(total.max(1)) value=(done + skipped) {}
+            " " span id="job-done" { (done) } " of " span id="job-total" { (total) } " rows done"
+            @if skipped > 0 { ", " span id="job-skipped" { (skipped) } " skipped (a scanner held them)" }
+        }
+        @if let Some(e) = error { p.error { (e) } }
+        @if outcome.is_none() {
+            form method="post" action={ "/jobs/" (job.id) "/cancel" } id="job-cancel" {
+                (csrf_field(&op))
+                button.danger type="submit" id="job-cancel-submit" { "Cancel (stops after the current batch)" }
+            }
+        } @else {
+            p { a href="/" { "Back to the groups" } }
+        }
+    };
+    // Refreshed without JavaScript while it runs (the CSP allows no
+    // inline script).
+    let refresh = outcome.is_none().then_some(1);
+    Ok(
+        pages::layout_refreshing(&format!("Job {}", job.id), Some(&op), refresh, body)
+            .into_response(),
+    )
+}
+
+/// `POST /jobs/{id}/cancel`.
+pub(crate) async fn cancel_job(
+    State(console): State<Shared>,
+    Extension(op): Extension<Operator>,
+    Path(id): Path<u64>,
+) -> Result<Response, PageError> {
+    let job = console
+        .jobs
+        .get(id)
+        .ok_or_else(|| PageError::new(StatusCode::NOT_FOUND, "no such job"))?;
+    job.progress.cancel();
+    info!(job = id, actor = %op.actor(), "console group action cancelled");
+    Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
