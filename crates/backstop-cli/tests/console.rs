@@ -27,7 +27,7 @@ use backstop_testkit::{queue_is, unique, wait_until};
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use sidecar::{Running, free_port, start_run};
+use sidecar::{Running, free_port, start_run_logging};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -168,7 +168,9 @@ impl World {
              [[consumer]]\nqueue = \"{dead}\"\nhandler.http.url = \"{url}\"\n",
             uri = backstop_testkit::amqp_url(),
         );
-        let run = start_run(&config);
+        // Its warnings (each failure it stores or dead-letters) would bury
+        // the test output; errors still show.
+        let run = start_run_logging(&config, "error,lapin=off", std::process::Stdio::inherit());
         sidecar::wait_ready(metrics_port).await;
         let store = SqlStore::connect(&store_url).await.expect("the store");
         World {
@@ -272,6 +274,8 @@ impl World {
     }
 
     async fn cleanup(self) {
+        // The run first, so that it does not see its queues go.
+        drop(self._run);
         let connection = backstop_testkit::connect().await;
         for queue in [
             self.stored.clone(),
@@ -282,7 +286,6 @@ impl World {
             backstop_testkit::delete_queue(&connection, &queue).await;
         }
         let _ = connection.close(200, "cleaned up".into()).await;
-        drop(self._run);
         if let Some(file) = &self.db_file {
             let _ = std::fs::remove_file(file);
         }
