@@ -534,8 +534,6 @@ async fn edit_and_retry(kind: Store, flow: &str) {
     browser
         .fill("#edit-payload", &String::from_utf8_lossy(&edited))
         .await;
-    // Without a note the edit is refused (the field is required in the
-    // form; the server refuses too): nothing is stored.
     browser
         .fill("#edit-note", "EUR instead of XTS, agreed with the merchant")
         .await;
