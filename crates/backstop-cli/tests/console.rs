@@ -109,13 +109,7 @@ async fn start_endpoint() -> (Endpoint, String) {
     let app = Router::new()
         .route("/orders", post(answer))
         .with_state(endpoint.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the endpoint");
-    let url = format!("http://{}/orders", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let url = format!("{}/orders", backstop_testkit::serve_http(app).await);
     (endpoint, url)
 }
 

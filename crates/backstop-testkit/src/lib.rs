@@ -369,3 +369,21 @@ pub async fn delete_queue(connection: &Connection, queue: &str) {
         let _ = channel.close(200, "deleted".into()).await;
     }
 }
+
+/// Serves `app` on a free loopback port in the background; returns its base
+/// URL (`http://127.0.0.1:PORT`).
+pub async fn serve_http(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind a loopback port: {e}"));
+    let url = format!(
+        "http://{}",
+        listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("the listener's address: {e}"))
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    url
+}

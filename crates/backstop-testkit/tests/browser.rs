@@ -6,17 +6,6 @@ use axum::response::Html;
 use axum::routing::{get, post};
 use backstop_testkit::browser::Browser;
 
-async fn serve(app: Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the page server");
-    let url = format!("http://{}", listener.local_addr().expect("its address"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    url
-}
-
 /// The PNG's width and height, from its IHDR chunk; panics on anything else.
 fn png_size(bytes: &[u8]) -> (u32, u32) {
     assert!(
@@ -52,7 +41,7 @@ async fn a_served_page_is_read_submitted_and_photographed() {
                 ))
             }),
         );
-    let base = serve(app).await;
+    let base = backstop_testkit::serve_http(app).await;
     let browser = Browser::start("harness").await;
     browser.open(&format!("{base}/")).await;
     assert_eq!(browser.title().await.expect("title"), "harness");
