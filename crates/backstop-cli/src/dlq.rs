@@ -416,9 +416,14 @@ pub(crate) struct DlqMessage {
     #[serde(skip)]
     #[allow(dead_code)] // the console shows it (hex and text)
     pub body: Vec<u8>,
-    /// Every header, as JSON (the compensation store's form).
-    #[serde(rename = "headers", serialize_with = "raw_json")]
+    /// Every header, as JSON (the compensation store's form, each value
+    /// tagged with its AMQP type).
+    #[serde(skip)]
+    #[allow(dead_code)] // the console keeps it as the store does
     pub headers_json: String,
+    /// Every header as plain JSON, for reading: strings as text (lossy UTF-8),
+    /// numbers, booleans, tables as objects, arrays (`x-death`) as arrays.
+    pub headers: serde_json::Value,
     /// The properties, as a JSON object.
     #[serde(rename = "properties", serialize_with = "raw_json")]
     pub properties_json: String,
@@ -434,9 +439,47 @@ impl DlqMessage {
             listed: describe(message),
             body: message.delivery.data.clone(),
             headers_json: serde_json::to_string(&headers).unwrap_or_else(|_| "{}".into()),
+            headers: readable_table(&headers),
             properties_json: backstop::store::properties_json(&message.delivery.properties),
             dead_lettered_ms: dead_lettered_ms(&headers),
         }
+    }
+}
+
+/// A header table as plain JSON (see [`DlqMessage::headers`]).
+pub(crate) fn readable_table(table: &FieldTable) -> serde_json::Value {
+    serde_json::Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), readable_value(v)))
+            .collect(),
+    )
+}
+
+fn readable_value(value: &AMQPValue) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        AMQPValue::Boolean(b) => Value::from(*b),
+        AMQPValue::ShortShortInt(n) => Value::from(*n),
+        AMQPValue::ShortShortUInt(n) => Value::from(*n),
+        AMQPValue::ShortInt(n) => Value::from(*n),
+        AMQPValue::ShortUInt(n) => Value::from(*n),
+        AMQPValue::LongInt(n) => Value::from(*n),
+        AMQPValue::LongUInt(n) => Value::from(*n),
+        AMQPValue::LongLongInt(n) => Value::from(*n),
+        AMQPValue::Timestamp(n) => Value::from(*n),
+        AMQPValue::Float(n) => Value::from(*n),
+        AMQPValue::Double(n) => Value::from(*n),
+        AMQPValue::DecimalValue(d) => {
+            Value::from(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+        }
+        AMQPValue::FieldArray(items) => {
+            Value::Array(items.as_slice().iter().map(readable_value).collect())
+        }
+        AMQPValue::FieldTable(table) => readable_table(table),
+        AMQPValue::Void => Value::Null,
+        other => header_str(other).map_or(Value::Null, Value::from),
     }
 }
 
@@ -1008,4 +1051,68 @@ pub(crate) async fn purge(
     bar.finish_and_clear();
     dlq.close().await;
     result.map(|()| report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_send<T: Send>(_: T) {}
+
+    /// The console runs these on spawned tasks and in axum handlers (with a
+    /// plain `&dyn Fn` progress callback, `replay`'s future is not `Send`).
+    #[test]
+    fn the_operations_are_send() {
+        let broker = DlqBroker::from_config(&Config::default());
+        let opts = ReplayOptions::default();
+        is_send(peek(&broker, "q", 1));
+        is_send(replay(&broker, "q", &opts, &|_| {}));
+        is_send(purge(&broker, "q", Duration::ZERO, true));
+    }
+
+    #[test]
+    fn times_are_rfc3339_or_a_duration_ago() {
+        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(parse_time("2024-05-01T10:00:00.5Z"), Ok(1_714_557_600_500));
+        let before = retry::now_ms();
+        let ago = parse_time("2h").expect("a duration");
+        let after = retry::now_ms();
+        assert!((before - 7_200_000..=after - 7_200_000).contains(&ago));
+        assert!(parse_time("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn header_filters_split_at_the_first_equals_sign() {
+        assert_eq!(
+            parse_header("x-tenant=a=b"),
+            Ok(("x-tenant".to_owned(), "a=b".to_owned()))
+        );
+        assert_eq!(
+            parse_header("x-empty="),
+            Ok(("x-empty".into(), String::new()))
+        );
+        assert!(parse_header("=v").is_err());
+        assert!(parse_header("novalue").is_err());
+    }
+
+    #[test]
+    fn header_values_compare_as_text() {
+        assert_eq!(header_text(&AMQPValue::LongLongInt(-5)), Some("-5".into()));
+        assert_eq!(header_text(&AMQPValue::Boolean(true)), Some("true".into()));
+        assert_eq!(
+            header_text(&AMQPValue::LongString("acme".into())),
+            Some("acme".into())
+        );
+    }
+
+    #[test]
+    fn dlq_queues_are_each_consumer_s_dlq_in_config_order() {
+        let config = Config::parse(
+            "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"http://127.0.0.1:1/\"\n\
+             [[consumer]]\nqueue = \"refunds\"\nhandler.http.url = \"http://127.0.0.1:1/\"\n",
+            "test",
+        )
+        .expect("config");
+        assert_eq!(dlq_queues(&config), ["orders.dlq", "refunds.dlq"]);
+    }
 }

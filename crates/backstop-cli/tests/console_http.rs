@@ -39,13 +39,21 @@ fn temp(extension: &str) -> PathBuf {
 
 /// Starts the console with `[console] extra` on a new store.
 async fn start(extra: &str) -> Console {
+    start_with("", extra).await
+}
+
+/// Starts the console with `sections` (TOML before `[store]`) and
+/// `[console] extra` on a new store.
+async fn start_with(sections: &str, extra: &str) -> Console {
     let db = temp("db");
     let url = format!("sqlite://{}", db.display());
     let store = SqlStore::connect(&url).await.expect("create the store");
     let config = temp("toml");
     std::fs::write(
         &config,
-        format!("[store]\nurl = {url:?}\n\n[console]\nlisten = \"127.0.0.1:0\"\n{extra}\n"),
+        format!(
+            "{sections}\n[store]\nurl = {url:?}\n\n[console]\nlisten = \"127.0.0.1:0\"\n{extra}\n"
+        ),
     )
     .expect("write the config");
     let stderr = temp("stderr");
@@ -918,4 +926,238 @@ async fn an_edit_needs_a_note_keeps_the_original_and_is_audited() {
     );
     let (_, _, page) = console.get(&format!("/rows/{id}"), Some(&cookie)).await;
     assert!(page.contains("(edited: version 1)") && page.contains("id=\"row-versions\""));
+}
+
+/// Waits until `queue` holds `n` ready messages and none unacked.
+async fn settled(queue: &str, n: u64) {
+    let q = queue.to_owned();
+    backstop_testkit::wait_until(
+        &format!("{queue} to hold {n} ready, none unacked"),
+        std::time::Duration::from_secs(10),
+        move || {
+            let q = q.clone();
+            async move { backstop_testkit::queue_is(&q, move |c| c.ready == n && c.unacked == 0).await }
+        },
+    )
+    .await;
+}
+
+/// Publishes to `dlq` one message with Backstop's failure headers, failed
+/// in `queue` with `error`, dead-lettered `age_ms` ago, with a confirm.
+async fn park(
+    channel: &lapin::Channel,
+    dlq: &str,
+    queue: &str,
+    id: &str,
+    error: &str,
+    age_ms: u64,
+) {
+    use backstop::retry;
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        (retry::ORIGINAL_QUEUE_HEADER, queue),
+        (retry::ORIGINAL_EXCHANGE_HEADER, ""),
+        (retry::ORIGINAL_ROUTING_KEY_HEADER, queue),
+        (retry::ERROR_HEADER, error),
+        (retry::ERROR_KIND_HEADER, "permanent"),
+    ] {
+        headers.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    headers.insert(
+        retry::LAST_FAILURE_HEADER.into(),
+        AMQPValue::LongLongInt((now_ms() - age_ms) as i64),
+    );
+    let body = format!("{{\"id\":\"{id}\",\"html\":\"<script>window.pwned=1</script>\"}}");
+    let confirm = channel
+        .basic_publish(
+            "".into(),
+            dlq.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body.as_bytes(),
+            lapin::BasicProperties::default()
+                .with_message_id(id.into())
+                .with_headers(headers)
+                .with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack());
+}
+
+/// The message ids of the `tr.dlq-message` rows of table `id`, in order.
+fn dlq_ids(html: &str, id: &str) -> Vec<String> {
+    let Some(at) = html.find(&format!("id=\"{id}\"")) else {
+        panic!("no #{id} in {html}");
+    };
+    let table = &html[at..at + html[at..].find("</tbody></table>").expect("table end")];
+    table
+        .split("<tr class=\"dlq-message\"")
+        .skip(1)
+        .map(|row| {
+            let cells: Vec<&str> = row.split("<td").collect();
+            let cell = cells.get(2).expect("a message id cell");
+            cell[cell.find('>').expect(">") + 1..cell.find('<').expect("<")].to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
+    let queue = unique("console-dlq");
+    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    backstop::topology::Topology::new()
+        .queue(backstop::topology::Queue::classic(&queue))
+        .queue(backstop::topology::Queue::classic(&dlq))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    park(&channel, &dlq, &queue, "a", "timeout after 30s", 0).await;
+    park(&channel, &dlq, &queue, "b", "card declined", 2 * 3_600_000).await;
+    park(&channel, &dlq, &queue, "c", "timeout after 5s", 0).await;
+    let sections = format!(
+        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
+        backstop_testkit::amqp_url()
+    );
+    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+
+    let (status, _, page) = console.get("/dlq", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains(&format!("data-queue=\"{dlq}\"")), "{page}");
+    let (status, _, page) = console.get(&format!("/dlq/{dlq}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(
+        page.contains("Peeked with requeue, in queue order"),
+        "{page}"
+    );
+    assert_eq!(dlq_ids(&page, "dlq-messages"), ["a", "b", "c"]);
+    assert!(!page.contains("<script"), "raw <script in the page");
+    settled(&dlq, 3).await;
+    let (status, _, _) = console.get("/dlq/not-configured.dlq", Some(&cookie)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // No replay without its dry run.
+    let replay = format!("/dlq/{dlq}/replay");
+    let filters = [("error_contains", "timeout"), ("csrf", csrf.as_str())];
+    let mut real = filters.to_vec();
+    real.push(("mode", "replay"));
+    let (status, _, _) = console.post(&replay, Some(&cookie), form(&real)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    settled(&dlq, 3).await;
+
+    let mut dry = filters.to_vec();
+    dry.push(("mode", "dry_run"));
+    let (status, _, page) = console.post(&replay, Some(&cookie), form(&dry)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(text_of(&page, "replay-would-move"), "2");
+    assert_eq!(dlq_ids(&page, "replay-would-move-list"), ["a", "c"]);
+    assert!(page.contains("id=\"replay-submit\""), "{page}");
+    settled(&dlq, 3).await;
+    let dry_run_of = unescape(&hidden(&page, "dry_run_of"));
+    // Other filters than the dry run's are refused.
+    let (status, _, _) = console
+        .post(
+            &replay,
+            Some(&cookie),
+            form(&[
+                ("error_contains", "declined"),
+                ("csrf", &csrf),
+                ("mode", "replay"),
+                ("dry_run_of", &dry_run_of),
+            ]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    real.push(("dry_run_of", &dry_run_of));
+    let (status, _, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(text_of(&page, "replay-moved"), "2");
+    settled(&queue, 2).await;
+    settled(&dlq, 1).await;
+
+    // Purge: the count first, nothing removed; then the confirm.
+    let purge = format!("/dlq/{dlq}/purge");
+    let (status, _, page) = console
+        .post(
+            &purge,
+            Some(&cookie),
+            form(&[("older_than", "1h"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("id=\"purge-confirm\""), "{page}");
+    assert!(page.contains("<strong>1 message(s)</strong>"), "{page}");
+    settled(&dlq, 1).await;
+    let (status, _, page) = console
+        .post(
+            &purge,
+            Some(&cookie),
+            form(&[("older_than", "1h"), ("confirm", "yes"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("1 message(s) removed"), "{page}");
+    settled(&dlq, 0).await;
+    backstop_testkit::delete_queue(&connection, &queue).await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+}
+
+/// `backstop run` with a `[console]` section serves the console too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backstop_run_serves_the_console_of_its_config() {
+    let db = temp("db");
+    let config = temp("toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nuri = {:?}\n[metrics]\nlisten = \"127.0.0.1:0\"\n[store]\nurl = \"sqlite://{}\"\n\
+             [console]\nlisten = \"127.0.0.1:0\"\ntoken = {TOKEN:?}\n",
+            backstop_testkit::amqp_url(),
+            db.display()
+        ),
+    )
+    .expect("write the config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start backstop run");
+    let stdout = child.stdout.take().expect("stdout");
+    let base = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout).lines().find_map(|line| {
+            line.expect("read stdout")
+                .strip_prefix("backstop run: review console on ")
+                .map(|b| b.trim_end_matches('/').to_owned())
+        })
+    })
+    .await
+    .expect("join");
+    let Some(base) = base else {
+        let _ = child.kill();
+        panic!("backstop run did not say where the console is");
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::Client::new()
+        .get(format!("{base}/login"))
+        .send()
+        .await
+        .expect("GET /login");
+    let status = response.status();
+    assert_safe_headers("run: /login", response.headers());
+    let html = response.text().await.expect("body");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("id=\"login-form\""), "{html}");
 }

@@ -472,48 +472,28 @@ async fn a_replayed_copy_does_not_expire() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_removes_only_the_old_ones() {
     let dlq = unique("dlq-purge");
-    let connection = connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    Topology::new()
-        .queue(Queue::classic(&dlq))
-        .apply(&channel)
-        .await
-        .expect("declare");
-    let now = retry::now_ms();
-    for (id, age_ms) in [
-        ("old-1", 7_200_000u64),
-        ("new-1", 0),
-        ("old-2", 3_700_000),
-        ("new-2", 60_000),
-    ] {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            retry::LAST_FAILURE_HEADER.into(),
-            AMQPValue::LongLongInt((now - age_ms) as i64),
-        );
-        channel
-            .basic_publish(
-                "".into(),
-                dlq.as_str().into(),
-                BasicPublishOptions::default(),
-                b"x",
-                lapin::BasicProperties::default()
-                    .with_message_id(id.into())
-                    .with_headers(headers)
-                    .with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-    }
+    let queue = unique("dlq-purge-src");
+    let aged = |id: &'static str, age_ms: u64| Parked {
+        age_ms: Some(age_ms),
+        ..parked(id, &queue, "x")
+    };
+    park_in_order(
+        &dlq,
+        &[
+            aged("old-1", 7_200_000),
+            aged("new-1", 0),
+            aged("old-2", 3_700_000),
+            aged("new-2", 60_000),
+        ],
+    )
+    .await;
     let (code, stdout, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("purged=2 kept=2"), "{stdout}");
     let mut left = drain_ids(&dlq).await;
     left.sort();
     assert_eq!(left, ["new-1", "new-2"]);
-    delete_queue(&connection, &dlq).await;
+    delete_queues(&[&dlq, &queue]).await;
 }
 
 #[test]
@@ -644,6 +624,14 @@ async fn broker_tls_settings_from_the_config_file_are_used() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Deletes each of `queues`.
+async fn delete_queues(queues: &[&str]) {
+    let connection = connect().await;
+    for queue in queues {
+        delete_queue(&connection, queue).await;
+    }
+}
+
 /// One message parked by hand in a DLQ, with the headers Backstop writes.
 struct Parked {
     id: &'static str,
@@ -670,7 +658,9 @@ fn parked(id: &'static str, failed_in: &str, error: &'static str) -> Parked {
 
 /// Declares `dlq` and each failed-in queue, then publishes `messages` to
 /// `dlq` one at a time with a confirm each, so the DLQ holds them in order.
-async fn park_in_order(channel: &lapin::Channel, dlq: &str, messages: &[Parked]) {
+async fn park_in_order(dlq: &str, messages: &[Parked]) {
+    let connection = connect().await;
+    let channel = &connection.create_channel().await.expect("channel");
     channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
@@ -773,8 +763,6 @@ async fn peek_ids(dlq: &str, n: u64) -> Vec<String> {
 async fn peek_keeps_the_queue_depth_and_order() {
     let dlq = unique("dlq-peek");
     let queue = unique("dlq-peek-src");
-    let connection = connect().await;
-    let channel = connection.create_channel().await.expect("channel");
     let ids = [
         "p-0", "p-1", "p-2", "p-3", "p-4", "p-5", "p-6", "p-7", "p-8", "p-9",
     ];
@@ -789,7 +777,7 @@ async fn peek_keeps_the_queue_depth_and_order() {
             m
         })
         .collect();
-    park_in_order(&channel, &dlq, &messages).await;
+    park_in_order(&dlq, &messages).await;
 
     let (code, stdout, stderr) = backstop(&["dlq", "list", &dlq, "--json"]);
     assert_eq!(code, 0, "{stderr}");
@@ -812,7 +800,12 @@ async fn peek_keeps_the_queue_depth_and_order() {
         binary
     );
     assert_eq!(listed[0]["body"], "{\"id\":\"p-0\"}");
-    assert_eq!(listed[0]["headers"]["x-tenant"], serde_json::Value::Null);
+    assert_eq!(listed[0]["headers"][retry::ERROR_HEADER], "bad order");
+    assert_eq!(
+        listed[0]["headers"][retry::ORIGINAL_QUEUE_HEADER],
+        queue.as_str()
+    );
+    assert_eq!(listed[0]["properties"]["message_id"], "p-0");
     assert!(listed[0]["dead_lettered_ms"].is_u64(), "{}", listed[0]);
 
     // Same depth, same order; now flagged redelivered.
@@ -837,8 +830,7 @@ async fn peek_keeps_the_queue_depth_and_order() {
     assert_eq!(ids_of(&json(&stdout)), ids[..3]);
     settled(&dlq, 10).await;
     assert_eq!(drain_ids(&dlq).await, ids);
-    delete_queue(&connection, &dlq).await;
-    delete_queue(&connection, &queue).await;
+    delete_queues(&[&dlq, &queue]).await;
 }
 
 /// Runs `dlq replay DLQ ARGS --dry-run --json`, checks that nothing moved
@@ -902,8 +894,6 @@ async fn filtered_replay_moves_exactly_what_its_dry_run_showed() {
     const HOUR: u64 = 3_600_000;
     let dlq = unique("dlq-filter");
     let (a, b) = (unique("dlq-filter-a"), unique("dlq-filter-b"));
-    let connection = connect().await;
-    let channel = connection.create_channel().await.expect("channel");
     let m =
         |id: &'static str, error: &'static str, tenant: Option<&'static str>, age: Option<u64>| {
             // The id says where it failed: a-* in A, b-* in B.
@@ -931,7 +921,7 @@ async fn filtered_replay_moves_exactly_what_its_dry_run_showed() {
         ),
         m("b-5", "bad order 22", None, Some(0)),
     ];
-    park_in_order(&channel, &dlq, &messages).await;
+    park_in_order(&dlq, &messages).await;
     let mut left: Vec<String> = messages.iter().map(|m| m.id.to_owned()).collect();
     let queues = [("a-", a.as_str()), ("b-", b.as_str())];
 
@@ -964,9 +954,7 @@ async fn filtered_replay_moves_exactly_what_its_dry_run_showed() {
     )
     .await;
     assert_eq!(moved, ["a-3", "b-4"]);
-    for q in [&dlq, &a, &b] {
-        delete_queue(&connection, q).await;
-    }
+    delete_queues(&[&dlq, &a, &b]).await;
 }
 
 /// `--rate N` bounds the publish rate: n messages take at least
@@ -991,9 +979,7 @@ async fn replay_rate_bounds_the_publishes() {
     settled(&queue, N).await;
     let (code, _, stderr) = backstop(&["dlq", "replay", &dlq, "--rate", "0"]);
     assert_eq!(code, 2, "--rate 0 must be refused: {stderr}");
-    let connection = connect().await;
-    delete_queue(&connection, &queue).await;
-    delete_queue(&connection, &dlq).await;
+    delete_queues(&[&dlq, &queue]).await;
 }
 
 /// `dlq purge --dry-run` counts what would go and removes nothing; the
@@ -1002,8 +988,6 @@ async fn replay_rate_bounds_the_publishes() {
 async fn purge_dry_run_removes_nothing() {
     let dlq = unique("dlq-purge-dry");
     let queue = unique("dlq-purge-dry-src");
-    let connection = connect().await;
-    let channel = connection.create_channel().await.expect("channel");
     let messages = [
         Parked {
             age_ms: Some(7_200_000),
@@ -1019,7 +1003,7 @@ async fn purge_dry_run_removes_nothing() {
             ..parked("old-2", &queue, "x")
         },
     ];
-    park_in_order(&channel, &dlq, &messages).await;
+    park_in_order(&dlq, &messages).await;
     let all: Vec<String> = messages.iter().map(|m| m.id.to_owned()).collect();
     let (code, stdout, stderr) =
         backstop(&["dlq", "purge", &dlq, "--older-than", "1h", "--dry-run"]);
@@ -1033,8 +1017,7 @@ async fn purge_dry_run_removes_nothing() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("purged=2 kept=2 undated=1"), "{stdout}");
     assert_eq!(peek_ids(&dlq, 2).await, ["undated-1", "new-1"]);
-    delete_queue(&connection, &dlq).await;
-    delete_queue(&connection, &queue).await;
+    delete_queues(&[&dlq, &queue]).await;
 }
 
 /// `dlq queues -c FILE`: the DLQ of each configured consumer, with its depth.
@@ -1042,10 +1025,8 @@ async fn purge_dry_run_removes_nothing() {
 async fn queues_lists_the_configured_dlqs() {
     let queue = unique("dlq-conf");
     let missing = unique("dlq-conf-missing");
-    let connection = connect().await;
-    let channel = connection.create_channel().await.expect("channel");
     let dlq = format!("{queue}.dlq");
-    park_in_order(&channel, &dlq, &[parked("c-1", &queue, "x")]).await;
+    park_in_order(&dlq, &[parked("c-1", &queue, "x")]).await;
     let dir = std::env::temp_dir().join(unique("backstop-dlq-queues"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("backstop.toml");
@@ -1073,7 +1054,6 @@ async fn queues_lists_the_configured_dlqs() {
             {"queue": format!("{missing}.dlq"), "depth": null},
         ])
     );
-    delete_queue(&connection, &dlq).await;
-    delete_queue(&connection, &queue).await;
+    delete_queues(&[&dlq, &queue]).await;
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -47,12 +47,13 @@ pub(crate) struct Jobs {
 }
 
 impl Jobs {
-    fn get(&self, id: u64) -> Option<Arc<Job>> {
+    fn get(&self, id: u64) -> Result<Arc<Job>, PageError> {
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
             .cloned()
+            .ok_or_else(|| PageError::new(StatusCode::NOT_FOUND, "no such job"))
     }
 
     /// Starts acting on `group` in a task of its own.
@@ -233,10 +234,7 @@ pub(crate) async fn job(
     Extension(op): Extension<Operator>,
     Path(id): Path<u64>,
 ) -> Result<Response, PageError> {
-    let job = console
-        .jobs
-        .get(id)
-        .ok_or_else(|| PageError::new(StatusCode::NOT_FOUND, "no such job"))?;
+    let job = console.jobs.get(id)?;
     let (total, done, skipped) = job.progress.snapshot();
     let outcome = job
         .outcome
@@ -290,10 +288,7 @@ pub(crate) async fn cancel_job(
     Extension(op): Extension<Operator>,
     Path(id): Path<u64>,
 ) -> Result<Response, PageError> {
-    let job = console
-        .jobs
-        .get(id)
-        .ok_or_else(|| PageError::new(StatusCode::NOT_FOUND, "no such job"))?;
+    let job = console.jobs.get(id)?;
     job.progress.cancel();
     info!(job = id, actor = %op.actor(), "console group action cancelled");
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())

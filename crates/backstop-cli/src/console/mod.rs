@@ -122,7 +122,7 @@ pub(crate) async fn serve(
     settings: &ConsoleSettings,
     listen: SocketAddr,
     store: Option<SqlStore>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     settings
         .check_for(listen)
@@ -140,17 +140,7 @@ pub(crate) async fn serve(
         .map_err(|e| UsageError(format!("console.listen {listen}: {e}")))?;
     let bound = listener.local_addr().context("the console's address")?;
     info!(%bound, auth = settings.has_auth(), "serving the review console");
-    let task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
-            warn!(error = %e, "the review console stopped");
-        }
-    });
+    let task = crate::run::publish::spawn_server(listener, app, stop, "the review console");
     Ok((bound, task))
 }
 

@@ -96,37 +96,28 @@ pub(crate) fn login(
     needs_secret: bool,
     problem: Option<&str>,
 ) -> Markup {
-    html! {
-        (DOCTYPE)
-        html lang="en" {
-            head {
-                meta charset="utf-8";
-                title { "Log in · Backstop console" }
-                link rel="stylesheet" href="/static/console.css";
+    let form = html! {
+        div.login {
+            h1 { "Backstop console" }
+            @if let Some(problem) = problem {
+                p.error id="login-error" { (problem) }
             }
-            body {
-                div.login {
-                    h1 { "Backstop console" }
-                    @if let Some(problem) = problem {
-                        p.error id="login-error" { (problem) }
-                    }
-                    form method="post" action="/login" id="login-form" {
-                        input type="hidden" name="login_csrf" value=(login_csrf);
-                        label for="login-name" { "Your name (recorded in the audit)" }
-                        input type="text" id="login-name" name="name" required
-                            autocomplete="username" value=(default_name.unwrap_or(""));
-                        label for="login-secret" {
-                            @if needs_secret { "Token, or the user's password" }
-                            @else { "Secret (none configured: loopback only)" }
-                        }
-                        input type="password" id="login-secret" name="secret"
-                            autocomplete="current-password" required[needs_secret];
-                        p { button type="submit" id="login-submit" { "Log in" } }
-                    }
+            form method="post" action="/login" id="login-form" {
+                input type="hidden" name="login_csrf" value=(login_csrf);
+                label for="login-name" { "Your name (recorded in the audit)" }
+                input type="text" id="login-name" name="name" required
+                    autocomplete="username" value=(default_name.unwrap_or(""));
+                label for="login-secret" {
+                    @if needs_secret { "Token, or the user's password" }
+                    @else { "Secret (none configured: loopback only)" }
                 }
+                input type="password" id="login-secret" name="secret"
+                    autocomplete="current-password" required[needs_secret];
+                p { button type="submit" id="login-submit" { "Log in" } }
             }
         }
-    }
+    };
+    layout("Log in", None, form)
 }
 
 fn status_badge(status: Status) -> Markup {

@@ -119,7 +119,7 @@ impl IntoResponse for Refusal {
 
 /// Equal without an early exit, so the time taken does not tell how much
 /// of a guessed token was right (only whether its length was).
-fn same_secret(given: &[u8], wanted: &[u8]) -> bool {
+pub(crate) fn same_secret(given: &[u8], wanted: &[u8]) -> bool {
     if given.len() != wanted.len() {
         return false;
     }
@@ -485,7 +485,7 @@ impl Publishing {
 async fn serve(
     listen: std::net::SocketAddr,
     endpoint: PublishEndpoint,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let app = Router::new()
         .route("/publish/{*destination}", post(publish))
@@ -495,7 +495,21 @@ async fn serve(
         .map_err(|e| crate::UsageError(format!("publish.listen {listen}: {e}")))?;
     let bound = listener.local_addr()?;
     info!(%bound, "serving POST /publish/{{exchange}}/{{routing_key}}");
-    let task = tokio::spawn(async move {
+    Ok((
+        bound,
+        spawn_server(listener, app, stop, "the publish endpoint"),
+    ))
+}
+
+/// Serves `app` on `listener` in a task of its own until `stop` turns
+/// true (a graceful shutdown: requests in flight are answered).
+pub(crate) fn spawn_server(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
@@ -503,10 +517,9 @@ async fn serve(
             .with_graceful_shutdown(shutdown)
             .await
         {
-            warn!(error = %e, "the publish endpoint stopped");
+            warn!(error = %e, "{what} stopped");
         }
-    });
-    Ok((bound, task))
+    })
 }
 
 #[cfg(test)]
