@@ -683,73 +683,63 @@ impl SqlStore {
         // cannot touch it; and not when another unfinished row of the same
         // message exists (that one counts the repeat, below).
         if let Some(id) = m.store_id {
-            let updated = sqlx::query(&format!(
-                "UPDATE backstop_failed_messages
-                 SET error = $1, error_kind = $2, attempts = attempts + $3, status = 'retrying',
-                     next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, updated_at = $5,
-                     cause = $9
-                 WHERE id = $6 AND queue = $7 AND fingerprint = $8
-                   AND status IN ('pending', 'retrying', 'replayed')
-                   AND NOT EXISTS (
-                       SELECT 1 FROM backstop_failed_messages other
-                       WHERE other.queue = $7 AND other.fingerprint = $8
-                         AND other.status IN {UNFINISHED} AND other.id <> $6)"
-            ))
-            .bind(&m.error)
-            .bind(&m.error_kind)
-            .bind(m.attempts)
-            .bind(m.next_attempt_at)
-            .bind(now)
-            .bind(id)
-            .bind(&m.queue)
-            .bind(&m.fingerprint)
-            .bind(super::normalize_error(&m.error))
-            .execute(&mut **tx)
-            .await
-            .map_err(unavailable)?;
-            if updated.rows_affected() == 1 {
-                Self::audit_in(tx, id, "consumer", "failed_again", Some(&m.error)).await?;
-                return Ok(Some(id));
-            }
-            // An edited copy: its body (and so its fingerprint) is the
+            // The row's own fingerprint, and no other unfinished row of it.
+            let own = format!(
+                "fingerprint = $8 AND NOT EXISTS (
+                     SELECT 1 FROM backstop_failed_messages other
+                     WHERE other.queue = $7 AND other.fingerprint = $8
+                       AND other.status IN {UNFINISHED} AND other.id <> $6)"
+            );
+            // Or an edited copy: its body (and so its fingerprint) is the
             // edit's, not the row's. It is the row's own re-drive when the
             // row was edited and holds exactly this body; the row then takes
             // the copy's fingerprint, unless another unfinished row holds it
             // (that one stays the message's row, and this one keeps its own).
-            let edited = sqlx::query(&format!(
-                "UPDATE backstop_failed_messages
-                 SET error = $1, error_kind = $2, attempts = attempts + $3, status = 'retrying',
-                     next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, updated_at = $5,
-                     fingerprint = CASE WHEN EXISTS (
-                         SELECT 1 FROM backstop_failed_messages other
-                         WHERE other.queue = $6 AND other.fingerprint = $7
-                           AND other.status IN {UNFINISHED} AND other.id <> $8)
-                         THEN fingerprint ELSE $7 END,
-                     cause = $9
-                 WHERE id = $8 AND queue = $6 AND version > 0 AND payload = $10
-                   AND status IN ('pending', 'retrying', 'replayed')
-                   AND NOT EXISTS (
-                       SELECT 1 FROM backstop_failed_messages other
-                       WHERE other.queue = $6
-                         AND other.fingerprint = backstop_failed_messages.fingerprint
-                         AND other.status IN {UNFINISHED} AND other.id <> $8)"
-            ))
-            .bind(&m.error)
-            .bind(&m.error_kind)
-            .bind(m.attempts)
-            .bind(m.next_attempt_at)
-            .bind(now)
-            .bind(&m.queue)
-            .bind(&m.fingerprint)
-            .bind(id)
-            .bind(super::normalize_error(&m.error))
-            .bind(m.payload.as_slice())
-            .execute(&mut **tx)
-            .await
-            .map_err(unavailable)?;
-            if edited.rows_affected() == 1 {
-                Self::audit_in(tx, id, "consumer", "failed_again", Some(&m.error)).await?;
-                return Ok(Some(id));
+            let edited = format!(
+                "version > 0 AND payload = $10 AND NOT EXISTS (
+                     SELECT 1 FROM backstop_failed_messages other
+                     WHERE other.queue = $7
+                       AND other.fingerprint = backstop_failed_messages.fingerprint
+                       AND other.status IN {UNFINISHED} AND other.id <> $6)"
+            );
+            let adopt = format!(
+                "CASE WHEN EXISTS (
+                     SELECT 1 FROM backstop_failed_messages other
+                     WHERE other.queue = $7 AND other.fingerprint = $8
+                       AND other.status IN {UNFINISHED} AND other.id <> $6)
+                 THEN fingerprint ELSE $8 END"
+            );
+            for (fence, fingerprint, payload) in [
+                (own, "fingerprint".to_owned(), None),
+                (edited, adopt, Some(m.payload.as_slice())),
+            ] {
+                let sql = format!(
+                    "UPDATE backstop_failed_messages
+                     SET error = $1, error_kind = $2, attempts = attempts + $3,
+                         status = 'retrying', next_attempt_at = $4, lease_owner = NULL,
+                         lease_until = NULL, updated_at = $5, fingerprint = {fingerprint},
+                         cause = $9
+                     WHERE id = $6 AND queue = $7
+                       AND status IN ('pending', 'retrying', 'replayed') AND {fence}"
+                );
+                let mut query = sqlx::query(&sql)
+                    .bind(&m.error)
+                    .bind(&m.error_kind)
+                    .bind(m.attempts)
+                    .bind(m.next_attempt_at)
+                    .bind(now)
+                    .bind(id)
+                    .bind(&m.queue)
+                    .bind(&m.fingerprint)
+                    .bind(super::normalize_error(&m.error));
+                if let Some(payload) = payload {
+                    query = query.bind(payload);
+                }
+                let updated = query.execute(&mut **tx).await.map_err(unavailable)?;
+                if updated.rows_affected() == 1 {
+                    Self::audit_in(tx, id, "consumer", "failed_again", Some(&m.error)).await?;
+                    return Ok(Some(id));
+                }
             }
         }
         // The same message again (an ack lost in a cut, a duplicate
