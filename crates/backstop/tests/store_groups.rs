@@ -516,18 +516,32 @@ async fn a_redriven_edited_row_publishes_only_the_edited_body(store: SqlStore) {
         .expect("delete");
 }
 
-/// 200 due rows in one scan: the first goes alone, the rest together on
-/// several confirm channels; every row ends `replayed` with exactly one copy
-/// in the queue.
-async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
-    let queue = unique("redrive-batch");
+/// The `replayed` entries of row `id`'s audit.
+async fn replayed_entries(store: &SqlStore, id: i64) -> usize {
+    store
+        .audit(id)
+        .await
+        .expect("audit")
+        .iter()
+        .filter(|a| a.action == "replayed")
+        .count()
+}
+
+/// A durable queue named after `prefix` and `n` rows of one group of it,
+/// retried (due now): the connection, the queue and the row ids.
+async fn retried_group(
+    store: &SqlStore,
+    prefix: &str,
+    n: u64,
+) -> (lapin::Connection, String, Vec<i64>) {
+    let queue = unique(prefix);
     let connection = lapin::Connection::connect(&amqp_url(), Default::default())
         .await
         .expect("connect");
     common::durable_queue(&connection, &queue).await;
-    let ids = seed(&store, &queue, 0, 200).await;
+    let ids = seed(store, &queue, 0, n).await;
     run_group_action(
-        &store,
+        store,
         key(&queue, "permanent", DECLINED),
         ManualAction::Retry,
         "ana".to_owned(),
@@ -537,6 +551,14 @@ async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
     )
     .await
     .expect("retry the group");
+    (connection, queue, ids)
+}
+
+/// 200 due rows in one scan: the first goes alone, the rest together on
+/// several confirm channels; every row ends `replayed` with exactly one copy
+/// in the queue.
+async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
+    let (connection, queue, ids) = retried_group(&store, "redrive-batch", 200).await;
     let supervisor = common::supervisor(&amqp_url(), Duration::from_secs(10));
     let scanner = Scanner::new(
         Arc::new(store.clone()),
@@ -562,14 +584,7 @@ async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
     for id in &ids {
         let row = store.get(*id).await.expect("get");
         assert_eq!(row.status, Status::Replayed, "row {id}");
-        let replayed = store
-            .audit(*id)
-            .await
-            .expect("audit")
-            .iter()
-            .filter(|a| a.action == "replayed")
-            .count();
-        assert_eq!(replayed, 1, "row {id}");
+        assert_eq!(replayed_entries(&store, *id).await, 1, "row {id}");
     }
     let mut messages: Vec<String> = common::take_all(&connection, &queue)
         .await
@@ -609,24 +624,8 @@ async fn replayed_ids(store: &SqlStore, queue: &str) -> std::collections::BTreeS
 /// scanner, after the lease, re-drives only the others: each row finished
 /// before the crash has exactly one copy in the queue.
 async fn a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed(store: SqlStore) {
-    let queue = unique("redrive-crash");
-    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
-        .await
-        .expect("connect");
-    common::durable_queue(&connection, &queue).await;
-    let ids = seed(&store, &queue, 0, 300).await;
+    let (connection, queue, ids) = retried_group(&store, "redrive-crash", 300).await;
     assert_eq!(ids.len(), 300);
-    run_group_action(
-        &store,
-        key(&queue, "permanent", DECLINED),
-        ManualAction::Retry,
-        "ana".to_owned(),
-        None,
-        1000,
-        GroupProgress::new(),
-    )
-    .await
-    .expect("retry the group");
     let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
     // Each confirm takes at least 10 ms: 300 rows take 3 s or more.
     proxy.delay_replies(Duration::from_millis(10));
@@ -699,14 +698,7 @@ async fn a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed(store: SqlS
             Some(&1),
             "row {id} ({message_id}) was finished before the crash: re-driven once"
         );
-        let replayed = store
-            .audit(*id)
-            .await
-            .expect("audit")
-            .iter()
-            .filter(|a| a.action == "replayed")
-            .count();
-        assert_eq!(replayed, 1, "row {id}");
+        assert_eq!(replayed_entries(&store, *id).await, 1, "row {id}");
     }
     supervisor.close().await;
     let channel = connection.create_channel().await.expect("channel");
