@@ -730,6 +730,14 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "a discard needs a note");
+    let (status, _, _) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[("action", "retry"), ("note", " "), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a retry needs a note too");
     assert!(
         !console
             .store
@@ -762,6 +770,10 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
     assert_eq!(text_of(&page, "job-status"), "finished");
     assert_eq!(text_of(&page, "job-done"), "1200");
     assert_eq!(text_of(&page, "job-total"), "1200");
+    // The job's start and end are in the console's audit, with the actor.
+    let start = audited(&console, "group_job_start", &format!("group {id}")).await;
+    assert!(start.contains("note=test orders"), "{start}");
+    audited(&console, "group_job_end", "").await;
     let rows = console
         .store
         .list(&backstop::store::ListFilter {
@@ -812,15 +824,8 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
         .post(&format!("{job}/cancel"), Some(&cookie), String::new())
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "cancel needs the CSRF token");
-    let (status, _, _) = console
-        .post(
-            &format!("{job}/cancel"),
-            Some(&cookie),
-            form(&[("csrf", &csrf)]),
-        )
-        .await;
-    assert_eq!(status, StatusCode::SEE_OTHER);
-    let page = wait_for_job(&console, &cookie, &job).await;
+    let page = cancel_and_wait(&console, &cookie, &csrf, &job).await;
+    audited(&console, "group_job_cancel", "").await;
     let done: usize = text_of(&page, "job-done").parse().expect("a count");
     let status = text_of(&page, "job-status");
     assert!(
@@ -842,6 +847,38 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
         .count();
     assert_eq!(discarded, done, "{status}");
     assert_eq!(done % 500, 0, "whole batches of 500 rows");
+}
+
+/// The detail of the newest `action` in the console's audit, which must be
+/// alice's, on `target` when it is not empty.
+async fn audited(console: &Console, action: &str, target: &str) -> String {
+    let actions = console
+        .store
+        .console_actions(20)
+        .await
+        .expect("console audit");
+    let entry = actions
+        .iter()
+        .find(|a| a.action == action)
+        .unwrap_or_else(|| panic!("no {action} in the console audit: {actions:?}"));
+    assert_eq!(entry.actor, "console:alice", "{entry:?}");
+    if !target.is_empty() {
+        assert_eq!(entry.target, target, "{entry:?}");
+    }
+    entry.detail.clone().unwrap_or_default()
+}
+
+/// Cancels `job` (with the CSRF token) and waits for its end: its page.
+async fn cancel_and_wait(console: &Console, cookie: &str, csrf: &str, job: &str) -> String {
+    let (status, _, _) = console
+        .post(
+            &format!("{job}/cancel"),
+            Some(cookie),
+            form(&[("csrf", csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    wait_for_job(console, cookie, job).await
 }
 
 /// Reloads the job page until it no longer refreshes itself (60 s at most).
@@ -1003,9 +1040,10 @@ fn dlq_ids(html: &str, id: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
-    let queue = unique("console-dlq");
+/// A consumer's queue named after `prefix` and its DLQ, declared, and a
+/// confirm channel to park messages on.
+async fn dlq_setup(prefix: &str) -> (lapin::Connection, lapin::Channel, String, String) {
+    let queue = unique(prefix);
     let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
     let connection = backstop_testkit::connect().await;
     let channel = connection.create_channel().await.expect("channel");
@@ -1019,15 +1057,28 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
         .apply(&channel)
         .await
         .expect("declare");
-    park(&channel, &dlq, &queue, "a", "timeout after 30s", 0).await;
-    park(&channel, &dlq, &queue, "b", "card declined", 2 * 3_600_000).await;
-    park(&channel, &dlq, &queue, "c", "timeout after 5s", 0).await;
+    (connection, channel, queue, dlq)
+}
+
+/// The console of a consumer of `queue` (so its DLQ is reachable), logged
+/// in as alice: the console, the session cookie and its CSRF token.
+async fn dlq_console(queue: &str) -> (Console, String, String) {
     let sections = format!(
         "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
         backstop_testkit::amqp_url()
     );
     let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
     let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    (console, cookie, csrf)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
+    let (connection, channel, queue, dlq) = dlq_setup("console-dlq").await;
+    park(&channel, &dlq, &queue, "a", "timeout after 30s", 0).await;
+    park(&channel, &dlq, &queue, "b", "card declined", 2 * 3_600_000).await;
+    park(&channel, &dlq, &queue, "c", "timeout after 5s", 0).await;
+    let (console, cookie, csrf) = dlq_console(&queue).await;
 
     let (status, _, page) = console.get("/dlq", Some(&cookie)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
@@ -1077,11 +1128,35 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     real.push(("dry_run_of", &dry_run_of));
-    let (status, _, page) = console.post(&replay, Some(&cookie), form(&real)).await;
-    assert_eq!(status, StatusCode::OK, "{page}");
+    let (status, headers, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    assert_eq!(
+        status,
+        StatusCode::SEE_OTHER,
+        "the replay runs as a job: {page}"
+    );
+    let job = headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_owned();
+    assert!(job.starts_with("/jobs/"), "{job}");
+    let page = wait_for_job(&console, &cookie, &job).await;
+    assert_eq!(text_of(&page, "job-status"), "finished", "{page}");
+    assert_eq!(text_of(&page, "job-done"), "2");
     assert_eq!(text_of(&page, "replay-moved"), "2");
     settled(&queue, 2).await;
     settled(&dlq, 1).await;
+    // Audited with the actor, and shown on /dlq.
+    let start = audited(&console, "dlq_replay_start", &dlq).await;
+    assert!(start.contains("timeout"), "{start}");
+    let end = audited(&console, "dlq_replay_end", "").await;
+    assert!(end.contains("moved=2"), "{end}");
+    let (_, _, page) = console.get("/dlq", Some(&cookie)).await;
+    let audit = &page[page.find("id=\"console-audit\"").expect("#console-audit")..];
+    assert!(
+        audit.contains("console:alice") && audit.contains("dlq_replay_start"),
+        "{page}"
+    );
 
     // Purge: the count first, nothing removed; then the confirm.
     let purge = format!("/dlq/{dlq}/purge");
@@ -1106,6 +1181,7 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("1 message(s) removed"), "{page}");
     settled(&dlq, 0).await;
+    audited(&console, "dlq_purge", &dlq).await;
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;
 }
@@ -1160,4 +1236,45 @@ async fn backstop_run_serves_the_console_of_its_config() {
     let _ = child.wait();
     assert_eq!(status, StatusCode::OK);
     assert!(html.contains("id=\"login-form\""), "{html}");
+}
+
+/// A console replay is a job: cancelled, it stops before its next publish;
+/// what it moved is in the queue, the rest back in the DLQ, nothing unacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
+    let (connection, channel, queue, dlq) = dlq_setup("console-dlq-cancel").await;
+    for n in 0..20 {
+        park(&channel, &dlq, &queue, &format!("m{n}"), "timeout", 0).await;
+    }
+    let (console, cookie, csrf) = dlq_console(&queue).await;
+    let replay = format!("/dlq/{dlq}/replay");
+    // One message a second: 20 s for all of them.
+    let filters = [("rate", "1"), ("csrf", csrf.as_str())];
+    let mut dry = filters.to_vec();
+    dry.push(("mode", "dry_run"));
+    let (status, _, page) = console.post(&replay, Some(&cookie), form(&dry)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let dry_run_of = unescape(&hidden(&page, "dry_run_of"));
+    let mut real = filters.to_vec();
+    real.push(("mode", "replay"));
+    real.push(("dry_run_of", &dry_run_of));
+    let (status, headers, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    let job = headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_owned();
+    let (status, _, page) = console.get(&job, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("id=\"job-cancel\""), "{page}");
+    let page = cancel_and_wait(&console, &cookie, &csrf, &job).await;
+    assert_eq!(text_of(&page, "job-status"), "cancelled", "{page}");
+    let moved: u64 = text_of(&page, "job-done").parse().expect("a count");
+    assert!(moved < 20, "stopped before the end: {moved} moved");
+    settled(&queue, moved).await;
+    settled(&dlq, 20 - moved).await;
+    audited(&console, "dlq_replay_cancel", "").await;
+    backstop_testkit::delete_queue(&connection, &queue).await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
 }

@@ -5,11 +5,14 @@
 mod common;
 
 use backstop::retry::now_ms;
+use backstop::store::ListFilter;
 use backstop::store::{
     CompensationStore, GroupKey, GroupProgress, ManualAction, NewFailedMessage, Redrive, Scanner,
     ScannerConfig, SqlStore, Status, StoreError, run_group_action,
 };
-use backstop_testkit::{amqp_url, postgres_url, unique, wait_until};
+use backstop_testkit::{
+    FaultProxy, amqp_url, broker_addr, postgres_url, unique, url_via, wait_until,
+};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -851,18 +854,32 @@ async fn a_redriven_edited_row_publishes_only_the_edited_body(store: SqlStore) {
         .expect("delete");
 }
 
-/// 200 due rows in one scan: the first goes alone, the rest together on
-/// several confirm channels; every row ends `replayed` with exactly one copy
-/// in the queue.
-async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
-    let queue = unique("redrive-batch");
+/// The `replayed` entries of row `id`'s audit.
+async fn replayed_entries(store: &SqlStore, id: i64) -> usize {
+    store
+        .audit(id)
+        .await
+        .expect("audit")
+        .iter()
+        .filter(|a| a.action == "replayed")
+        .count()
+}
+
+/// A durable queue named after `prefix` and `n` rows of one group of it,
+/// retried (due now): the connection, the queue and the row ids.
+async fn retried_group(
+    store: &SqlStore,
+    prefix: &str,
+    n: u64,
+) -> (lapin::Connection, String, Vec<i64>) {
+    let queue = unique(prefix);
     let connection = lapin::Connection::connect(&amqp_url(), Default::default())
         .await
         .expect("connect");
     common::durable_queue(&connection, &queue).await;
-    let ids = seed(&store, &queue, 0, 200).await;
+    let ids = seed(store, &queue, 0, n).await;
     run_group_action(
-        &store,
+        store,
         key(&queue, "permanent", DECLINED),
         ManualAction::Retry,
         "ana".to_owned(),
@@ -872,6 +889,14 @@ async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
     )
     .await
     .expect("retry the group");
+    (connection, queue, ids)
+}
+
+/// 200 due rows in one scan: the first goes alone, the rest together on
+/// several confirm channels; every row ends `replayed` with exactly one copy
+/// in the queue.
+async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
+    let (connection, queue, ids) = retried_group(&store, "redrive-batch", 200).await;
     let supervisor = common::supervisor(&amqp_url(), Duration::from_secs(10));
     let scanner = Scanner::new(
         Arc::new(store.clone()),
@@ -897,14 +922,7 @@ async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
     for id in &ids {
         let row = store.get(*id).await.expect("get");
         assert_eq!(row.status, Status::Replayed, "row {id}");
-        let replayed = store
-            .audit(*id)
-            .await
-            .expect("audit")
-            .iter()
-            .filter(|a| a.action == "replayed")
-            .count();
-        assert_eq!(replayed, 1, "row {id}");
+        assert_eq!(replayed_entries(&store, *id).await, 1, "row {id}");
     }
     let mut messages: Vec<String> = common::take_all(&connection, &queue)
         .await
@@ -915,6 +933,111 @@ async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
     let mut expected: Vec<String> = (0..200).map(|n| format!("m-{n}")).collect();
     expected.sort();
     assert_eq!(messages, expected, "one copy per row");
+    supervisor.close().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .expect("delete");
+}
+
+/// The `replayed` rows of `queue`.
+async fn replayed_ids(store: &SqlStore, queue: &str) -> std::collections::BTreeSet<i64> {
+    store
+        .list(&ListFilter {
+            status: Some(Status::Replayed),
+            queue: Some(queue.to_owned()),
+            limit: Some(10_000),
+        })
+        .await
+        .expect("list")
+        .iter()
+        .map(|r| r.id)
+        .collect()
+}
+
+/// 300 due rows re-driven through a slow link, one publish at a time: the
+/// confirmed rows are finished as their confirms arrive, so a scanner
+/// killed mid-batch (a crash) has already finished them, and a second
+/// scanner, after the lease, re-drives only the others: each row finished
+/// before the crash has exactly one copy in the queue.
+async fn a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed(store: SqlStore) {
+    let (connection, queue, ids) = retried_group(&store, "redrive-crash", 300).await;
+    assert_eq!(ids.len(), 300);
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    // Each confirm takes at least 10 ms: 300 rows take 3 s or more.
+    proxy.delay_replies(Duration::from_millis(10));
+    let lease = Duration::from_secs(12);
+    let config = ScannerConfig {
+        queue: Some(queue.clone()),
+        batch: 500,
+        publish_channels: 1,
+        lease,
+        ..ScannerConfig::default()
+    };
+    let slow = common::supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(30));
+    let scanner = Scanner::new(
+        Arc::new(store.clone()),
+        Redrive::Republish(slow.clone()),
+        config.clone(),
+    );
+    let scan = tokio::spawn(async move { scanner.run_once().await });
+    wait_until(
+        "100 rows replayed while the batch runs",
+        Duration::from_secs(60),
+        || {
+            let store = store.clone();
+            let queue = queue.clone();
+            async move { replayed_ids(&store, &queue).await.len() >= 100 }
+        },
+    )
+    .await;
+    // The crash: the scan ends here, nothing more is finished.
+    scan.abort();
+    let _ = scan.await;
+    slow.close().await;
+    drop(proxy);
+    let finished = replayed_ids(&store, &queue).await;
+    assert!(
+        finished.len() < 300,
+        "the scan was stopped mid-batch with rows already finished: {} of 300 replayed at the crash",
+        finished.len()
+    );
+    // After the lease, another scanner re-drives the rest.
+    let supervisor = common::supervisor(&amqp_url(), Duration::from_secs(10));
+    let rescanner = Scanner::new(
+        Arc::new(store.clone()),
+        Redrive::Republish(supervisor.clone()),
+        ScannerConfig {
+            owner: "second-scanner".to_owned(),
+            ..config
+        },
+    );
+    wait_until("every row replayed after the lease", lease * 4, || {
+        let rescanner = rescanner.clone();
+        let store = store.clone();
+        let queue = queue.clone();
+        async move {
+            rescanner.run_once().await.expect("scan");
+            replayed_ids(&store, &queue).await.len() == 300
+        }
+    })
+    .await;
+    let mut copies = std::collections::HashMap::<String, u32>::new();
+    for (message_id, _) in common::take_all(&connection, &queue).await {
+        *copies.entry(message_id).or_default() += 1;
+    }
+    assert_eq!(copies.len(), 300, "every row has a copy");
+    for id in &finished {
+        let row = store.get(*id).await.expect("get");
+        let message_id = row.message_id.clone().expect("message id");
+        assert_eq!(
+            copies.get(&message_id),
+            Some(&1),
+            "row {id} ({message_id}) was finished before the crash: re-driven once"
+        );
+        assert_eq!(replayed_entries(&store, *id).await, 1, "row {id}");
+    }
     supervisor.close().await;
     let channel = connection.create_channel().await.expect("channel");
     channel
@@ -958,4 +1081,5 @@ both_backends!(
     a_redriven_edited_row_publishes_only_the_edited_body,
     a_scan_sends_its_batch_together_one_copy_per_row,
     a_group_action_needs_a_note,
+    a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed,
 );

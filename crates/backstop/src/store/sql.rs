@@ -193,6 +193,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         4,
         "rows without a cause indexed; edited payload kept in the row",
     ),
+    (
+        5,
+        "the review console's audit of DLQ actions and group jobs",
+    ),
 ];
 
 /// A deadlock victim (40P01) or a serialization failure (40001): the
@@ -456,6 +460,7 @@ impl SqlStore {
                 (_, 2) => FINGERPRINT_SCHEMA,
                 (_, 3) => GROUPS_SCHEMA,
                 (_, 4) => EDITS_IN_ROW_SCHEMA,
+                (backend, 5) => super::console_audit::console_audit_schema(backend),
                 _ => &[],
             };
             for statement in statements {
