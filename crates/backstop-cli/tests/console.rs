@@ -420,7 +420,7 @@ async fn retry_group(kind: Store, flow: &str) {
     browser.screenshot_full("group").await;
     browser.click("#group-action-submit").await;
     wait_until("the job finishes", WAIT, || async {
-        browser.text("#job-status").await == "finished"
+        browser.try_text("#job-status").await.as_deref() == Some("finished")
     })
     .await;
     assert_eq!(browser.text("#job-done").await.trim(), "3");
@@ -640,6 +640,11 @@ async fn dlq_replay(kind: Store, flow: &str) {
     }
 
     browser.click("#replay-submit").await;
+    // The replay runs as a job: its page refreshes until the job ends.
+    wait_until("the replay job finishes", WAIT, || async {
+        browser.try_text("#job-status").await.as_deref() == Some("finished")
+    })
+    .await;
     assert_eq!(browser.text("#replay-moved").await.trim(), "2");
     browser.screenshot_full("dlq-replayed").await;
     for body in &declined {

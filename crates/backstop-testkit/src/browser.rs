@@ -328,6 +328,14 @@ impl Browser {
             .unwrap_or_else(|e| panic!("the text of {css}: {e}"))
     }
 
+    /// The visible text of the first element matching `css` now, or `None`
+    /// when there is none or the page was replaced while reading it (a page
+    /// that refreshes itself): for polling with `wait_until`.
+    pub async fn try_text(&self, css: &str) -> Option<String> {
+        let element = self.client.find(Locator::Css(css)).await.ok()?;
+        element.text().await.ok()
+    }
+
     /// Every element matching `css` now (none is not an error).
     pub async fn all(&self, css: &str) -> Vec<fantoccini::elements::Element> {
         self.client
