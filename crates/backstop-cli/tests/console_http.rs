@@ -336,14 +336,27 @@ async fn a_wrong_secret_does_not_log_in_and_secrets_stay_out_of_the_log() {
         "token = {TOKEN:?}\nuser = \"ops\"\npassword = {PASSWORD:?}"
     ))
     .await;
+    // The configured user is not offered as the login name.
+    let (_, _, page) = console.get("/login", None).await;
+    assert!(
+        !page.contains("value=\"ops\""),
+        "the login name is pre-filled: {page}"
+    );
     assert_eq!(
         console.login("alice", "wrong").await,
         Err(StatusCode::UNAUTHORIZED)
     );
+    // After a failure, the next try from this address waits a second.
+    let started = std::time::Instant::now();
     assert_eq!(
         console.login("alice", PASSWORD).await,
         Err(StatusCode::UNAUTHORIZED),
         "the password is the user's only"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "a login right after a failed one was not delayed: {:?}",
+        started.elapsed()
     );
     assert!(console.login("ops", TOKEN).await.is_ok());
     assert!(console.login("alice", TOKEN).await.is_ok());
@@ -577,6 +590,229 @@ async fn a_hostile_row_is_shown_inert() {
     assert!(!list.contains("<img") && list.contains("&lt;img src=x onerror=alert(2)&gt;"));
 }
 
+/// A request to the console with its own `Host` replaced by `host`.
+async fn send_as(
+    console: &Console,
+    method: reqwest::Method,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> (StatusCode, String) {
+    let mut request = console
+        .http
+        .request(method, console.url(path))
+        .header("host", host)
+        .header("accept", "text/html");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status();
+    assert_safe_headers(path, response.headers());
+    (status, response.text().await.expect("body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_another_host_name_is_refused() {
+    // Loopback without auth: a name is enough to log in, the case a DNS
+    // rebinding page would exploit.
+    let console = start("").await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{}"))
+        .await
+        .expect("store");
+    let port = console.base.rsplit(':').next().expect("a port").to_owned();
+    let (cookie, csrf) = console.login("alice", "").await.expect("login");
+    let evil = format!("evil.example:{port}");
+    for (method, path, body) in [
+        (reqwest::Method::GET, "/login", None),
+        (reqwest::Method::GET, "/", None),
+        (
+            reqwest::Method::POST,
+            "/login",
+            Some(form(&[("name", "mallory"), ("secret", "")])),
+        ),
+        (
+            reqwest::Method::POST,
+            &format!("/rows/{id}/action") as &str,
+            Some(form(&[
+                ("action", "discard"),
+                ("note", "rebound"),
+                ("csrf", &csrf),
+            ])),
+        ),
+    ] {
+        let (status, html) = send_as(
+            &console,
+            method.clone(),
+            path,
+            &evil,
+            &[("cookie", &cookie)],
+            body,
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::MISDIRECTED_REQUEST,
+            "{method} {path} as {evil}: {html}"
+        );
+    }
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Pending
+    );
+    // Its own names answer, and those of console.allowed_hosts.
+    let listed = start("allowed_hosts = [\"console.example.com\"]").await;
+    let (cookie, _) = listed.login("alice", "").await.expect("login");
+    let port = listed.base.rsplit(':').next().expect("a port").to_owned();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "console.example.com".to_owned(),
+        "console.example.com:443".to_owned(),
+    ] {
+        let (status, html) = send_as(
+            &listed,
+            reqwest::Method::GET,
+            "/",
+            &host,
+            &[("cookie", &cookie)],
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{host}: {html}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_from_another_origin_is_refused() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{}"))
+        .await
+        .expect("store");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let own = console.base.clone();
+    let host = own.trim_start_matches("http://").to_owned();
+    let path = format!("/rows/{id}/action");
+    let body = || {
+        Some(form(&[
+            ("action", "discard"),
+            ("note", "forged"),
+            ("csrf", &csrf),
+        ]))
+    };
+    let other_port = format!(
+        "http://127.0.0.1:{}",
+        host.rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("port")
+            .wrapping_add(1)
+    );
+    for forged in [
+        vec![("origin", other_port.as_str())],
+        vec![("origin", "null")],
+        vec![("origin", "http://evil.example")],
+        vec![("sec-fetch-site", "same-site")],
+        vec![("sec-fetch-site", "cross-site")],
+        vec![("origin", own.as_str()), ("sec-fetch-site", "same-site")],
+    ] {
+        let mut headers = forged.clone();
+        headers.push(("cookie", &cookie));
+        let (status, html) = send_as(
+            &console,
+            reqwest::Method::POST,
+            &path,
+            &host,
+            &headers,
+            body(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{forged:?}: {html}");
+        assert_eq!(
+            console.store.get(id).await.expect("row").status,
+            Status::Pending,
+            "{forged:?}"
+        );
+    }
+    // Its own origin, as a browser sends it, passes.
+    let (status, html) = send_as(
+        &console,
+        reqwest::Method::POST,
+        &path,
+        &host,
+        &[
+            ("origin", own.as_str()),
+            ("sec-fetch-site", "same-origin"),
+            ("cookie", &cookie),
+        ],
+        body(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{html}");
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Discarded
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_is_refused_before_login_and_outside_the_edit_form() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{}"))
+        .await
+        .expect("store");
+    let big = "a".repeat(1024 * 1024);
+    let (status, _, html) = console
+        .post("/login", None, form(&[("name", "x"), ("secret", &big)]))
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{html}");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (status, _, html) = console
+        .post(
+            &format!("/rows/{id}/action"),
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", &big), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{html}");
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Pending
+    );
+    // The edit form still takes a large payload.
+    let payload = format!("{{\"big\":\"{}\"}}", "b".repeat(1024 * 1024));
+    let (status, _, html) = console
+        .post(
+            &format!("/rows/{id}/edit"),
+            Some(&cookie),
+            form(&[
+                ("payload", &payload),
+                ("headers", "{}"),
+                ("note", "large edit"),
+                ("csrf", &csrf),
+            ]),
+        )
+        .await;
+    assert!(status.is_redirection(), "{status}: {html}");
+    let versions = console.store.versions(id).await.expect("versions");
+    assert_eq!(
+        versions.last().map(|v| v.payload.len()),
+        Some(payload.len())
+    );
+}
+
 #[test]
 fn off_loopback_without_auth_it_refuses_to_start() {
     let db = temp("db");
@@ -641,6 +877,71 @@ fn off_loopback_without_auth_it_refuses_to_start() {
         "{shown}"
     );
     assert!(!shown.contains(TOKEN), "{shown}");
+
+    // Off loopback, a short token or password is refused.
+    for (key, env) in [
+        ("console.token", ("BACKSTOP_CONSOLE_TOKEN", "short-token")),
+        (
+            "console.password",
+            ("BACKSTOP_CONSOLE_PASSWORD", "short-pass"),
+        ),
+    ] {
+        let file = temp("toml");
+        let user = if key == "console.password" {
+            "user = \"ops\"\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            &file,
+            format!(
+                "[store]\nurl = \"sqlite://{}\"\n[console]\nlisten = \"0.0.0.0:0\"\n{user}",
+                db.display()
+            ),
+        )
+        .expect("write the config");
+        let file = file.to_str().expect("utf-8 path");
+        for command in [
+            &["console", "-c", file][..],
+            &["config", "check", "-c", file],
+        ] {
+            let (code, stderr) = run(command, Some(env));
+            assert_eq!(code, Some(2), "{command:?} {key}: {stderr}");
+            assert!(
+                stderr.contains(key) && stderr.contains("16 characters"),
+                "{command:?}: {stderr}"
+            );
+            assert!(!stderr.contains(env.1), "a secret in the output: {stderr}");
+        }
+    }
+    // With a long one it starts, and warns that it speaks plain HTTP.
+    let stderr_path = temp("stderr");
+    let bare = temp("toml");
+    std::fs::write(&bare, "[console]\n").expect("write the config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["--log", "info", "console", "--listen", "0.0.0.0:0", "-c"])
+        .arg(&bare)
+        .env_remove("RUST_LOG")
+        .env_remove("BACKSTOP_CONSOLE_PASSWORD")
+        .env("BACKSTOP_CONSOLE_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("start backstop console");
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    let _ = child.kill();
+    let _ = child.wait();
+    read.expect("read stdout");
+    let stderr = std::fs::read_to_string(&stderr_path).expect("stderr");
+    assert!(
+        line.starts_with("backstop console: serving on"),
+        "{line} {stderr}"
+    );
+    assert!(
+        stderr.contains("plain HTTP") && stderr.contains("TLS proxy"),
+        "{stderr}"
+    );
 }
 
 /// `html` with maud's escapes undone (for attribute values).
