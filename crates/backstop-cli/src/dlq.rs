@@ -313,8 +313,19 @@ struct Dlq {
 impl Dlq {
     async fn open(broker: &DlqBroker, queue: &str, name: &str) -> anyhow::Result<Self> {
         let supervisor = ui::direct_supervisor(&broker.config, name)?;
-        let live = supervisor.connection().await?;
-        let channel = live.create_channel().await?;
+        // The supervisor is closed on every failure below: it would
+        // otherwise keep reconnecting for the rest of the process.
+        let channel = match supervisor.connection().await {
+            Ok(live) => live.create_channel().await.map_err(anyhow::Error::from),
+            Err(e) => Err(anyhow::Error::from(e)),
+        };
+        let channel = match channel {
+            Ok(channel) => channel,
+            Err(e) => {
+                supervisor.close().await;
+                return Err(e.context(format!("opening a channel for {queue:?}")));
+            }
+        };
         let declared = channel
             .queue_declare(
                 queue.into(),
