@@ -151,8 +151,14 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
             dry_run,
             broker,
         } => {
-            let report =
-                purge(&DlqBroker::from_args(&broker)?, &queue, older_than, dry_run).await?;
+            let report = purge(
+                &DlqBroker::from_args(&broker)?,
+                &queue,
+                cutoff_of(older_than),
+                None,
+                dry_run,
+            )
+            .await?;
             let PurgeReport {
                 purged,
                 kept,
@@ -1021,18 +1027,29 @@ pub(crate) struct PurgeReport {
     pub undated: u64,
 }
 
-/// Removes the messages of `queue` dead-lettered longer ago than
-/// `older_than` (acks them); everything else stays unacked until the
-/// channel closes and is requeued in order. Undated messages are kept. A dry
-/// run acks nothing and reports what would go.
+/// The dead-lettered time before which a message is older than
+/// `older_than`, now (ms since the epoch).
+pub(crate) fn cutoff_of(older_than: Duration) -> u64 {
+    retry::now_ms().saturating_sub(u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Removes the messages of `queue` dead-lettered before `cutoff_ms` (ms
+/// since the epoch; acks them), at most `max` of them (the first in queue
+/// order); everything else stays unacked until the channel closes and is
+/// requeued in order. Undated messages are kept. A dry run acks nothing and
+/// reports what would go. The console confirms a purge with the cutoff and
+/// the count of its dry run, so that the real run removes no message the
+/// operator was not shown a count of.
 pub(crate) async fn purge(
     broker: &DlqBroker,
     queue: &str,
-    older_than: Duration,
+    cutoff_ms: u64,
+    max: Option<u64>,
     dry_run: bool,
 ) -> anyhow::Result<PurgeReport> {
     let dlq = Dlq::open(broker, queue, "backstop-dlq-purge").await?;
-    let cutoff = retry::now_ms().saturating_sub(older_than.as_millis() as u64);
+    let cutoff = cutoff_ms;
+    let max = max.unwrap_or(u64::MAX);
     let bar = ui::progress(dlq.depth, "checked");
     let mut report = PurgeReport::default();
     let result = async {
@@ -1042,7 +1059,7 @@ pub(crate) async fn purge(
             };
             let headers = headers_of(&message.delivery.properties);
             match dead_lettered_ms(&headers) {
-                Some(at) if at < cutoff => {
+                Some(at) if at < cutoff && report.purged < max => {
                     if !dry_run {
                         dlq.ack(&message, "removing a message").await?;
                     }
@@ -1078,7 +1095,7 @@ mod tests {
         let opts = ReplayOptions::default();
         is_send(peek(&broker, "q", 1));
         is_send(replay(&broker, "q", &opts, &|_| {}));
-        is_send(purge(&broker, "q", Duration::ZERO, true));
+        is_send(purge(&broker, "q", 0, None, true));
     }
 
     #[test]

@@ -1397,13 +1397,21 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
     assert!(page.contains("id=\"purge-confirm\""), "{page}");
     assert!(page.contains("<strong>1 message(s)</strong>"), "{page}");
     settled(&dlq, 1).await;
-    let (status, _, page) = console
+    // Not without the count's cutoff.
+    let (status, _, _) = console
         .post(
             &purge,
             Some(&cookie),
             form(&[("older_than", "1h"), ("confirm", "yes"), ("csrf", &csrf)]),
         )
         .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let fields = hidden_fields(&page, "purge-confirm-form");
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (status, _, page) = console.post(&purge, Some(&cookie), form(&pairs)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("1 message(s) removed"), "{page}");
     settled(&dlq, 0).await;
@@ -1461,4 +1469,250 @@ async fn backstop_run_serves_the_console_of_its_config() {
     let _ = child.wait();
     assert_eq!(status, StatusCode::OK);
     assert!(html.contains("id=\"login-form\""), "{html}");
+}
+
+/// The TCP connections of process `pid` to the broker's port (from `ss`).
+fn broker_connections_of(pid: u32) -> usize {
+    let port = backstop_testkit::broker_addr().port();
+    let output = Command::new("ss")
+        .args(["-tnpH", "state", "established"])
+        .output()
+        .expect("run ss");
+    assert!(output.status.success(), "ss failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")) && l.contains(&format!(":{port} ")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_mid_peek_leaves_nothing_unacked_nor_connected() {
+    use tokio::io::AsyncWriteExt;
+    const MESSAGES: u64 = 50;
+    let queue = unique("console-hangup");
+    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    backstop::topology::Topology::new()
+        .queue(backstop::topology::Queue::classic(&queue))
+        .queue(backstop::topology::Queue::classic(&dlq))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    // Large bodies, so that the peek takes long enough to hang up during it.
+    let body = vec![b'x'; 1024 * 1024];
+    for i in 0..MESSAGES {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                dlq.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default().with_message_id(format!("m-{i}").into()),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+    settled(&dlq, MESSAGES).await;
+    let sections = format!(
+        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
+        backstop_testkit::amqp_url()
+    );
+    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let pid = console.child.id();
+    assert_eq!(broker_connections_of(pid), 0, "no DLQ connection before");
+    let (cookie, _) = console.login("alice", TOKEN).await.expect("login");
+
+    // A raw client asks for the peek and hangs up as soon as the console
+    // has started taking messages (the queue's ready count drops).
+    let address = console.base.trim_start_matches("http://").to_owned();
+    let mut client = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect to the console");
+    client
+        .write_all(
+            format!(
+                "GET /dlq/{dlq} HTTP/1.1\r\nHost: {address}\r\nCookie: {cookie}\r\nAccept: text/html\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send the request");
+    let probe = connection.create_channel().await.expect("channel");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let declared = probe
+            .queue_declare(
+                dlq.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        if u64::from(declared.message_count()) < MESSAGES {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the peek never started taking messages"
+        );
+    }
+    drop(client);
+
+    // Everything goes back, and the console's broker connection closes.
+    let q = dlq.clone();
+    backstop_testkit::wait_until(
+        &format!("{dlq} to hold {MESSAGES} ready, none unacked, after the hang-up"),
+        std::time::Duration::from_secs(20),
+        move || {
+            let q = q.clone();
+            async move {
+                backstop_testkit::queue_is(&q, |c| c.ready == MESSAGES && c.unacked == 0).await
+            }
+        },
+    )
+    .await;
+    backstop_testkit::wait_until(
+        "the console's DLQ connection to close",
+        std::time::Duration::from_secs(20),
+        move || async move { broker_connections_of(pid) == 0 },
+    )
+    .await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+    backstop_testkit::delete_queue(&connection, &queue).await;
+}
+
+/// The hidden fields of form `id` in `html`, as (name, value), unescaped.
+fn hidden_fields(html: &str, id: &str) -> Vec<(String, String)> {
+    let at = html
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no form #{id} in {html}"));
+    let form = &html[at..at + html[at..].find("</form>").expect("end of form")];
+    form.split("<input")
+        .skip(1)
+        .filter(|input| input.contains("type=\"hidden\""))
+        .map(|input| {
+            let attr = |name: &str| {
+                let start = input
+                    .find(&format!(" {name}=\""))
+                    .unwrap_or_else(|| panic!("no {name} in {input}"))
+                    + name.len()
+                    + 3;
+                let end = input[start..].find('"').expect("end of attribute");
+                unescape(&input[start..start + end])
+            };
+            (attr("name"), attr("value"))
+        })
+        .collect()
+}
+
+/// The message ids left in `queue`, in order (a peek with a plain client:
+/// basic.get without ack, then the channel closes and they are requeued).
+async fn ids_in(connection: &lapin::Connection, queue: &str) -> Vec<String> {
+    let channel = connection.create_channel().await.expect("channel");
+    let mut ids = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("basic.get")
+    {
+        ids.push(
+            message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        );
+    }
+    channel.close(200, "peeked".into()).await.expect("close");
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_purge_removes_only_what_its_dry_run_counted() {
+    let queue = unique("console-purge");
+    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    backstop::topology::Topology::new()
+        .queue(backstop::topology::Queue::classic(&queue))
+        .queue(backstop::topology::Queue::classic(&dlq))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    park(&channel, &dlq, &queue, "old-1", "x", 3_600_000).await;
+    park(&channel, &dlq, &queue, "old-2", "x", 3_600_000).await;
+    park(&channel, &dlq, &queue, "new", "x", 0).await;
+    let sections = format!(
+        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
+        backstop_testkit::amqp_url()
+    );
+    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let purge = format!("/dlq/{dlq}/purge");
+    let dry_run_at = now_ms();
+    let (status, _, page) = console
+        .post(
+            &purge,
+            Some(&cookie),
+            form(&[("older_than", "2s"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("<strong>2 message(s)</strong>"), "{page}");
+    settled(&dlq, 3).await;
+    // After the dry run: one dead-lettered just before it (newer than its
+    // cutoff, older than "2s" once 2 s have passed), and one long ago
+    // (older than the cutoff, but not counted by the dry run).
+    park(
+        &channel,
+        &dlq,
+        &queue,
+        "late-but-new",
+        "x",
+        now_ms() - (dry_run_at - 500),
+    )
+    .await;
+    park(&channel, &dlq, &queue, "late-and-old", "x", 7_200_000).await;
+    settled(&dlq, 5).await;
+    backstop_testkit::wait_until(
+        "3 s to pass since the dry run",
+        std::time::Duration::from_secs(10),
+        move || async move { now_ms() > dry_run_at + 3_000 },
+    )
+    .await;
+    let fields = hidden_fields(&page, "purge-confirm-form");
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (status, _, done) = console.post(&purge, Some(&cookie), form(&pairs)).await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert!(done.contains("2 message(s) removed"), "{done}");
+    settled(&dlq, 3).await;
+    assert_eq!(
+        ids_in(&connection, &dlq).await,
+        ["new", "late-but-new", "late-and-old"]
+    );
+    backstop_testkit::delete_queue(&connection, &queue).await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
 }

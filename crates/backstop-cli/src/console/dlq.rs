@@ -305,17 +305,26 @@ pub(crate) async fn replay(
     Ok(pages::layout(&format!("Replay {queue}"), Some(&op), body))
 }
 
-/// The purge form.
+/// The purge form. The confirm step carries the dry run's absolute
+/// cutoff and count: the real purge removes at most that many, dead-lettered
+/// before that time, however long the operator took to confirm.
 #[derive(Deserialize)]
 pub(crate) struct PurgeForm {
     #[serde(default)]
     older_than: String,
     #[serde(default)]
     confirm: String,
+    /// The dry run's cutoff, ms since the epoch.
+    #[serde(default)]
+    cutoff_ms: String,
+    /// How many the dry run counted.
+    #[serde(default)]
+    expected: String,
 }
 
 /// `POST /dlq/{queue}/purge`: without `confirm=yes`, counts what would go
-/// (a dry run) and asks; with it, purges.
+/// (a dry run) and asks; with it, purges at most the counted messages,
+/// with the dry run's cutoff.
 pub(crate) async fn purge(
     State(console): State<Shared>,
     Extension(op): Extension<Operator>,
@@ -327,26 +336,44 @@ pub(crate) async fn purge(
         PageError::bad_request(format!("the age is a duration such as 30d or 12h: {e}"))
     })?;
     let confirmed = form.confirm == "yes";
-    let report = dlq::purge(&console.broker, &queue, older_than, !confirmed)
+    let (cutoff, expected) = if confirmed {
+        let number = |text: &str| text.trim().parse::<u64>().ok();
+        match (number(&form.cutoff_ms), number(&form.expected)) {
+            (Some(cutoff), Some(expected)) => (cutoff, Some(expected)),
+            _ => {
+                return Err(PageError::bad_request(
+                    "a purge is confirmed from its count page (it carries the count's cutoff): count again",
+                ));
+            }
+        }
+    } else {
+        (dlq::cutoff_of(older_than), None)
+    };
+    let report = dlq::purge(&console.broker, &queue, cutoff, expected, !confirmed)
         .await
         .map_err(broker_error)?;
     let age = humantime::format_duration(older_than).to_string();
+    let cutoff_at = pages::time(i64::try_from(cutoff).unwrap_or(i64::MAX));
     let body = if confirmed {
-        info!(%queue, older_than = %age, purged = report.purged, actor = %op.actor(), "console DLQ purge");
+        info!(%queue, older_than = %age, cutoff_ms = cutoff, expected = ?expected, purged = report.purged, actor = %op.actor(), "console DLQ purge");
         html! {
             h1 { "Purged: " a href={ "/dlq/" (queue) } { (queue) } }
-            p.box id="purge-result" { (report.purged) " message(s) removed; " (report.kept) " kept (" (report.undated) " without a dead-lettered time)." }
+            p.box id="purge-result" { (report.purged) " message(s) removed; " (report.kept) " kept (" (report.undated) " without a dead-lettered time)."
+                " Removed: at most the " (expected.unwrap_or_default()) " counted, dead-lettered before " (cutoff_at) "." }
         }
     } else {
         html! {
             h1 { "Purge " (queue) "?" }
             p.box id="purge-count" {
                 strong { (report.purged) " message(s)" } " were dead-lettered more than " (age)
-                " ago and would be removed for good; " (report.kept) " would stay (" (report.undated) " without a dead-lettered time are never purged by age)."
+                " ago (before " (cutoff_at) ") and would be removed for good; " (report.kept) " would stay (" (report.undated) " without a dead-lettered time are never purged by age)."
+                " Confirming removes at most these " (report.purged) ", dead-lettered before that time."
             }
             form.action method="post" action={ "/dlq/" (queue) "/purge" } id="purge-confirm-form" {
                 (csrf_field(&op))
                 input type="hidden" name="older_than" value=(form.older_than.trim());
+                input type="hidden" name="cutoff_ms" value=(cutoff);
+                input type="hidden" name="expected" value=(report.purged);
                 input type="hidden" name="confirm" value="yes";
                 button.danger type="submit" id="purge-confirm" { "Remove them" }
                 " " a href={ "/dlq/" (queue) } { "Cancel" }
