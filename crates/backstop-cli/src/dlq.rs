@@ -22,6 +22,8 @@ use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 /// At most this many messages are kept in a dry run's
@@ -142,6 +144,7 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 to: to.map(|t| parse_destination(&t)).transpose()?,
                 dry_run,
                 rate_per_sec: rate,
+                cancel: None,
             };
             replay_command(&DlqBroker::from_args(&broker)?, &queue, &opts, json).await
         }
@@ -770,6 +773,19 @@ pub(crate) struct ReplayOptions {
     /// At most this many publishes a second (a token bucket, burst
     /// [`rate_burst`]).
     pub rate_per_sec: Option<u32>,
+    /// Set to stop the replay: checked before each message is read and
+    /// right before each publish, so nothing is published after it is set
+    /// (a publish already under way ends with its confirm and ack). Every
+    /// message not moved is requeued when the channel closes.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl ReplayOptions {
+    fn cancelled(&self) -> bool {
+        self.cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Acquire))
+    }
 }
 
 /// A replay's progress, reported after each message read.
@@ -812,6 +828,8 @@ pub(crate) struct ReplayReport {
     pub would_move_count: u64,
     /// Why messages failed, one line each (at most [`WOULD_MOVE_SHOWN`]).
     pub errors: Vec<String>,
+    /// Stopped by [`ReplayOptions::cancel`] before the end.
+    pub cancelled: bool,
 }
 
 /// The burst of the `--rate` token bucket: a tenth of a second's worth of
@@ -904,6 +922,10 @@ async fn replay_open(
         }
     };
     while report.seen < report.depth && report.matched < limit {
+        if opts.cancelled() {
+            report.cancelled = true;
+            break;
+        }
         let Some(message) = dlq.get().await? else {
             break;
         };
@@ -934,6 +956,12 @@ async fn replay_open(
                 (Some((exchange, routing_key)), Some(publisher)) => {
                     if let Some(bucket) = bucket.as_mut() {
                         bucket.take().await;
+                    }
+                    // Not published: it stays unacked and is requeued at
+                    // the close, with the rest.
+                    if opts.cancelled() {
+                        report.cancelled = true;
+                        break;
                     }
                     let properties = replay_properties(&message.delivery.properties);
                     match publisher

@@ -1031,6 +1031,14 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "a discard needs a note");
+    let (status, _, _) = console
+        .post(
+            &action,
+            Some(&cookie),
+            form(&[("action", "retry"), ("note", " "), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a retry needs a note too");
     assert!(
         !console
             .store
@@ -1063,6 +1071,32 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
     assert_eq!(text_of(&page, "job-status"), "finished");
     assert_eq!(text_of(&page, "job-done"), "1200");
     assert_eq!(text_of(&page, "job-total"), "1200");
+    // The job's start and end are in the console's audit, with the actor.
+    let actions = console
+        .store
+        .console_actions(10)
+        .await
+        .expect("console audit");
+    let start = actions
+        .iter()
+        .find(|a| a.action == "group_job_start")
+        .expect("a group_job_start entry");
+    assert_eq!(start.actor, "console:alice");
+    assert_eq!(start.target, format!("group {id}"));
+    assert!(
+        start
+            .detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("note=test orders"),
+        "{start:?}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| a.action == "group_job_end" && a.actor == "console:alice"),
+        "{actions:?}"
+    );
     let rows = console
         .store
         .list(&backstop::store::ListFilter {
@@ -1122,6 +1156,16 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
         .await;
     assert_eq!(status, StatusCode::SEE_OTHER);
     let page = wait_for_job(&console, &cookie, &job).await;
+    assert!(
+        console
+            .store
+            .console_actions(10)
+            .await
+            .expect("console audit")
+            .iter()
+            .any(|a| a.action == "group_job_cancel" && a.actor == "console:alice"),
+        "the cancel is audited"
+    );
     let done: usize = text_of(&page, "job-done").parse().expect("a count");
     let status = text_of(&page, "job-status");
     assert!(
@@ -1378,11 +1422,57 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     real.push(("dry_run_of", &dry_run_of));
-    let (status, _, page) = console.post(&replay, Some(&cookie), form(&real)).await;
-    assert_eq!(status, StatusCode::OK, "{page}");
+    let (status, headers, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    assert_eq!(
+        status,
+        StatusCode::SEE_OTHER,
+        "the replay runs as a job: {page}"
+    );
+    let job = headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_owned();
+    assert!(job.starts_with("/jobs/"), "{job}");
+    let page = wait_for_job(&console, &cookie, &job).await;
+    assert_eq!(text_of(&page, "job-status"), "finished", "{page}");
+    assert_eq!(text_of(&page, "job-done"), "2");
     assert_eq!(text_of(&page, "replay-moved"), "2");
     settled(&queue, 2).await;
     settled(&dlq, 1).await;
+    // Audited with the actor, and shown on /dlq.
+    let actions = console
+        .store
+        .console_actions(10)
+        .await
+        .expect("console audit");
+    let start = actions
+        .iter()
+        .find(|a| a.action == "dlq_replay_start")
+        .expect("a dlq_replay_start entry");
+    assert_eq!(
+        (start.actor.as_str(), start.target.as_str()),
+        ("console:alice", dlq.as_str())
+    );
+    assert!(
+        start.detail.as_deref().unwrap_or("").contains("timeout"),
+        "{start:?}"
+    );
+    let end = actions
+        .iter()
+        .find(|a| a.action == "dlq_replay_end")
+        .expect("a dlq_replay_end entry");
+    assert_eq!(end.actor, "console:alice");
+    assert!(
+        end.detail.as_deref().unwrap_or("").contains("moved=2"),
+        "{end:?}"
+    );
+    let (_, _, page) = console.get("/dlq", Some(&cookie)).await;
+    let audit = &page[page.find("id=\"console-audit\"").expect("#console-audit")..];
+    assert!(
+        audit.contains("console:alice") && audit.contains("dlq_replay_start"),
+        "{page}"
+    );
 
     // Purge: the count first, nothing removed; then the confirm.
     let purge = format!("/dlq/{dlq}/purge");
@@ -1415,6 +1505,16 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("1 message(s) removed"), "{page}");
     settled(&dlq, 0).await;
+    assert!(
+        console
+            .store
+            .console_actions(10)
+            .await
+            .expect("console audit")
+            .iter()
+            .any(|a| a.action == "dlq_purge" && a.actor == "console:alice" && a.target == dlq),
+        "the purge is audited"
+    );
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;
 }
@@ -1712,6 +1812,82 @@ async fn a_confirmed_purge_removes_only_what_its_dry_run_counted() {
     assert_eq!(
         ids_in(&connection, &dlq).await,
         ["new", "late-but-new", "late-and-old"]
+    );
+    backstop_testkit::delete_queue(&connection, &queue).await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+}
+
+/// A console replay is a job: cancelled, it stops before its next publish;
+/// what it moved is in the queue, the rest back in the DLQ, nothing unacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
+    let queue = unique("console-dlq-cancel");
+    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    backstop::topology::Topology::new()
+        .queue(backstop::topology::Queue::classic(&queue))
+        .queue(backstop::topology::Queue::classic(&dlq))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    for n in 0..20 {
+        park(&channel, &dlq, &queue, &format!("m{n}"), "timeout", 0).await;
+    }
+    let sections = format!(
+        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
+        backstop_testkit::amqp_url()
+    );
+    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let replay = format!("/dlq/{dlq}/replay");
+    // One message a second: 20 s for all of them.
+    let filters = [("rate", "1"), ("csrf", csrf.as_str())];
+    let mut dry = filters.to_vec();
+    dry.push(("mode", "dry_run"));
+    let (status, _, page) = console.post(&replay, Some(&cookie), form(&dry)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let dry_run_of = unescape(&hidden(&page, "dry_run_of"));
+    let mut real = filters.to_vec();
+    real.push(("mode", "replay"));
+    real.push(("dry_run_of", &dry_run_of));
+    let (status, headers, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    let job = headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_owned();
+    let (status, _, page) = console.get(&job, Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("id=\"job-cancel\""), "{page}");
+    let (status, _, _) = console
+        .post(
+            &format!("{job}/cancel"),
+            Some(&cookie),
+            form(&[("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let page = wait_for_job(&console, &cookie, &job).await;
+    assert_eq!(text_of(&page, "job-status"), "cancelled", "{page}");
+    let moved: u64 = text_of(&page, "job-done").parse().expect("a count");
+    assert!(moved < 20, "stopped before the end: {moved} moved");
+    settled(&queue, moved).await;
+    settled(&dlq, 20 - moved).await;
+    assert!(
+        console
+            .store
+            .console_actions(10)
+            .await
+            .expect("console audit")
+            .iter()
+            .any(|a| a.action == "dlq_replay_cancel" && a.actor == "console:alice"),
+        "the cancel is audited"
     );
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;

@@ -9,6 +9,7 @@
 //!   client's bytes still reach the broker, the broker's are thrown away (a
 //!   publish lands, its confirm is lost); [`FaultProxy::cut_connection`]
 //!   then closes that connection alone.
+//! - [`FaultProxy::delay_replies`] slows what the broker sends (a slow link).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -29,6 +30,8 @@ struct Control {
     drop_replies: BTreeSet<u64>,
     /// Connections cut one by one.
     cut: BTreeSet<u64>,
+    /// How long each read from the broker waits before it is forwarded.
+    reply_delay: std::time::Duration,
 }
 
 /// A TCP proxy from a loopback port to the broker. Stops when dropped.
@@ -123,6 +126,13 @@ impl FaultProxy {
             c.cut.insert(n);
         });
     }
+
+    /// A slow link: every read from the broker, on every connection, waits
+    /// `delay` before it is forwarded (zero: no delay). One publish waiting
+    /// for its confirm then takes at least `delay`.
+    pub fn delay_replies(&self, delay: std::time::Duration) {
+        self.control.send_modify(|c| c.reply_delay = delay);
+    }
 }
 
 impl Drop for FaultProxy {
@@ -195,12 +205,17 @@ impl Pump {
     ) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let (ended, held, discard) = {
+            let (ended, held, discard, delay) = {
                 let now = self.control.borrow_and_update();
                 (
                     now.epoch != self.epoch || now.cut.contains(&self.connection),
                     now.blackhole,
                     self.replies.is_some() && now.drop_replies.contains(&self.connection),
+                    if self.replies.is_some() {
+                        now.reply_delay
+                    } else {
+                        std::time::Duration::ZERO
+                    },
                 )
             };
             if ended {
@@ -221,6 +236,9 @@ impl Pump {
                         }
                     }
                     Ok(n) => {
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
                         if to.write_all(&buf[..n]).await.is_err() {
                             return;
                         }

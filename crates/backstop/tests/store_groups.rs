@@ -5,11 +5,14 @@
 mod common;
 
 use backstop::retry::now_ms;
+use backstop::store::ListFilter;
 use backstop::store::{
     CompensationStore, GroupKey, GroupProgress, ManualAction, NewFailedMessage, Redrive, Scanner,
     ScannerConfig, SqlStore, Status, StoreError, run_group_action,
 };
-use backstop_testkit::{amqp_url, postgres_url, unique, wait_until};
+use backstop_testkit::{
+    FaultProxy, amqp_url, broker_addr, postgres_url, unique, url_via, wait_until,
+};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -585,6 +588,134 @@ async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
         .expect("delete");
 }
 
+/// The `replayed` rows of `queue`.
+async fn replayed_ids(store: &SqlStore, queue: &str) -> std::collections::BTreeSet<i64> {
+    store
+        .list(&ListFilter {
+            status: Some(Status::Replayed),
+            queue: Some(queue.to_owned()),
+            limit: Some(10_000),
+        })
+        .await
+        .expect("list")
+        .iter()
+        .map(|r| r.id)
+        .collect()
+}
+
+/// 300 due rows re-driven through a slow link, one publish at a time: the
+/// confirmed rows are finished as their confirms arrive, so a scanner
+/// killed mid-batch (a crash) has already finished them, and a second
+/// scanner, after the lease, re-drives only the others: each row finished
+/// before the crash has exactly one copy in the queue.
+async fn a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed(store: SqlStore) {
+    let queue = unique("redrive-crash");
+    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .expect("connect");
+    common::durable_queue(&connection, &queue).await;
+    let ids = seed(&store, &queue, 0, 300).await;
+    assert_eq!(ids.len(), 300);
+    run_group_action(
+        &store,
+        key(&queue, "permanent", DECLINED),
+        ManualAction::Retry,
+        "ana".to_owned(),
+        None,
+        1000,
+        GroupProgress::new(),
+    )
+    .await
+    .expect("retry the group");
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    // Each confirm takes at least 10 ms: 300 rows take 3 s or more.
+    proxy.delay_replies(Duration::from_millis(10));
+    let lease = Duration::from_secs(12);
+    let config = ScannerConfig {
+        queue: Some(queue.clone()),
+        batch: 500,
+        publish_channels: 1,
+        lease,
+        ..ScannerConfig::default()
+    };
+    let slow = common::supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(30));
+    let scanner = Scanner::new(
+        Arc::new(store.clone()),
+        Redrive::Republish(slow.clone()),
+        config.clone(),
+    );
+    let scan = tokio::spawn(async move { scanner.run_once().await });
+    wait_until(
+        "100 rows replayed while the batch runs",
+        Duration::from_secs(60),
+        || {
+            let store = store.clone();
+            let queue = queue.clone();
+            async move { replayed_ids(&store, &queue).await.len() >= 100 }
+        },
+    )
+    .await;
+    // The crash: the scan ends here, nothing more is finished.
+    scan.abort();
+    let _ = scan.await;
+    slow.close().await;
+    drop(proxy);
+    let finished = replayed_ids(&store, &queue).await;
+    assert!(
+        finished.len() < 300,
+        "the scan was stopped mid-batch with rows already finished: {} of 300 replayed at the crash",
+        finished.len()
+    );
+    // After the lease, another scanner re-drives the rest.
+    let supervisor = common::supervisor(&amqp_url(), Duration::from_secs(10));
+    let rescanner = Scanner::new(
+        Arc::new(store.clone()),
+        Redrive::Republish(supervisor.clone()),
+        ScannerConfig {
+            owner: "second-scanner".to_owned(),
+            ..config
+        },
+    );
+    wait_until("every row replayed after the lease", lease * 4, || {
+        let rescanner = rescanner.clone();
+        let store = store.clone();
+        let queue = queue.clone();
+        async move {
+            rescanner.run_once().await.expect("scan");
+            replayed_ids(&store, &queue).await.len() == 300
+        }
+    })
+    .await;
+    let mut copies = std::collections::HashMap::<String, u32>::new();
+    for (message_id, _) in common::take_all(&connection, &queue).await {
+        *copies.entry(message_id).or_default() += 1;
+    }
+    assert_eq!(copies.len(), 300, "every row has a copy");
+    for id in &finished {
+        let row = store.get(*id).await.expect("get");
+        let message_id = row.message_id.clone().expect("message id");
+        assert_eq!(
+            copies.get(&message_id),
+            Some(&1),
+            "row {id} ({message_id}) was finished before the crash: re-driven once"
+        );
+        let replayed = store
+            .audit(*id)
+            .await
+            .expect("audit")
+            .iter()
+            .filter(|a| a.action == "replayed")
+            .count();
+        assert_eq!(replayed, 1, "row {id}");
+    }
+    supervisor.close().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .expect("delete");
+}
+
 macro_rules! suite {
     ($backend:ident: $($test:ident),* $(,)?) => {
         mod $backend {
@@ -619,4 +750,5 @@ both_backends!(
     an_edit_keeps_the_original_and_is_what_a_claim_returns,
     a_redriven_edited_row_publishes_only_the_edited_body,
     a_scan_sends_its_batch_together_one_copy_per_row,
+    a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed,
 );

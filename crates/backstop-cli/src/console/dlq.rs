@@ -8,16 +8,167 @@
 use super::auth::Operator;
 use super::pages::{self, csrf_field};
 use super::{Page, PageError, Shared, render};
-use crate::dlq::{self, DlqFilter, DlqMessage, ReplayOptions, ReplayReport};
+use crate::dlq::{self, DlqFilter, DlqMessage, ReplayOptions, ReplayProgress, ReplayReport};
 use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Messages a peek shows.
 const PEEKED: u64 = 100;
+/// Entries of the console's audit shown on `/dlq`.
+const AUDIT_SHOWN: i64 = 50;
+
+/// A DLQ replay running in a task of its own (not in the request), with a
+/// progress page and a cancel button: a cancel stops it before its next
+/// publish, and every message not moved is requeued when its channel closes.
+pub(crate) struct ReplayJob {
+    id: u64,
+    pub(super) queue: String,
+    filters: String,
+    actor: String,
+    started_at: i64,
+    pub(super) cancel: Arc<AtomicBool>,
+    progress: Arc<Mutex<ReplayProgress>>,
+    outcome: Mutex<Option<Result<ReplayReport, String>>>,
+}
+
+impl ReplayJob {
+    /// Starts replaying `queue` with `options` in a task; its end is audited.
+    fn start(
+        console: &Shared,
+        queue: String,
+        filters: String,
+        actor: String,
+        mut options: ReplayOptions,
+    ) -> Arc<ReplayJob> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        options.cancel = Some(cancel.clone());
+        let job = Arc::new(ReplayJob {
+            id: console.jobs.next_id(),
+            queue,
+            filters,
+            actor,
+            started_at: backstop::retry::now_ms() as i64,
+            cancel,
+            progress: Arc::new(Mutex::new(ReplayProgress::default())),
+            outcome: Mutex::new(None),
+        });
+        console
+            .jobs
+            .replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.id, job.clone());
+        let running = job.clone();
+        let console = console.clone();
+        tokio::spawn(async move {
+            let progress = running.progress.clone();
+            let report = dlq::replay(&console.broker, &running.queue, &options, &move |p| {
+                *progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+            })
+            .await;
+            let end = match &report {
+                Ok(r) => format!(
+                    "moved={} matched={} seen={} failed={} cancelled={}",
+                    r.moved, r.matched, r.seen, r.failed, r.cancelled
+                ),
+                Err(e) => format!("failed: {e:#}"),
+            };
+            info!(job = running.id, queue = %running.queue, actor = %running.actor, result = %end, "console DLQ replay ended");
+            if let Some(store) = &console.store
+                && let Err(e) = store
+                    .record_console_action(
+                        &running.actor,
+                        "dlq_replay_end",
+                        &format!("job {} queue {}", running.id, running.queue),
+                        Some(&end),
+                    )
+                    .await
+            {
+                warn!(job = running.id, error = %e, "the console audit of a DLQ replay's end failed");
+            }
+            *running.outcome.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(report.map_err(|e| format!("{e:#}")));
+        });
+        job
+    }
+}
+
+/// `/jobs/{id}` of a DLQ replay: progress, refreshed every second until it
+/// ends, then its result.
+pub(crate) fn job_page(job: &ReplayJob, op: &Operator) -> Markup {
+    let progress = *job.progress.lock().unwrap_or_else(|e| e.into_inner());
+    let outcome = job
+        .outcome
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let cancelling = job.cancel.load(Ordering::Acquire);
+    let (status, error) = match &outcome {
+        None if cancelling => ("cancelling", None),
+        None => ("running", None),
+        Some(Ok(r)) if r.cancelled => ("cancelled", None),
+        Some(Ok(_)) => ("finished", None),
+        Some(Err(e)) => ("failed", Some(e.clone())),
+    };
+    let body = html! {
+        h1 { "Job " (job.id) ": replay " a href={ "/dlq/" (job.queue) } { (job.queue) } }
+        (pages::pairs("job-meta", &[
+            ("queue".into(), render::inert(&job.queue)),
+            ("filters".into(), render::inert(&job.filters)),
+            ("actor".into(), render::inert(&job.actor)),
+            ("started".into(), pages::time(job.started_at)),
+        ]))
+        p { "Status: " strong id="job-status" class=(status) { (status) } }
+        p {
+            progress id="job-progress" max=(progress.depth.max(1)) value=(progress.seen) {}
+            " " span id="job-done" { (progress.moved) } " moved; "
+            (progress.seen) " of " span id="job-total" { (progress.depth) } " read, "
+            (progress.matched) " selected"
+        }
+        @if let Some(e) = error { p.error { (render::inert(&e)) } }
+        @if let Some(Ok(report)) = &outcome { (replay_result(report)) }
+        @if outcome.is_none() {
+            form method="post" action={ "/jobs/" (job.id) "/cancel" } id="job-cancel" {
+                (csrf_field(op))
+                button.danger type="submit" id="job-cancel-submit" { "Cancel (stops before the next publish; the rest stays in the DLQ)" }
+            }
+        } @else {
+            p { a href={ "/dlq/" (job.queue) } { "Back to the queue" } }
+        }
+    };
+    let refresh = outcome.is_none().then_some(1);
+    pages::layout_refreshing(&format!("Job {}", job.id), Some(op), refresh, body)
+}
+
+/// The console's audit (DLQ actions, group jobs), newest first.
+fn audit_table(actions: &[backstop::store::ConsoleAction]) -> Markup {
+    html! {
+        table id="console-audit" {
+            thead { tr { th { "at" } th { "actor" } th { "action" } th { "target" } th { "detail" } } }
+            tbody {
+                @for a in actions {
+                    tr.console-action {
+                        td { (pages::time(a.at)) }
+                        td { (render::inert(&a.actor)) }
+                        td { (render::inert(&a.action)) }
+                        td.cell { (render::inert(&a.target)) }
+                        td.cell { (render::inert(render::cut(a.detail.as_deref().unwrap_or(""), 500).0)) }
+                    }
+                }
+                @if actions.is_empty() {
+                    tr { td colspan="5" .note { "No console action yet." } }
+                }
+            }
+        }
+    }
+}
 
 impl super::Console {
     /// `queue` when it is one of the configured DLQs.
@@ -48,6 +199,10 @@ pub(crate) async fn list(
     let depths = dlq::depths(&console.broker, &console.dlqs)
         .await
         .map_err(broker_error)?;
+    let actions = match &console.store {
+        Some(store) => Some(store.console_actions(AUDIT_SHOWN).await?),
+        None => None,
+    };
     let body = html! {
         h1 { "Dead-letter queues" }
         table id="dlqs" {
@@ -63,6 +218,11 @@ pub(crate) async fn list(
                     tr { td colspan="2" .note { "No [[consumer]] in the configuration: no dead-letter queue to show." } }
                 }
             }
+        }
+        h2 { "Recent console actions" }
+        @match &actions {
+            Some(actions) => (audit_table(actions)),
+            None => p.note id="console-audit" { "No [store] configured: console actions cannot be audited, so replays and purges are refused." },
         }
     };
     Ok(pages::layout("Dead-letter queues", Some(&op), body))
@@ -170,6 +330,7 @@ impl ReplayForm {
             to: None,
             dry_run,
             rate_per_sec: rate,
+            cancel: None,
         })
     }
 }
@@ -266,13 +427,15 @@ fn replay_result(report: &ReplayReport) -> Markup {
     }
 }
 
-/// `POST /dlq/{queue}/replay`: a dry run, or the replay that follows one.
+/// `POST /dlq/{queue}/replay`: a dry run (in the request: it moves
+/// nothing), or the replay that follows one, started as a job (audited) and
+/// answered with a redirect to its progress page.
 pub(crate) async fn replay(
     State(console): State<Shared>,
     Extension(op): Extension<Operator>,
     Path(queue): Path<String>,
     axum::Form(form): axum::Form<ReplayForm>,
-) -> Page {
+) -> Result<Response, PageError> {
     console.dlq(&queue)?;
     let dry_run = form.mode != "replay";
     if !dry_run && form.dry_run_of != form.fingerprint() {
@@ -281,6 +444,20 @@ pub(crate) async fn replay(
         ));
     }
     let options = form.options(dry_run)?;
+    if !dry_run {
+        let filters = form.fingerprint();
+        console
+            .audit(
+                &op,
+                "dlq_replay_start",
+                &queue,
+                &format!("filters={filters}"),
+            )
+            .await?;
+        let job = ReplayJob::start(&console, queue.clone(), filters, op.actor(), options);
+        info!(%queue, job = job.id, actor = %op.actor(), filter = %form.fingerprint(), "console DLQ replay started");
+        return Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response());
+    }
     let report = dlq::replay(&console.broker, &queue, &options, &|_| {})
         .await
         .map_err(broker_error)?;
@@ -296,13 +473,9 @@ pub(crate) async fn replay(
     let body = html! {
         h1 { "Replay: " a href={ "/dlq/" (queue) } { (queue) } }
         (replay_result(&report))
-        @if dry_run {
-            (replay_form(&queue, &form, &op, true))
-        } @else {
-            (replay_form(&queue, &ReplayForm::default(), &op, false))
-        }
+        (replay_form(&queue, &form, &op, true))
     };
-    Ok(pages::layout(&format!("Replay {queue}"), Some(&op), body))
+    Ok(pages::layout(&format!("Replay {queue}"), Some(&op), body).into_response())
 }
 
 /// The purge form. The confirm step carries the dry run's absolute
@@ -349,6 +522,20 @@ pub(crate) async fn purge(
     } else {
         (dlq::cutoff_of(older_than), None)
     };
+    if let Some(expected) = expected {
+        // Audited before anything is removed.
+        console
+            .audit(
+                &op,
+                "dlq_purge",
+                &queue,
+                &format!(
+                    "older_than={} cutoff_ms={cutoff} at_most={expected}",
+                    humantime::format_duration(older_than)
+                ),
+            )
+            .await?;
+    }
     let report = dlq::purge(&console.broker, &queue, cutoff, expected, !confirmed)
         .await
         .map_err(broker_error)?;

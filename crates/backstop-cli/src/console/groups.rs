@@ -39,14 +39,30 @@ pub(crate) struct Job {
     outcome: Mutex<Option<Result<GroupBatchTotals, String>>>,
 }
 
-/// The jobs of this process (kept until it stops).
+/// The jobs of this process (kept until it stops): group actions and DLQ
+/// replays, numbered together.
 #[derive(Default)]
 pub(crate) struct Jobs {
     next: AtomicU64,
     jobs: Mutex<HashMap<u64, Arc<Job>>>,
+    pub(super) replays: Mutex<HashMap<u64, Arc<super::dlq::ReplayJob>>>,
 }
 
 impl Jobs {
+    /// A new job id.
+    pub(super) fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The DLQ replay job `id`, if it is one.
+    fn replay(&self, id: u64) -> Option<Arc<super::dlq::ReplayJob>> {
+        self.replays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
     fn get(&self, id: u64) -> Result<Arc<Job>, PageError> {
         self.jobs
             .lock()
@@ -65,7 +81,7 @@ impl Jobs {
         actor: String,
         note: Option<String>,
     ) -> Arc<Job> {
-        let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        let id = self.next_id();
         let job = Arc::new(Job {
             id,
             group,
@@ -93,6 +109,24 @@ impl Jobs {
                 running.progress.clone(),
             )
             .await;
+            let end = match &result {
+                Ok(totals) => format!(
+                    "acted={} skipped={} cancelled={}",
+                    totals.acted, totals.skipped, totals.cancelled
+                ),
+                Err(e) => format!("failed: {e}"),
+            };
+            if let Err(e) = store
+                .record_console_action(
+                    &running.actor,
+                    "group_job_end",
+                    &format!("job {} group {}", running.id, running.group.id),
+                    Some(&end),
+                )
+                .await
+            {
+                warn!(job = running.id, error = %e, "the console audit of a group job's end failed");
+            }
             match &result {
                 Ok(totals) => info!(
                     job = running.id,
@@ -179,8 +213,8 @@ pub(crate) async fn group(
                 option value="discard" { "discard (give them up)" }
                 option value="resolve" { "resolve (handled by hand)" }
             }
-            label for="group-action-note" { "Note (required to discard or resolve; recorded on every row)" }
-            textarea id="group-action-note" name="note" {}
+            label for="group-action-note" { "Note (required for every action, retry included; recorded on every row)" }
+            textarea id="group-action-note" name="note" required {}
             p.note { "Runs in batches of " (BATCH) " rows, each committed whole; rows that arrive after the start are left alone; it can be cancelled between batches." }
             p { button type="submit" id="group-action-submit" { "Apply to the group" } }
         }
@@ -210,19 +244,36 @@ pub(crate) async fn group_action(
     axum::Form(form): axum::Form<GroupActionForm>,
 ) -> Result<Response, PageError> {
     let store = console.store()?.clone();
-    let (action, needs_note) = parse_action(&form.action)?;
+    let (action, _) = parse_action(&form.action)?;
     if action == ManualAction::ForceRetry {
         return Err(PageError::bad_request(
             "a group holds unfinished rows only: use retry",
         ));
     }
-    let note = note_of(&form.note, needs_note)?.map(str::to_owned);
+    // Every group action, retry included, says why.
+    let note = note_of(&form.note, true)?.map(str::to_owned);
     let group = store.group(&id).await?.ok_or_else(|| {
         PageError::new(
             StatusCode::NOT_FOUND,
             "no group with unfinished rows has this id",
         )
     })?;
+    console
+        .audit(
+            &op,
+            "group_job_start",
+            &format!("group {}", group.id),
+            &format!(
+                "action={} rows={} queue={} kind={} cause={} note={}",
+                action.as_str(),
+                group.count,
+                group.key.queue,
+                group.key.error_kind,
+                group.key.cause,
+                note.as_deref().unwrap_or("")
+            ),
+        )
+        .await?;
     info!(group = %group.id, action = action.as_str(), actor = %op.actor(), "console group action started");
     let job = console.jobs.start(store, group, action, op.actor(), note);
     Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response())
@@ -234,6 +285,9 @@ pub(crate) async fn job(
     Extension(op): Extension<Operator>,
     Path(id): Path<u64>,
 ) -> Result<Response, PageError> {
+    if let Some(replay) = console.jobs.replay(id) {
+        return Ok(super::dlq::job_page(&replay, &op).into_response());
+    }
     let job = console.jobs.get(id)?;
     let (total, done, skipped) = job.progress.snapshot();
     let outcome = job
@@ -288,7 +342,28 @@ pub(crate) async fn cancel_job(
     Extension(op): Extension<Operator>,
     Path(id): Path<u64>,
 ) -> Result<Response, PageError> {
+    if let Some(replay) = console.jobs.replay(id) {
+        console
+            .audit(
+                &op,
+                "dlq_replay_cancel",
+                &format!("job {id} queue {}", replay.queue),
+                "",
+            )
+            .await?;
+        replay.cancel.store(true, Ordering::Release);
+        info!(job = id, actor = %op.actor(), "console DLQ replay cancelled");
+        return Ok(Redirect::to(&format!("/jobs/{id}")).into_response());
+    }
     let job = console.jobs.get(id)?;
+    console
+        .audit(
+            &op,
+            "group_job_cancel",
+            &format!("job {id} group {}", job.group.id),
+            "",
+        )
+        .await?;
     job.progress.cancel();
     info!(job = id, actor = %op.actor(), "console group action cancelled");
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())

@@ -416,6 +416,28 @@ impl Console {
         })
     }
 
+    /// Records `action` of `op` on `target` in the console's audit table
+    /// (`backstop_console_audit`). Without a store nothing can be audited:
+    /// the action is refused.
+    async fn audit(
+        &self,
+        op: &Operator,
+        action: &str,
+        target: &str,
+        detail: &str,
+    ) -> Result<(), PageError> {
+        let store = self.store.as_ref().ok_or_else(|| {
+            PageError::new(
+                StatusCode::CONFLICT,
+                "this action is audited in the compensation store: add [store] url to the file",
+            )
+        })?;
+        store
+            .record_console_action(&op.actor(), action, target, Some(detail))
+            .await?;
+        Ok(())
+    }
+
     /// The operator of a request's session cookie or `Authorization`
     /// header: `Ok(None)` without either, `Err` for a wrong header.
     fn operator(&self, headers: &HeaderMap) -> Result<Option<Operator>, ()> {

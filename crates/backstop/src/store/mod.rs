@@ -14,6 +14,7 @@
 //! SQLite (the embedded default, in WAL mode) and PostgreSQL (for several
 //! consumer instances, with `FOR UPDATE SKIP LOCKED` claims).
 
+mod console_audit;
 mod groups;
 mod scanner;
 mod sql;
@@ -23,6 +24,7 @@ pub use groups::{
     normalize_error, run_group_action,
 };
 
+pub use console_audit::ConsoleAction;
 pub(crate) use scanner::unique_owner;
 pub use scanner::{Redrive, RedriveFn, Scanner, ScannerConfig, ScannerReport};
 pub use sql::SqlStore;

@@ -118,12 +118,41 @@ pub struct ScannerReport {
     /// Skipped because the lease was gone before the side effect (another
     /// scanner or a person took the row).
     pub lost_leases: u64,
-    /// Re-drives whose outcome is unknown (no confirm in time, or stopped
-    /// while the confirm was pending): left leased, re-driven after the
+    /// Re-drives whose outcome is unknown (no confirm in time, stopped
+    /// while the confirm was pending, a resource alarm, or a channel or
+    /// connection that failed during the publish): left leased, re-driven after the
     /// lease, so possibly duplicated. The scan ends after one (the broker
     /// or the handler is not answering, and the next row would wait as
     /// long): the rows not started yet keep their lease until it runs out.
     pub unknown: u64,
+}
+
+/// Rows of a batch finished together at most: confirmed rows are finished
+/// in chunks as their confirms arrive, not at the end of the batch.
+const FINISH_CHUNK: usize = 100;
+
+/// The longest a re-driven row waits to be finished, once its outcome is known.
+const FINISH_EVERY: Duration = Duration::from_secs(1);
+
+/// Left at the end of half the lease for the confirms of the last publishes
+/// and the last finish: no publish of a batch starts later than half the
+/// lease minus this (a quarter of the lease, at most 5 s).
+fn finish_margin(lease: Duration) -> Duration {
+    (lease / 4).min(Duration::from_secs(5))
+}
+
+/// Counts `outcomes` (about to be finished) into `report`.
+fn count_outcomes(outcomes: &[(i64, RedriveOutcome)], report: &mut ScannerReport) {
+    for (id, outcome) in outcomes {
+        match outcome {
+            RedriveOutcome::Replayed | RedriveOutcome::Resolved => report.redriven += 1,
+            RedriveOutcome::Failed { give_up: true, .. } => report.needs_review += 1,
+            RedriveOutcome::Failed { error, .. } => {
+                report.failed += 1;
+                warn!(id, %error, "re-drive failed");
+            }
+        }
+    }
 }
 
 /// A confirm channel on the publishing connection of `supervisor`. Copies
@@ -304,11 +333,12 @@ impl Scanner {
                             // End the scan without counting it against the
                             // row (as an unknown outcome, its lease kept).
                             Err(e @ PublishError::Blocked { .. }) => Err(e.to_string()),
+                            // The channel or connection failed: the copy may
+                            // have been stored. Unknown, like a timeout.
+                            Err(e @ PublishError::Channel { .. }) => Err(e.to_string()),
+                            // The broker refused this copy: a failed attempt.
                             Err(e) => {
-                                channel_lost = matches!(
-                                    e,
-                                    PublishError::Channel { .. } | PublishError::Refused { .. }
-                                );
+                                channel_lost = matches!(e, PublishError::Refused { .. });
                                 Ok(Err(e.to_string()))
                             }
                         },
@@ -357,9 +387,7 @@ impl Scanner {
                 warn!(id, %error, needs_review = give_up, "re-drive failed");
             }
             // Finished at once: a crash after this row cannot re-drive it again.
-            self.store
-                .finish_redrives(&self.config.owner, &[(id, outcome)])
-                .await?;
+            self.finish(&[(id, outcome)]).await?;
             // The broker confirms: the rest of the batch goes out together.
             if confirmed && let Redrive::Republish(supervisor) = &self.redrive {
                 let rest: Vec<FailedRow> = rows.by_ref().collect();
@@ -397,18 +425,42 @@ impl Scanner {
         Ok(report)
     }
 
+    /// Finishes `outcomes` (re-drives this scanner did) in one transaction,
+    /// trying a second time if the first fails: a finish that fails leaves
+    /// confirmed rows to be re-driven again after their lease.
+    async fn finish(&self, outcomes: &[(i64, RedriveOutcome)]) -> Result<(), StoreError> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
+        let owner = &self.config.owner;
+        match self.store.finish_redrives(owner, outcomes).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                warn!(error = %e, rows = outcomes.len(), "finishing re-driven rows failed; trying once more");
+                self.store
+                    .finish_redrives(owner, outcomes)
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
     /// Re-drives `rows` (claimed by this scanner, after a first row of the
     /// scan was confirmed) with their publishes in flight together:
     /// 1. every lease is renewed and checked in one statement right before
     ///    the publishes (a row whose lease is gone is skipped, `lost_leases`);
     /// 2. the copies go out on up to `publish_channels` confirm channels,
-    ///    each carrying one publish at a time until its confirm, all of them
-    ///    within half the lease;
-    /// 3. only then are the rows finished, in one transaction: `replayed`
-    ///    for each confirmed copy, a failure for each refused one. A copy
-    ///    with no confirm in time (or when stopped) has an unknown outcome:
-    ///    its row keeps its lease, no failure is recorded, and it is
-    ///    re-driven after the lease (a possible duplicate, `unknown`).
+    ///    each carrying one publish at a time until its confirm; no publish
+    ///    starts later than half the lease minus [`finish_margin`], and no
+    ///    confirm is awaited past half the lease;
+    /// 3. the rows are finished as their answers arrive, in chunks (every
+    ///    [`FINISH_CHUNK`] rows or [`FINISH_EVERY`], whichever comes first;
+    ///    a failed finish is tried once more): `replayed` for each confirmed
+    ///    copy, a failure for each copy the broker refused (nack, return,
+    ///    refusal). A copy whose outcome is unknown (no confirm in time, a
+    ///    stop, a resource alarm, or a channel or connection error: the copy
+    ///    may have been stored) keeps its lease, no failure is recorded, and
+    ///    it is re-driven after the lease (a possible duplicate, `unknown`).
     async fn republish_together(
         &self,
         rows: Vec<FailedRow>,
@@ -422,11 +474,12 @@ impl Scanner {
         }
         let owner = &self.config.owner;
         let lease = self.config.lease.as_millis() as i64;
-        let mut outcomes: Vec<(i64, RedriveOutcome)> = Vec::with_capacity(rows.len());
+        // Outcomes not finished yet, and when the oldest of them came.
+        let mut unfinished: Vec<(i64, RedriveOutcome)> = Vec::new();
         let mut to_send = Vec::with_capacity(rows.len());
         for row in rows {
             if row.redrives > self.config.max_attempts {
-                outcomes.push((
+                unfinished.push((
                     row.id,
                     RedriveOutcome::Failed {
                         error: format!("{}; re-driven {} times", row.error, row.redrives - 1),
@@ -438,8 +491,12 @@ impl Scanner {
                 to_send.push(row);
             }
         }
+        count_outcomes(&unfinished, report);
+        self.finish(&unfinished).await?;
+        unfinished.clear();
         let ids: Vec<i64> = to_send.iter().map(|r| r.id).collect();
         let at = now_ms() as i64;
+        let renewed = tokio::time::Instant::now();
         let held: std::collections::HashSet<i64> = self
             .store
             .renew_leases(owner, &ids, at, at + lease)
@@ -451,7 +508,10 @@ impl Scanner {
             self.config.publish_channels.max(1),
             crate::publish::DEFAULT_CONFIRM_TIMEOUT,
         );
-        let deadline = tokio::time::Instant::now() + self.config.lease / 2;
+        // Confirms are awaited until half the lease; publishes start until
+        // a margin before it, left for their confirms and the last finish.
+        let deadline = renewed + self.config.lease / 2;
+        let last_start = deadline - finish_margin(self.config.lease);
         let (to_send, lost): (Vec<FailedRow>, Vec<FailedRow>) =
             to_send.into_iter().partition(|row| held.contains(&row.id));
         for row in lost {
@@ -476,9 +536,28 @@ impl Scanner {
             in_flight.push(publish(row));
         }
         let mut unknown = false;
+        let mut oldest_unfinished: Option<tokio::time::Instant> = None;
+        let mut finished = Ok(());
         loop {
+            let due = oldest_unfinished.map(|oldest| oldest + FINISH_EVERY);
+            let finish_due = async move {
+                match due {
+                    Some(due) => tokio::time::sleep_until(due).await,
+                    None => std::future::pending().await,
+                }
+            };
             let next = tokio::select! {
                 next = in_flight.next() => next,
+                _ = finish_due => {
+                    count_outcomes(&unfinished, report);
+                    if let Err(e) = self.finish(&unfinished).await {
+                        finished = Err(e);
+                        break;
+                    }
+                    unfinished.clear();
+                    oldest_unfinished = None;
+                    continue;
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     warn!(after = ?self.config.lease / 2, "re-drives without a confirm within half the lease: their outcome is unknown");
                     break;
@@ -490,25 +569,46 @@ impl Scanner {
             };
             sent.remove(&id);
             let outcome = match result {
-                Ok(()) => RedriveOutcome::Replayed,
-                Err(e @ (PublishError::Timeout { .. } | PublishError::Blocked { .. })) => {
-                    // Kept leased and re-driven after the lease.
-                    report.unknown += 1;
-                    unknown = true;
-                    warn!(id, reason = %e, "re-drive outcome unknown; the row stays leased and is re-driven after its lease (possibly a duplicate)");
-                    continue;
-                }
-                Err(e) => RedriveOutcome::Failed {
+                Ok(()) => Some(RedriveOutcome::Replayed),
+                // The broker refused this copy: a failed attempt.
+                Err(
+                    e @ (PublishError::Nacked { .. }
+                    | PublishError::Unroutable { .. }
+                    | PublishError::Refused { .. }),
+                ) => Some(RedriveOutcome::Failed {
                     error: e.to_string(),
                     next_attempt_at: now_ms() as i64 + self.backoff(redrives).as_millis() as i64,
                     give_up: redrives >= self.config.max_attempts,
-                },
+                }),
+                // No confirm in time, a resource alarm, a channel or
+                // connection that failed (the copy may have been stored):
+                // kept leased and re-driven after the lease.
+                Err(e) => {
+                    report.unknown += 1;
+                    unknown = true;
+                    warn!(id, reason = %e, "re-drive outcome unknown; the row stays leased and is re-driven after its lease (possibly a duplicate)");
+                    None
+                }
             };
-            outcomes.push((id, outcome));
-            // No new publish once one outcome is unknown: the broker is not
-            // answering, and the rows not sent keep their lease untouched.
+            if let Some(outcome) = outcome {
+                unfinished.push((id, outcome));
+                oldest_unfinished.get_or_insert_with(tokio::time::Instant::now);
+                if unfinished.len() >= FINISH_CHUNK {
+                    count_outcomes(&unfinished, report);
+                    if let Err(e) = self.finish(&unfinished).await {
+                        finished = Err(e);
+                        break;
+                    }
+                    unfinished.clear();
+                    oldest_unfinished = None;
+                }
+            }
+            // No new publish once one outcome is unknown (the broker is not
+            // answering) or past the last start: the rows not sent keep
+            // their lease untouched.
             if !unknown
                 && !*stop.borrow()
+                && tokio::time::Instant::now() < last_start
                 && let Some(row) = queued.next()
             {
                 sent.insert(row.id);
@@ -518,19 +618,12 @@ impl Scanner {
         drop(in_flight);
         // In flight at a stop or the deadline: unknown, like above.
         report.unknown += sent.len() as u64;
+        finished?;
+        // Finished before the channels are closed: the close may wait.
+        count_outcomes(&unfinished, report);
+        let finished = self.finish(&unfinished).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher.close()).await;
-        for (id, outcome) in &outcomes {
-            match outcome {
-                RedriveOutcome::Replayed | RedriveOutcome::Resolved => report.redriven += 1,
-                RedriveOutcome::Failed { give_up: true, .. } => report.needs_review += 1,
-                RedriveOutcome::Failed { error, .. } => {
-                    report.failed += 1;
-                    warn!(id, %error, "re-drive failed");
-                }
-            }
-        }
-        self.store.finish_redrives(owner, &outcomes).await?;
-        Ok(())
+        finished
     }
 
     /// Scans every `interval` in the background.

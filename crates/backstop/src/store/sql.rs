@@ -165,6 +165,10 @@ const MIGRATIONS: &[(i64, &str)] = &[
         "fingerprints and occurrences: one unfinished row per message",
     ),
     (3, "failure groups (cause) and edited payload versions"),
+    (
+        5,
+        "the review console's audit of DLQ actions and group jobs",
+    ),
 ];
 
 pub(super) fn unavailable(e: sqlx::Error) -> StoreError {
@@ -416,6 +420,7 @@ impl SqlStore {
                 (Backend::Postgres, 1) => POSTGRES_SCHEMA,
                 (_, 2) => FINGERPRINT_SCHEMA,
                 (_, 3) => GROUPS_SCHEMA,
+                (backend, 5) => super::console_audit::console_audit_schema(backend),
                 _ => &[],
             };
             for statement in statements {
