@@ -311,12 +311,39 @@ async fn queues(args: &ui::BrokerArgs, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// An open channel on the DLQ, with its depth when opened.
+/// An open channel on the DLQ, with its depth when opened. Dropped without
+/// [`close`](Self::close) (its operation's future was dropped), it still
+/// closes its channel and connection, from a task of its own: otherwise the
+/// messages it took would stay unacked on a live channel, and the
+/// connection open, until the process exits.
 struct Dlq {
     supervisor: backstop::connection::ConnectionSupervisor,
     channel: lapin::Channel,
     queue: String,
     depth: u64,
+    closed: bool,
+}
+
+impl Drop for Dlq {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let channel = self.channel.clone();
+        let supervisor = self.supervisor.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = channel.close(200, "backstop dlq dropped".into()).await;
+                    supervisor.close().await;
+                });
+            }
+            Err(_) => tracing::warn!(
+                queue = %self.queue,
+                "a DLQ channel was dropped outside a runtime: it closes with the process"
+            ),
+        }
+    }
 }
 
 impl Dlq {
@@ -365,6 +392,7 @@ impl Dlq {
             channel,
             queue: queue.to_owned(),
             depth,
+            closed: false,
         })
     }
 
@@ -386,9 +414,10 @@ impl Dlq {
     }
 
     /// Closes the channel: the broker requeues everything left unacked.
-    async fn close(self) {
+    async fn close(mut self) {
         let _ = self.channel.close(200, "backstop dlq done".into()).await;
         self.supervisor.close().await;
+        self.closed = true;
     }
 }
 

@@ -184,6 +184,18 @@ impl super::Console {
     }
 }
 
+/// Runs a DLQ operation in a task of its own and waits for it: a client
+/// hanging up (or the request timeout) drops the handler's future, not the
+/// operation, which still ends and closes its channel (requeuing what it
+/// took) and its connection.
+async fn detached<T: Send + 'static>(
+    operation: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::spawn(operation)
+        .await
+        .map_err(|e| anyhow::anyhow!("the DLQ operation's task failed: {e}"))?
+}
+
 fn broker_error(e: anyhow::Error) -> PageError {
     PageError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -196,9 +208,12 @@ pub(crate) async fn list(
     State(console): State<Shared>,
     Extension(op): Extension<Operator>,
 ) -> Page {
-    let depths = dlq::depths(&console.broker, &console.dlqs)
-        .await
-        .map_err(broker_error)?;
+    let depths = {
+        let console = console.clone();
+        detached(async move { dlq::depths(&console.broker, &console.dlqs).await })
+            .await
+            .map_err(broker_error)?
+    };
     let actions = match &console.store {
         Some(store) => Some(store.console_actions(AUDIT_SHOWN).await?),
         None => None,
@@ -387,9 +402,12 @@ pub(crate) async fn queue(
     Path(queue): Path<String>,
 ) -> Page {
     console.dlq(&queue)?;
-    let peek = dlq::peek(&console.broker, &queue, PEEKED)
-        .await
-        .map_err(broker_error)?;
+    let peek = {
+        let (console, queue) = (console.clone(), queue.clone());
+        detached(async move { dlq::peek(&console.broker, &queue, PEEKED).await })
+            .await
+            .map_err(broker_error)?
+    };
     let body = html! {
         h1 { "Dead letters: " (queue) }
         p id="dlq-depth" { (peek.depth) " message(s) in the queue." }
@@ -458,9 +476,12 @@ pub(crate) async fn replay(
         info!(%queue, job = job.id, actor = %op.actor(), filter = %form.fingerprint(), "console DLQ replay started");
         return Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response());
     }
-    let report = dlq::replay(&console.broker, &queue, &options, &|_| {})
-        .await
-        .map_err(broker_error)?;
+    let report = {
+        let (console, queue) = (console.clone(), queue.clone());
+        detached(async move { dlq::replay(&console.broker, &queue, &options, &|_| {}).await })
+            .await
+            .map_err(broker_error)?
+    };
     info!(
         %queue,
         dry_run,
@@ -536,9 +557,14 @@ pub(crate) async fn purge(
             )
             .await?;
     }
-    let report = dlq::purge(&console.broker, &queue, cutoff, expected, !confirmed)
+    let report = {
+        let (console, queue) = (console.clone(), queue.clone());
+        detached(
+            async move { dlq::purge(&console.broker, &queue, cutoff, expected, !confirmed).await },
+        )
         .await
-        .map_err(broker_error)?;
+        .map_err(broker_error)?
+    };
     let age = humantime::format_duration(older_than).to_string();
     let cutoff_at = pages::time(i64::try_from(cutoff).unwrap_or(i64::MAX));
     let body = if confirmed {
