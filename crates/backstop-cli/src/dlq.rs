@@ -145,6 +145,7 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 dry_run,
                 rate_per_sec: rate,
                 cancel: None,
+                keep: Keep::ALL,
             };
             replay_command(&DlqBroker::from_args(&broker)?, &queue, &opts, json).await
         }
@@ -446,6 +447,10 @@ pub(crate) struct Listed {
     pub redelivered: bool,
     /// The body's size.
     pub body_bytes: usize,
+    /// True when only the first bytes of the body were kept (the console
+    /// keeps at most 64 KiB of each).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub body_truncated: bool,
     /// The body: UTF-8 text, or base64 when it is not UTF-8.
     pub body: String,
     /// `utf8` or `base64`: how [`body`](Self::body) is written.
@@ -481,12 +486,15 @@ pub(crate) struct DlqMessage {
 }
 
 impl DlqMessage {
-    fn new(position: u64, message: &BasicGetMessage) -> Self {
+    /// The message at `position`, keeping at most `body_bytes` of its body
+    /// (in [`body`](Self::body) and the listed text).
+    fn new(position: u64, message: &BasicGetMessage, body_bytes: usize) -> Self {
         let headers = headers_of(&message.delivery.properties);
+        let data = &message.delivery.data;
         DlqMessage {
             position,
-            listed: describe(message),
-            body: message.delivery.data.clone(),
+            listed: describe(message, body_bytes),
+            body: kept_body(data, body_bytes).to_vec(),
             headers_json: serde_json::to_string(&headers).unwrap_or_else(|_| "{}".into()),
             headers: readable_table(&headers),
             properties_json: backstop::store::properties_json(&message.delivery.properties),
@@ -595,10 +603,24 @@ fn x_death_first(headers: &FieldTable) -> Option<&FieldTable> {
     }
 }
 
-fn describe(message: &BasicGetMessage) -> Listed {
+/// The first `max` bytes of `body`; when they end inside a UTF-8
+/// character of a text body, that character is left out too.
+fn kept_body(body: &[u8], max: usize) -> &[u8] {
+    if body.len() <= max {
+        return body;
+    }
+    let cut = &body[..max];
+    match std::str::from_utf8(cut) {
+        Err(e) if e.error_len().is_none() => &cut[..e.valid_up_to()],
+        _ => cut,
+    }
+}
+
+fn describe(message: &BasicGetMessage, body_bytes: usize) -> Listed {
     let headers = headers_of(&message.delivery.properties);
     let number = |k: &str| headers.inner().get(k).and_then(header_u64);
-    let data = &message.delivery.data;
+    let whole = &message.delivery.data;
+    let data = kept_body(whole, body_bytes);
     let (body, payload_encoding) = match std::str::from_utf8(data) {
         Ok(text) => (text.to_owned(), "utf8"),
         Err(_) => (
@@ -622,7 +644,8 @@ fn describe(message: &BasicGetMessage) -> Listed {
         first_failure: number(retry::FIRST_FAILURE_HEADER).map(rfc3339),
         dead_lettered_at: dead_lettered_ms(&headers).map(rfc3339),
         redelivered: message.delivery.redelivered,
-        body_bytes: data.len(),
+        body_bytes: whole.len(),
+        body_truncated: data.len() < whole.len(),
         body,
         payload_encoding,
     }
@@ -689,9 +712,14 @@ pub(crate) struct Peek {
 /// them: `basic.get` without ack, then the channel is closed and the broker
 /// requeues every one where it was, in queue order (with its redelivered
 /// flag set). Nothing moves.
-pub(crate) async fn peek(broker: &DlqBroker, queue: &str, limit: u64) -> anyhow::Result<Peek> {
+pub(crate) async fn peek(
+    broker: &DlqBroker,
+    queue: &str,
+    limit: u64,
+    body_bytes: usize,
+) -> anyhow::Result<Peek> {
     let dlq = Dlq::open(broker, queue, "backstop-dlq-peek").await?;
-    let result = peek_open(&dlq, limit).await;
+    let result = peek_open(&dlq, limit, body_bytes).await;
     let depth = dlq.depth;
     dlq.close().await;
     Ok(Peek {
@@ -700,14 +728,18 @@ pub(crate) async fn peek(broker: &DlqBroker, queue: &str, limit: u64) -> anyhow:
     })
 }
 
-async fn peek_open(dlq: &Dlq, limit: u64) -> anyhow::Result<Vec<DlqMessage>> {
+async fn peek_open(dlq: &Dlq, limit: u64, body_bytes: usize) -> anyhow::Result<Vec<DlqMessage>> {
     let wanted = limit.min(dlq.depth);
     let mut messages = Vec::new();
     while (messages.len() as u64) < wanted {
         let Some(message) = dlq.get().await? else {
             break;
         };
-        messages.push(DlqMessage::new(messages.len() as u64 + 1, &message));
+        messages.push(DlqMessage::new(
+            messages.len() as u64 + 1,
+            &message,
+            body_bytes,
+        ));
     }
     Ok(messages)
 }
@@ -718,7 +750,7 @@ async fn list(
     limit: Option<u64>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let peeked = peek(broker, queue, limit.unwrap_or(u64::MAX)).await?;
+    let peeked = peek(broker, queue, limit.unwrap_or(u64::MAX), usize::MAX).await?;
     let listed = &peeked.messages;
     if json {
         println!("{}", serde_json::to_string_pretty(listed)?);
@@ -807,6 +839,32 @@ pub(crate) struct ReplayOptions {
     /// (a publish already under way ends with its confirm and ack). Every
     /// message not moved is requeued when the channel closes.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// How much of the would-move list a dry run keeps in memory.
+    pub keep: Keep,
+}
+
+/// How much of the messages an operation reads it keeps in memory (to
+/// show them): the counts stay exact.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Keep {
+    /// At most this many messages in a list.
+    pub messages: usize,
+    /// At most this many bytes of each body.
+    pub body_bytes: usize,
+}
+
+impl Keep {
+    /// The command line's: up to [`WOULD_MOVE_SHOWN`] messages, whole bodies.
+    pub(crate) const ALL: Keep = Keep {
+        messages: WOULD_MOVE_SHOWN,
+        body_bytes: usize::MAX,
+    };
+}
+
+impl Default for Keep {
+    fn default() -> Self {
+        Keep::ALL
+    }
 }
 
 impl ReplayOptions {
@@ -973,13 +1031,17 @@ async fn replay_open(
                     report,
                     format!(
                         "kept #{position} {:?}: no original queue recorded; use --to EXCHANGE:ROUTING_KEY",
-                        describe(&message).message_id
+                        describe(&message, 0).message_id
                     ),
                 ),
                 (Some(_), None) => {
                     report.would_move_count += 1;
-                    if report.would_move.len() < WOULD_MOVE_SHOWN {
-                        report.would_move.push(DlqMessage::new(position, &message));
+                    if report.would_move.len() < opts.keep.messages {
+                        report.would_move.push(DlqMessage::new(
+                            position,
+                            &message,
+                            opts.keep.body_bytes,
+                        ));
                     }
                 }
                 (Some((exchange, routing_key)), Some(publisher)) => {
@@ -1150,9 +1212,17 @@ mod tests {
     fn the_operations_are_send() {
         let broker = DlqBroker::from_config(&Config::default());
         let opts = ReplayOptions::default();
-        is_send(peek(&broker, "q", 1));
+        is_send(peek(&broker, "q", 1, 1));
         is_send(replay(&broker, "q", &opts, &|_| {}));
         is_send(purge(&broker, "q", 0, None, true));
+    }
+
+    #[test]
+    fn a_kept_body_is_cut_on_a_character_boundary() {
+        assert_eq!(kept_body(b"abc", 10), b"abc");
+        assert_eq!(kept_body(b"abcdef", 3), b"abc");
+        assert_eq!(kept_body("aé".as_bytes(), 2), b"a");
+        assert_eq!(kept_body(&[0xff, 0xfe, 0xfd], 2), &[0xff, 0xfe]);
     }
 
     #[test]

@@ -21,6 +21,13 @@ use tracing::{info, warn};
 
 /// Messages a peek shows.
 const PEEKED: u64 = 100;
+/// What the console keeps of the messages it lists (a peek, a dry run's
+/// would-move list): the first 100, the first 64 KiB of each body. The
+/// counts stay exact.
+const KEEP: dlq::Keep = dlq::Keep {
+    messages: 100,
+    body_bytes: 64 * 1024,
+};
 /// Entries of the console's audit shown on `/dlq`.
 const AUDIT_SHOWN: i64 = 50;
 
@@ -264,7 +271,8 @@ fn messages(id: &str, messages: &[DlqMessage]) -> Markup {
                         td { (m.listed.dead_lettered_at.as_deref().unwrap_or("")) }
                         td.cell {
                             details {
-                                summary { (m.body.len()) " bytes" }
+                                summary { (m.listed.body_bytes) " bytes"
+                                    @if m.listed.body_truncated { " (the first " (m.body.len()) " kept)" } }
                                 (pages::payload_view(&format!("dlq-payload-{}", m.position), &m.body))
                                 (pages::pairs(&format!("dlq-headers-{}", m.position), &render::headers(&m.headers_json)))
                             }
@@ -346,6 +354,7 @@ impl ReplayForm {
             dry_run,
             rate_per_sec: rate,
             cancel: None,
+            keep: KEEP,
         })
     }
 }
@@ -404,7 +413,7 @@ pub(crate) async fn queue(
     console.dlq(&queue)?;
     let peek = {
         let (console, queue) = (console.clone(), queue.clone());
-        detached(async move { dlq::peek(&console.broker, &queue, PEEKED).await })
+        detached(async move { dlq::peek(&console.broker, &queue, PEEKED, KEEP.body_bytes).await })
             .await
             .map_err(broker_error)?
     };
