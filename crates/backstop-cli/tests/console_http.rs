@@ -1332,6 +1332,36 @@ async fn park(
     assert!(confirm.is_ack());
 }
 
+/// A new queue and its DLQ, declared: (queue, dlq, a connection, a
+/// channel on it in confirm mode).
+async fn dlq_setup(prefix: &str) -> (String, String, lapin::Connection, lapin::Channel) {
+    let queue = unique(prefix);
+    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    backstop::topology::Topology::new()
+        .queue(backstop::topology::Queue::classic(&queue))
+        .queue(backstop::topology::Queue::classic(&dlq))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    (queue, dlq, connection, channel)
+}
+
+/// A console with the token whose configuration has a consumer of `queue`
+/// (so its DLQ is reachable).
+async fn dlq_console(queue: &str) -> Console {
+    let sections = format!(
+        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
+        backstop_testkit::amqp_url()
+    );
+    start_with(&sections, &format!("token = {TOKEN:?}")).await
+}
+
 /// The message ids of the `tr.dlq-message` rows of table `id`, in order.
 fn dlq_ids(html: &str, id: &str) -> Vec<String> {
     let Some(at) = html.find(&format!("id=\"{id}\"")) else {
@@ -1351,28 +1381,11 @@ fn dlq_ids(html: &str, id: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
-    let queue = unique("console-dlq");
-    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    backstop::topology::Topology::new()
-        .queue(backstop::topology::Queue::classic(&queue))
-        .queue(backstop::topology::Queue::classic(&dlq))
-        .apply(&channel)
-        .await
-        .expect("declare");
+    let (queue, dlq, connection, channel) = dlq_setup("console-dlq").await;
     park(&channel, &dlq, &queue, "a", "timeout after 30s", 0).await;
     park(&channel, &dlq, &queue, "b", "card declined", 2 * 3_600_000).await;
     park(&channel, &dlq, &queue, "c", "timeout after 5s", 0).await;
-    let sections = format!(
-        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
-        backstop_testkit::amqp_url()
-    );
-    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let console = dlq_console(&queue).await;
     let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
 
     let (status, _, page) = console.get("/dlq", Some(&cookie)).await;
@@ -1590,20 +1603,7 @@ fn broker_connections_of(pid: u32) -> usize {
 async fn a_client_hanging_up_mid_peek_leaves_nothing_unacked_nor_connected() {
     use tokio::io::AsyncWriteExt;
     const MESSAGES: u64 = 50;
-    let queue = unique("console-hangup");
-    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    backstop::topology::Topology::new()
-        .queue(backstop::topology::Queue::classic(&queue))
-        .queue(backstop::topology::Queue::classic(&dlq))
-        .apply(&channel)
-        .await
-        .expect("declare");
+    let (queue, dlq, connection, channel) = dlq_setup("console-hangup").await;
     // Large bodies, so that the peek takes long enough to hang up during it.
     let body = vec![b'x'; 1024 * 1024];
     for i in 0..MESSAGES {
@@ -1622,11 +1622,7 @@ async fn a_client_hanging_up_mid_peek_leaves_nothing_unacked_nor_connected() {
         assert!(confirm.is_ack());
     }
     settled(&dlq, MESSAGES).await;
-    let sections = format!(
-        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
-        backstop_testkit::amqp_url()
-    );
-    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let console = dlq_console(&queue).await;
     let pid = console.child.id();
     assert_eq!(broker_connections_of(pid), 0, "no DLQ connection before");
     let (cookie, _) = console.login("alice", TOKEN).await.expect("login");
@@ -1746,28 +1742,11 @@ async fn ids_in(connection: &lapin::Connection, queue: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirmed_purge_removes_only_what_its_dry_run_counted() {
-    let queue = unique("console-purge");
-    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    backstop::topology::Topology::new()
-        .queue(backstop::topology::Queue::classic(&queue))
-        .queue(backstop::topology::Queue::classic(&dlq))
-        .apply(&channel)
-        .await
-        .expect("declare");
+    let (queue, dlq, connection, channel) = dlq_setup("console-purge").await;
     park(&channel, &dlq, &queue, "old-1", "x", 3_600_000).await;
     park(&channel, &dlq, &queue, "old-2", "x", 3_600_000).await;
     park(&channel, &dlq, &queue, "new", "x", 0).await;
-    let sections = format!(
-        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
-        backstop_testkit::amqp_url()
-    );
-    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let console = dlq_console(&queue).await;
     let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
     let purge = format!("/dlq/{dlq}/purge");
     let dry_run_at = now_ms();
@@ -1822,28 +1801,11 @@ async fn a_confirmed_purge_removes_only_what_its_dry_run_counted() {
 /// what it moved is in the queue, the rest back in the DLQ, nothing unacked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
-    let queue = unique("console-dlq-cancel");
-    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    backstop::topology::Topology::new()
-        .queue(backstop::topology::Queue::classic(&queue))
-        .queue(backstop::topology::Queue::classic(&dlq))
-        .apply(&channel)
-        .await
-        .expect("declare");
+    let (queue, dlq, connection, channel) = dlq_setup("console-dlq-cancel").await;
     for n in 0..20 {
         park(&channel, &dlq, &queue, &format!("m{n}"), "timeout", 0).await;
     }
-    let sections = format!(
-        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
-        backstop_testkit::amqp_url()
-    );
-    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let console = dlq_console(&queue).await;
     let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
     let replay = format!("/dlq/{dlq}/replay");
     // One message a second: 20 s for all of them.
@@ -1900,20 +1862,7 @@ async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_lists_at_most_100_and_cuts_large_bodies() {
     const MESSAGES: usize = 120;
-    let queue = unique("console-dlq-cap");
-    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    backstop::topology::Topology::new()
-        .queue(backstop::topology::Queue::classic(&queue))
-        .queue(backstop::topology::Queue::classic(&dlq))
-        .apply(&channel)
-        .await
-        .expect("declare");
+    let (queue, dlq, connection, channel) = dlq_setup("console-dlq-cap").await;
     // The first message has a 1 MiB JSON body.
     let mut headers = FieldTable::default();
     headers.insert(
@@ -1939,11 +1888,7 @@ async fn a_dry_run_lists_at_most_100_and_cuts_large_bodies() {
         park(&channel, &dlq, &queue, &format!("m{n}"), "timeout", 0).await;
     }
     settled(&dlq, MESSAGES as u64).await;
-    let sections = format!(
-        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
-        backstop_testkit::amqp_url()
-    );
-    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let console = dlq_console(&queue).await;
     let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
     let (status, _, page) = console
         .post(
