@@ -128,9 +128,9 @@ pub(crate) enum FailedCommand {
         ids: Vec<i64>,
         /// Every unfinished row of this failure group (`failed groups`), in
         /// batches, with a progress bar; Ctrl-C stops between two batches.
-        #[arg(long, value_name = "ID", conflicts_with_all = ["all", "force"])]
+        #[arg(long, value_name = "ID", conflicts_with_all = ["all", "force"], requires = "note")]
         group: Option<String>,
-        /// Why, in each row's audit entry.
+        /// Why, in each row's audit entry (required with --group).
         #[arg(long)]
         note: Option<String>,
         /// Every row that needs review (of --queue, if given).

@@ -1073,31 +1073,9 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
     assert_eq!(text_of(&page, "job-done"), "1200");
     assert_eq!(text_of(&page, "job-total"), "1200");
     // The job's start and end are in the console's audit, with the actor.
-    let actions = console
-        .store
-        .console_actions(10)
-        .await
-        .expect("console audit");
-    let start = actions
-        .iter()
-        .find(|a| a.action == "group_job_start")
-        .expect("a group_job_start entry");
-    assert_eq!(start.actor, "console:alice");
-    assert_eq!(start.target, format!("group {id}"));
-    assert!(
-        start
-            .detail
-            .as_deref()
-            .unwrap_or("")
-            .contains("note=test orders"),
-        "{start:?}"
-    );
-    assert!(
-        actions
-            .iter()
-            .any(|a| a.action == "group_job_end" && a.actor == "console:alice"),
-        "{actions:?}"
-    );
+    let start = audited(&console, "group_job_start", &format!("group {id}")).await;
+    assert!(start.contains("note=test orders"), "{start}");
+    audited(&console, "group_job_end", "").await;
     let rows = console
         .store
         .list(&backstop::store::ListFilter {
@@ -1148,25 +1126,8 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
         .post(&format!("{job}/cancel"), Some(&cookie), String::new())
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN, "cancel needs the CSRF token");
-    let (status, _, _) = console
-        .post(
-            &format!("{job}/cancel"),
-            Some(&cookie),
-            form(&[("csrf", &csrf)]),
-        )
-        .await;
-    assert_eq!(status, StatusCode::SEE_OTHER);
-    let page = wait_for_job(&console, &cookie, &job).await;
-    assert!(
-        console
-            .store
-            .console_actions(10)
-            .await
-            .expect("console audit")
-            .iter()
-            .any(|a| a.action == "group_job_cancel" && a.actor == "console:alice"),
-        "the cancel is audited"
-    );
+    let page = cancel_and_wait(&console, &cookie, &csrf, &job).await;
+    audited(&console, "group_job_cancel", "").await;
     let done: usize = text_of(&page, "job-done").parse().expect("a count");
     let status = text_of(&page, "job-status");
     assert!(
@@ -1188,6 +1149,38 @@ async fn a_group_action_runs_as_a_job_and_every_row_is_audited() {
         .count();
     assert_eq!(discarded, done, "{status}");
     assert_eq!(done % 500, 0, "whole batches of 500 rows");
+}
+
+/// The detail of the newest `action` in the console's audit, which must be
+/// alice's, on `target` when it is not empty.
+async fn audited(console: &Console, action: &str, target: &str) -> String {
+    let actions = console
+        .store
+        .console_actions(20)
+        .await
+        .expect("console audit");
+    let entry = actions
+        .iter()
+        .find(|a| a.action == action)
+        .unwrap_or_else(|| panic!("no {action} in the console audit: {actions:?}"));
+    assert_eq!(entry.actor, "console:alice", "{entry:?}");
+    if !target.is_empty() {
+        assert_eq!(entry.target, target, "{entry:?}");
+    }
+    entry.detail.clone().unwrap_or_default()
+}
+
+/// Cancels `job` (with the CSRF token) and waits for its end: its page.
+async fn cancel_and_wait(console: &Console, cookie: &str, csrf: &str, job: &str) -> String {
+    let (status, _, _) = console
+        .post(
+            &format!("{job}/cancel"),
+            Some(cookie),
+            form(&[("csrf", csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    wait_for_job(console, cookie, job).await
 }
 
 /// Reloads the job page until it no longer refreshes itself (60 s at most).
@@ -1332,36 +1325,6 @@ async fn park(
     assert!(confirm.is_ack());
 }
 
-/// A new queue and its DLQ, declared: (queue, dlq, a connection, a
-/// channel on it in confirm mode).
-async fn dlq_setup(prefix: &str) -> (String, String, lapin::Connection, lapin::Channel) {
-    let queue = unique(prefix);
-    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
-    backstop::topology::Topology::new()
-        .queue(backstop::topology::Queue::classic(&queue))
-        .queue(backstop::topology::Queue::classic(&dlq))
-        .apply(&channel)
-        .await
-        .expect("declare");
-    (queue, dlq, connection, channel)
-}
-
-/// A console with the token whose configuration has a consumer of `queue`
-/// (so its DLQ is reachable).
-async fn dlq_console(queue: &str) -> Console {
-    let sections = format!(
-        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
-        backstop_testkit::amqp_url()
-    );
-    start_with(&sections, &format!("token = {TOKEN:?}")).await
-}
-
 /// The message ids of the `tr.dlq-message` rows of table `id`, in order.
 fn dlq_ids(html: &str, id: &str) -> Vec<String> {
     let Some(at) = html.find(&format!("id=\"{id}\"")) else {
@@ -1379,14 +1342,45 @@ fn dlq_ids(html: &str, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// A consumer's queue named after `prefix` and its DLQ, declared, and a
+/// confirm channel to park messages on.
+async fn dlq_setup(prefix: &str) -> (lapin::Connection, lapin::Channel, String, String) {
+    let queue = unique(prefix);
+    let dlq = backstop::retry::RetryPolicy::dead_letter_queue(&queue);
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    backstop::topology::Topology::new()
+        .queue(backstop::topology::Queue::classic(&queue))
+        .queue(backstop::topology::Queue::classic(&dlq))
+        .apply(&channel)
+        .await
+        .expect("declare");
+    (connection, channel, queue, dlq)
+}
+
+/// The console of a consumer of `queue` (so its DLQ is reachable), logged
+/// in as alice: the console, the session cookie and its CSRF token.
+async fn dlq_console(queue: &str) -> (Console, String, String) {
+    let sections = format!(
+        "[broker]\nuri = {:?}\n\n[[consumer]]\nqueue = {queue:?}\nhandler.http.url = \"http://127.0.0.1:9/\"\n",
+        backstop_testkit::amqp_url()
+    );
+    let console = start_with(&sections, &format!("token = {TOKEN:?}")).await;
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    (console, cookie, csrf)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
-    let (queue, dlq, connection, channel) = dlq_setup("console-dlq").await;
+    let (connection, channel, queue, dlq) = dlq_setup("console-dlq").await;
     park(&channel, &dlq, &queue, "a", "timeout after 30s", 0).await;
     park(&channel, &dlq, &queue, "b", "card declined", 2 * 3_600_000).await;
     park(&channel, &dlq, &queue, "c", "timeout after 5s", 0).await;
-    let console = dlq_console(&queue).await;
-    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (console, cookie, csrf) = dlq_console(&queue).await;
 
     let (status, _, page) = console.get("/dlq", Some(&cookie)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
@@ -1455,32 +1449,10 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
     settled(&queue, 2).await;
     settled(&dlq, 1).await;
     // Audited with the actor, and shown on /dlq.
-    let actions = console
-        .store
-        .console_actions(10)
-        .await
-        .expect("console audit");
-    let start = actions
-        .iter()
-        .find(|a| a.action == "dlq_replay_start")
-        .expect("a dlq_replay_start entry");
-    assert_eq!(
-        (start.actor.as_str(), start.target.as_str()),
-        ("console:alice", dlq.as_str())
-    );
-    assert!(
-        start.detail.as_deref().unwrap_or("").contains("timeout"),
-        "{start:?}"
-    );
-    let end = actions
-        .iter()
-        .find(|a| a.action == "dlq_replay_end")
-        .expect("a dlq_replay_end entry");
-    assert_eq!(end.actor, "console:alice");
-    assert!(
-        end.detail.as_deref().unwrap_or("").contains("moved=2"),
-        "{end:?}"
-    );
+    let start = audited(&console, "dlq_replay_start", &dlq).await;
+    assert!(start.contains("timeout"), "{start}");
+    let end = audited(&console, "dlq_replay_end", "").await;
+    assert!(end.contains("moved=2"), "{end}");
     let (_, _, page) = console.get("/dlq", Some(&cookie)).await;
     let audit = &page[page.find("id=\"console-audit\"").expect("#console-audit")..];
     assert!(
@@ -1519,16 +1491,7 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("1 message(s) removed"), "{page}");
     settled(&dlq, 0).await;
-    assert!(
-        console
-            .store
-            .console_actions(10)
-            .await
-            .expect("console audit")
-            .iter()
-            .any(|a| a.action == "dlq_purge" && a.actor == "console:alice" && a.target == dlq),
-        "the purge is audited"
-    );
+    audited(&console, "dlq_purge", &dlq).await;
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;
 }
@@ -1603,7 +1566,7 @@ fn broker_connections_of(pid: u32) -> usize {
 async fn a_client_hanging_up_mid_peek_leaves_nothing_unacked_nor_connected() {
     use tokio::io::AsyncWriteExt;
     const MESSAGES: u64 = 50;
-    let (queue, dlq, connection, channel) = dlq_setup("console-hangup").await;
+    let (connection, channel, queue, dlq) = dlq_setup("console-hangup").await;
     // Large bodies, so that the peek takes long enough to hang up during it.
     let body = vec![b'x'; 1024 * 1024];
     for i in 0..MESSAGES {
@@ -1622,10 +1585,9 @@ async fn a_client_hanging_up_mid_peek_leaves_nothing_unacked_nor_connected() {
         assert!(confirm.is_ack());
     }
     settled(&dlq, MESSAGES).await;
-    let console = dlq_console(&queue).await;
+    let (console, cookie, _) = dlq_console(&queue).await;
     let pid = console.child.id();
     assert_eq!(broker_connections_of(pid), 0, "no DLQ connection before");
-    let (cookie, _) = console.login("alice", TOKEN).await.expect("login");
 
     // A raw client asks for the peek and hangs up as soon as the console
     // has started taking messages (the queue's ready count drops).
@@ -1742,12 +1704,11 @@ async fn ids_in(connection: &lapin::Connection, queue: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_confirmed_purge_removes_only_what_its_dry_run_counted() {
-    let (queue, dlq, connection, channel) = dlq_setup("console-purge").await;
+    let (connection, channel, queue, dlq) = dlq_setup("console-purge").await;
     park(&channel, &dlq, &queue, "old-1", "x", 3_600_000).await;
     park(&channel, &dlq, &queue, "old-2", "x", 3_600_000).await;
     park(&channel, &dlq, &queue, "new", "x", 0).await;
-    let console = dlq_console(&queue).await;
-    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (console, cookie, csrf) = dlq_console(&queue).await;
     let purge = format!("/dlq/{dlq}/purge");
     let dry_run_at = now_ms();
     let (status, _, page) = console
@@ -1801,12 +1762,11 @@ async fn a_confirmed_purge_removes_only_what_its_dry_run_counted() {
 /// what it moved is in the queue, the rest back in the DLQ, nothing unacked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
-    let (queue, dlq, connection, channel) = dlq_setup("console-dlq-cancel").await;
+    let (connection, channel, queue, dlq) = dlq_setup("console-dlq-cancel").await;
     for n in 0..20 {
         park(&channel, &dlq, &queue, &format!("m{n}"), "timeout", 0).await;
     }
-    let console = dlq_console(&queue).await;
-    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (console, cookie, csrf) = dlq_console(&queue).await;
     let replay = format!("/dlq/{dlq}/replay");
     // One message a second: 20 s for all of them.
     let filters = [("rate", "1"), ("csrf", csrf.as_str())];
@@ -1828,30 +1788,13 @@ async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
     let (status, _, page) = console.get(&job, Some(&cookie)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("id=\"job-cancel\""), "{page}");
-    let (status, _, _) = console
-        .post(
-            &format!("{job}/cancel"),
-            Some(&cookie),
-            form(&[("csrf", &csrf)]),
-        )
-        .await;
-    assert_eq!(status, StatusCode::SEE_OTHER);
-    let page = wait_for_job(&console, &cookie, &job).await;
+    let page = cancel_and_wait(&console, &cookie, &csrf, &job).await;
     assert_eq!(text_of(&page, "job-status"), "cancelled", "{page}");
     let moved: u64 = text_of(&page, "job-done").parse().expect("a count");
     assert!(moved < 20, "stopped before the end: {moved} moved");
     settled(&queue, moved).await;
     settled(&dlq, 20 - moved).await;
-    assert!(
-        console
-            .store
-            .console_actions(10)
-            .await
-            .expect("console audit")
-            .iter()
-            .any(|a| a.action == "dlq_replay_cancel" && a.actor == "console:alice"),
-        "the cancel is audited"
-    );
+    audited(&console, "dlq_replay_cancel", "").await;
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;
 }
@@ -1862,7 +1805,7 @@ async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_lists_at_most_100_and_cuts_large_bodies() {
     const MESSAGES: usize = 120;
-    let (queue, dlq, connection, channel) = dlq_setup("console-dlq-cap").await;
+    let (connection, channel, queue, dlq) = dlq_setup("console-dlq-cap").await;
     // The first message has a 1 MiB JSON body.
     let mut headers = FieldTable::default();
     headers.insert(
@@ -1888,8 +1831,7 @@ async fn a_dry_run_lists_at_most_100_and_cuts_large_bodies() {
         park(&channel, &dlq, &queue, &format!("m{n}"), "timeout", 0).await;
     }
     settled(&dlq, MESSAGES as u64).await;
-    let console = dlq_console(&queue).await;
-    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (console, cookie, csrf) = dlq_console(&queue).await;
     let (status, _, page) = console
         .post(
             &format!("/dlq/{dlq}/replay"),

@@ -604,5 +604,10 @@ async fn groups_are_listed_as_json_and_a_group_is_discarded() {
     let (status, _) = last_audit(&url, other);
     assert_eq!(status, "pending");
     let (code, _, stderr) = backstop(&["failed", "retry", "--group", id, "--store", &url]);
+    assert_eq!(code, 2, "a group retry needs a note: {stderr}");
+    assert!(stderr.contains("--note"), "{stderr}");
+    let (code, _, stderr) = backstop(&[
+        "failed", "retry", "--group", id, "--note", "again", "--store", &url,
+    ]);
     assert_eq!(code, 2, "the group has no unfinished rows left: {stderr}");
 }

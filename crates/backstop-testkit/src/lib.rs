@@ -1,11 +1,14 @@
 //! Test support for Backstop: the broker fixture (address, `rabbitmqctl`
 //! helpers, publishing, waiting with deadlines), [`FaultProxy`], a TCP proxy
 //! that cuts or blackholes connections on demand (or, on one connection,
-//! throws the broker's replies away), and [`cluster`], the three-node cluster.
+//! throws the broker's replies away), [`cluster`], the three-node cluster,
+//! and [`browser`], a headless Chromium over WebDriver for the console's
+//! end-to-end tests.
 //!
 //! Everything stays on loopback: the proxy listens on 127.0.0.1 and refuses an
 //! upstream that is not a loopback address.
 
+pub mod browser;
 pub mod cluster;
 pub mod effects;
 mod proxy;
@@ -365,4 +368,22 @@ pub async fn delete_queue(connection: &Connection, queue: &str) {
             .await;
         let _ = channel.close(200, "deleted".into()).await;
     }
+}
+
+/// Serves `app` on a free loopback port in the background; returns its base
+/// URL (`http://127.0.0.1:PORT`).
+pub async fn serve_http(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind a loopback port: {e}"));
+    let url = format!(
+        "http://{}",
+        listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("the listener's address: {e}"))
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    url
 }

@@ -529,6 +529,21 @@ pub struct StoreConfig {
     /// purged by `backstop failed purge` when it is given no `--older-than`.
     #[serde(default, with = "humantime_serde_opt")]
     pub retention: Option<Duration>,
+    /// How often `backstop run`'s scanners look for due rows (default 30 s):
+    /// how soon a row retried by hand (the console, `backstop failed retry`)
+    /// is re-driven.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub scan_interval: Option<Duration>,
+    /// How long after it is stored a row is first due (default 60 s).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub first_redrive: Option<Duration>,
+}
+
+impl StoreConfig {
+    /// The default of [`scan_interval`](Self::scan_interval).
+    pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(30);
+    /// The default of [`first_redrive`](Self::first_redrive).
+    pub const DEFAULT_FIRST_REDRIVE: Duration = Duration::from_secs(60);
 }
 
 /// `dedup.*` of a consumer: deduplication by business key.
@@ -1018,6 +1033,16 @@ impl Config {
             if let Some(retention) = self.store.retention {
                 let _ = writeln!(out, "retention = {:?}", secs(retention));
             }
+            let scan = self
+                .store
+                .scan_interval
+                .unwrap_or(StoreConfig::DEFAULT_SCAN_INTERVAL);
+            let _ = writeln!(out, "scan_interval = {:?}", secs(scan));
+            let first = self
+                .store
+                .first_redrive
+                .unwrap_or(StoreConfig::DEFAULT_FIRST_REDRIVE);
+            let _ = writeln!(out, "first_redrive = {:?}", secs(first));
         }
         let listen = self
             .metrics

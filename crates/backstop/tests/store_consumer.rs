@@ -493,3 +493,88 @@ async fn a_redrive_without_a_confirm_is_unknown_and_ends_the_scan() {
     supervisor.close().await;
     delete_queue(&publisher, &queue).await;
 }
+
+/// An operator edits a stored message and re-drives it; the edited copy
+/// fails again in the consumer. Its body (and so its fingerprint) is the
+/// edit's, not the row's, yet it is the row's own re-drive: the same row
+/// records it (`failed_again`, with the copy's fingerprint), and no new row
+/// is cut off from the edit. It used to become a second, unrelated row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_copy_that_fails_again_stays_on_its_row() {
+    init_tracing();
+    let queue = unique("edited-again");
+    let store = sqlite_store().await;
+    let supervisor = supervisor(&amqp_url(), Duration::from_secs(10));
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue)
+            .topology(classic(&queue))
+            .retry(RetryPolicy::new().exhausted(Exhausted::Store))
+            .compensation_store(store.clone(), Duration::ZERO),
+        &recorder,
+        |_, _| async { Outcome::retry("amount rejected") },
+    );
+    wait_stats(&consumer, "a subscription", |s| s.sessions == 1).await;
+    let publisher = connect().await;
+    publish(&publisher, &queue, 1, "m", |_| b"{\"amount\": -1}".to_vec()).await;
+    wait_stats(&consumer, "stored", |s| s.stored == 1).await;
+    let rows = rows_of(&store, &queue).await;
+    assert_eq!(rows.len(), 1);
+    let id = rows[0].id;
+    let original_fingerprint = rows[0].fingerprint.clone();
+    let edited = b"{\"amount\": 5}".to_vec();
+    store
+        .edit(id, edited.clone(), None, "ana", "amount fixed", true)
+        .await
+        .expect("edit and retry");
+
+    let scanner = Scanner::new(
+        store.clone(),
+        Redrive::Republish(supervisor.clone()),
+        ScannerConfig {
+            queue: Some(queue.clone()),
+            backoff: Duration::from_secs(3600),
+            ..ScannerConfig::default()
+        },
+    );
+    wait_until("the edited copy re-driven", Duration::from_secs(30), || {
+        let scanner = scanner.clone();
+        let store = store.clone();
+        async move {
+            scanner.run_once().await.expect("scan");
+            store.get(id).await.expect("get").redrives >= 1
+        }
+    })
+    .await;
+    wait_stats(&consumer, "the edited copy stored again", |s| s.stored == 2).await;
+    let rows = rows_of(&store, &queue).await;
+    assert_eq!(
+        rows.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [id],
+        "no new row: {rows:?}"
+    );
+    let audit: Vec<String> = store
+        .audit(id)
+        .await
+        .expect("audit")
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    assert!(audit.contains(&"failed_again".to_owned()), "{audit:?}");
+    let row = store.get(id).await.expect("get");
+    assert_eq!((row.payload, row.version), (edited, 1));
+    assert_eq!(row.status, Status::Retrying);
+    assert_ne!(
+        row.fingerprint, original_fingerprint,
+        "the copy's fingerprint"
+    );
+    assert_eq!(
+        recorder.calls_of("m-0"),
+        2,
+        "the original and the edited copy"
+    );
+    consumer.shutdown().await.expect("clean shutdown");
+    supervisor.close().await;
+    delete_queue(&publisher, &queue).await;
+}

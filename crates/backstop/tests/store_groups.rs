@@ -128,6 +128,337 @@ fn spawn_action(
 
 const DECLINED: &str = "order # declined by bank #";
 
+/// The store at `url`, and a plain pool on the same database for what only
+/// an older binary (or a test) would write.
+async fn with_raw(url: &str) -> (SqlStore, sqlx::AnyPool) {
+    let store = SqlStore::connect(url).await.expect("store");
+    sqlx::any::install_default_drivers();
+    let raw = sqlx::any::AnyPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .expect("raw pool");
+    (store, raw)
+}
+
+fn sqlite_url() -> String {
+    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-groups")));
+    format!("sqlite://{}", path.display())
+}
+
+/// Rows without a cause (written before schema version 3, or by an older
+/// binary during a rolling upgrade) still join their group, in the group
+/// list and in a group action; and 20,000 of them with distinct error texts
+/// are filled in seconds (migration 3 used to do it in one update per
+/// distinct error, without an index, inside the migration's lock: 92 s).
+async fn rows_without_a_cause_join_their_group(url: String) {
+    let (store, raw) = with_raw(&url).await;
+    let queue = unique("group-nocause");
+    let ids = seed(&store, &queue, 0, 3).await;
+    let unset = |queue: String| {
+        let raw = raw.clone();
+        async move {
+            sqlx::query("UPDATE backstop_failed_messages SET cause = NULL WHERE queue = $1")
+                .bind(queue)
+                .execute(&raw)
+                .await
+                .expect("unset causes")
+                .rows_affected()
+        }
+    };
+    assert_eq!(unset(queue.clone()).await, 3);
+    let groups = store.groups(Some(&queue)).await.expect("groups");
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0].key, key(&queue, "permanent", DECLINED));
+    assert_eq!((groups[0].count, groups[0].sample_id), (3, ids[0]));
+
+    assert_eq!(unset(queue.clone()).await, 3);
+    let totals = run_group_action(
+        &store,
+        key(&queue, "permanent", DECLINED),
+        ManualAction::Resolve,
+        "ana".to_owned(),
+        Some("fixed upstream".to_owned()),
+        2,
+        GroupProgress::new(),
+    )
+    .await
+    .expect("group action");
+    assert_eq!((totals.acted, totals.skipped), (3, 0));
+
+    // Scale: 20,000 distinct error texts, one cause.
+    let big = unique("group-nocause-big");
+    let messages: Vec<NewFailedMessage> = (0..20_000)
+        .map(|i| {
+            failure(
+                &big,
+                i,
+                "permanent",
+                &format!("order {i} declined by bank {i}"),
+            )
+        })
+        .collect();
+    for chunk in messages.chunks(5_000) {
+        store.store_batch(chunk).await.expect("store");
+    }
+    assert_eq!(unset(big.clone()).await, 20_000);
+    let started = std::time::Instant::now();
+    let filled = store.backfill_causes().await.expect("backfill");
+    let took = started.elapsed();
+    eprintln!("backfill: {filled} rows with 20000 distinct errors in {took:?}");
+    assert!(filled >= 20_000, "filled {filled}");
+    assert!(took < Duration::from_secs(30), "backfill took {took:?}");
+    let groups = store.groups(Some(&big)).await.expect("groups");
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0].count, 20_000);
+    sqlx::query("DELETE FROM backstop_failed_messages WHERE queue = $1")
+        .bind(&big)
+        .execute(&raw)
+        .await
+        .expect("clean up");
+}
+
+/// An edit is the row's own payload: a reader of the row's columns alone
+/// (an older binary in a rolling upgrade, a claim's `RETURNING` evaluated
+/// on the row it locked) sends the edit, and the original stays version 0.
+/// Rows edited under schema version 3 (edit in the versions table, original
+/// in the row) are moved over by migration 4.
+async fn an_edit_is_the_rows_own_payload(url: String) {
+    let (store, raw) = with_raw(&url).await;
+    let queue = unique("edit-row");
+    let id = store
+        .store(&failure(&queue, 1, "permanent", "bad amount"))
+        .await
+        .expect("store");
+    let original = store.get(id).await.expect("get");
+    let in_row = |id: i64| {
+        let raw = raw.clone();
+        async move {
+            let row = sqlx::query(
+                "SELECT payload, headers, version FROM backstop_failed_messages WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&raw)
+            .await
+            .expect("row");
+            use sqlx::Row;
+            (
+                row.get::<Vec<u8>, _>("payload"),
+                row.get::<String, _>("headers"),
+                row.get::<i64, _>("version"),
+            )
+        }
+    };
+    let v1 = b"{\"order\": 1, \"amount\": 5}".to_vec();
+    store
+        .edit(id, v1.clone(), None, "ana", "amount fixed", false)
+        .await
+        .expect("edit");
+    assert_eq!(in_row(id).await, (v1.clone(), "{}".to_owned(), 1));
+    let v2 = b"{\"order\": 1, \"amount\": 6}".to_vec();
+    let headers = r#"{"x-fixed":{"LongString":[121]}}"#.to_owned();
+    store
+        .edit(id, v2.clone(), Some(headers.clone()), "bo", "again", true)
+        .await
+        .expect("edit");
+    assert_eq!(in_row(id).await, (v2.clone(), headers.clone(), 2));
+    let versions = store.versions(id).await.expect("versions");
+    let summary: Vec<(i64, Vec<u8>, String, String)> = versions
+        .iter()
+        .map(|v| {
+            (
+                v.version,
+                v.payload.clone(),
+                v.headers.clone(),
+                v.actor.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                0,
+                original.payload.clone(),
+                "{}".to_owned(),
+                "consumer".to_owned()
+            ),
+            (1, v1.clone(), "{}".to_owned(), "ana".to_owned()),
+            (2, v2.clone(), headers.clone(), "bo".to_owned()),
+        ]
+    );
+    assert_eq!(versions[0].at, original.created_at);
+    let claimed = store
+        .claim_due(
+            "scanner-e",
+            now_ms() as i64,
+            now_ms() as i64 + 60_000,
+            10,
+            Some(&queue),
+        )
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed
+            .iter()
+            .map(|r| (r.id, r.payload.clone(), r.version))
+            .collect::<Vec<_>>(),
+        [(id, v2.clone(), 2)]
+    );
+
+    // A row edited under schema version 3: the edit in the versions table
+    // only, the original in the row.
+    let old = store
+        .store(&failure(&queue, 2, "permanent", "bad amount"))
+        .await
+        .expect("store");
+    let old_original = store.get(old).await.expect("get").payload;
+    let old_edit = b"{\"order\": 2, \"amount\": 7}".to_vec();
+    sqlx::query(
+        "INSERT INTO backstop_failed_versions (row_id, version, payload, headers, at, actor, note)
+         VALUES ($1, 1, $2, '{}', 1, 'ana', 'v3 edit')",
+    )
+    .bind(old)
+    .bind(old_edit.clone())
+    .execute(&raw)
+    .await
+    .expect("v3 edit");
+    sqlx::query("UPDATE backstop_failed_messages SET version = 1 WHERE id = $1")
+        .bind(old)
+        .execute(&raw)
+        .await
+        .expect("v3 version");
+    sqlx::query("DELETE FROM backstop_schema_migrations WHERE version = 4")
+        .execute(&raw)
+        .await
+        .expect("forget migration 4");
+    let store = SqlStore::connect(&url).await.expect("migrated again");
+    assert_eq!(in_row(old).await, (old_edit.clone(), "{}".to_owned(), 1));
+    let versions: Vec<(i64, Vec<u8>)> = store
+        .versions(old)
+        .await
+        .expect("versions")
+        .into_iter()
+        .map(|v| (v.version, v.payload))
+        .collect();
+    assert_eq!(versions, [(0, old_original), (1, old_edit)]);
+    // Rows edited since are untouched by running it again.
+    assert_eq!(in_row(id).await, (v2, headers, 2));
+    assert_eq!(store.versions(id).await.expect("versions").len(), 3);
+}
+
+/// A group action never waits for a row a scanner holds: on PostgreSQL it
+/// used to lock its whole window `FOR UPDATE`, leased rows included, and so
+/// waited for (and could deadlock with) the scanner's bulk finish holding
+/// that row. Here another transaction holds the leased row's lock.
+async fn a_group_action_passes_leased_rows_without_waiting_for_them(url: String) {
+    let (store, raw) = with_raw(&url).await;
+    let queue = unique("group-lock");
+    let ids = seed(&store, &queue, 0, 5).await;
+    let leased = ids[2];
+    store
+        .act(leased, ManualAction::Retry, "setup", None)
+        .await
+        .expect("due now");
+    let now = now_ms() as i64;
+    let claimed = store
+        .claim_due("scanner-l", now, now + 60_000, 10, Some(&queue))
+        .await
+        .expect("claim");
+    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [leased]);
+    // The scanner's finish, in flight: the leased row locked.
+    let mut finishing = raw.begin().await.expect("begin");
+    sqlx::query("UPDATE backstop_failed_messages SET updated_at = updated_at WHERE id = $1")
+        .bind(leased)
+        .execute(&mut *finishing)
+        .await
+        .expect("lock the leased row");
+    let action = run_group_action(
+        &store,
+        key(&queue, "permanent", DECLINED),
+        ManualAction::Discard,
+        "ana".to_owned(),
+        Some("duplicates".to_owned()),
+        2,
+        GroupProgress::new(),
+    );
+    let totals = tokio::time::timeout(Duration::from_secs(10), action)
+        .await
+        .expect("the group action waited for the leased row's lock")
+        .expect("group action");
+    finishing.rollback().await.expect("rollback");
+    assert_eq!((totals.acted, totals.skipped), (4, 1));
+    assert_eq!(
+        store.get(leased).await.expect("get").status,
+        Status::Retrying
+    );
+}
+
+/// Every group action says why: without a note (or with a blank one) it is
+/// refused before touching a row.
+async fn a_group_action_needs_a_note(store: SqlStore) {
+    let queue = unique("group-note");
+    let ids = seed(&store, &queue, 0, 2).await;
+    let group = key(&queue, "permanent", DECLINED);
+    for action in [
+        ManualAction::Retry,
+        ManualAction::Resolve,
+        ManualAction::Discard,
+    ] {
+        let refused = run_group_action(
+            &store,
+            group.clone(),
+            action,
+            "ana".to_owned(),
+            None,
+            10,
+            GroupProgress::new(),
+        )
+        .await;
+        assert_eq!(refused, Err(StoreError::NoteRequired(action.as_str())));
+        let refused = store
+            .act_group_batch(&group, action, "ana", Some("  "), 0, i64::MAX, 10)
+            .await;
+        assert_eq!(refused, Err(StoreError::NoteRequired(action.as_str())));
+    }
+    for id in ids {
+        assert_eq!(store.get(id).await.expect("get").status, Status::Pending);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_edit_is_the_rows_own_payload() {
+    common::init_tracing();
+    an_edit_is_the_rows_own_payload(sqlite_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_edit_is_the_rows_own_payload() {
+    common::init_tracing();
+    let _turn = POSTGRES_TURN.lock().await;
+    an_edit_is_the_rows_own_payload(postgres_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_group_action_passes_leased_rows_without_waiting_for_them() {
+    common::init_tracing();
+    let _turn = POSTGRES_TURN.lock().await;
+    a_group_action_passes_leased_rows_without_waiting_for_them(postgres_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rows_without_a_cause_join_their_group() {
+    common::init_tracing();
+    rows_without_a_cause_join_their_group(sqlite_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_without_a_cause_join_their_group() {
+    common::init_tracing();
+    let _turn = POSTGRES_TURN.lock().await;
+    rows_without_a_cause_join_their_group(postgres_url()).await;
+}
+
 async fn grouping_masks_numbers_and_uuids_by_queue_kind_and_cause(store: SqlStore) {
     let queue = unique("groups");
     let other_queue = unique("groups-other");
@@ -296,7 +627,14 @@ async fn a_group_action_skips_rows_that_arrive_after_its_start(store: SqlStore) 
     let queue = unique("group-late");
     seed(&store, &queue, 0, 400).await;
     let progress = GroupProgress::new();
-    let run = spawn_action(&store, &queue, ManualAction::Retry, None, 1, &progress);
+    let run = spawn_action(
+        &store,
+        &queue,
+        ManualAction::Retry,
+        Some("provider is back"),
+        1,
+        &progress,
+    );
     wait_done(&progress, 1).await;
     let late = seed(&store, &queue, 1000, 1).await[0];
     assert!(
@@ -516,27 +854,49 @@ async fn a_redriven_edited_row_publishes_only_the_edited_body(store: SqlStore) {
         .expect("delete");
 }
 
-/// 200 due rows in one scan: the first goes alone, the rest together on
-/// several confirm channels; every row ends `replayed` with exactly one copy
-/// in the queue.
-async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
-    let queue = unique("redrive-batch");
+/// The `replayed` entries of row `id`'s audit.
+async fn replayed_entries(store: &SqlStore, id: i64) -> usize {
+    store
+        .audit(id)
+        .await
+        .expect("audit")
+        .iter()
+        .filter(|a| a.action == "replayed")
+        .count()
+}
+
+/// A durable queue named after `prefix` and `n` rows of one group of it,
+/// retried (due now): the connection, the queue and the row ids.
+async fn retried_group(
+    store: &SqlStore,
+    prefix: &str,
+    n: u64,
+) -> (lapin::Connection, String, Vec<i64>) {
+    let queue = unique(prefix);
     let connection = lapin::Connection::connect(&amqp_url(), Default::default())
         .await
         .expect("connect");
     common::durable_queue(&connection, &queue).await;
-    let ids = seed(&store, &queue, 0, 200).await;
+    let ids = seed(store, &queue, 0, n).await;
     run_group_action(
-        &store,
+        store,
         key(&queue, "permanent", DECLINED),
         ManualAction::Retry,
         "ana".to_owned(),
-        None,
+        Some("bank is back".to_owned()),
         1000,
         GroupProgress::new(),
     )
     .await
     .expect("retry the group");
+    (connection, queue, ids)
+}
+
+/// 200 due rows in one scan: the first goes alone, the rest together on
+/// several confirm channels; every row ends `replayed` with exactly one copy
+/// in the queue.
+async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
+    let (connection, queue, ids) = retried_group(&store, "redrive-batch", 200).await;
     let supervisor = common::supervisor(&amqp_url(), Duration::from_secs(10));
     let scanner = Scanner::new(
         Arc::new(store.clone()),
@@ -562,14 +922,7 @@ async fn a_scan_sends_its_batch_together_one_copy_per_row(store: SqlStore) {
     for id in &ids {
         let row = store.get(*id).await.expect("get");
         assert_eq!(row.status, Status::Replayed, "row {id}");
-        let replayed = store
-            .audit(*id)
-            .await
-            .expect("audit")
-            .iter()
-            .filter(|a| a.action == "replayed")
-            .count();
-        assert_eq!(replayed, 1, "row {id}");
+        assert_eq!(replayed_entries(&store, *id).await, 1, "row {id}");
     }
     let mut messages: Vec<String> = common::take_all(&connection, &queue)
         .await
@@ -609,24 +962,8 @@ async fn replayed_ids(store: &SqlStore, queue: &str) -> std::collections::BTreeS
 /// scanner, after the lease, re-drives only the others: each row finished
 /// before the crash has exactly one copy in the queue.
 async fn a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed(store: SqlStore) {
-    let queue = unique("redrive-crash");
-    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
-        .await
-        .expect("connect");
-    common::durable_queue(&connection, &queue).await;
-    let ids = seed(&store, &queue, 0, 300).await;
+    let (connection, queue, ids) = retried_group(&store, "redrive-crash", 300).await;
     assert_eq!(ids.len(), 300);
-    run_group_action(
-        &store,
-        key(&queue, "permanent", DECLINED),
-        ManualAction::Retry,
-        "ana".to_owned(),
-        None,
-        1000,
-        GroupProgress::new(),
-    )
-    .await
-    .expect("retry the group");
     let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
     // Each confirm takes at least 10 ms: 300 rows take 3 s or more.
     proxy.delay_replies(Duration::from_millis(10));
@@ -699,14 +1036,7 @@ async fn a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed(store: SqlS
             Some(&1),
             "row {id} ({message_id}) was finished before the crash: re-driven once"
         );
-        let replayed = store
-            .audit(*id)
-            .await
-            .expect("audit")
-            .iter()
-            .filter(|a| a.action == "replayed")
-            .count();
-        assert_eq!(replayed, 1, "row {id}");
+        assert_eq!(replayed_entries(&store, *id).await, 1, "row {id}");
     }
     supervisor.close().await;
     let channel = connection.create_channel().await.expect("channel");
@@ -750,5 +1080,6 @@ both_backends!(
     an_edit_keeps_the_original_and_is_what_a_claim_returns,
     a_redriven_edited_row_publishes_only_the_edited_body,
     a_scan_sends_its_batch_together_one_copy_per_row,
+    a_group_action_needs_a_note,
     a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed,
 );

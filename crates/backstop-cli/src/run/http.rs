@@ -9,7 +9,9 @@
 //! | any 3xx | transient: redirects are never followed |
 //!
 //! A `Retry-After` (in seconds) on a transient response asks for that delay;
-//! the retry policy uses the nearest tier at or above it.
+//! the retry policy uses the nearest tier at or above it. The reason of a
+//! failing answer quotes the start of its body (one line, 200 characters),
+//! so that failures of different causes fall into different groups.
 //!
 //! Only a 2xx answer to the POST itself is a delivery. A client that follows
 //! redirects turns a POST into a body-less GET on 301/302/303, whose 2xx (a
@@ -150,6 +152,54 @@ pub(crate) fn outcome_of(status: u16, retry_after: Option<Duration>) -> Outcome 
     }
 }
 
+/// The most of a failure answer's body a reason quotes, in characters.
+const MAX_ANSWER_CHARS: usize = 200;
+/// The most of a failure answer's body read to quote from.
+const MAX_ANSWER_BYTES: usize = 4096;
+
+/// What a failure answer says, for its reason: the start of its body as
+/// text on one line (control characters as spaces, whitespace collapsed,
+/// at most 200 characters, `...` when cut), or `None` for an empty body,
+/// one that is not UTF-8 text, or one that cannot be read. At most 4 KiB is
+/// read, within the request's timeout.
+async fn answer_text(mut response: reqwest::Response) -> Option<String> {
+    let mut body = Vec::new();
+    while body.len() < MAX_ANSWER_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => break,
+            Err(_) => return None,
+        }
+    }
+    body.truncate(MAX_ANSWER_BYTES);
+    let text = match std::str::from_utf8(&body) {
+        Ok(text) => text,
+        // A multi-byte character cut at the limit is still text.
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&body[..e.valid_up_to()]).ok()?,
+        Err(_) => return None,
+    };
+    one_line(text, MAX_ANSWER_CHARS)
+}
+
+/// `text` on one line: control characters as spaces, whitespace runs as
+/// one space, cut at `max` characters (`...` added); `None` when empty.
+fn one_line(text: &str, max: usize) -> Option<String> {
+    let words: Vec<&str> = text
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let line = words.join(" ");
+    if line.is_empty() {
+        return None;
+    }
+    if line.chars().count() <= max {
+        return Some(line);
+    }
+    let mut cut: String = line.chars().take(max).collect();
+    cut.push_str("...");
+    Some(cut)
+}
+
 /// The longest `Location` a failure reason quotes.
 const MAX_LOCATION: usize = 512;
 
@@ -223,7 +273,16 @@ impl Handler for HttpHandler {
             }
             Ok(response) => {
                 let status = response.status().as_u16();
-                let outcome = outcome_of(status, retry_after(&response));
+                let mut outcome = outcome_of(status, retry_after(&response));
+                if let Outcome::Retry { reason, .. } | Outcome::Reject { reason, .. } = &mut outcome
+                {
+                    // The endpoint's own words tell one cause from another
+                    // (the status alone is masked when failures are grouped).
+                    if let Some(said) = answer_text(response).await {
+                        reason.push_str(": ");
+                        reason.push_str(&said);
+                    }
+                }
                 debug!(queue = %self.queue, status, ?outcome, "endpoint answered");
                 outcome
             }
@@ -235,6 +294,17 @@ impl Handler for HttpHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_is_quoted_on_one_line_and_cut() {
+        assert_eq!(
+            one_line("card declined\r\n\tfor order 42\0!", 200).as_deref(),
+            Some("card declined for order 42 !")
+        );
+        assert_eq!(one_line(" \n\t", 200), None);
+        assert_eq!(one_line("", 200), None);
+        assert_eq!(one_line("ééééé", 3).as_deref(), Some("ééé..."));
+    }
 
     #[test]
     fn every_row_of_the_status_table() {

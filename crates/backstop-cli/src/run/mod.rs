@@ -20,7 +20,7 @@ pub(crate) mod publish;
 
 use crate::UsageError;
 use anyhow::Context;
-use backstop::config::{Config, ConsumerSettings};
+use backstop::config::{Config, ConsumerSettings, StoreConfig};
 use backstop::connection::ConnectionSupervisor;
 use backstop::consumer::{Consumer, ConsumerConfig, ConsumerHandle};
 use backstop::retry::{Exhausted, RetryPolicy};
@@ -114,7 +114,11 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             )
             .retry(policy.clone());
         if let Some(store) = &store {
-            consumer = consumer.compensation_store(store.clone(), Duration::from_secs(60));
+            let first_redrive = config
+                .store
+                .first_redrive
+                .unwrap_or(StoreConfig::DEFAULT_FIRST_REDRIVE);
+            consumer = consumer.compensation_store(store.clone(), first_redrive);
         }
         if let Some(timeout) = settings.consumer_timeout {
             consumer = consumer.consumer_timeout(timeout);
@@ -167,6 +171,10 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     Redrive::Republish(supervisor.clone()),
                     ScannerConfig {
                         queue: Some(c.queue.clone()),
+                        interval: config
+                            .store
+                            .scan_interval
+                            .unwrap_or(StoreConfig::DEFAULT_SCAN_INTERVAL),
                         ..ScannerConfig::default()
                     },
                 )

@@ -8,8 +8,9 @@
 //! ([`run_group_action`]), each batch one transaction with one audit entry
 //! per row, so an interrupted action leaves every batch whole.
 //!
-//! An edit stores a new version of a row's payload (and headers) next to the
-//! untouched original; every read a re-drive uses returns the latest version.
+//! An edit stores a new version of a row's payload (and headers) and makes it
+//! the row's own payload: every read (a re-drive's claim included) returns
+//! the latest version, and the original is kept as version 0.
 
 use super::sql::{COLUMNS, UNFINISHED, in_list, row_of, unavailable};
 use super::{FailedRow, ManualAction, SqlStore, Status, StoreError};
@@ -220,8 +221,9 @@ pub struct GroupBatch {
     pub acted: u64,
     /// Rows of the batch left alone: a scanner holds them right now.
     pub skipped: u64,
-    /// The batch's last row id (acted on or skipped): where the next batch
-    /// starts. `None` when no row was left.
+    /// The batch's last row acted on: where the next batch starts. `None`
+    /// when no free row was left (leased rows up to the end are counted in
+    /// `skipped`).
     pub last_id: Option<i64>,
 }
 
@@ -324,7 +326,8 @@ impl GroupJob {
 /// [`act`](super::CompensationStore::act) on each. The rows are those of the
 /// group when it starts (counted in `progress.total`): rows that arrive
 /// later are left alone. It stops between two batches once
-/// `progress.cancel()` is called; every batch committed is whole.
+/// `progress.cancel()` is called; every batch committed is whole. Every
+/// action needs a note ([`StoreError::NoteRequired`] without one).
 pub async fn run_group_action(
     store: &SqlStore,
     key: GroupKey,
@@ -335,6 +338,9 @@ pub async fn run_group_action(
     progress: Arc<GroupProgress>,
 ) -> Result<GroupBatchTotals, StoreError> {
     let result = async {
+        if note.as_deref().is_none_or(|n| n.trim().is_empty()) {
+            return Err(StoreError::NoteRequired(action.as_str()));
+        }
         let (up_to, total) = store.group_extent(&key).await?;
         progress.total.store(total, Ordering::SeqCst);
         let mut totals = GroupBatchTotals::default();
@@ -400,6 +406,8 @@ impl SqlStore {
     /// The groups of unfinished rows (of `queue` only, when given), largest
     /// first: one `GROUP BY` over the group index.
     pub async fn groups(&self, queue: Option<&str>) -> Result<Vec<FailureGroup>, StoreError> {
+        // Rows an older binary wrote have no cause yet.
+        self.backfill_causes().await?;
         let sql = format!(
             "SELECT g.queue, g.error_kind, g.cause, g.n, g.first_seen, g.last_seen, g.sample_id,
                     g.pending, g.retrying, g.needs_review, m.error AS sample_error
@@ -470,6 +478,7 @@ impl SqlStore {
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<FailedRow>, StoreError> {
+        self.backfill_causes().await?;
         let sql = format!(
             "SELECT {COLUMNS} FROM backstop_failed_messages
              WHERE {GROUP_WHERE} AND status IN {UNFINISHED} AND id > $4
@@ -490,6 +499,7 @@ impl SqlStore {
     /// The largest row id now, and how many unfinished rows of the group
     /// are at or below it.
     async fn group_extent(&self, key: &GroupKey) -> Result<(i64, u64), StoreError> {
+        self.backfill_causes().await?;
         let up_to: i64 =
             sqlx::query("SELECT COALESCE(MAX(id), 0) AS m FROM backstop_failed_messages")
                 .fetch_one(&self.pool)
@@ -516,8 +526,9 @@ impl SqlStore {
     /// entry, as [`act`](super::CompensationStore::act) would: `Retry`
     /// (and `ForceRetry`, which is a plain retry on an unfinished row) makes
     /// a row pending and due now, `Resolve` and `Discard` close it. A row a
-    /// scanner holds under a live lease is skipped and counted, like `act`
-    /// refuses it.
+    /// scanner holds under a live lease is skipped (never locked nor waited
+    /// for) and counted, like `act` refuses it. `note` is required, for
+    /// every action ([`StoreError::NoteRequired`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn act_group_batch(
         &self,
@@ -538,8 +549,12 @@ impl SqlStore {
             ManualAction::Resolve => (Status::Resolved, false),
             ManualAction::Discard => (Status::Discarded, false),
         };
+        let note = match note.map(str::trim) {
+            Some(n) if !n.is_empty() => self.text(n),
+            _ => return Err(StoreError::NoteRequired(action.as_str())),
+        };
+        self.backfill_causes().await?;
         let now = now_ms() as i64;
-        let note = note.map(|n| self.text(n));
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         // A write first: SQLite takes its write lock now (waiting its busy
         // timeout) instead of failing to upgrade the read below.
@@ -547,37 +562,53 @@ impl SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
+        // Only rows no scanner holds right now are locked (in id order): a
+        // leased row is being re-driven, and its scanner's bulk finish locks
+        // it; waiting for it here, while holding others, could deadlock.
         let lock = match self.backend {
             super::sql::Backend::Postgres => "FOR UPDATE",
             super::sql::Backend::Sqlite => "",
         };
         let window = sqlx::query(&format!(
-            "SELECT id, lease_until FROM backstop_failed_messages
+            "SELECT id FROM backstop_failed_messages
              WHERE {GROUP_WHERE} AND status IN {UNFINISHED} AND id > $4 AND id <= $5
-             ORDER BY id LIMIT $6 {lock}"
+               AND (lease_until IS NULL OR lease_until < $6)
+             ORDER BY id LIMIT $7 {lock}"
         ))
         .bind(&key.queue)
         .bind(&key.error_kind)
         .bind(&key.cause)
         .bind(after_id)
         .bind(up_to_id)
+        .bind(now)
         .bind(limit)
         .fetch_all(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let mut free = Vec::with_capacity(window.len());
-        let mut skipped = 0;
-        let mut last_id = None;
-        for row in &window {
-            let id: i64 = row.try_get("id").map_err(unavailable)?;
-            let lease: Option<i64> = row.try_get("lease_until").map_err(unavailable)?;
-            last_id = Some(id);
-            if lease.is_some_and(|until| until >= now) {
-                skipped += 1;
-            } else {
-                free.push(id);
-            }
-        }
+        let free: Vec<i64> = window
+            .iter()
+            .map(|row| row.try_get("id"))
+            .collect::<Result<_, _>>()
+            .map_err(unavailable)?;
+        let last_id = free.last().copied();
+        // The leased rows this batch passes over, counted without a lock:
+        // up to its last row, or to the end when no free row is left.
+        let skipped: i64 = sqlx::query(&format!(
+            "SELECT COUNT(*) AS n FROM backstop_failed_messages
+             WHERE {GROUP_WHERE} AND status IN {UNFINISHED} AND id > $4 AND id <= $5
+               AND lease_until >= $6"
+        ))
+        .bind(&key.queue)
+        .bind(&key.error_kind)
+        .bind(&key.cause)
+        .bind(after_id)
+        .bind(last_id.unwrap_or(up_to_id))
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .and_then(|r| r.try_get("n"))
+        .map_err(unavailable)?;
+        let skipped = u64::try_from(skipped).unwrap_or(0);
         for chunk in free.chunks(super::sql::IN_LIST_CHUNK) {
             let sql = format!(
                 "UPDATE backstop_failed_messages
@@ -605,7 +636,7 @@ impl SqlStore {
                 .bind(now)
                 .bind(actor)
                 .bind(action.as_str())
-                .bind(note.as_deref());
+                .bind(note.as_str());
             for id in chunk {
                 query = query.bind(*id);
             }
@@ -630,9 +661,10 @@ impl SqlStore {
     }
 
     /// Stores an operator's edit of row `id` as its next version and
-    /// returns that version's number (1, 2, ...). The row's original payload
-    /// and headers stay as they are; from now on every read of the row
-    /// (and so every re-drive) carries the new version. `headers` (a JSON
+    /// returns that version's number (1, 2, ...). The new version becomes
+    /// the row's own payload and headers, so every read of the row (and so
+    /// every re-drive, by this binary or an older one) carries it; the first
+    /// edit keeps the original as version 0 ([`versions`](Self::versions)). `headers` (a JSON
     /// header table, as stored) replaces the previous version's when given.
     /// The audit entry `edit` carries `note` and a unified diff against the
     /// previous version (a size and hash line for binary payloads). With
@@ -670,7 +702,7 @@ impl SqlStore {
         let bumped = sqlx::query(
             "UPDATE backstop_failed_messages SET version = version + 1, updated_at = $1
              WHERE id = $2 AND (lease_until IS NULL OR lease_until < $1)
-             RETURNING version, status, queue, fingerprint",
+             RETURNING version, status, queue, fingerprint, payload, headers, created_at",
         )
         .bind(now)
         .bind(id)
@@ -690,7 +722,27 @@ impl SqlStore {
         let status: Status = status.parse().map_err(StoreError::Unavailable)?;
         let queue: String = bumped.try_get("queue").map_err(unavailable)?;
         let fingerprint: String = bumped.try_get("fingerprint").map_err(unavailable)?;
-        let previous = Self::version_in(&mut tx, id, version - 1).await?;
+        // The row holds the current version: the previous one, for the diff.
+        let previous: (Vec<u8>, String) = (
+            bumped.try_get("payload").map_err(unavailable)?,
+            bumped.try_get("headers").map_err(unavailable)?,
+        );
+        if version == 1 {
+            // The first edit keeps the original as version 0.
+            let created_at: i64 = bumped.try_get("created_at").map_err(unavailable)?;
+            sqlx::query(
+                "INSERT INTO backstop_failed_versions (row_id, version, payload, headers, at,
+                     actor, note)
+                 VALUES ($1, 0, $2, $3, $4, 'consumer', NULL)",
+            )
+            .bind(id)
+            .bind(previous.0.as_slice())
+            .bind(&previous.1)
+            .bind(created_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
         let headers = headers.map_or_else(|| previous.1.clone(), |h| self.text(&h));
         let mut audit = note.trim().to_owned();
         audit.push_str("\n\n");
@@ -724,6 +776,15 @@ impl SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        // The row carries the new version: what a claim returns, and what a
+        // binary that only knows `payload` re-drives.
+        sqlx::query("UPDATE backstop_failed_messages SET payload = $1, headers = $2 WHERE id = $3")
+            .bind(payload.as_slice())
+            .bind(&headers)
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         Self::audit_in(&mut tx, id, actor, "edit", Some(&self.text(&audit))).await?;
         if retry {
             let action = if status.is_finished() {
@@ -774,35 +835,6 @@ impl SqlStore {
         Ok(version)
     }
 
-    /// Payload and headers of version `version` of row `id` (0: the row's
-    /// original), read in `tx`.
-    async fn version_in<'c>(
-        tx: &mut sqlx::Transaction<'c, sqlx::Any>,
-        id: i64,
-        version: i64,
-    ) -> Result<(Vec<u8>, String), StoreError> {
-        let row = if version == 0 {
-            sqlx::query("SELECT payload, headers FROM backstop_failed_messages WHERE id = $1")
-                .bind(id)
-                .fetch_one(&mut **tx)
-                .await
-        } else {
-            sqlx::query(
-                "SELECT payload, headers FROM backstop_failed_versions
-                 WHERE row_id = $1 AND version = $2",
-            )
-            .bind(id)
-            .bind(version)
-            .fetch_one(&mut **tx)
-            .await
-        }
-        .map_err(unavailable)?;
-        Ok((
-            row.try_get("payload").map_err(unavailable)?,
-            row.try_get("headers").map_err(unavailable)?,
-        ))
-    }
-
     /// Fails with `NotFound` when row `id` does not exist.
     async fn get_plain(&self, id: i64) -> Result<(), StoreError> {
         sqlx::query("SELECT id FROM backstop_failed_messages WHERE id = $1")
@@ -815,9 +847,10 @@ impl SqlStore {
     }
 
     /// Every version of row `id`'s payload, oldest first: version 0 is the
-    /// original, as the consumer stored it.
+    /// original, as the consumer stored it (kept in the versions table once
+    /// the row is edited; the row itself until then).
     pub async fn versions(&self, id: i64) -> Result<Vec<PayloadVersion>, StoreError> {
-        let original = sqlx::query(
+        let row = sqlx::query(
             "SELECT payload, headers, created_at FROM backstop_failed_messages WHERE id = $1",
         )
         .bind(id)
@@ -825,14 +858,6 @@ impl SqlStore {
         .await
         .map_err(unavailable)?
         .ok_or(StoreError::NotFound(id))?;
-        let mut versions = vec![PayloadVersion {
-            version: 0,
-            payload: original.try_get("payload").map_err(unavailable)?,
-            headers: original.try_get("headers").map_err(unavailable)?,
-            at: original.try_get("created_at").map_err(unavailable)?,
-            actor: "consumer".to_owned(),
-            note: None,
-        }];
         let edits = sqlx::query(
             "SELECT version, payload, headers, at, actor, note FROM backstop_failed_versions
              WHERE row_id = $1 ORDER BY version",
@@ -841,6 +866,7 @@ impl SqlStore {
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
+        let mut versions = Vec::with_capacity(edits.len() + 1);
         for r in &edits {
             versions.push(PayloadVersion {
                 version: r.try_get("version").map_err(unavailable)?,
@@ -850,6 +876,20 @@ impl SqlStore {
                 actor: r.try_get("actor").map_err(unavailable)?,
                 note: r.try_get("note").map_err(unavailable)?,
             });
+        }
+        if versions.first().is_none_or(|v| v.version != 0) {
+            // Never edited: the row holds the original.
+            versions.insert(
+                0,
+                PayloadVersion {
+                    version: 0,
+                    payload: row.try_get("payload").map_err(unavailable)?,
+                    headers: row.try_get("headers").map_err(unavailable)?,
+                    at: row.try_get("created_at").map_err(unavailable)?,
+                    actor: "consumer".to_owned(),
+                    note: None,
+                },
+            );
         }
         Ok(versions)
     }

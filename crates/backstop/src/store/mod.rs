@@ -469,6 +469,10 @@ pub enum StoreError {
     /// header table, or a row a scanner is re-driving right now.
     #[error("cannot edit: {0}")]
     InvalidEdit(String),
+    /// A group action without a note: every bulk action says why, in each
+    /// row's audit entry.
+    #[error("a group {0} needs a note saying why")]
+    NoteRequired(&'static str),
     /// The action does not apply to the row's status.
     #[error("cannot {action} row {id}: it is {status}")]
     InvalidTransition {

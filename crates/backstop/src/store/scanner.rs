@@ -445,6 +445,19 @@ impl Scanner {
         }
     }
 
+    /// Counts `outcomes` into `report`, finishes them ([`Self::finish`])
+    /// and empties the list.
+    async fn finish_chunk(
+        &self,
+        outcomes: &mut Vec<(i64, RedriveOutcome)>,
+        report: &mut ScannerReport,
+    ) -> Result<(), StoreError> {
+        count_outcomes(outcomes, report);
+        self.finish(outcomes).await?;
+        outcomes.clear();
+        Ok(())
+    }
+
     /// Re-drives `rows` (claimed by this scanner, after a first row of the
     /// scan was confirmed) with their publishes in flight together:
     /// 1. every lease is renewed and checked in one statement right before
@@ -491,9 +504,7 @@ impl Scanner {
                 to_send.push(row);
             }
         }
-        count_outcomes(&unfinished, report);
-        self.finish(&unfinished).await?;
-        unfinished.clear();
+        self.finish_chunk(&mut unfinished, report).await?;
         let ids: Vec<i64> = to_send.iter().map(|r| r.id).collect();
         let at = now_ms() as i64;
         let renewed = tokio::time::Instant::now();
@@ -549,13 +560,11 @@ impl Scanner {
             let next = tokio::select! {
                 next = in_flight.next() => next,
                 _ = finish_due => {
-                    count_outcomes(&unfinished, report);
-                    if let Err(e) = self.finish(&unfinished).await {
+                    oldest_unfinished = None;
+                    if let Err(e) = self.finish_chunk(&mut unfinished, report).await {
                         finished = Err(e);
                         break;
                     }
-                    unfinished.clear();
-                    oldest_unfinished = None;
                     continue;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
@@ -594,13 +603,11 @@ impl Scanner {
                 unfinished.push((id, outcome));
                 oldest_unfinished.get_or_insert_with(tokio::time::Instant::now);
                 if unfinished.len() >= FINISH_CHUNK {
-                    count_outcomes(&unfinished, report);
-                    if let Err(e) = self.finish(&unfinished).await {
+                    oldest_unfinished = None;
+                    if let Err(e) = self.finish_chunk(&mut unfinished, report).await {
                         finished = Err(e);
                         break;
                     }
-                    unfinished.clear();
-                    oldest_unfinished = None;
                 }
             }
             // No new publish once one outcome is unknown (the broker is not
@@ -620,8 +627,7 @@ impl Scanner {
         report.unknown += sent.len() as u64;
         finished?;
         // Finished before the channels are closed: the close may wait.
-        count_outcomes(&unfinished, report);
-        let finished = self.finish(&unfinished).await;
+        let finished = self.finish_chunk(&mut unfinished, report).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher.close()).await;
         finished
     }

@@ -29,18 +29,11 @@ pub struct SqlStore {
     pub(super) backend: Backend,
 }
 
-/// A row's columns, with the payload and headers of its latest version (an
-/// operator's edit; the original when there is none): what a re-drive sends.
-/// Correlated on the table's own name, so it also works in `RETURNING`.
+/// A row's columns. `payload` and `headers` are the current ones: an
+/// operator's latest edit, else the original (schema version 4).
 pub(super) const COLUMNS: &str = "id, queue, exchange, routing_key, message_id, dedup_key, \
-     COALESCE((SELECT v.payload FROM backstop_failed_versions v \
-         WHERE v.row_id = backstop_failed_messages.id \
-           AND v.version = backstop_failed_messages.version), payload) AS payload, \
-     COALESCE((SELECT v.headers FROM backstop_failed_versions v \
-         WHERE v.row_id = backstop_failed_messages.id \
-           AND v.version = backstop_failed_messages.version), headers) AS headers, \
-     version, properties, error, error_kind, attempts, redrives, status, next_attempt_at, \
-     created_at, updated_at, fingerprint, occurrences";
+     payload, headers, version, properties, error, error_kind, attempts, redrives, status, \
+     next_attempt_at, created_at, updated_at, fingerprint, occurrences";
 
 /// The statuses of a row still waiting for someone: a re-drive or a person.
 /// At most one such row per `(queue, fingerprint)`.
@@ -58,14 +51,45 @@ const FINGERPRINT_SCHEMA: &[&str] = &[
         WHERE status IN ('pending', 'retrying', 'needs_review')",
 ];
 
-/// Version 3: failure groups (the normalized error in `cause`, backfilled in
-/// Rust by [`SqlStore::backfill_causes`]) and edited payload versions. The
-/// row keeps its original payload; `version` names the latest edit (0: none).
+/// Version 3: failure groups (the normalized error in `cause`) and edited
+/// payload versions; `version` names the latest edit (0: none). DDL only:
+/// causes are filled by [`SqlStore::backfill_causes`] after the migration
+/// commits, in short transactions.
 const GROUPS_SCHEMA: &[&str] = &[
     "ALTER TABLE backstop_failed_messages ADD COLUMN cause TEXT",
     "ALTER TABLE backstop_failed_messages ADD COLUMN version BIGINT NOT NULL DEFAULT 0",
     "CREATE INDEX IF NOT EXISTS backstop_failed_group
         ON backstop_failed_messages (queue, error_kind, cause, id)",
+];
+
+/// Version 4, the same on both backends:
+/// - an index of the rows without a cause (written before version 3, or by
+///   an older binary during a rolling upgrade), so that finding them is
+///   cheap and [`SqlStore::backfill_causes`] walks them by id;
+/// - an edited row holds its current (latest) payload and headers itself,
+///   and the original is version 0 in `backstop_failed_versions`: a claim's
+///   `RETURNING` then carries the edit from the very row version it locked,
+///   and a binary that only reads `payload` sends the edit too. Rows edited
+///   under version 3 get their version 0 and their latest version moved in.
+const EDITS_IN_ROW_SCHEMA: &[&str] = &[
+    "CREATE INDEX IF NOT EXISTS backstop_failed_no_cause
+        ON backstop_failed_messages (id) WHERE cause IS NULL",
+    "INSERT INTO backstop_failed_versions (row_id, version, payload, headers, at, actor, note)
+        SELECT m.id, 0, m.payload, m.headers, m.created_at, 'consumer', NULL
+        FROM backstop_failed_messages m
+        WHERE m.version > 0 AND NOT EXISTS (
+            SELECT 1 FROM backstop_failed_versions v WHERE v.row_id = m.id AND v.version = 0)",
+    "UPDATE backstop_failed_messages
+        SET payload = (SELECT v.payload FROM backstop_failed_versions v
+                WHERE v.row_id = backstop_failed_messages.id
+                  AND v.version = backstop_failed_messages.version),
+            headers = (SELECT v.headers FROM backstop_failed_versions v
+                WHERE v.row_id = backstop_failed_messages.id
+                  AND v.version = backstop_failed_messages.version)
+        WHERE version > 0 AND EXISTS (
+            SELECT 1 FROM backstop_failed_versions v
+            WHERE v.row_id = backstop_failed_messages.id
+              AND v.version = backstop_failed_messages.version)",
 ];
 
 const SQLITE_VERSIONS: &str = "CREATE TABLE IF NOT EXISTS backstop_failed_versions (
@@ -166,14 +190,27 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (3, "failure groups (cause) and edited payload versions"),
     (
+        4,
+        "rows without a cause indexed; edited payload kept in the row",
+    ),
+    (
         5,
         "the review console's audit of DLQ actions and group jobs",
     ),
 ];
 
+/// A deadlock victim (40P01) or a serialization failure (40001): the
+/// transaction was rolled back whole and may be tried again.
+fn retryable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
 pub(super) fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
+
+/// Rows per transaction of [`SqlStore::backfill_causes`].
+pub(super) const BACKFILL_CHUNK: i64 = 1000;
 
 /// Ids bound per `IN (...)` list: well under both drivers' parameter limits.
 pub(super) const IN_LIST_CHUNK: usize = 500;
@@ -342,6 +379,7 @@ impl SqlStore {
         let (pool, backend) = open_pool(url, true).await?;
         let store = SqlStore { pool, backend };
         store.migrate().await?;
+        store.backfill_causes().await?;
         Ok(store)
     }
 
@@ -385,6 +423,7 @@ impl SqlStore {
             }
         }
         store.migrate().await?;
+        store.backfill_causes().await?;
         Ok(store)
     }
 
@@ -420,6 +459,7 @@ impl SqlStore {
                 (Backend::Postgres, 1) => POSTGRES_SCHEMA,
                 (_, 2) => FINGERPRINT_SCHEMA,
                 (_, 3) => GROUPS_SCHEMA,
+                (_, 4) => EDITS_IN_ROW_SCHEMA,
                 (backend, 5) => super::console_audit::console_audit_schema(backend),
                 _ => &[],
             };
@@ -438,7 +478,6 @@ impl SqlStore {
                     .execute(&mut *tx)
                     .await
                     .map_err(unavailable)?;
-                Self::backfill_causes(&mut tx).await?;
             }
             sqlx::query(
                 "INSERT INTO backstop_schema_migrations (version, description, applied_at)
@@ -454,32 +493,60 @@ impl SqlStore {
         tx.commit().await.map_err(unavailable)
     }
 
-    /// Sets `cause` on every row without one: one update per distinct error
-    /// text, since failures repeat.
-    async fn backfill_causes<'c>(
-        tx: &mut sqlx::Transaction<'c, sqlx::Any>,
-    ) -> Result<(), StoreError> {
-        let errors: Vec<String> =
-            sqlx::query("SELECT DISTINCT error FROM backstop_failed_messages WHERE cause IS NULL")
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(unavailable)?
-                .iter()
-                .map(|r| r.try_get::<String, _>("error"))
-                .collect::<Result<_, _>>()
-                .map_err(unavailable)?;
-        for error in errors {
-            sqlx::query(
-                "UPDATE backstop_failed_messages SET cause = $1
-                 WHERE error = $2 AND cause IS NULL",
+    /// Sets `cause` on every row without one (rows from before schema
+    /// version 3, or written by an older binary during a rolling upgrade)
+    /// and returns how many it set. It walks those rows by id through the
+    /// partial index of version 4, [`BACKFILL_CHUNK`] rows per short
+    /// transaction, so it never holds many locks for long; each row is
+    /// fenced by its error text, so a concurrent change of the error wins.
+    /// Called after every migration and at the start of the group reads
+    /// and actions; cheap when there is nothing to do.
+    pub async fn backfill_causes(&self) -> Result<u64, StoreError> {
+        let mut after = 0_i64;
+        let mut filled = 0;
+        loop {
+            let chunk = sqlx::query(
+                "SELECT id, error FROM backstop_failed_messages
+                 WHERE cause IS NULL AND id > $1 ORDER BY id LIMIT $2",
             )
-            .bind(super::normalize_error(&error))
-            .bind(&error)
-            .execute(&mut **tx)
+            .bind(after)
+            .bind(BACKFILL_CHUNK)
+            .fetch_all(&self.pool)
             .await
             .map_err(unavailable)?;
+            let Some(last) = chunk.last() else {
+                return Ok(filled);
+            };
+            after = last.try_get("id").map_err(unavailable)?;
+            // Rows of one error text: one update.
+            let mut by_error: std::collections::BTreeMap<String, Vec<i64>> =
+                std::collections::BTreeMap::new();
+            for row in &chunk {
+                let id: i64 = row.try_get("id").map_err(unavailable)?;
+                let error: String = row.try_get("error").map_err(unavailable)?;
+                by_error.entry(error).or_default().push(id);
+            }
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            for (error, ids) in &by_error {
+                let sql = format!(
+                    "UPDATE backstop_failed_messages SET cause = $1
+                     WHERE error = $2 AND cause IS NULL AND id IN ({})",
+                    in_list(3, ids.len())
+                );
+                let mut query = sqlx::query(&sql)
+                    .bind(super::normalize_error(error))
+                    .bind(error);
+                for id in ids {
+                    query = query.bind(*id);
+                }
+                filled += query
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(unavailable)?
+                    .rows_affected();
+            }
+            tx.commit().await.map_err(unavailable)?;
         }
-        Ok(())
     }
 
     pub(super) async fn audit_in<'c>(
@@ -621,33 +688,63 @@ impl SqlStore {
         // cannot touch it; and not when another unfinished row of the same
         // message exists (that one counts the repeat, below).
         if let Some(id) = m.store_id {
-            let updated = sqlx::query(&format!(
-                "UPDATE backstop_failed_messages
-                 SET error = $1, error_kind = $2, attempts = attempts + $3, status = 'retrying',
-                     next_attempt_at = $4, lease_owner = NULL, lease_until = NULL, updated_at = $5,
-                     cause = $9
-                 WHERE id = $6 AND queue = $7 AND fingerprint = $8
-                   AND status IN ('pending', 'retrying', 'replayed')
-                   AND NOT EXISTS (
-                       SELECT 1 FROM backstop_failed_messages other
-                       WHERE other.queue = $7 AND other.fingerprint = $8
-                         AND other.status IN {UNFINISHED} AND other.id <> $6)"
-            ))
-            .bind(&m.error)
-            .bind(&m.error_kind)
-            .bind(m.attempts)
-            .bind(m.next_attempt_at)
-            .bind(now)
-            .bind(id)
-            .bind(&m.queue)
-            .bind(&m.fingerprint)
-            .bind(super::normalize_error(&m.error))
-            .execute(&mut **tx)
-            .await
-            .map_err(unavailable)?;
-            if updated.rows_affected() == 1 {
-                Self::audit_in(tx, id, "consumer", "failed_again", Some(&m.error)).await?;
-                return Ok(Some(id));
+            // The row's own fingerprint, and no other unfinished row of it.
+            let own = format!(
+                "fingerprint = $8 AND NOT EXISTS (
+                     SELECT 1 FROM backstop_failed_messages other
+                     WHERE other.queue = $7 AND other.fingerprint = $8
+                       AND other.status IN {UNFINISHED} AND other.id <> $6)"
+            );
+            // Or an edited copy: its body (and so its fingerprint) is the
+            // edit's, not the row's. It is the row's own re-drive when the
+            // row was edited and holds exactly this body; the row then takes
+            // the copy's fingerprint, unless another unfinished row holds it
+            // (that one stays the message's row, and this one keeps its own).
+            let edited = format!(
+                "version > 0 AND payload = $10 AND NOT EXISTS (
+                     SELECT 1 FROM backstop_failed_messages other
+                     WHERE other.queue = $7
+                       AND other.fingerprint = backstop_failed_messages.fingerprint
+                       AND other.status IN {UNFINISHED} AND other.id <> $6)"
+            );
+            let adopt = format!(
+                "CASE WHEN EXISTS (
+                     SELECT 1 FROM backstop_failed_messages other
+                     WHERE other.queue = $7 AND other.fingerprint = $8
+                       AND other.status IN {UNFINISHED} AND other.id <> $6)
+                 THEN fingerprint ELSE $8 END"
+            );
+            for (fence, fingerprint, payload) in [
+                (own, "fingerprint".to_owned(), None),
+                (edited, adopt, Some(m.payload.as_slice())),
+            ] {
+                let sql = format!(
+                    "UPDATE backstop_failed_messages
+                     SET error = $1, error_kind = $2, attempts = attempts + $3,
+                         status = 'retrying', next_attempt_at = $4, lease_owner = NULL,
+                         lease_until = NULL, updated_at = $5, fingerprint = {fingerprint},
+                         cause = $9
+                     WHERE id = $6 AND queue = $7
+                       AND status IN ('pending', 'retrying', 'replayed') AND {fence}"
+                );
+                let mut query = sqlx::query(&sql)
+                    .bind(&m.error)
+                    .bind(&m.error_kind)
+                    .bind(m.attempts)
+                    .bind(m.next_attempt_at)
+                    .bind(now)
+                    .bind(id)
+                    .bind(&m.queue)
+                    .bind(&m.fingerprint)
+                    .bind(super::normalize_error(&m.error));
+                if let Some(payload) = payload {
+                    query = query.bind(payload);
+                }
+                let updated = query.execute(&mut **tx).await.map_err(unavailable)?;
+                if updated.rows_affected() == 1 {
+                    Self::audit_in(tx, id, "consumer", "failed_again", Some(&m.error)).await?;
+                    return Ok(Some(id));
+                }
             }
         }
         // The same message again (an ack lost in a cut, a duplicate
@@ -722,13 +819,30 @@ impl SqlStore {
         rows.iter().map(row_of).collect()
     }
 
+    /// Records a scanner's outcomes in one transaction, tried once more
+    /// when PostgreSQL aborts it as a deadlock victim (40P01) or on a
+    /// serialization failure (40001): nothing of it was written then.
     async fn finish_impl(
         &self,
         owner: &str,
         outcomes: &[(i64, RedriveOutcome)],
     ) -> Result<u64, StoreError> {
+        match self.finish_once(owner, outcomes).await {
+            Err(e) if retryable(&e) => {
+                tracing::warn!(error = %e, "recording re-drive outcomes: trying once more");
+                self.finish_once(owner, outcomes).await.map_err(unavailable)
+            }
+            other => other.map_err(unavailable),
+        }
+    }
+
+    async fn finish_once(
+        &self,
+        owner: &str,
+        outcomes: &[(i64, RedriveOutcome)],
+    ) -> Result<u64, sqlx::Error> {
         let now = now_ms() as i64;
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await?;
         let mut applied = 0;
         // Confirmed re-drives, the bulk of a batch: a statement per chunk.
         let replayed: Vec<i64> = outcomes
@@ -750,12 +864,10 @@ impl SqlStore {
             }
             let updated: Vec<i64> = query
                 .fetch_all(&mut *tx)
-                .await
-                .map_err(unavailable)?
+                .await?
                 .iter()
                 .map(|r| r.try_get("id"))
-                .collect::<Result<_, _>>()
-                .map_err(unavailable)?;
+                .collect::<Result<_, _>>()?;
             // Rows this owner no longer holds were updated by a new failure.
             if updated.is_empty() {
                 continue;
@@ -771,7 +883,7 @@ impl SqlStore {
             for id in &updated {
                 query = query.bind(*id);
             }
-            query.execute(&mut *tx).await.map_err(unavailable)?;
+            query.execute(&mut *tx).await?;
         }
         for (id, outcome) in outcomes {
             if *outcome == RedriveOutcome::Replayed {
@@ -816,16 +928,25 @@ impl SqlStore {
             .bind(owner)
             .bind(error.map(super::normalize_error))
             .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
             // Zero rows: the re-driven message failed again before this was
             // recorded, and the consumer's update stands.
             if updated.rows_affected() == 1 {
                 applied += 1;
-                Self::audit_in(&mut tx, *id, owner, action, error).await?;
+                sqlx::query(
+                    "INSERT INTO backstop_failed_audit (row_id, at, actor, action, note)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(*id)
+                .bind(now_ms() as i64)
+                .bind(owner)
+                .bind(action)
+                .bind(error)
+                .execute(&mut *tx)
+                .await?;
             }
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await?;
         Ok(applied)
     }
 
