@@ -145,6 +145,7 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 dry_run,
                 rate_per_sec: rate,
                 cancel: None,
+                keep: Keep::ALL,
             };
             replay_command(&DlqBroker::from_args(&broker)?, &queue, &opts, json).await
         }
@@ -154,8 +155,14 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
             dry_run,
             broker,
         } => {
-            let report =
-                purge(&DlqBroker::from_args(&broker)?, &queue, older_than, dry_run).await?;
+            let report = purge(
+                &DlqBroker::from_args(&broker)?,
+                &queue,
+                cutoff_of(older_than),
+                None,
+                dry_run,
+            )
+            .await?;
             let PurgeReport {
                 purged,
                 kept,
@@ -305,19 +312,57 @@ async fn queues(args: &ui::BrokerArgs, json: bool) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// An open channel on the DLQ, with its depth when opened.
+/// An open channel on the DLQ, with its depth when opened. Dropped without
+/// [`close`](Self::close) (its operation's future was dropped), it still
+/// closes its channel and connection, from a task of its own: otherwise the
+/// messages it took would stay unacked on a live channel, and the
+/// connection open, until the process exits.
 struct Dlq {
     supervisor: backstop::connection::ConnectionSupervisor,
     channel: lapin::Channel,
     queue: String,
     depth: u64,
+    closed: bool,
+}
+
+impl Drop for Dlq {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        let channel = self.channel.clone();
+        let supervisor = self.supervisor.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = channel.close(200, "backstop dlq dropped".into()).await;
+                    supervisor.close().await;
+                });
+            }
+            Err(_) => tracing::warn!(
+                queue = %self.queue,
+                "a DLQ channel was dropped outside a runtime: it closes with the process"
+            ),
+        }
+    }
 }
 
 impl Dlq {
     async fn open(broker: &DlqBroker, queue: &str, name: &str) -> anyhow::Result<Self> {
         let supervisor = ui::direct_supervisor(&broker.config, name)?;
-        let live = supervisor.connection().await?;
-        let channel = live.create_channel().await?;
+        // The supervisor is closed on every failure below: it would
+        // otherwise keep reconnecting for the rest of the process.
+        let channel = match supervisor.connection().await {
+            Ok(live) => live.create_channel().await.map_err(anyhow::Error::from),
+            Err(e) => Err(anyhow::Error::from(e)),
+        };
+        let channel = match channel {
+            Ok(channel) => channel,
+            Err(e) => {
+                supervisor.close().await;
+                return Err(e.context(format!("opening a channel for {queue:?}")));
+            }
+        };
         let declared = channel
             .queue_declare(
                 queue.into(),
@@ -348,6 +393,7 @@ impl Dlq {
             channel,
             queue: queue.to_owned(),
             depth,
+            closed: false,
         })
     }
 
@@ -369,9 +415,10 @@ impl Dlq {
     }
 
     /// Closes the channel: the broker requeues everything left unacked.
-    async fn close(self) {
+    async fn close(mut self) {
         let _ = self.channel.close(200, "backstop dlq done".into()).await;
         self.supervisor.close().await;
+        self.closed = true;
     }
 }
 
@@ -400,6 +447,10 @@ pub(crate) struct Listed {
     pub redelivered: bool,
     /// The body's size.
     pub body_bytes: usize,
+    /// True when only the first bytes of the body were kept (the console
+    /// keeps at most 64 KiB of each).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub body_truncated: bool,
     /// The body: UTF-8 text, or base64 when it is not UTF-8.
     pub body: String,
     /// `utf8` or `base64`: how [`body`](Self::body) is written.
@@ -435,12 +486,15 @@ pub(crate) struct DlqMessage {
 }
 
 impl DlqMessage {
-    fn new(position: u64, message: &BasicGetMessage) -> Self {
+    /// The message at `position`, keeping at most `body_bytes` of its body
+    /// (in [`body`](Self::body) and the listed text).
+    fn new(position: u64, message: &BasicGetMessage, body_bytes: usize) -> Self {
         let headers = headers_of(&message.delivery.properties);
+        let data = &message.delivery.data;
         DlqMessage {
             position,
-            listed: describe(message),
-            body: message.delivery.data.clone(),
+            listed: describe(message, body_bytes),
+            body: kept_body(data, body_bytes).to_vec(),
             headers_json: serde_json::to_string(&headers).unwrap_or_else(|_| "{}".into()),
             headers: readable_table(&headers),
             properties_json: backstop::store::properties_json(&message.delivery.properties),
@@ -549,10 +603,24 @@ fn x_death_first(headers: &FieldTable) -> Option<&FieldTable> {
     }
 }
 
-fn describe(message: &BasicGetMessage) -> Listed {
+/// The first `max` bytes of `body`; when they end inside a UTF-8
+/// character of a text body, that character is left out too.
+fn kept_body(body: &[u8], max: usize) -> &[u8] {
+    if body.len() <= max {
+        return body;
+    }
+    let cut = &body[..max];
+    match std::str::from_utf8(cut) {
+        Err(e) if e.error_len().is_none() => &cut[..e.valid_up_to()],
+        _ => cut,
+    }
+}
+
+fn describe(message: &BasicGetMessage, body_bytes: usize) -> Listed {
     let headers = headers_of(&message.delivery.properties);
     let number = |k: &str| headers.inner().get(k).and_then(header_u64);
-    let data = &message.delivery.data;
+    let whole = &message.delivery.data;
+    let data = kept_body(whole, body_bytes);
     let (body, payload_encoding) = match std::str::from_utf8(data) {
         Ok(text) => (text.to_owned(), "utf8"),
         Err(_) => (
@@ -576,7 +644,8 @@ fn describe(message: &BasicGetMessage) -> Listed {
         first_failure: number(retry::FIRST_FAILURE_HEADER).map(rfc3339),
         dead_lettered_at: dead_lettered_ms(&headers).map(rfc3339),
         redelivered: message.delivery.redelivered,
-        body_bytes: data.len(),
+        body_bytes: whole.len(),
+        body_truncated: data.len() < whole.len(),
         body,
         payload_encoding,
     }
@@ -643,9 +712,14 @@ pub(crate) struct Peek {
 /// them: `basic.get` without ack, then the channel is closed and the broker
 /// requeues every one where it was, in queue order (with its redelivered
 /// flag set). Nothing moves.
-pub(crate) async fn peek(broker: &DlqBroker, queue: &str, limit: u64) -> anyhow::Result<Peek> {
+pub(crate) async fn peek(
+    broker: &DlqBroker,
+    queue: &str,
+    limit: u64,
+    body_bytes: usize,
+) -> anyhow::Result<Peek> {
     let dlq = Dlq::open(broker, queue, "backstop-dlq-peek").await?;
-    let result = peek_open(&dlq, limit).await;
+    let result = peek_open(&dlq, limit, body_bytes).await;
     let depth = dlq.depth;
     dlq.close().await;
     Ok(Peek {
@@ -654,14 +728,18 @@ pub(crate) async fn peek(broker: &DlqBroker, queue: &str, limit: u64) -> anyhow:
     })
 }
 
-async fn peek_open(dlq: &Dlq, limit: u64) -> anyhow::Result<Vec<DlqMessage>> {
+async fn peek_open(dlq: &Dlq, limit: u64, body_bytes: usize) -> anyhow::Result<Vec<DlqMessage>> {
     let wanted = limit.min(dlq.depth);
     let mut messages = Vec::new();
     while (messages.len() as u64) < wanted {
         let Some(message) = dlq.get().await? else {
             break;
         };
-        messages.push(DlqMessage::new(messages.len() as u64 + 1, &message));
+        messages.push(DlqMessage::new(
+            messages.len() as u64 + 1,
+            &message,
+            body_bytes,
+        ));
     }
     Ok(messages)
 }
@@ -672,7 +750,7 @@ async fn list(
     limit: Option<u64>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let peeked = peek(broker, queue, limit.unwrap_or(u64::MAX)).await?;
+    let peeked = peek(broker, queue, limit.unwrap_or(u64::MAX), usize::MAX).await?;
     let listed = &peeked.messages;
     if json {
         println!("{}", serde_json::to_string_pretty(listed)?);
@@ -761,6 +839,32 @@ pub(crate) struct ReplayOptions {
     /// (a publish already under way ends with its confirm and ack). Every
     /// message not moved is requeued when the channel closes.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// How much of the would-move list a dry run keeps in memory.
+    pub keep: Keep,
+}
+
+/// How much of the messages an operation reads it keeps in memory (to
+/// show them): the counts stay exact.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Keep {
+    /// At most this many messages in a list.
+    pub messages: usize,
+    /// At most this many bytes of each body.
+    pub body_bytes: usize,
+}
+
+impl Keep {
+    /// The command line's: up to [`WOULD_MOVE_SHOWN`] messages, whole bodies.
+    pub(crate) const ALL: Keep = Keep {
+        messages: WOULD_MOVE_SHOWN,
+        body_bytes: usize::MAX,
+    };
+}
+
+impl Default for Keep {
+    fn default() -> Self {
+        Keep::ALL
+    }
 }
 
 impl ReplayOptions {
@@ -927,13 +1031,17 @@ async fn replay_open(
                     report,
                     format!(
                         "kept #{position} {:?}: no original queue recorded; use --to EXCHANGE:ROUTING_KEY",
-                        describe(&message).message_id
+                        describe(&message, 0).message_id
                     ),
                 ),
                 (Some(_), None) => {
                     report.would_move_count += 1;
-                    if report.would_move.len() < WOULD_MOVE_SHOWN {
-                        report.would_move.push(DlqMessage::new(position, &message));
+                    if report.would_move.len() < opts.keep.messages {
+                        report.would_move.push(DlqMessage::new(
+                            position,
+                            &message,
+                            opts.keep.body_bytes,
+                        ));
                     }
                 }
                 (Some((exchange, routing_key)), Some(publisher)) => {
@@ -1038,18 +1146,29 @@ pub(crate) struct PurgeReport {
     pub undated: u64,
 }
 
-/// Removes the messages of `queue` dead-lettered longer ago than
-/// `older_than` (acks them); everything else stays unacked until the
-/// channel closes and is requeued in order. Undated messages are kept. A dry
-/// run acks nothing and reports what would go.
+/// The dead-lettered time before which a message is older than
+/// `older_than`, now (ms since the epoch).
+pub(crate) fn cutoff_of(older_than: Duration) -> u64 {
+    retry::now_ms().saturating_sub(u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Removes the messages of `queue` dead-lettered before `cutoff_ms` (ms
+/// since the epoch; acks them), at most `max` of them (the first in queue
+/// order); everything else stays unacked until the channel closes and is
+/// requeued in order. Undated messages are kept. A dry run acks nothing and
+/// reports what would go. The console confirms a purge with the cutoff and
+/// the count of its dry run, so that the real run removes no message the
+/// operator was not shown a count of.
 pub(crate) async fn purge(
     broker: &DlqBroker,
     queue: &str,
-    older_than: Duration,
+    cutoff_ms: u64,
+    max: Option<u64>,
     dry_run: bool,
 ) -> anyhow::Result<PurgeReport> {
     let dlq = Dlq::open(broker, queue, "backstop-dlq-purge").await?;
-    let cutoff = retry::now_ms().saturating_sub(older_than.as_millis() as u64);
+    let cutoff = cutoff_ms;
+    let max = max.unwrap_or(u64::MAX);
     let bar = ui::progress(dlq.depth, "checked");
     let mut report = PurgeReport::default();
     let result = async {
@@ -1059,7 +1178,7 @@ pub(crate) async fn purge(
             };
             let headers = headers_of(&message.delivery.properties);
             match dead_lettered_ms(&headers) {
-                Some(at) if at < cutoff => {
+                Some(at) if at < cutoff && report.purged < max => {
                     if !dry_run {
                         dlq.ack(&message, "removing a message").await?;
                     }
@@ -1093,9 +1212,17 @@ mod tests {
     fn the_operations_are_send() {
         let broker = DlqBroker::from_config(&Config::default());
         let opts = ReplayOptions::default();
-        is_send(peek(&broker, "q", 1));
+        is_send(peek(&broker, "q", 1, 1));
         is_send(replay(&broker, "q", &opts, &|_| {}));
-        is_send(purge(&broker, "q", Duration::ZERO, true));
+        is_send(purge(&broker, "q", 0, None, true));
+    }
+
+    #[test]
+    fn a_kept_body_is_cut_on_a_character_boundary() {
+        assert_eq!(kept_body(b"abc", 10), b"abc");
+        assert_eq!(kept_body(b"abcdef", 3), b"abc");
+        assert_eq!(kept_body("aé".as_bytes(), 2), b"a");
+        assert_eq!(kept_body(&[0xff, 0xfe, 0xfd], 2), &[0xff, 0xfe]);
     }
 
     #[test]

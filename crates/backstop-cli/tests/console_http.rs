@@ -336,14 +336,27 @@ async fn a_wrong_secret_does_not_log_in_and_secrets_stay_out_of_the_log() {
         "token = {TOKEN:?}\nuser = \"ops\"\npassword = {PASSWORD:?}"
     ))
     .await;
+    // The configured user is not offered as the login name.
+    let (_, _, page) = console.get("/login", None).await;
+    assert!(
+        !page.contains("value=\"ops\""),
+        "the login name is pre-filled: {page}"
+    );
     assert_eq!(
         console.login("alice", "wrong").await,
         Err(StatusCode::UNAUTHORIZED)
     );
+    // After a failure, the next try from this address waits a second.
+    let started = std::time::Instant::now();
     assert_eq!(
         console.login("alice", PASSWORD).await,
         Err(StatusCode::UNAUTHORIZED),
         "the password is the user's only"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(900),
+        "a login right after a failed one was not delayed: {:?}",
+        started.elapsed()
     );
     assert!(console.login("ops", TOKEN).await.is_ok());
     assert!(console.login("alice", TOKEN).await.is_ok());
@@ -570,11 +583,235 @@ async fn a_hostile_row_is_shown_inert() {
         "{}",
         &html[..2000]
     );
-    assert!(html.contains(&format!("JSON, {} bytes", long.len())));
+    // Too large to be parsed and pretty-printed: cut first, shown as text.
+    assert!(html.contains(&format!("Text, {} bytes", long.len())));
 
     // The list shows both, escaped.
     let (_, _, list) = console.get("/rows", Some(&cookie)).await;
     assert!(!list.contains("<img") && list.contains("&lt;img src=x onerror=alert(2)&gt;"));
+}
+
+/// A request to the console with its own `Host` replaced by `host`.
+async fn send_as(
+    console: &Console,
+    method: reqwest::Method,
+    path: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> (StatusCode, String) {
+    let mut request = console
+        .http
+        .request(method, console.url(path))
+        .header("host", host)
+        .header("accept", "text/html");
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status();
+    assert_safe_headers(path, response.headers());
+    (status, response.text().await.expect("body"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_for_another_host_name_is_refused() {
+    // Loopback without auth: a name is enough to log in, the case a DNS
+    // rebinding page would exploit.
+    let console = start("").await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{}"))
+        .await
+        .expect("store");
+    let port = console.base.rsplit(':').next().expect("a port").to_owned();
+    let (cookie, csrf) = console.login("alice", "").await.expect("login");
+    let evil = format!("evil.example:{port}");
+    for (method, path, body) in [
+        (reqwest::Method::GET, "/login", None),
+        (reqwest::Method::GET, "/", None),
+        (
+            reqwest::Method::POST,
+            "/login",
+            Some(form(&[("name", "mallory"), ("secret", "")])),
+        ),
+        (
+            reqwest::Method::POST,
+            &format!("/rows/{id}/action") as &str,
+            Some(form(&[
+                ("action", "discard"),
+                ("note", "rebound"),
+                ("csrf", &csrf),
+            ])),
+        ),
+    ] {
+        let (status, html) = send_as(
+            &console,
+            method.clone(),
+            path,
+            &evil,
+            &[("cookie", &cookie)],
+            body,
+        )
+        .await;
+        assert_eq!(
+            status,
+            StatusCode::MISDIRECTED_REQUEST,
+            "{method} {path} as {evil}: {html}"
+        );
+    }
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Pending
+    );
+    // Its own names answer, and those of console.allowed_hosts.
+    let listed = start("allowed_hosts = [\"console.example.com\"]").await;
+    let (cookie, _) = listed.login("alice", "").await.expect("login");
+    let port = listed.base.rsplit(':').next().expect("a port").to_owned();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "console.example.com".to_owned(),
+        "console.example.com:443".to_owned(),
+    ] {
+        let (status, html) = send_as(
+            &listed,
+            reqwest::Method::GET,
+            "/",
+            &host,
+            &[("cookie", &cookie)],
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{host}: {html}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_from_another_origin_is_refused() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{}"))
+        .await
+        .expect("store");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let own = console.base.clone();
+    let host = own.trim_start_matches("http://").to_owned();
+    let path = format!("/rows/{id}/action");
+    let body = || {
+        Some(form(&[
+            ("action", "discard"),
+            ("note", "forged"),
+            ("csrf", &csrf),
+        ]))
+    };
+    let other_port = format!(
+        "http://127.0.0.1:{}",
+        host.rsplit(':')
+            .next()
+            .and_then(|p| p.parse::<u16>().ok())
+            .expect("port")
+            .wrapping_add(1)
+    );
+    for forged in [
+        vec![("origin", other_port.as_str())],
+        vec![("origin", "null")],
+        vec![("origin", "http://evil.example")],
+        vec![("sec-fetch-site", "same-site")],
+        vec![("sec-fetch-site", "cross-site")],
+        vec![("origin", own.as_str()), ("sec-fetch-site", "same-site")],
+    ] {
+        let mut headers = forged.clone();
+        headers.push(("cookie", &cookie));
+        let (status, html) = send_as(
+            &console,
+            reqwest::Method::POST,
+            &path,
+            &host,
+            &headers,
+            body(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{forged:?}: {html}");
+        assert_eq!(
+            console.store.get(id).await.expect("row").status,
+            Status::Pending,
+            "{forged:?}"
+        );
+    }
+    // Its own origin, as a browser sends it, passes.
+    let (status, html) = send_as(
+        &console,
+        reqwest::Method::POST,
+        &path,
+        &host,
+        &[
+            ("origin", own.as_str()),
+            ("sec-fetch-site", "same-origin"),
+            ("cookie", &cookie),
+        ],
+        body(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{html}");
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Discarded
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_is_refused_before_login_and_outside_the_edit_form() {
+    let console = start(&format!("token = {TOKEN:?}")).await;
+    let id = console
+        .store
+        .store(&message("orders", "m-1", b"{}"))
+        .await
+        .expect("store");
+    let big = "a".repeat(1024 * 1024);
+    let (status, _, html) = console
+        .post("/login", None, form(&[("name", "x"), ("secret", &big)]))
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{html}");
+    let (cookie, csrf) = console.login("alice", TOKEN).await.expect("login");
+    let (status, _, html) = console
+        .post(
+            &format!("/rows/{id}/action"),
+            Some(&cookie),
+            form(&[("action", "discard"), ("note", &big), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{html}");
+    assert_eq!(
+        console.store.get(id).await.expect("row").status,
+        Status::Pending
+    );
+    // The edit form still takes a large payload.
+    let payload = format!("{{\"big\":\"{}\"}}", "b".repeat(1024 * 1024));
+    let (status, _, html) = console
+        .post(
+            &format!("/rows/{id}/edit"),
+            Some(&cookie),
+            form(&[
+                ("payload", &payload),
+                ("headers", "{}"),
+                ("note", "large edit"),
+                ("csrf", &csrf),
+            ]),
+        )
+        .await;
+    assert!(status.is_redirection(), "{status}: {html}");
+    let versions = console.store.versions(id).await.expect("versions");
+    assert_eq!(
+        versions.last().map(|v| v.payload.len()),
+        Some(payload.len())
+    );
 }
 
 #[test]
@@ -641,6 +878,71 @@ fn off_loopback_without_auth_it_refuses_to_start() {
         "{shown}"
     );
     assert!(!shown.contains(TOKEN), "{shown}");
+
+    // Off loopback, a short token or password is refused.
+    for (key, env) in [
+        ("console.token", ("BACKSTOP_CONSOLE_TOKEN", "short-token")),
+        (
+            "console.password",
+            ("BACKSTOP_CONSOLE_PASSWORD", "short-pass"),
+        ),
+    ] {
+        let file = temp("toml");
+        let user = if key == "console.password" {
+            "user = \"ops\"\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            &file,
+            format!(
+                "[store]\nurl = \"sqlite://{}\"\n[console]\nlisten = \"0.0.0.0:0\"\n{user}",
+                db.display()
+            ),
+        )
+        .expect("write the config");
+        let file = file.to_str().expect("utf-8 path");
+        for command in [
+            &["console", "-c", file][..],
+            &["config", "check", "-c", file],
+        ] {
+            let (code, stderr) = run(command, Some(env));
+            assert_eq!(code, Some(2), "{command:?} {key}: {stderr}");
+            assert!(
+                stderr.contains(key) && stderr.contains("16 characters"),
+                "{command:?}: {stderr}"
+            );
+            assert!(!stderr.contains(env.1), "a secret in the output: {stderr}");
+        }
+    }
+    // With a long one it starts, and warns that it speaks plain HTTP.
+    let stderr_path = temp("stderr");
+    let bare = temp("toml");
+    std::fs::write(&bare, "[console]\n").expect("write the config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
+        .args(["--log", "info", "console", "--listen", "0.0.0.0:0", "-c"])
+        .arg(&bare)
+        .env_remove("RUST_LOG")
+        .env_remove("BACKSTOP_CONSOLE_PASSWORD")
+        .env("BACKSTOP_CONSOLE_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("start backstop console");
+    let mut line = String::new();
+    let read = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    let _ = child.kill();
+    let _ = child.wait();
+    read.expect("read stdout");
+    let stderr = std::fs::read_to_string(&stderr_path).expect("stderr");
+    assert!(
+        line.starts_with("backstop console: serving on"),
+        "{line} {stderr}"
+    );
+    assert!(
+        stderr.contains("plain HTTP") && stderr.contains("TLS proxy"),
+        "{stderr}"
+    );
 }
 
 /// `html` with maud's escapes undone (for attribute values).
@@ -1171,13 +1473,21 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
     assert!(page.contains("id=\"purge-confirm\""), "{page}");
     assert!(page.contains("<strong>1 message(s)</strong>"), "{page}");
     settled(&dlq, 1).await;
-    let (status, _, page) = console
+    // Not without the count's cutoff.
+    let (status, _, _) = console
         .post(
             &purge,
             Some(&cookie),
             form(&[("older_than", "1h"), ("confirm", "yes"), ("csrf", &csrf)]),
         )
         .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let fields = hidden_fields(&page, "purge-confirm-form");
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (status, _, page) = console.post(&purge, Some(&cookie), form(&pairs)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("1 message(s) removed"), "{page}");
     settled(&dlq, 0).await;
@@ -1238,6 +1548,216 @@ async fn backstop_run_serves_the_console_of_its_config() {
     assert!(html.contains("id=\"login-form\""), "{html}");
 }
 
+/// The TCP connections of process `pid` to the broker's port (from `ss`).
+fn broker_connections_of(pid: u32) -> usize {
+    let port = backstop_testkit::broker_addr().port();
+    let output = Command::new("ss")
+        .args(["-tnpH", "state", "established"])
+        .output()
+        .expect("run ss");
+    assert!(output.status.success(), "ss failed: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")) && l.contains(&format!(":{port} ")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_mid_peek_leaves_nothing_unacked_nor_connected() {
+    use tokio::io::AsyncWriteExt;
+    const MESSAGES: u64 = 50;
+    let (connection, channel, queue, dlq) = dlq_setup("console-hangup").await;
+    // Large bodies, so that the peek takes long enough to hang up during it.
+    let body = vec![b'x'; 1024 * 1024];
+    for i in 0..MESSAGES {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                dlq.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default().with_message_id(format!("m-{i}").into()),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+    settled(&dlq, MESSAGES).await;
+    let (console, cookie, _) = dlq_console(&queue).await;
+    let pid = console.child.id();
+    assert_eq!(broker_connections_of(pid), 0, "no DLQ connection before");
+
+    // A raw client asks for the peek and hangs up as soon as the console
+    // has started taking messages (the queue's ready count drops).
+    let address = console.base.trim_start_matches("http://").to_owned();
+    let mut client = tokio::net::TcpStream::connect(&address)
+        .await
+        .expect("connect to the console");
+    client
+        .write_all(
+            format!(
+                "GET /dlq/{dlq} HTTP/1.1\r\nHost: {address}\r\nCookie: {cookie}\r\nAccept: text/html\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send the request");
+    let probe = connection.create_channel().await.expect("channel");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let declared = probe
+            .queue_declare(
+                dlq.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        if u64::from(declared.message_count()) < MESSAGES {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the peek never started taking messages"
+        );
+    }
+    drop(client);
+
+    // Everything goes back, and the console's broker connection closes.
+    let q = dlq.clone();
+    backstop_testkit::wait_until(
+        &format!("{dlq} to hold {MESSAGES} ready, none unacked, after the hang-up"),
+        std::time::Duration::from_secs(20),
+        move || {
+            let q = q.clone();
+            async move {
+                backstop_testkit::queue_is(&q, |c| c.ready == MESSAGES && c.unacked == 0).await
+            }
+        },
+    )
+    .await;
+    backstop_testkit::wait_until(
+        "the console's DLQ connection to close",
+        std::time::Duration::from_secs(20),
+        move || async move { broker_connections_of(pid) == 0 },
+    )
+    .await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+    backstop_testkit::delete_queue(&connection, &queue).await;
+}
+
+/// The hidden fields of form `id` in `html`, as (name, value), unescaped.
+fn hidden_fields(html: &str, id: &str) -> Vec<(String, String)> {
+    let at = html
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no form #{id} in {html}"));
+    let form = &html[at..at + html[at..].find("</form>").expect("end of form")];
+    form.split("<input")
+        .skip(1)
+        .filter(|input| input.contains("type=\"hidden\""))
+        .map(|input| {
+            let attr = |name: &str| {
+                let start = input
+                    .find(&format!(" {name}=\""))
+                    .unwrap_or_else(|| panic!("no {name} in {input}"))
+                    + name.len()
+                    + 3;
+                let end = input[start..].find('"').expect("end of attribute");
+                unescape(&input[start..start + end])
+            };
+            (attr("name"), attr("value"))
+        })
+        .collect()
+}
+
+/// The message ids left in `queue`, in order (a peek with a plain client:
+/// basic.get without ack, then the channel closes and they are requeued).
+async fn ids_in(connection: &lapin::Connection, queue: &str) -> Vec<String> {
+    let channel = connection.create_channel().await.expect("channel");
+    let mut ids = Vec::new();
+    while let Some(message) = channel
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("basic.get")
+    {
+        ids.push(
+            message
+                .delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+        );
+    }
+    channel.close(200, "peeked".into()).await.expect("close");
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_purge_removes_only_what_its_dry_run_counted() {
+    let (connection, channel, queue, dlq) = dlq_setup("console-purge").await;
+    park(&channel, &dlq, &queue, "old-1", "x", 3_600_000).await;
+    park(&channel, &dlq, &queue, "old-2", "x", 3_600_000).await;
+    park(&channel, &dlq, &queue, "new", "x", 0).await;
+    let (console, cookie, csrf) = dlq_console(&queue).await;
+    let purge = format!("/dlq/{dlq}/purge");
+    let dry_run_at = now_ms();
+    let (status, _, page) = console
+        .post(
+            &purge,
+            Some(&cookie),
+            form(&[("older_than", "2s"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert!(page.contains("<strong>2 message(s)</strong>"), "{page}");
+    settled(&dlq, 3).await;
+    // After the dry run: one dead-lettered just before it (newer than its
+    // cutoff, older than "2s" once 2 s have passed), and one long ago
+    // (older than the cutoff, but not counted by the dry run).
+    park(
+        &channel,
+        &dlq,
+        &queue,
+        "late-but-new",
+        "x",
+        now_ms() - (dry_run_at - 500),
+    )
+    .await;
+    park(&channel, &dlq, &queue, "late-and-old", "x", 7_200_000).await;
+    settled(&dlq, 5).await;
+    backstop_testkit::wait_until(
+        "3 s to pass since the dry run",
+        std::time::Duration::from_secs(10),
+        move || async move { now_ms() > dry_run_at + 3_000 },
+    )
+    .await;
+    let fields = hidden_fields(&page, "purge-confirm-form");
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let (status, _, done) = console.post(&purge, Some(&cookie), form(&pairs)).await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert!(done.contains("2 message(s) removed"), "{done}");
+    settled(&dlq, 3).await;
+    assert_eq!(
+        ids_in(&connection, &dlq).await,
+        ["new", "late-but-new", "late-and-old"]
+    );
+    backstop_testkit::delete_queue(&connection, &queue).await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+}
+
 /// A console replay is a job: cancelled, it stops before its next publish;
 /// what it moved is in the queue, the rest back in the DLQ, nothing unacked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1275,6 +1795,67 @@ async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
     settled(&queue, moved).await;
     settled(&dlq, 20 - moved).await;
     audited(&console, "dlq_replay_cancel", "").await;
+    backstop_testkit::delete_queue(&connection, &queue).await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+}
+
+/// A dry run of many messages lists the first 100 (the count stays
+/// exact), and a large body is kept and shown cut at 64 KiB, in the dry run
+/// as in the peek.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_lists_at_most_100_and_cuts_large_bodies() {
+    const MESSAGES: usize = 120;
+    let (connection, channel, queue, dlq) = dlq_setup("console-dlq-cap").await;
+    // The first message has a 1 MiB JSON body.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        backstop::retry::ORIGINAL_QUEUE_HEADER.into(),
+        AMQPValue::LongString(queue.as_str().into()),
+    );
+    let big = format!("{{\"big\":\"{}\"}}", "z".repeat(1024 * 1024));
+    channel
+        .basic_publish(
+            "".into(),
+            dlq.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            big.as_bytes(),
+            lapin::BasicProperties::default()
+                .with_message_id("big".into())
+                .with_headers(headers),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    for n in 1..MESSAGES {
+        park(&channel, &dlq, &queue, &format!("m{n}"), "timeout", 0).await;
+    }
+    settled(&dlq, MESSAGES as u64).await;
+    let (console, cookie, csrf) = dlq_console(&queue).await;
+    let (status, _, page) = console
+        .post(
+            &format!("/dlq/{dlq}/replay"),
+            Some(&cookie),
+            form(&[("mode", "dry_run"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(text_of(&page, "replay-would-move"), MESSAGES.to_string());
+    assert_eq!(dlq_ids(&page, "replay-would-move-list").len(), 100);
+    assert!(
+        page.len() < 512 * 1024,
+        "the dry run page holds the whole 1 MiB body: {} bytes",
+        page.len()
+    );
+    assert!(page.contains("(the first 65536 kept)"), "not said cut");
+    let (status, _, page) = console.get(&format!("/dlq/{dlq}"), Some(&cookie)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.len() < 512 * 1024,
+        "the peek page holds the whole 1 MiB body: {} bytes",
+        page.len()
+    );
+    settled(&dlq, MESSAGES as u64).await;
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;
 }

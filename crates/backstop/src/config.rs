@@ -223,12 +223,12 @@ impl PublishSettings {
 ///
 /// ```
 /// let config = backstop::config::Config::parse(
-///     "[console]\nlisten = \"0.0.0.0:9465\"\nuser = \"ops\"\npassword = \"pw\"\n",
+///     "[console]\nlisten = \"0.0.0.0:9465\"\nuser = \"ops\"\npassword = \"pw-0123456789abcdef\"\n",
 ///     "backstop.toml",
 /// ).expect("valid");
 /// let console = config.console.as_ref().expect("the section is there");
 /// assert_eq!(console.listen_addr().expect("valid").port(), 9465);
-/// assert!(!config.normalized().contains("\"pw\""));
+/// assert!(!config.normalized().contains("0123456789abcdef"));
 /// ```
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -245,13 +245,23 @@ pub struct ConsoleSettings {
     pub user: Option<String>,
     /// The password of `user`. `BACKSTOP_CONSOLE_PASSWORD` replaces it.
     pub password: Option<Secret>,
-    /// How long a login lasts (default `8h`).
+    /// How long a login lasts (default `8h`, at most 30 days).
     #[serde(default, with = "humantime_serde_opt")]
     pub session_ttl: Option<Duration>,
+    /// Host names (`name` or `name:port`) the console answers to besides
+    /// its own address, `localhost:<port>` and `[::1]:<port>`: the name a
+    /// TLS proxy in front of it forwards. A request for any other `Host` is
+    /// refused (defense against DNS rebinding).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 /// The default address of the review console.
 pub const DEFAULT_CONSOLE_LISTEN: &str = "127.0.0.1:9465";
+/// The longest `[console] session_ttl`.
+pub const MAX_SESSION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The shortest console token or password accepted off loopback.
+pub const MIN_SECRET_OFF_LOOPBACK: usize = 16;
 
 impl ConsoleSettings {
     /// The address to listen on.
@@ -332,6 +342,33 @@ impl ConsoleSettings {
         }
         if self.session_ttl.is_some_and(|t| t.is_zero()) {
             return Err(("session_ttl", "must be above zero".into()));
+        }
+        if self.session_ttl.is_some_and(|t| t > MAX_SESSION_TTL) {
+            return Err(("session_ttl", "must be at most 30 days".into()));
+        }
+        if !listen.ip().is_loopback() {
+            for (key, secret) in [("token", &self.token), ("password", &self.password)] {
+                if secret
+                    .as_ref()
+                    .is_some_and(|s| s.expose().chars().count() < MIN_SECRET_OFF_LOOPBACK)
+                {
+                    return Err((
+                        key,
+                        format!(
+                            "off loopback ({listen}) the {key} needs at least \
+                             {MIN_SECRET_OFF_LOOPBACK} characters"
+                        ),
+                    ));
+                }
+            }
+        }
+        for host in &self.allowed_hosts {
+            if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+                return Err((
+                    "allowed_hosts",
+                    format!("{host:?} is not a host name like \"console.example.com\""),
+                ));
+            }
         }
         Ok(())
     }
@@ -1042,6 +1079,9 @@ impl Config {
                 let _ = writeln!(out, "password = \"***\"");
             }
             let _ = writeln!(out, "session_ttl = {:?}", secs(c.session_ttl()));
+            if !c.allowed_hosts.is_empty() {
+                let _ = writeln!(out, "allowed_hosts = {:?}", c.allowed_hosts);
+            }
         }
         for c in &self.consumers {
             let _ = writeln!(out, "\n[[consumer]]");
@@ -1533,8 +1573,8 @@ mod tests {
 
     #[test]
     fn the_console_section_is_redacted_and_checked() {
-        let text = "[console]\nlisten = \"0.0.0.0:9465\"\ntoken = \"t0k3n-secret\"\n\
-                    user = \"ops\"\npassword = \"pa55-secret\"\n";
+        let text = "[console]\nlisten = \"0.0.0.0:9465\"\ntoken = \"t0k3n-long-enough-secret\"\n\
+                    user = \"ops\"\npassword = \"pa55-long-enough-secret\"\n";
         let config = Config::parse(text, "test.toml").expect("valid");
         let shown = config.normalized();
         assert!(
@@ -1549,7 +1589,7 @@ mod tests {
         let console = config.console.expect("present");
         assert_eq!(
             console.password.as_ref().map(Secret::expose),
-            Some("pa55-secret")
+            Some("pa55-long-enough-secret")
         );
         assert!(
             Config::parse("", "t.toml")
@@ -1581,7 +1621,22 @@ mod tests {
             ("password = \"pw\"", "console.password"),
             ("user = \"a:b\"\npassword = \"pw\"", "console.user"),
             ("session_ttl = \"0s\"", "console.session_ttl"),
+            ("session_ttl = \"31days\"", "console.session_ttl"),
+            ("session_ttl = \"30days\"", ""),
+            ("session_ttl = \"100000000years\"", "console.session_ttl"),
             ("listen = \"localhost\"", "console.listen"),
+            ("allowed_hosts = [\"a/b\"]", "console.allowed_hosts"),
+            ("allowed_hosts = [\"console.example.com\"]", ""),
+            (
+                "listen = \"0.0.0.0:1\"\ntoken = \"short-token\"",
+                "console.token",
+            ),
+            (
+                "listen = \"0.0.0.0:1\"\nuser = \"u\"\npassword = \"short\"",
+                "console.password",
+            ),
+            ("listen = \"0.0.0.0:1\"\ntoken = \"0123456789abcdef\"", ""),
+            ("token = \"short\"", ""),
         ] {
             let err = error_of(&format!("[console]\n{line}\n"));
             if key.is_empty() {

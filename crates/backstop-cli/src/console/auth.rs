@@ -10,6 +10,7 @@
 use backstop::config::ConsoleSettings;
 use base64::Engine;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,12 @@ pub(crate) const LOGIN_COOKIE: &str = "backstop_login";
 const MAX_SESSIONS: usize = 10_000;
 /// The longest name an operator may log in with.
 const MAX_NAME: usize = 64;
+/// How long an address waits for its next login after a failed one.
+const FAILED_LOGIN_DELAY: Duration = Duration::from_secs(1);
+/// The longest wait queued for one address; beyond it, refused (429).
+const MAX_LOGIN_WAIT: Duration = Duration::from_secs(10);
+/// The most addresses with a failed login remembered at once.
+const MAX_FAILED_ADDRESSES: usize = 10_000;
 
 /// 32 random bytes from the OS, as 64 hex characters.
 pub(crate) fn random_token() -> anyhow::Result<String> {
@@ -79,6 +86,8 @@ pub(crate) struct Auth {
     password: Option<backstop::config::Secret>,
     ttl: Duration,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Per address with a recent failed login: when its next try may run.
+    failed: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -101,7 +110,51 @@ impl Auth {
             password: settings.password.clone(),
             ttl: settings.session_ttl(),
             sessions: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// When a login from `ip` may be checked: `Some(wait)` (zero without
+    /// a recent failure; otherwise a slot a second after the previous try,
+    /// reserved now so that parallel tries queue), or `None` when the
+    /// queue of that address is already too long.
+    pub(crate) fn login_slot(&self, ip: IpAddr) -> Option<Duration> {
+        let now = Instant::now();
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(next) = failed.get_mut(&ip) else {
+            return Some(Duration::ZERO);
+        };
+        let slot = (*next).max(now);
+        if slot - now > MAX_LOGIN_WAIT {
+            return None;
+        }
+        *next = slot + FAILED_LOGIN_DELAY;
+        Some(slot - now)
+    }
+
+    /// Records a failed login from `ip`: its next try waits.
+    pub(crate) fn login_failed(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.len() >= MAX_FAILED_ADDRESSES && !failed.contains_key(&ip) {
+            failed.retain(|_, next| *next > now);
+            if failed.len() >= MAX_FAILED_ADDRESSES {
+                // Full of live entries: the one due soonest goes.
+                if let Some(first) = failed.iter().min_by_key(|(_, n)| **n).map(|(k, _)| *k) {
+                    failed.remove(&first);
+                }
+            }
+        }
+        let next = failed.entry(ip).or_insert(now);
+        *next = (*next).max(now + FAILED_LOGIN_DELAY);
+    }
+
+    /// A login from `ip` succeeded: its next try does not wait.
+    pub(crate) fn login_succeeded(&self, ip: IpAddr) {
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ip);
     }
 
     /// True when a secret is needed to log in (a token or a password is
@@ -113,11 +166,6 @@ impl Auth {
     /// How long a login lasts.
     pub(crate) fn ttl(&self) -> Duration {
         self.ttl
-    }
-
-    /// The configured user, shown as the login form's default name.
-    pub(crate) fn user(&self) -> Option<&str> {
-        self.user.as_deref()
     }
 
     /// Checks a login: `name` with the token, or the configured user with
@@ -292,6 +340,26 @@ mod tests {
             a.operator_of_header(format!("Basic {wrong}").as_bytes())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_failed_login_delays_the_next_from_that_address() {
+        let a = auth(Some("tok"), None);
+        let ip: IpAddr = "10.0.0.1".parse().expect("ip");
+        let other: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert_eq!(a.login_slot(ip), Some(Duration::ZERO));
+        a.login_failed(ip);
+        let first = a.login_slot(ip).expect("a slot");
+        assert!(first > Duration::from_millis(900), "{first:?}");
+        let second = a.login_slot(ip).expect("a slot");
+        assert!(second > first, "parallel tries queue: {first:?} {second:?}");
+        assert_eq!(a.login_slot(other), Some(Duration::ZERO));
+        for _ in 0..20 {
+            let _ = a.login_slot(ip);
+        }
+        assert_eq!(a.login_slot(ip), None, "too long a queue is refused");
+        a.login_succeeded(ip);
+        assert_eq!(a.login_slot(ip), Some(Duration::ZERO));
     }
 
     #[test]

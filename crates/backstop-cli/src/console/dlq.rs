@@ -21,6 +21,13 @@ use tracing::{info, warn};
 
 /// Messages a peek shows.
 const PEEKED: u64 = 100;
+/// What the console keeps of the messages it lists (a peek, a dry run's
+/// would-move list): the first 100, the first 64 KiB of each body. The
+/// counts stay exact.
+const KEEP: dlq::Keep = dlq::Keep {
+    messages: 100,
+    body_bytes: 64 * 1024,
+};
 /// Entries of the console's audit shown on `/dlq`.
 const AUDIT_SHOWN: i64 = 50;
 
@@ -184,6 +191,18 @@ impl super::Console {
     }
 }
 
+/// Runs a DLQ operation in a task of its own and waits for it: a client
+/// hanging up (or the request timeout) drops the handler's future, not the
+/// operation, which still ends and closes its channel (requeuing what it
+/// took) and its connection.
+async fn detached<T: Send + 'static>(
+    operation: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::spawn(operation)
+        .await
+        .map_err(|e| anyhow::anyhow!("the DLQ operation's task failed: {e}"))?
+}
+
 fn broker_error(e: anyhow::Error) -> PageError {
     PageError::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -196,9 +215,12 @@ pub(crate) async fn list(
     State(console): State<Shared>,
     Extension(op): Extension<Operator>,
 ) -> Page {
-    let depths = dlq::depths(&console.broker, &console.dlqs)
-        .await
-        .map_err(broker_error)?;
+    let depths = {
+        let console = console.clone();
+        detached(async move { dlq::depths(&console.broker, &console.dlqs).await })
+            .await
+            .map_err(broker_error)?
+    };
     let actions = match &console.store {
         Some(store) => Some(store.console_actions(AUDIT_SHOWN).await?),
         None => None,
@@ -249,7 +271,8 @@ fn messages(id: &str, messages: &[DlqMessage]) -> Markup {
                         td { (m.listed.dead_lettered_at.as_deref().unwrap_or("")) }
                         td.cell {
                             details {
-                                summary { (m.body.len()) " bytes" }
+                                summary { (m.listed.body_bytes) " bytes"
+                                    @if m.listed.body_truncated { " (the first " (m.body.len()) " kept)" } }
                                 (pages::payload_view(&format!("dlq-payload-{}", m.position), &m.body))
                                 (pages::pairs(&format!("dlq-headers-{}", m.position), &render::headers(&m.headers_json)))
                             }
@@ -331,6 +354,7 @@ impl ReplayForm {
             dry_run,
             rate_per_sec: rate,
             cancel: None,
+            keep: KEEP,
         })
     }
 }
@@ -387,9 +411,12 @@ pub(crate) async fn queue(
     Path(queue): Path<String>,
 ) -> Page {
     console.dlq(&queue)?;
-    let peek = dlq::peek(&console.broker, &queue, PEEKED)
-        .await
-        .map_err(broker_error)?;
+    let peek = {
+        let (console, queue) = (console.clone(), queue.clone());
+        detached(async move { dlq::peek(&console.broker, &queue, PEEKED, KEEP.body_bytes).await })
+            .await
+            .map_err(broker_error)?
+    };
     let body = html! {
         h1 { "Dead letters: " (queue) }
         p id="dlq-depth" { (peek.depth) " message(s) in the queue." }
@@ -458,9 +485,12 @@ pub(crate) async fn replay(
         info!(%queue, job = job.id, actor = %op.actor(), filter = %form.fingerprint(), "console DLQ replay started");
         return Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response());
     }
-    let report = dlq::replay(&console.broker, &queue, &options, &|_| {})
-        .await
-        .map_err(broker_error)?;
+    let report = {
+        let (console, queue) = (console.clone(), queue.clone());
+        detached(async move { dlq::replay(&console.broker, &queue, &options, &|_| {}).await })
+            .await
+            .map_err(broker_error)?
+    };
     info!(
         %queue,
         dry_run,
@@ -478,17 +508,26 @@ pub(crate) async fn replay(
     Ok(pages::layout(&format!("Replay {queue}"), Some(&op), body).into_response())
 }
 
-/// The purge form.
+/// The purge form. The confirm step carries the dry run's absolute
+/// cutoff and count: the real purge removes at most that many, dead-lettered
+/// before that time, however long the operator took to confirm.
 #[derive(Deserialize)]
 pub(crate) struct PurgeForm {
     #[serde(default)]
     older_than: String,
     #[serde(default)]
     confirm: String,
+    /// The dry run's cutoff, ms since the epoch.
+    #[serde(default)]
+    cutoff_ms: String,
+    /// How many the dry run counted.
+    #[serde(default)]
+    expected: String,
 }
 
 /// `POST /dlq/{queue}/purge`: without `confirm=yes`, counts what would go
-/// (a dry run) and asks; with it, purges.
+/// (a dry run) and asks; with it, purges at most the counted messages,
+/// with the dry run's cutoff.
 pub(crate) async fn purge(
     State(console): State<Shared>,
     Extension(op): Extension<Operator>,
@@ -500,37 +539,63 @@ pub(crate) async fn purge(
         PageError::bad_request(format!("the age is a duration such as 30d or 12h: {e}"))
     })?;
     let confirmed = form.confirm == "yes";
-    if confirmed {
+    let (cutoff, expected) = if confirmed {
+        let number = |text: &str| text.trim().parse::<u64>().ok();
+        match (number(&form.cutoff_ms), number(&form.expected)) {
+            (Some(cutoff), Some(expected)) => (cutoff, Some(expected)),
+            _ => {
+                return Err(PageError::bad_request(
+                    "a purge is confirmed from its count page (it carries the count's cutoff): count again",
+                ));
+            }
+        }
+    } else {
+        (dlq::cutoff_of(older_than), None)
+    };
+    if let Some(expected) = expected {
         // Audited before anything is removed.
         console
             .audit(
                 &op,
                 "dlq_purge",
                 &queue,
-                &format!("older_than={}", humantime::format_duration(older_than)),
+                &format!(
+                    "older_than={} cutoff_ms={cutoff} at_most={expected}",
+                    humantime::format_duration(older_than)
+                ),
             )
             .await?;
     }
-    let report = dlq::purge(&console.broker, &queue, older_than, !confirmed)
+    let report = {
+        let (console, queue) = (console.clone(), queue.clone());
+        detached(
+            async move { dlq::purge(&console.broker, &queue, cutoff, expected, !confirmed).await },
+        )
         .await
-        .map_err(broker_error)?;
+        .map_err(broker_error)?
+    };
     let age = humantime::format_duration(older_than).to_string();
+    let cutoff_at = pages::time(i64::try_from(cutoff).unwrap_or(i64::MAX));
     let body = if confirmed {
-        info!(%queue, older_than = %age, purged = report.purged, actor = %op.actor(), "console DLQ purge");
+        info!(%queue, older_than = %age, cutoff_ms = cutoff, expected = ?expected, purged = report.purged, actor = %op.actor(), "console DLQ purge");
         html! {
             h1 { "Purged: " a href={ "/dlq/" (queue) } { (queue) } }
-            p.box id="purge-result" { (report.purged) " message(s) removed; " (report.kept) " kept (" (report.undated) " without a dead-lettered time)." }
+            p.box id="purge-result" { (report.purged) " message(s) removed; " (report.kept) " kept (" (report.undated) " without a dead-lettered time)."
+                " Removed: at most the " (expected.unwrap_or_default()) " counted, dead-lettered before " (cutoff_at) "." }
         }
     } else {
         html! {
             h1 { "Purge " (queue) "?" }
             p.box id="purge-count" {
                 strong { (report.purged) " message(s)" } " were dead-lettered more than " (age)
-                " ago and would be removed for good; " (report.kept) " would stay (" (report.undated) " without a dead-lettered time are never purged by age)."
+                " ago (before " (cutoff_at) ") and would be removed for good; " (report.kept) " would stay (" (report.undated) " without a dead-lettered time are never purged by age)."
+                " Confirming removes at most these " (report.purged) ", dead-lettered before that time."
             }
             form.action method="post" action={ "/dlq/" (queue) "/purge" } id="purge-confirm-form" {
                 (csrf_field(&op))
                 input type="hidden" name="older_than" value=(form.older_than.trim());
+                input type="hidden" name="cutoff_ms" value=(cutoff);
+                input type="hidden" name="expected" value=(report.purged);
                 input type="hidden" name="confirm" value="yes";
                 button.danger type="submit" id="purge-confirm" { "Remove them" }
                 " " a href={ "/dlq/" (queue) } { "Cancel" }

@@ -15,6 +15,18 @@
 //!   `Cache-Control: no-store`.
 //! - The audit actor of every action is `console:<name>` of the login.
 //! - Secrets are never logged; payloads and headers are shown inert.
+//! - A request whose `Host` is not the console's own address,
+//!   `localhost:<port>`, `[::1]:<port>` or a name of `console.allowed_hosts`
+//!   is refused with 421 (DNS rebinding: a hostile page whose name points
+//!   at 127.0.0.1 is not the console's origin).
+//! - A POST whose `Origin` is another origin, or whose `Sec-Fetch-Site` is
+//!   neither `same-origin` nor `none`, is refused with 403 (other local
+//!   ports share the cookie: SameSite does not separate ports).
+//! - Bodies are capped at 16 KiB (the edit form at 20 MiB), requests at
+//!   [`REQUEST_TIMEOUT`], and at most [`MAX_CONCURRENT`] run at once.
+//! - After a failed login, the next attempt from that address waits a
+//!   second.
+//! - It speaks plain HTTP: off loopback, put a TLS proxy in front.
 
 mod auth;
 mod dlq;
@@ -28,7 +40,7 @@ use anyhow::Context;
 use auth::{Auth, Csrf, LOGIN_COOKIE, Operator, SESSION_COOKIE};
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -44,8 +56,16 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-/// The largest form accepted (an edited payload travels in one).
+/// The largest edit form accepted (an edited payload travels in one).
 const MAX_FORM: usize = 20 * 1024 * 1024;
+/// The largest body of every other request (the login form included).
+const MAX_SMALL_FORM: usize = 16 * 1024;
+/// How long a request may take before it is answered 503. DLQ operations
+/// run in tasks of their own, so a request cut here leaves no broker state
+/// behind.
+pub(crate) const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// The most requests served at once; beyond it, 503.
+pub(crate) const MAX_CONCURRENT: usize = 64;
 /// The stylesheet, served from the binary.
 const CSS: &str = include_str!("static/console.css");
 /// The policy of every response: nothing but this origin's stylesheet and
@@ -72,6 +92,12 @@ pub(crate) struct Console {
     jobs: groups::Jobs,
     broker: crate::dlq::DlqBroker,
     dlqs: Vec<String>,
+    /// Its own address, the `Host` and `Origin` it answers to.
+    bound: SocketAddr,
+    /// `console.allowed_hosts`, lower case.
+    allowed_hosts: Vec<String>,
+    /// Requests being served now.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 type Shared = Arc<Console>;
@@ -127,19 +153,34 @@ pub(crate) async fn serve(
     settings
         .check_for(listen)
         .map_err(|(key, e)| UsageError(format!("console.{key}: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| UsageError(format!("console.listen {listen}: {e}")))?;
+    let bound = listener.local_addr().context("the console's address")?;
     let console = Arc::new(Console {
         store,
         auth: Auth::new(settings),
         jobs: groups::Jobs::default(),
         broker: crate::dlq::DlqBroker::from_config(config),
         dlqs: crate::dlq::dlq_queues(config),
+        bound,
+        allowed_hosts: settings
+            .allowed_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        in_flight: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT)),
     });
     let app = router(console);
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| UsageError(format!("console.listen {listen}: {e}")))?;
-    let bound = listener.local_addr().context("the console's address")?;
     info!(%bound, auth = settings.has_auth(), "serving the review console");
+    if !bound.ip().is_loopback() {
+        warn!(
+            %bound,
+            "the review console speaks plain HTTP: logins and session cookies cross the \
+             network in clear unless a TLS proxy is in front of it (list its name in \
+             console.allowed_hosts)"
+        );
+    }
     let task = crate::run::publish::spawn_server(listener, app, stop, "the review console");
     Ok((bound, task))
 }
@@ -154,7 +195,9 @@ fn router(console: Shared) -> Router {
         .route("/rows/{id}/action", post(row_action))
         .route(
             "/rows/{id}/edit",
-            get(edit::edit_page).post(edit::edit_submit),
+            get(edit::edit_page)
+                .post(edit::edit_submit)
+                .layer(DefaultBodyLimit::max(MAX_FORM)),
         )
         .route("/groups/{id}", get(groups::group))
         .route("/groups/{id}/action", post(groups::group_action))
@@ -174,9 +217,128 @@ fn router(console: Shared) -> Router {
         .route("/static/console.css", get(css))
         .merge(protected)
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_FORM))
+        .layer(DefaultBodyLimit::max(MAX_SMALL_FORM))
+        .layer(middleware::from_fn_with_state(
+            console.clone(),
+            check_origin,
+        ))
+        .layer(middleware::from_fn_with_state(console.clone(), check_host))
+        .layer(middleware::from_fn_with_state(console.clone(), limit))
         .layer(middleware::map_response(security_headers))
         .with_state(console)
+}
+
+/// At most [`MAX_CONCURRENT`] requests at once, each answered within
+/// [`REQUEST_TIMEOUT`] (503 otherwise).
+async fn limit(State(console): State<Shared>, request: Request, next: Next) -> Response {
+    let Ok(_permit) = console.in_flight.clone().try_acquire_owned() else {
+        return PageError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the console is busy: try again in a moment",
+        )
+        .into_response();
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            warn!("a console request took too long and was cut");
+            PageError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the request took too long and was cut",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Whether `host` (a `Host` header value) names this console: its own
+/// address, `localhost`, `127.0.0.1` or `[::1]` with its port, or a name of
+/// `console.allowed_hosts` (with any port unless the entry gives one).
+fn host_allowed(host: &str, bound: SocketAddr, allowed: &[String]) -> bool {
+    let host = host.trim().to_ascii_lowercase();
+    if host == bound.to_string() {
+        return true;
+    }
+    let port = bound.port();
+    if ["localhost", "127.0.0.1", "[::1]"]
+        .iter()
+        .any(|name| host == format!("{name}:{port}"))
+    {
+        return true;
+    }
+    // The name without its port (an IPv6 literal keeps its brackets).
+    let name = match host.rsplit_once(':') {
+        Some((name, p)) if !name.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            if name.starts_with('[') || !name.contains(':') {
+                name
+            } else {
+                host.as_str()
+            }
+        }
+        _ => host.as_str(),
+    };
+    allowed
+        .iter()
+        .any(|entry| *entry == host || (!entry.contains(':') && entry == name))
+}
+
+/// Refuses (421) a request for another `Host` than this console's: a page
+/// of another name rebound to this address must not reach it.
+async fn check_host(State(console): State<Shared>, request: Request, next: Next) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    match host {
+        Some(host) if host_allowed(host, console.bound, &console.allowed_hosts) => {
+            next.run(request).await
+        }
+        _ => {
+            warn!(
+                host = host.map(|h| render::cut(h, 80).0),
+                "console request refused: not one of its host names (add it to console.allowed_hosts)"
+            );
+            PageError::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this console does not answer to this host name: add it to console.allowed_hosts",
+            )
+            .into_response()
+        }
+    }
+}
+
+/// Refuses (403) a POST sent by another origin: an `Origin` that is not
+/// this console's own (the `Host` it was reached by), or a `Sec-Fetch-Site`
+/// other than `same-origin` or `none`. A client sending neither (an API
+/// client) passes; the CSRF token is checked after this.
+async fn check_origin(request: Request, next: Next) -> Response {
+    if request.method() == Method::GET || request.method() == Method::HEAD {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    if let Some(site) = headers.get("sec-fetch-site") {
+        let site = site.as_bytes();
+        if site != b"same-origin" && site != b"none" {
+            warn!("console POST refused: Sec-Fetch-Site is not same-origin");
+            return forbidden("this form was not sent by the console (Sec-Fetch-Site)");
+        }
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let own = |scheme: &str| format!("{scheme}://{host}");
+        let origin = origin.to_str().unwrap_or("").to_ascii_lowercase();
+        let host_lower = own("http").to_ascii_lowercase();
+        let tls_lower = own("https").to_ascii_lowercase();
+        if host.is_empty() || (origin != host_lower && origin != tls_lower) {
+            warn!("console POST refused: its Origin is not the console's");
+            return forbidden("this form was not sent by the console (Origin)");
+        }
+    }
+    next.run(request).await
 }
 
 /// The headers of every response.
@@ -326,7 +488,12 @@ async fn require_login(State(console): State<Shared>, request: Request, next: Ne
             }
             Csrf::Session(token) => {
                 let (parts, body) = request.into_parts();
-                let Ok(bytes) = axum::body::to_bytes(body, MAX_FORM).await else {
+                let max = if parts.uri.path().ends_with("/edit") {
+                    MAX_FORM
+                } else {
+                    MAX_SMALL_FORM
+                };
+                let Ok(bytes) = axum::body::to_bytes(body, max).await else {
                     return PageError::new(StatusCode::PAYLOAD_TOO_LARGE, "the form is too large")
                         .into_response();
                 };
@@ -411,12 +578,7 @@ fn login_response(console: &Console, status: StatusCode, problem: Option<&str>) 
         Ok(t) => t,
         Err(e) => return PageError::from(e).into_response(),
     };
-    let page = pages::login(
-        &token,
-        console.auth.user(),
-        console.auth.needs_secret(),
-        problem,
-    );
+    let page = pages::login(&token, console.auth.needs_secret(), problem);
     let mut response = (status, page).into_response();
     response.headers_mut().append(
         header::SET_COOKIE,
@@ -441,6 +603,7 @@ struct LoginForm {
 
 async fn login_submit(
     State(console): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     axum::Form(form): axum::Form<LoginForm>,
 ) -> Response {
@@ -458,12 +621,29 @@ async fn login_submit(
             Some("the login form was stale: try again"),
         );
     }
+    // After a failed login, this address waits before its next try.
+    match console.auth.login_slot(peer.ip()) {
+        Some(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+        Some(_) => {}
+        None => {
+            warn!(peer = %peer.ip(), "console login refused: too many failed logins");
+            return login_response(
+                &console,
+                StatusCode::TOO_MANY_REQUESTS,
+                Some("too many failed logins: wait a few seconds"),
+            );
+        }
+    }
     let name = match console.auth.check_login(&form.name, &form.secret) {
-        Ok(name) => name,
+        Ok(name) => {
+            console.auth.login_succeeded(peer.ip());
+            name
+        }
         Err(problem) => {
+            console.auth.login_failed(peer.ip());
             // Neither the name nor the secret is logged: either may be a
             // password typed in the wrong field.
-            warn!("console login refused");
+            warn!(peer = %peer.ip(), "console login refused");
             return login_response(&console, StatusCode::UNAUTHORIZED, Some(problem));
         }
     };
@@ -630,6 +810,36 @@ async fn row_action(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_consoles_own_host_names_pass() {
+        let bound: SocketAddr = "127.0.0.1:9465".parse().expect("addr");
+        let allowed = vec!["console.example.com".to_owned(), "ops:8443".to_owned()];
+        for ok in [
+            "127.0.0.1:9465",
+            "localhost:9465",
+            "LOCALHOST:9465",
+            "[::1]:9465",
+            "console.example.com",
+            "console.example.com:443",
+            "ops:8443",
+        ] {
+            assert!(host_allowed(ok, bound, &allowed), "{ok}");
+        }
+        for bad in [
+            "evil.example:9465",
+            "localhost:9466",
+            "127.0.0.1",
+            "localhost",
+            "ops:9465",
+            "console.example.com.evil:443",
+            "",
+        ] {
+            assert!(!host_allowed(bad, bound, &allowed), "{bad}");
+        }
+        let v6: SocketAddr = "[::1]:80".parse().expect("addr");
+        assert!(host_allowed("[::1]:80", v6, &[]));
+    }
 
     #[test]
     fn form_fields_are_decoded() {

@@ -90,12 +90,7 @@ pub(crate) fn error(message: &str) -> Markup {
 }
 
 /// The login page.
-pub(crate) fn login(
-    login_csrf: &str,
-    default_name: Option<&str>,
-    needs_secret: bool,
-    problem: Option<&str>,
-) -> Markup {
+pub(crate) fn login(login_csrf: &str, needs_secret: bool, problem: Option<&str>) -> Markup {
     let form = html! {
         div.login {
             h1 { "Backstop console" }
@@ -106,7 +101,7 @@ pub(crate) fn login(
                 input type="hidden" name="login_csrf" value=(login_csrf);
                 label for="login-name" { "Your name (recorded in the audit)" }
                 input type="text" id="login-name" name="name" required
-                    autocomplete="username" value=(default_name.unwrap_or(""));
+                    autocomplete="username";
                 label for="login-secret" {
                     @if needs_secret { "Token, or the user's password" }
                     @else { "Secret (none configured: loopback only)" }

@@ -29,9 +29,14 @@ pub(crate) enum PayloadView {
     },
 }
 
+/// The largest payload parsed and pretty-printed as JSON; a larger one is
+/// shown as text, cut at [`SHOWN_TEXT`] before anything else is done.
+pub(crate) const PRETTY_MAX: usize = 256 * 1024;
+
 /// Chooses how to show `payload`.
 pub(crate) fn payload_view(payload: &[u8]) -> PayloadView {
-    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload)
+    if payload.len() <= PRETTY_MAX
+        && let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload)
         && let Ok(pretty) = serde_json::to_string_pretty(&value)
     {
         // serde_json escapes every control character inside strings.
@@ -41,7 +46,21 @@ pub(crate) fn payload_view(payload: &[u8]) -> PayloadView {
             truncated,
         };
     }
-    match std::str::from_utf8(payload) {
+    // Past PRETTY_MAX only the shown part is looked at; a character cut
+    // at its end is left out.
+    let cut_here = payload.len() > PRETTY_MAX;
+    let payload = if cut_here {
+        &payload[..SHOWN_TEXT.max(SHOWN_HEX) + 1]
+    } else {
+        payload
+    };
+    let text = match std::str::from_utf8(payload) {
+        Err(e) if cut_here && e.error_len().is_none() => {
+            std::str::from_utf8(&payload[..e.valid_up_to()])
+        }
+        other => other,
+    };
+    match text {
         Ok(text)
             if !text
                 .chars()

@@ -513,6 +513,9 @@ pub(crate) fn spawn_server(
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
+        // The peer's address is an extension of every request (the
+        // console delays failed logins per address).
+        let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
         if let Err(e) = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown)
             .await
