@@ -722,6 +722,7 @@ async fn a_post_from_another_origin_is_refused() {
     for forged in [
         vec![("origin", other_port.as_str())],
         vec![("origin", "null")],
+        vec![("origin", "null"), ("sec-fetch-site", "cross-site")],
         vec![("origin", "http://evil.example")],
         vec![("sec-fetch-site", "same-site")],
         vec![("sec-fetch-site", "cross-site")],
@@ -745,6 +746,29 @@ async fn a_post_from_another_origin_is_refused() {
             "{forged:?}"
         );
     }
+    // `Origin: null` with `Sec-Fetch-Site: same-origin` is what Chromium
+    // sends with the console's own forms (its no-referrer policy): it
+    // passes the origin check and reaches the CSRF check, which refuses
+    // this wrong token.
+    let (status, html) = send_as(
+        &console,
+        reqwest::Method::POST,
+        &path,
+        &host,
+        &[
+            ("origin", "null"),
+            ("sec-fetch-site", "same-origin"),
+            ("cookie", &cookie),
+        ],
+        Some(form(&[
+            ("action", "discard"),
+            ("note", "x"),
+            ("csrf", "wrong"),
+        ])),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(html.contains("CSRF token"), "{html}");
     // Its own origin, as a browser sends it, passes.
     let (status, html) = send_as(
         &console,

@@ -21,7 +21,9 @@
 //!   at 127.0.0.1 is not the console's origin).
 //! - A POST whose `Origin` is another origin, or whose `Sec-Fetch-Site` is
 //!   neither `same-origin` nor `none`, is refused with 403 (other local
-//!   ports share the cookie: SameSite does not separate ports).
+//!   ports share the cookie: SameSite does not separate ports). `Origin:
+//!   null` (what a browser sends under `no-referrer`) passes only with
+//!   `Sec-Fetch-Site: same-origin` or `none`.
 //! - Bodies are capped at 16 KiB (the edit form at 20 MiB), requests at
 //!   [`REQUEST_TIMEOUT`], and at most [`MAX_CONCURRENT`] run at once.
 //! - After a failed login, the next attempt from that address waits a
@@ -317,12 +319,23 @@ async fn check_origin(request: Request, next: Next) -> Response {
         return next.run(request).await;
     }
     let headers = request.headers();
+    let mut same_origin_by_fetch = false;
     if let Some(site) = headers.get("sec-fetch-site") {
         let site = site.as_bytes();
         if site != b"same-origin" && site != b"none" {
             warn!("console POST refused: Sec-Fetch-Site is not same-origin");
             return forbidden("this form was not sent by the console (Sec-Fetch-Site)");
         }
+        same_origin_by_fetch = true;
+    }
+    // The console's own `Referrer-Policy: no-referrer` makes browsers send
+    // `Origin: null` with its own forms: that passes only when
+    // `Sec-Fetch-Site` vouched for the origin above.
+    let origin_null = headers
+        .get(header::ORIGIN)
+        .is_some_and(|o| o.as_bytes() == b"null");
+    if origin_null && same_origin_by_fetch {
+        return next.run(request).await;
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
         let host = headers
