@@ -3,6 +3,8 @@
 //! the refusal to listen off loopback without auth, secrets kept out of the
 //! logs, hostile rows shown inert, and audited actions.
 
+mod rows;
+
 use backstop::retry::now_ms;
 use backstop::store::{CompensationStore, NewFailedMessage, SqlStore, Status};
 use backstop_testkit::unique;
@@ -246,24 +248,7 @@ impl Console {
     }
 }
 
-fn message(queue: &str, id: &str, payload: &[u8]) -> NewFailedMessage {
-    NewFailedMessage {
-        queue: queue.to_owned(),
-        exchange: "payments".to_owned(),
-        routing_key: "charge".to_owned(),
-        message_id: Some(id.to_owned()),
-        dedup_key: None,
-        payload: payload.to_vec(),
-        headers: "{}".to_owned(),
-        properties: "{}".to_owned(),
-        error: "card declined".to_owned(),
-        error_kind: "permanent".to_owned(),
-        attempts: 3,
-        next_attempt_at: now_ms() as i64 + 3_600_000,
-        store_id: None,
-        fingerprint: format!("id:{id}"),
-    }
-}
+use rows::failed_message as message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_login_nothing_is_shown() {
@@ -1356,6 +1341,29 @@ async fn park(
     assert!(confirm.is_ack());
 }
 
+/// Publishes to `dlq` `n` messages of 1 MiB (ids `m-0`, `m-1`, ...) with
+/// `headers`, each with a confirm.
+async fn park_large(channel: &lapin::Channel, dlq: &str, n: u64, headers: FieldTable) {
+    let body = vec![b'x'; 1024 * 1024];
+    for i in 0..n {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                dlq.into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default()
+                    .with_message_id(format!("m-{i}").into())
+                    .with_headers(headers.clone()),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+}
+
 /// The message ids of the `tr.dlq-message` rows of table `id`, in order.
 fn dlq_ids(html: &str, id: &str) -> Vec<String> {
     let Some(at) = html.find(&format!("id=\"{id}\"")) else {
@@ -1513,12 +1521,8 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let fields = hidden_fields(&page, "purge-confirm-form");
-    let pairs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let (status, _, page) = console.post(&purge, Some(&cookie), form(&pairs)).await;
+    let confirm = fields_form(&hidden_fields(&page, "purge-confirm-form"));
+    let (status, _, page) = console.post(&purge, Some(&cookie), confirm.clone()).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("1 message(s) removed"), "{page}");
     settled(&dlq, 0).await;
@@ -1599,22 +1603,7 @@ async fn a_client_hanging_up_mid_peek_leaves_nothing_unacked_nor_connected() {
     const MESSAGES: u64 = 50;
     let (connection, channel, queue, dlq) = dlq_setup("console-hangup").await;
     // Large bodies, so that the peek takes long enough to hang up during it.
-    let body = vec![b'x'; 1024 * 1024];
-    for i in 0..MESSAGES {
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                dlq.as_str().into(),
-                lapin::options::BasicPublishOptions::default(),
-                &body,
-                lapin::BasicProperties::default().with_message_id(format!("m-{i}").into()),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack());
-    }
+    park_large(&channel, &dlq, MESSAGES, FieldTable::default()).await;
     settled(&dlq, MESSAGES).await;
     let (console, cookie, _) = dlq_console(&queue).await;
     let pid = console.child.id();
@@ -1706,6 +1695,15 @@ fn hidden_fields(html: &str, id: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `fields` as a form body.
+fn fields_form(fields: &[(String, String)]) -> String {
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    form(&pairs)
+}
+
 /// The message ids left in `queue`, in order (a peek with a plain client:
 /// basic.get without ack, then the channel closes and they are requeued).
 async fn ids_in(connection: &lapin::Connection, queue: &str) -> Vec<String> {
@@ -1772,12 +1770,8 @@ async fn a_confirmed_purge_removes_only_what_its_dry_run_counted() {
         move || async move { now_ms() > dry_run_at + 3_000 },
     )
     .await;
-    let fields = hidden_fields(&page, "purge-confirm-form");
-    let pairs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let (status, _, done) = console.post(&purge, Some(&cookie), form(&pairs)).await;
+    let confirm = fields_form(&hidden_fields(&page, "purge-confirm-form"));
+    let (status, _, done) = console.post(&purge, Some(&cookie), confirm.clone()).await;
     assert_eq!(status, StatusCode::OK, "{done}");
     assert!(done.contains("2 message(s) removed"), "{done}");
     settled(&dlq, 3).await;
@@ -1901,11 +1895,7 @@ fn replay_confirm(page: &str, typed: &[(&str, &str)]) -> String {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
     );
     fields.push(("mode".to_owned(), "replay".to_owned()));
-    let pairs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    form(&pairs)
+    fields_form(&fields)
 }
 
 /// The job a POST redirected to.
@@ -2052,24 +2042,7 @@ async fn a_purge_that_fails_partway_audits_what_it_removed() {
         backstop::retry::LAST_FAILURE_HEADER.into(),
         AMQPValue::LongLongInt((now_ms() - 7_200_000) as i64),
     );
-    let body = vec![b'x'; 1024 * 1024];
-    for i in 0..MESSAGES {
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                dlq.as_str().into(),
-                lapin::options::BasicPublishOptions::default(),
-                &body,
-                lapin::BasicProperties::default()
-                    .with_message_id(format!("m-{i}").into())
-                    .with_headers(headers.clone()),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack());
-    }
+    park_large(&channel, &dlq, MESSAGES, headers).await;
     settled(&dlq, MESSAGES).await;
     let (console, cookie, csrf) = dlq_console(&queue).await;
     let purge = format!("/dlq/{dlq}/purge");
@@ -2081,11 +2054,7 @@ async fn a_purge_that_fails_partway_audits_what_it_removed() {
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{page}");
-    let fields = hidden_fields(&page, "purge-confirm-form");
-    let pairs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
+    let confirm = fields_form(&hidden_fields(&page, "purge-confirm-form"));
     // The DLQ is deleted as soon as the purge has started removing.
     let probe = connection.create_channel().await.expect("channel");
     let delete = async {
@@ -2104,7 +2073,7 @@ async fn a_purge_that_fails_partway_audits_what_it_removed() {
         backstop_testkit::delete_queue(&connection, &dlq).await;
     };
     let ((status, _, page), ()) =
-        tokio::join!(console.post(&purge, Some(&cookie), form(&pairs)), delete);
+        tokio::join!(console.post(&purge, Some(&cookie), confirm.clone()), delete);
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{page}");
     let end = audited(&console, "dlq_purge_end", &dlq).await;
     assert!(end.starts_with("failed after purged="), "{end}");

@@ -17,22 +17,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// PostgreSQL tests share one database: they take turns.
-static POSTGRES_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn sqlite() -> SqlStore {
-    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-groups")));
-    SqlStore::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .expect("sqlite store")
-}
-
-async fn postgres() -> SqlStore {
-    SqlStore::connect(&postgres_url())
-        .await
-        .expect("postgres store")
-}
-
 /// A failed message of `queue`, number `n`, with `error`; due in an hour
 /// (no scanner of another test takes it).
 fn failure(queue: &str, n: u64, kind: &str, error: &str) -> NewFailedMessage {
@@ -139,11 +123,6 @@ async fn with_raw(url: &str) -> (SqlStore, sqlx::AnyPool) {
         .await
         .expect("raw pool");
     (store, raw)
-}
-
-fn sqlite_url() -> String {
-    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-groups")));
-    format!("sqlite://{}", path.display())
 }
 
 /// Rows without a cause (written before schema version 3, or by an older
@@ -427,37 +406,16 @@ async fn a_group_action_needs_a_note(store: SqlStore) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_an_edit_is_the_rows_own_payload() {
-    common::init_tracing();
-    an_edit_is_the_rows_own_payload(sqlite_url()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_an_edit_is_the_rows_own_payload() {
-    common::init_tracing();
-    let _turn = POSTGRES_TURN.lock().await;
-    an_edit_is_the_rows_own_payload(postgres_url()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_group_action_passes_leased_rows_without_waiting_for_them() {
     common::init_tracing();
-    let _turn = POSTGRES_TURN.lock().await;
+    let _turn = common::POSTGRES_TURN.lock().await;
     a_group_action_passes_leased_rows_without_waiting_for_them(postgres_url()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_rows_without_a_cause_join_their_group() {
-    common::init_tracing();
-    rows_without_a_cause_join_their_group(sqlite_url()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_rows_without_a_cause_join_their_group() {
-    common::init_tracing();
-    let _turn = POSTGRES_TURN.lock().await;
-    rows_without_a_cause_join_their_group(postgres_url()).await;
-}
+common::both_backends!(
+    url: an_edit_is_the_rows_own_payload,
+    rows_without_a_cause_join_their_group,
+);
 
 async fn grouping_masks_numbers_and_uuids_by_queue_kind_and_cause(store: SqlStore) {
     let queue = unique("groups");
@@ -1189,33 +1147,7 @@ async fn console_actions_are_recorded_and_listed_newest_first(store: SqlStore) {
     assert!(store.console_actions(-5).await.expect("list").is_empty());
 }
 
-macro_rules! suite {
-    ($backend:ident: $($test:ident),* $(,)?) => {
-        mod $backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    common::init_tracing();
-                    let _turn = match stringify!($backend) {
-                        "postgres" => Some(super::POSTGRES_TURN.lock().await),
-                        _ => None,
-                    };
-                    super::$test(super::$backend().await).await;
-                }
-            )*
-            use super::common;
-        }
-    };
-}
-
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        suite!(sqlite: $($test),*);
-        suite!(postgres: $($test),*);
-    };
-}
-
-both_backends!(
+common::both_backends!(
     grouping_masks_numbers_and_uuids_by_queue_kind_and_cause,
     a_group_action_acts_in_batches_on_exactly_the_groups_free_rows,
     a_group_action_skips_rows_that_arrive_after_its_start,
