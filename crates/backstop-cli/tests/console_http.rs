@@ -1468,8 +1468,14 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    real.push(("dry_run_of", &dry_run_of));
-    let (status, headers, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    // The dry run's own form: its filters, times and count.
+    let (status, headers, page) = console
+        .post(
+            &replay,
+            Some(&cookie),
+            replay_confirm(&page, &[("error_contains", "timeout")]),
+        )
+        .await;
     assert_eq!(
         status,
         StatusCode::SEE_OTHER,
@@ -1799,11 +1805,13 @@ async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
     dry.push(("mode", "dry_run"));
     let (status, _, page) = console.post(&replay, Some(&cookie), form(&dry)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
-    let dry_run_of = unescape(&hidden(&page, "dry_run_of"));
-    let mut real = filters.to_vec();
-    real.push(("mode", "replay"));
-    real.push(("dry_run_of", &dry_run_of));
-    let (status, headers, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    let (status, headers, page) = console
+        .post(
+            &replay,
+            Some(&cookie),
+            replay_confirm(&page, &[("rate", "1")]),
+        )
+        .await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
     let job = headers
         .get(LOCATION)
