@@ -656,7 +656,7 @@ async fn a_bad_url_is_named(make_url: fn() -> String) {
     );
 }
 
-/// Every behaviour test, once per backend; PostgreSQL tests take turns.
+// Every behaviour test, once per backend; PostgreSQL tests take turns.
 common::both_backends!(
     a_row_keeps_every_field,
     only_due_rows_are_claimed_and_a_lease_holds_them,

@@ -362,6 +362,7 @@ pub async fn postgres_store() -> backstop::store::SqlStore {
 /// `postgres::<test>` (the PostgreSQL ones take turns): each is an `async
 /// fn(SqlStore)`. With `url:` first, each takes the store's URL instead,
 /// as `sqlite_url::<test>` and `postgres_url::<test>`.
+#[allow(unused_macros)] // not every test binary has store tests
 macro_rules! both_backends {
     (url: $($test:ident),* $(,)?) => {
         $crate::common::both_backends!(@ sqlite_url, postgres_url: $($test),*);
@@ -409,4 +410,5 @@ macro_rules! both_backends {
         }
     };
 }
+#[allow(unused_imports)]
 pub(crate) use both_backends;
