@@ -30,6 +30,33 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 /// [`ReplayReport::would_move`]; the counts are always exact.
 pub(crate) const WOULD_MOVE_SHOWN: usize = 1000;
 
+/// An operation that failed partway: what it had done before the error
+/// (`done`: the messages moved or removed so far are gone from the DLQ for
+/// good, so they are reported, not just the error), and the error.
+#[derive(Debug)]
+pub(crate) struct Partial<R> {
+    /// The report up to the error.
+    pub done: R,
+    /// Why it stopped.
+    pub error: anyhow::Error,
+}
+
+impl<R> std::fmt::Display for Partial<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+impl<R: Default> Partial<R> {
+    /// A failure before anything was done.
+    fn before_start(error: anyhow::Error) -> Self {
+        Partial {
+            done: R::default(),
+            error,
+        }
+    }
+}
+
 /// `backstop dlq ...`.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum DlqCommand {
@@ -155,14 +182,24 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
             dry_run,
             broker,
         } => {
-            let report = purge(
+            let report = match purge(
                 &DlqBroker::from_args(&broker)?,
                 &queue,
                 cutoff_of(older_than),
                 None,
                 dry_run,
             )
-            .await?;
+            .await
+            {
+                Ok(report) => report,
+                Err(Partial { done, error }) => {
+                    eprintln!(
+                        "purge interrupted: purged={} kept={} before the error",
+                        done.purged, done.kept
+                    );
+                    return Err(error);
+                }
+            };
             let PurgeReport {
                 purged,
                 kept,
@@ -970,14 +1007,17 @@ impl TokenBucket {
 /// with a confirm before it is acked. Every message not moved stays unacked
 /// until the end, when the channel closes and the broker requeues it where
 /// it was, in order. A dry run publishes and acks nothing and reports what
-/// would move. `progress` is called after each message read.
+/// would move. `progress` is called after each message read. Failing
+/// partway, it reports what it moved before the error ([`Partial`]).
 pub(crate) async fn replay(
     broker: &DlqBroker,
     queue: &str,
     opts: &ReplayOptions,
     progress: &(dyn Fn(ReplayProgress) + Send + Sync),
-) -> anyhow::Result<ReplayReport> {
-    let dlq = Dlq::open(broker, queue, "backstop-dlq-replay").await?;
+) -> Result<ReplayReport, Partial<ReplayReport>> {
+    let dlq = Dlq::open(broker, queue, "backstop-dlq-replay")
+        .await
+        .map_err(Partial::before_start)?;
     let mut report = ReplayReport {
         depth: dlq.depth,
         dry_run: opts.dry_run,
@@ -986,7 +1026,13 @@ pub(crate) async fn replay(
     let result = replay_open(&dlq, opts, progress, &mut report).await;
     dlq.close().await;
     report.kept = report.depth.saturating_sub(report.moved);
-    result.map(|()| report)
+    match result {
+        Ok(()) => Ok(report),
+        Err(error) => Err(Partial {
+            done: report,
+            error,
+        }),
+    }
 }
 
 async fn replay_open(
@@ -1097,7 +1143,16 @@ async fn replay_command(
     })
     .await;
     bar.finish_and_clear();
-    let report = report?;
+    let report = match report {
+        Ok(report) => report,
+        Err(Partial { done, error }) => {
+            eprintln!(
+                "replay interrupted: moved={} matched={} seen={} failed={} before the error",
+                done.moved, done.matched, done.seen, done.failed
+            );
+            return Err(error);
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -1158,15 +1213,18 @@ pub(crate) fn cutoff_of(older_than: Duration) -> u64 {
 /// requeued in order. Undated messages are kept. A dry run acks nothing and
 /// reports what would go. The console confirms a purge with the cutoff and
 /// the count of its dry run, so that the real run removes no message the
-/// operator was not shown a count of.
+/// operator was not shown a count of. Failing partway, it reports what it
+/// removed before the error ([`Partial`]).
 pub(crate) async fn purge(
     broker: &DlqBroker,
     queue: &str,
     cutoff_ms: u64,
     max: Option<u64>,
     dry_run: bool,
-) -> anyhow::Result<PurgeReport> {
-    let dlq = Dlq::open(broker, queue, "backstop-dlq-purge").await?;
+) -> Result<PurgeReport, Partial<PurgeReport>> {
+    let dlq = Dlq::open(broker, queue, "backstop-dlq-purge")
+        .await
+        .map_err(Partial::before_start)?;
     let cutoff = cutoff_ms;
     let max = max.unwrap_or(u64::MAX);
     let bar = ui::progress(dlq.depth, "checked");
@@ -1197,7 +1255,13 @@ pub(crate) async fn purge(
     .await;
     bar.finish_and_clear();
     dlq.close().await;
-    result.map(|()| report)
+    match result {
+        Ok(()) => Ok(report),
+        Err(error) => Err(Partial {
+            done: report,
+            error,
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use backstop::store::{CompensationStore, FailedRow, ListFilter, SqlStore, Status};
+use backstop::store::{
+    CompensationStore, FailedRow, ListFilter, NewFailedMessage, SqlStore, Status,
+};
 use backstop_testkit::browser::Browser;
 use backstop_testkit::{queue_is, unique, wait_until};
 use lapin::BasicProperties;
@@ -524,6 +526,37 @@ async fn edit_and_retry(kind: Store, flow: &str) {
     let browser = world.login(flow).await;
     world.open(&browser, &format!("/rows/{}", row.id)).await;
     browser.click("#edit-link").await;
+    let edit_page = browser.current_url().await.expect("the edit page's url");
+    browser.wait_for("#edit-payload").await;
+    browser
+        .fill("#edit-payload", &String::from_utf8_lossy(&edited))
+        .await;
+    // Without a note the browser does not send the form (the note is
+    // `required`); a form sent without it anyway (an old page) is refused.
+    browser.click("#edit-submit").await;
+    assert_eq!(
+        browser.current_url().await.expect("url"),
+        edit_page,
+        "the form was sent without a note"
+    );
+    browser
+        .execute(
+            "document.getElementById('edit-note').removeAttribute('required');",
+            vec![],
+        )
+        .await
+        .expect("drop the required attribute");
+    browser.click("#edit-submit").await;
+    let refused = browser.text("#error").await;
+    assert!(refused.contains("needs a note"), "{refused}");
+    browser.screenshot("edit-refused").await;
+    let versions = world.store.versions(row.id).await.expect("versions");
+    assert!(
+        versions.iter().all(|v| v.payload == original),
+        "an edit without a note was stored: {versions:?}"
+    );
+    assert_eq!(world.endpoint.count(&edited), 0);
+    browser.open(edit_page.as_str()).await;
     browser.wait_for("#edit-payload").await;
     browser
         .fill("#edit-payload", &String::from_utf8_lossy(&edited))
@@ -591,6 +624,7 @@ async fn dlq_replay(kind: Store, flow: &str) {
         queue_is(&q, |c| c.ready == 5)
     })
     .await;
+    let dead_lettered = std::time::Instant::now();
 
     let browser = world.login(flow).await;
     world.open(&browser, "/dlq").await;
@@ -665,6 +699,173 @@ async fn dlq_replay(kind: Store, flow: &str) {
     }
     for body in &currency {
         assert_eq!(world.endpoint.count(body), 1);
+    }
+
+    // Purge the 3 left by age: a count to confirm first, nothing removed
+    // until the confirm.
+    wait_until("the 3 left to be over 1 s old", WAIT, || async {
+        dead_lettered.elapsed() > Duration::from_millis(1500)
+    })
+    .await;
+    world.open(&browser, &format!("/dlq/{dlq}")).await;
+    browser
+        .fill("#purge-form input[name=older_than]", "1s")
+        .await;
+    browser.click("#purge-submit").await;
+    let count = browser.text("#purge-count").await;
+    assert!(count.contains("3 message(s)"), "{count}");
+    browser.screenshot_full("dlq-purge-confirm").await;
+    let q = dlq.clone();
+    wait_until("the DLQ still holds 3 before the confirm", WAIT, || {
+        queue_is(&q, |c| c.ready == 3 && c.unacked == 0)
+    })
+    .await;
+    browser.click("#purge-confirm").await;
+    let purged = browser.text("#purge-result").await;
+    assert!(purged.contains("3 message(s) removed"), "{purged}");
+    let q = dlq.clone();
+    wait_until("the DLQ is empty after the purge", WAIT, || {
+        queue_is(&q, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    let audit = world
+        .store
+        .console_actions(20)
+        .await
+        .expect("console audit");
+    for action in ["dlq_purge", "dlq_purge_end"] {
+        assert!(
+            audit
+                .iter()
+                .any(|a| a.action == action && a.target == dlq && a.actor == "console:alice"),
+            "no {action} of {dlq}: {audit:?}"
+        );
+    }
+    for body in &currency {
+        assert_eq!(
+            world.endpoint.count(body),
+            1,
+            "a purged message was handled"
+        );
+    }
+    browser.close().await;
+    world.cleanup().await;
+}
+
+/// Clicks `css` on a page that refreshes itself, trying again when the
+/// page was replaced under the click.
+async fn click_refreshing(browser: &Browser, css: &str) {
+    wait_until(&format!("a click on {css}"), WAIT, || {
+        browser.try_click(css)
+    })
+    .await;
+}
+
+/// A large group retry, cancelled from its job page mid-way: it stops
+/// after a whole batch; the rows it acted on are the first ones (by id),
+/// each audited, and every row after the cancel is exactly as it was.
+async fn cancel_group_job(kind: Store, flow: &str) {
+    const ROWS: u64 = 20_000;
+    let world = World::start(kind, "cancel").await;
+    // A queue no consumer reads: the rows' re-drives go nowhere a test
+    // counts.
+    let queue = unique("console-cancel-rows");
+    let due = backstop::retry::now_ms() as i64 + 3_600_000;
+    let messages: Vec<NewFailedMessage> = (0..ROWS)
+        .map(|n| NewFailedMessage {
+            queue: queue.clone(),
+            exchange: String::new(),
+            routing_key: queue.clone(),
+            message_id: Some(format!("m-{n}")),
+            dedup_key: None,
+            payload: format!("{{\"order\":{n}}}").into_bytes(),
+            headers: "{}".to_owned(),
+            properties: "{}".to_owned(),
+            error: format!("card declined for order {n}"),
+            error_kind: "permanent".to_owned(),
+            attempts: 3,
+            next_attempt_at: due,
+            store_id: None,
+            fingerprint: format!("id:m-{n}"),
+        })
+        .collect();
+    world.store.store_batch(&messages).await.expect("seed");
+    let rows_of = || async {
+        let mut rows = world
+            .store
+            .list(&ListFilter {
+                queue: Some(queue.clone()),
+                ..ListFilter::default()
+            })
+            .await
+            .expect("list");
+        rows.sort_by_key(|r| r.id);
+        rows
+    };
+    let before = rows_of().await;
+    assert_eq!(before.len() as u64, ROWS);
+    let group = world
+        .store
+        .groups(Some(&queue))
+        .await
+        .expect("groups")
+        .pop()
+        .expect("the group");
+
+    let browser = world.login(flow).await;
+    world.open(&browser, &format!("/groups/{}", group.id)).await;
+    select(&browser, "#group-action select[name=action]", "retry").await;
+    browser
+        .fill("#group-action textarea[name=note]", "try them again")
+        .await;
+    browser.click("#group-action-submit").await;
+    click_refreshing(&browser, "#job-cancel-submit").await;
+    wait_until("the job is cancelled", WAIT, || async {
+        browser.try_text("#job-status").await.as_deref() == Some("cancelled")
+    })
+    .await;
+    browser.screenshot("job-cancelled").await;
+    let done: u64 = browser
+        .text("#job-done")
+        .await
+        .trim()
+        .parse()
+        .expect("a count");
+    assert!(done < ROWS, "cancelled mid-way: {done} of {ROWS}");
+    assert_eq!(done % 500, 0, "whole batches of 500: {done}");
+    let after = rows_of().await;
+    let changed: Vec<i64> = before
+        .iter()
+        .zip(&after)
+        .filter(|(b, a)| {
+            assert_eq!(b.id, a.id);
+            b != a
+        })
+        .map(|(b, _)| b.id)
+        .collect();
+    assert_eq!(
+        changed.len() as u64,
+        done,
+        "the rows acted on are the job's"
+    );
+    assert_eq!(
+        changed,
+        before[..done as usize]
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>(),
+        "the first rows by id, then none"
+    );
+    for id in changed.iter().take(3).chain(changed.last()) {
+        let entries = audit(&world, *id).await;
+        assert!(
+            entries.contains(&(
+                "console:alice".to_owned(),
+                "retry".to_owned(),
+                Some("try them again".to_owned())
+            )),
+            "row {id}: {entries:?}"
+        );
     }
     browser.close().await;
     world.cleanup().await;
@@ -768,6 +969,7 @@ macro_rules! on_both_stores {
 }
 
 on_both_stores!(
+    cancel_group_job,
     login_and_groups,
     retry_group,
     discard_row,

@@ -3,6 +3,8 @@
 //! the refusal to listen off loopback without auth, secrets kept out of the
 //! logs, hostile rows shown inert, and audited actions.
 
+mod rows;
+
 use backstop::retry::now_ms;
 use backstop::store::{CompensationStore, NewFailedMessage, SqlStore, Status};
 use backstop_testkit::unique;
@@ -246,24 +248,7 @@ impl Console {
     }
 }
 
-fn message(queue: &str, id: &str, payload: &[u8]) -> NewFailedMessage {
-    NewFailedMessage {
-        queue: queue.to_owned(),
-        exchange: "payments".to_owned(),
-        routing_key: "charge".to_owned(),
-        message_id: Some(id.to_owned()),
-        dedup_key: None,
-        payload: payload.to_vec(),
-        headers: "{}".to_owned(),
-        properties: "{}".to_owned(),
-        error: "card declined".to_owned(),
-        error_kind: "permanent".to_owned(),
-        attempts: 3,
-        next_attempt_at: now_ms() as i64 + 3_600_000,
-        store_id: None,
-        fingerprint: format!("id:{id}"),
-    }
-}
+use rows::failed_message as message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_login_nothing_is_shown() {
@@ -1356,6 +1341,29 @@ async fn park(
     assert!(confirm.is_ack());
 }
 
+/// Publishes to `dlq` `n` messages of 1 MiB (ids `m-0`, `m-1`, ...) with
+/// `headers`, each with a confirm.
+async fn park_large(channel: &lapin::Channel, dlq: &str, n: u64, headers: FieldTable) {
+    let body = vec![b'x'; 1024 * 1024];
+    for i in 0..n {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                dlq.into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                lapin::BasicProperties::default()
+                    .with_message_id(format!("m-{i}").into())
+                    .with_headers(headers.clone()),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+}
+
 /// The message ids of the `tr.dlq-message` rows of table `id`, in order.
 fn dlq_ids(html: &str, id: &str) -> Vec<String> {
     let Some(at) = html.find(&format!("id=\"{id}\"")) else {
@@ -1460,8 +1468,14 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    real.push(("dry_run_of", &dry_run_of));
-    let (status, headers, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    // The dry run's own form: its filters, times and count.
+    let (status, headers, page) = console
+        .post(
+            &replay,
+            Some(&cookie),
+            replay_confirm(&page, &[("error_contains", "timeout")]),
+        )
+        .await;
     assert_eq!(
         status,
         StatusCode::SEE_OTHER,
@@ -1513,12 +1527,8 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    let fields = hidden_fields(&page, "purge-confirm-form");
-    let pairs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let (status, _, page) = console.post(&purge, Some(&cookie), form(&pairs)).await;
+    let confirm = fields_form(&hidden_fields(&page, "purge-confirm-form"));
+    let (status, _, page) = console.post(&purge, Some(&cookie), confirm.clone()).await;
     assert_eq!(status, StatusCode::OK, "{page}");
     assert!(page.contains("1 message(s) removed"), "{page}");
     settled(&dlq, 0).await;
@@ -1599,22 +1609,7 @@ async fn a_client_hanging_up_mid_peek_leaves_nothing_unacked_nor_connected() {
     const MESSAGES: u64 = 50;
     let (connection, channel, queue, dlq) = dlq_setup("console-hangup").await;
     // Large bodies, so that the peek takes long enough to hang up during it.
-    let body = vec![b'x'; 1024 * 1024];
-    for i in 0..MESSAGES {
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                dlq.as_str().into(),
-                lapin::options::BasicPublishOptions::default(),
-                &body,
-                lapin::BasicProperties::default().with_message_id(format!("m-{i}").into()),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack());
-    }
+    park_large(&channel, &dlq, MESSAGES, FieldTable::default()).await;
     settled(&dlq, MESSAGES).await;
     let (console, cookie, _) = dlq_console(&queue).await;
     let pid = console.child.id();
@@ -1706,6 +1701,15 @@ fn hidden_fields(html: &str, id: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `fields` as a form body.
+fn fields_form(fields: &[(String, String)]) -> String {
+    let pairs: Vec<(&str, &str)> = fields
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    form(&pairs)
+}
+
 /// The message ids left in `queue`, in order (a peek with a plain client:
 /// basic.get without ack, then the channel closes and they are requeued).
 async fn ids_in(connection: &lapin::Connection, queue: &str) -> Vec<String> {
@@ -1772,12 +1776,8 @@ async fn a_confirmed_purge_removes_only_what_its_dry_run_counted() {
         move || async move { now_ms() > dry_run_at + 3_000 },
     )
     .await;
-    let fields = hidden_fields(&page, "purge-confirm-form");
-    let pairs: Vec<(&str, &str)> = fields
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let (status, _, done) = console.post(&purge, Some(&cookie), form(&pairs)).await;
+    let confirm = fields_form(&hidden_fields(&page, "purge-confirm-form"));
+    let (status, _, done) = console.post(&purge, Some(&cookie), confirm.clone()).await;
     assert_eq!(status, StatusCode::OK, "{done}");
     assert!(done.contains("2 message(s) removed"), "{done}");
     settled(&dlq, 3).await;
@@ -1805,11 +1805,13 @@ async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
     dry.push(("mode", "dry_run"));
     let (status, _, page) = console.post(&replay, Some(&cookie), form(&dry)).await;
     assert_eq!(status, StatusCode::OK, "{page}");
-    let dry_run_of = unescape(&hidden(&page, "dry_run_of"));
-    let mut real = filters.to_vec();
-    real.push(("mode", "replay"));
-    real.push(("dry_run_of", &dry_run_of));
-    let (status, headers, page) = console.post(&replay, Some(&cookie), form(&real)).await;
+    let (status, headers, page) = console
+        .post(
+            &replay,
+            Some(&cookie),
+            replay_confirm(&page, &[("rate", "1")]),
+        )
+        .await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
     let job = headers
         .get(LOCATION)
@@ -1889,4 +1891,207 @@ async fn a_dry_run_lists_at_most_100_and_cuts_large_bodies() {
     settled(&dlq, MESSAGES as u64).await;
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;
+}
+
+/// The fields a replay confirmed from `page` (a dry run's) sends: its
+/// hidden fields and `typed`, the filters as typed.
+fn replay_confirm(page: &str, typed: &[(&str, &str)]) -> String {
+    let mut fields = hidden_fields(page, "replay-form");
+    fields.extend(
+        typed
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
+    fields.push(("mode".to_owned(), "replay".to_owned()));
+    fields_form(&fields)
+}
+
+/// The job a POST redirected to.
+fn job_of(status: StatusCode, headers: &HeaderMap, page: &str) -> String {
+    assert_eq!(status, StatusCode::SEE_OTHER, "{page}");
+    headers
+        .get(LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .expect("location")
+        .to_owned()
+}
+
+/// A replay confirmed after its dry run selects what the dry run did: the
+/// times as the dry run resolved them ("since 5s" is 5 s before the dry
+/// run, not before the confirm), and at most the dry run's count, so
+/// matching messages dead-lettered since stay in the DLQ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_console_replay_moves_only_what_its_dry_run_selected() {
+    let (connection, channel, queue, dlq) = dlq_setup("console-replay-bound").await;
+    for id in ["a", "b", "c"] {
+        park(&channel, &dlq, &queue, id, "timeout", 0).await;
+    }
+    let (console, cookie, csrf) = dlq_console(&queue).await;
+    let replay = format!("/dlq/{dlq}/replay");
+    let typed = [("error_contains", "timeout"), ("since", "5s")];
+    let dry_run_at = now_ms();
+    let mut dry = typed.to_vec();
+    dry.extend([("mode", "dry_run"), ("csrf", csrf.as_str())]);
+    let (status, _, page) = console.post(&replay, Some(&cookie), form(&dry)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(text_of(&page, "replay-would-move"), "3");
+    // After the dry run: two more that match its filters.
+    park(&channel, &dlq, &queue, "d", "timeout", 0).await;
+    park(&channel, &dlq, &queue, "e", "timeout", 0).await;
+    settled(&dlq, 5).await;
+    // Long enough that "5s" resolved again would leave out every message.
+    backstop_testkit::wait_until(
+        "6 s to pass since the dry run",
+        std::time::Duration::from_secs(15),
+        move || async move { now_ms() > dry_run_at + 6_000 },
+    )
+    .await;
+    let (status, headers, page) = console
+        .post(&replay, Some(&cookie), replay_confirm(&page, &typed))
+        .await;
+    let job = job_of(status, &headers, &page);
+    let page = wait_for_job(&console, &cookie, &job).await;
+    assert_eq!(text_of(&page, "job-status"), "finished", "{page}");
+    assert_eq!(text_of(&page, "replay-moved"), "3", "{page}");
+    settled(&queue, 3).await;
+    assert_eq!(ids_in(&connection, &dlq).await, ["d", "e"]);
+    backstop_testkit::delete_queue(&connection, &queue).await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+}
+
+/// The number after `name=` in an audit detail.
+fn count_in(detail: &str, name: &str) -> u64 {
+    let at = detail
+        .find(&format!("{name}="))
+        .unwrap_or_else(|| panic!("no {name}= in {detail:?}"))
+        + name.len()
+        + 1;
+    detail[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count after {name}= in {detail:?}"))
+}
+
+/// A console replay that fails partway (its DLQ is deleted under it: the
+/// next basic.get is refused and closes the channel) audits how many it
+/// had moved, with the error, not just the error: those are gone from the
+/// DLQ for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_fails_partway_audits_what_it_moved() {
+    let (connection, channel, queue, dlq) = dlq_setup("console-replay-fault").await;
+    for n in 0..20 {
+        park(&channel, &dlq, &queue, &format!("m{n}"), "timeout", 0).await;
+    }
+    let (console, cookie, csrf) = dlq_console(&queue).await;
+    let replay = format!("/dlq/{dlq}/replay");
+    // Two a second: 10 s for all of them.
+    let typed = [("rate", "2")];
+    let (status, _, page) = console
+        .post(
+            &replay,
+            Some(&cookie),
+            form(&[("rate", "2"), ("mode", "dry_run"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let (status, headers, page) = console
+        .post(&replay, Some(&cookie), replay_confirm(&page, &typed))
+        .await;
+    let job = job_of(status, &headers, &page);
+    let probe = connection.create_channel().await.expect("channel");
+    let target = queue.clone();
+    backstop_testkit::wait_until(
+        "2 messages to be replayed",
+        std::time::Duration::from_secs(20),
+        move || {
+            let (probe, target) = (probe.clone(), target.clone());
+            async move {
+                backstop_testkit::ready_count(&probe, &target)
+                    .await
+                    .expect("passive declare")
+                    >= 2
+            }
+        },
+    )
+    .await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+    let page = wait_for_job(&console, &cookie, &job).await;
+    assert_eq!(text_of(&page, "job-status"), "failed", "{page}");
+    let end = audited(&console, "dlq_replay_end", "").await;
+    assert!(end.starts_with("failed after moved="), "{end}");
+    let moved = count_in(&end, "moved");
+    assert!((2..20).contains(&moved), "{end}");
+    let probe = connection.create_channel().await.expect("channel");
+    let replayed = u64::from(
+        backstop_testkit::ready_count(&probe, &queue)
+            .await
+            .expect("passive declare"),
+    );
+    // One more when the copy in hand was confirmed and its ack then failed
+    // (the DLQ was gone): a duplicate, never a loss.
+    assert!(
+        replayed == moved || replayed == moved + 1,
+        "{replayed} in the queue, {end}"
+    );
+    backstop_testkit::delete_queue(&connection, &queue).await;
+}
+
+/// A confirmed purge that fails partway (its DLQ deleted under it) answers
+/// with the count it had removed, and audits it with the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_that_fails_partway_audits_what_it_removed() {
+    const MESSAGES: u64 = 50;
+    let (connection, channel, queue, dlq) = dlq_setup("console-purge-fault").await;
+    // Large bodies dead-lettered 2 h ago, so that the purge takes long
+    // enough to delete its queue during it.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        backstop::retry::LAST_FAILURE_HEADER.into(),
+        AMQPValue::LongLongInt((now_ms() - 7_200_000) as i64),
+    );
+    park_large(&channel, &dlq, MESSAGES, headers).await;
+    settled(&dlq, MESSAGES).await;
+    let (console, cookie, csrf) = dlq_console(&queue).await;
+    let purge = format!("/dlq/{dlq}/purge");
+    let (status, _, page) = console
+        .post(
+            &purge,
+            Some(&cookie),
+            form(&[("older_than", "1h"), ("csrf", &csrf)]),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let confirm = fields_form(&hidden_fields(&page, "purge-confirm-form"));
+    // The DLQ is deleted as soon as the purge has started removing.
+    let probe = connection.create_channel().await.expect("channel");
+    let delete = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while u64::from(
+            backstop_testkit::ready_count(&probe, &dlq)
+                .await
+                .expect("passive declare"),
+        ) == MESSAGES
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the purge never started removing"
+            );
+        }
+        backstop_testkit::delete_queue(&connection, &dlq).await;
+    };
+    let ((status, _, page), ()) =
+        tokio::join!(console.post(&purge, Some(&cookie), confirm.clone()), delete);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{page}");
+    let end = audited(&console, "dlq_purge_end", &dlq).await;
+    assert!(end.starts_with("failed after purged="), "{end}");
+    let purged = count_in(&end, "purged");
+    assert!((1..MESSAGES).contains(&purged), "{end}");
+    assert!(
+        page.contains(&format!(
+            "{purged} message(s) had been removed before the error"
+        )),
+        "{page}"
+    );
+    backstop_testkit::delete_queue(&connection, &queue).await;
 }

@@ -8,7 +8,7 @@ use backstop::topology::{Binding, Exchange, Queue, Topology};
 use backstop_testkit::{
     amqp_url, connect, delete_queue, publish, queue_counts, queue_is, unique, wait_until,
 };
-use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
@@ -190,15 +190,7 @@ async fn replay_to_another_destination_and_killed_halfway_loses_nothing() {
     let dlq = park(&queue, n).await;
     let connection = connect().await;
     let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            target.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    backstop_testkit::declare_durable(&channel, &target)
         .await
         .expect("declare target");
 
@@ -558,15 +550,7 @@ async fn broker_tls_settings_from_the_config_file_are_used() {
     let queue = unique("dlq-tls");
     let connection = connect().await;
     let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    backstop_testkit::declare_durable(&channel, &queue)
         .await
         .expect("declare");
     let pki = backstop_testkit::tls_dir();

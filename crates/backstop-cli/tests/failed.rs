@@ -1,7 +1,9 @@
 //! `backstop failed` against real stores, run as a user would.
 
+mod rows;
+
 use backstop::retry::now_ms;
-use backstop::store::{CompensationStore, NewFailedMessage, RedriveOutcome, SqlStore};
+use backstop::store::{CompensationStore, RedriveOutcome, SqlStore};
 use backstop_testkit::unique;
 use std::process::Command;
 
@@ -38,24 +40,7 @@ fn last_audit(url: &str, id: i64) -> (serde_json::Value, serde_json::Value) {
     (shown["row"]["status"].clone(), last)
 }
 
-fn row(queue: &str, id: &str, payload: &[u8]) -> NewFailedMessage {
-    NewFailedMessage {
-        queue: queue.to_owned(),
-        exchange: "payments".to_owned(),
-        routing_key: "charge".to_owned(),
-        message_id: Some(id.to_owned()),
-        dedup_key: None,
-        payload: payload.to_vec(),
-        headers: "{}".to_owned(),
-        properties: "{}".to_owned(),
-        error: "card declined".to_owned(),
-        error_kind: "permanent".to_owned(),
-        attempts: 3,
-        next_attempt_at: now_ms() as i64 + 3_600_000,
-        store_id: None,
-        fingerprint: format!("id:{id}"),
-    }
-}
+use rows::failed_message as row;
 
 fn sqlite_url() -> String {
     let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-cli-failed")));

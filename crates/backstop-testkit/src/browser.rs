@@ -366,6 +366,16 @@ impl Browser {
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
     }
 
+    /// Clicks the first element matching `css` now: false when there is
+    /// none or the page was replaced under the click (a page that refreshes
+    /// itself), for polling with `wait_until`.
+    pub async fn try_click(&self, css: &str) -> bool {
+        match self.client.find(Locator::Css(css)).await {
+            Ok(element) => element.click().await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
     /// Ends the session (and its Chromium).
     pub async fn close(mut self) {
         self.session = None;

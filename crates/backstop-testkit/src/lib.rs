@@ -274,6 +274,22 @@ pub async fn ready_count(channel: &lapin::Channel, queue: &str) -> Result<u32, l
     Ok(declared.message_count())
 }
 
+/// Declares `queue` on `channel`: a durable classic queue with no
+/// arguments (already there with the same settings: nothing changes).
+pub async fn declare_durable(channel: &lapin::Channel, queue: &str) -> Result<(), lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .map(|_| ())
+}
+
 /// A plain lapin connection to the test broker, for arranging and inspecting.
 pub async fn connect() -> Connection {
     Connection::connect(&amqp_url(), ConnectionProperties::default())

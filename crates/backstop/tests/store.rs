@@ -1,40 +1,17 @@
 //! One behaviour suite for the compensation store, run against SQLite and
 //! against the PostgreSQL that scripts/test starts.
 
+mod common;
+
 use backstop::retry::now_ms;
 use backstop::store::{
     CompensationStore, ListFilter, ManualAction, NewFailedMessage, Redrive, RedriveFn,
     RedriveOutcome, Scanner, ScannerConfig, SqlStore, Status, StoreError,
 };
-use backstop_testkit::{postgres_url, unique, wait_until};
+use backstop_testkit::{unique, wait_until};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// The PostgreSQL tests share one database and claim due rows across it, so
-/// they take turns; each SQLite test has a file of its own.
-static POSTGRES_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn turn(backend: &str) -> Option<tokio::sync::MutexGuard<'static, ()>> {
-    if backend == "postgres" {
-        Some(POSTGRES_TURN.lock().await)
-    } else {
-        None
-    }
-}
-
-async fn sqlite() -> SqlStore {
-    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-store")));
-    SqlStore::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .expect("sqlite store")
-}
-
-async fn postgres() -> SqlStore {
-    SqlStore::connect(&postgres_url())
-        .await
-        .expect("postgres store")
-}
 
 fn message(queue: &str, n: i64, due: i64) -> NewFailedMessage {
     NewFailedMessage {
@@ -679,29 +656,8 @@ async fn a_bad_url_is_named(make_url: fn() -> String) {
     );
 }
 
-/// Every behaviour test, once per backend; PostgreSQL tests take turns.
-macro_rules! suite {
-    ($backend:ident: $($test:ident),* $(,)?) => {
-        mod $backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    let _turn = super::turn(stringify!($backend)).await;
-                    super::$test(super::$backend().await).await;
-                }
-            )*
-        }
-    };
-}
-
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        suite!(sqlite: $($test),*);
-        suite!(postgres: $($test),*);
-    };
-}
-
-both_backends!(
+// Every behaviour test, once per backend; PostgreSQL tests take turns.
+common::both_backends!(
     a_row_keeps_every_field,
     only_due_rows_are_claimed_and_a_lease_holds_them,
     manual_actions_follow_the_state_machine_and_are_audited,

@@ -22,12 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 async fn sqlite_store() -> Arc<SqlStore> {
-    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-consumer-store")));
-    Arc::new(
-        SqlStore::connect(&format!("sqlite://{}", path.display()))
-            .await
-            .expect("sqlite store"),
-    )
+    Arc::new(common::sqlite_store().await)
 }
 
 async fn rows_of(store: &SqlStore, queue: &str) -> Vec<backstop::store::FailedRow> {
@@ -413,20 +408,7 @@ async fn a_redrive_without_a_confirm_is_unknown_and_ends_the_scan() {
     init_tracing();
     let queue = unique("redrive-silent");
     let publisher = connect().await;
-    publisher
-        .create_channel()
-        .await
-        .expect("channel")
-        .queue_declare(
-            queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .expect("queue");
+    durable_queue(&publisher, &queue).await;
     let inner = sqlite_store().await;
     let due = backstop::retry::now_ms() as i64 - 1_000;
     for n in 0..2 {

@@ -7,8 +7,8 @@ mod common;
 use backstop::retry::now_ms;
 use backstop::store::ListFilter;
 use backstop::store::{
-    CompensationStore, GroupKey, GroupProgress, ManualAction, NewFailedMessage, Redrive, Scanner,
-    ScannerConfig, SqlStore, Status, StoreError, run_group_action,
+    CompensationStore, ConsoleAction, GroupKey, GroupProgress, ManualAction, NewFailedMessage,
+    Redrive, Scanner, ScannerConfig, SqlStore, Status, StoreError, run_group_action,
 };
 use backstop_testkit::{
     FaultProxy, amqp_url, broker_addr, postgres_url, unique, url_via, wait_until,
@@ -16,22 +16,6 @@ use backstop_testkit::{
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// PostgreSQL tests share one database: they take turns.
-static POSTGRES_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn sqlite() -> SqlStore {
-    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-groups")));
-    SqlStore::connect(&format!("sqlite://{}", path.display()))
-        .await
-        .expect("sqlite store")
-}
-
-async fn postgres() -> SqlStore {
-    SqlStore::connect(&postgres_url())
-        .await
-        .expect("postgres store")
-}
 
 /// A failed message of `queue`, number `n`, with `error`; due in an hour
 /// (no scanner of another test takes it).
@@ -139,11 +123,6 @@ async fn with_raw(url: &str) -> (SqlStore, sqlx::AnyPool) {
         .await
         .expect("raw pool");
     (store, raw)
-}
-
-fn sqlite_url() -> String {
-    let path = std::env::temp_dir().join(format!("{}.db", unique("backstop-groups")));
-    format!("sqlite://{}", path.display())
 }
 
 /// Rows without a cause (written before schema version 3, or by an older
@@ -427,37 +406,16 @@ async fn a_group_action_needs_a_note(store: SqlStore) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_an_edit_is_the_rows_own_payload() {
-    common::init_tracing();
-    an_edit_is_the_rows_own_payload(sqlite_url()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_an_edit_is_the_rows_own_payload() {
-    common::init_tracing();
-    let _turn = POSTGRES_TURN.lock().await;
-    an_edit_is_the_rows_own_payload(postgres_url()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_group_action_passes_leased_rows_without_waiting_for_them() {
     common::init_tracing();
-    let _turn = POSTGRES_TURN.lock().await;
+    let _turn = common::POSTGRES_TURN.lock().await;
     a_group_action_passes_leased_rows_without_waiting_for_them(postgres_url()).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_rows_without_a_cause_join_their_group() {
-    common::init_tracing();
-    rows_without_a_cause_join_their_group(sqlite_url()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_rows_without_a_cause_join_their_group() {
-    common::init_tracing();
-    let _turn = POSTGRES_TURN.lock().await;
-    rows_without_a_cause_join_their_group(postgres_url()).await;
-}
+common::both_backends!(
+    url: an_edit_is_the_rows_own_payload,
+    rows_without_a_cause_join_their_group,
+);
 
 async fn grouping_masks_numbers_and_uuids_by_queue_kind_and_cause(store: SqlStore) {
     let queue = unique("groups");
@@ -1046,33 +1004,150 @@ async fn a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed(store: SqlS
         .expect("delete");
 }
 
-macro_rules! suite {
-    ($backend:ident: $($test:ident),* $(,)?) => {
-        mod $backend {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $test() {
-                    common::init_tracing();
-                    let _turn = match stringify!($backend) {
-                        "postgres" => Some(super::POSTGRES_TURN.lock().await),
-                        _ => None,
-                    };
-                    super::$test(super::$backend().await).await;
-                }
-            )*
-            use super::common;
+/// A copy of the batched path whose publish fails on its channel (the
+/// connection to the broker is cut mid-batch: the copy may have been
+/// stored) has an unknown outcome: no failure is recorded against its row
+/// nor against the rows not sent yet, and all of them keep this scanner's
+/// lease (another scanner claims none of them until it runs out). The scan
+/// sends nothing more after it.
+async fn a_batched_redrive_cut_off_is_unknown_and_keeps_its_lease(store: SqlStore) {
+    let (connection, queue, ids) = retried_group(&store, "redrive-cut", 300).await;
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    // Each confirm takes at least 10 ms: a publish is nearly always in
+    // flight when the connection is cut.
+    proxy.delay_replies(Duration::from_millis(10));
+    let slow = common::supervisor(&url_via(&amqp_url(), proxy.addr()), Duration::from_secs(30));
+    let scanner = Scanner::new(
+        Arc::new(store.clone()),
+        Redrive::Republish(slow.clone()),
+        ScannerConfig {
+            queue: Some(queue.clone()),
+            batch: 500,
+            publish_channels: 1,
+            lease: Duration::from_secs(120),
+            ..ScannerConfig::default()
+        },
+    );
+    let scan = tokio::spawn(async move { scanner.run_once().await });
+    wait_until(
+        "20 rows replayed by the batched path",
+        Duration::from_secs(60),
+        || {
+            let store = store.clone();
+            let queue = queue.clone();
+            async move { replayed_ids(&store, &queue).await.len() >= 20 }
+        },
+    )
+    .await;
+    proxy.cut();
+    let report = tokio::time::timeout(Duration::from_secs(60), scan)
+        .await
+        .expect("the scan ends")
+        .expect("join")
+        .expect("scan");
+    slow.close().await;
+    drop(proxy);
+    assert_eq!(report.claimed, 300, "{report:?}");
+    assert!(
+        report.unknown >= 1,
+        "the cut-off copy is unknown: {report:?}"
+    );
+    assert_eq!(
+        (report.failed, report.needs_review),
+        (0, 0),
+        "no failure recorded: {report:?}"
+    );
+    let replayed = replayed_ids(&store, &queue).await;
+    assert_eq!(replayed.len() as u64, report.redriven, "{report:?}");
+    assert!(
+        replayed.len() < 300,
+        "the scan ended at the cut: {report:?}"
+    );
+    for id in &ids {
+        let row = store.get(*id).await.expect("get");
+        if replayed.contains(id) {
+            continue;
         }
-    };
+        // Claimed (`retrying`), with the error it was stored with: a failed
+        // attempt would have recorded the publish's error.
+        assert_eq!(row.status, Status::Retrying, "{row:?}");
+        assert!(
+            row.error.contains("declined by bank"),
+            "no failure recorded: {row:?}"
+        );
+        assert_eq!(row.attempts, 3, "{row:?}");
+    }
+    // Every row not replayed is still leased by the first scanner.
+    let now = now_ms() as i64;
+    let taken = store
+        .claim_due("another-scanner", now, now + 60_000, 1000, Some(&queue))
+        .await
+        .expect("claim");
+    assert!(taken.is_empty(), "rows lost their lease: {taken:?}");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .expect("delete");
 }
 
-macro_rules! both_backends {
-    ($($test:ident),* $(,)?) => {
-        suite!(sqlite: $($test),*);
-        suite!(postgres: $($test),*);
-    };
+/// The console's audit: each action kept whole (actor, action, target, a
+/// detail or none, the time), listed newest first, at most `limit` (none
+/// for a limit of 0 or less). Other processes may write to the same
+/// PostgreSQL audit meanwhile: this test's rows are told by their target.
+async fn console_actions_are_recorded_and_listed_newest_first(store: SqlStore) {
+    let target = unique("console-audit");
+    let detail = "filters=[\"timeout\",\"\",\"2h\"] note='it's <b>é</b>' \u{1F4A5}";
+    let before = now_ms() as i64;
+    let first = store
+        .record_console_action("console:alice", "dlq_replay_start", &target, Some(detail))
+        .await
+        .expect("record");
+    let second = store
+        .record_console_action("console:bob", "dlq_purge_end", &target, None)
+        .await
+        .expect("record");
+    let after = now_ms() as i64;
+    assert!(second > first, "ids increase: {first} then {second}");
+    let latest = store.console_actions(10_000).await.expect("list");
+    assert!(
+        latest.windows(2).all(|w| w[0].id > w[1].id),
+        "newest first: {latest:?}"
+    );
+    let ours: Vec<&ConsoleAction> = latest.iter().filter(|a| a.target == target).collect();
+    assert_eq!(ours.len(), 2, "{latest:?}");
+    assert_eq!(
+        (
+            ours[0].id,
+            ours[0].actor.as_str(),
+            ours[0].action.as_str(),
+            ours[0].detail.as_deref()
+        ),
+        (second, "console:bob", "dlq_purge_end", None)
+    );
+    assert_eq!(
+        (
+            ours[1].id,
+            ours[1].actor.as_str(),
+            ours[1].action.as_str(),
+            ours[1].detail.as_deref()
+        ),
+        (first, "console:alice", "dlq_replay_start", Some(detail))
+    );
+    for a in &ours {
+        assert!(
+            (before..=after).contains(&a.at),
+            "{a:?} at {before}..={after}"
+        );
+    }
+    let one = store.console_actions(1).await.expect("list");
+    assert_eq!(one.len(), 1);
+    assert!(one[0].id >= second, "{one:?}");
+    assert!(store.console_actions(0).await.expect("list").is_empty());
+    assert!(store.console_actions(-5).await.expect("list").is_empty());
 }
 
-both_backends!(
+common::both_backends!(
     grouping_masks_numbers_and_uuids_by_queue_kind_and_cause,
     a_group_action_acts_in_batches_on_exactly_the_groups_free_rows,
     a_group_action_skips_rows_that_arrive_after_its_start,
@@ -1082,4 +1157,6 @@ both_backends!(
     a_scan_sends_its_batch_together_one_copy_per_row,
     a_group_action_needs_a_note,
     a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed,
+    a_batched_redrive_cut_off_is_unknown_and_keeps_its_lease,
+    console_actions_are_recorded_and_listed_newest_first,
 );

@@ -9,8 +9,7 @@ use backstop::store::{
     GroupKey, GroupProgress, ManualAction, NewFailedMessage, Redrive, Scanner, ScannerConfig,
     SqlStore, Status, normalize_error, run_group_action,
 };
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,16 +45,7 @@ pub(crate) async fn group_retry(args: GroupRetryArgs) -> anyhow::Result<ExitCode
     let live = supervisor.connection().await?;
     let queue = format!("backstop.bench.group.{}", std::process::id());
     let channel = live.create_channel().await?;
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
+    backstop_testkit::declare_durable(&channel, &queue).await?;
     let path = std::env::temp_dir().join(format!("backstop-bench-group-{}.db", std::process::id()));
     let store = Arc::new(SqlStore::connect(&format!("sqlite://{}", path.display())).await?);
 
@@ -149,17 +139,7 @@ pub(crate) async fn group_retry(args: GroupRetryArgs) -> anyhow::Result<ExitCode
         .into_iter()
         .find(|(status, _)| *status == Status::Replayed)
         .map_or(0, |(_, n)| n);
-    let in_queue = channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?
-        .message_count();
+    let in_queue = backstop_testkit::ready_count(&channel, &queue).await?;
     let _ = channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;

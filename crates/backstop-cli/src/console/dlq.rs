@@ -35,7 +35,7 @@ const AUDIT_SHOWN: i64 = 50;
 /// progress page and a cancel button: a cancel stops it before its next
 /// publish, and every message not moved is requeued when its channel closes.
 pub(crate) struct ReplayJob {
-    id: u64,
+    pub(super) id: u64,
     pub(super) queue: String,
     filters: String,
     actor: String,
@@ -43,6 +43,8 @@ pub(crate) struct ReplayJob {
     pub(super) cancel: Arc<AtomicBool>,
     progress: Arc<Mutex<ReplayProgress>>,
     outcome: Mutex<Option<Result<ReplayReport, String>>>,
+    /// When it ended (its outcome set): finished jobs are dropped after a while.
+    pub(super) finished_at: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl ReplayJob {
@@ -65,7 +67,9 @@ impl ReplayJob {
             cancel,
             progress: Arc::new(Mutex::new(ReplayProgress::default())),
             outcome: Mutex::new(None),
+            finished_at: std::sync::OnceLock::new(),
         });
+        console.jobs.prune();
         console
             .jobs
             .replays
@@ -80,12 +84,17 @@ impl ReplayJob {
                 *progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
             })
             .await;
+            // A replay that fails partway has moved some messages for
+            // good: its count is audited with the error.
             let end = match &report {
                 Ok(r) => format!(
                     "moved={} matched={} seen={} failed={} cancelled={}",
                     r.moved, r.matched, r.seen, r.failed, r.cancelled
                 ),
-                Err(e) => format!("failed: {e:#}"),
+                Err(p) => format!(
+                    "failed after moved={} matched={} seen={} failed={}: {p}",
+                    p.done.moved, p.done.matched, p.done.seen, p.done.failed
+                ),
             };
             info!(job = running.id, queue = %running.queue, actor = %running.actor, result = %end, "console DLQ replay ended");
             if let Some(store) = &console.store
@@ -101,7 +110,8 @@ impl ReplayJob {
                 warn!(job = running.id, error = %e, "the console audit of a DLQ replay's end failed");
             }
             *running.outcome.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(report.map_err(|e| format!("{e:#}")));
+                Some(report.map_err(|_| end));
+            let _ = running.finished_at.set(std::time::Instant::now());
         });
         job
     }
@@ -306,6 +316,18 @@ pub(crate) struct ReplayForm {
     /// The filters of the dry run this replay follows (see [`Self::fingerprint`]).
     #[serde(default)]
     dry_run_of: String,
+    /// The dry run's `since`, as it resolved it: ms since the epoch. A
+    /// replay uses it rather than resolving a relative `since` (`2h`) again
+    /// when the operator confirms.
+    #[serde(default)]
+    since_ms: String,
+    /// The dry run's `until`, the same way.
+    #[serde(default)]
+    until_ms: String,
+    /// How many messages the dry run selected: the replay selects at most
+    /// as many (the first in queue order), whatever arrived since.
+    #[serde(default)]
+    at_most: String,
 }
 
 impl ReplayForm {
@@ -322,9 +344,20 @@ impl ReplayForm {
         .to_string()
     }
 
+    /// The options of a dry run (the times resolved now), or of the replay
+    /// that follows one: with the dry run's resolved times and at most the
+    /// count it selected, however long the operator took to confirm.
     fn options(&self, dry_run: bool) -> Result<ReplayOptions, PageError> {
         let some = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
-        let time = |s: &str| match some(s) {
+        let of_dry_run = |field: &str| {
+            field.trim().parse::<u64>().map_err(|_| {
+                PageError::bad_request(
+                    "a replay carries its dry run's times and count: run the dry run again",
+                )
+            })
+        };
+        let time = |s: &str, resolved: &str| match some(s) {
+            Some(_) if !dry_run => of_dry_run(resolved).map(Some),
             Some(t) => dlq::parse_time(&t)
                 .map(Some)
                 .map_err(PageError::bad_request),
@@ -345,11 +378,15 @@ impl ReplayForm {
         Ok(ReplayOptions {
             filter: DlqFilter {
                 error_contains: some(&self.error_contains),
-                since_ms: time(&self.since)?,
-                until_ms: time(&self.until)?,
+                since_ms: time(&self.since, &self.since_ms)?,
+                until_ms: time(&self.until, &self.until_ms)?,
                 header,
             },
-            limit: None,
+            limit: if dry_run {
+                None
+            } else {
+                Some(of_dry_run(&self.at_most)?)
+            },
             to: None,
             dry_run,
             rate_per_sec: rate,
@@ -359,9 +396,17 @@ impl ReplayForm {
     }
 }
 
-/// The replay form; `after_dry_run` adds the real replay button, bound to
-/// these filters.
-fn replay_form(queue: &str, form: &ReplayForm, op: &Operator, after_dry_run: bool) -> Markup {
+/// The replay form; after a dry run (its options and report), it adds the
+/// real replay button, bound to these filters, the dry run's resolved
+/// times and the count it selected.
+fn replay_form(
+    queue: &str,
+    form: &ReplayForm,
+    op: &Operator,
+    dry_run: Option<(&ReplayOptions, &ReplayReport)>,
+) -> Markup {
+    let after_dry_run = dry_run.is_some();
+    let resolved = |ms: Option<u64>| ms.map(|ms| ms.to_string()).unwrap_or_default();
     html! {
         form.action method="post" action={ "/dlq/" (queue) "/replay" } id="replay-form" {
             (csrf_field(op))
@@ -377,14 +422,20 @@ fn replay_form(queue: &str, form: &ReplayForm, op: &Operator, after_dry_run: boo
                 div { label for="rate" { "At most N a second (optional)" }
                       input type="number" id="rate" name="rate" min="1" value=(form.rate); }
             }
-            @if after_dry_run {
+            @if let Some((options, report)) = dry_run {
                 input type="hidden" name="dry_run_of" value=(form.fingerprint());
+                input type="hidden" name="since_ms" value=(resolved(options.filter.since_ms));
+                input type="hidden" name="until_ms" value=(resolved(options.filter.until_ms));
+                input type="hidden" name="at_most" value=(report.matched);
             }
             p {
                 button.secondary type="submit" id="replay-dry-run" name="mode" value="dry_run" { "Dry run" }
                 @if after_dry_run {
                     " "
                     button type="submit" id="replay-submit" name="mode" value="replay" { "Replay these" }
+                    @if let Some((_, report)) = dry_run {
+                        " " span.note { "Replays at most the " (report.matched) " selected here, with the times as this dry run resolved them; messages that arrived since stay." }
+                    }
                 } @else {
                     " " span.note { "A dry run comes first: it lists what would move, then offers the replay." }
                 }
@@ -426,7 +477,7 @@ pub(crate) async fn queue(
         }
         (messages("dlq-messages", &peek.messages))
         h2 { "Replay" }
-        (replay_form(&queue, &ReplayForm::default(), &op, false))
+        (replay_form(&queue, &ReplayForm::default(), &op, None))
         h2 { "Purge" }
         (purge_form(&queue, &op))
     };
@@ -486,10 +537,16 @@ pub(crate) async fn replay(
         return Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response());
     }
     let report = {
-        let (console, queue) = (console.clone(), queue.clone());
-        detached(async move { dlq::replay(&console.broker, &queue, &options, &|_| {}).await })
-            .await
-            .map_err(broker_error)?
+        let (console, queue, options) = (console.clone(), queue.clone(), options.clone());
+        // A dry run moves nothing: its error is the whole story.
+        detached(async move {
+            Ok(dlq::replay(&console.broker, &queue, &options, &|_| {})
+                .await
+                .map_err(|p| p.error))
+        })
+        .await
+        .and_then(|r| r)
+        .map_err(broker_error)?
     };
     info!(
         %queue,
@@ -503,9 +560,31 @@ pub(crate) async fn replay(
     let body = html! {
         h1 { "Replay: " a href={ "/dlq/" (queue) } { (queue) } }
         (replay_result(&report))
-        (replay_form(&queue, &form, &op, true))
+        (replay_form(&queue, &form, &op, Some((&options, &report))))
     };
     Ok(pages::layout(&format!("Replay {queue}"), Some(&op), body).into_response())
+}
+
+/// Audits the end of a confirmed purge: its counts, or the error with the
+/// count removed before it (those are gone for good).
+async fn audit_purge_end(
+    console: &Shared,
+    actor: &str,
+    queue: &str,
+    report: &Result<dlq::PurgeReport, dlq::Partial<dlq::PurgeReport>>,
+) {
+    let end = match report {
+        Ok(r) => format!("purged={} kept={} undated={}", r.purged, r.kept, r.undated),
+        Err(p) => format!("failed after purged={}: {p}", p.done.purged),
+    };
+    info!(%queue, %actor, result = %end, "console DLQ purge ended");
+    if let Some(store) = &console.store
+        && let Err(e) = store
+            .record_console_action(actor, "dlq_purge_end", queue, Some(&end))
+            .await
+    {
+        warn!(%queue, error = %e, "the console audit of a DLQ purge's end failed");
+    }
 }
 
 /// The purge form. The confirm step carries the dry run's absolute
@@ -567,12 +646,27 @@ pub(crate) async fn purge(
             .await?;
     }
     let report = {
-        let (console, queue) = (console.clone(), queue.clone());
-        detached(
-            async move { dlq::purge(&console.broker, &queue, cutoff, expected, !confirmed).await },
-        )
+        let (console, queue, actor) = (console.clone(), queue.clone(), op.actor());
+        // Its end is audited in the task too: a client that hangs up does
+        // not stop the purge, nor its audit.
+        detached(async move {
+            let report = dlq::purge(&console.broker, &queue, cutoff, expected, !confirmed).await;
+            if confirmed {
+                audit_purge_end(&console, &actor, &queue, &report).await;
+            }
+            Ok(report)
+        })
         .await
         .map_err(broker_error)?
+        .map_err(|p| {
+            PageError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the broker: {p}; {} message(s) had been removed before the error (audited)",
+                    p.done.purged
+                ),
+            )
+        })?
     };
     let age = humantime::format_duration(older_than).to_string();
     let cutoff_at = pages::time(i64::try_from(cutoff).unwrap_or(i64::MAX));

@@ -19,7 +19,8 @@ use maud::{Markup, html};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// Rows per transaction of a group action.
@@ -37,10 +38,41 @@ pub(crate) struct Job {
     started_at: i64,
     progress: Arc<GroupProgress>,
     outcome: Mutex<Option<Result<GroupBatchTotals, String>>>,
+    /// When it ended (its outcome set).
+    finished_at: OnceLock<Instant>,
 }
 
-/// The jobs of this process (kept until it stops): group actions and DLQ
-/// replays, numbered together.
+/// A finished job's page stays this long after it ends.
+const FINISHED_KEPT_FOR: Duration = Duration::from_secs(3600);
+/// At most this many finished jobs are kept (the latest to finish).
+const FINISHED_KEPT: usize = 200;
+
+/// The finished jobs to forget, of `finished` (id, when it ended): those
+/// that ended more than `kept_for` before `now`, then the earliest to end
+/// past the latest `kept`. Running jobs are never in `finished`, so never
+/// forgotten.
+fn to_forget(
+    mut finished: Vec<(u64, Instant)>,
+    now: Instant,
+    kept_for: Duration,
+    kept: usize,
+) -> Vec<u64> {
+    // Latest to end first.
+    finished.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.cmp(&a.0)));
+    finished
+        .into_iter()
+        .enumerate()
+        .filter(|(rank, (_, ended))| {
+            *rank >= kept || now.saturating_duration_since(*ended) > kept_for
+        })
+        .map(|(_, (id, _))| id)
+        .collect()
+}
+
+/// The jobs of this process: group actions and DLQ replays, numbered
+/// together. Running jobs are kept until they end; finished ones for
+/// [`FINISHED_KEPT_FOR`], at most [`FINISHED_KEPT`] of them (forgotten
+/// when a new job starts); their ends stay in the console's audit.
 #[derive(Default)]
 pub(crate) struct Jobs {
     next: AtomicU64,
@@ -49,6 +81,26 @@ pub(crate) struct Jobs {
 }
 
 impl Jobs {
+    /// Forgets the finished jobs past [`FINISHED_KEPT_FOR`] or
+    /// [`FINISHED_KEPT`].
+    pub(super) fn prune(&self) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut replays = self.replays.lock().unwrap_or_else(|e| e.into_inner());
+        let finished = jobs
+            .values()
+            .filter_map(|j| j.finished_at.get().map(|at| (j.id, *at)))
+            .chain(
+                replays
+                    .values()
+                    .filter_map(|j| j.finished_at.get().map(|at| (j.id, *at))),
+            )
+            .collect();
+        for id in to_forget(finished, Instant::now(), FINISHED_KEPT_FOR, FINISHED_KEPT) {
+            jobs.remove(&id);
+            replays.remove(&id);
+        }
+    }
+
     /// A new job id.
     pub(super) fn next_id(&self) -> u64 {
         self.next.fetch_add(1, Ordering::SeqCst) + 1
@@ -91,7 +143,9 @@ impl Jobs {
             started_at: backstop::retry::now_ms() as i64,
             progress: GroupProgress::new(),
             outcome: Mutex::new(None),
+            finished_at: OnceLock::new(),
         });
+        self.prune();
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -142,6 +196,7 @@ impl Jobs {
             }
             *running.outcome.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(result.map_err(|e| e.to_string()));
+            let _ = running.finished_at.set(Instant::now());
         });
         job
     }
@@ -367,4 +422,38 @@ pub(crate) async fn cancel_job(
     job.progress.cancel();
     info!(job = id, actor = %op.actor(), "console group action cancelled");
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(mut forgotten: Vec<u64>) -> Vec<u64> {
+        forgotten.sort_unstable();
+        forgotten
+    }
+
+    #[test]
+    fn finished_jobs_are_forgotten_after_their_time_or_past_the_cap() {
+        let now = Instant::now() + Duration::from_secs(10_000);
+        let hour = Duration::from_secs(3600);
+        let ago = |s: u64| now - Duration::from_secs(s);
+        // Within the hour and under the cap: all kept.
+        let finished = vec![(1, ago(10)), (2, ago(3599)), (3, ago(0))];
+        assert!(to_forget(finished, now, hour, 200).is_empty());
+        // Ended more than an hour ago: forgotten.
+        let finished = vec![(1, ago(3601)), (2, ago(5)), (3, ago(7200))];
+        assert_eq!(ids(to_forget(finished, now, hour, 200)), [1, 3]);
+        // Past the cap: the earliest to end go, whatever their id.
+        let finished = vec![(1, ago(1)), (2, ago(50)), (3, ago(30)), (4, ago(40))];
+        assert_eq!(ids(to_forget(finished, now, hour, 2)), [2, 4]);
+        // 250 finished within the hour: the 50 that ended first go.
+        let finished: Vec<(u64, Instant)> = (0..250).map(|i| (i, ago(1000 - i))).collect();
+        assert_eq!(
+            ids(to_forget(finished, now, hour, 200)),
+            (0..50).collect::<Vec<_>>()
+        );
+        // None finished: nothing to forget (running jobs are never listed).
+        assert!(to_forget(Vec::new(), now, hour, 0).is_empty());
+    }
 }

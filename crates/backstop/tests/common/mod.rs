@@ -289,15 +289,7 @@ pub async fn publish_confirmed(
 /// A durable classic queue, declared on a plain connection.
 pub async fn durable_queue(connection: &lapin::Connection, name: &str) {
     let channel = connection.create_channel().await.expect("channel");
-    channel
-        .queue_declare(
-            name.into(),
-            lapin::options::QueueDeclareOptions {
-                durable: true,
-                ..lapin::options::QueueDeclareOptions::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
+    backstop_testkit::declare_durable(&channel, name)
         .await
         .expect("declare");
 }
@@ -333,3 +325,90 @@ pub fn tempdir(what: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+// The compensation store tests' helpers.
+
+/// The PostgreSQL tests of a test binary share one database and claim due
+/// rows across it: they take turns.
+pub static POSTGRES_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The URL of a new SQLite store (a file of its own).
+pub async fn sqlite_url() -> String {
+    let path =
+        std::env::temp_dir().join(format!("{}.db", backstop_testkit::unique("backstop-store")));
+    format!("sqlite://{}", path.display())
+}
+
+/// The URL of the shared PostgreSQL store (take [`POSTGRES_TURN`] first).
+pub async fn postgres_url() -> String {
+    backstop_testkit::postgres_url()
+}
+
+/// A new SQLite store.
+pub async fn sqlite_store() -> backstop::store::SqlStore {
+    backstop::store::SqlStore::connect(&sqlite_url().await)
+        .await
+        .expect("sqlite store")
+}
+
+/// The shared PostgreSQL store (take [`POSTGRES_TURN`] first).
+pub async fn postgres_store() -> backstop::store::SqlStore {
+    backstop::store::SqlStore::connect(&postgres_url().await)
+        .await
+        .expect("postgres store")
+}
+
+/// Every test named, once per backend, as `sqlite::<test>` and
+/// `postgres::<test>` (the PostgreSQL ones take turns): each is an `async
+/// fn(SqlStore)`. With `url:` first, each takes the store's URL instead,
+/// as `sqlite_url::<test>` and `postgres_url::<test>`.
+#[allow(unused_macros)] // not every test binary has store tests
+macro_rules! both_backends {
+    (url: $($test:ident),* $(,)?) => {
+        $crate::common::both_backends!(@ sqlite_url, postgres_url: $($test),*);
+    };
+    (@ $sqlite:ident, $postgres:ident: $($test:ident),*) => {
+        mod $sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    $crate::common::init_tracing();
+                    super::$test($crate::common::$sqlite().await).await;
+                }
+            )*
+        }
+        mod $postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    $crate::common::init_tracing();
+                    let _turn = $crate::common::POSTGRES_TURN.lock().await;
+                    super::$test($crate::common::$postgres().await).await;
+                }
+            )*
+        }
+    };
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    $crate::common::init_tracing();
+                    super::$test($crate::common::sqlite_store().await).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    $crate::common::init_tracing();
+                    let _turn = $crate::common::POSTGRES_TURN.lock().await;
+                    super::$test($crate::common::postgres_store().await).await;
+                }
+            )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use both_backends;
