@@ -97,6 +97,42 @@ async fn answer(State(orders): State<Orders>, body: Bytes) -> StatusCode {
 enum Dedup {
     Postgres,
     Redis,
+    /// A SQLite file made immutable (`chattr +i`, the database and its WAL)
+    /// for the outage: even root's writes through descriptors already open
+    /// fail with `EPERM`, which SQLite reports as a disk I/O error. The WAL
+    /// index (`-shm`) is left alone: it is memory-mapped, and a write to an
+    /// immutable mapped page is a `SIGBUS` that kills the process (a crash,
+    /// not an outage). The compensation store (PostgreSQL) stays up.
+    Sqlite,
+}
+
+/// Files made immutable (`chattr +i`) until dropped.
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    /// Makes `files` immutable.
+    fn files(files: Vec<std::path::PathBuf>) -> Self {
+        for file in &files {
+            let done = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(file)
+                .status()
+                .expect("run chattr");
+            assert!(done.success(), "chattr +i {}", file.display());
+        }
+        Immutable(files)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for file in &self.0 {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(file)
+                .status();
+        }
+    }
 }
 
 async fn through_an_outage(dedup: Dedup) {
@@ -108,9 +144,12 @@ async fn through_an_outage(dedup: Dedup) {
 
     let mut pg = PrivatePostgres::start();
     let mut redis = (dedup == Dedup::Redis).then(PrivateRedis::start);
-    let dedup_url = match &redis {
-        Some(redis) => redis.url(),
-        None => pg.url(),
+    let sqlite_dir = std::env::temp_dir().join(unique("run-outage-sqlite"));
+    std::fs::create_dir_all(&sqlite_dir).expect("create the SQLite directory");
+    let dedup_url = match (&redis, dedup) {
+        (Some(redis), _) => redis.url(),
+        (None, Dedup::Sqlite) => format!("sqlite://{}", sqlite_dir.join("dedup.db").display()),
+        (None, _) => pg.url(),
     };
     let proxy = FaultProxy::start(backstop_testkit::broker_addr())
         .await
@@ -166,8 +205,17 @@ async fn through_an_outage(dedup: Dedup) {
     )
     .await;
 
-    // The outage: the dedup server (and the store's) stops for 15 s.
-    pg.stop();
+    // The outage: the dedup server (and the store's) stops for 15 s; or
+    // the SQLite dedup file cannot be written.
+    let mut immutable = None;
+    if dedup == Dedup::Sqlite {
+        immutable = Some(Immutable::files(vec![
+            sqlite_dir.join("dedup.db"),
+            sqlite_dir.join("dedup.db-wal"),
+        ]));
+    } else {
+        pg.stop();
+    }
     if let Some(redis) = &mut redis {
         redis.stop();
     }
@@ -190,7 +238,10 @@ async fn through_an_outage(dedup: Dedup) {
     tokio::time::sleep(Duration::from_secs(5)).await;
     proxy.cut();
     tokio::time::sleep(OUTAGE.saturating_sub(down.elapsed())).await;
-    pg.resume();
+    match immutable.take() {
+        Some(files) => drop(files),
+        None => pg.resume(),
+    }
     if let Some(redis) = &mut redis {
         redis.resume();
     }
@@ -291,6 +342,12 @@ async fn through_an_outage(dedup: Dedup) {
         backstop_testkit::delete_queue(&connection, name).await;
     }
     let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_dir_all(&sqlite_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_dedup_made_unwritable_and_a_forced_close() {
+    through_an_outage(Dedup::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
