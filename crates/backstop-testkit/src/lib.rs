@@ -12,6 +12,7 @@ pub mod browser;
 pub mod cluster;
 pub mod effects;
 mod proxy;
+pub mod servers;
 
 pub use proxy::FaultProxy;
 

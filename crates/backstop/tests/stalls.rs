@@ -658,7 +658,9 @@ async fn a_panicking_seen_store_fails_the_delivery_not_the_consumer() {
     assert!(!consumer.is_finished());
     let report = finish(consumer, &supervisor, &publisher, &queue).await;
     assert_eq!(report.dedup_failures, 1, "{report:?}");
-    assert_eq!(report.requeued, 1, "{report:?}");
+    // The failed claim is tried again in process, the delivery held
+    // unacked, as for a store that is down (GUARANTEES row 15).
+    assert_eq!(report.requeued, 0, "{report:?}");
 }
 
 /// A compensation store whose first write panics while it is polled.

@@ -64,8 +64,13 @@ fn unready(queue: &str, report: &backstop::consumer::ConsumerReport) -> Option<S
         Some(format!("the broker does not count our consumer on {queue}"))
     } else if !report.subscribed {
         Some(format!("not subscribed to {queue}"))
+    } else if let Some(down) = &report.dedup_store_down {
+        Some(format!("{queue}: {down}"))
     } else {
-        None
+        report
+            .store_down
+            .as_ref()
+            .map(|down| format!("{queue}: {down}"))
     }
 }
 
@@ -291,7 +296,7 @@ impl Collector for Live {
         family(
             &mut encoder,
             "backstop_consumer_ready",
-            "1 while the consumer is subscribed and the broker counts it on its queue (what /readyz asks of each consumer)",
+            "1 while the consumer is subscribed, the broker counts it on its queue and its dedup and compensation stores answer (what /readyz asks of each consumer)",
             MetricType::Gauge,
             reports
                 .iter()
@@ -301,6 +306,27 @@ impl Collector for Live {
                         labels(&[("queue", &c.queue)]),
                         ConstGauge::new(i64::from(ready)),
                     )
+                })
+                .collect(),
+        )?;
+        family(
+            &mut encoder,
+            "backstop_dedup_pending",
+            "dedup releases (op=release) and done-marks (op=done) the store did not take yet, kept and tried again",
+            MetricType::Gauge,
+            reports
+                .iter()
+                .flat_map(|(c, r)| {
+                    [
+                        ("release", r.dedup_pending_release),
+                        ("done", r.dedup_pending_done),
+                    ]
+                    .map(|(op, n)| {
+                        (
+                            labels(&[("queue", &c.queue), ("op", op)]),
+                            ConstGauge::new(n as i64),
+                        )
+                    })
                 })
                 .collect(),
         )?;

@@ -493,6 +493,10 @@ pub struct ConsumerStats {
     /// When the oldest delivery held undecided was received, ms since the
     /// epoch; 0 when none is held.
     oldest_unacked_ms: AtomicU64,
+    /// The deduplication's local table: pending operations, store health.
+    dedup_local: std::sync::OnceLock<Arc<crate::dedup::local::LocalClaims>>,
+    /// Since when and why the compensation store's writes fail, while they do.
+    store_down: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 /// A snapshot of [`ConsumerStats`].
@@ -565,6 +569,17 @@ pub struct ConsumerReport {
     /// How long the oldest delivery held on the current channel has waited
     /// for its outcome; `None` when none is held.
     pub oldest_unacked: Option<Duration>,
+    /// Dedup releases the store did not take yet, kept and tried again
+    /// until it does or the claim's lease ends.
+    pub dedup_pending_release: u64,
+    /// Dedup done-marks the store did not take yet, kept and tried again
+    /// until it does or the claim's lease ends (then logged as a duplicate
+    /// window).
+    pub dedup_pending_done: u64,
+    /// Why the dedup store is down, while its last answer was a failure.
+    pub dedup_store_down: Option<String>,
+    /// Why the compensation store is down, while its last write failed.
+    pub store_down: Option<String>,
 }
 
 impl ConsumerStats {
@@ -604,6 +619,32 @@ impl ConsumerStats {
                     crate::retry::now_ms().saturating_sub(since),
                 )),
             },
+            dedup_pending_release: self.dedup_local.get().map_or(0, |l| l.pending().0),
+            dedup_pending_done: self.dedup_local.get().map_or(0, |l| l.pending().1),
+            dedup_store_down: self.dedup_local.get().and_then(|l| l.down()),
+            store_down: self
+                .store_down
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|(since, error)| {
+                    format!(
+                        "the compensation store is down for {}s ({error})",
+                        since.elapsed().as_secs()
+                    )
+                }),
+        }
+    }
+
+    /// Records how the compensation store's last write went.
+    pub(crate) fn store_answered(&self, result: Result<(), &str>) {
+        let mut down = self.store_down.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(()) => *down = None,
+            Err(error) => {
+                let since = down.as_ref().map_or_else(std::time::Instant::now, |d| d.0);
+                *down = Some((since, error.to_owned()));
+            }
         }
     }
 }
@@ -691,6 +732,9 @@ impl<H: Handler> Consumer<H> {
                  the broker close the channel and redeliver everything it held");
         }
         let stats = Arc::new(ConsumerStats::default());
+        if let Some(dedup) = &self.config.dedup {
+            let _ = stats.dedup_local.set(dedup.local.clone());
+        }
         let (stop, stop_rx) = watch::channel(false);
         let (breaker_tx, breaker) = watch::channel(BreakerState::Closed);
         let runtime_queue = self.config.queue.clone();

@@ -9,7 +9,8 @@
 
 use super::{ConsumerStats, bump};
 use crate::connection::Backoff;
-use crate::dedup::{Claim, DedupConfig, MissingKey, new_token};
+use crate::dedup::local::{Enter, PendingOp};
+use crate::dedup::{Claim, DedupConfig, MissingKey};
 use crate::handler::{Delivery, FailureKind, Handler, Outcome};
 use crate::publish::{ConfirmedPublisher, PublishError};
 use crate::retry::{
@@ -161,8 +162,9 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 const PUBLISH_FAILURE_PAUSE: Duration = Duration::from_secs(1);
 
 /// The pauses between attempts at a copy or store write that failed for a
-/// transient reason: 1 s, doubling after each further failure, up to 30 s
-/// (the ceilings of [`Backoff`], without jitter: one delivery's retries).
+/// transient reason: 1 s, doubling after each further failure, up to 30 s,
+/// each between half its ceiling and all of it (see [`jittered`]), so the
+/// held deliveries of one outage do not retry in lockstep.
 const HOLD_BACKOFF: Backoff = Backoff {
     initial: Duration::from_secs(1),
     max: Duration::from_secs(30),
@@ -241,7 +243,7 @@ async fn persist<Fut: Future<Output = Result<(), Failed>>>(
             return true;
         };
         attempts += 1;
-        let pause = HOLD_BACKOFF.ceiling(attempts - 1);
+        let pause = jittered(HOLD_BACKOFF.ceiling(attempts - 1));
         let error = &failed.error;
         if ctx.is_stale(hold.generation) {
             debug!(%queue, what, %error, "failed, and the delivery's session ended: the broker has it back");
@@ -548,10 +550,25 @@ async fn deduplicated<H: Handler>(
         }
     };
     let scope = dedup.scope.as_deref().unwrap_or(queue);
-    let mut claim = HeldClaim::new(dedup, scope, &key);
+    let mut claim = HeldClaim::new(dedup, queue, scope, &key);
     let started = tokio::time::Instant::now();
+    let mut store_failures = 0u32;
     loop {
-        match claim.claim().await {
+        let answer = match dedup.local.enter(scope, &key) {
+            Enter::Done => {
+                // Handled here; its done-mark is pending while the store is
+                // down. The effect happened: this is a duplicate.
+                bump(&ctx.stats.duplicates, 1);
+                debug!(%queue, %key, "duplicate of a message handled here (its done-mark is pending): acking without the handler");
+                return (Settlement::Ack, Verdict::Neutral);
+            }
+            Enter::Busy => Ok(Claim::InProgress),
+            Enter::Entered => {
+                claim.entered = true;
+                claim.claim().await
+            }
+        };
+        match answer {
             Ok(Claim::Claimed) => break,
             Ok(Claim::Done) => {
                 claim.forget();
@@ -570,13 +587,25 @@ async fn deduplicated<H: Handler>(
                 tokio::time::sleep(dedup.recheck).await;
             }
             Err(e) => {
-                // The claim may have been written before the error: dropping
-                // the guard releases it (a no-op unless this token holds it).
+                // The claim may have been written before the error: the
+                // next attempt extends it (same token), and giving up leaves
+                // its release pending.
                 bump(&ctx.stats.dedup_failures, 1);
-                error!(%queue, error = %e, "cannot claim the dedup key; the message is requeued unhandled");
-                drop(claim);
-                tokio::time::sleep(PUBLISH_FAILURE_PAUSE).await;
-                return (Settlement::Requeue, Verdict::Neutral);
+                let pause = jittered(CLAIM_BACKOFF.ceiling(store_failures));
+                store_failures += 1;
+                if ctx.is_stale(generation) || started.elapsed() + pause > TRANSIENT_RETRY_WINDOW {
+                    error!(%queue, error = %e, "cannot claim the dedup key; the message is requeued unhandled");
+                    drop(claim);
+                    return (Settlement::Requeue, Verdict::Neutral);
+                }
+                if store_failures == 1 {
+                    error!(%queue, %key, error = %e, retry_in = ?pause,
+                        "cannot claim the dedup key; the message is held unacked and tried again");
+                } else {
+                    warn!(%queue, %key, error = %e, retry_in = ?pause,
+                        "cannot claim the dedup key yet; the message is held unacked and tried again");
+                }
+                tokio::time::sleep(pause).await;
             }
         }
     }
@@ -595,7 +624,7 @@ async fn deduplicated<H: Handler>(
                 // a store merged this extension with a rival's claim in one
                 // batch, this token may still hold the key: let it go.
                 if other == Claim::InProgress {
-                    let _ = claim.release().await;
+                    claim.release().await;
                 } else {
                     claim.forget();
                 }
@@ -624,30 +653,45 @@ async fn deduplicated<H: Handler>(
     let (settlement, verdict) = handle(handler, ctx.clone(), publisher, delivery, generation).await;
     if verdict == Verdict::Success {
         let expires_at = now_ms() + dedup.ttl.as_millis() as u64;
-        if let Err(e) = claim.complete(expires_at).await {
-            // The handler's work is done: acking is right. Until the lease
-            // runs out the claim still protects; after that a duplicate runs.
-            bump(&ctx.stats.dedup_failures, 1);
-            error!(%queue, %key, error = %e, "could not mark the key done; acking anyway");
-        }
-    } else if let Err(e) = claim.release().await {
-        bump(&ctx.stats.dedup_failures, 1);
-        warn!(%queue, %key, error = %e, "could not release the key; it frees when its lease runs out");
+        // The handler's work is done: acking is right even when the
+        // done-mark has to wait for the store (see `complete`).
+        claim.complete(expires_at).await;
+    } else {
+        claim.release().await;
     }
     (settlement, verdict)
 }
 
-/// A dedup claim this delivery may hold. Dropped while it may still hold
-/// the key and before its handler started (the future was cancelled, or
-/// gave up), it releases the key in the background, so a redelivery does not
-/// wait out the lease. Once the handler started, a drop keeps the key until
-/// its lease ends: the effect may have happened.
+/// The pauses between claims of a delivery while the dedup store fails:
+/// 250 ms doubling up to 5 s, jittered. The delivery is held unacked
+/// meanwhile (up to [`TRANSIENT_RETRY_WINDOW`]) rather than spun through the
+/// queue.
+const CLAIM_BACKOFF: Backoff = Backoff {
+    initial: Duration::from_millis(250),
+    max: Duration::from_secs(5),
+    max_attempts: None,
+};
+
+/// Between half of `ceiling` and all of it: a backoff that still grows, with
+/// jitter so held deliveries do not retry in lockstep.
+fn jittered(ceiling: Duration) -> Duration {
+    ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// A dedup claim this delivery may hold, under the configuration's holder
+/// token. Dropped while it may still hold the key and before its handler
+/// started (the future was cancelled, or gave up), it leaves the key's
+/// release pending, so a redelivery does not wait out the lease. Once the
+/// handler started, a drop keeps the key until its lease ends: the effect
+/// may have happened.
 struct HeldClaim<'a> {
     dedup: &'a DedupConfig,
+    queue: &'a str,
     scope: &'a str,
     key: &'a str,
-    token: String,
     claimed_at: tokio::time::Instant,
+    /// True while this delivery owns the key in the local table.
+    entered: bool,
     /// True while this token may hold the key.
     may_hold: bool,
     /// True once the handler started: a drop no longer releases the key.
@@ -655,16 +699,22 @@ struct HeldClaim<'a> {
 }
 
 impl<'a> HeldClaim<'a> {
-    fn new(dedup: &'a DedupConfig, scope: &'a str, key: &'a str) -> Self {
+    fn new(dedup: &'a DedupConfig, queue: &'a str, scope: &'a str, key: &'a str) -> Self {
         HeldClaim {
             dedup,
+            queue,
             scope,
             key,
-            token: new_token(),
             claimed_at: tokio::time::Instant::now(),
+            entered: false,
             may_hold: false,
             started: false,
         }
+    }
+
+    /// When this claim's lease ends in the store.
+    fn lease_end(&self) -> tokio::time::Instant {
+        self.claimed_at + self.dedup.lease
     }
 
     /// Claims the key, or extends this token's claim, for a full lease.
@@ -672,68 +722,106 @@ impl<'a> HeldClaim<'a> {
         self.may_hold = true;
         self.claimed_at = tokio::time::Instant::now();
         let lease_until = now_ms() + self.dedup.lease.as_millis() as u64;
-        guarded(
+        let local = &self.dedup.local;
+        let result = guarded(
             || {
                 self.dedup
                     .store
-                    .claim(self.scope, self.key, &self.token, lease_until)
+                    .claim(self.scope, self.key, local.token(), lease_until)
             },
             crate::dedup::DedupError::Unavailable,
         )
-        .await
+        .await;
+        local.answered(result.as_ref().map(|_| ()));
+        result
     }
 
-    /// This token does not hold the key.
+    /// This token does not hold the key, and this delivery is done with it.
     fn forget(&mut self) {
         self.may_hold = false;
+        if std::mem::take(&mut self.entered) {
+            self.dedup.local.leave(self.scope, self.key);
+        }
     }
 
-    async fn complete(&mut self, expires_at: u64) -> Result<(), crate::dedup::DedupError> {
+    /// Sends `op`; when the store fails, keeps it pending (see
+    /// [`LocalClaims`](crate::dedup::local::LocalClaims)).
+    async fn finish(&mut self, op: PendingOp) {
+        let (dedup, scope, key, queue) = (self.dedup, self.scope, self.key, self.queue);
+        let local = &dedup.local;
+        let token = local.token();
         let result = guarded(
-            || {
-                self.dedup
-                    .store
-                    .complete(self.scope, self.key, &self.token, expires_at)
+            || match op {
+                PendingOp::Release => dedup.store.release(scope, key, token),
+                PendingOp::Done { expires_at } => {
+                    dedup.store.complete(scope, key, token, expires_at)
+                }
             },
             crate::dedup::DedupError::Unavailable,
         )
         .await;
-        // Even when the write failed, releasing now would open the key to a
-        // duplicate of an effect that happened: leave it to the lease.
+        local.answered(result.as_ref().map(|_| ()));
         self.may_hold = false;
-        result
+        self.entered = false;
+        let Err(e) = result else {
+            local.leave(scope, key);
+            return;
+        };
+        let kept = local.pend(scope, key, queue, op, self.lease_end());
+        match (op, kept) {
+            (PendingOp::Done { .. }, true) => {
+                warn!(%queue, %key, error = %e,
+                    "could not mark the key done yet; acking (the effect happened), the done-mark is \
+                     pending and tried again until the claim's lease ends")
+            }
+            (PendingOp::Done { .. }, false) => {
+                error!(%queue, %key, error = %e,
+                    "duplicate window: could not mark the key done and the pending list is full; \
+                     acking anyway, a duplicate after the claim's lease may run the handler again")
+            }
+            (PendingOp::Release, true) => {
+                warn!(%queue, %key, error = %e, "could not release the key yet; the release is pending")
+            }
+            (PendingOp::Release, false) => {
+                warn!(%queue, %key, error = %e,
+                    "could not release the key and the pending list is full; it frees when its lease runs out")
+            }
+        }
     }
 
-    async fn release(&mut self) -> Result<(), crate::dedup::DedupError> {
-        let result = guarded(
-            || self.dedup.store.release(self.scope, self.key, &self.token),
-            crate::dedup::DedupError::Unavailable,
-        )
-        .await;
-        self.may_hold = false;
-        result
+    /// Marks the key done: the handler's effect happened. Releasing instead
+    /// when the write fails would open the key to a duplicate of it.
+    async fn complete(&mut self, expires_at: u64) {
+        self.finish(PendingOp::Done { expires_at }).await;
+    }
+
+    async fn release(&mut self) {
+        self.finish(PendingOp::Release).await;
     }
 }
 
 impl Drop for HeldClaim<'_> {
     fn drop(&mut self) {
-        if !self.may_hold || self.started {
+        if !self.entered {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.dedup.store.clone();
-        let (scope, key, token) = (
-            self.scope.to_owned(),
-            self.key.to_owned(),
-            std::mem::take(&mut self.token),
-        );
-        runtime.spawn(async move {
-            if let Err(e) = store.release(&scope, &key, &token).await {
-                warn!(%scope, %key, error = %e, "could not release an abandoned claim; it frees when its lease runs out");
-            }
-        });
+        let local = &self.dedup.local;
+        if self.started {
+            local.abandon(self.scope, self.key, self.lease_end());
+        } else if self.may_hold {
+            // Released by the background task, which owns the key here
+            // until the store took the release: a redelivery of it waits
+            // for that instead of being freed under its feet.
+            let _ = local.pend(
+                self.scope,
+                self.key,
+                self.queue,
+                PendingOp::Release,
+                self.lease_end(),
+            );
+        } else {
+            local.leave(self.scope, self.key);
+        }
     }
 }
 
@@ -912,11 +1000,15 @@ async fn store(
     let stored = persist(ctx, hold, "the compensation store write", || async {
         match guarded(|| store.store(&row), crate::store::StoreError::Unavailable).await {
             Ok(id) => {
+                ctx.stats.store_answered(Ok(()));
                 warn!(queue = %ctx.queue, id, attempt = failed.attempt, error = %failed.error, "stored in the compensation store");
                 Ok(())
             }
             Err(e) => {
                 bump(&ctx.stats.store_failures, 1);
+                if e.is_transient() {
+                    ctx.stats.store_answered(Err(&e.to_string()));
+                }
                 Err(Failed {
                     transient: e.is_transient(),
                     error: e.to_string(),

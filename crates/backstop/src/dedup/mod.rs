@@ -39,6 +39,7 @@
 //! ```
 
 pub mod inbox;
+pub(crate) mod local;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
@@ -329,6 +330,9 @@ pub struct DedupConfig {
     pub(crate) recheck: Duration,
     pub(crate) max_wait: Duration,
     pub(crate) cleanup_every: Option<Duration>,
+    /// This configuration's holder token, the keys its deliveries work on
+    /// and its pending releases and done-marks (shared by its clones).
+    pub(crate) local: Arc<local::LocalClaims>,
 }
 
 impl DedupConfig {
@@ -338,6 +342,7 @@ impl DedupConfig {
     pub fn new(key: DedupKey, store: Arc<dyn SeenStore>) -> Self {
         DedupConfig {
             key,
+            local: Arc::new(local::LocalClaims::new(store.clone())),
             store,
             scope: None,
             ttl: DEFAULT_TTL,
@@ -400,7 +405,11 @@ impl DedupConfig {
     }
 }
 
-/// A token unique to one claim: this process's random id and a counter.
+/// A holder token unique to one [`DedupConfig`] (and its clones): this
+/// process's random id and a counter. Every claim of that configuration
+/// carries it, so a key it still holds in the store (a redelivery after a
+/// forced close) is taken over at once; [`local::LocalClaims`] keeps two of
+/// its own deliveries of one key apart.
 pub(crate) fn new_token() -> String {
     static INSTANCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(0);
