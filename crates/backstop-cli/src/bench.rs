@@ -564,8 +564,9 @@ mod tests {
     #[test]
     fn every_kind_runs_in_every_position_once_per_three_rounds() {
         for position in 0..3 {
-            let firsts: std::collections::HashSet<_> =
-                (1..=3).map(|r| format!("{:?}", rotation(r)[position])).collect();
+            let firsts: std::collections::HashSet<_> = (1..=3)
+                .map(|r| format!("{:?}", rotation(r)[position]))
+                .collect();
             assert_eq!(firsts.len(), 3, "position {position}");
         }
         assert_eq!(rotation(1)[0], Kind::Ceiling);

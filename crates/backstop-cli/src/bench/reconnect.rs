@@ -242,7 +242,10 @@ async fn measure(
             "blackhole {n}: detected after {:.0} ms (heartbeat {} ms), consuming again {:.0} ms after it",
             detected.as_secs_f64() * 1e3,
             args.heartbeat.as_millis(),
-            resumed.saturating_duration_since(started + detected).as_secs_f64() * 1e3
+            resumed
+                .saturating_duration_since(started + detected)
+                .as_secs_f64()
+                * 1e3
         );
         detections.push(detected.as_secs_f64() * 1e3);
     }
