@@ -219,17 +219,20 @@ async fn measure(
         let mut state = supervisor.state();
         let started = Instant::now();
         proxy.blackhole();
+        // Only a bool is kept: holding the watch guard would block the
+        // supervisor's next state change, and with it the reconnection.
         let lost = tokio::time::timeout(
             args.heartbeat * 10,
             state.wait_for(|s| !matches!(s, ConnectionState::Connected { .. })),
         )
-        .await;
+        .await
+        .is_ok_and(|r| r.is_ok());
         let detected = started.elapsed();
         // The dead connection's sockets are ended so that its next attempt
         // is a fresh one, then forwarding resumes.
         proxy.cut();
         proxy.restore();
-        if lost.is_err() {
+        if !lost {
             anyhow::bail!(
                 "blackhole {n}: the loss was not detected within {:?}",
                 args.heartbeat * 10
