@@ -93,6 +93,12 @@ enum BenchCommand {
     /// A failure group retried by an operator and re-driven by the scanner
     /// (SQLite), from the click to the last row replayed.
     GroupRetry(bench::GroupRetryArgs),
+    /// The sidecar end to end: `backstop run` against an in-process HTTP
+    /// endpoint, per concurrency, dedup and store, against the bare loop.
+    Run(bench::RunBenchArgs),
+    /// Forced closes and a blackhole while consuming: the time until
+    /// deliveries are handled again on a new channel.
+    Reconnect(bench::ReconnectArgs),
 }
 
 /// An error the CLI reports with exit code 2: bad usage or configuration.
@@ -135,6 +141,8 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Store(args)) => bench::store(args).await,
             Command::Bench(BenchCommand::Publish(args)) => bench::publish(args).await,
             Command::Bench(BenchCommand::GroupRetry(args)) => bench::group_retry(args).await,
+            Command::Bench(BenchCommand::Run(args)) => bench::run_bench(args).await,
+            Command::Bench(BenchCommand::Reconnect(args)) => bench::reconnect(args).await,
             Command::Dlq(command) => dlq::run(command).await,
             Command::Failed(command) => failed::run(command).await,
             Command::Console(args) => console::run(args).await,

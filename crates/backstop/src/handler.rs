@@ -29,11 +29,19 @@ use std::time::Duration;
 /// A message handed to a handler. The delivery tag stays with the consumer:
 /// the handler decides the outcome, the consumer settles it.
 ///
-/// Cloning is cheap for the body (shared), so the consumer can keep the
-/// message for a retry or dead-letter copy after the handler consumed it.
+/// Everything the broker sent lives in one shared allocation, so a
+/// delivery is one pointer wide and cloning it is a reference count: the
+/// consumer keeps a clone for a retry or dead-letter copy after the handler
+/// consumed it, without copying the properties or the body.
 #[derive(Clone, Debug)]
 pub struct Delivery {
-    body: Arc<Vec<u8>>,
+    inner: Arc<Received>,
+}
+
+/// What a [`Delivery`] shares between its clones.
+#[derive(Debug)]
+struct Received {
+    body: Vec<u8>,
     properties: BasicProperties,
     exchange: ShortString,
     routing_key: ShortString,
@@ -45,11 +53,13 @@ impl Delivery {
         (
             delivery.delivery_tag,
             Delivery {
-                body: Arc::new(delivery.data),
-                properties: delivery.properties,
-                exchange: delivery.exchange,
-                routing_key: delivery.routing_key,
-                redelivered: delivery.redelivered,
+                inner: Arc::new(Received {
+                    body: delivery.data,
+                    properties: delivery.properties,
+                    exchange: delivery.exchange,
+                    routing_key: delivery.routing_key,
+                    redelivered: delivery.redelivered,
+                }),
             },
         )
     }
@@ -57,37 +67,44 @@ impl Delivery {
     /// Builds a delivery by hand, for unit tests of handlers.
     pub fn for_test(body: impl Into<Vec<u8>>, properties: BasicProperties) -> Self {
         Delivery {
-            body: Arc::new(body.into()),
-            properties,
-            exchange: ShortString::from(""),
-            routing_key: ShortString::from(""),
-            redelivered: false,
+            inner: Arc::new(Received {
+                body: body.into(),
+                properties,
+                exchange: ShortString::from(""),
+                routing_key: ShortString::from(""),
+                redelivered: false,
+            }),
         }
     }
 
     /// The payload.
     pub fn body(&self) -> &[u8] {
-        &self.body
+        &self.inner.body
     }
 
     /// Takes the payload out, copying only if a clone still shares it.
     pub fn into_body(self) -> Vec<u8> {
-        Arc::try_unwrap(self.body).unwrap_or_else(|shared| (*shared).clone())
+        Arc::try_unwrap(self.inner).map_or_else(|shared| shared.body.clone(), |own| own.body)
     }
 
     /// The AMQP properties (message id, headers, content type, ...).
     pub fn properties(&self) -> &BasicProperties {
-        &self.properties
+        &self.inner.properties
     }
 
     /// The `message_id` property, if set.
     pub fn message_id(&self) -> Option<&str> {
-        self.properties.message_id().as_ref().map(|s| s.as_str())
+        self.inner
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str())
     }
 
     /// A header value, if present.
     pub fn header(&self, name: &str) -> Option<&AMQPValue> {
-        self.properties
+        self.inner
+            .properties
             .headers()
             .as_ref()
             .and_then(|h| h.inner().get(name))
@@ -95,18 +112,18 @@ impl Delivery {
 
     /// The exchange the message was published to (empty for the default exchange).
     pub fn exchange(&self) -> &str {
-        self.exchange.as_str()
+        self.inner.exchange.as_str()
     }
 
     /// The routing key it was published with.
     pub fn routing_key(&self) -> &str {
-        self.routing_key.as_str()
+        self.inner.routing_key.as_str()
     }
 
     /// True when the broker delivered this message before (to this or another
     /// consumer) without it being acknowledged.
     pub fn redelivered(&self) -> bool {
-        self.redelivered
+        self.inner.redelivered
     }
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use backstop::connection::ConnectionState;
+use backstop::connection::{Backoff, ConnectionConfig, ConnectionState, ConnectionSupervisor};
 use backstop::consumer::ConsumerConfig;
 use backstop::handler::Outcome;
 use backstop::topology::{Queue, Topology};
@@ -133,6 +133,81 @@ async fn blackhole_is_detected_and_consumption_resumes_within_three_heartbeats()
         took <= heartbeat * 3,
         "consumption resumed {took:?} after forwarding was restored"
     );
+    finish(consumer, &supervisor, &publisher, &queue).await;
+}
+
+/// A forced close is a lost connection, not a broken session: the consumer
+/// subscribes again as soon as the supervisor has a new connection, and
+/// closes in a row do not pile up pauses of its own (the supervisor's
+/// backoff, kept tiny here, is what slows a flapping connection down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consuming_resumes_promptly_after_each_of_ten_forced_closes() {
+    init_tracing();
+    let queue = unique("resume");
+    let topology = classic(&queue);
+    declare(&topology).await;
+    let publisher = connect().await;
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let supervisor = ConnectionSupervisor::start(
+        ConnectionConfig::new(url_via(&amqp_url(), proxy.addr()))
+            .heartbeat(Duration::from_secs(10))
+            .connection_name("backstop-test")
+            .backoff(Backoff {
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(20),
+                max_attempts: None,
+            })
+            .connect_timeout(Duration::from_secs(2)),
+    )
+    .expect("valid supervisor config");
+    let recorder = Recorder::default();
+    let consumer = spawn(
+        &supervisor,
+        ConsumerConfig::new(&queue).topology(topology).prefetch(50),
+        &recorder,
+        ack,
+    );
+    publish(&publisher, &queue, 1, "first", |_| b"x".to_vec()).await;
+    recorder
+        .wait_handled(1, "the first message", Duration::from_secs(30))
+        .await;
+    let mut total = Duration::ZERO;
+    let mut each = Vec::new();
+    for i in 0..10usize {
+        let before = consumer.stats().sessions;
+        let cut = std::time::Instant::now();
+        proxy.cut();
+        wait_until(
+            "the consumer to subscribe again",
+            Duration::from_secs(30),
+            || {
+                let stats = consumer.stats();
+                async move { stats.sessions > before && stats.subscribed }
+            },
+        )
+        .await;
+        publish(&publisher, &queue, 1, &format!("after-{i}"), |_| {
+            b"y".to_vec()
+        })
+        .await;
+        recorder
+            .wait_handled(
+                i + 2,
+                "the message after the close",
+                Duration::from_secs(30),
+            )
+            .await;
+        each.push(cut.elapsed());
+        total += cut.elapsed();
+    }
+    // Before, each close counted as a broken session: the consumer paused
+    // up to 100 ms, 200 ms, 400 ms ... 5 s after the n-th, some 13 s in all
+    // on average for ten.
+    assert!(
+        total < Duration::from_secs(5),
+        "ten closes took {total:?} to recover from: {each:?}"
+    );
+    assert!(!consumer.is_finished());
     finish(consumer, &supervisor, &publisher, &queue).await;
 }
 

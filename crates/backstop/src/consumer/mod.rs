@@ -1061,7 +1061,17 @@ impl<H: Handler> Runtime<H> {
                     bump(&self.stats.session_errors, 1);
                     warn!(%queue, %reason, "consumer session ended; subscribing again");
                     if !live.is_connected() {
+                        // The connection is gone, not this session: the
+                        // next one waits for the supervisor's new connection,
+                        // whose own backoff already grows while connections
+                        // keep dying soon after they are made. A pause of
+                        // the consumer's on top only delays consuming again
+                        // (up to its 5 s ceiling after a few forced closes
+                        // less than 30 s apart), so none is taken, and the
+                        // streak of broken sessions starts over.
                         self.supervisor.report_lost(live.generation(), reason);
+                        broken_streak = 0;
+                        continue;
                     }
                     // A pause that grows while sessions keep breaking soon
                     // after they start (a copy refused every time, a queue

@@ -442,32 +442,23 @@ fn handle<H: Handler>(
     delivery: Delivery,
     generation: u64,
 ) -> impl Future<Output = (Settlement, Verdict)> + Send {
-    // The copy kept for the failure path lives on the heap, and only when a
-    // failure may end in a copy; the failure handling (headers, publish
-    // futures) is boxed and only allocated when a delivery actually fails.
-    let kept = ctx.needs_publisher().then(|| Box::new(delivery.clone()));
-    // Boxed until the handler takes it, so the block holds 8 bytes for it
-    // instead of a second copy next to the one in the handler's future.
-    let delivery = Box::new(delivery);
+    // The copy kept for the failure path is a reference count (a delivery
+    // is one pointer), taken only when a failure may end in a copy; the
+    // failure handling (headers, publish futures) is boxed and only
+    // allocated when a delivery actually fails.
+    let kept = ctx.needs_publisher().then(|| delivery.clone());
     async move {
-        let outcome = call(&*handler, *delivery, &ctx).await;
+        let outcome = call(&*handler, delivery, &ctx).await;
         match (outcome, kept) {
             (Outcome::Ack, _) => (Settlement::Ack, Verdict::Success),
             (outcome, Some(kept)) if ctx.policy.is_some() => {
                 Box::pin(after_failure(
-                    handler, ctx, publisher, *kept, outcome, generation,
+                    handler, ctx, publisher, kept, outcome, generation,
                 ))
                 .await
             }
             (outcome, kept) => {
-                Box::pin(without_policy(
-                    outcome,
-                    &ctx,
-                    publisher,
-                    kept.map(|k| *k),
-                    generation,
-                ))
-                .await
+                Box::pin(without_policy(outcome, &ctx, publisher, kept, generation)).await
             }
         }
     }
