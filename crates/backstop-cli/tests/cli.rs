@@ -129,11 +129,11 @@ fn help_tells_the_truth_and_clap_checks_ranges_and_enums() {
         "{help}"
     );
     for args in [
-        &["failed", "list", "--limit", "-1"][..],
+        &["failed", "list", "--limit=-1"][..],
         &["failed", "list", "--limit", "0"],
         &["failed", "list", "--status", "stuck"],
         &["dlq", "list", "q.dlq", "--limit", "0"],
-        &["dlq", "replay", "q.dlq", "--limit", "-5"],
+        &["dlq", "replay", "q.dlq", "--limit=-5"],
     ] {
         let (code, stdout, stderr) = backstop(args);
         assert_eq!(code, 2, "{args:?}: {stdout}{stderr}");

@@ -146,7 +146,7 @@ async fn list_shows_the_failure_headers_and_leaves_every_message() {
 async fn replay_moves_everything_back_and_it_is_processed() {
     let queue = unique("dlq-replay");
     let dlq = park(&queue, 20).await;
-    let (code, stdout, stderr) = backstop(&["dlq", "replay", &dlq]);
+    let (code, _, stderr) = backstop(&["dlq", "replay", &dlq]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("moved=20 kept=0"), "{stderr}");
     assert_eq!(depth(&dlq), 0);
@@ -292,7 +292,7 @@ fn header<'a>(message: &'a lapin::message::BasicGetMessage, key: &str) -> Option
 
 /// Replays `dlq` with no `--to` and waits for its one message in `queue`.
 async fn replay_one_into(dlq: &str, queue: &str) {
-    let (code, stdout, stderr) = backstop(&["dlq", "replay", dlq]);
+    let (code, _, stderr) = backstop(&["dlq", "replay", dlq]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("moved=1 kept=0"), "{stderr}");
     let queue = queue.to_owned();
@@ -461,7 +461,7 @@ async fn a_replayed_copy_does_not_expire() {
             .with_headers(headers),
     )
     .await;
-    let (code, stdout, stderr) = backstop(&["dlq", "replay", &dlq]);
+    let (code, _, stderr) = backstop(&["dlq", "replay", &dlq]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("moved=1 kept=0"), "{stderr}");
     let replayed = std::time::Instant::now();
@@ -500,7 +500,7 @@ async fn purge_removes_only_the_old_ones() {
         ],
     )
     .await;
-    let (code, stdout, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
+    let (code, _, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("purged=2 kept=2"), "{stderr}");
     let mut left = drain_ids(&dlq).await;
@@ -980,7 +980,7 @@ async fn replay_rate_bounds_the_publishes() {
     let queue = unique("dlq-rate");
     let dlq = park(&queue, N).await;
     let started = std::time::Instant::now();
-    let (code, stdout, stderr) = backstop(&["dlq", "replay", &dlq, "--rate", &RATE.to_string()]);
+    let (code, _, stderr) = backstop(&["dlq", "replay", &dlq, "--rate", &RATE.to_string()]);
     let elapsed = started.elapsed();
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains(&format!("moved={N} kept=0")), "{stderr}");
@@ -1018,15 +1018,14 @@ async fn purge_dry_run_removes_nothing() {
     ];
     park_in_order(&dlq, &messages).await;
     let all: Vec<String> = messages.iter().map(|m| m.id.to_owned()).collect();
-    let (code, stdout, stderr) =
-        backstop(&["dlq", "purge", &dlq, "--older-than", "1h", "--dry-run"]);
+    let (code, _, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h", "--dry-run"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stderr.contains("would_purge=2 kept=4 undated=1"),
         "{stderr}"
     );
     assert_eq!(peek_ids(&dlq, 4).await, all);
-    let (code, stdout, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
+    let (code, _, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("purged=2 kept=2 undated=1"), "{stderr}");
     assert_eq!(peek_ids(&dlq, 2).await, ["undated-1", "new-1"]);
