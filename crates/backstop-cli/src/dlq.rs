@@ -75,7 +75,7 @@ pub(crate) enum DlqCommand {
         /// The dead-letter queue, for example `orders.dlq`.
         queue: String,
         /// Show at most this many.
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
         /// Print JSON instead of a table (a body that is not UTF-8 is
         /// base64, with `"payload_encoding": "base64"`).
@@ -91,7 +91,7 @@ pub(crate) enum DlqCommand {
         /// The dead-letter queue.
         queue: String,
         /// Replay at most this many (of those the filters select).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
         /// `EXCHANGE:ROUTING_KEY` to send to instead of the queue each message
         /// failed in (a deliberate re-route); `:orders` is the default exchange.
@@ -206,12 +206,12 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 undated,
             } = report;
             if dry_run {
-                println!(
+                eprintln!(
                     "dry run, nothing removed: would_purge={purged} kept={} undated={undated}",
                     kept + purged
                 );
             } else {
-                println!("purged={purged} kept={kept} undated={undated}");
+                eprintln!("purged={purged} kept={kept} undated={undated}");
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -1172,12 +1172,12 @@ async fn replay_command(
                     m.listed.error.as_deref().unwrap_or("-"),
                 );
             }
-            println!(
+            eprintln!(
                 "dry run, nothing moved: would_move={} kept={} failed={} matched={} seen={}",
                 report.would_move_count, report.depth, report.failed, report.matched, report.seen
             );
         } else {
-            println!(
+            eprintln!(
                 "moved={} kept={} failed={} matched={} seen={}",
                 report.moved, report.kept, report.failed, report.matched, report.seen
             );

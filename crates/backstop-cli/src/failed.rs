@@ -83,15 +83,15 @@ impl StoreArgs {
 pub(crate) enum FailedCommand {
     /// List stored messages, newest first.
     List {
-        /// Only this status: pending, retrying, needs_review, resolved, discarded, replayed.
-        #[arg(long, value_parser = parse_status)]
+        /// Only this status.
+        #[arg(long, value_parser = status_parser())]
         status: Option<Status>,
         /// Only this queue.
         #[arg(long)]
         queue: Option<String>,
-        /// At most this many.
-        #[arg(long)]
-        limit: Option<i64>,
+        /// At most this many (1 or more).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: Option<u32>,
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
@@ -196,8 +196,19 @@ pub(crate) enum FailedCommand {
     },
 }
 
-fn parse_status(text: &str) -> Result<Status, String> {
-    text.parse()
+/// `--status`: one of the statuses, which clap lists in `--help` and in
+/// its error for any other word.
+fn status_parser() -> impl clap::builder::TypedValueParser<Value = Status> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new([
+        "pending",
+        "retrying",
+        "needs_review",
+        "resolved",
+        "discarded",
+        "replayed",
+    ])
+    .try_map(|text| text.parse::<Status>())
 }
 
 fn actor(given: Option<String>) -> String {
@@ -323,7 +334,7 @@ pub(crate) async fn run(command: FailedCommand) -> anyhow::Result<ExitCode> {
                 .list(&ListFilter {
                     status,
                     queue,
-                    limit,
+                    limit: limit.map(i64::from),
                 })
                 .await?;
             if json {

@@ -18,9 +18,11 @@ mod ui;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
-/// RabbitMQ consumers that never lose a message.
+/// RabbitMQ consumers and publishers that never lose a message: the sidecar
+/// (`backstop run`), operator tools for dead-letter queues, the compensation
+/// store and the review console, and the demo, benchmarks and fault tests.
 #[derive(Debug, Parser)]
-#[command(name = "backstop", version, about)]
+#[command(name = "backstop", version, after_help = ENVIRONMENT)]
 struct Cli {
     /// Log filter, for example `info` or `backstop=debug`. `RUST_LOG` wins when set.
     #[arg(long, global = true, default_value = "warn,lapin=off")]
@@ -30,6 +32,26 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The environment the commands read, shown at the end of `--help`.
+pub(crate) const ENVIRONMENT: &str = "\
+Environment:
+  BACKSTOP_AMQP_URL          the broker of the dlq, publish, demo and bench commands (after -c and --uri)
+  BACKSTOP_BROKER_URI        replaces the configuration file's [broker] uri
+  BACKSTOP_STORE_URL         replaces the configuration file's [store] url
+  BACKSTOP_PUBLISH_TOKEN     replaces [publish] token
+  BACKSTOP_CONSOLE_TOKEN     replaces [console] token
+  BACKSTOP_CONSOLE_PASSWORD  replaces [console] password
+  BACKSTOP_POSTGRES_URL, BACKSTOP_REDIS_URL  the servers of bench, torture and chaos
+  RUST_LOG                   the log filter, instead of --log
+  NO_COLOR                   no colours in logs (there are none when stderr is not a terminal)";
+
+/// Colours in text logs: only on a terminal, and never with `NO_COLOR`
+/// set (to anything but the empty string, as no-color.org says).
+fn log_colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -119,6 +141,7 @@ fn main() -> ExitCode {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(log_colours())
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),

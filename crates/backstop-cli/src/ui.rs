@@ -16,8 +16,13 @@ pub(crate) struct BrokerArgs {
     /// A configuration file; its [broker] section names the broker.
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The broker's AMQP URI.
-    #[arg(long, value_name = "URI")]
+    /// The broker's AMQP URI (when -c names none).
+    #[arg(
+        long,
+        value_name = "URI",
+        env = "BACKSTOP_AMQP_URL",
+        hide_env_values = true
+    )]
     uri: Option<String>,
 }
 
@@ -36,7 +41,6 @@ impl BrokerArgs {
             .uri
             .take()
             .or_else(|| self.uri.clone())
-            .or_else(|| std::env::var("BACKSTOP_AMQP_URL").ok())
             .unwrap_or_else(|| DEFAULT_URI.to_owned());
         backstop::connection::parse_uri(&uri).map_err(|e| UsageError(e.to_string()))?;
         config.broker.uri = Some(uri);

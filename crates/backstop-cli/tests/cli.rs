@@ -84,3 +84,91 @@ fn bad_bench_arguments_exit_2() {
     let (code, _, stderr) = backstop(&["bench", "publish", "--messages", "0"]);
     assert_eq!(code, 2, "{stderr}");
 }
+
+/// Issue 18: off a terminal (stderr is a pipe here) the logs carry no ANSI
+/// escape codes; the log lines are there, so the check is not vacuous.
+#[test]
+fn logs_off_a_terminal_have_no_colour_codes() {
+    let (code, _, stderr) = backstop(&[
+        "--log",
+        "debug",
+        "dlq",
+        "list",
+        "some.dlq",
+        "--uri",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+    ]);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("connection attempt failed"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\u{1b}'), "escape codes in {stderr:?}");
+}
+
+/// Issue 18: `--help` names the sidecar and the environment; `--limit`
+/// and `--status` are checked by clap, which lists the allowed values.
+#[test]
+fn help_tells_the_truth_and_clap_checks_ranges_and_enums() {
+    let (code, help, _) = backstop(&["--help"]);
+    assert_eq!(code, 0);
+    let first = help.lines().next().unwrap_or_default();
+    assert!(first.contains("backstop run"), "{first}");
+    assert!(
+        !help.contains("demo, benchmark and operator tools"),
+        "{help}"
+    );
+    for var in ["BACKSTOP_BROKER_URI", "BACKSTOP_STORE_URL", "NO_COLOR"] {
+        assert!(help.contains(var), "{var} not in {help}");
+    }
+    let (_, help, _) = backstop(&["dlq", "list", "--help"]);
+    assert!(help.contains("[env: BACKSTOP_AMQP_URL]"), "{help}");
+    let (_, help, _) = backstop(&["failed", "list", "--help"]);
+    assert!(
+        help.contains("[possible values: pending, retrying, needs_review"),
+        "{help}"
+    );
+    for args in [
+        &["failed", "list", "--limit=-1"][..],
+        &["failed", "list", "--limit", "0"],
+        &["failed", "list", "--status", "stuck"],
+        &["dlq", "list", "q.dlq", "--limit", "0"],
+        &["dlq", "replay", "q.dlq", "--limit=-5"],
+    ] {
+        let (code, stdout, stderr) = backstop(args);
+        assert_eq!(code, 2, "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains("invalid value"), "{args:?}: {stderr}");
+    }
+}
+
+/// Issue 18: the configuration errors of the real binary name the key
+/// from the parser's spans, and `config check` prints TOML.
+#[test]
+fn config_check_names_keys_and_prints_toml() {
+    let dir = std::env::temp_dir().join(unique("backstop-cli-config"));
+    std::fs::create_dir_all(&dir).expect("a temporary folder");
+    let file = dir.join("backstop.toml");
+    let check = |text: &str| {
+        std::fs::write(&file, text).expect("write the config");
+        backstop(&["config", "check", "-c", file.to_str().expect("UTF-8 path")])
+    };
+    let (code, _, stderr) =
+        check("[[consumer]] # billing\nqueue = \"a\"\nhandler.http.url = \"http://a b/\"\n");
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("line 3, column 14, key consumer[0].handler.http.url:"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = check(
+        "[broker]\nconnection_name = \"esc\\u001b\"\n[[consumer]]\nqueue = \"a\"\n\
+         handler.http.url = \"http://127.0.0.1:1/\"\ndedup.key = \"message-id\"\n",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stdout.contains("\\u{1b}"), "{stdout}");
+    std::fs::write(&file, &stdout).expect("write the output back");
+    let (code, again, stderr) = backstop(&["config", "check", "-c", file.to_str().unwrap_or("")]);
+    assert_eq!(code, 0, "config check's output is a valid config: {stderr}");
+    assert_eq!(again, stdout);
+    assert!(stdout.contains("lease = \"5m\""), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

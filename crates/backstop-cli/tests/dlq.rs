@@ -29,7 +29,10 @@ fn backstop(args: &[&str]) -> (i32, String, String) {
 }
 
 fn depth(queue: &str) -> u64 {
-    queue_counts(queue).map_or(0, |c| c.ready + c.unacked)
+    queue_counts(queue).map_or_else(
+        || panic!("{queue} does not exist: its depth is not 0"),
+        |c| c.ready + c.unacked,
+    )
 }
 
 /// Declares `queue` and parks `n` messages in `queue.dlq` through a real
@@ -143,9 +146,9 @@ async fn list_shows_the_failure_headers_and_leaves_every_message() {
 async fn replay_moves_everything_back_and_it_is_processed() {
     let queue = unique("dlq-replay");
     let dlq = park(&queue, 20).await;
-    let (code, stdout, stderr) = backstop(&["dlq", "replay", &dlq]);
+    let (code, _, stderr) = backstop(&["dlq", "replay", &dlq]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("moved=20 kept=0"), "{stdout}");
+    assert!(stderr.contains("moved=20 kept=0"), "{stderr}");
     assert_eq!(depth(&dlq), 0);
     assert_eq!(depth(&queue), 20);
 
@@ -195,7 +198,17 @@ async fn replay_to_another_destination_and_killed_halfway_loses_nothing() {
         .expect("declare target");
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_backstop"))
-        .args(["dlq", "replay", &dlq, "--to", &format!(":{target}")])
+        // Paced to 400/s: the 4,000 messages take 10 s, so the kill below
+        // (once 200 have moved) lands half-way, not after the end.
+        .args([
+            "dlq",
+            "replay",
+            &dlq,
+            "--to",
+            &format!(":{target}"),
+            "--rate",
+            "400",
+        ])
         .env("BACKSTOP_AMQP_URL", amqp_url())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -271,9 +284,9 @@ fn header<'a>(message: &'a lapin::message::BasicGetMessage, key: &str) -> Option
 
 /// Replays `dlq` with no `--to` and waits for its one message in `queue`.
 async fn replay_one_into(dlq: &str, queue: &str) {
-    let (code, stdout, stderr) = backstop(&["dlq", "replay", dlq]);
+    let (code, _, stderr) = backstop(&["dlq", "replay", dlq]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("moved=1 kept=0"), "{stdout}");
+    assert!(stderr.contains("moved=1 kept=0"), "{stderr}");
     let queue = queue.to_owned();
     wait_until(
         "the copy is back in its queue",
@@ -440,9 +453,9 @@ async fn a_replayed_copy_does_not_expire() {
             .with_headers(headers),
     )
     .await;
-    let (code, stdout, stderr) = backstop(&["dlq", "replay", &dlq]);
+    let (code, _, stderr) = backstop(&["dlq", "replay", &dlq]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("moved=1 kept=0"), "{stdout}");
+    assert!(stderr.contains("moved=1 kept=0"), "{stderr}");
     let replayed = std::time::Instant::now();
     // Only the passing of time can show that nothing expires: wait out the
     // TTL with a margin, then the copy must still be there.
@@ -479,9 +492,9 @@ async fn purge_removes_only_the_old_ones() {
         ],
     )
     .await;
-    let (code, stdout, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
+    let (code, _, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("purged=2 kept=2"), "{stdout}");
+    assert!(stderr.contains("purged=2 kept=2"), "{stderr}");
     let mut left = drain_ids(&dlq).await;
     left.sort();
     assert_eq!(left, ["new-1", "new-2"]);
@@ -951,10 +964,10 @@ async fn replay_rate_bounds_the_publishes() {
     let queue = unique("dlq-rate");
     let dlq = park(&queue, N).await;
     let started = std::time::Instant::now();
-    let (code, stdout, stderr) = backstop(&["dlq", "replay", &dlq, "--rate", &RATE.to_string()]);
+    let (code, _, stderr) = backstop(&["dlq", "replay", &dlq, "--rate", &RATE.to_string()]);
     let elapsed = started.elapsed();
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains(&format!("moved={N} kept=0")), "{stdout}");
+    assert!(stderr.contains(&format!("moved={N} kept=0")), "{stderr}");
     let floor = Duration::from_secs_f64((N - burst) as f64 / RATE as f64);
     assert!(
         elapsed >= floor,
@@ -989,17 +1002,16 @@ async fn purge_dry_run_removes_nothing() {
     ];
     park_in_order(&dlq, &messages).await;
     let all: Vec<String> = messages.iter().map(|m| m.id.to_owned()).collect();
-    let (code, stdout, stderr) =
-        backstop(&["dlq", "purge", &dlq, "--older-than", "1h", "--dry-run"]);
+    let (code, _, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h", "--dry-run"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.contains("would_purge=2 kept=4 undated=1"),
-        "{stdout}"
+        stderr.contains("would_purge=2 kept=4 undated=1"),
+        "{stderr}"
     );
     assert_eq!(peek_ids(&dlq, 4).await, all);
-    let (code, stdout, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
+    let (code, _, stderr) = backstop(&["dlq", "purge", &dlq, "--older-than", "1h"]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("purged=2 kept=2 undated=1"), "{stdout}");
+    assert!(stderr.contains("purged=2 kept=2 undated=1"), "{stderr}");
     assert_eq!(peek_ids(&dlq, 2).await, ["undated-1", "new-1"]);
     delete_queues(&[&dlq, &queue]).await;
 }

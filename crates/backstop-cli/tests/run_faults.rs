@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use backstop::store::{CompensationStore, ListFilter, SqlStore};
-use backstop_testkit::{queue_is, rabbitmqctl, unique, wait_until};
+use backstop_testkit::{BrokerStopped, queue_is, rabbitmqctl, unique, wait_until};
 use sidecar::*;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -165,14 +165,15 @@ async fn twenty_thousand_orders_through_closes_and_a_restart_each_reach_the_endp
         progress(11_000),
     )
     .await;
-    rabbitmqctl(&["stop_app"]).expect("stop_app");
+    // Started again on the way out should anything below fail.
+    let broker = BrokerStopped::stop().expect("stop_app");
     wait_until(
         "/readyz turns unready while the broker is down",
         Duration::from_secs(30),
         || ready_is(port, 503),
     )
     .await;
-    rabbitmqctl(&["start_app"]).expect("start_app");
+    broker.start().expect("start_app");
     wait_until("/readyz is ready again", Duration::from_secs(60), || {
         ready_is(port, 200)
     })

@@ -140,6 +140,44 @@ pub fn rabbitmqctl(args: &[&str]) -> Result<String, String> {
     }
 }
 
+/// The broker's app stopped (`rabbitmqctl stop_app`) by a test: started
+/// again by [`start`](Self::start), or when dropped, so that a test that
+/// fails while the broker is down (a panic, an assert) never leaves every
+/// later test binary without a broker. Run such tests under the exclusive
+/// broker lock: every other client sees the outage.
+#[derive(Debug)]
+#[must_use = "dropping it starts the broker again at once"]
+pub struct BrokerStopped {
+    started: bool,
+}
+
+impl BrokerStopped {
+    /// Stops the broker's app.
+    pub fn stop() -> Result<Self, String> {
+        rabbitmqctl(&["stop_app"])?;
+        Ok(BrokerStopped { started: false })
+    }
+
+    /// Starts the app again and waits until it has started.
+    pub fn start(mut self) -> Result<(), String> {
+        self.started = true;
+        start_broker_app()
+    }
+}
+
+impl Drop for BrokerStopped {
+    fn drop(&mut self) {
+        if !self.started {
+            let _ = start_broker_app();
+        }
+    }
+}
+
+fn start_broker_app() -> Result<(), String> {
+    rabbitmqctl(&["start_app"])?;
+    rabbitmqctl(&["await_startup", "--timeout", "60"]).map(|_| ())
+}
+
 /// Makes the broker forget every consumer of the classic queue `queue` (in
 /// the virtual host `/`) without telling their clients: the queue process
 /// drops them and sends no `basic.cancel`, so each client still believes it

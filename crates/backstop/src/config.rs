@@ -467,6 +467,16 @@ pub struct HttpSettings {
     pub timeout: Option<Duration>,
 }
 
+/// The default of [`HttpSettings::timeout`].
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl HttpSettings {
+    /// The whole request's timeout in effect.
+    pub fn timeout(&self) -> Duration {
+        self.timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT)
+    }
+}
+
 /// `retry.*` of a consumer.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -839,7 +849,11 @@ impl Config {
         if let Some(file) = config.broker.password_file.clone() {
             let fail = |message: String| Error::ConfigFile {
                 path: origin.to_owned(),
-                message: at_key(text, Some(("broker", 0)), "password_file", &message),
+                message: at_path(
+                    text,
+                    &key_path(Some(("broker", 0)), "password_file"),
+                    &message,
+                ),
             };
             let secret = std::fs::read_to_string(&file)
                 .map_err(|e| fail(format!("cannot read {}: {e}", file.display())))?;
@@ -858,7 +872,7 @@ impl Config {
         }
         let fail = |table: Option<(&str, usize)>, key: &str, message: String| Error::ConfigFile {
             path: origin.to_owned(),
-            message: at_key(text, table, key, &message),
+            message: at_path(text, &key_path(table, key), &message),
         };
         if let Some(uri) = &config.broker.uri {
             crate::connection::parse_uri(uri)
@@ -945,17 +959,55 @@ impl Config {
             if consumer.consumer_timeout.is_some_and(|t| t.is_zero()) {
                 return Err(fail(table, "consumer_timeout", "must be above zero".into()));
             }
+            if consumer.max_message_size == Some(0) {
+                return Err(fail(table, "max_message_size", "must be at least 1".into()));
+            }
             let url = &consumer.handler.http.url;
-            let valid = ["http://", "https://"].iter().any(|scheme| {
-                url.strip_prefix(scheme)
-                    .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
-            });
-            if !valid {
+            match url::Url::parse(url) {
+                Ok(parsed)
+                    if matches!(parsed.scheme(), "http" | "https")
+                        && parsed.host_str().is_some_and(|h| !h.is_empty()) => {}
+                Ok(_) => {
+                    return Err(fail(
+                        table,
+                        "handler.http.url",
+                        format!("{url:?} is not an http:// or https:// URL with a host"),
+                    ));
+                }
+                Err(e) => {
+                    return Err(fail(
+                        table,
+                        "handler.http.url",
+                        format!("{url:?} is not a valid http:// or https:// URL: {e}"),
+                    ));
+                }
+            }
+            let timeout = consumer.handler.http.timeout();
+            if timeout.is_zero() {
                 return Err(fail(
                     table,
-                    "handler.http.url",
-                    format!("{url:?} is not an http:// or https:// URL with a host"),
+                    "handler.http.timeout",
+                    "must be above zero".into(),
                 ));
+            }
+            if let Some(dedup) = &consumer.dedup {
+                let lease = dedup.lease.unwrap_or(crate::dedup::DEFAULT_LEASE);
+                if lease < timeout {
+                    return Err(fail(
+                        table,
+                        if dedup.lease.is_some() {
+                            "dedup.lease"
+                        } else {
+                            "dedup"
+                        },
+                        format!(
+                            "the lease ({}) is shorter than handler.http.timeout ({}): a key \
+                             could be claimed again while its first handler call still runs",
+                            humantime::format_duration(lease),
+                            humantime::format_duration(timeout)
+                        ),
+                    ));
+                }
             }
             if consumer.retry.exhausted == Some(Exhausted::Store) && config.store.url.is_none() {
                 return Err(fail(
@@ -969,289 +1021,453 @@ impl Config {
     }
 
     /// The configuration as TOML, with every password redacted: what
-    /// `backstop config check` prints.
+    /// `backstop config check` prints. Every key the file accepts is shown,
+    /// with its default when the file does not set it (optional keys without
+    /// a default only when set). Written by the `toml` serializer, so the
+    /// text parses back (strings are TOML strings, not Rust's escapes).
     pub fn normalized(&self) -> String {
-        use std::fmt::Write;
-        let redact = |uri: &str| crate::RedactedUri::new(uri).to_string();
-        let secs = |d: Duration| humantime::format_duration(d).to_string();
-        let mut out = String::new();
-        let _ = writeln!(out, "[broker]");
-        let _ = writeln!(
-            out,
-            "uri = {:?}",
-            redact(
-                self.broker
-                    .uri
-                    .as_deref()
-                    .unwrap_or(crate::connection::DEFAULT_URI)
-            )
-        );
-        if !self.broker.addresses.is_empty() {
-            let addresses: Vec<String> = self.broker.addresses.iter().map(|a| redact(a)).collect();
-            let _ = writeln!(out, "addresses = {addresses:?}");
+        use toml::{Table, Value};
+        fn put(table: &mut Table, key: &str, value: Value) {
+            table.insert(key.to_owned(), value);
         }
-        let _ = writeln!(
-            out,
-            "heartbeat = {:?}",
-            secs(self.broker.heartbeat.unwrap_or(DEFAULT_HEARTBEAT))
-        );
-        if let Some(name) = &self.broker.connection_name {
-            let _ = writeln!(out, "connection_name = {name:?}");
+        fn text(s: &str) -> Value {
+            Value::String(s.to_owned())
         }
-        for (key, path) in [
-            ("tls.ca", &self.broker.tls.ca),
-            ("tls.cert", &self.broker.tls.cert),
-            ("tls.key", &self.broker.tls.key),
+        fn redact(uri: &str) -> Value {
+            Value::String(crate::RedactedUri::new(uri).to_string())
+        }
+        fn duration(d: Duration) -> Value {
+            Value::String(humantime::format_duration(d).to_string())
+        }
+        fn int(n: impl TryInto<i64>) -> Value {
+            Value::Integer(n.try_into().unwrap_or(i64::MAX))
+        }
+        fn path(p: &Path) -> Value {
+            Value::String(p.display().to_string())
+        }
+        fn list(items: impl IntoIterator<Item = Value>) -> Value {
+            Value::Array(items.into_iter().collect())
+        }
+        let mut root = Table::new();
+
+        let b = &self.broker;
+        let mut broker = Table::new();
+        put(
+            &mut broker,
+            "uri",
+            redact(b.uri.as_deref().unwrap_or(crate::connection::DEFAULT_URI)),
+        );
+        put(
+            &mut broker,
+            "addresses",
+            list(b.addresses.iter().map(|a| redact(a))),
+        );
+        put(
+            &mut broker,
+            "heartbeat",
+            duration(b.heartbeat.unwrap_or(DEFAULT_HEARTBEAT)),
+        );
+        if let Some(name) = &b.connection_name {
+            put(&mut broker, "connection_name", text(name));
+        }
+        if let Some(file) = &b.password_file {
+            put(&mut broker, "password_file", path(file));
+        }
+        let mut tls = Table::new();
+        for (key, file) in [
+            ("ca", &b.tls.ca),
+            ("cert", &b.tls.cert),
+            ("key", &b.tls.key),
         ] {
-            if let Some(path) = path {
-                let _ = writeln!(out, "{key} = {:?}", path.display().to_string());
+            if let Some(file) = file {
+                put(&mut tls, key, path(file));
             }
         }
-        if let Some(name) = &self.broker.tls.server_name {
-            let _ = writeln!(out, "tls.server_name = {name:?}");
+        if let Some(name) = &b.tls.server_name {
+            put(&mut tls, "server_name", text(name));
         }
-        if self.broker.tls.insecure_skip_verify {
-            let _ = writeln!(out, "tls.insecure_skip_verify = true  # INSECURE");
-        }
-        let reconnect_defaults = crate::connection::Backoff::default();
-        let _ = writeln!(out, "\n[reconnect]");
-        let _ = writeln!(
-            out,
-            "initial = {:?}",
-            secs(self.reconnect.initial.unwrap_or(reconnect_defaults.initial))
+        put(
+            &mut tls,
+            "insecure_skip_verify",
+            Value::Boolean(b.tls.insecure_skip_verify),
         );
-        let _ = writeln!(
-            out,
-            "max = {:?}",
-            secs(self.reconnect.max.unwrap_or(reconnect_defaults.max))
+        put(&mut broker, "tls", Value::Table(tls));
+        put(&mut root, "broker", Value::Table(broker));
+
+        let defaults = crate::connection::Backoff::default();
+        let mut reconnect = Table::new();
+        put(
+            &mut reconnect,
+            "initial",
+            duration(self.reconnect.initial.unwrap_or(defaults.initial)),
+        );
+        put(
+            &mut reconnect,
+            "max",
+            duration(self.reconnect.max.unwrap_or(defaults.max)),
         );
         if let Some(n) = self.reconnect.max_attempts {
-            let _ = writeln!(out, "max_attempts = {n}");
+            put(&mut reconnect, "max_attempts", int(n));
         }
-        if let Some(url) = &self.store.url {
-            let _ = writeln!(out, "\n[store]\nurl = {:?}", redact(url));
-            if let Some(retention) = self.store.retention {
-                let _ = writeln!(out, "retention = {:?}", secs(retention));
-            }
-            let scan = self
-                .store
-                .scan_interval
-                .unwrap_or(StoreConfig::DEFAULT_SCAN_INTERVAL);
-            let _ = writeln!(out, "scan_interval = {:?}", secs(scan));
-            let first = self
-                .store
-                .first_redrive
-                .unwrap_or(StoreConfig::DEFAULT_FIRST_REDRIVE);
-            let _ = writeln!(out, "first_redrive = {:?}", secs(first));
+        put(&mut root, "reconnect", Value::Table(reconnect));
+
+        let st = &self.store;
+        let mut store = Table::new();
+        if let Some(url) = &st.url {
+            put(&mut store, "url", redact(url));
         }
-        let listen = self
-            .metrics
-            .listen
-            .as_deref()
-            .unwrap_or(DEFAULT_METRICS_LISTEN);
-        let _ = writeln!(out, "\n[metrics]\nlisten = {listen:?}");
+        if let Some(retention) = st.retention {
+            put(&mut store, "retention", duration(retention));
+        }
+        put(
+            &mut store,
+            "scan_interval",
+            duration(
+                st.scan_interval
+                    .unwrap_or(StoreConfig::DEFAULT_SCAN_INTERVAL),
+            ),
+        );
+        put(
+            &mut store,
+            "first_redrive",
+            duration(
+                st.first_redrive
+                    .unwrap_or(StoreConfig::DEFAULT_FIRST_REDRIVE),
+            ),
+        );
+        put(&mut root, "store", Value::Table(store));
+
+        let mut metrics = Table::new();
+        put(
+            &mut metrics,
+            "listen",
+            text(
+                self.metrics
+                    .listen
+                    .as_deref()
+                    .unwrap_or(DEFAULT_METRICS_LISTEN),
+            ),
+        );
+        put(&mut root, "metrics", Value::Table(metrics));
+
         if let Some(p) = &self.publish {
-            let listen = p.listen.as_deref().unwrap_or(DEFAULT_PUBLISH_LISTEN);
-            let _ = writeln!(out, "\n[publish]\nlisten = {listen:?}");
+            let mut publish = Table::new();
+            put(
+                &mut publish,
+                "listen",
+                text(p.listen.as_deref().unwrap_or(DEFAULT_PUBLISH_LISTEN)),
+            );
             if p.token.is_some() {
-                let _ = writeln!(out, "token = \"***\"");
+                put(&mut publish, "token", text("***"));
             }
             if let Some(spool) = &p.spool {
-                let _ = writeln!(out, "spool = {:?}", spool.display().to_string());
+                put(&mut publish, "spool", path(spool));
                 let (messages, bytes) = p.spool_limits();
-                let _ = writeln!(out, "spool_max_messages = {messages}");
-                let _ = writeln!(out, "spool_max_bytes = {bytes}");
+                put(&mut publish, "spool_max_messages", int(messages));
+                put(&mut publish, "spool_max_bytes", int(bytes));
             }
-            let _ = writeln!(out, "channels = {}", p.channels());
-            let _ = writeln!(out, "confirm_timeout = {:?}", secs(p.confirm_timeout()));
-            let _ = writeln!(out, "max_message_size = {}", p.max_message_size());
+            put(&mut publish, "channels", int(p.channels()));
+            put(
+                &mut publish,
+                "confirm_timeout",
+                duration(p.confirm_timeout()),
+            );
+            put(&mut publish, "max_message_size", int(p.max_message_size()));
+            put(&mut root, "publish", Value::Table(publish));
         }
+
         if let Some(c) = &self.console {
-            let listen = c.listen.as_deref().unwrap_or(DEFAULT_CONSOLE_LISTEN);
-            let _ = writeln!(out, "\n[console]\nlisten = {listen:?}");
+            let mut console = Table::new();
+            put(
+                &mut console,
+                "listen",
+                text(c.listen.as_deref().unwrap_or(DEFAULT_CONSOLE_LISTEN)),
+            );
             if c.token.is_some() {
-                let _ = writeln!(out, "token = \"***\"");
+                put(&mut console, "token", text("***"));
             }
             if let Some(user) = &c.user {
-                let _ = writeln!(out, "user = {user:?}");
+                put(&mut console, "user", text(user));
             }
             if c.password.is_some() {
-                let _ = writeln!(out, "password = \"***\"");
+                put(&mut console, "password", text("***"));
             }
-            let _ = writeln!(out, "session_ttl = {:?}", secs(c.session_ttl()));
-            if !c.allowed_hosts.is_empty() {
-                let _ = writeln!(out, "allowed_hosts = {:?}", c.allowed_hosts);
-            }
+            put(&mut console, "session_ttl", duration(c.session_ttl()));
+            put(
+                &mut console,
+                "allowed_hosts",
+                list(c.allowed_hosts.iter().map(|h| text(h))),
+            );
+            put(&mut root, "console", Value::Table(console));
         }
+
+        let mut consumers = Vec::new();
         for c in &self.consumers {
-            let _ = writeln!(out, "\n[[consumer]]");
-            let _ = writeln!(out, "queue = {:?}", c.queue);
-            let _ = writeln!(
-                out,
-                "queue_type = {:?}",
-                c.queue_type.as_deref().unwrap_or("classic")
+            let mut consumer = Table::new();
+            put(&mut consumer, "queue", text(&c.queue));
+            put(
+                &mut consumer,
+                "queue_type",
+                text(c.queue_type.as_deref().unwrap_or("classic")),
             );
             if let Some(limit) = c.delivery_limit {
-                let _ = writeln!(out, "delivery_limit = {limit}");
+                put(&mut consumer, "delivery_limit", int(limit));
             }
-            let _ = writeln!(out, "prefetch = {}", c.prefetch.unwrap_or(100));
-            let _ = writeln!(out, "concurrency = {}", c.concurrency.unwrap_or(8));
-            let _ = writeln!(
-                out,
-                "shutdown_timeout = {:?}",
-                secs(c.shutdown_timeout.unwrap_or(Duration::from_secs(30)))
+            put(&mut consumer, "prefetch", int(c.prefetch.unwrap_or(100)));
+            put(
+                &mut consumer,
+                "concurrency",
+                int(c.concurrency.unwrap_or(8)),
             );
-            let _ = writeln!(
-                out,
-                "max_message_size = {}",
-                c.max_message_size
-                    .unwrap_or(crate::consumer::DEFAULT_MAX_MESSAGE_SIZE)
+            put(
+                &mut consumer,
+                "shutdown_timeout",
+                duration(c.shutdown_timeout.unwrap_or(Duration::from_secs(30))),
             );
-            let _ = writeln!(
-                out,
-                "consumer_timeout = {:?}",
-                secs(
+            put(
+                &mut consumer,
+                "max_message_size",
+                int(c
+                    .max_message_size
+                    .unwrap_or(crate::consumer::DEFAULT_MAX_MESSAGE_SIZE)),
+            );
+            put(
+                &mut consumer,
+                "consumer_timeout",
+                duration(
                     c.consumer_timeout
-                        .unwrap_or(crate::consumer::DEFAULT_CONSUMER_TIMEOUT)
-                )
+                        .unwrap_or(crate::consumer::DEFAULT_CONSUMER_TIMEOUT),
+                ),
             );
-            let _ = writeln!(out, "handler.http.url = {:?}", redact(&c.handler.http.url));
-            let _ = writeln!(
-                out,
-                "handler.http.timeout = {:?}",
-                secs(c.handler.http.timeout.unwrap_or(Duration::from_secs(30)))
+            let mut http = Table::new();
+            put(&mut http, "url", redact(&c.handler.http.url));
+            put(&mut http, "timeout", duration(c.handler.http.timeout()));
+            let mut handler = Table::new();
+            put(&mut handler, "http", Value::Table(http));
+            put(&mut consumer, "handler", Value::Table(handler));
+            let mut retry = Table::new();
+            put(
+                &mut retry,
+                "delays",
+                list(c.retry.delays.iter().map(|d| duration(*d))),
             );
-            let delays: Vec<String> = c.retry.delays.iter().map(|d| secs(*d)).collect();
-            let _ = writeln!(out, "retry.delays = {delays:?}");
-            let _ = writeln!(out, "retry.immediate = {}", c.retry.immediate.unwrap_or(0));
+            put(&mut retry, "immediate", int(c.retry.immediate.unwrap_or(0)));
             let exhausted = match c.retry.exhausted.unwrap_or_default() {
                 Exhausted::DeadLetter => "dead-letter",
                 Exhausted::Store => "store",
             };
-            let _ = writeln!(out, "retry.exhausted = {exhausted:?}");
+            put(&mut retry, "exhausted", text(exhausted));
+            put(&mut consumer, "retry", Value::Table(retry));
             if let Some(d) = &c.dedup {
-                let _ = writeln!(out, "dedup.key = {:?}", d.key.to_string());
-                let _ = writeln!(
-                    out,
-                    "dedup.ttl = {:?}",
-                    secs(d.ttl.unwrap_or(crate::dedup::DEFAULT_TTL))
+                let mut dedup = Table::new();
+                put(&mut dedup, "key", text(&d.key.to_string()));
+                put(
+                    &mut dedup,
+                    "ttl",
+                    duration(d.ttl.unwrap_or(crate::dedup::DEFAULT_TTL)),
                 );
-                let _ = writeln!(
-                    out,
-                    "dedup.store = {:?}",
-                    redact(d.store_url(self.store.url.as_deref()))
+                put(
+                    &mut dedup,
+                    "lease",
+                    duration(d.lease.unwrap_or(crate::dedup::DEFAULT_LEASE)),
+                );
+                put(
+                    &mut dedup,
+                    "store",
+                    redact(d.store_url(self.store.url.as_deref())),
                 );
                 let missing = match d.missing_key.unwrap_or_default() {
                     MissingKey::Process => "process",
                     MissingKey::Reject => "reject",
                 };
-                let _ = writeln!(out, "dedup.missing_key = {missing:?}");
+                put(&mut dedup, "missing_key", text(missing));
+                put(&mut consumer, "dedup", Value::Table(dedup));
             }
+            consumers.push(Value::Table(consumer));
         }
-        out
+        if !consumers.is_empty() {
+            put(&mut root, "consumer", Value::Array(consumers));
+        }
+        // Serializing a table of strings, numbers and booleans cannot fail;
+        // should it ever, the message says so rather than printing nothing.
+        let shown = toml::to_string(&root)
+            .unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"));
+        if b.tls.insecure_skip_verify {
+            format!("# INSECURE: broker.tls.insecure_skip_verify accepts any certificate\n{shown}")
+        } else {
+            shown
+        }
     }
 }
 
-/// `line L, column C, key K: message` for `key` of the `index`th `[table]`
-/// (or `[[table]]`), located by scanning the text.
-fn at_key(text: &str, table: Option<(&str, usize)>, key: &str, message: &str) -> String {
-    let mut current: Option<(String, usize)> = None;
-    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    let first_key = key.split('.').next().unwrap_or(key);
-    let name = match table {
-        Some(("consumer", i)) => format!("consumer[{i}].{key}"),
-        Some((t, _)) => format!("{t}.{key}"),
-        None => key.to_owned(),
-    };
-    for (n, line) in text.lines().enumerate() {
-        let trimmed = line.trim();
-        if let Some(header) = trimmed.strip_prefix('[') {
-            let header = header
-                .trim_matches(|c| c == '[' || c == ']')
-                .trim()
-                .to_owned();
-            let index = seen.entry(header.clone()).or_insert(0);
-            current = Some((header, *index));
-            *index += 1;
-            continue;
-        }
-        let in_table = match (&current, table) {
-            (Some((h, i)), Some((t, want))) => h == t && *i == want,
-            (None, None) => true,
-            _ => false,
-        };
-        let Some((k, _)) = trimmed.split_once('=') else {
-            continue;
-        };
-        let k = k.trim();
-        if in_table && (k == key || k == first_key || k.starts_with(&format!("{first_key}."))) {
-            let column = line.len() - line.trim_start().len() + 1;
-            return format!("line {}, column {column}, key {name}: {message}", n + 1);
+/// One step of a key path: a key of a table, or an index into an array of
+/// tables (`consumer[0]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// The path of `key` (dotted) in the `index`th `[table]` (or `[[table]]`).
+fn key_path(table: Option<(&str, usize)>, key: &str) -> Vec<Step> {
+    let mut path = Vec::new();
+    match table {
+        Some(("consumer", i)) => path.extend([Step::Key("consumer".into()), Step::Index(i)]),
+        Some((t, _)) => path.push(Step::Key(t.into())),
+        None => {}
+    }
+    path.extend(key.split('.').map(|k| Step::Key(k.into())));
+    path
+}
+
+/// A key path as TOML writes it: `consumer[0].handler.http.url`, with the
+/// keys that are not bare quoted (`broker."odd key"`).
+fn show_path(path: &[Step]) -> String {
+    let mut out = String::new();
+    for step in path {
+        match step {
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+            Step::Key(key) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                let bare = !key.is_empty()
+                    && key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if bare {
+                    out.push_str(key);
+                } else {
+                    out.push_str(&toml::Value::String(key.clone()).to_string());
+                }
+            }
         }
     }
-    format!("key {name}: {message}")
+    out
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[..offset].matches('\n').count() + 1;
+    (line, text[line_start..offset].chars().count() + 1)
+}
+
+/// Where `path` is written in the parsed document: the span of its last key
+/// (or array element), or of the nearest ancestor that is written.
+fn span_of(doc: &toml::de::DeTable<'_>, path: &[Step]) -> Option<std::ops::Range<usize>> {
+    let mut span = None;
+    let mut table = Some(doc);
+    let mut array: Option<&toml::de::DeArray<'_>> = None;
+    for step in path {
+        let value = match step {
+            Step::Key(key) => {
+                let (k, v) = table?.iter().find(|(k, _)| k.get_ref() == key)?;
+                span = Some(k.span());
+                v
+            }
+            Step::Index(i) => {
+                let v = array?.get(*i)?;
+                span = Some(v.span());
+                v
+            }
+        };
+        table = value.get_ref().as_table();
+        array = value.get_ref().as_array();
+        if table.is_none() && array.is_none() {
+            break;
+        }
+    }
+    span
+}
+
+/// The path of the key or value written at byte `offset`, searched depth
+/// first through the parsed document; true when found.
+fn path_at(table: &toml::de::DeTable<'_>, offset: usize, path: &mut Vec<Step>) -> bool {
+    let covers = |span: std::ops::Range<usize>| span.contains(&offset) || span.start == offset;
+    for (key, value) in table.iter() {
+        path.push(Step::Key(key.get_ref().to_string()));
+        if covers(key.span()) || value_at(value, offset, path) || covers(value.span()) {
+            return true;
+        }
+        path.pop();
+    }
+    false
+}
+
+/// [`path_at`] inside one value (a table, or an array of them).
+fn value_at(
+    value: &toml::Spanned<toml::de::DeValue<'_>>,
+    offset: usize,
+    path: &mut Vec<Step>,
+) -> bool {
+    if let Some(table) = value.get_ref().as_table() {
+        return path_at(table, offset, path);
+    }
+    let Some(array) = value.get_ref().as_array() else {
+        return false;
+    };
+    for (i, item) in array.iter().enumerate() {
+        path.push(Step::Index(i));
+        let span = item.span();
+        if value_at(item, offset, path) || span.contains(&offset) || span.start == offset {
+            return true;
+        }
+        path.pop();
+    }
+    false
+}
+
+/// `line L, column C, key K: message` for the key at `path`, located by the
+/// TOML parser's spans; `key K: message` when the key is not in `text`
+/// (a default, or a value from the environment).
+fn at_path(text: &str, path: &[Step], message: &str) -> String {
+    let name = show_path(path);
+    let span = toml::de::DeTable::parse(text)
+        .ok()
+        .and_then(|doc| span_of(doc.get_ref(), path));
+    match span {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("line {line}, column {column}, key {name}: {message}")
+        }
+        None => format!("key {name}: {message}"),
+    }
 }
 
 /// `line L, column C, key K: message`, from the error's byte span: the key
-/// is the table path and the key on that line (or the missing field).
+/// is the path of the key or value the parser's span points at, found in
+/// the parser's own spanned document (plus the missing or unknown field).
 fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
     let message = err.message().trim().to_owned();
     let Some(span) = err.span() else {
         return message;
     };
-    let start = span.start.min(text.len());
-    let line = text[..start].matches('\n').count() + 1;
-    let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
-    let column = text[line_start..start].chars().count() + 1;
-    // The table the span is in, with its index for arrays of tables.
-    let mut table = String::new();
-    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for l in text[..line_start].lines() {
-        let t = l.trim();
-        if t.starts_with("[[") {
-            let name = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
-            let index = seen.entry(name.clone()).or_insert(0);
-            table = format!("{name}[{index}]");
-            *index += 1;
-        } else if t.starts_with('[') {
-            table = t.trim_matches(|c| c == '[' || c == ']').trim().to_owned();
+    let (line, column) = line_column(text, span.start);
+    let mut path = Vec::new();
+    if let Ok(doc) = toml::de::DeTable::parse(text) {
+        path_at(doc.get_ref(), span.start, &mut path);
+    }
+    for prefix in ["missing field `", "unknown field `"] {
+        if let Some(field) = message
+            .strip_prefix(prefix)
+            .and_then(|m| m.split('`').next())
+            && path.last() != Some(&Step::Key(field.to_owned()))
+        {
+            path.push(Step::Key(field.to_owned()));
         }
     }
-    let this_line = text[line_start..].lines().next().unwrap_or("");
-    let mut key = match this_line.split_once('=') {
-        Some((k, _)) if !this_line.trim_start().starts_with('[') => k.trim().to_owned(),
-        _ => String::new(),
-    };
-    if let Some(missing) = message
-        .strip_prefix("missing field `")
-        .and_then(|m| m.split('`').next())
-    {
-        // `handler.http.timeout = ...` without a url: handler.http.url.
-        key = match key.rsplit_once('.') {
-            Some((parent, _)) => format!("{parent}.{missing}"),
-            None => missing.to_owned(),
-        };
-    }
-    if let Some(unknown) = message
-        .strip_prefix("unknown field `")
-        .and_then(|m| m.split('`').next())
-        && !key.ends_with(unknown)
-    {
-        key = if key.is_empty() {
-            unknown.to_owned()
-        } else {
-            format!("{key}.{unknown}")
-        };
-    }
-    let full = match (table.is_empty(), key.is_empty()) {
-        (true, _) => key,
-        (false, true) => table,
-        (false, false) => format!("{table}.{key}"),
-    };
-    if full.is_empty() {
+    if path.is_empty() {
         format!("line {line}, column {column}: {message}")
     } else {
-        format!("line {line}, column {column}, key {full}: {message}")
+        format!(
+            "line {line}, column {column}, key {}: {message}",
+            show_path(&path)
+        )
     }
 }
 
@@ -1375,17 +1591,21 @@ mod tests {
         let tls = config.broker.tls.load().expect("loads");
         assert!(tls.is_insecure());
         let shown = config.normalized();
-        assert!(
-            shown.contains("tls.server_name = \"rabbit.internal\""),
+        let table: toml::Table = toml::from_str(&shown).expect("config check prints TOML");
+        assert_eq!(
+            table["broker"]["tls"]["server_name"].as_str(),
+            Some("rabbit.internal"),
             "{shown}"
         );
-        assert!(
-            shown.contains("tls.insecure_skip_verify = true  # INSECURE"),
+        assert_eq!(
+            table["broker"]["tls"]["insecure_skip_verify"].as_bool(),
+            Some(true),
             "{shown}"
         );
+        assert!(shown.starts_with("# INSECURE"), "{shown}");
         let secure = Config::parse("", "empty.toml").expect("valid");
         assert!(!secure.broker.tls.load().expect("loads").is_insecure());
-        assert!(!secure.normalized().contains("insecure"));
+        assert!(!secure.normalized().contains("INSECURE"));
     }
 
     /// Every `[broker]` and `[reconnect]` setting reaches the connection.
@@ -1644,6 +1864,226 @@ mod tests {
             } else {
                 assert!(err.contains(key) && err.contains("line "), "{line}: {err}");
             }
+        }
+    }
+
+    /// Issue 18: the key is named from the parser's spans, whatever the
+    /// file's layout: comments after headers, quoted keys, inline tables,
+    /// dotted keys, the second of an array of tables.
+    #[test]
+    fn config_errors_name_the_key_from_the_parsers_spans() {
+        const URL: &str = "handler.http.url = \"http://127.0.0.1:1\"";
+        let mut wrong = Vec::new();
+        for (text, expected) in [
+            (
+                format!("[[consumer]] # billing\nqueue = \"a\"\n{URL}\nprefetch = 0\n"),
+                "line 4, column 1, key consumer[0].prefetch: ",
+            ),
+            (
+                format!("[[consumer]] # billing\nqueue = \"a\"\n{URL}\nbogus = 1\n"),
+                "line 4, column 1, key consumer[0].bogus: ",
+            ),
+            (
+                format!(
+                    "[[consumer]]\nqueue = \"a\"\n{URL}\n\n[[ consumer ]] # two\n\
+                     queue = \"b\"\n{URL}\n  concurrency = 0\n"
+                ),
+                "line 8, column 3, key consumer[1].concurrency: ",
+            ),
+            (
+                "[broker] # main\n\"heartbeat\" = \"0s\"\n".to_owned(),
+                "line 2, column 1, key broker.heartbeat: ",
+            ),
+            (
+                "[broker]\n\"odd key\" = 1\n".to_owned(),
+                "line 2, column 1, key broker.\"odd key\": ",
+            ),
+            (
+                "[[consumer]]\nqueue = \"a\"\n\
+                 handler = { http = { url = \"http://x\", timeout = \"soon\" } }\n"
+                    .to_owned(),
+                "line 3, key consumer[0].handler.http.timeout: ",
+            ),
+            (
+                "broker.heartbeat = \"500ms\"\n".to_owned(),
+                "line 1, column 8, key broker.heartbeat: ",
+            ),
+            (
+                "consumer = [{ queue = \"a\", handler.http.url = \"http://a b/\" }]\n".to_owned(),
+                "line 1, column 41, key consumer[0].handler.http.url: ",
+            ),
+            (
+                "[[consumer]]\nqueue = \"a\"\nhandler.http.timeout = \"1s\"\n".to_owned(),
+                "key consumer[0].handler.http.url: missing field `url`",
+            ),
+            (
+                "[[consumer]]\nqueue = \"a\"\n".to_owned(),
+                "key consumer[0].handler: missing field `handler`",
+            ),
+        ] {
+            let err = error_of(&text);
+            let found = expected.split(", key ").all(|part| err.contains(part));
+            if !found {
+                wrong.push(format!("expected {expected:?} in {err:?} for\n{text}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// Issue 18: handler URLs go through a URL parser; nonsense values are
+    /// refused at load with their key and line.
+    #[test]
+    fn bad_urls_and_nonsense_values_are_refused_at_load() {
+        let consumer = |lines: &str| {
+            format!(
+                "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"http://h:1/\"\n{lines}\n"
+            )
+        };
+        let mut wrong = Vec::new();
+        for (text, key, line) in [
+            (
+                "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"http://a b/\"\n".to_owned(),
+                "consumer[0].handler.http.url",
+                "line 3",
+            ),
+            (
+                "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"ftp://a/\"\n".to_owned(),
+                "consumer[0].handler.http.url",
+                "line 3",
+            ),
+            (
+                "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"http://\"\n".to_owned(),
+                "consumer[0].handler.http.url",
+                "line 3",
+            ),
+            (
+                consumer("handler.http.timeout = \"0s\""),
+                "consumer[0].handler.http.timeout",
+                "line 4",
+            ),
+            (
+                consumer("max_message_size = 0"),
+                "consumer[0].max_message_size",
+                "line 4",
+            ),
+            (consumer("prefetch = 0"), "consumer[0].prefetch", "line 4"),
+            (
+                consumer(
+                    "handler.http.timeout = \"2m\"\ndedup.key = \"message-id\"\ndedup.lease = \"1m\"",
+                ),
+                "consumer[0].dedup.lease",
+                "line 6",
+            ),
+            (
+                consumer("handler.http.timeout = \"10m\"\ndedup.key = \"message-id\""),
+                "consumer[0].dedup",
+                "line 5",
+            ),
+            (
+                "[broker]\nheartbeat = \"999ms\"\n".to_owned(),
+                "broker.heartbeat",
+                "line 2",
+            ),
+        ] {
+            let err = error_of(&text);
+            if !(err.contains(&format!("key {key}:")) && err.contains(&format!("{line}, "))) {
+                wrong.push(format!("expected {key} at {line} in {err:?} for\n{text}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+        for fine in [
+            consumer("handler.http.timeout = \"5m\"\ndedup.key = \"message-id\""),
+            consumer("dedup.key = \"message-id\"\ndedup.lease = \"30s\""),
+            "[[consumer]]\nqueue = \"q\"\nhandler.http.url = \"https://[::1]:8443/hook?a=b\"\n"
+                .to_owned(),
+        ] {
+            assert_eq!(error_of(&fine), "", "{fine}");
+        }
+    }
+
+    /// Issue 18: `config check` prints TOML that parses back to the same
+    /// configuration, with every key the file accepts (dedup.lease too),
+    /// and strings escaped the TOML way.
+    #[test]
+    fn config_check_prints_every_key_as_toml_that_parses_back() {
+        let file = std::env::temp_dir().join(format!("backstop-check-pw-{}", std::process::id()));
+        std::fs::write(&file, "from-file-pw\n").expect("write the password file");
+        let text = format!(
+            "[broker]\nuri = \"amqp://svc:pw@rabbit-a:5672/%2f\"\n\
+             addresses = [\"amqp://svc:pw@rabbit-b:5672/%2f\"]\nheartbeat = \"3s\"\n\
+             connection_name = \"esc\\u001b\\\"q\\\"\\\\\"\npassword_file = {file:?}\n\
+             tls.ca = \"/ca.pem\"\ntls.cert = \"/c.pem\"\ntls.key = \"/k.pem\"\n\
+             tls.server_name = \"rabbit.internal\"\ntls.insecure_skip_verify = false\n\
+             [reconnect]\ninitial = \"50ms\"\nmax = \"2s\"\nmax_attempts = 7\n\
+             [store]\nurl = \"postgres://u:pw@db/backstop\"\nretention = \"7days\"\n\
+             scan_interval = \"5s\"\nfirst_redrive = \"10s\"\n\
+             [metrics]\nlisten = \"127.0.0.1:9000\"\n\
+             [publish]\nlisten = \"127.0.0.1:9001\"\ntoken = \"tok\"\nspool = \"/s.db\"\n\
+             spool_max_messages = 10\nspool_max_bytes = 1000\nchannels = 2\n\
+             confirm_timeout = \"3s\"\nmax_message_size = 1024\n\
+             [console]\nlisten = \"127.0.0.1:9002\"\ntoken = \"tok\"\nuser = \"ops\"\n\
+             password = \"pw\"\nsession_ttl = \"1h\"\nallowed_hosts = [\"console.example.com\"]\n\
+             [[consumer]]\nqueue = \"orders\"\nqueue_type = \"quorum\"\ndelivery_limit = 5\n\
+             prefetch = 10\nconcurrency = 2\nshutdown_timeout = \"4s\"\nmax_message_size = 2048\n\
+             consumer_timeout = \"10m\"\nhandler.http.url = \"http://h:1/orders\"\n\
+             handler.http.timeout = \"5s\"\nretry.delays = [\"1s\", \"10s\"]\nretry.immediate = 1\n\
+             retry.exhausted = \"store\"\ndedup.key = \"json:/id\"\ndedup.ttl = \"1day\"\n\
+             dedup.lease = \"1m\"\ndedup.store = \"redis://127.0.0.1:6379\"\n\
+             dedup.missing_key = \"reject\"\n"
+        );
+        let config = Config::parse(&text, "test.toml").expect("valid");
+        let shown = config.normalized();
+        assert!(
+            !shown.contains("\\u{1b}"),
+            "Rust escapes are not TOML: {shown}"
+        );
+        for secret in [
+            "svc:pw@",
+            "from-file-pw",
+            "u:pw@",
+            "\"tok\"",
+            "password = \"pw\"",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        let again = Config::parse(&shown, "shown.toml").expect("config check's output parses");
+        assert_eq!(
+            again.broker.connection_name.as_deref(),
+            Some("esc\u{1b}\"q\"\\")
+        );
+        assert_eq!(again.normalized(), shown, "the output is a fixed point");
+        let _ = std::fs::remove_file(&file);
+        // Every key of the input is in the output.
+        fn leaves(value: &toml::Value, path: String, out: &mut Vec<String>) {
+            match value {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let p = if path.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{path}.{k}")
+                        };
+                        leaves(v, p, out);
+                    }
+                }
+                toml::Value::Array(a) if a.iter().all(toml::Value::is_table) && !a.is_empty() => {
+                    for (i, v) in a.iter().enumerate() {
+                        leaves(v, format!("{path}[{i}]"), out);
+                    }
+                }
+                _ => out.push(path),
+            }
+        }
+        let (mut given, mut printed) = (Vec::new(), Vec::new());
+        let input: toml::Value = toml::from_str(&text).expect("toml");
+        let output: toml::Value = toml::from_str(&shown).expect("toml");
+        leaves(&input, String::new(), &mut given);
+        leaves(&output, String::new(), &mut printed);
+        for key in &given {
+            assert!(
+                printed.contains(key),
+                "{key} is not shown by config check:\n{shown}"
+            );
         }
     }
 

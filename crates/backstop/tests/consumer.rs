@@ -124,7 +124,16 @@ async fn blackhole_is_detected_and_consumption_resumes_within_three_heartbeats()
     assert!(detected, "the loss must be detected by heartbeats");
     // The cable stays out a little longer; work arrives meanwhile.
     publish(&publisher, &queue, 100, "after", |_| b"y".to_vec()).await;
-    tokio::time::sleep(heartbeat).await;
+    // The cable stays out until a reconnect attempt has failed through it.
+    let retried = tokio::time::timeout(
+        Duration::from_secs(15),
+        state.wait_for(
+            |s| matches!(s, ConnectionState::Reconnecting { attempt, .. } if *attempt >= 1),
+        ),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok());
+    assert!(retried, "the supervisor retries while the cable is out");
     proxy.restore();
     let took = recorder
         .wait_handled(200, "the second batch", Duration::from_secs(30))

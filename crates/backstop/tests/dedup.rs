@@ -488,14 +488,9 @@ async fn deduplicated_handlers_never_exceed_the_concurrency_limit() {
         c.prefetch(100).concurrency(3)
     });
     common::wait_stats(&consumer, "300 handled", |r| r.handled >= 300).await;
-    let in_flight_seen = consumer.stats().in_flight;
     common::finish(consumer, &supervisor, &publisher, &queue).await;
     assert_eq!(orders.calls().len(), 300);
     assert_eq!(orders.max_running.load(Ordering::SeqCst), 3);
-    assert!(
-        in_flight_seen <= 100,
-        "{in_flight_seen} in flight with prefetch 100"
-    );
 }
 
 /// A connection cut ends the session while deliveries still wait for a
@@ -1044,7 +1039,7 @@ async fn effects(db: &str) -> Vec<(String, i64)> {
     )
     .fetch_all(&pool)
     .await
-    .unwrap_or_default();
+    .unwrap_or_else(|e| panic!("reading the effects table: {e}"));
     rows.iter()
         .map(|r| (r.get::<String, _>("order_id"), r.get::<i64, _>("n")))
         .collect()

@@ -34,7 +34,10 @@ async fn dlq_depth(queue: &str) -> u64 {
     let counts = tokio::task::spawn_blocking(move || backstop_testkit::queue_counts(&dlq))
         .await
         .expect("rabbitmqctl task");
-    counts.map_or(0, |c| c.ready + c.unacked)
+    counts.map_or_else(
+        || panic!("{queue}'s DLQ does not exist: its depth is not 0"),
+        |c| c.ready + c.unacked,
+    )
 }
 
 async fn get_one(channel: &Channel, queue: &str) -> lapin::message::BasicGetMessage {

@@ -318,6 +318,9 @@ pub async fn connect(url: &str) -> Result<Arc<dyn SeenStore>, DedupError> {
 /// The default time a handled key is remembered.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// How long a claim holds a key while its handler runs, unless set.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
+
 /// Deduplication for one consumer.
 #[derive(Clone, Debug)]
 pub struct DedupConfig {
@@ -346,7 +349,7 @@ impl DedupConfig {
             store,
             scope: None,
             ttl: DEFAULT_TTL,
-            lease: Duration::from_secs(300),
+            lease: DEFAULT_LEASE,
             missing: MissingKey::Process,
             recheck: Duration::from_millis(250),
             max_wait: Duration::from_secs(30),
