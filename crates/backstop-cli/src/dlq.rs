@@ -166,6 +166,7 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
                     since_ms: since,
                     until_ms: until,
                     header,
+                    parked_before_ms: None,
                 },
                 limit,
                 to: to.map(|t| parse_destination(&t)).transpose()?,
@@ -193,10 +194,17 @@ pub(crate) async fn run(command: DlqCommand) -> anyhow::Result<ExitCode> {
             {
                 Ok(report) => report,
                 Err(Partial { done, error }) => {
-                    eprintln!(
-                        "purge interrupted: purged={} kept={} before the error",
-                        done.purged, done.kept
-                    );
+                    if dry_run {
+                        eprintln!(
+                            "purge dry run interrupted, nothing removed: would_purge={} kept={} counted before the error",
+                            done.purged, done.kept
+                        );
+                    } else {
+                        eprintln!(
+                            "purge interrupted: purged={} kept={} before the error",
+                            done.purged, done.kept
+                        );
+                    }
                     return Err(error);
                 }
             };
@@ -701,6 +709,12 @@ pub(crate) struct DlqFilter {
     pub until_ms: Option<u64>,
     /// This header has this value (strings as they are, numbers written out).
     pub header: Option<(String, String)>,
+    /// Not dead-lettered at or after this time (ms since the epoch): the
+    /// console binds a replay to the start of its dry run with it, so that
+    /// nothing parked since (a re-parked copy of a replayed message
+    /// included) is selected. Unlike `until_ms`, an undated message still
+    /// matches.
+    pub parked_before_ms: Option<u64>,
 }
 
 impl DlqFilter {
@@ -725,6 +739,11 @@ impl DlqFilter {
             {
                 return false;
             }
+        }
+        if let Some(bound) = self.parked_before_ms
+            && dead_lettered_ms(&headers).is_some_and(|at| at >= bound)
+        {
+            return false;
         }
         if let Some((name, value)) = &self.header {
             let found = headers.inner().get(name.as_str()).and_then(header_text);
@@ -940,8 +959,14 @@ pub(crate) struct ReplayReport {
     /// Messages left in the DLQ (everything not moved).
     pub kept: u64,
     /// Selected messages that could not be moved (no queue recorded to send
-    /// them to, or the publish failed): they stay in the DLQ.
+    /// them to, or the broker refused the publish): they stay in the DLQ.
     pub failed: u64,
+    /// Selected messages whose copy may be in its queue although the DLQ
+    /// message stays: a publish with an unknown outcome (no confirm in time,
+    /// or the channel or connection failed after it was sent), or a
+    /// confirmed copy whose ack in the DLQ failed. Possible duplicates, not
+    /// losses: the original is back in the DLQ when the channel closes.
+    pub unknown: u64,
     /// Whether this was a dry run.
     pub dry_run: bool,
     /// Dry run: the selected messages a real run would move (`matched -
@@ -1054,6 +1079,12 @@ async fn replay_open(
             report.errors.push(error);
         }
     };
+    let note_unknown = |report: &mut ReplayReport, error: String| {
+        report.unknown += 1;
+        if report.errors.len() < WOULD_MOVE_SHOWN {
+            report.errors.push(error);
+        }
+    };
     while report.seen < report.depth && report.matched < limit {
         if opts.cancelled() {
             report.cancelled = true;
@@ -1106,13 +1137,34 @@ async fn replay_open(
                         .await
                     {
                         Ok(()) => {
-                            dlq.ack(
-                                &message,
-                                "acking a replayed message (it was already re-published)",
-                            )
-                            .await?;
+                            if let Err(e) = dlq
+                                .ack(
+                                    &message,
+                                    "acking a replayed message (it was already re-published)",
+                                )
+                                .await
+                            {
+                                // The copy is confirmed; the original goes
+                                // back to the DLQ when the channel closes.
+                                note_unknown(
+                                    report,
+                                    format!(
+                                        "kept #{position}, its copy confirmed (a possible duplicate): {e:#}"
+                                    ),
+                                );
+                                return Err(e);
+                            }
                             report.moved += 1;
                         }
+                        Err(
+                            e @ (backstop::publish::PublishError::Timeout { .. }
+                            | backstop::publish::PublishError::Channel { .. }),
+                        ) => note_unknown(
+                            report,
+                            format!(
+                                "kept #{position}, its copy's outcome unknown (a possible duplicate): {e}"
+                            ),
+                        ),
                         Err(e) => note_error(report, format!("kept #{position}: {e}")),
                     }
                 }
@@ -1147,8 +1199,8 @@ async fn replay_command(
         Ok(report) => report,
         Err(Partial { done, error }) => {
             eprintln!(
-                "replay interrupted: moved={} matched={} seen={} failed={} before the error",
-                done.moved, done.matched, done.seen, done.failed
+                "replay interrupted: moved={} matched={} seen={} failed={} unknown={} before the error",
+                done.moved, done.matched, done.seen, done.failed, done.unknown
             );
             return Err(error);
         }
@@ -1178,12 +1230,23 @@ async fn replay_command(
             );
         } else {
             eprintln!(
-                "moved={} kept={} failed={} matched={} seen={}",
-                report.moved, report.kept, report.failed, report.matched, report.seen
+                "moved={} kept={} failed={} unknown={} matched={} seen={}",
+                report.moved,
+                report.kept,
+                report.failed,
+                report.unknown,
+                report.matched,
+                report.seen
             );
+            if report.unknown > 0 {
+                eprintln!(
+                    "{} message(s) may have been copied although they stay in the DLQ: possible duplicates, not losses",
+                    report.unknown
+                );
+            }
         }
     }
-    Ok(if report.failed == 0 {
+    Ok(if report.failed == 0 && report.unknown == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -1453,21 +1453,16 @@ async fn dlq_peek_replays_only_after_a_dry_run_and_purges_after_a_confirm() {
     assert_eq!(dlq_ids(&page, "replay-would-move-list"), ["a", "c"]);
     assert!(page.contains("id=\"replay-submit\""), "{page}");
     settled(&dlq, 3).await;
-    let dry_run_of = unescape(&hidden(&page, "dry_run_of"));
-    // Other filters than the dry run's are refused.
+    // Other filters than the dry run's are refused (and leave it usable).
     let (status, _, _) = console
         .post(
             &replay,
             Some(&cookie),
-            form(&[
-                ("error_contains", "declined"),
-                ("csrf", &csrf),
-                ("mode", "replay"),
-                ("dry_run_of", &dry_run_of),
-            ]),
+            replay_confirm(&page, &[("error_contains", "declined")]),
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    settled(&dlq, 3).await;
     // The dry run's own form: its filters, times and count.
     let (status, headers, page) = console
         .post(
@@ -1923,6 +1918,8 @@ fn job_of(status: StatusCode, headers: &HeaderMap, page: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_console_replay_moves_only_what_its_dry_run_selected() {
     let (connection, channel, queue, dlq) = dlq_setup("console-replay-bound").await;
+    // At the head: older than the dry run's "since 5s", never selected.
+    park(&channel, &dlq, &queue, "old", "timeout", 3_600_000).await;
     for id in ["a", "b", "c"] {
         park(&channel, &dlq, &queue, id, "timeout", 0).await;
     }
@@ -1938,7 +1935,7 @@ async fn a_console_replay_moves_only_what_its_dry_run_selected() {
     // After the dry run: two more that match its filters.
     park(&channel, &dlq, &queue, "d", "timeout", 0).await;
     park(&channel, &dlq, &queue, "e", "timeout", 0).await;
-    settled(&dlq, 5).await;
+    settled(&dlq, 6).await;
     // Long enough that "5s" resolved again would leave out every message.
     backstop_testkit::wait_until(
         "6 s to pass since the dry run",
@@ -1954,7 +1951,78 @@ async fn a_console_replay_moves_only_what_its_dry_run_selected() {
     assert_eq!(text_of(&page, "job-status"), "finished", "{page}");
     assert_eq!(text_of(&page, "replay-moved"), "3", "{page}");
     settled(&queue, 3).await;
-    assert_eq!(ids_in(&connection, &dlq).await, ["d", "e"]);
+    assert_eq!(ids_in(&connection, &dlq).await, ["old", "d", "e"]);
+    backstop_testkit::delete_queue(&connection, &queue).await;
+    backstop_testkit::delete_queue(&connection, &dlq).await;
+}
+
+/// A dry run confirms one replay only: the same confirm sent again (a
+/// double click, the Back button) is refused and moves nothing. And the
+/// replay never selects a message dead-lettered after its dry run, even
+/// when the dry run's count leaves room (one of its messages went away
+/// meanwhile): a re-parked copy cannot be replayed again that way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_confirms_one_replay_of_what_was_parked_before_it() {
+    let (connection, channel, queue, dlq) = dlq_setup("console-replay-once").await;
+    for id in ["a", "b"] {
+        park(&channel, &dlq, &queue, id, "timeout", 1_000).await;
+    }
+    let (console, cookie, csrf) = dlq_console(&queue).await;
+    let replay = format!("/dlq/{dlq}/replay");
+    let typed = [("error_contains", "timeout")];
+    let mut dry = typed.to_vec();
+    dry.extend([("mode", "dry_run"), ("csrf", csrf.as_str())]);
+    let (status, _, page) = console.post(&replay, Some(&cookie), form(&dry)).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    assert_eq!(text_of(&page, "replay-would-move"), "2");
+    // After the dry run: "a" leaves the DLQ another way, "late" is parked.
+    let taker = connection.create_channel().await.expect("channel");
+    let taken = taker
+        .basic_get(
+            dlq.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("basic.get")
+        .expect("a message");
+    assert_eq!(
+        taken
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|i| i.as_str()),
+        Some("a")
+    );
+    park(&channel, &dlq, &queue, "late", "timeout", 0).await;
+    settled(&dlq, 2).await;
+    let confirm = replay_confirm(&page, &typed);
+    let (status, headers, page) = console.post(&replay, Some(&cookie), confirm.clone()).await;
+    let job = job_of(status, &headers, &page);
+    let page = wait_for_job(&console, &cookie, &job).await;
+    assert_eq!(text_of(&page, "job-status"), "finished", "{page}");
+    assert_eq!(text_of(&page, "replay-moved"), "1", "{page}");
+    assert!(
+        page.contains("at_most=2"),
+        "the bounds on the job page: {page}"
+    );
+    let start = audited(&console, "dlq_replay_start", &dlq).await;
+    for bound in [
+        "since_ms=-",
+        "until_ms=-",
+        "parked_before_ms=",
+        "at_most=2",
+        "rate=-",
+    ] {
+        assert!(start.contains(bound), "{bound} not audited: {start}");
+    }
+    // The same confirm again: refused, nothing more moves.
+    let (status, _, again) = console.post(&replay, Some(&cookie), confirm).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    assert!(again.contains("already used"), "{again}");
+    settled(&queue, 1).await;
+    settled(&dlq, 1).await;
+    assert_eq!(ids_in(&connection, &dlq).await, ["late"]);
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;
 }

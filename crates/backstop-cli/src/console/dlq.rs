@@ -5,7 +5,7 @@
 //! a purge by age with a confirm step. Only the configured DLQs are
 //! reachable.
 
-use super::auth::Operator;
+use super::auth::{self, Csrf, Operator};
 use super::pages::{self, csrf_field};
 use super::{Page, PageError, Shared, render};
 use crate::dlq::{self, DlqFilter, DlqMessage, ReplayOptions, ReplayProgress, ReplayReport};
@@ -14,9 +14,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// Messages a peek shows.
@@ -30,6 +31,99 @@ const KEEP: dlq::Keep = dlq::Keep {
 };
 /// Entries of the console's audit shown on `/dlq`.
 const AUDIT_SHOWN: i64 = 50;
+/// How long a dry run can be confirmed.
+const DRY_RUN_KEPT_FOR: Duration = Duration::from_secs(15 * 60);
+/// The most dry runs waiting for a confirm at once (the oldest is forgotten
+/// first).
+const DRY_RUNS_KEPT: usize = 100;
+
+/// The replay dry runs waiting for their confirm, each under a random
+/// one-time id: the confirm form carries only that id, and starting the
+/// replay takes the dry run out, so a form sent twice (a double click, the
+/// Back button) or edited starts one replay at most, with the dry run's
+/// own options.
+#[derive(Default)]
+pub(crate) struct DryRuns(Mutex<HashMap<String, DryRun>>);
+
+/// A dry run, kept for its confirm.
+struct DryRun {
+    queue: String,
+    actor: String,
+    csrf: Csrf,
+    /// Its filters as typed ([`ReplayForm::fingerprint`]).
+    filters: String,
+    /// The replay's options: the dry run's resolved times, bound to the
+    /// dry run's start, at most the count it selected.
+    options: ReplayOptions,
+    created: Instant,
+}
+
+impl DryRuns {
+    /// Keeps `run` and answers its id.
+    fn keep(&self, run: DryRun) -> Result<String, PageError> {
+        let id = auth::random_token()
+            .map_err(|e| PageError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+        let mut runs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        runs.retain(|_, r| r.created.elapsed() < DRY_RUN_KEPT_FOR);
+        while runs.len() >= DRY_RUNS_KEPT {
+            let oldest = runs
+                .iter()
+                .min_by_key(|(_, r)| r.created)
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(oldest) => runs.remove(&oldest),
+                None => break,
+            };
+        }
+        runs.insert(id.clone(), run);
+        Ok(id)
+    }
+
+    /// Takes out dry run `id` of `op` on `queue` with `filters`: once.
+    /// Other filters than the dry run's leave it where it is.
+    fn take(
+        &self,
+        id: &str,
+        queue: &str,
+        op: &Operator,
+        filters: &str,
+    ) -> Result<DryRun, PageError> {
+        let mut runs = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let used = || {
+            PageError::new(
+                StatusCode::CONFLICT,
+                "this dry run was already used (or has expired): run the dry run again",
+            )
+        };
+        let run = runs.get(id).ok_or_else(used)?;
+        if run.queue != queue || run.actor != op.actor() || run.csrf != op.csrf {
+            return Err(used());
+        }
+        if run.filters != filters {
+            return Err(PageError::bad_request(
+                "a replay follows a dry run of the same filters: run the dry run again",
+            ));
+        }
+        let run = runs.remove(id).ok_or_else(used)?;
+        if run.created.elapsed() >= DRY_RUN_KEPT_FOR {
+            return Err(used());
+        }
+        Ok(run)
+    }
+}
+
+/// The bounds a replay resolved: audited when it starts, shown on its page.
+fn bounds(options: &ReplayOptions) -> String {
+    let ms = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    format!(
+        "since_ms={} until_ms={} parked_before_ms={} at_most={} rate={}",
+        ms(options.filter.since_ms),
+        ms(options.filter.until_ms),
+        ms(options.filter.parked_before_ms),
+        ms(options.limit),
+        ms(options.rate_per_sec.map(u64::from))
+    )
+}
 
 /// A DLQ replay running in a task of its own (not in the request), with a
 /// progress page and a cancel button: a cancel stops it before its next
@@ -38,6 +132,8 @@ pub(crate) struct ReplayJob {
     pub(super) id: u64,
     pub(super) queue: String,
     filters: String,
+    /// The resolved bounds ([`bounds`]).
+    bounds: String,
     actor: String,
     started_at: i64,
     pub(super) cancel: Arc<AtomicBool>,
@@ -62,6 +158,7 @@ impl ReplayJob {
             id: console.jobs.next_id(),
             queue,
             filters,
+            bounds: bounds(&options),
             actor,
             started_at: backstop::retry::now_ms() as i64,
             cancel,
@@ -88,12 +185,12 @@ impl ReplayJob {
             // good: its count is audited with the error.
             let end = match &report {
                 Ok(r) => format!(
-                    "moved={} matched={} seen={} failed={} cancelled={}",
-                    r.moved, r.matched, r.seen, r.failed, r.cancelled
+                    "moved={} matched={} seen={} failed={} unknown={} cancelled={}",
+                    r.moved, r.matched, r.seen, r.failed, r.unknown, r.cancelled
                 ),
                 Err(p) => format!(
-                    "failed after moved={} matched={} seen={} failed={}: {p}",
-                    p.done.moved, p.done.matched, p.done.seen, p.done.failed
+                    "failed after moved={} matched={} seen={} failed={} unknown={}: {p}",
+                    p.done.moved, p.done.matched, p.done.seen, p.done.failed, p.done.unknown
                 ),
             };
             info!(job = running.id, queue = %running.queue, actor = %running.actor, result = %end, "console DLQ replay ended");
@@ -139,6 +236,7 @@ pub(crate) fn job_page(job: &ReplayJob, op: &Operator) -> Markup {
         (pages::pairs("job-meta", &[
             ("queue".into(), render::inert(&job.queue)),
             ("filters".into(), render::inert(&job.filters)),
+            ("bounds".into(), render::inert(&job.bounds)),
             ("actor".into(), render::inert(&job.actor)),
             ("started".into(), pages::time(job.started_at)),
         ]))
@@ -313,21 +411,9 @@ pub(crate) struct ReplayForm {
     /// `dry_run` or `replay`.
     #[serde(default)]
     mode: String,
-    /// The filters of the dry run this replay follows (see [`Self::fingerprint`]).
+    /// The id of the dry run this replay confirms ([`DryRuns`]).
     #[serde(default)]
-    dry_run_of: String,
-    /// The dry run's `since`, as it resolved it: ms since the epoch. A
-    /// replay uses it rather than resolving a relative `since` (`2h`) again
-    /// when the operator confirms.
-    #[serde(default)]
-    since_ms: String,
-    /// The dry run's `until`, the same way.
-    #[serde(default)]
-    until_ms: String,
-    /// How many messages the dry run selected: the replay selects at most
-    /// as many (the first in queue order), whatever arrived since.
-    #[serde(default)]
-    at_most: String,
+    dry_run_id: String,
 }
 
 impl ReplayForm {
@@ -344,20 +430,12 @@ impl ReplayForm {
         .to_string()
     }
 
-    /// The options of a dry run (the times resolved now), or of the replay
-    /// that follows one: with the dry run's resolved times and at most the
-    /// count it selected, however long the operator took to confirm.
-    fn options(&self, dry_run: bool) -> Result<ReplayOptions, PageError> {
+    /// The options of a dry run: the times resolved now, nothing dead-
+    /// lettered at or after `started_ms` selected (its replay is bound the
+    /// same way).
+    fn dry_run_options(&self, started_ms: u64) -> Result<ReplayOptions, PageError> {
         let some = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
-        let of_dry_run = |field: &str| {
-            field.trim().parse::<u64>().map_err(|_| {
-                PageError::bad_request(
-                    "a replay carries its dry run's times and count: run the dry run again",
-                )
-            })
-        };
-        let time = |s: &str, resolved: &str| match some(s) {
-            Some(_) if !dry_run => of_dry_run(resolved).map(Some),
+        let time = |s: &str| match some(s) {
             Some(t) => dlq::parse_time(&t)
                 .map(Some)
                 .map_err(PageError::bad_request),
@@ -378,17 +456,14 @@ impl ReplayForm {
         Ok(ReplayOptions {
             filter: DlqFilter {
                 error_contains: some(&self.error_contains),
-                since_ms: time(&self.since, &self.since_ms)?,
-                until_ms: time(&self.until, &self.until_ms)?,
+                since_ms: time(&self.since)?,
+                until_ms: time(&self.until)?,
                 header,
+                parked_before_ms: Some(started_ms),
             },
-            limit: if dry_run {
-                None
-            } else {
-                Some(of_dry_run(&self.at_most)?)
-            },
+            limit: None,
             to: None,
-            dry_run,
+            dry_run: true,
             rate_per_sec: rate,
             cancel: None,
             keep: KEEP,
@@ -396,17 +471,16 @@ impl ReplayForm {
     }
 }
 
-/// The replay form; after a dry run (its options and report), it adds the
-/// real replay button, bound to these filters, the dry run's resolved
-/// times and the count it selected.
+/// The replay form; after a dry run (its id and report), it adds the
+/// real replay button, bound to that dry run (kept on the server: its
+/// filters, resolved times and the count it selected).
 fn replay_form(
     queue: &str,
     form: &ReplayForm,
     op: &Operator,
-    dry_run: Option<(&ReplayOptions, &ReplayReport)>,
+    dry_run: Option<(&str, &ReplayReport)>,
 ) -> Markup {
     let after_dry_run = dry_run.is_some();
-    let resolved = |ms: Option<u64>| ms.map(|ms| ms.to_string()).unwrap_or_default();
     html! {
         form.action method="post" action={ "/dlq/" (queue) "/replay" } id="replay-form" {
             (csrf_field(op))
@@ -422,11 +496,8 @@ fn replay_form(
                 div { label for="rate" { "At most N a second (optional)" }
                       input type="number" id="rate" name="rate" min="1" value=(form.rate); }
             }
-            @if let Some((options, report)) = dry_run {
-                input type="hidden" name="dry_run_of" value=(form.fingerprint());
-                input type="hidden" name="since_ms" value=(resolved(options.filter.since_ms));
-                input type="hidden" name="until_ms" value=(resolved(options.filter.until_ms));
-                input type="hidden" name="at_most" value=(report.matched);
+            @if let Some((id, _)) = dry_run {
+                input type="hidden" name="dry_run_id" value=(id);
             }
             p {
                 button.secondary type="submit" id="replay-dry-run" name="mode" value="dry_run" { "Dry run" }
@@ -434,7 +505,7 @@ fn replay_form(
                     " "
                     button type="submit" id="replay-submit" name="mode" value="replay" { "Replay these" }
                     @if let Some((_, report)) = dry_run {
-                        " " span.note { "Replays at most the " (report.matched) " selected here, with the times as this dry run resolved them; messages that arrived since stay." }
+                        " " span.note { "Replays at most the " (report.matched) " selected here, once, with the times as this dry run resolved them; messages dead-lettered since stay." }
                     }
                 } @else {
                     " " span.note { "A dry run comes first: it lists what would move, then offers the replay." }
@@ -496,7 +567,11 @@ fn replay_result(report: &ReplayReport) -> Markup {
                 (messages("replay-would-move-list", &report.would_move))
             } @else {
                 p { strong { "Replayed: " span id="replay-moved" { (report.moved) } " message(s) moved" }
-                    " (read " (report.seen) ", selected " (report.matched) ", kept " (report.kept) ", failed " (report.failed) ")." }
+                    " (read " (report.seen) ", selected " (report.matched) ", kept " (report.kept) ", failed " (report.failed)
+                    ", unknown " span id="replay-unknown" { (report.unknown) } ")." }
+                @if report.unknown > 0 {
+                    p.error { (report.unknown) " message(s) may have been copied although they stay in the DLQ: possible duplicates, not losses." }
+                }
             }
             @if !report.errors.is_empty() {
                 ul.error { @for e in &report.errors { li { (render::inert(e)) } } }
@@ -515,27 +590,11 @@ pub(crate) async fn replay(
     axum::Form(form): axum::Form<ReplayForm>,
 ) -> Result<Response, PageError> {
     console.dlq(&queue)?;
-    let dry_run = form.mode != "replay";
-    if !dry_run && form.dry_run_of != form.fingerprint() {
-        return Err(PageError::bad_request(
-            "a replay follows a dry run of the same filters: run the dry run again",
-        ));
+    if form.mode == "replay" {
+        return start_replay(&console, &op, queue, &form).await;
     }
-    let options = form.options(dry_run)?;
-    if !dry_run {
-        let filters = form.fingerprint();
-        console
-            .audit(
-                &op,
-                "dlq_replay_start",
-                &queue,
-                &format!("filters={filters}"),
-            )
-            .await?;
-        let job = ReplayJob::start(&console, queue.clone(), filters, op.actor(), options);
-        info!(%queue, job = job.id, actor = %op.actor(), filter = %form.fingerprint(), "console DLQ replay started");
-        return Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response());
-    }
+    let started_ms = backstop::retry::now_ms();
+    let options = form.dry_run_options(started_ms)?;
     let report = {
         let (console, queue, options) = (console.clone(), queue.clone(), options.clone());
         // A dry run moves nothing: its error is the whole story.
@@ -550,19 +609,74 @@ pub(crate) async fn replay(
     };
     info!(
         %queue,
-        dry_run,
-        moved = report.moved,
+        dry_run = true,
         matched = report.matched,
         actor = %op.actor(),
         filter = %form.fingerprint(),
         "console DLQ replay"
     );
+    let id = console.dry_runs.keep(DryRun {
+        queue: queue.clone(),
+        actor: op.actor(),
+        csrf: op.csrf.clone(),
+        filters: form.fingerprint(),
+        options: ReplayOptions {
+            limit: Some(report.matched),
+            dry_run: false,
+            ..options
+        },
+        created: Instant::now(),
+    })?;
     let body = html! {
         h1 { "Replay: " a href={ "/dlq/" (queue) } { (queue) } }
         (replay_result(&report))
-        (replay_form(&queue, &form, &op, Some((&options, &report))))
+        (replay_form(&queue, &form, &op, Some((&id, &report))))
     };
     Ok(pages::layout(&format!("Replay {queue}"), Some(&op), body).into_response())
+}
+
+/// The replay that confirms a dry run: takes the dry run out (once),
+/// audits the bounds it resolved and starts the job; answers with a
+/// redirect to its progress page. Refused while another replay of `queue`
+/// runs.
+async fn start_replay(
+    console: &Shared,
+    op: &Operator,
+    queue: String,
+    form: &ReplayForm,
+) -> Result<Response, PageError> {
+    if form.dry_run_id.trim().is_empty() {
+        return Err(PageError::bad_request(
+            "a replay follows a dry run of the same filters: run the dry run again",
+        ));
+    }
+    let running = console
+        .jobs
+        .replays
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .any(|j| j.queue == queue && j.finished_at.get().is_none());
+    if running {
+        return Err(PageError::new(
+            StatusCode::CONFLICT,
+            "a replay of this queue is running: wait for it to end (or cancel it), then run the dry run again",
+        ));
+    }
+    let run = console
+        .dry_runs
+        .take(form.dry_run_id.trim(), &queue, op, &form.fingerprint())?;
+    console
+        .audit(
+            op,
+            "dlq_replay_start",
+            &queue,
+            &format!("filters={} {}", run.filters, bounds(&run.options)),
+        )
+        .await?;
+    let job = ReplayJob::start(console, queue.clone(), run.filters, op.actor(), run.options);
+    info!(%queue, job = job.id, actor = %op.actor(), bounds = %job.bounds, "console DLQ replay started");
+    Ok(Redirect::to(&format!("/jobs/{}", job.id)).into_response())
 }
 
 /// Audits the end of a confirmed purge: its counts, or the error with the
@@ -659,12 +773,20 @@ pub(crate) async fn purge(
         .await
         .map_err(broker_error)?
         .map_err(|p| {
+            let done = if confirmed {
+                format!(
+                    "{} message(s) had been removed before the error (audited)",
+                    p.done.purged
+                )
+            } else {
+                format!(
+                    "the count stopped at the error ({} counted so far); nothing was removed",
+                    p.done.purged
+                )
+            };
             PageError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "the broker: {p}; {} message(s) had been removed before the error (audited)",
-                    p.done.purged
-                ),
+                format!("the broker: {p}; {done}"),
             )
         })?
     };

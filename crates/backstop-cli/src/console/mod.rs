@@ -92,6 +92,8 @@ pub(crate) struct Console {
     store: Option<SqlStore>,
     auth: Auth,
     jobs: groups::Jobs,
+    /// The DLQ dry runs waiting for their confirm.
+    dry_runs: dlq::DryRuns,
     broker: crate::dlq::DlqBroker,
     dlqs: Vec<String>,
     /// Its own address, the `Host` and `Origin` it answers to.
@@ -163,6 +165,7 @@ pub(crate) async fn serve(
         store,
         auth: Auth::new(settings),
         jobs: groups::Jobs::default(),
+        dry_runs: dlq::DryRuns::default(),
         broker: crate::dlq::DlqBroker::from_config(config),
         dlqs: crate::dlq::dlq_queues(config),
         bound,
