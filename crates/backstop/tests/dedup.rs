@@ -1033,16 +1033,30 @@ async fn inbox_consumer(
 }
 
 async fn effects(db: &str) -> Vec<(String, i64)> {
+    effects_once_created(db)
+        .await
+        .unwrap_or_else(|| panic!("reading the effects table: no such table in {db}"))
+}
+
+/// The effects table's rows, or `None` while it does not exist yet (a child
+/// process creates it); any other SQL error panics.
+async fn effects_once_created(db: &str) -> Option<Vec<(String, i64)>> {
     let pool = backstop::dedup::inbox::open_pool(db).await.expect("pool");
-    let rows = sqlx::query(
+    let rows = match sqlx::query(
         "SELECT order_id, COUNT(*) AS n FROM effects GROUP BY order_id ORDER BY order_id",
     )
     .fetch_all(&pool)
     .await
-    .unwrap_or_else(|e| panic!("reading the effects table: {e}"));
-    rows.iter()
-        .map(|r| (r.get::<String, _>("order_id"), r.get::<i64, _>("n")))
-        .collect()
+    {
+        Ok(rows) => rows,
+        Err(e) if e.to_string().contains("no such table: effects") => return None,
+        Err(e) => panic!("reading the effects table: {e}"),
+    };
+    Some(
+        rows.iter()
+            .map(|r| (r.get::<String, _>("order_id"), r.get::<i64, _>("n")))
+            .collect(),
+    )
 }
 
 /// Run by `the_inbox_applies_each_effect_once_across_a_kill_after_commit` in
@@ -1093,7 +1107,11 @@ async fn the_inbox_applies_each_effect_once_across_a_kill_after_commit() {
         Duration::from_secs(60),
         || {
             let db = db.clone();
-            async move { effects(&db).await.len() == 300 }
+            async move {
+                effects_once_created(&db)
+                    .await
+                    .is_some_and(|e| e.len() == 300)
+            }
         },
     )
     .await;
