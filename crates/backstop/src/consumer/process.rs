@@ -545,18 +545,26 @@ async fn deduplicated<H: Handler>(
     let started = tokio::time::Instant::now();
     let mut store_failures = 0u32;
     loop {
-        let answer = match dedup.local.enter(scope, &key) {
-            Enter::Done => {
-                // Handled here; its done-mark is pending while the store is
-                // down. The effect happened: this is a duplicate.
-                bump(&ctx.stats.duplicates, 1);
-                debug!(%queue, %key, "duplicate of a message handled here (its done-mark is pending): acking without the handler");
-                return (Settlement::Ack, Verdict::Neutral);
-            }
-            Enter::Busy => Ok(Claim::InProgress),
-            Enter::Entered => {
-                claim.entered = true;
-                claim.claim().await
+        // After a store error this delivery still owns the key here: it
+        // claims again (same token) rather than meeting its own entry as a
+        // busy key, which would drop the entry and count the wait against
+        // `max_wait`.
+        let answer = if claim.entered {
+            claim.claim().await
+        } else {
+            match dedup.local.enter(scope, &key) {
+                Enter::Done => {
+                    // Handled here; its done-mark is pending while the store is
+                    // down. The effect happened: this is a duplicate.
+                    bump(&ctx.stats.duplicates, 1);
+                    debug!(%queue, %key, "duplicate of a message handled here (its done-mark is pending): acking without the handler");
+                    return (Settlement::Ack, Verdict::Neutral);
+                }
+                Enter::Busy => Ok(Claim::InProgress),
+                Enter::Entered => {
+                    claim.entered = true;
+                    claim.claim().await
+                }
             }
         };
         match answer {
