@@ -1234,3 +1234,46 @@ async fn a_claim_error_longer_than_max_wait_is_held_then_handled() {
     assert_eq!(report.duplicates, 0);
     assert!(report.dedup_failures >= 1);
 }
+
+/// A shutdown while the dedup store is down does not wait out the shutdown
+/// timeout for a delivery whose handler never started: it is requeued at
+/// once, and the release its claim left pending is in the final report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_dedup_outage_does_not_wait_for_the_claim() {
+    init_tracing();
+    let mut redis = backstop_testkit::servers::PrivateRedis::start();
+    let store: Arc<dyn SeenStore> = Arc::new(
+        RedisSeenStore::connect(&redis.url())
+            .await
+            .expect("private redis seen store"),
+    );
+    let queue = unique("dedup-outage-stop");
+    let publisher = backstop_testkit::connect().await;
+    let orders = Orders::default();
+    let (supervisor, consumer) = start(&queue, dedup(store), orders.clone(), |c| {
+        c.shutdown_timeout(Duration::from_secs(30))
+    });
+    common::wait_stats(&consumer, "subscribed", |r| r.sessions >= 1).await;
+    redis.stop();
+    backstop_testkit::publish(&publisher, &queue, 1, "order", |_| order_body(1)).await;
+    common::wait_stats(&consumer, "the claim fails", |r| r.dedup_failures >= 1).await;
+    let stopping = std::time::Instant::now();
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the shutdown waited {took:?} for a claim against a store that is down"
+    );
+    assert!(orders.calls().is_empty(), "handled without a claim");
+    assert_eq!(report.requeued, 1, "{report:?}");
+    assert_eq!(report.dedup_pending_release, 1, "{report:?}");
+    assert_eq!(report.dedup_pending_done, 0, "{report:?}");
+    supervisor.close().await;
+    wait_until(
+        "the order is back in the queue",
+        Duration::from_secs(10),
+        || queue_is(&queue, |c| c.ready == 1 && c.unacked == 0),
+    )
+    .await;
+    backstop_testkit::delete_queue(&publisher, &queue).await;
+}

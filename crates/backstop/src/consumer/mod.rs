@@ -786,6 +786,7 @@ impl<H: Handler> Consumer<H> {
             delivery_limit,
             queue_dead_letters,
             stats: stats.clone(),
+            stop: stop_rx.clone(),
         });
         if let Some(dedup) = &self.config.dedup
             && let Some(every) = dedup.cleanup_every
@@ -1095,7 +1096,30 @@ impl<H: Handler> Runtime<H> {
             .await;
         self.handlers.clear();
         self.update_in_flight();
+        self.flush_dedup().await;
         Ok(())
+    }
+
+    /// Gives the dedup releases and done-marks still pending a bounded
+    /// last chance ([`SHUTDOWN_FLUSH`]); a done-mark still pending after it
+    /// is logged, key by key, as the duplicate window it is. The counts stay
+    /// in the final report.
+    async fn flush_dedup(&mut self) {
+        let Some(dedup) = &self.config.dedup else {
+            return;
+        };
+        let queue = &self.config.queue;
+        if dedup.local.flush(SHUTDOWN_FLUSH).await {
+            return;
+        }
+        let (release, done) = dedup.local.pending();
+        warn!(%queue, release, done, within = ?SHUTDOWN_FLUSH,
+            "shutting down with dedup releases and done-marks the store did not take");
+        for (scope, key) in dedup.local.pending_done_marks(queue) {
+            error!(%queue, %scope, %key,
+                "duplicate window: shutting down before the key could be marked done; \
+                 a duplicate of this handled message may run its handler again once its lease ends");
+        }
     }
 
     fn breaker_state(&self) -> BreakerState {
@@ -1780,6 +1804,9 @@ impl<H: Handler> Runtime<H> {
         }
     }
 }
+
+/// How long a shutdown waits for pending dedup releases and done-marks.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 
 /// A session that lived this long before it broke starts the count of
 /// broken sessions in a row (and so the pause before the next) again.

@@ -146,6 +146,37 @@ impl LocalClaims {
         )
     }
 
+    /// Waits up to `within` for the background task to send what is
+    /// pending (a shutdown gives it that long); true when nothing is left.
+    pub(crate) async fn flush(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.table().pending == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The scopes and keys of `queue` whose done-mark is still pending.
+    pub(crate) fn pending_done_marks(&self, queue: &str) -> Vec<(String, String)> {
+        self.table()
+            .keys
+            .iter()
+            .filter_map(|(id, state)| match state {
+                KeyState::Pending(p)
+                    if p.queue == queue && matches!(p.op, PendingOp::Done { .. }) =>
+                {
+                    Some(id.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Why the store is down, when its last answer was a failure.
     pub(crate) fn down(&self) -> Option<String> {
         let down = lock(&self.down);
