@@ -497,6 +497,8 @@ pub struct ConsumerStats {
     dedup_local: std::sync::OnceLock<Arc<crate::dedup::local::LocalClaims>>,
     /// Since when and why the compensation store's writes fail, while they do.
     store_down: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// The compensation store's probe task runs.
+    store_probing: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of [`ConsumerStats`].
@@ -646,6 +648,41 @@ impl ConsumerStats {
                 *down = Some((since, error.to_owned()));
             }
         }
+    }
+
+    /// Starts probing `store` while it is marked down (unless a probe runs
+    /// already), so that an idle consumer's readiness comes back with the
+    /// store and not only with its next failure to store.
+    pub(crate) fn probe_store(self: &Arc<Self>, store: Arc<dyn crate::store::CompensationStore>) {
+        if self.store_probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.store_probing.store(false, Ordering::Release);
+            return;
+        };
+        let stats = self.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(crate::dedup::local::PROBE_EVERY).await;
+                {
+                    let down = stats.store_down.lock().unwrap_or_else(|e| e.into_inner());
+                    if down.is_none() {
+                        stats.store_probing.store(false, Ordering::Release);
+                        return;
+                    }
+                }
+                // A read by an id no row has: one round trip that changes
+                // nothing. Any answer but "unavailable" means it is up.
+                match store.get(0).await {
+                    Err(e) if e.is_transient() => stats.store_answered(Err(&e.to_string())),
+                    _ => {
+                        info!("the compensation store answers again");
+                        stats.store_answered(Ok(()));
+                    }
+                }
+            }
+        });
     }
 }
 

@@ -1039,6 +1039,7 @@ async fn store(
                 bump(&ctx.stats.store_failures, 1);
                 if e.is_transient() {
                     ctx.stats.store_answered(Err(&e.to_string()));
+                    ctx.stats.probe_store(store.clone());
                 }
                 Err(Failed {
                     transient: e.is_transient(),

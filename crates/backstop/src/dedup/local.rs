@@ -107,7 +107,17 @@ struct Table {
 struct Down {
     since: Option<Instant>,
     error: String,
+    /// The probe task runs.
+    probing: bool,
 }
+
+/// How often a store marked down is probed, so that an idle consumer's
+/// readiness comes back with the store and not only with its next message.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// The scope of the probe: a release of a key no claim ever holds, one
+/// round trip through the store's own API that changes nothing.
+const PROBE_SCOPE: &str = "backstop.probe";
 
 /// The holder token, the keys in work here and the pending operations of
 /// one [`DedupConfig`](super::DedupConfig).
@@ -189,14 +199,22 @@ impl LocalClaims {
         })
     }
 
-    /// Records how the store's last operation went.
-    pub(crate) fn answered(&self, result: Result<(), &DedupError>) {
+    /// Records how the store's last operation went. A failure starts the
+    /// probe task, which clears the mark once the store answers even when
+    /// nothing else uses it.
+    pub(crate) fn answered(self: &Arc<Self>, result: Result<(), &DedupError>) {
         let mut down = lock(&self.down);
         match result {
             Ok(()) => down.since = None,
             Err(e) => {
                 down.since.get_or_insert_with(Instant::now);
                 down.error = e.to_string();
+                if !down.probing
+                    && let Ok(runtime) = tokio::runtime::Handle::try_current()
+                {
+                    down.probing = true;
+                    runtime.spawn(probe(self.clone()));
+                }
             }
         }
     }
@@ -317,6 +335,28 @@ impl LocalClaims {
                 .unwrap_or_else(|p| Err(panicked(p))),
             Err(p) => Err(panicked(p)),
         }
+    }
+}
+
+/// Probes the store every [`PROBE_EVERY`] while it is marked down; ends once
+/// an answer (the probe's or any other operation's) cleared the mark.
+async fn probe(local: Arc<LocalClaims>) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        {
+            let mut down = lock(&local.down);
+            if down.since.is_none() {
+                down.probing = false;
+                return;
+            }
+        }
+        let result = local
+            .send(PROBE_SCOPE, &local.token, PendingOp::Release)
+            .await;
+        if result.is_ok() {
+            info!("the dedup store answers again");
+        }
+        local.answered(result.as_ref().map(|_| ()));
     }
 }
 
