@@ -221,18 +221,7 @@ async fn through_an_outage(dedup: Dedup) {
     }
     let down = Instant::now();
     let ready_url = format!("http://127.0.0.1:{port}/readyz");
-    wait_until(
-        "/readyz reports the store down",
-        Duration::from_secs(10),
-        || {
-            let ready_url = ready_url.clone();
-            async move {
-                let (status, body) = get(&ready_url).await;
-                status == 503 && body.contains("store is down")
-            }
-        },
-    )
-    .await;
+    reports_the_store_down(&ready_url, Duration::from_secs(10)).await;
     // One forced close of the AMQP connection, mid-outage: everything held
     // unacked comes back as redeliveries while the stores are down.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -390,6 +379,16 @@ async fn stop_on_first_call(State(s): State<StopsTheStore>) -> StatusCode {
         s.seen.lock().expect("lock").1 += 1;
     }
     status
+}
+
+/// Waits up to `within` for `/readyz` (at `ready_url`) to answer 503
+/// saying a store is down.
+async fn reports_the_store_down(ready_url: &str, within: Duration) {
+    wait_until("/readyz reports the store down", within, || async move {
+        let (status, body) = get(ready_url).await;
+        status == 503 && body.contains("store is down")
+    })
+    .await;
 }
 
 /// Runs `backstop run` on one queue with PostgreSQL dedup on a private
@@ -574,18 +573,7 @@ async fn readiness_comes_back_with_the_store_while_the_consumer_is_idle() {
     let (state, mut run, queue, port) =
         one_order_stopping_the_store(StatusCode::OK, "dedup.lease = \"6s\"\n").await;
     let ready_url = format!("http://127.0.0.1:{port}/readyz");
-    wait_until(
-        "/readyz reports the dedup store down",
-        Duration::from_secs(20),
-        || {
-            let ready_url = ready_url.clone();
-            async move {
-                let (status, body) = get(&ready_url).await;
-                status == 503 && body.contains("store is down")
-            }
-        },
-    )
-    .await;
+    reports_the_store_down(&ready_url, Duration::from_secs(20)).await;
     // The pending done-mark ends with its lease while the store is down:
     // from here nothing of the consumer's traffic touches the store.
     wait_until(

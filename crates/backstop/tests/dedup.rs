@@ -1185,6 +1185,17 @@ async fn an_inbox_handler_failure_rolls_its_writes_back() {
     assert_eq!(inbox.duplicates().load(Ordering::SeqCst), 1);
 }
 
+/// A Redis server of the test's own, and a seen store on it.
+async fn private_redis() -> (backstop_testkit::servers::PrivateRedis, Arc<dyn SeenStore>) {
+    let redis = backstop_testkit::servers::PrivateRedis::start();
+    let store: Arc<dyn SeenStore> = Arc::new(
+        RedisSeenStore::connect(&redis.url())
+            .await
+            .expect("private redis seen store"),
+    );
+    (redis, store)
+}
+
 /// A claim that fails for longer than `max_wait` (the dedup store is down)
 /// is held and tried again until the store is back, then handled: the
 /// delivery's own entry is not mistaken for a key busy elsewhere, so it is
@@ -1192,12 +1203,7 @@ async fn an_inbox_handler_failure_rolls_its_writes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_error_longer_than_max_wait_is_held_then_handled() {
     init_tracing();
-    let mut redis = backstop_testkit::servers::PrivateRedis::start();
-    let store: Arc<dyn SeenStore> = Arc::new(
-        RedisSeenStore::connect(&redis.url())
-            .await
-            .expect("private redis seen store"),
-    );
+    let (mut redis, store) = private_redis().await;
     let queue = unique("dedup-claim-outage");
     let publisher = backstop_testkit::connect().await;
     let key: DedupKey = "json:/order_id".parse().expect("valid key");
@@ -1241,12 +1247,7 @@ async fn a_claim_error_longer_than_max_wait_is_held_then_handled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_during_a_dedup_outage_does_not_wait_for_the_claim() {
     init_tracing();
-    let mut redis = backstop_testkit::servers::PrivateRedis::start();
-    let store: Arc<dyn SeenStore> = Arc::new(
-        RedisSeenStore::connect(&redis.url())
-            .await
-            .expect("private redis seen store"),
-    );
+    let (mut redis, store) = private_redis().await;
     let queue = unique("dedup-outage-stop");
     let publisher = backstop_testkit::connect().await;
     let orders = Orders::default();
