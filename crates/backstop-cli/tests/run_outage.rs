@@ -221,18 +221,7 @@ async fn through_an_outage(dedup: Dedup) {
     }
     let down = Instant::now();
     let ready_url = format!("http://127.0.0.1:{port}/readyz");
-    wait_until(
-        "/readyz reports the store down",
-        Duration::from_secs(10),
-        || {
-            let ready_url = ready_url.clone();
-            async move {
-                let (status, body) = get(&ready_url).await;
-                status == 503 && body.contains("store is down")
-            }
-        },
-    )
-    .await;
+    reports_the_store_down(&ready_url, Duration::from_secs(10)).await;
     // One forced close of the AMQP connection, mid-outage: everything held
     // unacked comes back as redeliveries while the stores are down.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -390,6 +379,16 @@ async fn stop_on_first_call(State(s): State<StopsTheStore>) -> StatusCode {
         s.seen.lock().expect("lock").1 += 1;
     }
     status
+}
+
+/// Waits up to `within` for `/readyz` (at `ready_url`) to answer 503
+/// saying a store is down.
+async fn reports_the_store_down(ready_url: &str, within: Duration) {
+    wait_until("/readyz reports the store down", within, || async move {
+        let (status, body) = get(ready_url).await;
+        status == 503 && body.contains("store is down")
+    })
+    .await;
 }
 
 /// Runs `backstop run` on one queue with PostgreSQL dedup on a private
@@ -561,6 +560,48 @@ async fn a_failed_done_mark_is_sent_when_the_store_returns_so_a_later_duplicate_
         (1, 1),
         "the duplicate must not reach the endpoint"
     );
+    terminate(&mut run, Duration::from_secs(30)).await;
+    cleanup(&queue).await;
+}
+
+/// The store is marked down by a done-mark that failed, and nothing uses
+/// it afterwards: the done-mark's lease ends during the outage (it is
+/// dropped, logged as a duplicate window) and no message follows. Readiness
+/// still comes back with the store, from the consumer's own probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_comes_back_with_the_store_while_the_consumer_is_idle() {
+    let (state, mut run, queue, port) =
+        one_order_stopping_the_store(StatusCode::OK, "dedup.lease = \"6s\"\n").await;
+    let ready_url = format!("http://127.0.0.1:{port}/readyz");
+    reports_the_store_down(&ready_url, Duration::from_secs(20)).await;
+    // The pending done-mark ends with its lease while the store is down:
+    // from here nothing of the consumer's traffic touches the store.
+    wait_until(
+        "the done-mark is given up with its lease",
+        Duration::from_secs(20),
+        || {
+            let queue = queue.clone();
+            async move { pending(port, &queue, "done").await == 0.0 }
+        },
+    )
+    .await;
+    wait_until("the original is acked", Duration::from_secs(20), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    let (status, _) = get(&ready_url).await;
+    assert_eq!(status, 503, "the store is still down");
+    resume(&state);
+    wait_until(
+        "/readyz is ready again with no traffic after the store's return",
+        Duration::from_secs(15),
+        || {
+            let ready_url = ready_url.clone();
+            async move { get(&ready_url).await.0 == 200 }
+        },
+    )
+    .await;
+    assert_eq!(*state.seen.lock().expect("lock"), (1, 1));
     terminate(&mut run, Duration::from_secs(30)).await;
     cleanup(&queue).await;
 }

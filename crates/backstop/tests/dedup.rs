@@ -1202,3 +1202,97 @@ async fn an_inbox_handler_failure_rolls_its_writes_back() {
     assert_eq!(effects(&db).await, vec![("order-9".to_owned(), 1)]);
     assert_eq!(inbox.duplicates().load(Ordering::SeqCst), 1);
 }
+
+/// A Redis server of the test's own, and a seen store on it.
+async fn private_redis() -> (backstop_testkit::servers::PrivateRedis, Arc<dyn SeenStore>) {
+    let redis = backstop_testkit::servers::PrivateRedis::start();
+    let store: Arc<dyn SeenStore> = Arc::new(
+        RedisSeenStore::connect(&redis.url())
+            .await
+            .expect("private redis seen store"),
+    );
+    (redis, store)
+}
+
+/// A claim that fails for longer than `max_wait` (the dedup store is down)
+/// is held and tried again until the store is back, then handled: the
+/// delivery's own entry is not mistaken for a key busy elsewhere, so it is
+/// never requeued as a busy duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_error_longer_than_max_wait_is_held_then_handled() {
+    init_tracing();
+    let (mut redis, store) = private_redis().await;
+    let queue = unique("dedup-claim-outage");
+    let publisher = backstop_testkit::connect().await;
+    let key: DedupKey = "json:/order_id".parse().expect("valid key");
+    let dedup = DedupConfig::new(key, store)
+        .in_progress_wait(Duration::from_millis(20), Duration::from_secs(2));
+    let orders = Orders::default();
+    let (supervisor, consumer) = start(&queue, dedup, orders.clone(), |c| c);
+    common::wait_stats(&consumer, "subscribed", |r| r.sessions >= 1).await;
+    redis.stop();
+    backstop_testkit::publish(&publisher, &queue, 1, "order", |_| order_body(1)).await;
+    common::wait_stats(&consumer, "the claim fails", |r| r.dedup_failures >= 1).await;
+    // The outage lasts well past max_wait (2 s): the length of the outage
+    // is the scenario, not a condition to await.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let during = consumer.stats();
+    assert_eq!(
+        during.dedup_busy, 0,
+        "requeued as a busy duplicate: {during:?}"
+    );
+    assert_eq!(during.requeued, 0, "requeued during the outage: {during:?}");
+    assert!(orders.calls().is_empty(), "handled without a claim");
+    redis.resume();
+    common::wait_stats(&consumer, "handled once the store is back", |r| {
+        r.handled >= 1
+    })
+    .await;
+    wait_until("the queue is empty", Duration::from_secs(30), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    let report = common::finish(consumer, &supervisor, &publisher, &queue).await;
+    assert_eq!(orders.calls().get("order-1"), Some(&1), "handled once");
+    assert_eq!(report.dedup_busy, 0);
+    assert_eq!(report.duplicates, 0);
+    assert!(report.dedup_failures >= 1);
+}
+
+/// A shutdown while the dedup store is down does not wait out the shutdown
+/// timeout for a delivery whose handler never started: it is requeued at
+/// once, and the release its claim left pending is in the final report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_dedup_outage_does_not_wait_for_the_claim() {
+    init_tracing();
+    let (mut redis, store) = private_redis().await;
+    let queue = unique("dedup-outage-stop");
+    let publisher = backstop_testkit::connect().await;
+    let orders = Orders::default();
+    let (supervisor, consumer) = start(&queue, dedup(store), orders.clone(), |c| {
+        c.shutdown_timeout(Duration::from_secs(30))
+    });
+    common::wait_stats(&consumer, "subscribed", |r| r.sessions >= 1).await;
+    redis.stop();
+    backstop_testkit::publish(&publisher, &queue, 1, "order", |_| order_body(1)).await;
+    common::wait_stats(&consumer, "the claim fails", |r| r.dedup_failures >= 1).await;
+    let stopping = std::time::Instant::now();
+    let report = consumer.shutdown().await.expect("clean shutdown");
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the shutdown waited {took:?} for a claim against a store that is down"
+    );
+    assert!(orders.calls().is_empty(), "handled without a claim");
+    assert_eq!(report.requeued, 1, "{report:?}");
+    assert_eq!(report.dedup_pending_release, 1, "{report:?}");
+    assert_eq!(report.dedup_pending_done, 0, "{report:?}");
+    supervisor.close().await;
+    wait_until(
+        "the order is back in the queue",
+        Duration::from_secs(10),
+        || queue_is(&queue, |c| c.ready == 1 && c.unacked == 0),
+    )
+    .await;
+    backstop_testkit::delete_queue(&publisher, &queue).await;
+}

@@ -332,12 +332,15 @@ async fn shut_down(
     for (queue, bound, result) in results {
         match result {
             Ok(Ok(report)) => println!(
-                "consumer {queue}: handled={} duplicates={} retried={} dead_lettered={} stored={}",
+                "consumer {queue}: handled={} duplicates={} retried={} dead_lettered={} stored={} \
+                 dedup_pending_release={} dedup_pending_done={}",
                 report.handled,
                 report.duplicates,
                 report.retried,
                 report.dead_lettered,
-                report.stored
+                report.stored,
+                report.dedup_pending_release,
+                report.dedup_pending_done
             ),
             Ok(Err(e)) => {
                 error!(%queue, error = %e, "the consumer failed");

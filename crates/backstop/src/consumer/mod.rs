@@ -497,6 +497,8 @@ pub struct ConsumerStats {
     dedup_local: std::sync::OnceLock<Arc<crate::dedup::local::LocalClaims>>,
     /// Since when and why the compensation store's writes fail, while they do.
     store_down: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// The compensation store's probe task runs.
+    store_probing: std::sync::atomic::AtomicBool,
 }
 
 /// A snapshot of [`ConsumerStats`].
@@ -647,6 +649,41 @@ impl ConsumerStats {
             }
         }
     }
+
+    /// Starts probing `store` while it is marked down (unless a probe runs
+    /// already), so that an idle consumer's readiness comes back with the
+    /// store and not only with its next failure to store.
+    pub(crate) fn probe_store(self: &Arc<Self>, store: Arc<dyn crate::store::CompensationStore>) {
+        if self.store_probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.store_probing.store(false, Ordering::Release);
+            return;
+        };
+        let stats = self.clone();
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(crate::dedup::local::PROBE_EVERY).await;
+                {
+                    let down = stats.store_down.lock().unwrap_or_else(|e| e.into_inner());
+                    if down.is_none() {
+                        stats.store_probing.store(false, Ordering::Release);
+                        return;
+                    }
+                }
+                // A read by an id no row has: one round trip that changes
+                // nothing. Any answer but "unavailable" means it is up.
+                match store.get(0).await {
+                    Err(e) if e.is_transient() => stats.store_answered(Err(&e.to_string())),
+                    _ => {
+                        info!("the compensation store answers again");
+                        stats.store_answered(Ok(()));
+                    }
+                }
+            }
+        });
+    }
 }
 
 fn bump(counter: &AtomicU64, by: u64) {
@@ -786,6 +823,7 @@ impl<H: Handler> Consumer<H> {
             delivery_limit,
             queue_dead_letters,
             stats: stats.clone(),
+            stop: stop_rx.clone(),
         });
         if let Some(dedup) = &self.config.dedup
             && let Some(every) = dedup.cleanup_every
@@ -1095,7 +1133,30 @@ impl<H: Handler> Runtime<H> {
             .await;
         self.handlers.clear();
         self.update_in_flight();
+        self.flush_dedup().await;
         Ok(())
+    }
+
+    /// Gives the dedup releases and done-marks still pending a bounded
+    /// last chance ([`SHUTDOWN_FLUSH`]); a done-mark still pending after it
+    /// is logged, key by key, as the duplicate window it is. The counts stay
+    /// in the final report.
+    async fn flush_dedup(&mut self) {
+        let Some(dedup) = &self.config.dedup else {
+            return;
+        };
+        let queue = &self.config.queue;
+        if dedup.local.flush(SHUTDOWN_FLUSH).await {
+            return;
+        }
+        let (release, done) = dedup.local.pending();
+        warn!(%queue, release, done, within = ?SHUTDOWN_FLUSH,
+            "shutting down with dedup releases and done-marks the store did not take");
+        for (scope, key) in dedup.local.pending_done_marks(queue) {
+            error!(%queue, %scope, %key,
+                "duplicate window: shutting down before the key could be marked done; \
+                 a duplicate of this handled message may run its handler again once its lease ends");
+        }
     }
 
     fn breaker_state(&self) -> BreakerState {
@@ -1780,6 +1841,9 @@ impl<H: Handler> Runtime<H> {
         }
     }
 }
+
+/// How long a shutdown waits for pending dedup releases and done-marks.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 
 /// A session that lived this long before it broke starts the count of
 /// broken sessions in a row (and so the pause before the next) again.

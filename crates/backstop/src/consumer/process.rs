@@ -76,12 +76,29 @@ pub(crate) struct ProcessContext {
     /// policy, a permanent failure is a plain `basic.reject` to it.
     pub(crate) queue_dead_letters: bool,
     pub(crate) stats: Arc<ConsumerStats>,
+    /// True once the consumer is shutting down: a delivery waiting for its
+    /// dedup claim gives up at once (its handler never started).
+    pub(crate) stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ProcessContext {
     /// True when `generation`'s session is no longer the one consuming.
     fn is_stale(&self, generation: u64) -> bool {
         self.generation.load(Ordering::Acquire) != generation
+    }
+
+    /// True once the consumer is shutting down.
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Runs `work` unless the consumer stops first: `None` on a stop.
+    async fn unless_stopped<T>(&self, work: impl Future<Output = T>) -> Option<T> {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            out = work => Some(out),
+            _ = stop.wait_for(|stopping| *stopping) => None,
+        }
     }
 
     /// True when a failure may end in a copy: a retry policy, or a queue
@@ -545,18 +562,38 @@ async fn deduplicated<H: Handler>(
     let started = tokio::time::Instant::now();
     let mut store_failures = 0u32;
     loop {
-        let answer = match dedup.local.enter(scope, &key) {
-            Enter::Done => {
-                // Handled here; its done-mark is pending while the store is
-                // down. The effect happened: this is a duplicate.
-                bump(&ctx.stats.duplicates, 1);
-                debug!(%queue, %key, "duplicate of a message handled here (its done-mark is pending): acking without the handler");
-                return (Settlement::Ack, Verdict::Neutral);
-            }
-            Enter::Busy => Ok(Claim::InProgress),
-            Enter::Entered => {
-                claim.entered = true;
-                claim.claim().await
+        // After a store error this delivery still owns the key here: it
+        // claims again (same token) rather than meeting its own entry as a
+        // busy key, which would drop the entry and count the wait against
+        // `max_wait`.
+        if ctx.stopping() {
+            // Shutting down before the handler started: the broker
+            // redelivers it. Dropping the claim leaves its release pending.
+            debug!(%queue, %key, "shutting down while waiting for the dedup claim; requeueing");
+            return (Settlement::Requeue, Verdict::Neutral);
+        }
+        let answer = if claim.entered {
+            let Some(answer) = ctx.unless_stopped(claim.claim()).await else {
+                return (Settlement::Requeue, Verdict::Neutral);
+            };
+            answer
+        } else {
+            match dedup.local.enter(scope, &key) {
+                Enter::Done => {
+                    // Handled here; its done-mark is pending while the store is
+                    // down. The effect happened: this is a duplicate.
+                    bump(&ctx.stats.duplicates, 1);
+                    debug!(%queue, %key, "duplicate of a message handled here (its done-mark is pending): acking without the handler");
+                    return (Settlement::Ack, Verdict::Neutral);
+                }
+                Enter::Busy => Ok(Claim::InProgress),
+                Enter::Entered => {
+                    claim.entered = true;
+                    let Some(answer) = ctx.unless_stopped(claim.claim()).await else {
+                        return (Settlement::Requeue, Verdict::Neutral);
+                    };
+                    answer
+                }
             }
         };
         match answer {
@@ -575,7 +612,7 @@ async fn deduplicated<H: Handler>(
                         "the key is still being handled elsewhere; requeueing this duplicate");
                     return (Settlement::Requeue, Verdict::Neutral);
                 }
-                tokio::time::sleep(dedup.recheck).await;
+                ctx.unless_stopped(tokio::time::sleep(dedup.recheck)).await;
             }
             Err(e) => {
                 // The claim may have been written before the error: the
@@ -596,11 +633,14 @@ async fn deduplicated<H: Handler>(
                     warn!(%queue, %key, error = %e, retry_in = ?pause,
                         "cannot claim the dedup key yet; the message is held unacked and tried again");
                 }
-                tokio::time::sleep(pause).await;
+                ctx.unless_stopped(tokio::time::sleep(pause)).await;
             }
         }
     }
-    let _permit = permits.acquire().await;
+    let Some(_permit) = ctx.unless_stopped(permits.acquire()).await else {
+        debug!(%queue, %key, "shutting down before a handler slot was free; requeueing");
+        return (Settlement::Requeue, Verdict::Neutral);
+    };
     if ctx.is_stale(generation) {
         // The session ended while this delivery waited: its tag is dead and
         // the broker redelivers it. Dropping the claim releases the key.
@@ -999,6 +1039,7 @@ async fn store(
                 bump(&ctx.stats.store_failures, 1);
                 if e.is_transient() {
                     ctx.stats.store_answered(Err(&e.to_string()));
+                    ctx.stats.probe_store(store.clone());
                 }
                 Err(Failed {
                     transient: e.is_transient(),

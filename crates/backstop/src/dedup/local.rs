@@ -107,7 +107,17 @@ struct Table {
 struct Down {
     since: Option<Instant>,
     error: String,
+    /// The probe task runs.
+    probing: bool,
 }
+
+/// How often a store marked down is probed, so that an idle consumer's
+/// readiness comes back with the store and not only with its next message.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// The scope of the probe: a release of a key no claim ever holds, one
+/// round trip through the store's own API that changes nothing.
+const PROBE_SCOPE: &str = "backstop.probe";
 
 /// The holder token, the keys in work here and the pending operations of
 /// one [`DedupConfig`](super::DedupConfig).
@@ -146,6 +156,37 @@ impl LocalClaims {
         )
     }
 
+    /// Waits up to `within` for the background task to send what is
+    /// pending (a shutdown gives it that long); true when nothing is left.
+    pub(crate) async fn flush(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.table().pending == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The scopes and keys of `queue` whose done-mark is still pending.
+    pub(crate) fn pending_done_marks(&self, queue: &str) -> Vec<(String, String)> {
+        self.table()
+            .keys
+            .iter()
+            .filter_map(|(id, state)| match state {
+                KeyState::Pending(p)
+                    if p.queue == queue && matches!(p.op, PendingOp::Done { .. }) =>
+                {
+                    Some(id.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Why the store is down, when its last answer was a failure.
     pub(crate) fn down(&self) -> Option<String> {
         let down = lock(&self.down);
@@ -158,14 +199,22 @@ impl LocalClaims {
         })
     }
 
-    /// Records how the store's last operation went.
-    pub(crate) fn answered(&self, result: Result<(), &DedupError>) {
+    /// Records how the store's last operation went. A failure starts the
+    /// probe task, which clears the mark once the store answers even when
+    /// nothing else uses it.
+    pub(crate) fn answered(self: &Arc<Self>, result: Result<(), &DedupError>) {
         let mut down = lock(&self.down);
         match result {
             Ok(()) => down.since = None,
             Err(e) => {
                 down.since.get_or_insert_with(Instant::now);
                 down.error = e.to_string();
+                if !down.probing
+                    && let Ok(runtime) = tokio::runtime::Handle::try_current()
+                {
+                    down.probing = true;
+                    runtime.spawn(probe(self.clone()));
+                }
             }
         }
     }
@@ -286,6 +335,28 @@ impl LocalClaims {
                 .unwrap_or_else(|p| Err(panicked(p))),
             Err(p) => Err(panicked(p)),
         }
+    }
+}
+
+/// Probes the store every [`PROBE_EVERY`] while it is marked down; ends once
+/// an answer (the probe's or any other operation's) cleared the mark.
+async fn probe(local: Arc<LocalClaims>) {
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        {
+            let mut down = lock(&local.down);
+            if down.since.is_none() {
+                down.probing = false;
+                return;
+            }
+        }
+        let result = local
+            .send(PROBE_SCOPE, &local.token, PendingOp::Release)
+            .await;
+        if result.is_ok() {
+            info!("the dedup store answers again");
+        }
+        local.answered(result.as_ref().map(|_| ()));
     }
 }
 
