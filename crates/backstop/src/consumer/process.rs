@@ -572,11 +572,13 @@ async fn deduplicated<H: Handler>(
             debug!(%queue, %key, "shutting down while waiting for the dedup claim; requeueing");
             return (Settlement::Requeue, Verdict::Neutral);
         }
+        // A claim once sent is never cancelled by the stop: the SQL writers
+        // run a batch's releases before its claims, so a release sent by a
+        // dropped claim could land before the claim it frees and strand the
+        // key for a whole lease. The claim returns (or fails) on the store's
+        // own timeouts, and the check above requeues on the next pass.
         let answer = if claim.entered {
-            let Some(answer) = ctx.unless_stopped(claim.claim()).await else {
-                return (Settlement::Requeue, Verdict::Neutral);
-            };
-            answer
+            claim.claim().await
         } else {
             match dedup.local.enter(scope, &key) {
                 Enter::Done => {
@@ -589,14 +591,17 @@ async fn deduplicated<H: Handler>(
                 Enter::Busy => Ok(Claim::InProgress),
                 Enter::Entered => {
                     claim.entered = true;
-                    let Some(answer) = ctx.unless_stopped(claim.claim()).await else {
-                        return (Settlement::Requeue, Verdict::Neutral);
-                    };
-                    answer
+                    claim.claim().await
                 }
             }
         };
         match answer {
+            Ok(Claim::Claimed) if ctx.stopping() => {
+                // The claim completed, so the release its drop leaves
+                // pending comes after it in the store.
+                debug!(%queue, %key, "shutting down before the handler started; requeueing");
+                return (Settlement::Requeue, Verdict::Neutral);
+            }
             Ok(Claim::Claimed) => break,
             Ok(Claim::Done) => {
                 claim.forget();
