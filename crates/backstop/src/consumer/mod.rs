@@ -663,6 +663,18 @@ impl ConsumerStats {
         };
         let stats = self.clone();
         runtime.spawn(async move {
+            /// A store implementation that panics in the probe ends this
+            /// task: the flag is cleared so that the next failure starts a
+            /// new probe (the normal exit clears it under the `down` lock).
+            struct ClearOnPanic(Arc<ConsumerStats>);
+            impl Drop for ClearOnPanic {
+                fn drop(&mut self) {
+                    if std::thread::panicking() {
+                        self.0.store_probing.store(false, Ordering::Release);
+                    }
+                }
+            }
+            let _clear = ClearOnPanic(stats.clone());
             loop {
                 tokio::time::sleep(crate::dedup::local::PROBE_EVERY).await;
                 {
