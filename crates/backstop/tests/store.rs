@@ -86,7 +86,7 @@ async fn only_due_rows_are_claimed_and_a_lease_holds_them(store: SqlStore) {
         .collect();
     assert_eq!(claimed, [due]);
     let again = store
-        .claim_due("b", now, now + 60_000, 10_000, None)
+        .claim_due("b", now, now + 60_000, 10_000, Some(&queue))
         .await
         .expect("claim");
     assert!(
@@ -111,7 +111,7 @@ async fn only_due_rows_are_claimed_and_a_lease_holds_them(store: SqlStore) {
     );
     // The lease is released: it is due again.
     let claimed = store
-        .claim_due("b", now, now + 60_000, 10_000, None)
+        .claim_due("b", now, now + 60_000, 10_000, Some(&queue))
         .await
         .expect("claim");
     assert!(claimed.iter().any(|r| r.id == due));
@@ -193,7 +193,7 @@ async fn manual_actions_follow_the_state_machine_and_are_audited(store: SqlStore
         .await
         .expect("store");
     store
-        .claim_due("holder", now, now + 60_000, 10_000, None)
+        .claim_due("holder", now, now + 60_000, 10_000, Some(&queue))
         .await
         .expect("claim");
     let held = store.act(c, ManualAction::Resolve, "carol", None).await;
@@ -224,7 +224,7 @@ async fn a_failed_redrive_updates_its_own_row(store: SqlStore) {
     let now = now_ms() as i64;
     let id = store.store(&message(&queue, 1, now)).await.expect("store");
     store
-        .claim_due("s", now, now + 60_000, 10_000, None)
+        .claim_due("s", now, now + 60_000, 10_000, Some(&queue))
         .await
         .expect("claim");
     store
