@@ -12,6 +12,7 @@ mod publish;
 mod run;
 mod servers;
 mod sidecar;
+mod topology;
 mod torture;
 mod ui;
 
@@ -71,6 +72,10 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Declare the exchanges, queues and bindings of a config file's
+    /// consumers without consuming (for deploy pipelines).
+    #[command(subcommand)]
+    Topology(topology::TopologyCommand),
     /// Publish, then consume through a proxy that keeps cutting and
     /// blackholing the connection; prints a ledger that must show lost=0.
     Demo(demo::DemoArgs),
@@ -158,6 +163,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run::run(args).await,
             Command::Config(ConfigCommand::Check(args)) => run::check(args),
+            Command::Topology(command) => topology::run(command).await,
             Command::Publish(args) => publish::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(BenchCommand::Consume(args)) => bench::consume(args).await,

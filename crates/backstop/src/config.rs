@@ -11,6 +11,10 @@
 //! assert_eq!(config.broker.heartbeat, Some(std::time::Duration::from_secs(5)));
 //! ```
 
+mod consumer_topology;
+
+pub use consumer_topology::{AT_LEAST_ONCE, AT_MOST_ONCE, BindingSettings, DEFAULT_BINDING_TYPE};
+
 use crate::dedup::{DedupConfig, DedupError, DedupKey, MissingKey};
 use crate::error::{Error, Result};
 use crate::retry::{Exhausted, RetryPolicy};
@@ -419,6 +423,22 @@ pub struct ConsumerSettings {
     /// [`DEFAULT_QUORUM_DELIVERY_LIMIT`](crate::consumer::DEFAULT_QUORUM_DELIVERY_LIMIT),
     /// not declared).
     pub delivery_limit: Option<u32>,
+    /// Quorum queues: `at-most-once` (default) or `at-least-once`
+    /// (`x-dead-letter-strategy`, declared with the `x-overflow =
+    /// reject-publish` RabbitMQ requires for it): the broker keeps a
+    /// dead-lettered message until its dead-letter queue confirmed it.
+    pub dead_letter_strategy: Option<String>,
+    /// More arguments of the declared queue (`x-max-length = 10000`,
+    /// `x-single-active-consumer = true`, `x-message-ttl = "1h"` ...): the
+    /// ones RabbitMQ knows are checked for type, range and queue type; any
+    /// other `x-` argument is declared as written. A queue that exists with
+    /// other arguments is an error naming the argument and both values.
+    #[serde(default)]
+    pub queue_arguments: std::collections::BTreeMap<String, toml::Value>,
+    /// `bindings`: exchanges declared (durable, of their type) on every
+    /// connect, and the queue bound to each with its routing key.
+    #[serde(default)]
+    pub bindings: Vec<BindingSettings>,
     /// The most unacknowledged deliveries (default 100).
     pub prefetch: Option<u16>,
     /// The most handler calls at once (default 8).
@@ -950,6 +970,9 @@ impl Config {
                     "only quorum queues have a delivery limit: set queue_type = \"quorum\"".into(),
                 ));
             }
+            consumer
+                .check_topology()
+                .map_err(|(key, e)| fail(table, &key, e))?;
             if consumer.prefetch == Some(0) {
                 return Err(fail(table, "prefetch", "must be at least 1".into()));
             }
@@ -1213,6 +1236,7 @@ impl Config {
             if let Some(limit) = c.delivery_limit {
                 put(&mut consumer, "delivery_limit", int(limit));
             }
+            c.normalized_topology(&mut consumer);
             put(&mut consumer, "prefetch", int(c.prefetch.unwrap_or(100)));
             put(
                 &mut consumer,
@@ -1316,7 +1340,17 @@ fn key_path(table: Option<(&str, usize)>, key: &str) -> Vec<Step> {
         Some((t, _)) => path.push(Step::Key(t.into())),
         None => {}
     }
-    path.extend(key.split('.').map(|k| Step::Key(k.into())));
+    for part in key.split('.') {
+        // `bindings[1]`: a key, then an index into its array.
+        let indexed = part
+            .strip_suffix(']')
+            .and_then(|p| p.split_once('['))
+            .and_then(|(k, i)| Some((k, i.parse::<usize>().ok()?)));
+        match indexed {
+            Some((k, i)) => path.extend([Step::Key(k.into()), Step::Index(i)]),
+            None => path.push(Step::Key(part.into())),
+        }
+    }
     path
 }
 
@@ -2024,6 +2058,8 @@ mod tests {
              [console]\nlisten = \"127.0.0.1:9002\"\ntoken = \"tok\"\nuser = \"ops\"\n\
              password = \"pw\"\nsession_ttl = \"1h\"\nallowed_hosts = [\"console.example.com\"]\n\
              [[consumer]]\nqueue = \"orders\"\nqueue_type = \"quorum\"\ndelivery_limit = 5\n\
+             dead_letter_strategy = \"at-least-once\"\nqueue_arguments.x-max-length = 10\n\
+             bindings = [{{ exchange = \"orders\", type = \"topic\", routing_key = \"o.*\" }}]\n\
              prefetch = 10\nconcurrency = 2\nshutdown_timeout = \"4s\"\nmax_message_size = 2048\n\
              consumer_timeout = \"10m\"\nhandler.http.url = \"http://h:1/orders\"\n\
              handler.http.timeout = \"5s\"\nretry.delays = [\"1s\", \"10s\"]\nretry.immediate = 1\n\
@@ -2085,6 +2121,227 @@ mod tests {
                 "{key} is not shown by config check:\n{shown}"
             );
         }
+    }
+
+    /// Issue 20: bindings, the dead-letter strategy and queue arguments
+    /// are checked at load, each bad value named with its file, line and key.
+    #[test]
+    fn bad_bindings_and_queue_arguments_name_file_line_and_key() {
+        let consumer = |lines: &str| {
+            format!(
+                "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"http://h:1/\"\n{lines}\n"
+            )
+        };
+        let mut wrong = Vec::new();
+        for (lines, key, line, says) in [
+            (
+                "queue_arguments.x-max-length = \"ten\"",
+                "consumer[0].queue_arguments.x-max-length",
+                "line 4",
+                "takes an integer, not string",
+            ),
+            (
+                "queue_arguments = { x-single-active-consumer = \"yes\" }",
+                "consumer[0].queue_arguments.x-single-active-consumer",
+                "line 4",
+                "takes true or false",
+            ),
+            (
+                "queue_arguments.x-max-length-bytes = -1",
+                "consumer[0].queue_arguments.x-max-length-bytes",
+                "line 4",
+                "out of range",
+            ),
+            (
+                "queue_arguments.x-message-ttl = \"soon\"",
+                "consumer[0].queue_arguments.x-message-ttl",
+                "line 4",
+                "not a duration",
+            ),
+            (
+                "queue_arguments.x-consumer-timeout = true",
+                "consumer[0].queue_arguments.x-consumer-timeout",
+                "line 4",
+                "takes milliseconds",
+            ),
+            (
+                "queue_arguments.x-overflow = \"drop-tail\"",
+                "consumer[0].queue_arguments.x-overflow",
+                "line 4",
+                "is not one of",
+            ),
+            (
+                "queue_arguments.x-delivery-limit = 5",
+                "consumer[0].queue_arguments.x-delivery-limit",
+                "line 4",
+                "delivery_limit",
+            ),
+            (
+                "queue_arguments.max-length = 5",
+                "consumer[0].queue_arguments.max-length",
+                "line 4",
+                "start with \"x-\"",
+            ),
+            (
+                "queue_arguments.x-quorum-initial-group-size = 3",
+                "consumer[0].queue_arguments.x-quorum-initial-group-size",
+                "line 4",
+                "only for quorum queues",
+            ),
+            (
+                "queue_type = \"quorum\"\nqueue_arguments.x-max-priority = 5",
+                "consumer[0].queue_arguments.x-max-priority",
+                "line 5",
+                "only for classic queues",
+            ),
+            (
+                "dead_letter_strategy = \"at-least-once\"",
+                "consumer[0].dead_letter_strategy",
+                "line 4",
+                "for quorum queues",
+            ),
+            (
+                "queue_type = \"quorum\"\ndead_letter_strategy = \"at-least-twice\"",
+                "consumer[0].dead_letter_strategy",
+                "line 5",
+                "is not \"at-most-once\" or \"at-least-once\"",
+            ),
+            (
+                "queue_type = \"quorum\"\ndead_letter_strategy = \"at-least-once\"\n\
+                 queue_arguments.x-overflow = \"drop-head\"",
+                "consumer[0].queue_arguments.x-overflow",
+                "line 6",
+                "needs x-overflow = \"reject-publish\"",
+            ),
+            (
+                "bindings = [{ exchange = \"orders\", type = \"topics\" }]",
+                "consumer[0].bindings[0].type",
+                "line 4",
+                "\"topics\" is not an exchange type",
+            ),
+            (
+                "bindings = [{ exchange = \"\", routing_key = \"a\" }]",
+                "consumer[0].bindings[0].exchange",
+                "line 4",
+                "default exchange",
+            ),
+            (
+                "[[consumer.bindings]]\nexchange = \"orders\"\ntype = \"topic\"\n\
+                 [[consumer.bindings]]\nexchange = \"orders\"\ntype = \"direct\"",
+                "consumer[0].bindings[1].type",
+                "line 9",
+                "an exchange has one type",
+            ),
+            (
+                "bindings = [{ exchange = \"orders\", key = \"a\" }]",
+                "consumer[0].bindings[0].key",
+                "line 4",
+                "unknown field `key`",
+            ),
+        ] {
+            let err = error_of(&consumer(lines));
+            let found = err.starts_with("test.toml: ")
+                && err.contains(&format!("key {key}: "))
+                && err.contains(&format!("{line}, "))
+                && err.contains(says);
+            if !found {
+                wrong.push(format!(
+                    "expected {key} at {line} saying {says:?} in {err:?} for\n{lines}"
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn bindings_and_queue_arguments_make_the_declared_topology() {
+        let text = "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"http://h:1/\"\n\
+                    queue_type = \"quorum\"\ndelivery_limit = 5\n\
+                    dead_letter_strategy = \"at-least-once\"\n\
+                    queue_arguments = { x-max-length = 1000, x-single-active-consumer = true, \
+                    x-message-ttl = \"1h\", x-consumer-timeout = 60000, x-custom = \"as-is\" }\n\
+                    bindings = [{ exchange = \"orders\", type = \"topic\", routing_key = \"order.*\" }, \
+                    { exchange = \"orders\", type = \"topic\", routing_key = \"refund.*\" }, \
+                    { exchange = \"audit\", type = \"fanout\" }]\n";
+        let config = Config::parse(text, "test.toml").expect("valid");
+        let topology = config.consumers[0].topology().expect("builds");
+        let exchanges: Vec<(&str, &str)> = topology
+            .exchanges()
+            .iter()
+            .map(|e| (e.name(), e.kind_name()))
+            .collect();
+        assert_eq!(exchanges, [("orders", "topic"), ("audit", "fanout")]);
+        let bindings: Vec<(&str, &str)> = topology
+            .bindings()
+            .iter()
+            .map(|b| (b.exchange_name(), b.routing_key_name()))
+            .collect();
+        assert_eq!(
+            bindings,
+            [("orders", "order.*"), ("orders", "refund.*"), ("audit", "")]
+        );
+        let queue = &topology.queues()[0];
+        let arguments = queue.declared_arguments();
+        let arg = |key: &str| arguments.inner().get(key).cloned();
+        use lapin::types::AMQPValue;
+        let text = |s: &str| Some(AMQPValue::LongString(s.into()));
+        assert_eq!(arg("x-delivery-limit"), Some(AMQPValue::LongLongInt(5)));
+        assert_eq!(arg("x-dead-letter-strategy"), text("at-least-once"));
+        assert_eq!(arg("x-overflow"), text("reject-publish"));
+        assert_eq!(arg("x-max-length"), Some(AMQPValue::LongLongInt(1000)));
+        assert_eq!(
+            arg("x-single-active-consumer"),
+            Some(AMQPValue::Boolean(true))
+        );
+        assert_eq!(
+            arg("x-message-ttl"),
+            Some(AMQPValue::LongLongInt(3_600_000))
+        );
+        assert_eq!(
+            arg("x-consumer-timeout"),
+            Some(AMQPValue::LongLongInt(60_000))
+        );
+        assert_eq!(arg("x-custom"), text("as-is"));
+        let shown = config.normalized();
+        for part in [
+            "dead_letter_strategy = \"at-least-once\"",
+            "x-message-ttl = \"1h\"",
+            "routing_key = \"refund.*\"",
+            "type = \"fanout\"",
+        ] {
+            assert!(shown.contains(part), "{part:?} not in {shown}");
+        }
+        let again = Config::parse(&shown, "shown.toml").expect("parses back");
+        assert_eq!(again.normalized(), shown, "a fixed point");
+        // The defaults are shown too.
+        let plain = Config::parse(
+            "[[consumer]]\nqueue = \"q\"\nhandler.http.url = \"http://h:1/\"\n",
+            "t.toml",
+        )
+        .expect("valid")
+        .normalized();
+        for part in [
+            "bindings = []",
+            "dead_letter_strategy = \"at-most-once\"",
+            "[consumer.queue_arguments]",
+        ] {
+            assert!(plain.contains(part), "{part:?} not in {plain}");
+        }
+        let plain_queue = Config::parse(
+            "[[consumer]]\nqueue = \"q\"\nhandler.http.url = \"http://h:1/\"\n",
+            "t.toml",
+        )
+        .expect("valid")
+        .consumers[0]
+            .topology()
+            .expect("builds");
+        assert!(
+            plain_queue.queues()[0]
+                .declared_arguments()
+                .inner()
+                .is_empty(),
+            "a classic queue without arguments is declared as before"
+        );
     }
 
     #[test]

@@ -72,6 +72,19 @@ pub enum Error {
         /// The broker's reply.
         reason: String,
     },
+    /// A declaration was refused because the broker has the entity in
+    /// another shape: an exchange of another type, a queue with other
+    /// arguments (`PRECONDITION_FAILED - inequivalent arg`). The reason names
+    /// the argument, both values and what to do; retrying cannot fix it.
+    #[error("declaring {what} {name:?} failed: {reason}")]
+    TopologyConflict {
+        /// `exchange`, `queue` or `binding of queue`.
+        what: &'static str,
+        /// The entity's name.
+        name: String,
+        /// The conflict in words, then the broker's reply.
+        reason: String,
+    },
     /// A background task of the library died (a bug: please report it).
     #[error("internal task failed: {0}")]
     TaskFailed(String),
@@ -119,6 +132,12 @@ impl Error {
                 | Error::AccessRefused { .. }
                 | Error::Tls { .. }
         )
+    }
+
+    /// True when a declaration conflicts with what the broker has (see
+    /// [`Error::TopologyConflict`]).
+    pub fn is_topology_conflict(&self) -> bool {
+        matches!(self, Error::TopologyConflict { .. })
     }
 
     /// True when the broker refused the credentials.

@@ -103,6 +103,39 @@ impl Exchange {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// An exchange of the type named `kind`: `direct`, `topic`, `fanout`,
+    /// `headers`, or a plugin's type (`x-...`, such as
+    /// `x-delayed-message`). Any other name is refused, with the accepted ones.
+    pub fn of_kind(name: impl Into<String>, kind: &str) -> std::result::Result<Self, String> {
+        let kind = match kind {
+            "direct" => lapin::ExchangeKind::Direct,
+            "topic" => lapin::ExchangeKind::Topic,
+            "fanout" => lapin::ExchangeKind::Fanout,
+            "headers" => lapin::ExchangeKind::Headers,
+            custom if custom.len() > 2 && custom.starts_with("x-") => {
+                lapin::ExchangeKind::Custom(custom.to_owned())
+            }
+            other => {
+                return Err(format!(
+                    "{other:?} is not an exchange type: use \"direct\", \"topic\", \"fanout\", \
+                     \"headers\" or a plugin's \"x-...\" type"
+                ));
+            }
+        };
+        Ok(Self::new(name, kind))
+    }
+
+    /// The exchange's type, as the broker names it (`topic`).
+    pub fn kind_name(&self) -> &str {
+        match &self.kind {
+            lapin::ExchangeKind::Direct => "direct",
+            lapin::ExchangeKind::Topic => "topic",
+            lapin::ExchangeKind::Fanout => "fanout",
+            lapin::ExchangeKind::Headers => "headers",
+            lapin::ExchangeKind::Custom(custom) => custom,
+        }
+    }
 }
 
 /// The `x-delivery-limit` of a quorum parking lot (`<queue>.dlq`): the
@@ -376,6 +409,21 @@ impl Binding {
         self.arguments.insert(key.into(), value);
         self
     }
+
+    /// The bound queue.
+    pub fn queue_name(&self) -> &str {
+        &self.queue
+    }
+
+    /// The exchange bound to.
+    pub fn exchange_name(&self) -> &str {
+        &self.exchange
+    }
+
+    /// The binding's routing key.
+    pub fn routing_key_name(&self) -> &str {
+        &self.routing_key
+    }
 }
 
 /// A set of declarations applied together, in order: exchanges, then queues,
@@ -440,6 +488,16 @@ impl Topology {
         all
     }
 
+    /// The exchanges added to this topology.
+    pub fn exchanges(&self) -> &[Exchange] {
+        &self.exchanges
+    }
+
+    /// The bindings added to this topology.
+    pub fn bindings(&self) -> &[Binding] {
+        &self.bindings
+    }
+
     /// Adds everything from `other`.
     pub fn merge(mut self, other: Topology) -> Self {
         self.exchanges.extend(other.exchanges);
@@ -449,8 +507,22 @@ impl Topology {
     }
 
     /// Declares everything on `channel`. A failure names the entity; the
-    /// channel is closed by the broker after a failed declaration.
+    /// channel is closed by the broker after a failed declaration. An entity
+    /// that exists with another shape (an exchange of another type, a queue
+    /// with other arguments) is an [`Error::TopologyConflict`] naming the
+    /// argument and both values.
     pub async fn apply(&self, channel: &lapin::Channel) -> Result<()> {
+        self.apply_reporting(channel, |_| {}).await
+    }
+
+    /// [`apply`](Self::apply), calling `declared` with a line describing
+    /// each entity once the broker has it (`exchange "orders" (topic,
+    /// durable)`): what `backstop topology apply` prints.
+    pub async fn apply_reporting(
+        &self,
+        channel: &lapin::Channel,
+        mut declared: impl FnMut(String),
+    ) -> Result<()> {
         for exchange in &self.exchanges {
             let options = ExchangeDeclareOptions {
                 durable: exchange.durable,
@@ -467,6 +539,16 @@ impl Topology {
                 )
                 .await
                 .map_err(|source| declare_error("exchange", &exchange.name, source))?;
+            declared(format!(
+                "exchange {:?} ({}, {})",
+                exchange.name,
+                exchange.kind_name(),
+                if exchange.durable {
+                    "durable"
+                } else {
+                    "transient"
+                }
+            ));
         }
         for queue in &self.all_queues() {
             let options = QueueDeclareOptions {
@@ -483,6 +565,7 @@ impl Topology {
                 )
                 .await
                 .map_err(|source| declare_error("queue", &queue.name, source))?;
+            declared(describe_queue(queue));
         }
         for binding in &self.bindings {
             channel
@@ -495,6 +578,10 @@ impl Topology {
                 )
                 .await
                 .map_err(|source| declare_error("binding of queue", &binding.queue, source))?;
+            declared(format!(
+                "binding of queue {:?} to exchange {:?} with routing key {:?}",
+                binding.queue, binding.exchange, binding.routing_key
+            ));
         }
         Ok(())
     }
@@ -504,11 +591,152 @@ fn long_string(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
+/// One line for a declared queue: its name, type, durability and the
+/// arguments it was declared with, sorted by name.
+fn describe_queue(queue: &Queue) -> String {
+    let kind = match queue.queue_type {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+    };
+    let durable = if queue.durable {
+        "durable"
+    } else {
+        "transient"
+    };
+    let arguments = queue.declared_arguments();
+    let mut shown: Vec<String> = arguments
+        .inner()
+        .iter()
+        .filter(|(key, _)| key.as_str() != "x-queue-type")
+        .map(|(key, value)| format!("{}={}", key.as_str(), show_value(value)))
+        .collect();
+    shown.sort();
+    if shown.is_empty() {
+        format!("queue {:?} ({kind}, {durable})", queue.name)
+    } else {
+        format!(
+            "queue {:?} ({kind}, {durable}) {}",
+            queue.name,
+            shown.join(" ")
+        )
+    }
+}
+
+/// An argument's value as a person writes it: strings quoted, numbers and
+/// booleans bare.
+fn show_value(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => format!("{:?}", String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ShortString(s) => format!("{:?}", s.as_str()),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
 fn declare_error(what: &'static str, name: &str, source: lapin::Error) -> Error {
-    Error::Declare {
-        what,
-        name: name.to_owned(),
-        reason: crate::connection::describe(&source),
+    let broker = crate::connection::describe(&source);
+    let conflict = match source.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind()
+                == lapin::protocol::AMQPErrorKind::Soft(
+                    lapin::protocol::AMQPSoftError::PRECONDITIONFAILED,
+                ) =>
+        {
+            Inequivalent::parse(amqp.get_message().as_str())
+        }
+        _ => None,
+    };
+    match conflict {
+        Some(conflict) => Error::TopologyConflict {
+            what,
+            name: name.to_owned(),
+            reason: format!("{} (broker: {broker})", conflict.explain(what)),
+        },
+        None => Error::Declare {
+            what,
+            name: name.to_owned(),
+            reason: broker,
+        },
+    }
+}
+
+/// The broker's `PRECONDITION_FAILED - inequivalent arg 'KEY' for queue
+/// 'q' in vhost '/': received NEW but current is OLD` (RabbitMQ's
+/// `rabbit_misc:equivalence_fail`, 3.x and 4.x), read: an entity that
+/// exists with another shape than the one declared. A value is `none`
+/// (not set), `'V'`, or `the value 'V' of type 'T'`.
+#[derive(Debug, PartialEq, Eq)]
+struct Inequivalent {
+    /// The argument or field: `x-max-length`, `type`, `durable`.
+    argument: String,
+    /// What this declaration asked for; `None` when it does not set it.
+    declared: Option<String>,
+    /// What the broker has; `None` when the existing entity does not set it.
+    current: Option<String>,
+}
+
+impl Inequivalent {
+    fn parse(text: &str) -> Option<Self> {
+        let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
+        let (argument, rest) = rest.split_once('\'')?;
+        let rest = &rest[rest.find(": received ")? + ": received ".len()..];
+        let (declared, current) = rest.rsplit_once(" but current is ")?;
+        Some(Inequivalent {
+            argument: argument.to_owned(),
+            declared: Self::value(declared)?,
+            current: Self::value(current.trim_end())?,
+        })
+    }
+
+    /// `none` is `Some(None)`; text in no known shape is `None`.
+    fn value(text: &str) -> Option<Option<String>> {
+        if text == "none" {
+            return Some(None);
+        }
+        if let Some(typed) = text.strip_prefix("the value '") {
+            let end = typed.rfind("' of type '")?;
+            return Some(Some(typed[..end].to_owned()));
+        }
+        let quoted = text.strip_prefix('\'')?.strip_suffix('\'')?;
+        Some(Some(quoted.to_owned()))
+    }
+
+    /// The conflict in words, with what to do about it.
+    fn explain(&self, what: &str) -> String {
+        let show = |value: &Option<String>| match value {
+            Some(value) => format!("{} = {value}", self.argument),
+            None => format!("no {}", self.argument),
+        };
+        let cure = match (what, self.argument.as_str()) {
+            ("exchange", "type") => {
+                "an exchange's type cannot change: bind with the type it has, or delete the \
+                 exchange (its bindings go with it) and let it be declared again"
+            }
+            ("exchange", _) => {
+                "an exchange cannot be redeclared with other settings: match them, or delete \
+                 the exchange and let it be declared again"
+            }
+            _ => {
+                "RabbitMQ cannot change an existing queue's arguments: make the configuration \
+                 match them (or set them with a policy), or move the messages off, delete the \
+                 queue and let it be declared again"
+            }
+        };
+        let (current, declared) = (show(&self.current), show(&self.declared));
+        if self.argument == "type" && what == "exchange" {
+            format!(
+                "it exists with type {}, but this configuration declares type {}: {cure}",
+                self.current.as_deref().unwrap_or("none"),
+                self.declared.as_deref().unwrap_or("none")
+            )
+        } else {
+            format!("it exists with {current}, but this configuration declares {declared}: {cure}")
+        }
     }
 }
 
@@ -573,6 +801,64 @@ mod tests {
             names(&Topology::new().queue(classic)),
             ["audit.dlq", "audit"]
         );
+    }
+
+    #[test]
+    fn the_brokers_inequivalent_arg_replies_are_read() {
+        let missing = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q' in \
+                       vhost '/': received the value '10' of type 'signedint' but current is none";
+        let parsed = Inequivalent::parse(missing).expect("parses");
+        assert_eq!(
+            parsed,
+            Inequivalent {
+                argument: "x-max-length".into(),
+                declared: Some("10".into()),
+                current: None,
+            }
+        );
+        assert!(
+            parsed.explain("queue").starts_with(
+                "it exists with no x-max-length, but this configuration declares x-max-length = 10:"
+            ),
+            "{}",
+            parsed.explain("queue")
+        );
+        let both = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q' in \
+                    vhost '/': received '10' but current is '5'";
+        let parsed = Inequivalent::parse(both).expect("parses");
+        assert_eq!(parsed.current.as_deref(), Some("5"));
+        assert_eq!(parsed.declared.as_deref(), Some("10"));
+        let kind = "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'orders' in \
+                    vhost '/': received 'topic' but current is 'direct'";
+        let explained = Inequivalent::parse(kind)
+            .expect("parses")
+            .explain("exchange");
+        assert!(
+            explained.starts_with(
+                "it exists with type direct, but this configuration declares type topic:"
+            ),
+            "{explained}"
+        );
+        assert_eq!(
+            Inequivalent::parse("PRECONDITION_FAILED - unknown delivery tag 7"),
+            None
+        );
+    }
+
+    #[test]
+    fn exchange_types_are_named_or_refused() {
+        assert_eq!(
+            Exchange::of_kind("e", "topic").expect("valid").kind_name(),
+            "topic"
+        );
+        assert_eq!(
+            Exchange::of_kind("e", "x-delayed-message")
+                .expect("a plugin's type")
+                .kind_name(),
+            "x-delayed-message"
+        );
+        let err = Exchange::of_kind("e", "topics").expect_err("not a type");
+        assert!(err.contains("\"topics\" is not an exchange type"), "{err}");
     }
 
     #[test]

@@ -25,7 +25,6 @@ use backstop::connection::ConnectionSupervisor;
 use backstop::consumer::{Consumer, ConsumerConfig, ConsumerHandle};
 use backstop::retry::{Exhausted, RetryPolicy};
 use backstop::store::{CompensationStore, Redrive, Scanner, ScannerConfig, SqlStore};
-use backstop::topology::{Queue, Topology};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -55,16 +54,16 @@ pub(crate) fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The consumed queue as the settings declare it. The consumer derives the
-/// rest from it: tiers and `<queue>.dlq` of the same type (quorum tiers
-/// dead-letter at least once), and the delivery limit it stays under.
-fn topology(settings: &ConsumerSettings) -> Topology {
-    let queue = match (settings.queue_type.as_deref(), settings.delivery_limit) {
-        (Some("quorum"), Some(limit)) => Queue::quorum(&settings.queue).delivery_limit(limit),
-        (Some("quorum"), None) => Queue::quorum(&settings.queue),
-        _ => Queue::classic(&settings.queue),
-    };
-    Topology::new().queue(queue)
+/// The consumer of `settings` as far as what it declares goes: its queue,
+/// bindings and arguments ([`ConsumerSettings::topology`]) and its retry
+/// policy, from which it derives the tiers and `<queue>.dlq` of the same
+/// type (quorum tiers dead-letter at least once) and the delivery limit it
+/// stays under. `backstop run` adds the rest; `backstop topology apply`
+/// declares its [`declared_topology`](ConsumerConfig::declared_topology).
+pub(crate) fn declaring(settings: &ConsumerSettings) -> backstop::Result<ConsumerConfig> {
+    Ok(ConsumerConfig::new(&settings.queue)
+        .topology(settings.topology()?)
+        .retry(settings.retry.policy()))
 }
 
 /// `backstop run`.
@@ -102,8 +101,11 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         let queue = settings.queue.clone();
         let policy = settings.retry.policy();
         let shutdown_timeout = settings.shutdown_timeout.unwrap_or(Duration::from_secs(30));
-        let mut consumer = ConsumerConfig::new(&queue)
-            .topology(topology(settings))
+        // A topology conflict (an exchange of another type, a queue with
+        // other arguments) stops the consumer and this process, with the
+        // broker's complaint explained, at start or on any reconnect.
+        let mut consumer = declaring(settings)?
+            .stop_on_conflict(true)
             .prefetch(settings.prefetch.unwrap_or(100))
             .concurrency(settings.concurrency.unwrap_or(8))
             .shutdown_timeout(shutdown_timeout)
@@ -111,8 +113,7 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 settings
                     .max_message_size
                     .unwrap_or(backstop::consumer::DEFAULT_MAX_MESSAGE_SIZE),
-            )
-            .retry(policy.clone());
+            );
         if let Some(store) = &store {
             let first_redrive = config
                 .store

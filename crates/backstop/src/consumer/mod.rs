@@ -132,6 +132,7 @@ pub struct ConsumerConfig {
     publish_channels: usize,
     publish_timeout: Duration,
     broker_check_every: Duration,
+    stop_on_conflict: bool,
 }
 
 impl ConsumerConfig {
@@ -166,7 +167,60 @@ impl ConsumerConfig {
             publish_channels: crate::publish::DEFAULT_CHANNELS,
             publish_timeout: crate::publish::DEFAULT_CONFIRM_TIMEOUT,
             broker_check_every: DEFAULT_BROKER_CHECK_EVERY,
+            stop_on_conflict: false,
         }
+    }
+
+    /// Stops the consumer, with the error, when declaring the topology
+    /// conflicts with what the broker has ([`Error::TopologyConflict`]: an
+    /// exchange of another type, a queue with other arguments), at the
+    /// first session or any later one (someone redeclared the queue while
+    /// it was consumed). Default: off, a conflict is retried like any
+    /// channel error, with a growing pause, until someone fixes it. The
+    /// sidecar turns it on, so that a conflict is an exit with the message
+    /// rather than a log line repeated forever.
+    pub fn stop_on_conflict(mut self, stop: bool) -> Self {
+        self.stop_on_conflict = stop;
+        self
+    }
+
+    /// Everything a session declares: the configured topology, plus what
+    /// the retry policy derives (its tiers and `<queue>.dlq`, of the
+    /// consumed queue's type), or, without a policy, `<queue>.dlq` when the
+    /// queue has no dead-letter exchange of its own. `backstop topology
+    /// apply` declares the same.
+    pub fn declared_topology(&self) -> Topology {
+        let (queue_type, queue_dead_letters, _) = self.consumed_queue();
+        let queue = &self.queue;
+        let mut topology = self.topology.clone();
+        match &self.retry {
+            Some(policy) => topology = topology.merge(policy.topology(queue, queue_type)),
+            // Rejections are parked in <queue>.dlq by Backstop itself.
+            None if !queue_dead_letters => {
+                topology = topology.queue(Queue::dead_letter_queue_for(queue, queue_type))
+            }
+            None => {}
+        }
+        topology
+    }
+
+    /// What the configured topology says about the consumed queue: its
+    /// type, whether it dead-letters on its own, and its `x-delivery-limit`.
+    fn consumed_queue(&self) -> (QueueType, bool, Option<u64>) {
+        let declared = self
+            .topology
+            .queues()
+            .iter()
+            .find(|q| q.name() == self.queue.as_str());
+        let queue_type = declared
+            .map(Queue::queue_type)
+            .or(self.queue_type)
+            .unwrap_or(QueueType::Classic);
+        (
+            queue_type,
+            declared.is_some_and(Queue::has_dead_letter_exchange),
+            declared.and_then(Queue::delivery_limit_argument),
+        )
     }
 
     /// The topology applied on every new channel, before subscribing.
@@ -790,34 +844,15 @@ impl<H: Handler> Consumer<H> {
         // What the configured topology says about the consumed queue decides
         // the type of its tiers and DLQ, its delivery limit and whether a
         // plain reject is left to its own dead-lettering.
-        let queue = &self.config.queue;
-        let declared = self
-            .config
-            .topology
-            .queues()
-            .iter()
-            .find(|q| q.name() == queue.as_str());
-        let queue_type = declared
-            .map(Queue::queue_type)
-            .or(self.config.queue_type)
-            .unwrap_or(QueueType::Classic);
-        let queue_dead_letters = declared.is_some_and(Queue::has_dead_letter_exchange);
+        let (queue_type, queue_dead_letters, declared_limit) = self.config.consumed_queue();
         let delivery_limit = self
             .config
             .delivery_limit
             .map(u64::from)
-            .or_else(|| declared.and_then(Queue::delivery_limit_argument))
+            .or(declared_limit)
             .or((queue_type == QueueType::Quorum)
                 .then_some(u64::from(DEFAULT_QUORUM_DELIVERY_LIMIT)));
-        let mut topology = self.config.topology.clone();
-        match &self.config.retry {
-            Some(policy) => topology = topology.merge(policy.topology(queue, queue_type)),
-            // Rejections are parked in <queue>.dlq by Backstop itself.
-            None if !queue_dead_letters => {
-                topology = topology.queue(Queue::dead_letter_queue_for(queue, queue_type))
-            }
-            None => {}
-        }
+        let topology = self.config.declared_topology();
         let context = Arc::new(ProcessContext {
             queue: self.config.queue.clone(),
             policy: self.config.retry.clone(),
@@ -1017,6 +1052,8 @@ impl<H: Handler> Runtime<H> {
         // Sessions in a row that broke soon after they started.
         let mut broken_streak = 0u32;
         let mut stop = self.stop.clone();
+        // A topology conflict that stops the consumer (`stop_on_conflict`).
+        let mut fatal = None;
         loop {
             if *self.stop.borrow() {
                 break;
@@ -1082,6 +1119,13 @@ impl<H: Handler> Runtime<H> {
             let session = match opened {
                 None => break,
                 Some(Ok(session)) => session,
+                Some(Err(e)) if self.config.stop_on_conflict && e.is_topology_conflict() => {
+                    bump(&self.stats.session_errors, 1);
+                    error!(%queue, error = %e,
+                        "consumer stopping: its topology conflicts with the broker's");
+                    fatal = Some(e);
+                    break;
+                }
                 Some(Err(e)) => {
                     failures += 1;
                     bump(&self.stats.session_errors, 1);
@@ -1146,7 +1190,7 @@ impl<H: Handler> Runtime<H> {
         self.handlers.clear();
         self.update_in_flight();
         self.flush_dedup().await;
-        Ok(())
+        fatal.map_or(Ok(()), Err)
     }
 
     /// Gives the dedup releases and done-marks still pending a bounded
