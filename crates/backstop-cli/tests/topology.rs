@@ -15,7 +15,6 @@ use backstop_testkit::{FaultProxy, rabbitmqctl, unique, wait_until};
 use lapin::BasicProperties;
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use sidecar::*;
@@ -125,24 +124,11 @@ async fn declare_exchange(name: &str, kind: lapin::ExchangeKind) {
 
 /// Declares the durable classic queue `queue` with `x-max-length`, when given.
 async fn declare_queue_with(queue: &str, max_length: Option<i64>) {
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
     let mut arguments = FieldTable::default();
     if let Some(max) = max_length {
         arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
     }
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await
-        .expect("queue.declare");
-    let _ = connection.close(200, "declared".into()).await;
+    declare_queue_with_arguments(queue, arguments).await;
 }
 
 async fn cleanup_all(queues: &[&str], exchanges: &[&str]) {

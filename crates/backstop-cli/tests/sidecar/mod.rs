@@ -242,6 +242,11 @@ pub fn metric_value(text: &str, line_start: &str) -> f64 {
 
 /// Declares the durable classic queue `queue`.
 pub async fn declare_queue(queue: &str) {
+    declare_queue_with_arguments(queue, FieldTable::default()).await;
+}
+
+/// Declares the durable classic queue `queue` with `arguments`.
+pub async fn declare_queue_with_arguments(queue: &str, arguments: FieldTable) {
     use lapin::options::QueueDeclareOptions;
     let connection = backstop_testkit::connect().await;
     let channel = connection.create_channel().await.expect("channel");
@@ -252,7 +257,7 @@ pub async fn declare_queue(queue: &str) {
                 durable: true,
                 ..QueueDeclareOptions::default()
             },
-            FieldTable::default(),
+            arguments,
         )
         .await
         .expect("declare the queue");
