@@ -153,11 +153,12 @@ async fn topology_apply_declares_exchanges_queues_arguments_and_bindings() {
     let config = format!(
         "{}\n[[consumer]]\nqueue = \"{classic}\"\nhandler.http.url = \"http://127.0.0.1:1/\"\n\
          queue_arguments = {{ x-max-length = 1000, x-single-active-consumer = true, \
-         x-message-ttl = \"1h\" }}\n\
+         x-overflow = \"reject-publish\" }}\n\
          bindings = [{{ exchange = \"{orders}\", type = \"topic\", routing_key = \"order.*\" }}, \
          {{ exchange = \"{audit}\", type = \"fanout\" }}]\n\n\
          [[consumer]]\nqueue = \"{quorum}\"\nqueue_type = \"quorum\"\ndelivery_limit = 3\n\
-         dead_letter_strategy = \"at-least-once\"\nhandler.http.url = \"http://127.0.0.1:1/\"\n\
+         dead_letter_strategy = \"at-least-once\"\nqueue_arguments.x-message-ttl = \"1h\"\n\
+         handler.http.url = \"http://127.0.0.1:1/\"\n\
          retry.delays = [\"300ms\", \"3s\"]\n\
          bindings = [{{ exchange = \"{orders}\", type = \"topic\", routing_key = \"refund.#\" }}]\n",
         broker_section()
@@ -169,7 +170,7 @@ async fn topology_apply_declares_exchanges_queues_arguments_and_bindings() {
         format!("declared exchange \"{audit}\" (fanout, durable)"),
         format!(
             "declared queue \"{classic}\" (classic, durable) x-max-length=1000 \
-             x-message-ttl=3600000 x-single-active-consumer=true"
+             x-overflow=\"reject-publish\" x-single-active-consumer=true"
         ),
         format!(
             "declared binding of queue \"{classic}\" to exchange \"{orders}\" with routing key \"order.*\""
@@ -180,7 +181,7 @@ async fn topology_apply_declares_exchanges_queues_arguments_and_bindings() {
         format!(
             "declared queue \"{quorum}\" (quorum, durable) x-dead-letter-exchange=\"\" \
              x-dead-letter-routing-key=\"{quorum}.dlq\" x-dead-letter-strategy=\"at-least-once\" \
-             x-delivery-limit=3 x-overflow=\"reject-publish\""
+             x-delivery-limit=3 x-message-ttl=3600000 x-overflow=\"reject-publish\""
         ),
         format!("declared queue \"{quorum}.dlq\" (quorum, durable)"),
         format!("declared queue \"{quorum}.retry.300ms\" (quorum, durable)"),
@@ -196,7 +197,7 @@ async fn topology_apply_declares_exchanges_queues_arguments_and_bindings() {
     for part in [
         "{\"x-max-length\",1000}",
         "{\"x-single-active-consumer\",true}",
-        "{\"x-message-ttl\",3600000}",
+        "{\"x-overflow\",\"reject-publish\"}",
     ] {
         assert!(classic_args.contains(part), "{part} not in {classic_args}");
     }
@@ -205,6 +206,7 @@ async fn topology_apply_declares_exchanges_queues_arguments_and_bindings() {
         "{\"x-dead-letter-strategy\",\"at-least-once\"}",
         "{\"x-overflow\",\"reject-publish\"}",
         "{\"x-delivery-limit\",3}",
+        "{\"x-message-ttl\",3600000}",
     ] {
         assert!(quorum_args.contains(part), "{part} not in {quorum_args}");
     }
@@ -275,7 +277,9 @@ async fn conflicts_name_the_argument_and_both_values_and_exit_1() {
     );
     // A queue that exists without the argument ...
     declare_queue_with(&queue, None).await;
-    let (code, _, stderr) = apply(&config("queue_arguments.x-max-length = 10"));
+    let (code, _, stderr) = apply(&config(
+        "queue_arguments = { x-max-length = 10, x-overflow = \"reject-publish\" }",
+    ));
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -287,7 +291,8 @@ async fn conflicts_name_the_argument_and_both_values_and_exit_1() {
     // ... and with another value of it.
     cleanup(&queue).await;
     declare_queue_with(&queue, Some(5)).await;
-    let conflicting = config("queue_arguments.x-max-length = 10");
+    let conflicting =
+        config("queue_arguments = { x-max-length = 10, x-overflow = \"reject-publish\" }");
     let (code, _, stderr) = apply(&conflicting);
     assert_eq!(code, 1, "{stderr}");
     assert!(
@@ -423,5 +428,63 @@ async fn the_sidecar_declares_its_bindings_again_on_every_connect() {
         ),
         "{logged}"
     );
+    cleanup_all(&[&queue], &[&exchange]).await;
+}
+
+/// `bindings[].declare = false` binds to an exchange its producer owns with
+/// settings Backstop does not declare (here an `alternate-exchange`): the
+/// declaring form is refused by the broker as a conflict, the binding-only
+/// form binds and routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_owned_exchange_is_bound_without_being_declared() {
+    let (queue, exchange) = (unique("topo-owned-q"), unique("topo-owned"));
+    {
+        let connection = backstop_testkit::connect().await;
+        let channel = connection.create_channel().await.expect("channel");
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "alternate-exchange".into(),
+            AMQPValue::LongString("amq.fanout".into()),
+        );
+        channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                lapin::ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .expect("exchange.declare");
+        let _ = connection.close(200, "declared".into()).await;
+    }
+    let config = |declare: bool| {
+        format!(
+            "{}\n[[consumer]]\nqueue = \"{queue}\"\nhandler.http.url = \"http://127.0.0.1:1/\"\n\
+             bindings = [{{ exchange = \"{exchange}\", routing_key = \"order.*\", \
+             declare = {declare} }}]\n",
+            broker_section()
+        )
+    };
+    let (code, _, stderr) = apply(&config(true));
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("inequivalent arg 'alternate-exchange'"),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = apply(&config(false));
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        !stdout.contains(&format!("declared exchange \"{exchange}\"")),
+        "{stdout}"
+    );
+    assert!(bound(&exchange, &queue, "order.*"), "{stdout}");
+    assert!(publish_to(&exchange, "order.created", "o1").await);
+    wait_until("the message in the queue", Duration::from_secs(10), || {
+        backstop_testkit::queue_is(&queue, |c| c.ready == 1)
+    })
+    .await;
     cleanup_all(&[&queue], &[&exchange]).await;
 }

@@ -428,11 +428,13 @@ pub struct ConsumerSettings {
     /// reject-publish` RabbitMQ requires for it): the broker keeps a
     /// dead-lettered message until its dead-letter queue confirmed it.
     pub dead_letter_strategy: Option<String>,
-    /// More arguments of the declared queue (`x-max-length = 10000`,
-    /// `x-single-active-consumer = true`, `x-message-ttl = "1h"` ...): the
-    /// ones RabbitMQ knows are checked for type, range and queue type; any
-    /// other `x-` argument is declared as written. A queue that exists with
-    /// other arguments is an error naming the argument and both values.
+    /// More arguments of the declared queue (`x-single-active-consumer =
+    /// true`, `x-max-length = 10000` with `x-overflow = "reject-publish"`
+    /// ...): the ones RabbitMQ knows are checked for type, range and queue
+    /// type; those with which the broker would drop messages are refused
+    /// (see the README); any other `x-` argument is declared as written. A
+    /// queue that exists with other arguments is an error naming the
+    /// argument and both values.
     #[serde(default)]
     pub queue_arguments: std::collections::BTreeMap<String, toml::Value>,
     /// `bindings`: exchanges declared (durable, of their type) on every
@@ -2134,6 +2136,50 @@ mod tests {
         };
         let mut wrong = Vec::new();
         for (lines, key, line, says) in [
+            // Arguments with which the broker itself would drop messages.
+            (
+                "queue_arguments.x-expires = \"1d\"",
+                "consumer[0].queue_arguments.x-expires",
+                "line 4",
+                "deletes the queue",
+            ),
+            (
+                "queue_arguments.x-message-ttl = 1000",
+                "consumer[0].queue_arguments.x-message-ttl",
+                "line 4",
+                "an expired message is dropped",
+            ),
+            (
+                "queue_type = \"quorum\"\nqueue_arguments.x-message-ttl = 1000",
+                "consumer[0].queue_arguments.x-message-ttl",
+                "line 5",
+                "dead_letter_strategy = \"at-least-once\"",
+            ),
+            (
+                "queue_arguments.x-max-length = 10",
+                "consumer[0].queue_arguments.x-max-length",
+                "line 4",
+                "drops the head of a full queue",
+            ),
+            (
+                "queue_arguments.x-overflow = \"drop-head\"",
+                "consumer[0].queue_arguments.x-overflow",
+                "line 4",
+                "drop-head drops messages",
+            ),
+            (
+                "retry.delays = [\"1s\"]\n\
+                 queue_arguments = { x-max-length-bytes = 10, x-overflow = \"reject-publish\" }",
+                "consumer[0].queue_arguments.x-max-length-bytes",
+                "line 5",
+                "dead-lettering at most once",
+            ),
+            (
+                "queue_type = \"quorum\"\nqueue_arguments.x-dead-letter-exchange = \"other\"",
+                "consumer[0].queue_arguments.x-dead-letter-exchange",
+                "line 5",
+                "dead-letters a quorum queue to <queue>.dlq",
+            ),
             (
                 "queue_arguments.x-max-length = \"ten\"",
                 "consumer[0].queue_arguments.x-max-length",

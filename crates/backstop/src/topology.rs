@@ -675,22 +675,55 @@ struct Inequivalent {
     /// The argument or field: `x-max-length`, `type`, `durable`.
     argument: String,
     /// What this declaration asked for; `None` when it does not set it.
-    declared: Option<String>,
+    declared: Value,
     /// What the broker has; `None` when the existing entity does not set it.
-    current: Option<String>,
+    current: Value,
+}
+
+/// One side of an [`Inequivalent`].
+#[derive(Debug, PartialEq, Eq)]
+enum Value {
+    /// Read from the reply: `None` when that side does not set it.
+    Read(Option<String>),
+    /// The reply's text could not be read (cut short, or a hostile name).
+    Unread,
 }
 
 impl Inequivalent {
+    /// `None` when `text` is not an "inequivalent arg" refusal. The
+    /// conflict is decided by that prefix alone; the values are read best
+    /// effort (`Unread` when they are not in a known shape: the broker cuts
+    /// reply texts at 255 bytes, and a hostile entity name can contain the
+    /// separators), so a long name never turns a conflict into a retry.
     fn parse(text: &str) -> Option<Self> {
-        let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
-        let (argument, rest) = rest.split_once('\'')?;
-        let rest = &rest[rest.find(": received ")? + ": received ".len()..];
-        let (declared, current) = rest.rsplit_once(" but current is ")?;
-        Some(Inequivalent {
-            argument: argument.to_owned(),
-            declared: Self::value(declared)?,
-            current: Self::value(current.trim_end())?,
+        const PREFIX: &str = "inequivalent arg '";
+        let rest = &text[text.find(PREFIX)? + PREFIX.len()..];
+        let Some((argument, rest)) = rest.split_once('\'') else {
+            return Some(Self::unread(rest));
+        };
+        let values = rest
+            .rfind(": received ")
+            .map(|at| &rest[at + ": received ".len()..])
+            .and_then(|rest| rest.rsplit_once(" but current is "))
+            .and_then(|(declared, current)| {
+                Some((Self::value(declared)?, Self::value(current.trim_end())?))
+            });
+        Some(match values {
+            Some((declared, current)) => Inequivalent {
+                argument: argument.to_owned(),
+                declared: Value::Read(declared),
+                current: Value::Read(current),
+            },
+            None => Self::unread(argument),
         })
+    }
+
+    fn unread(argument: &str) -> Self {
+        Inequivalent {
+            argument: argument.to_owned(),
+            declared: Value::Unread,
+            current: Value::Unread,
+        }
     }
 
     /// `none` is `Some(None)`; text in no known shape is `None`.
@@ -708,9 +741,15 @@ impl Inequivalent {
 
     /// The conflict in words, with what to do about it.
     fn explain(&self, what: &str) -> String {
-        let show = |value: &Option<String>| match value {
-            Some(value) => format!("{} = {value}", self.argument),
-            None => format!("no {}", self.argument),
+        let show = |value: &Value| match value {
+            Value::Read(Some(value)) => format!("{} = {value}", self.argument),
+            Value::Read(None) => format!("no {}", self.argument),
+            Value::Unread => format!("another {} (see the broker's reply)", self.argument),
+        };
+        let name = |value: &Value| match value {
+            Value::Read(Some(value)) => value.clone(),
+            Value::Read(None) => "none".to_owned(),
+            Value::Unread => "another (see the broker's reply)".to_owned(),
         };
         let cure = match (what, self.argument.as_str()) {
             ("exchange", "type") => {
@@ -731,8 +770,8 @@ impl Inequivalent {
         if self.argument == "type" && what == "exchange" {
             format!(
                 "it exists with type {}, but this configuration declares type {}: {cure}",
-                self.current.as_deref().unwrap_or("none"),
-                self.declared.as_deref().unwrap_or("none")
+                name(&self.current),
+                name(&self.declared)
             )
         } else {
             format!("it exists with {current}, but this configuration declares {declared}: {cure}")
@@ -812,8 +851,8 @@ mod tests {
             parsed,
             Inequivalent {
                 argument: "x-max-length".into(),
-                declared: Some("10".into()),
-                current: None,
+                declared: Value::Read(Some("10".into())),
+                current: Value::Read(None),
             }
         );
         assert!(
@@ -826,8 +865,8 @@ mod tests {
         let both = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q' in \
                     vhost '/': received '10' but current is '5'";
         let parsed = Inequivalent::parse(both).expect("parses");
-        assert_eq!(parsed.current.as_deref(), Some("5"));
-        assert_eq!(parsed.declared.as_deref(), Some("10"));
+        assert_eq!(parsed.current, Value::Read(Some("5".into())));
+        assert_eq!(parsed.declared, Value::Read(Some("10".into())));
         let kind = "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'orders' in \
                     vhost '/': received 'topic' but current is 'direct'";
         let explained = Inequivalent::parse(kind)
@@ -842,6 +881,31 @@ mod tests {
         assert_eq!(
             Inequivalent::parse("PRECONDITION_FAILED - unknown delivery tag 7"),
             None
+        );
+        // A name holding the separators still reads its values.
+        let hostile = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue \
+                       'a: received \'1\' but current is \'2\'' in vhost '/': received '10' \
+                       but current is '5'";
+        let parsed = Inequivalent::parse(hostile).expect("parses");
+        assert_eq!(parsed.declared, Value::Read(Some("10".into())));
+        assert_eq!(parsed.current, Value::Read(Some("5".into())));
+        // The broker cuts a reply at 255 bytes: still a conflict, its
+        // values unread.
+        let cut = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue \
+                   'a-very-long-queue-name' in vhost '/': received the value '10' of ty...";
+        let parsed = Inequivalent::parse(cut).expect("a conflict");
+        assert_eq!(parsed.declared, Value::Unread);
+        assert!(
+            parsed
+                .explain("queue")
+                .starts_with("it exists with another x-max-length (see the broker's reply)"),
+            "{}",
+            parsed.explain("queue")
+        );
+        let cut_early = "PRECONDITION_FAILED - inequivalent arg 'x-max-le...";
+        assert_eq!(
+            Inequivalent::parse(cut_early).expect("a conflict").argument,
+            "x-max-le..."
         );
     }
 

@@ -34,6 +34,12 @@ pub struct BindingSettings {
     pub kind: Option<String>,
     /// The binding key (default `""`, what a fanout exchange ignores).
     pub routing_key: Option<String>,
+    /// Whether Backstop declares the exchange (default `true`). `false`
+    /// for an exchange its producer owns with settings of its own (an
+    /// `alternate-exchange`, a plugin type's arguments) or that this user
+    /// may not configure: only the binding is declared, and a missing
+    /// exchange is retried until it exists.
+    pub declare: Option<bool>,
 }
 
 /// The default exchange type of a binding.
@@ -48,6 +54,11 @@ impl BindingSettings {
     /// The routing key in effect.
     pub fn routing_key(&self) -> &str {
         self.routing_key.as_deref().unwrap_or("")
+    }
+
+    /// Whether the exchange is declared.
+    pub fn declares(&self) -> bool {
+        self.declare.unwrap_or(true)
     }
 }
 
@@ -95,7 +106,7 @@ impl ConsumerSettings {
         let mut topology = Topology::new().queue(queue);
         let mut declared: Vec<&str> = Vec::new();
         for (i, binding) in self.bindings.iter().enumerate() {
-            if !declared.contains(&binding.exchange.as_str()) {
+            if binding.declares() && !declared.contains(&binding.exchange.as_str()) {
                 let exchange = Exchange::of_kind(&binding.exchange, binding.kind())
                     .map_err(|e| invalid((format!("bindings[{i}].type"), e)))?;
                 topology = topology.exchange(exchange);
@@ -159,6 +170,90 @@ impl ConsumerSettings {
         }
         for (key, value) in &self.queue_arguments {
             self.queue_argument(key, value)?;
+        }
+        self.check_no_broker_drops()
+    }
+
+    /// Refuses the queue arguments with which the broker itself would drop
+    /// or delete messages of the consumed queue: a length limit that drops
+    /// the head (a requeued delivery goes back to the head and is the one
+    /// dropped, `rabbit_amqqueue_process:maybe_drop_head`), a limit that
+    /// refuses the tiers' copies dead-lettered back at most once (classic),
+    /// a message TTL without at-least-once dead-lettering to `<queue>.dlq`,
+    /// a queue expiry, and a dead-letter target other than `<queue>.dlq`
+    /// on a quorum queue.
+    fn check_no_broker_drops(&self) -> std::result::Result<(), (String, String)> {
+        let has = |key: &str| self.queue_arguments.contains_key(key);
+        let arg = |key: &str| format!("queue_arguments.{key}");
+        let at_least_once = self.is_quorum() && self.dead_letter_strategy() == AT_LEAST_ONCE;
+        if has("x-expires") {
+            return Err((
+                arg("x-expires"),
+                "x-expires deletes the queue, with its messages, once it has had no consumer \
+                 for that long (a sidecar down over a weekend): Backstop never lets the broker \
+                 drop a message"
+                    .into(),
+            ));
+        }
+        if has("x-message-ttl") && !at_least_once {
+            return Err((
+                arg("x-message-ttl"),
+                "an expired message is dropped (or dead-lettered at most once): set \
+                 queue_type = \"quorum\" and dead_letter_strategy = \"at-least-once\", so that \
+                 expired messages are parked in <queue>.dlq"
+                    .into(),
+            ));
+        }
+        let written = self
+            .queue_arguments
+            .get("x-overflow")
+            .and_then(|v| v.as_str());
+        if written == Some("drop-head") {
+            return Err((
+                arg("x-overflow"),
+                "drop-head drops messages from a full queue, requeued deliveries first: use \
+                 \"reject-publish\""
+                    .into(),
+            ));
+        }
+        let overflow = written.or(at_least_once.then_some("reject-publish"));
+        for limit in ["x-max-length", "x-max-length-bytes"] {
+            if !has(limit) {
+                continue;
+            }
+            if !matches!(overflow, Some("reject-publish" | "reject-publish-dlx")) {
+                return Err((
+                    arg(limit),
+                    format!(
+                        "{limit} drops the head of a full queue by default, and a requeued \
+                         delivery goes back to the head: set x-overflow = \"reject-publish\" \
+                         (publishers get a nack instead)"
+                    ),
+                ));
+            }
+            if !self.is_quorum() && !self.retry.delays.is_empty() {
+                return Err((
+                    arg(limit),
+                    format!(
+                        "a classic queue takes its retry tiers' copies back by dead-lettering \
+                         at most once, and a full queue drops them: use {limit} with \
+                         queue_type = \"quorum\" (its tiers dead-letter at least once), or \
+                         without retry.delays"
+                    ),
+                ));
+            }
+        }
+        if self.is_quorum() {
+            for key in ["x-dead-letter-exchange", "x-dead-letter-routing-key"] {
+                if has(key) {
+                    return Err((
+                        arg(key),
+                        "Backstop dead-letters a quorum queue to <queue>.dlq (what its delivery \
+                         limit and the DLQ tools rely on): remove this"
+                            .into(),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -320,6 +415,7 @@ impl ConsumerSettings {
                     "routing_key".into(),
                     Value::String(b.routing_key().to_owned()),
                 );
+                table.insert("declare".into(), Value::Boolean(b.declares()));
                 Value::Table(table)
             })
             .collect();
