@@ -544,16 +544,17 @@ impl EndpointTlsSettings {
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => tls = tls.client_cert_files(cert, key)?,
             (None, None) => {}
+            // The error names the key that is set, so that it has a line.
             (Some(_), None) => {
                 return Err(Error::Config {
-                    key: keys.key,
-                    reason: "a client certificate needs its key: set tls.key with tls.cert".into(),
+                    key: keys.cert,
+                    reason: format!("a client certificate needs its key: set {} too", keys.key),
                 });
             }
             (None, Some(_)) => {
                 return Err(Error::Config {
-                    key: keys.cert,
-                    reason: "a key needs its certificate: set tls.cert with tls.key".into(),
+                    key: keys.key,
+                    reason: format!("a key needs its certificate: set {} too", keys.cert),
                 });
             }
         }
@@ -2460,7 +2461,7 @@ mod tests {
                     "https://h:1/",
                     "handler.http.tls.cert = \"/nonexistent/c.pem\"",
                 ),
-                "consumer[0].handler.http.tls.key",
+                "consumer[0].handler.http.tls.cert",
                 "needs its key",
             ),
             (
