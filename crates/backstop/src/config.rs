@@ -478,6 +478,21 @@ pub struct HandlerSettings {
 }
 
 /// `handler.http.*`.
+///
+/// ```
+/// // In a real file: Authorization = "Bearer ${ORDERS_TOKEN}".
+/// let config = backstop::config::Config::parse(
+///     "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"https://orders.internal/events\"\n\
+///      handler.http.headers = { Authorization = \"Bearer t0ken\" }\n\
+///      handler.http.response = \"dapr\"\n",
+///     "backstop.toml",
+/// ).expect("valid");
+/// let http = &config.consumers[0].handler.http;
+/// assert_eq!(http.headers["Authorization"].expose(), "Bearer t0ken");
+/// assert_eq!(http.response(), backstop::config::ResponseContract::Dapr);
+/// assert!(!format!("{http:?}").contains("t0ken"));
+/// assert!(!config.normalized().contains("t0ken"));
+/// ```
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -487,6 +502,16 @@ pub struct HttpSettings {
     /// The whole request's timeout (default `30s`).
     #[serde(default, with = "humantime_serde_opt")]
     pub timeout: Option<Duration>,
+    /// Headers sent with every request (an `Authorization`, an API key).
+    /// `${NAME}` in a value is replaced by the environment variable `NAME`
+    /// when the file is loaded; the values are secrets: `Debug` and `config
+    /// check` show `***`, and no log or error quotes them.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, Secret>,
+    /// `handler.http.tls.*`: the endpoint's CA and a client certificate.
+    pub tls: Option<EndpointTlsSettings>,
+    /// How an answer is read (default `status`: by its status code alone).
+    pub response: Option<ResponseContract>,
 }
 
 /// The default of [`HttpSettings::timeout`].
@@ -497,6 +522,160 @@ impl HttpSettings {
     pub fn timeout(&self) -> Duration {
         self.timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT)
     }
+
+    /// The response contract in effect.
+    pub fn response(&self) -> ResponseContract {
+        self.response.unwrap_or_default()
+    }
+
+    /// The rustls client configuration of `tls.*` (the system's roots plus
+    /// `tls.ca`, and the client certificate), or `None` without a `tls`
+    /// table. Errors name the key and the file.
+    pub fn tls_client_config(&self) -> Result<Option<rustls::ClientConfig>> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let config = tls.load()?.client_config()?;
+        Ok(Some(config.as_ref().clone()))
+    }
+}
+
+/// `handler.http.tls.*`: TLS to an `https://` endpoint. Its certificate is
+/// verified against the system's roots plus `ca`; `cert` and `key` present
+/// a client certificate (mutual TLS).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct EndpointTlsSettings {
+    /// A PEM file of CA certificates to trust besides the system's.
+    pub ca: Option<std::path::PathBuf>,
+    /// The client certificate (PEM) for mutual TLS.
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl EndpointTlsSettings {
+    /// Reads the files, naming the key and file of the first problem.
+    fn load(&self) -> Result<crate::connection::TlsConfig> {
+        let keys = crate::tls::Keys::ENDPOINT;
+        let mut tls = crate::connection::TlsConfig::new().keys(keys);
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_file(ca)?;
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => tls = tls.client_cert_files(cert, key)?,
+            (None, None) => {}
+            // The error names the key that is set, so that it has a line.
+            (Some(_), None) => {
+                return Err(Error::Config {
+                    key: keys.cert,
+                    reason: format!("a client certificate needs its key: set {} too", keys.key),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(Error::Config {
+                    key: keys.key,
+                    reason: format!("a key needs its certificate: set {} too", keys.cert),
+                });
+            }
+        }
+        Ok(tls)
+    }
+}
+
+/// `handler.http.response`: what decides the outcome of an answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ResponseContract {
+    /// The status code alone; the body is only quoted in failure reasons.
+    #[default]
+    Status,
+    /// Dapr's subscriber contract: a 2xx answer's JSON body `{"status":
+    /// "RETRY"}` is a transient failure, `{"status": "DROP"}` takes the
+    /// exhausted path ("dropped by the endpoint"), `SUCCESS`, no status, an
+    /// empty or non-JSON body acks, and any other status is retried. Other
+    /// status codes keep their usual meaning.
+    Dapr,
+}
+
+impl ResponseContract {
+    /// The name the file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResponseContract::Status => "status",
+            ResponseContract::Dapr => "dapr",
+        }
+    }
+}
+
+/// Header names the sidecar sets itself (`backstop-*`) or that frame the
+/// request: `handler.http.headers` may not name them.
+fn reserved_header(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower.starts_with("backstop-")
+        || matches!(
+            lower.as_str(),
+            "host" | "content-length" | "transfer-encoding" | "connection" | "te" | "upgrade"
+        )
+}
+
+/// `value` with each `${NAME}` replaced by the variable `NAME` as `lookup`
+/// (the environment) gives it. The error names the variable, never a value.
+fn interpolate(
+    value: &str,
+    lookup: impl Fn(&str) -> std::result::Result<String, std::env::VarError>,
+) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "a \"${\" is not closed by \"}\"".to_owned())?;
+        let name = &after[..end];
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(format!(
+                "${{{name}}} does not name an environment variable (letters, digits and _)"
+            ));
+        }
+        match lookup(name) {
+            Ok(v) => out.push_str(&v),
+            Err(std::env::VarError::NotPresent) => {
+                return Err(format!("the environment variable {name} is not set"));
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(format!("the environment variable {name} is not UTF-8"));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Why `name` is not an HTTP header name (RFC 9110 token), if it is not.
+fn header_name_problem(name: &str) -> Option<String> {
+    let token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Some(format!("{name:?} is not an HTTP header name"));
+    }
+    if reserved_header(name) {
+        return Some(format!(
+            "{name:?} is set by backstop itself (backstop-*, or a header that frames the request)"
+        ));
+    }
+    None
 }
 
 /// `retry.*` of a consumer.
@@ -938,6 +1117,35 @@ impl Config {
                 .check()
                 .map_err(|(key, e)| fail(Some(("console", 0)), key, e))?;
         }
+        for (i, consumer) in config.consumers.iter_mut().enumerate() {
+            for (name, value) in consumer.handler.http.headers.iter_mut() {
+                let fail = |message: String| {
+                    let mut path = key_path(Some(("consumer", i)), "handler.http.headers");
+                    path.push(Step::Key(name.clone()));
+                    Error::ConfigFile {
+                        path: origin.to_owned(),
+                        message: at_path(text, &path, &message),
+                    }
+                };
+                if let Some(problem) = header_name_problem(name) {
+                    return Err(fail(problem));
+                }
+                let resolved = interpolate(value.expose(), |n| std::env::var(n)).map_err(&fail)?;
+                // Field values: visible ASCII, spaces and tabs, or bytes
+                // above 0x7f (RFC 9110 5.5); no line breaks.
+                if resolved
+                    .bytes()
+                    .any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+                {
+                    return Err(fail(
+                        "the value holds a control character (a line break?), which a header \
+                         cannot carry"
+                            .into(),
+                    ));
+                }
+                *value = Secret(resolved);
+            }
+        }
         let mut queues = std::collections::HashSet::new();
         for (i, consumer) in config.consumers.iter().enumerate() {
             let table = Some(("consumer", i));
@@ -1006,6 +1214,21 @@ impl Config {
                         format!("{url:?} is not a valid http:// or https:// URL: {e}"),
                     ));
                 }
+            }
+            if let Some(tls) = &consumer.handler.http.tls {
+                if !url::Url::parse(url).is_ok_and(|u| u.scheme() == "https") {
+                    return Err(fail(
+                        table,
+                        "handler.http.tls",
+                        format!("TLS settings need an https:// url; {url:?} is plain HTTP"),
+                    ));
+                }
+                tls.load()
+                    .and_then(|tls| tls.client_config().map(drop))
+                    .map_err(|e| match e {
+                        Error::Config { key, reason } => fail(table, key, reason),
+                        other => fail(table, "handler.http.tls", other.to_string()),
+                    })?;
             }
             let timeout = consumer.handler.http.timeout();
             if timeout.is_zero() {
@@ -1268,6 +1491,25 @@ impl Config {
             let mut http = Table::new();
             put(&mut http, "url", redact(&c.handler.http.url));
             put(&mut http, "timeout", duration(c.handler.http.timeout()));
+            let mut headers = Table::new();
+            for name in c.handler.http.headers.keys() {
+                put(&mut headers, name, text("***"));
+            }
+            put(&mut http, "headers", Value::Table(headers));
+            if let Some(t) = &c.handler.http.tls {
+                let mut tls = Table::new();
+                for (key, file) in [("ca", &t.ca), ("cert", &t.cert), ("key", &t.key)] {
+                    if let Some(file) = file {
+                        put(&mut tls, key, path(file));
+                    }
+                }
+                put(&mut http, "tls", Value::Table(tls));
+            }
+            put(
+                &mut http,
+                "response",
+                text(c.handler.http.response().as_str()),
+            );
             let mut handler = Table::new();
             put(&mut handler, "http", Value::Table(http));
             put(&mut consumer, "handler", Value::Table(handler));
@@ -2388,6 +2630,166 @@ mod tests {
                 .is_empty(),
             "a classic queue without arguments is declared as before"
         );
+    }
+
+    /// A consumer block posting to `url`, with `extra` lines in it.
+    fn endpoint_consumer(url: &str, extra: &str) -> String {
+        format!("[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"{url}\"\n{extra}\n")
+    }
+
+    #[test]
+    fn header_values_are_interpolated_and_never_shown() {
+        let vars = |name: &str| match name {
+            "TOKEN" => Ok("s3cret-t0ken".to_owned()),
+            "_K2" => Ok("two".to_owned()),
+            _ => Err(std::env::VarError::NotPresent),
+        };
+        assert_eq!(
+            interpolate("Bearer ${TOKEN}", vars).as_deref(),
+            Ok("Bearer s3cret-t0ken")
+        );
+        assert_eq!(
+            interpolate("${TOKEN}:${_K2}$x", vars).as_deref(),
+            Ok("s3cret-t0ken:two$x")
+        );
+        assert_eq!(interpolate("no vars", vars).as_deref(), Ok("no vars"));
+        let missing = interpolate("Bearer ${ORDERS_TOKEN}", vars).expect_err("missing");
+        assert_eq!(missing, "the environment variable ORDERS_TOKEN is not set");
+        assert!(interpolate("${TOKEN", vars).is_err());
+        assert!(interpolate("${1A}", vars).is_err());
+        assert!(interpolate("${}", vars).is_err());
+
+        // Through the loader: a variable that is surely unset is an error
+        // naming the key and the variable (the file, line and key path).
+        let text = endpoint_consumer(
+            "http://h:1/",
+            "handler.http.headers = { Authorization = \"Bearer ${BACKSTOP_TEST_SURELY_UNSET_VAR}\" }",
+        );
+        let err = Config::parse(&text, "test.toml")
+            .expect_err("unset")
+            .to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(
+            err.contains("line 4")
+                && err.contains("consumer[0].handler.http.headers.Authorization"),
+            "{err}"
+        );
+        assert!(
+            err.contains("BACKSTOP_TEST_SURELY_UNSET_VAR is not set"),
+            "{err}"
+        );
+
+        let text = endpoint_consumer(
+            "http://h:1/",
+            "handler.http.headers = { Authorization = \"Bearer s3cret-t0ken\", \"X-Api-Key\" = \"k3y-value\" }",
+        );
+        let config = Config::parse(&text, "test.toml").expect("valid");
+        let http = &config.consumers[0].handler.http;
+        assert_eq!(
+            http.headers["Authorization"].expose(),
+            "Bearer s3cret-t0ken"
+        );
+        let shown = config.normalized();
+        let debug = format!("{config:?}");
+        for secret in ["s3cret-t0ken", "k3y-value"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(shown.contains("Authorization = \"***\""), "{shown}");
+        assert!(shown.contains("X-Api-Key = \"***\""), "{shown}");
+        assert!(shown.contains("response = \"status\""), "{shown}");
+        let again = Config::parse(&shown, "shown.toml").expect("config check's output parses");
+        assert_eq!(again.normalized(), shown, "the output is a fixed point");
+    }
+
+    #[test]
+    fn bad_headers_tls_and_response_values_are_refused_with_their_key() {
+        let pki = std::env::temp_dir();
+        let cases = [
+            (
+                endpoint_consumer(
+                    "http://h:1/",
+                    "handler.http.headers = { \"bad name\" = \"v\" }",
+                ),
+                "consumer[0].handler.http.headers.\"bad name\"",
+                "not an HTTP header name",
+            ),
+            (
+                endpoint_consumer(
+                    "http://h:1/",
+                    "handler.http.headers = { backstop-queue = \"v\" }",
+                ),
+                "consumer[0].handler.http.headers.backstop-queue",
+                "set by backstop itself",
+            ),
+            (
+                endpoint_consumer(
+                    "http://h:1/",
+                    "handler.http.headers = { X-Key = \"a\\nb-hidden\" }",
+                ),
+                "consumer[0].handler.http.headers.X-Key",
+                "control character",
+            ),
+            (
+                endpoint_consumer("http://h:1/", "handler.http.response = \"grpc\""),
+                "consumer[0].handler.http.response",
+                "unknown variant",
+            ),
+            (
+                endpoint_consumer(
+                    "http://h:1/",
+                    "handler.http.tls.ca = \"/nonexistent/ca.pem\"",
+                ),
+                "consumer[0].handler.http.tls",
+                "need an https:// url",
+            ),
+            (
+                endpoint_consumer(
+                    "https://h:1/",
+                    "handler.http.tls.ca = \"/nonexistent/ca.pem\"",
+                ),
+                "consumer[0].handler.http.tls.ca",
+                "cannot read /nonexistent/ca.pem",
+            ),
+            (
+                endpoint_consumer(
+                    "https://h:1/",
+                    &format!("handler.http.tls.ca = {:?}", pki.display().to_string()),
+                ),
+                "consumer[0].handler.http.tls.ca",
+                "cannot read",
+            ),
+            (
+                endpoint_consumer(
+                    "https://h:1/",
+                    "handler.http.tls.cert = \"/nonexistent/c.pem\"",
+                ),
+                "consumer[0].handler.http.tls.cert",
+                "needs its key",
+            ),
+            (
+                endpoint_consumer(
+                    "https://h:1/",
+                    "handler.http.tls.cert = \"/nonexistent/c.pem\"\nhandler.http.tls.key = \"/k.pem\"",
+                ),
+                "consumer[0].handler.http.tls.cert",
+                "cannot read /nonexistent/c.pem",
+            ),
+            (
+                endpoint_consumer("https://h:1/", "handler.http.tls.server_name = \"x\""),
+                "server_name",
+                "unknown field",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let err = Config::parse(&text, "test.toml")
+                .expect_err(&text)
+                .to_string();
+            assert!(err.contains("test.toml") && err.contains("line "), "{err}");
+            assert!(err.contains(key), "{key} not in {err}");
+            assert!(err.contains(reason), "{reason} not in {err}");
+            assert!(!err.contains("hidden"), "a header value in {err}");
+        }
     }
 
     #[test]

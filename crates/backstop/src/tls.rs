@@ -30,6 +30,43 @@ pub struct TlsConfig {
     identity: Option<Identity>,
     server_name: Option<String>,
     insecure_skip_verify: bool,
+    keys: Keys,
+}
+
+/// The configuration keys a [`TlsConfig`]'s errors name: `broker.tls.*`,
+/// or `handler.http.tls.*` for an HTTPS endpoint.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Keys {
+    pub(crate) section: &'static str,
+    pub(crate) ca: &'static str,
+    pub(crate) cert: &'static str,
+    pub(crate) key: &'static str,
+    pub(crate) server_name: &'static str,
+}
+
+impl Keys {
+    /// `[broker] tls.*`.
+    pub(crate) const BROKER: Keys = Keys {
+        section: "broker.tls",
+        ca: "broker.tls.ca",
+        cert: "broker.tls.cert",
+        key: "broker.tls.key",
+        server_name: "broker.tls.server_name",
+    };
+    /// A consumer's `handler.http.tls.*`.
+    pub(crate) const ENDPOINT: Keys = Keys {
+        section: "handler.http.tls",
+        ca: "handler.http.tls.ca",
+        cert: "handler.http.tls.cert",
+        key: "handler.http.tls.key",
+        server_name: "handler.http.tls.server_name",
+    };
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys::BROKER
+    }
 }
 
 struct Identity {
@@ -90,17 +127,17 @@ impl TlsConfig {
     /// Trusts the CA certificates in the PEM file at `path` (`broker.tls.ca`),
     /// besides the system's roots.
     pub fn ca_file(mut self, path: &Path) -> Result<Self> {
-        self.ca.extend(certificates("broker.tls.ca", path)?);
+        self.ca.extend(certificates(self.keys.ca, path)?);
         Ok(self)
     }
 
     /// Presents the certificate chain (PEM) and its private key (PEM: PKCS#8,
     /// PKCS#1 or SEC1) for mutual TLS (`broker.tls.cert`, `broker.tls.key`).
     pub fn client_cert_files(mut self, cert: &Path, key: &Path) -> Result<Self> {
-        let chain = certificates("broker.tls.cert", cert)?;
-        let pem = read_file("broker.tls.key", key)?;
+        let chain = certificates(self.keys.cert, cert)?;
+        let pem = read_file(self.keys.key, key)?;
         let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| Error::Config {
-            key: "broker.tls.key",
+            key: self.keys.key,
             reason: format!("{} holds no usable PEM private key: {e}", key.display()),
         })?;
         self.identity = Some(Identity { chain, key });
@@ -135,6 +172,12 @@ impl TlsConfig {
         self.insecure_skip_verify
     }
 
+    /// Names `keys` in its errors (`handler.http.tls.*` for an endpoint).
+    pub(crate) fn keys(mut self, keys: Keys) -> Self {
+        self.keys = keys;
+        self
+    }
+
     /// The name the broker's certificate is checked against for `host`.
     pub(crate) fn name_for<'a>(&'a self, host: &'a str) -> &'a str {
         self.server_name.as_deref().unwrap_or(host)
@@ -146,7 +189,7 @@ impl TlsConfig {
             && ServerName::try_from(name.as_str()).is_err()
         {
             return Err(Error::Config {
-                key: "broker.tls.server_name",
+                key: self.keys.server_name,
                 reason: format!("{name:?} is neither a DNS name nor an IP address"),
             });
         }
@@ -154,7 +197,7 @@ impl TlsConfig {
         let builder = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Config {
-                key: "broker.tls",
+                key: self.keys.section,
                 reason: format!("no usable TLS protocol version: {e}"),
             })?;
         let builder = if self.insecure_skip_verify {
@@ -169,7 +212,7 @@ impl TlsConfig {
             roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
             for ca in &self.ca {
                 roots.add(ca.clone()).map_err(|e| Error::Config {
-                    key: "broker.tls.ca",
+                    key: self.keys.ca,
                     reason: format!("a CA certificate is not usable as a trust anchor: {e}"),
                 })?;
             }
@@ -179,8 +222,8 @@ impl TlsConfig {
             Some(identity) => builder
                 .with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
                 .map_err(|e| Error::Config {
-                    key: "broker.tls.key",
-                    reason: format!("the key does not go with broker.tls.cert: {e}"),
+                    key: self.keys.key,
+                    reason: format!("the key does not go with {}: {e}", self.keys.cert),
                 })?,
             None => builder.with_no_client_auth(),
         };

@@ -131,16 +131,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("the dedup store of consumer {queue:?}"))?;
             consumer = consumer.dedup(dedup);
         }
-        let handler = http::HttpHandler::new(
-            &queue,
-            &settings.handler.http.url,
-            settings
-                .handler
-                .http
-                .timeout
-                .unwrap_or(Duration::from_secs(30)),
-            durations.clone(),
-        )?;
+        let handler =
+            http::HttpHandler::from_settings(&queue, &settings.handler.http, durations.clone())
+                .with_context(|| format!("the endpoint of consumer {queue:?}"))?;
         let handle = Consumer::new(supervisor.clone(), consumer, handler).spawn()?;
         let mut depth_queues: Vec<(String, &'static str)> = policy
             .tier_queues(&queue)
