@@ -59,14 +59,30 @@ async fn store_due(store: &SqlStore, queue: &str, id: &str) -> i64 {
     store.store(&row).await.expect("store a due row")
 }
 
-fn config(queue: &str, url: &str, store_url: &str, port: u16, scanner: &str) -> String {
-    format!(
+/// Starts `backstop run` consuming `queue` (exhausted messages to the
+/// store at `store_url`) with `scanner` as its `[scanner]` section, its
+/// log in a file, and waits until it is ready: (the process, the log's path).
+async fn start(
+    queue: &str,
+    url: &str,
+    store_url: &str,
+    scanner: &str,
+) -> (Running, std::path::PathBuf) {
+    let port = free_port();
+    let config = format!(
         "[broker]\nuri = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\
          [store]\nurl = \"{store_url}\"\n[scanner]\n{scanner}\n\
          [[consumer]]\nqueue = \"{queue}\"\nhandler.http.url = \"{url}\"\n\
          retry.exhausted = \"store\"\n",
         backstop_testkit::amqp_url()
-    )
+    );
+    let started = start_run_logged(
+        &config,
+        "warn,backstop=info,backstop_cli=info,lapin=off",
+        queue,
+    );
+    wait_ready(port).await;
+    started
 }
 
 /// The `claimed` count of every "scan done" line in `log`. Panics on one
@@ -88,21 +104,13 @@ async fn the_running_scanner_uses_the_configured_interval_and_batch() {
     let (store, store_url, endpoint, url) = setup().await;
     let queue = unique("run-scanner");
     let first = store_due(&store, &queue, "first").await;
-    let port = free_port();
-    let log_path = std::env::temp_dir().join(format!("{queue}.log"));
-    let log_file = std::fs::File::create(&log_path).expect("create the log file");
-    let mut run = start_run_logging(
-        &config(
-            &queue,
-            &url,
-            &store_url,
-            port,
-            "interval = \"500ms\"\nbatch = 2\nmax_attempts = 4\nlease = \"20s\"\nbackoff = \"2s\"",
-        ),
-        "warn,backstop=info,backstop_cli=info,lapin=off",
-        log_file,
-    );
-    wait_ready(port).await;
+    let (mut run, log_path) = start(
+        &queue,
+        &url,
+        &store_url,
+        "interval = \"500ms\"\nbatch = 2\nmax_attempts = 4\nlease = \"20s\"\nbackoff = \"2s\"",
+    )
+    .await;
     // The first scan, at start, re-drives the row stored before.
     wait_until(
         "the first scan to re-drive the row stored before the start",
@@ -162,21 +170,13 @@ async fn enabled_false_leaves_the_stored_rows_alone() {
     let (store, store_url, endpoint, url) = setup().await;
     let queue = unique("run-scanner-off");
     let row = store_due(&store, &queue, "stored").await;
-    let port = free_port();
-    let log_path = std::env::temp_dir().join(format!("{queue}.log"));
-    let log_file = std::fs::File::create(&log_path).expect("create the log file");
-    let mut run = start_run_logging(
-        &config(
-            &queue,
-            &url,
-            &store_url,
-            port,
-            "enabled = false\ninterval = \"200ms\"",
-        ),
-        "warn,backstop=info,backstop_cli=info,lapin=off",
-        log_file,
-    );
-    wait_ready(port).await;
+    let (mut run, log_path) = start(
+        &queue,
+        &url,
+        &store_url,
+        "enabled = false\ninterval = \"200ms\"",
+    )
+    .await;
     // The sidecar consumes: a message published now is handled.
     publish(&queue, &[("live", "live".to_owned())]).await;
     wait_until("the live message handled", Duration::from_secs(30), || {
