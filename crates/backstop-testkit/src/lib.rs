@@ -296,6 +296,48 @@ pub(crate) fn parse_queue_counts(
     Ok(counts)
 }
 
+/// The prefetch of every consumer of `queue` (virtual host `/`), as the
+/// broker reports it (`rabbitmqctl list_consumers queue_name
+/// prefetch_count`). Panics when `rabbitmqctl` fails or prints a line it
+/// cannot read: a line is never skipped, nor read as no consumer.
+pub async fn consumer_prefetches(queue: &str) -> Vec<u64> {
+    let queue = queue.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let out = rabbitmqctl(&[
+            "-q",
+            "list_consumers",
+            "--no-table-headers",
+            "queue_name",
+            "prefetch_count",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        parse_consumer_prefetches(&out, &queue).unwrap_or_else(|e| panic!("{e}"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the rabbitmqctl task: {e}"))
+}
+
+/// Reads the lines of `rabbitmqctl list_consumers queue_name
+/// prefetch_count`: the prefetches of `queue`'s consumers.
+fn parse_consumer_prefetches(out: &str, queue: &str) -> Result<Vec<u64>, String> {
+    let mut prefetches = Vec::new();
+    for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [name, prefetch] = fields.as_slice() else {
+            return Err(format!(
+                "cannot read rabbitmqctl list_consumers line {line:?}"
+            ));
+        };
+        let prefetch: u64 = prefetch
+            .parse()
+            .map_err(|_| format!("cannot read rabbitmqctl list_consumers line {line:?}"))?;
+        if *name == queue {
+            prefetches.push(prefetch);
+        }
+    }
+    Ok(prefetches)
+}
+
 /// The number of messages ready in `queue`, by a passive declare on
 /// `channel`. A queue that does not exist is an error, and closes the
 /// channel (AMQP's rule).
@@ -441,4 +483,23 @@ pub async fn serve_http(app: axum::Router) -> String {
         let _ = axum::serve(listener, app).await;
     });
     url
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn consumer_prefetches_are_read_and_nonsense_is_an_error() {
+        let out = "orders\t20\nother\t5\norders\t1\n\n";
+        assert_eq!(
+            super::parse_consumer_prefetches(out, "orders"),
+            Ok(vec![20, 1])
+        );
+        assert_eq!(super::parse_consumer_prefetches("", "orders"), Ok(vec![]));
+        for bad in ["orders\tmany\n", "orders\n", "Listing consumers ...\n"] {
+            assert!(
+                super::parse_consumer_prefetches(bad, "orders").is_err(),
+                "{bad:?}"
+            );
+        }
+    }
 }

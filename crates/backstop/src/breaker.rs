@@ -59,6 +59,9 @@ impl BreakerConfig {
         if !(self.failure_ratio > 0.0 && self.failure_ratio <= 1.0) {
             return bad("breaker.failure_ratio", "must be above 0 and at most 1");
         }
+        if self.cooldown.is_zero() {
+            return bad("breaker.cooldown", "must be above zero");
+        }
         if self.successes_to_close == 0 {
             return bad("breaker.successes_to_close", "must be at least 1");
         }

@@ -48,6 +48,9 @@ pub struct Config {
     /// `[console]`: the review console (`backstop console`, and `backstop
     /// run` when the section is present).
     pub console: Option<ConsoleSettings>,
+    /// `[scanner]`: the store scanners of `backstop run`.
+    #[serde(default)]
+    pub scanner: ScannerSettings,
 }
 
 /// `[reconnect]`: exponential backoff with full jitter between attempts.
@@ -466,6 +469,89 @@ pub struct ConsumerSettings {
     pub retry: RetrySettings,
     /// `dedup.*`: deduplication by business key.
     pub dedup: Option<DedupSettings>,
+    /// `breaker.*`: the circuit breaker; present (even empty) turns it on.
+    pub breaker: Option<BreakerSettings>,
+}
+
+/// `breaker.*` of a consumer: the circuit breaker (see
+/// [`crate::breaker`]). Every key is optional; the table's presence turns
+/// the breaker on, with [`BreakerConfig::default`](crate::breaker::BreakerConfig)'s
+/// values for the keys it does not set.
+///
+/// ```
+/// # #[derive(serde::Deserialize)] struct C { breaker: backstop::config::BreakerSettings }
+/// let c: C = toml::from_str(r#"breaker = { window = 10, cooldown = "2s" }"#).expect("valid");
+/// let config = c.breaker.config();
+/// assert_eq!((config.window, config.min_calls), (10, 10));
+/// assert_eq!(config.cooldown, std::time::Duration::from_secs(2));
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BreakerSettings {
+    /// How many recent results are considered (default 20).
+    pub window: Option<usize>,
+    /// No decision before this many results (default 10, at most `window`).
+    pub min_calls: Option<usize>,
+    /// Opens at or above this share of transient failures, above 0 and at
+    /// most 1 (default 0.5).
+    pub failure_ratio: Option<f64>,
+    /// How long it stays open before probing (default `5s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub cooldown: Option<Duration>,
+    /// Successful probes that close it again (default 3).
+    pub successes_to_close: Option<u32>,
+}
+
+impl BreakerSettings {
+    /// The breaker these settings describe, defaults filled in. A
+    /// `min_calls` left unset is at most `window`.
+    pub fn config(&self) -> crate::breaker::BreakerConfig {
+        let defaults = crate::breaker::BreakerConfig::default();
+        let window = self.window.unwrap_or(defaults.window);
+        crate::breaker::BreakerConfig {
+            window,
+            min_calls: self.min_calls.unwrap_or(defaults.min_calls.min(window)),
+            failure_ratio: self.failure_ratio.unwrap_or(defaults.failure_ratio),
+            cooldown: self.cooldown.unwrap_or(defaults.cooldown),
+            successes_to_close: self
+                .successes_to_close
+                .unwrap_or(defaults.successes_to_close),
+        }
+    }
+
+    /// The key (under `breaker.`) and the reason of the first bad value.
+    fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        let config = self.config();
+        if config.window == 0 {
+            return Err(("breaker.window", "must be at least 1".into()));
+        }
+        if config.min_calls == 0 {
+            return Err(("breaker.min_calls", "must be at least 1".into()));
+        }
+        if config.min_calls > config.window {
+            return Err((
+                "breaker.min_calls",
+                format!(
+                    "{} is above breaker.window ({}): the breaker could never decide",
+                    config.min_calls, config.window
+                ),
+            ));
+        }
+        if !(config.failure_ratio > 0.0 && config.failure_ratio <= 1.0) {
+            return Err((
+                "breaker.failure_ratio",
+                format!("{} is not above 0 and at most 1", config.failure_ratio),
+            ));
+        }
+        if config.cooldown.is_zero() {
+            return Err(("breaker.cooldown", "must be above zero".into()));
+        }
+        if config.successes_to_close == 0 {
+            return Err(("breaker.successes_to_close", "must be at least 1".into()));
+        }
+        Ok(())
+    }
 }
 
 /// `handler.*` of a consumer.
@@ -755,6 +841,131 @@ impl StoreConfig {
     pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(30);
     /// The default of [`first_redrive`](Self::first_redrive).
     pub const DEFAULT_FIRST_REDRIVE: Duration = Duration::from_secs(60);
+}
+
+/// `[scanner]`: the scanners `backstop run` starts, one per queue whose
+/// exhausted messages go to the store (see [`crate::store::Scanner`]).
+/// Every key is optional; the defaults are [`ScannerConfig::default`](crate::store::ScannerConfig)'s.
+///
+/// ```
+/// let config = backstop::config::Config::parse(
+///     "[store]\nurl = \"sqlite://b.db\"\n[scanner]\ninterval = \"5s\"\nbatch = 50\n",
+///     "backstop.toml",
+/// ).expect("valid");
+/// let scanner = config.scanner_config("orders").expect("on: a store is set");
+/// assert_eq!((scanner.interval.as_secs(), scanner.batch), (5, 50));
+/// assert_eq!(scanner.queue.as_deref(), Some("orders"));
+/// ```
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ScannerSettings {
+    /// Whether the scanners run (default: on when `[store] url` is set).
+    pub enabled: Option<bool>,
+    /// The pause between scans (default `30s`). `[store] scan_interval` is
+    /// its older spelling.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub interval: Option<Duration>,
+    /// Rows claimed per scan (default 500).
+    pub batch: Option<u32>,
+    /// Re-drives of a row before it needs review (default 5).
+    pub max_attempts: Option<u32>,
+    /// How long a claim holds a row (default `60s`, at least `1s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub lease: Option<Duration>,
+    /// The first back-off after a failed re-drive, doubled each time up to
+    /// an hour (default `60s`).
+    #[serde(default, with = "humantime_serde_opt")]
+    pub backoff: Option<Duration>,
+}
+
+/// The shortest `[scanner] lease`: a claim must outlast a re-drive, whose
+/// publish is confirmed within half the lease.
+pub const MIN_SCANNER_LEASE: Duration = Duration::from_secs(1);
+
+impl Config {
+    /// Whether `backstop run` starts its scanners: a store is set and
+    /// `[scanner] enabled` is not `false`.
+    pub fn scanner_enabled(&self) -> bool {
+        self.store.url.is_some() && self.scanner.enabled.unwrap_or(true)
+    }
+
+    /// The scanner interval in effect: `[scanner] interval`, else its older
+    /// spelling `[store] scan_interval`, else 30 s.
+    pub fn scan_interval(&self) -> Duration {
+        self.scanner
+            .interval
+            .or(self.store.scan_interval)
+            .unwrap_or(StoreConfig::DEFAULT_SCAN_INTERVAL)
+    }
+
+    /// The one conversion of `[scanner]` into the configuration of the
+    /// scanner that re-drives `queue`'s rows; `None` when the scanners are
+    /// off ([`scanner_enabled`](Self::scanner_enabled)).
+    pub fn scanner_config(&self, queue: &str) -> Option<crate::store::ScannerConfig> {
+        if !self.scanner_enabled() {
+            return None;
+        }
+        let s = &self.scanner;
+        let defaults = crate::store::ScannerConfig::default();
+        Some(crate::store::ScannerConfig {
+            queue: Some(queue.to_owned()),
+            interval: self.scan_interval(),
+            batch: s.batch.map_or(defaults.batch, i64::from),
+            max_attempts: s.max_attempts.map_or(defaults.max_attempts, i64::from),
+            lease: s.lease.unwrap_or(defaults.lease),
+            backoff: s.backoff.unwrap_or(defaults.backoff),
+            ..defaults
+        })
+    }
+
+    /// The key (in `[scanner]`, or `[store]` for the older spelling) and the
+    /// reason of the first bad scanner setting.
+    fn check_scanner(&self) -> std::result::Result<(), (&'static str, &'static str, String)> {
+        let s = &self.scanner;
+        if s.interval.is_some() && self.store.scan_interval.is_some() {
+            return Err((
+                "scanner",
+                "interval",
+                "store.scan_interval is the older spelling of scanner.interval: set one".into(),
+            ));
+        }
+        if s.interval.is_some_and(|d| d.is_zero()) {
+            return Err(("scanner", "interval", "must be above zero".into()));
+        }
+        if self.store.scan_interval.is_some_and(|d| d.is_zero()) {
+            return Err(("store", "scan_interval", "must be above zero".into()));
+        }
+        if s.batch == Some(0) {
+            return Err(("scanner", "batch", "must be at least 1".into()));
+        }
+        if s.max_attempts == Some(0) {
+            return Err(("scanner", "max_attempts", "must be at least 1".into()));
+        }
+        if s.lease.is_some_and(|d| d < MIN_SCANNER_LEASE) {
+            return Err((
+                "scanner",
+                "lease",
+                format!(
+                    "must be at least {}: a claim must outlast a re-drive, whose publish is \
+                     confirmed within half the lease",
+                    humantime::format_duration(MIN_SCANNER_LEASE)
+                ),
+            ));
+        }
+        if s.backoff.is_some_and(|d| d.is_zero()) {
+            return Err(("scanner", "backoff", "must be above zero".into()));
+        }
+        if s.enabled == Some(true) && self.store.url.is_none() {
+            return Err((
+                "scanner",
+                "enabled",
+                "the scanners re-drive the compensation store's rows: add [store] with a url"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `dedup.*` of a consumer: deduplication by business key.
@@ -1146,6 +1357,9 @@ impl Config {
                 *value = Secret(resolved);
             }
         }
+        config
+            .check_scanner()
+            .map_err(|(table, key, e)| fail(Some((table, 0)), key, e))?;
         let mut queues = std::collections::HashSet::new();
         for (i, consumer) in config.consumers.iter().enumerate() {
             let table = Some(("consumer", i));
@@ -1256,6 +1470,9 @@ impl Config {
                         ),
                     ));
                 }
+            }
+            if let Some(breaker) = &consumer.breaker {
+                breaker.check().map_err(|(key, e)| fail(table, key, e))?;
             }
             if consumer.retry.exhausted == Some(Exhausted::Store) && config.store.url.is_none() {
                 return Err(fail(
@@ -1369,14 +1586,6 @@ impl Config {
         }
         put(
             &mut store,
-            "scan_interval",
-            duration(
-                st.scan_interval
-                    .unwrap_or(StoreConfig::DEFAULT_SCAN_INTERVAL),
-            ),
-        );
-        put(
-            &mut store,
             "first_redrive",
             duration(
                 st.first_redrive
@@ -1384,6 +1593,40 @@ impl Config {
             ),
         );
         put(&mut root, "store", Value::Table(store));
+
+        // The scanner's interval is shown here whichever spelling set it.
+        let scanner_defaults = crate::store::ScannerConfig::default();
+        let sc = &self.scanner;
+        let mut scanner = Table::new();
+        put(
+            &mut scanner,
+            "enabled",
+            Value::Boolean(self.scanner_enabled()),
+        );
+        put(&mut scanner, "interval", duration(self.scan_interval()));
+        put(
+            &mut scanner,
+            "batch",
+            int(sc.batch.map_or(scanner_defaults.batch, i64::from)),
+        );
+        put(
+            &mut scanner,
+            "max_attempts",
+            int(sc
+                .max_attempts
+                .map_or(scanner_defaults.max_attempts, i64::from)),
+        );
+        put(
+            &mut scanner,
+            "lease",
+            duration(sc.lease.unwrap_or(scanner_defaults.lease)),
+        );
+        put(
+            &mut scanner,
+            "backoff",
+            duration(sc.backoff.unwrap_or(scanner_defaults.backoff)),
+        );
+        put(&mut root, "scanner", Value::Table(scanner));
 
         let mut metrics = Table::new();
         put(
@@ -1550,6 +1793,20 @@ impl Config {
                 };
                 put(&mut dedup, "missing_key", text(missing));
                 put(&mut consumer, "dedup", Value::Table(dedup));
+            }
+            if let Some(b) = &c.breaker {
+                let b = b.config();
+                let mut breaker = Table::new();
+                put(&mut breaker, "window", int(b.window));
+                put(&mut breaker, "min_calls", int(b.min_calls));
+                put(&mut breaker, "failure_ratio", Value::Float(b.failure_ratio));
+                put(&mut breaker, "cooldown", duration(b.cooldown));
+                put(
+                    &mut breaker,
+                    "successes_to_close",
+                    int(b.successes_to_close),
+                );
+                put(&mut consumer, "breaker", Value::Table(breaker));
             }
             consumers.push(Value::Table(consumer));
         }
@@ -2294,7 +2551,9 @@ mod tests {
              tls.server_name = \"rabbit.internal\"\ntls.insecure_skip_verify = false\n\
              [reconnect]\ninitial = \"50ms\"\nmax = \"2s\"\nmax_attempts = 7\n\
              [store]\nurl = \"postgres://u:pw@db/backstop\"\nretention = \"7days\"\n\
-             scan_interval = \"5s\"\nfirst_redrive = \"10s\"\n\
+             first_redrive = \"10s\"\n\
+             [scanner]\nenabled = true\ninterval = \"5s\"\nbatch = 7\nmax_attempts = 3\n\
+             lease = \"2m\"\nbackoff = \"15s\"\n\
              [metrics]\nlisten = \"127.0.0.1:9000\"\n\
              [publish]\nlisten = \"127.0.0.1:9001\"\ntoken = \"tok\"\nspool = \"/s.db\"\n\
              spool_max_messages = 10\nspool_max_bytes = 1000\nchannels = 2\n\
@@ -2309,7 +2568,9 @@ mod tests {
              handler.http.timeout = \"5s\"\nretry.delays = [\"1s\", \"10s\"]\nretry.immediate = 1\n\
              retry.exhausted = \"store\"\ndedup.key = \"json:/id\"\ndedup.ttl = \"1day\"\n\
              dedup.lease = \"1m\"\ndedup.store = \"redis://127.0.0.1:6379\"\n\
-             dedup.missing_key = \"reject\"\n"
+             dedup.missing_key = \"reject\"\n\
+             breaker = {{ window = 8, min_calls = 4, failure_ratio = 0.75, cooldown = \"3s\", \
+             successes_to_close = 2 }}\n"
         );
         let config = Config::parse(&text, "test.toml").expect("valid");
         let shown = config.normalized();
@@ -2536,6 +2797,161 @@ mod tests {
                 wrong.push(format!(
                     "expected {key} at {line} saying {says:?} in {err:?} for\n{lines}"
                 ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// Issue 20 item 3: `consumer.breaker` reaches the library's
+    /// [`BreakerConfig`](crate::breaker::BreakerConfig), defaults filled in.
+    #[test]
+    fn the_breaker_settings_reach_the_breaker_config() {
+        let base = "[[consumer]]\nqueue = \"orders\"\nhandler.http.url = \"http://h:1/\"\n";
+        let config = Config::parse(base, "test.toml").expect("valid");
+        assert!(
+            config.consumers[0].breaker.is_none(),
+            "off unless configured"
+        );
+        let text = format!("{base}breaker = {{ window = 6, cooldown = \"2s\" }}\n");
+        let config = Config::parse(&text, "test.toml").expect("valid");
+        let breaker = config.consumers[0]
+            .breaker
+            .as_ref()
+            .expect("present")
+            .config();
+        assert_eq!(
+            breaker,
+            crate::breaker::BreakerConfig {
+                window: 6,
+                min_calls: 6,
+                failure_ratio: 0.5,
+                cooldown: Duration::from_secs(2),
+                successes_to_close: 3,
+            }
+        );
+        assert!(breaker.validate().is_ok());
+        let shown = config.normalized();
+        assert!(shown.contains("[consumer.breaker]"), "{shown}");
+        assert!(shown.contains("failure_ratio = 0.5"), "{shown}");
+        let text = format!("{base}[consumer.breaker]\nfailure_ratio = 1\n");
+        let config = Config::parse(&text, "test.toml").expect("an integer ratio is fine");
+        assert_eq!(
+            config.consumers[0]
+                .breaker
+                .as_ref()
+                .map(|b| b.config().failure_ratio),
+            Some(1.0)
+        );
+    }
+
+    /// Issue 20 items 3 and 4: bad breaker and scanner values are errors
+    /// naming the line and the key.
+    #[test]
+    fn bad_breaker_and_scanner_values_are_named_with_their_line() {
+        let consumer = |lines: &str| {
+            format!(
+                "[store]\nurl = \"sqlite://b.db\"\n[[consumer]]\nqueue = \"orders\"\n\
+                 handler.http.url = \"http://h:1/\"\n{lines}\n"
+            )
+        };
+        let mut wrong = Vec::new();
+        for (text, key, line) in [
+            (
+                consumer("breaker = { window = 0 }"),
+                "consumer[0].breaker.window",
+                "line 6",
+            ),
+            (
+                consumer("breaker = { min_calls = 0 }"),
+                "consumer[0].breaker.min_calls",
+                "line 6",
+            ),
+            (
+                consumer("breaker.window = 5\nbreaker.min_calls = 6"),
+                "consumer[0].breaker.min_calls",
+                "line 7",
+            ),
+            (
+                consumer("breaker = { failure_ratio = 0.0 }"),
+                "consumer[0].breaker.failure_ratio",
+                "line 6",
+            ),
+            (
+                consumer("breaker = { failure_ratio = 1.5 }"),
+                "consumer[0].breaker.failure_ratio",
+                "line 6",
+            ),
+            (
+                consumer("breaker = { failure_ratio = nan }"),
+                "consumer[0].breaker.failure_ratio",
+                "line 6",
+            ),
+            (
+                consumer("[consumer.breaker]\ncooldown = \"0s\""),
+                "consumer[0].breaker.cooldown",
+                "line 7",
+            ),
+            (
+                consumer("breaker = { successes_to_close = 0 }"),
+                "consumer[0].breaker.successes_to_close",
+                "line 6",
+            ),
+            (
+                consumer("breaker = { windw = 3 }"),
+                "consumer[0].breaker.windw",
+                "line 6",
+            ),
+            (
+                consumer("breaker = { cooldown = \"soon\" }"),
+                "consumer[0].breaker.cooldown",
+                "line 6",
+            ),
+            (
+                consumer("[scanner]\ninterval = \"0s\""),
+                "scanner.interval",
+                "line 7",
+            ),
+            (consumer("[scanner]\nbatch = 0"), "scanner.batch", "line 7"),
+            (consumer("[scanner]\nbatch = -1"), "scanner.batch", "line 7"),
+            (
+                consumer("[scanner]\nmax_attempts = 0"),
+                "scanner.max_attempts",
+                "line 7",
+            ),
+            (
+                consumer("[scanner]\nlease = \"500ms\""),
+                "scanner.lease",
+                "line 7",
+            ),
+            (
+                consumer("[scanner]\nbackoff = \"0s\""),
+                "scanner.backoff",
+                "line 7",
+            ),
+            (
+                consumer("[scanner]\nenabled = \"yes\""),
+                "scanner.enabled",
+                "line 7",
+            ),
+            (
+                "[scanner]\nenabled = true\n".to_owned(),
+                "scanner.enabled",
+                "line 2",
+            ),
+            (
+                "[store]\nscan_interval = \"1s\"\n[scanner]\ninterval = \"2s\"\n".to_owned(),
+                "scanner.interval",
+                "line 4",
+            ),
+            (
+                "[store]\nscan_interval = \"0s\"\n".to_owned(),
+                "store.scan_interval",
+                "line 2",
+            ),
+        ] {
+            let err = error_of(&text);
+            if !(err.contains(&format!("key {key}:")) && err.contains(&format!("{line}, "))) {
+                wrong.push(format!("expected {key} at {line} in {err:?} for\n{text}"));
             }
         }
         assert!(wrong.is_empty(), "{}", wrong.join("\n"));
@@ -2790,6 +3206,59 @@ mod tests {
             assert!(err.contains(reason), "{reason} not in {err}");
             assert!(!err.contains("hidden"), "a header value in {err}");
         }
+    }
+
+    /// Issue 20 item 4: `[scanner]` reaches the scanners' configuration;
+    /// they are on by default with a store, off with `enabled = false`, and
+    /// `[store] scan_interval` still sets the interval.
+    #[test]
+    fn the_scanner_settings_reach_the_scanner_config() {
+        let none = Config::parse("", "test.toml").expect("valid");
+        assert!(!none.scanner_enabled(), "no store, no scanner");
+        assert!(none.scanner_config("q").is_none());
+        assert!(none.normalized().contains("enabled = false"));
+        let store = "[store]\nurl = \"sqlite://b.db\"\n";
+        let config = Config::parse(store, "test.toml").expect("valid");
+        let defaults = crate::store::ScannerConfig::default();
+        let scanner = config.scanner_config("q").expect("on with a store");
+        assert_eq!(
+            (scanner.interval, scanner.batch, scanner.max_attempts),
+            (
+                Duration::from_secs(30),
+                defaults.batch,
+                defaults.max_attempts
+            )
+        );
+        assert_eq!(
+            (scanner.lease, scanner.backoff),
+            (defaults.lease, defaults.backoff)
+        );
+        let text = format!(
+            "{store}[scanner]\ninterval = \"250ms\"\nbatch = 2\nmax_attempts = 9\n\
+             lease = \"3s\"\nbackoff = \"1s\"\n"
+        );
+        let config = Config::parse(&text, "test.toml").expect("valid");
+        let scanner = config.scanner_config("q").expect("on");
+        assert_eq!(scanner.queue.as_deref(), Some("q"));
+        assert_eq!(
+            (scanner.interval, scanner.batch, scanner.max_attempts),
+            (Duration::from_millis(250), 2, 9)
+        );
+        assert_eq!(
+            (scanner.lease, scanner.backoff),
+            (Duration::from_secs(3), Duration::from_secs(1))
+        );
+        let off = format!("{store}[scanner]\nenabled = false\n");
+        let config = Config::parse(&off, "test.toml").expect("valid");
+        assert!(config.scanner_config("q").is_none(), "enabled = false wins");
+        assert!(config.normalized().contains("enabled = false"));
+        let old = format!("{store}scan_interval = \"4s\"\n");
+        let config = Config::parse(&old, "test.toml").expect("the older spelling");
+        assert_eq!(config.scan_interval(), Duration::from_secs(4));
+        let shown = config.normalized();
+        assert!(shown.contains("interval = \"4s\""), "{shown}");
+        let again = Config::parse(&shown, "shown.toml").expect("parses back");
+        assert_eq!(again.scan_interval(), Duration::from_secs(4));
     }
 
     #[test]

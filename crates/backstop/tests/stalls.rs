@@ -18,8 +18,8 @@ use backstop::store::{
     RedriveOutcome, SqlStore, Status, StoreError,
 };
 use backstop_testkit::{
-    FaultProxy, amqp_url, broker_addr, connect, delete_queue, publish, rabbitmqctl, unique,
-    url_via, wait_until,
+    FaultProxy, amqp_url, broker_addr, connect, consumer_prefetches, delete_queue, publish,
+    rabbitmqctl, unique, url_via, wait_until,
 };
 use common::*;
 use futures_util::future::BoxFuture;
@@ -29,38 +29,6 @@ use std::time::{Duration, Instant};
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
-}
-
-/// The prefetch of every consumer of `queue`, as the broker reports it.
-/// Panics when `rabbitmqctl` fails or prints a line it cannot read.
-async fn consumer_prefetches(queue: &str) -> Vec<u64> {
-    let queue = queue.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let out = rabbitmqctl(&[
-            "-q",
-            "list_consumers",
-            "--no-table-headers",
-            "queue_name",
-            "prefetch_count",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        out.lines()
-            .filter(|l| !l.trim().is_empty())
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                match fields.as_slice() {
-                    [name, prefetch] => (*name == queue).then(|| {
-                        prefetch.parse().unwrap_or_else(|_| {
-                            panic!("cannot read rabbitmqctl list_consumers line {line:?}")
-                        })
-                    }),
-                    _ => panic!("cannot read rabbitmqctl list_consumers line {line:?}"),
-                }
-            })
-            .collect()
-    })
-    .await
-    .expect("rabbitmqctl task")
 }
 
 async fn breaker_reaches(

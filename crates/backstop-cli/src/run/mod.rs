@@ -25,6 +25,7 @@ use backstop::connection::ConnectionSupervisor;
 use backstop::consumer::{Consumer, ConsumerConfig, ConsumerHandle};
 use backstop::retry::{Exhausted, RetryPolicy};
 use backstop::store::{CompensationStore, Redrive, Scanner, ScannerConfig, SqlStore};
+use backstop::topology::{Queue, Topology};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -121,6 +122,9 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or(StoreConfig::DEFAULT_FIRST_REDRIVE);
             consumer = consumer.compensation_store(store.clone(), first_redrive);
         }
+        if let Some(breaker) = &settings.breaker {
+            consumer = consumer.circuit_breaker(breaker.config());
+        }
         if let Some(timeout) = settings.consumer_timeout {
             consumer = consumer.consumer_timeout(timeout);
         }
@@ -154,29 +158,30 @@ pub(crate) async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Stored messages are re-driven by republishing them to their queue:
     // one scanner per queue that stores, re-driving that queue's rows only,
     // so services sharing one PostgreSQL store never re-drive each other's.
+    // `[scanner] enabled = false` leaves them off, the rows waiting.
     let scanners: Vec<_> = match &store {
         Some(store) => config
             .consumers
             .iter()
             .filter(|c| c.retry.exhausted == Some(Exhausted::Store))
-            .map(|c| {
+            .filter_map(|c| config.scanner_config(&c.queue))
+            .map(|scanner| {
+                info!(queue = ?scanner.queue, interval = ?scanner.interval, batch = scanner.batch,
+                    max_attempts = scanner.max_attempts, lease = ?scanner.lease,
+                    backoff = ?scanner.backoff, "store scanner started");
                 Scanner::new(
                     store.clone(),
                     Redrive::Republish(supervisor.clone()),
-                    ScannerConfig {
-                        queue: Some(c.queue.clone()),
-                        interval: config
-                            .store
-                            .scan_interval
-                            .unwrap_or(StoreConfig::DEFAULT_SCAN_INTERVAL),
-                        ..ScannerConfig::default()
-                    },
+                    scanner,
                 )
                 .spawn()
             })
             .collect(),
         None => Vec::new(),
     };
+    if store.is_some() && !config.scanner_enabled() {
+        warn!("[scanner] enabled = false: stored rows are not re-driven by this process");
+    }
 
     let publishing = match &config.publish {
         Some(settings) => Some(publish::start(&config, settings, publish_stop).await?),

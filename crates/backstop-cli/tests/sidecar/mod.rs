@@ -67,6 +67,36 @@ pub fn start_run_logging(config: &str, filter: &str, stderr: impl Into<Stdio>) -
     Running(child)
 }
 
+/// Starts `backstop run` with the log filter `filter`, its log going to a
+/// new file named after `name` in the temp directory: (the process, the
+/// file's path).
+pub fn start_run_logged(config: &str, filter: &str, name: &str) -> (Running, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("{name}.log"));
+    let file = std::fs::File::create(&path).expect("create the log file");
+    (start_run_logging(config, filter, file), path)
+}
+
+/// The `Backstop-Message-Id` header of a request to a test endpoint ("" when
+/// it has none).
+pub fn message_id(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("backstop-message-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// A new connection to the broker and a channel on it in confirm mode.
+pub async fn confirmed_channel() -> (lapin::Connection, lapin::Channel) {
+    let connection = backstop_testkit::connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    (connection, channel)
+}
+
 /// Starts `backstop run` and waits until `/readyz` says every consumer is
 /// subscribed (so the queues exist before anything is published).
 pub async fn start_ready(config: &str, metrics_port: u16) -> Running {
@@ -117,12 +147,7 @@ pub async fn wait_exit(run: &mut Running, within: Duration) -> (Option<i32>, Dur
 }
 
 pub async fn publish(queue: &str, messages: &[(&str, String)]) {
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+    let (connection, channel) = confirmed_channel().await;
     for (id, body) in messages {
         let mut headers = FieldTable::default();
         headers.insert("x-tenant".into(), AMQPValue::LongString("acme".into()));
