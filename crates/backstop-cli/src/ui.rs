@@ -1,7 +1,6 @@
 //! Shared pieces of the commands: the broker address and progress bars.
 
 use crate::UsageError;
-use backstop::RedactedUri;
 use backstop::config::Config;
 use backstop::connection::ConnectionSupervisor;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -56,6 +55,7 @@ impl BrokerArgs {
 }
 
 /// The broker's `host:port` as a loopback socket address, for the fault proxy.
+#[cfg(feature = "fault-tools")]
 pub(crate) fn loopback_addr(uri: &str) -> anyhow::Result<std::net::SocketAddr> {
     let parsed = backstop::connection::parse_uri(uri)?;
     let host = match parsed.authority.host.as_str() {
@@ -68,13 +68,13 @@ pub(crate) fn loopback_addr(uri: &str) -> anyhow::Result<std::net::SocketAddr> {
             UsageError(format!(
                 "the demo injects faults through a loopback proxy, so the broker must be \
                  on a loopback IP address; {} is not",
-                RedactedUri::new(uri)
+                backstop::RedactedUri::new(uri)
             ))
         })?;
     if !addr.ip().is_loopback() {
         return Err(UsageError(format!(
             "the demo only injects faults on loopback; {} is not a loopback broker",
-            RedactedUri::new(uri)
+            backstop::RedactedUri::new(uri)
         ))
         .into());
     }
