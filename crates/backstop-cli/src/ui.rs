@@ -48,7 +48,9 @@ impl BrokerArgs {
 
     /// A supervisor for the command's own direct connection, built from the
     /// whole `[broker]` section (TLS, addresses, heartbeat ...) by
-    /// [`Config::connection_config`], like every other command's.
+    /// [`Config::connection_config`], like every other command's (the
+    /// benchmarks': a build with the fault tools).
+    #[cfg(feature = "fault-tools")]
     pub(crate) fn direct_supervisor(&self, name: &str) -> anyhow::Result<ConnectionSupervisor> {
         Ok(direct_supervisor(&self.config()?, name)?)
     }
