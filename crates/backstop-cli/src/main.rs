@@ -2,17 +2,25 @@
 //! arguments, runs one command and maps failures to exit codes
 //! (0 ok, 1 runtime failure, 2 bad usage or configuration).
 
+// The demo, benchmark and fault tools: only with the `fault-tools` feature
+// (the test kit), which scripts/test and scripts/demo turn on.
+#[cfg(feature = "fault-tools")]
 mod bench;
+#[cfg(feature = "fault-tools")]
 mod chaos;
 mod console;
+#[cfg(feature = "fault-tools")]
 mod demo;
 mod dlq;
 mod failed;
 mod publish;
 mod run;
+#[cfg(feature = "fault-tools")]
 mod servers;
+#[cfg(feature = "fault-tools")]
 mod sidecar;
 mod topology;
+#[cfg(feature = "fault-tools")]
 mod torture;
 mod ui;
 
@@ -21,7 +29,8 @@ use std::process::ExitCode;
 
 /// RabbitMQ consumers and publishers that never lose a message: the sidecar
 /// (`backstop run`), operator tools for dead-letter queues, the compensation
-/// store and the review console, and the demo, benchmarks and fault tests.
+/// store and the review console, and (in a build with the `fault-tools`
+/// feature) the demo, benchmarks and fault tests.
 #[derive(Debug, Parser)]
 #[command(name = "backstop", version, after_help = ENVIRONMENT)]
 struct Cli {
@@ -78,8 +87,10 @@ enum Command {
     Topology(topology::TopologyCommand),
     /// Publish, then consume through a proxy that keeps cutting and
     /// blackholing the connection; prints a ledger that must show lost=0.
+    #[cfg(feature = "fault-tools")]
     Demo(demo::DemoArgs),
     /// Benchmarks.
+    #[cfg(feature = "fault-tools")]
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Dead-letter queue tools: list, replay, purge.
@@ -94,11 +105,13 @@ enum Command {
     /// The randomized ledger test: the real sidecar under a seeded mix of
     /// endpoint answers, message shapes and faults, with every message and
     /// business id checked at the end of each round. Prints the seed.
+    #[cfg(feature = "fault-tools")]
     Torture(torture::TortureArgs),
     /// The fault matrix on the three-node cluster of scripts/cluster.sh:
     /// three sidecars sharing a PostgreSQL store and a dedup store, orders
     /// published with confirms throughout, a ledger (lost must be 0, every
     /// duplicate effect explained), a JSON report and an SVG picture.
+    #[cfg(feature = "fault-tools")]
     Chaos(chaos::ChaosArgs),
 }
 
@@ -108,6 +121,7 @@ enum ConfigCommand {
     Check(run::CheckArgs),
 }
 
+#[cfg(feature = "fault-tools")]
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Consume throughput against the broker's auto-ack ceiling, in one run.
@@ -126,6 +140,19 @@ enum BenchCommand {
     /// Forced closes and a blackhole while consuming: the time until
     /// deliveries are handled again on a new channel.
     Reconnect(bench::ReconnectArgs),
+}
+
+/// Runs one `backstop bench` command.
+#[cfg(feature = "fault-tools")]
+async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BenchCommand::Consume(args) => bench::consume(args).await,
+        BenchCommand::Store(args) => bench::store(args).await,
+        BenchCommand::Publish(args) => bench::publish(args).await,
+        BenchCommand::GroupRetry(args) => bench::group_retry(args).await,
+        BenchCommand::Run(args) => bench::run_bench(args).await,
+        BenchCommand::Reconnect(args) => bench::reconnect(args).await,
+    }
 }
 
 /// An error the CLI reports with exit code 2: bad usage or configuration.
@@ -165,17 +192,16 @@ fn main() -> ExitCode {
             Command::Config(ConfigCommand::Check(args)) => run::check(args),
             Command::Topology(command) => topology::run(command).await,
             Command::Publish(args) => publish::run(args).await,
-            Command::Demo(args) => demo::run(args).await,
-            Command::Bench(BenchCommand::Consume(args)) => bench::consume(args).await,
-            Command::Bench(BenchCommand::Store(args)) => bench::store(args).await,
-            Command::Bench(BenchCommand::Publish(args)) => bench::publish(args).await,
-            Command::Bench(BenchCommand::GroupRetry(args)) => bench::group_retry(args).await,
-            Command::Bench(BenchCommand::Run(args)) => bench::run_bench(args).await,
-            Command::Bench(BenchCommand::Reconnect(args)) => bench::reconnect(args).await,
             Command::Dlq(command) => dlq::run(command).await,
             Command::Failed(command) => failed::run(command).await,
             Command::Console(args) => console::run(args).await,
+            #[cfg(feature = "fault-tools")]
+            Command::Demo(args) => demo::run(args).await,
+            #[cfg(feature = "fault-tools")]
+            Command::Bench(command) => bench(command).await,
+            #[cfg(feature = "fault-tools")]
             Command::Torture(args) => torture::run(args).await,
+            #[cfg(feature = "fault-tools")]
             Command::Chaos(args) => chaos::run(args).await,
         }
     });

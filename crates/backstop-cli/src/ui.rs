@@ -1,7 +1,6 @@
 //! Shared pieces of the commands: the broker address and progress bars.
 
 use crate::UsageError;
-use backstop::RedactedUri;
 use backstop::config::Config;
 use backstop::connection::ConnectionSupervisor;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -49,13 +48,16 @@ impl BrokerArgs {
 
     /// A supervisor for the command's own direct connection, built from the
     /// whole `[broker]` section (TLS, addresses, heartbeat ...) by
-    /// [`Config::connection_config`], like every other command's.
+    /// [`Config::connection_config`], like every other command's (the
+    /// benchmarks': a build with the fault tools).
+    #[cfg(feature = "fault-tools")]
     pub(crate) fn direct_supervisor(&self, name: &str) -> anyhow::Result<ConnectionSupervisor> {
         Ok(direct_supervisor(&self.config()?, name)?)
     }
 }
 
 /// The broker's `host:port` as a loopback socket address, for the fault proxy.
+#[cfg(feature = "fault-tools")]
 pub(crate) fn loopback_addr(uri: &str) -> anyhow::Result<std::net::SocketAddr> {
     let parsed = backstop::connection::parse_uri(uri)?;
     let host = match parsed.authority.host.as_str() {
@@ -68,13 +70,13 @@ pub(crate) fn loopback_addr(uri: &str) -> anyhow::Result<std::net::SocketAddr> {
             UsageError(format!(
                 "the demo injects faults through a loopback proxy, so the broker must be \
                  on a loopback IP address; {} is not",
-                RedactedUri::new(uri)
+                backstop::RedactedUri::new(uri)
             ))
         })?;
     if !addr.ip().is_loopback() {
         return Err(UsageError(format!(
             "the demo only injects faults on loopback; {} is not a loopback broker",
-            RedactedUri::new(uri)
+            backstop::RedactedUri::new(uri)
         ))
         .into());
     }

@@ -1,6 +1,8 @@
 //! The real `backstop` binary, run as a user would.
 
-use backstop_testkit::{broker_addr, unique, url_via};
+use backstop_testkit::unique;
+#[cfg(feature = "fault-tools")]
+use backstop_testkit::{broker_addr, url_via};
 use std::process::Command;
 
 fn backstop(args: &[&str]) -> (i32, String, String) {
@@ -17,6 +19,8 @@ fn backstop(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+// `demo` and `bench` are in a build with the fault tools only.
+#[cfg(feature = "fault-tools")]
 #[test]
 fn the_demo_loses_nothing_under_faults() {
     let queue = unique("cli-demo");
@@ -57,6 +61,7 @@ fn the_demo_loses_nothing_under_faults() {
     assert_eq!(code, 0, "{stderr}");
 }
 
+#[cfg(feature = "fault-tools")]
 #[test]
 fn an_invalid_uri_exits_2_and_names_the_problem() {
     let (code, _, stderr) = backstop(&["demo", "--uri", "amqp://guest:secret@127.0.0.1:99999/"]);
@@ -66,6 +71,7 @@ fn an_invalid_uri_exits_2_and_names_the_problem() {
     assert!(!stderr.contains("secret"), "{stderr}");
 }
 
+#[cfg(feature = "fault-tools")]
 #[test]
 fn wrong_credentials_exit_2_with_access_refused() {
     let uri = url_via("amqp://guest:not-the-password@x/%2f", broker_addr());
@@ -75,6 +81,7 @@ fn wrong_credentials_exit_2_with_access_refused() {
     assert!(!stderr.contains("not-the-password"), "{stderr}");
 }
 
+#[cfg(feature = "fault-tools")]
 #[test]
 fn bad_bench_arguments_exit_2() {
     let (code, _, stderr) = backstop(&["bench", "consume", "--prefetch", "0"]);
@@ -83,6 +90,21 @@ fn bad_bench_arguments_exit_2() {
     assert_eq!(code, 2);
     let (code, _, stderr) = backstop(&["bench", "publish", "--messages", "0"]);
     assert_eq!(code, 2, "{stderr}");
+}
+
+/// Issue 18: a build without the `fault-tools` feature (`cargo install`)
+/// has none of the demo, benchmark and fault tools.
+#[cfg(not(feature = "fault-tools"))]
+#[test]
+fn a_build_without_fault_tools_has_no_demo_bench_torture_or_chaos() {
+    for command in ["demo", "bench", "torture", "chaos"] {
+        let (code, _, stderr) = backstop(&[command, "--help"]);
+        assert_eq!(code, 2, "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!("unrecognized subcommand '{command}'")),
+            "{command}: {stderr}"
+        );
+    }
 }
 
 /// Issue 18: off a terminal (stderr is a pipe here) the logs carry no ANSI

@@ -75,7 +75,7 @@ fn free_port() -> u16 {
 
 /// Where the screenshots of all tests go: `BACKSTOP_SCREENSHOT_DIR`, else
 /// `console-screenshots` in the target directory of the running test binary
-/// (`target/release/deps/<test>` → `target/console-screenshots`).
+/// (`target/<profile>/deps/<test>` → `target/console-screenshots`).
 pub fn screenshot_root() -> PathBuf {
     if let Ok(dir) = std::env::var("BACKSTOP_SCREENSHOT_DIR") {
         return dir.into();

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! BACKSTOP_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f \
-//!     cargo run --release -p backstop --example consume -- orders
+//!     cargo run --profile testing -p backstop --example consume -- orders
 //! ```
 //!
 //! Cut the broker's connections meanwhile (`rabbitmqctl close_all_connections
