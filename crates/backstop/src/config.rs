@@ -526,6 +526,13 @@ impl BreakerSettings {
         if config.window == 0 {
             return Err(("breaker.window", "must be at least 1".into()));
         }
+        // The breaker keeps one result per call of the window.
+        if config.window > MAX_BREAKER_WINDOW {
+            return Err((
+                "breaker.window",
+                format!("{} is above {MAX_BREAKER_WINDOW} calls", config.window),
+            ));
+        }
         if config.min_calls == 0 {
             return Err(("breaker.min_calls", "must be at least 1".into()));
         }
@@ -549,6 +556,18 @@ impl BreakerSettings {
         }
         if config.successes_to_close == 0 {
             return Err(("breaker.successes_to_close", "must be at least 1".into()));
+        }
+        // Half-open consumes one delivery at a time: a breaker that needs
+        // thousands of successes to close stays there for ever.
+        if config.successes_to_close > MAX_SUCCESSES_TO_CLOSE {
+            return Err((
+                "breaker.successes_to_close",
+                format!(
+                    "{} is above {MAX_SUCCESSES_TO_CLOSE}: the consumer would stay half-open \
+                     (one delivery at a time) for that many calls",
+                    config.successes_to_close
+                ),
+            ));
         }
         Ok(())
     }
@@ -880,8 +899,18 @@ pub struct ScannerSettings {
 }
 
 /// The shortest `[scanner] lease`: a claim must outlast a re-drive, whose
-/// publish is confirmed within half the lease.
-pub const MIN_SCANNER_LEASE: Duration = Duration::from_secs(1);
+/// publish is confirmed within half the lease, and the leases of scanners on
+/// several hosts are compared across their clocks.
+pub const MIN_SCANNER_LEASE: Duration = Duration::from_secs(10);
+
+/// The shortest `[scanner] interval`: each scan opens a channel.
+pub const MIN_SCANNER_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The largest `breaker.window`.
+pub const MAX_BREAKER_WINDOW: usize = 100_000;
+
+/// The largest `breaker.successes_to_close`.
+pub const MAX_SUCCESSES_TO_CLOSE: u32 = 1_000;
 
 impl Config {
     /// Whether `backstop run` starts its scanners: a store is set and
@@ -930,11 +959,19 @@ impl Config {
                 "store.scan_interval is the older spelling of scanner.interval: set one".into(),
             ));
         }
-        if s.interval.is_some_and(|d| d.is_zero()) {
-            return Err(("scanner", "interval", "must be above zero".into()));
+        let too_short = format!(
+            "must be at least {} (each scan opens a channel)",
+            humantime::format_duration(MIN_SCANNER_INTERVAL)
+        );
+        if s.interval.is_some_and(|d| d < MIN_SCANNER_INTERVAL) {
+            return Err(("scanner", "interval", too_short));
         }
-        if self.store.scan_interval.is_some_and(|d| d.is_zero()) {
-            return Err(("store", "scan_interval", "must be above zero".into()));
+        if self
+            .store
+            .scan_interval
+            .is_some_and(|d| d < MIN_SCANNER_INTERVAL)
+        {
+            return Err(("store", "scan_interval", too_short));
         }
         if s.batch == Some(0) {
             return Err(("scanner", "batch", "must be at least 1".into()));
@@ -2862,6 +2899,21 @@ mod tests {
                 "line 6",
             ),
             (
+                consumer("breaker = { window = 100001 }"),
+                "consumer[0].breaker.window",
+                "line 6",
+            ),
+            (
+                consumer("breaker = { successes_to_close = 1001 }"),
+                "consumer[0].breaker.successes_to_close",
+                "line 6",
+            ),
+            (
+                consumer("[scanner]\ninterval = \"50ms\""),
+                "scanner.interval",
+                "line 7",
+            ),
+            (
                 consumer("breaker = { min_calls = 0 }"),
                 "consumer[0].breaker.min_calls",
                 "line 6",
@@ -2919,7 +2971,7 @@ mod tests {
                 "line 7",
             ),
             (
-                consumer("[scanner]\nlease = \"500ms\""),
+                consumer("[scanner]\nlease = \"9s\""),
                 "scanner.lease",
                 "line 7",
             ),
@@ -3235,7 +3287,7 @@ mod tests {
         );
         let text = format!(
             "{store}[scanner]\ninterval = \"250ms\"\nbatch = 2\nmax_attempts = 9\n\
-             lease = \"3s\"\nbackoff = \"1s\"\n"
+             lease = \"10s\"\nbackoff = \"1s\"\n"
         );
         let config = Config::parse(&text, "test.toml").expect("valid");
         let scanner = config.scanner_config("q").expect("on");
@@ -3246,7 +3298,7 @@ mod tests {
         );
         assert_eq!(
             (scanner.lease, scanner.backoff),
-            (Duration::from_secs(3), Duration::from_secs(1))
+            (Duration::from_secs(10), Duration::from_secs(1))
         );
         let off = format!("{store}[scanner]\nenabled = false\n");
         let config = Config::parse(&off, "test.toml").expect("valid");

@@ -613,6 +613,9 @@ async fn two_scanners_never_claim_the_same_row(store: SqlStore) {
             ScannerConfig {
                 batch: 7,
                 owner: owner.to_owned(),
+                // This test's rows only: another binary's rows in the
+                // shared database are not ours to resolve.
+                queue: Some(queue.clone()),
                 ..ScannerConfig::default()
             },
         )
