@@ -727,7 +727,9 @@ fn reserved_header(name: &str) -> bool {
 }
 
 /// `value` with each `${NAME}` replaced by the variable `NAME` as `lookup`
-/// (the environment) gives it. The error names the variable, never a value.
+/// (the environment) gives it. The error gives the byte offset of the
+/// `${` and names a (well-formed) variable, never any other text of the
+/// value: a literal secret may hold a `${`.
 fn interpolate(
     value: &str,
     lookup: impl Fn(&str) -> std::result::Result<String, std::env::VarError>,
@@ -736,10 +738,11 @@ fn interpolate(
     let mut rest = value;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
+        let at = value.len() - rest.len() + start;
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| "a \"${\" is not closed by \"}\"".to_owned())?;
+        let end = after.find('}').ok_or_else(|| {
+            format!("the \"${{\" at byte {at} of the value is not closed by \"}}\"")
+        })?;
         let name = &after[..end];
         let valid = name
             .chars()
@@ -748,7 +751,8 @@ fn interpolate(
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
             return Err(format!(
-                "${{{name}}} does not name an environment variable (letters, digits and _)"
+                "the \"${{...}}\" at byte {at} of the value does not name an environment \
+                 variable (letters, digits and _)"
             ));
         }
         match lookup(name) {
@@ -778,6 +782,14 @@ fn header_name_problem(name: &str) -> Option<String> {
     if reserved_header(name) {
         return Some(format!(
             "{name:?} is set by backstop itself (backstop-*, or a header that frames the request)"
+        ));
+    }
+    if name.eq_ignore_ascii_case("accept-encoding") {
+        // A compressed answer could not be quoted in a reason nor read for
+        // its Dapr status.
+        return Some(format!(
+            "{name:?} cannot be set: backstop reads the endpoint's answer and does not \
+             decompress it"
         ));
     }
     None
@@ -3123,9 +3135,31 @@ mod tests {
         assert_eq!(interpolate("no vars", vars).as_deref(), Ok("no vars"));
         let missing = interpolate("Bearer ${ORDERS_TOKEN}", vars).expect_err("missing");
         assert_eq!(missing, "the environment variable ORDERS_TOKEN is not set");
-        assert!(interpolate("${TOKEN", vars).is_err());
-        assert!(interpolate("${1A}", vars).is_err());
         assert!(interpolate("${}", vars).is_err());
+        // A literal secret holding "${" is never quoted: only where it is.
+        assert_eq!(
+            interpolate("ab${1s3cret-hidden}", vars).expect_err("bad name"),
+            "the \"${...}\" at byte 2 of the value does not name an environment variable \
+             (letters, digits and _)"
+        );
+        assert_eq!(
+            interpolate("${TOKEN}x${s3cret-hidden", vars).expect_err("not closed"),
+            "the \"${\" at byte 9 of the value is not closed by \"}\""
+        );
+        let text = endpoint_consumer(
+            "http://h:1/",
+            "handler.http.headers = { X-Key = \"p4ss${w0rd-hidden}\" }",
+        );
+        let err = Config::parse(&text, "test.toml")
+            .expect_err("bad name")
+            .to_string();
+        assert!(
+            err.contains("consumer[0].handler.http.headers.X-Key") && err.contains("byte 4"),
+            "{err}"
+        );
+        for part in ["p4ss", "w0rd", "hidden"] {
+            assert!(!err.contains(part), "{part} in {err}");
+        }
 
         // Through the loader: a variable that is surely unset is an error
         // naming the key and the variable (the file, line and key path).
@@ -3189,6 +3223,14 @@ mod tests {
                 ),
                 "consumer[0].handler.http.headers.backstop-queue",
                 "set by backstop itself",
+            ),
+            (
+                endpoint_consumer(
+                    "http://h:1/",
+                    "handler.http.headers = { Accept-Encoding = \"gzip-hidden\" }",
+                ),
+                "consumer[0].handler.http.headers.Accept-Encoding",
+                "does not decompress",
             ),
             (
                 endpoint_consumer(

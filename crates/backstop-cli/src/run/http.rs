@@ -24,14 +24,16 @@
 //! With `handler.http.response = "dapr"`, a 2xx answer's body decides, as
 //! Dapr's sidecar reads it: `{"status":"RETRY"}` is transient, `"DROP"`
 //! takes the exhausted path ("dropped by the endpoint"), `"SUCCESS"`, no
-//! status, an empty body or one that is not a JSON object with a string
-//! `status` acks, and any other status is transient (see [`dapr_outcome`]).
+//! status, an empty body or one that does not start as a JSON object acks,
+//! and any other status, a body that starts as an object but cannot be read
+//! as one, or a compressed body is transient (see [`dapr_outcome`]).
 //!
 //! Failure reasons reach `x-backstop-error` headers, store rows and logs, so
 //! they never carry the endpoint's credentials: reqwest's errors are shown
 //! without their URL, and URLs are shown through [`RedactedUri`]. The
 //! configured headers (`handler.http.headers`) are marked sensitive and
-//! never quoted.
+//! never quoted, and where an answer's own words are quoted, each configured
+//! value in them (an endpoint echoing the token it refused) is `***`.
 
 use backstop::RedactedUri;
 use backstop::config::{HttpSettings, ResponseContract};
@@ -55,6 +57,9 @@ pub(crate) struct HttpHandler {
     duration: Histogram,
     /// `handler.http.headers`, marked sensitive (their `Debug` hides them).
     configured: HeaderMap,
+    /// The configured header values, and each of their words, of 8 bytes or
+    /// more, longest first: hidden wherever an answer is quoted ([`scrub`]).
+    secrets: Secrets,
     /// `handler.http.response`.
     contract: ResponseContract,
 }
@@ -80,17 +85,18 @@ impl HttpHandler {
     ) -> anyhow::Result<Self> {
         let tls = settings.tls_client_config()?;
         let mut handler = Self::build(queue, &settings.url, settings.timeout(), tls, durations)?;
-        for (name, value) in &settings.headers {
+        for (name, secret) in &settings.headers {
             // Checked when the file was loaded; an error here names the
             // header, never its value.
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| anyhow::anyhow!("handler.http.headers: {name:?} is not a name"))?;
-            let mut value = HeaderValue::from_str(value.expose()).map_err(|_| {
+            let mut value = HeaderValue::from_str(secret.expose()).map_err(|_| {
                 anyhow::anyhow!("handler.http.headers.{name}: the value is not a header value")
             })?;
             value.set_sensitive(true);
             handler.configured.insert(name, value);
         }
+        handler.secrets = Secrets::new(settings.headers.values().map(|s| s.expose()));
         handler.contract = settings.response();
         Ok(handler)
     }
@@ -122,6 +128,7 @@ impl HttpHandler {
                 .get_or_create(&vec![("queue".to_owned(), queue.to_owned())])
                 .clone(),
             configured: HeaderMap::new(),
+            secrets: Secrets::default(),
             contract: ResponseContract::Status,
         })
     }
@@ -226,39 +233,108 @@ pub(crate) fn outcome_of(status: u16, retry_after: Option<Duration>) -> Outcome 
     }
 }
 
-/// The most of a 2xx answer's body read for its Dapr status. A larger one is
-/// not a status answer: it is read as an invalid payload, which acks.
+/// The shortest configured header value (or word of one) hidden in quoted
+/// answers: shorter ones (`Bearer`, `json`) would hide ordinary words.
+const MIN_SECRET: usize = 8;
+
+/// The configured header values, and each of their words, of
+/// [`MIN_SECRET`] bytes or more, longest first: hidden wherever an answer
+/// is quoted.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Secrets(Vec<String>);
+
+impl Secrets {
+    /// The secrets of these configured header values.
+    pub(crate) fn new<'a>(values: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut secrets: Vec<String> = Vec::new();
+        for value in values {
+            secrets.push(value.to_owned());
+            secrets.extend(value.split_whitespace().map(str::to_owned));
+        }
+        secrets.retain(|s| s.len() >= MIN_SECRET);
+        secrets.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        secrets.dedup();
+        Secrets(secrets)
+    }
+
+    /// `text` with each secret in it replaced by `***`. Done before a quote
+    /// is cut, so that no part of a secret is left at the cut.
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        let mut text = text.to_owned();
+        for secret in &self.0 {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), "***");
+            }
+        }
+        text
+    }
+}
+
+/// The most of a 2xx answer's body read for its Dapr status. Past it, a
+/// status object not closed yet is not known: transient.
 const MAX_DAPR_BODY: usize = 64 * 1024;
 
 /// What a 2xx answer (`status`) whose body is `body` means under
-/// `response = "dapr"`, as Dapr's sidecar reads it: the body is JSON
-/// `{"status": ...}`; `SUCCESS`, an empty or missing status, an empty body
-/// and a body that is not such JSON ack (Dapr ignores an invalid payload);
-/// `RETRY` is transient (after `retry_after` if given); `DROP` is
-/// permanent, "dropped by the endpoint"; any other status is transient.
-/// The status is compared as Dapr does, case and all. `None` (a body that
-/// could not be read) is transient: the answer is not known.
+/// `response = "dapr"`, as Dapr's sidecar reads it (Go's `encoding/json`
+/// decoder: the first JSON value only, trailing data ignored, keys matched
+/// case-insensitively, invalid UTF-8 replaced). The body is JSON
+/// `{"status": ...}`; `SUCCESS`, an empty, missing or non-string status,
+/// an empty body and a body whose first byte (after JSON whitespace) is not
+/// `{` ack (Dapr ignores an invalid payload); `RETRY` is transient (after
+/// `retry_after` if given); `DROP` is permanent, "dropped by the endpoint";
+/// any other status is transient, quoted with `secrets` hidden. The status
+/// value is compared as Dapr does, case and all. Its key is `status`, or
+/// else any key equal to it ignoring case (Go takes the last of several
+/// such keys; which one is taken here is not defined). Where Dapr would
+/// ignore the payload but the answer is not known, it is transient: `None`
+/// (a body that could not be read), and a body that starts as an object
+/// but cannot be read as one (cut at [`MAX_DAPR_BODY`], malformed).
 pub(crate) fn dapr_outcome(
     status: u16,
     body: Option<&[u8]>,
     retry_after: Option<Duration>,
+    secrets: &Secrets,
 ) -> Outcome {
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        status: Option<String>,
-    }
     let Some(body) = body else {
         return Outcome::retry(format!(
             "the endpoint answered HTTP {status} but its body (the Dapr status) could not be read"
         ));
     };
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let first = body
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first != Some(&b'{') {
         return Outcome::Ack;
     }
-    let Ok(answer) = serde_json::from_slice::<Answer>(body) else {
-        return Outcome::Ack;
+    let text = String::from_utf8_lossy(body);
+    let first_value = serde_json::Deserializer::from_str(&text)
+        .into_iter::<serde_json::Map<String, serde_json::Value>>()
+        .next();
+    let Some(Ok(answer)) = first_value else {
+        let cut = if body.len() > MAX_DAPR_BODY {
+            " (it is longer than 64 KiB)"
+        } else {
+            ""
+        };
+        return Outcome::retry(format!(
+            "the endpoint answered HTTP {status} with a body that starts as a JSON object but \
+             cannot be read as one{cut}: its Dapr status is not known"
+        ));
     };
-    match answer.status.as_deref().unwrap_or("") {
+    let said = answer.get("status").or_else(|| {
+        answer
+            .iter()
+            .filter(|(key, _)| is_status_key(key))
+            .map(|(_, value)| value)
+            .next_back()
+    });
+    let said = match said {
+        Some(serde_json::Value::String(said)) => said.as_str(),
+        // Null leaves Go's string empty; another type fails the decoding,
+        // which Dapr ignores: success either way.
+        _ => "",
+    };
+    match said {
         "" | "SUCCESS" => Outcome::Ack,
         "RETRY" => Outcome::Retry {
             delay: retry_after,
@@ -269,15 +345,46 @@ pub(crate) fn dapr_outcome(
             delay: retry_after,
             reason: format!(
                 "the endpoint answered HTTP {status} with the unknown status {:?}",
-                one_line(other, 64).unwrap_or_default()
+                one_line(&secrets.scrub(other), 64).unwrap_or_default()
             ),
         },
     }
 }
 
+/// Whether a JSON key is `status` as Go's decoder matches a field name:
+/// case-insensitively, under Unicode simple folding (`ſ`, U+017F, folds to
+/// `s`).
+fn is_status_key(key: &str) -> bool {
+    key.chars()
+        .map(|c| {
+            if c == 'ſ' {
+                's'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
+        .eq("status".chars())
+}
+
+/// Why a response's body cannot be read for its Dapr status: a
+/// `Content-Encoding` other than `identity` (quoted, cut to 32 characters),
+/// or `None`.
+fn coded_body(headers: &HeaderMap) -> Option<String> {
+    for value in headers.get_all(reqwest::header::CONTENT_ENCODING) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        if text
+            .split(',')
+            .map(str::trim)
+            .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case("identity"))
+        {
+            return Some(one_line(&text, 32).unwrap_or_default());
+        }
+    }
+    None
+}
+
 /// The body of `response`, or `None` when it cannot be read. Reading stops
-/// past `max` bytes: a longer body comes back cut, which no JSON parser
-/// accepts, so it counts as an invalid payload.
+/// past `max` bytes: a longer body comes back cut (longer than `max`).
 async fn body_up_to(mut response: reqwest::Response, max: usize) -> Option<Vec<u8>> {
     let mut body = Vec::new();
     while body.len() <= max {
@@ -298,9 +405,9 @@ const MAX_ANSWER_BYTES: usize = 4096;
 /// What a failure answer says, for its reason: the start of its body as
 /// text on one line (control characters as spaces, whitespace collapsed,
 /// at most 200 characters, `...` when cut), or `None` for an empty body,
-/// one that is not UTF-8 text, or one that cannot be read. At most 4 KiB is
-/// read, within the request's timeout.
-async fn answer_text(mut response: reqwest::Response) -> Option<String> {
+/// one that is not UTF-8 text, or one that cannot be read. Each of `secrets`
+/// in it is `***`. At most 4 KiB is read, within the request's timeout.
+async fn answer_text(mut response: reqwest::Response, secrets: &Secrets) -> Option<String> {
     let mut body = Vec::new();
     while body.len() < MAX_ANSWER_BYTES {
         match response.chunk().await {
@@ -316,7 +423,7 @@ async fn answer_text(mut response: reqwest::Response) -> Option<String> {
         Err(e) if e.error_len().is_none() => std::str::from_utf8(&body[..e.valid_up_to()]).ok()?,
         Err(_) => return None,
     };
-    one_line(text, MAX_ANSWER_CHARS)
+    one_line(&secrets.scrub(text), MAX_ANSWER_CHARS)
 }
 
 /// `text` on one line: control characters as spaces, whitespace runs as
@@ -414,10 +521,20 @@ impl Handler for HttpHandler {
             {
                 let status = response.status().as_u16();
                 let delay = retry_after(&response, &self.queue);
-                let body = body_up_to(response, MAX_DAPR_BODY).await;
-                let outcome = dapr_outcome(status, body.as_deref(), delay);
+                let outcome = if let Some(coding) = coded_body(response.headers()) {
+                    Outcome::retry(format!(
+                        "the endpoint answered HTTP {status} with a body in Content-Encoding {:?}: \
+                         its Dapr status is not known",
+                        self.secrets.scrub(&coding)
+                    ))
+                } else {
+                    let body = body_up_to(response, MAX_DAPR_BODY).await;
+                    dapr_outcome(status, body.as_deref(), delay, &self.secrets)
+                };
                 match &outcome {
-                    Outcome::Retry { reason, .. } if reason.contains("unknown status") => {
+                    Outcome::Retry { reason, .. }
+                        if reason.contains("unknown status") || reason.contains("not known") =>
+                    {
                         warn!(queue = %self.queue, status, %reason, "endpoint answered an unknown Dapr status; retrying");
                     }
                     _ => debug!(queue = %self.queue, status, ?outcome, "endpoint answered (dapr)"),
@@ -431,7 +548,7 @@ impl Handler for HttpHandler {
                 {
                     // The endpoint's own words tell one cause from another
                     // (the status alone is masked when failures are grouped).
-                    if let Some(said) = answer_text(response).await {
+                    if let Some(said) = answer_text(response, &self.secrets).await {
                         reason.push_str(": ");
                         reason.push_str(&said);
                     }
@@ -501,7 +618,8 @@ mod tests {
 
     #[test]
     fn the_dapr_contract_reads_a_2xx_body_as_dapr_does() {
-        let ack = |body: &str| dapr_outcome(200, Some(body.as_bytes()), None);
+        let none = Secrets::default();
+        let ack = |body: &str| dapr_outcome(200, Some(body.as_bytes()), None, &none);
         for body in [
             "",
             " \n",
@@ -513,7 +631,7 @@ mod tests {
             "OK",
             "[1,2]",
             r#"{"status":5}"#,
-            r#"{"status":"RETRY""#,
+            "\"{}\"",
         ] {
             assert_eq!(ack(body), Outcome::Ack, "{body:?}");
         }
@@ -521,7 +639,8 @@ mod tests {
             dapr_outcome(
                 202,
                 Some(&br#"{"status":"RETRY","why":"busy"}"#[..]),
-                Some(Duration::from_secs(4))
+                Some(Duration::from_secs(4)),
+                &none
             ),
             Outcome::Retry {
                 delay: Some(Duration::from_secs(4)),
@@ -549,9 +668,138 @@ mod tests {
         }
         // An unreadable body is no answer: retried.
         assert!(matches!(
-            dapr_outcome(200, None, None),
+            dapr_outcome(200, None, None, &none),
             Outcome::Retry { .. }
         ));
+    }
+
+    /// Review of issue 20: a 2xx body Dapr reads as a status is never acked
+    /// on a parse failure. Go's decoder reads the first value only, matches
+    /// the key ignoring case, takes the last duplicate, replaces invalid
+    /// UTF-8; a body that starts as an object but cannot be read as one
+    /// (cut at the cap, malformed) is transient, never an ack.
+    #[test]
+    fn the_dapr_contract_reads_the_first_value_as_go_does_and_never_acks_an_unread_object() {
+        let none = Secrets::default();
+        let outcome = |body: &[u8]| dapr_outcome(200, Some(body), None, &none);
+        let drop = Outcome::reject("dropped by the endpoint");
+        for body in [
+            &br#"{"Status":"DROP"}"#[..],
+            br#"{"STATUS":"DROP"}"#,
+            "{\"\u{17f}tatus\":\"DROP\"}".as_bytes(),
+            br#" {"status":"DROP"} and then some text"#,
+            br#"{"status":"DROP"}{"status":"SUCCESS"}"#,
+            br#"{"status":"SUCCESS","status":"DROP"}"#,
+            b"{\"note\":\"\xff\xfe\",\"status\":\"DROP\"}",
+            // The exact key wins over one equal ignoring case.
+            br#"{"Status":"SUCCESS","status":"DROP"}"#,
+        ] {
+            assert_eq!(outcome(body), drop, "{}", String::from_utf8_lossy(body));
+        }
+        // A complete first value within the cap is read even when the body
+        // goes on past it.
+        let mut long = br#"{"status":"DROP"}"#.to_vec();
+        long.resize(MAX_DAPR_BODY + 1, b' ');
+        assert_eq!(outcome(&long), drop);
+        // Not starting as an object: an invalid payload, acked as by Dapr
+        // (a gzip body's first byte is 0x1f).
+        for body in [
+            &b"\x1f\x8b\x08\x00"[..],
+            b"\x0c{\"status\":\"DROP\"}",
+            b"null",
+        ] {
+            assert_eq!(outcome(body), Outcome::Ack, "{body:?}");
+        }
+        // Starting as an object but not readable as one: transient.
+        let mut cut = br#"{"status":"SUCCESS","pad":""#.to_vec();
+        cut.resize(MAX_DAPR_BODY + 1, b'x');
+        for (body, why) in [
+            (&br#"{"status":"RETRY""#[..], ""),
+            (br#"{"status":"DROP",}"#, ""),
+            (b"\n{", ""),
+            (&cut, " (it is longer than 64 KiB)"),
+        ] {
+            assert_eq!(
+                outcome(body),
+                Outcome::retry(format!(
+                    "the endpoint answered HTTP 200 with a body that starts as a JSON object \
+                     but cannot be read as one{why}: its Dapr status is not known"
+                )),
+                "{}",
+                String::from_utf8_lossy(&body[..body.len().min(40)])
+            );
+        }
+    }
+
+    #[test]
+    fn a_coded_dapr_body_is_named() {
+        use reqwest::header::CONTENT_ENCODING;
+        let coded = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(CONTENT_ENCODING, HeaderValue::from_static(value));
+            }
+            coded_body(&headers)
+        };
+        assert_eq!(coded(&[]), None);
+        assert_eq!(coded(&["identity"]), None);
+        assert_eq!(coded(&["Identity", ""]), None);
+        assert_eq!(coded(&["gzip"]).as_deref(), Some("gzip"));
+        assert_eq!(coded(&["identity", "br"]).as_deref(), Some("br"));
+        assert_eq!(
+            coded(&["identity, zstd"]).as_deref(),
+            Some("identity, zstd")
+        );
+    }
+
+    /// Review of issue 20: an endpoint echoing the configured token in its
+    /// answer does not put it in a reason (x-backstop-error, store rows,
+    /// logs), not even a part of it left at the cut.
+    #[tokio::test]
+    async fn a_configured_header_value_is_never_quoted_from_an_answer() {
+        let secrets = Secrets::new(["Bearer s3cret-t0ken-abc", "k3y-value-9", "short"]);
+        assert_eq!(
+            secrets.scrub("401 invalid token 'Bearer s3cret-t0ken-abc' (s3cret-t0ken-abc)"),
+            "401 invalid token '***' (***)"
+        );
+        assert_eq!(
+            secrets.scrub("short Bearer k3y-value-9"),
+            "short Bearer ***"
+        );
+        let answer = |text: String| {
+            let secrets = secrets.clone();
+            async move {
+                answer_text(
+                    reqwest::Response::from(axum::http::Response::new(text)),
+                    &secrets,
+                )
+                .await
+            }
+        };
+        assert_eq!(
+            answer("401 invalid token 'Bearer s3cret-t0ken-abc'".into())
+                .await
+                .as_deref(),
+            Some("401 invalid token '***'")
+        );
+        let cut = answer(format!("{}s3cret-t0ken-abc", "x".repeat(190))).await;
+        let cut = cut.expect("quoted");
+        assert!(!cut.contains("s3cret"), "{cut}");
+        let status = format!("{}k3y-value-9", "y".repeat(60));
+        match dapr_outcome(
+            200,
+            Some(format!(r#"{{"status":"{status}"}}"#).as_bytes()),
+            None,
+            &secrets,
+        ) {
+            Outcome::Retry { reason, .. } => {
+                assert!(
+                    reason.contains("unknown status") && !reason.contains("k3y"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
