@@ -66,7 +66,8 @@ pub(crate) struct HttpHandler {
 
 impl HttpHandler {
     /// A handler for `queue` posting to `url`, with a pooled client whose
-    /// requests time out after `timeout`.
+    /// requests time out after `timeout` (the demo's).
+    #[cfg(feature = "fault-tools")]
     pub(crate) fn new(
         queue: &str,
         url: &str,
