@@ -284,9 +284,9 @@ const MAX_DAPR_BODY: usize = 64 * 1024;
 /// `{` ack (Dapr ignores an invalid payload); `RETRY` is transient (after
 /// `retry_after` if given); `DROP` is permanent, "dropped by the endpoint";
 /// any other status is transient, quoted with `secrets` hidden. The status
-/// value is compared as Dapr does, case and all. Its key is `status`, or
-/// else any key equal to it ignoring case (Go takes the last of several
-/// such keys; which one is taken here is not defined). Where Dapr would
+/// value is compared as Dapr does, case and all. Its key is `status` or
+/// any key equal to it ignoring case; the last such key in the document
+/// wins, as in Go. Where Dapr would
 /// ignore the payload but the answer is not known, it is transient: `None`
 /// (a body that could not be read), and a body that starts as an object
 /// but cannot be read as one (cut at [`MAX_DAPR_BODY`], malformed).
@@ -309,7 +309,7 @@ pub(crate) fn dapr_outcome(
     }
     let text = String::from_utf8_lossy(body);
     let first_value = serde_json::Deserializer::from_str(&text)
-        .into_iter::<serde_json::Map<String, serde_json::Value>>()
+        .into_iter::<DaprAnswer>()
         .next();
     let Some(Ok(answer)) = first_value else {
         let cut = if body.len() > MAX_DAPR_BODY {
@@ -322,18 +322,11 @@ pub(crate) fn dapr_outcome(
              cannot be read as one{cut}: its Dapr status is not known"
         ));
     };
-    let said = answer.get("status").or_else(|| {
-        answer
-            .iter()
-            .filter(|(key, _)| is_status_key(key))
-            .map(|(_, value)| value)
-            .next_back()
-    });
-    let said = match said {
-        Some(serde_json::Value::String(said)) => said.as_str(),
-        // Null leaves Go's string empty; another type fails the decoding,
-        // which Dapr ignores: success either way.
-        _ => "",
+    // A status that is not a string fails Go's decoding, which Dapr
+    // ignores: success.
+    let said = match &answer {
+        DaprAnswer::Status(said) => said.as_str(),
+        DaprAnswer::NotAString => "",
     };
     match said {
         "" | "SUCCESS" => Outcome::Ack,
@@ -349,6 +342,55 @@ pub(crate) fn dapr_outcome(
                 one_line(&secrets.scrub(other), 64).unwrap_or_default()
             ),
         },
+    }
+}
+
+/// A Dapr answer object as Go's `encoding/json` decodes it into Dapr's
+/// `{ Status string }`: every key that matches `status` ([`is_status_key`])
+/// sets it, in document order, so the last one wins; `null` leaves it as it
+/// was; other values are skipped unread ([`serde::de::IgnoredAny`]: no
+/// number conversion, no building of nested values).
+#[derive(Debug)]
+enum DaprAnswer {
+    /// The status said (`""` when none).
+    Status(String),
+    /// A status that is not a string (Go's decoding fails).
+    NotAString,
+}
+
+impl<'de> serde::Deserialize<'de> for DaprAnswer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = DaprAnswer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<DaprAnswer, A::Error> {
+                let mut said = String::new();
+                let mut not_a_string = false;
+                while let Some(key) = map.next_key::<String>()? {
+                    if !is_status_key(&key) {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        continue;
+                    }
+                    match map.next_value::<serde_json::Value>()? {
+                        serde_json::Value::String(value) => said = value,
+                        serde_json::Value::Null => {}
+                        _ => not_a_string = true,
+                    }
+                }
+                Ok(if not_a_string {
+                    DaprAnswer::NotAString
+                } else {
+                    DaprAnswer::Status(said)
+                })
+            }
+        }
+        deserializer.deserialize_map(Visitor)
     }
 }
 
@@ -692,11 +734,30 @@ mod tests {
             br#"{"status":"DROP"}{"status":"SUCCESS"}"#,
             br#"{"status":"SUCCESS","status":"DROP"}"#,
             b"{\"note\":\"\xff\xfe\",\"status\":\"DROP\"}",
-            // The exact key wins over one equal ignoring case.
+            // The last key equal to `status` ignoring case wins, in
+            // document order, as in Go; null changes nothing.
             br#"{"Status":"SUCCESS","status":"DROP"}"#,
+            br#"{"status":"SUCCESS","Status":"DROP"}"#,
+            br#"{"zz":1,"STATUS":"SUCCESS","aa":2,"Status":"DROP"}"#,
+            br#"{"status":"DROP","status":null}"#,
+            // Other values are skipped unread: numbers out of range, lone
+            // surrogates.
+            br#"{"n":1e400,"s":"\ud800","status":"DROP"}"#,
         ] {
             assert_eq!(outcome(body), drop, "{}", String::from_utf8_lossy(body));
         }
+        assert_eq!(
+            outcome(br#"{"Status":"SUCCESS","STATUS":"RETRY"}"#),
+            Outcome::Retry {
+                delay: None,
+                reason: "the endpoint answered HTTP 200 with status RETRY".into()
+            }
+        );
+        assert_eq!(
+            outcome(br#"{"status":"DROP","Status":5}"#),
+            Outcome::Ack,
+            "a status that is not a string fails Go's decoding: Dapr acks"
+        );
         // A complete first value within the cap is read even when the body
         // goes on past it.
         let mut long = br#"{"status":"DROP"}"#.to_vec();
