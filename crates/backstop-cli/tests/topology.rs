@@ -13,9 +13,7 @@ use axum::extract::State;
 use axum::routing::post;
 use backstop_testkit::{FaultProxy, rabbitmqctl, unique, wait_until};
 use lapin::BasicProperties;
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use sidecar::*;
 use std::sync::{Arc, Mutex};
@@ -35,12 +33,7 @@ fn broker_section() -> String {
 /// the broker routed it to a queue (it is published `mandatory`, so an
 /// unroutable message comes back as a `basic.return`, not an ack alone).
 async fn publish_to(exchange: &str, routing_key: &str, body: &str) -> bool {
-    let connection = backstop_testkit::connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirms");
+    let (connection, channel) = confirmed_channel().await;
     let confirm = channel
         .basic_publish(
             exchange.into(),
