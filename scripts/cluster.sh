@@ -115,7 +115,8 @@ start_node() {
     log "starting $(node_name "$n") on 127.0.0.1:$(amqp_port "$n")"
     (
       close_inherited_fds
-      as_rabbitmq ". '$base/c$n/env' && rabbitmq-server -detached" >/dev/null 2>&1
+      # The open-file limit as in scripts/broker.sh (su resets it).
+      as_rabbitmq "ulimit -n 65536 2>/dev/null || ulimit -n \"\$(ulimit -Hn)\"; . '$base/c$n/env' && rabbitmq-server -detached" >/dev/null 2>&1
     ) || die "rabbitmq-server -detached failed for node $n; see $logs/c$n/"
   fi
 }
