@@ -552,6 +552,77 @@ async fn deliveries_of_an_ended_session_never_start_their_handler() {
     assert_eq!(report.duplicates, 1, "{report:?}");
 }
 
+/// Deliveries waiting for a key their own process holds leave as soon as
+/// their session ends. Before, they kept waiting (up to `max_wait`) among the
+/// handlers of ended sessions, which bound how many deliveries the next
+/// session may start: after a cut, a consumer behind such waiters crawled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_for_a_busy_key_leave_when_their_session_ends() {
+    init_tracing();
+    let queue = unique("dedup-stale-wait");
+    common::declare(&common::classic(&queue)).await;
+    let proxy = backstop_testkit::FaultProxy::start(backstop_testkit::broker_addr())
+        .await
+        .expect("proxy");
+    let supervisor = common::supervisor(
+        &backstop_testkit::url_via(&backstop_testkit::amqp_url(), proxy.addr()),
+        Duration::from_secs(5),
+    );
+    // The holder runs 20 s; the waiters would wait up to 60 s.
+    let orders = Orders {
+        work: Duration::from_secs(20),
+        ..Orders::default()
+    };
+    let config = ConsumerConfig::new(&queue)
+        .topology(common::classic(&queue))
+        .prefetch(10)
+        .concurrency(1)
+        .dedup(
+            dedup(memory().await)
+                .in_progress_wait(Duration::from_millis(20), Duration::from_secs(60)),
+        );
+    let consumer = Consumer::new(supervisor.clone(), config, orders.clone())
+        .spawn()
+        .expect("valid consumer config");
+    common::wait_stats(&consumer, "subscribed", |r| r.sessions >= 1).await;
+    let publisher = backstop_testkit::connect().await;
+    backstop_testkit::publish(&publisher, &queue, 10, "order", |_| order_body(7)).await;
+    wait_until("the holder runs", Duration::from_secs(10), || {
+        let running = orders.running.load(Ordering::SeqCst);
+        async move { running == 1 }
+    })
+    .await;
+    common::wait_stats(&consumer, "the nine others wait for the key", |r| {
+        r.in_flight >= 10
+    })
+    .await;
+    let cut_at = std::time::Instant::now();
+    proxy.cut();
+    // Well before the holder's 20 s end: the nine waiters are gone.
+    wait_until(
+        "the waiters of the ended session leave",
+        Duration::from_secs(8),
+        || {
+            let stale = consumer.stats().stale_tags_dropped;
+            async move { stale >= 9 }
+        },
+    )
+    .await;
+    assert_eq!(
+        orders.running.load(Ordering::SeqCst),
+        1,
+        "the holder still runs ({:?} after the cut)",
+        cut_at.elapsed()
+    );
+    // Then every copy settles: one call, the redeliveries duplicates.
+    backstop_testkit::wait_until("every copy settled", Duration::from_secs(60), || {
+        queue_is(&queue, |c| c.ready == 0 && c.unacked == 0)
+    })
+    .await;
+    let report = common::finish(consumer, &supervisor, &publisher, &queue).await;
+    assert_eq!(orders.calls().get("order-7"), Some(&1), "{report:?}");
+}
+
 /// A handler still running when the shutdown timeout cancels it may have
 /// done its effect: its key must stay claimed until the lease ends, not be
 /// released for the redelivery to run the effect again.

@@ -659,6 +659,64 @@ async fn a_bad_url_is_named(make_url: fn() -> String) {
     );
 }
 
+/// A scan stopped during its first row gives the rows it never started back
+/// at once, their claim not counted: an early end (a stop, an unknown
+/// outcome) never brings a row nearer to `needs_review`. Before, they kept
+/// the lease until it ran out, and each such scan counted a re-drive against
+/// every one of them.
+async fn rows_a_stopped_scan_never_tried_are_given_back_uncounted(store: SqlStore) {
+    let queue = unique("store-untried");
+    let now = now_ms() as i64;
+    for n in 0..4 {
+        store
+            .store(&message(&queue, n, now - 1))
+            .await
+            .expect("store");
+    }
+    let store: Arc<dyn CompensationStore> = Arc::new(store);
+    let log: Redrives = Arc::default();
+    let scanner = scanner_of(
+        &store,
+        &queue,
+        "scanner-a",
+        Duration::from_secs(600),
+        slow_redrive("a", &log, Duration::from_secs(30)),
+    );
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let scan = tokio::spawn(async move { scanner.run_once_until(&mut stopped).await });
+    wait_until("the first re-drive starts", Duration::from_secs(10), || {
+        let started = !log.lock().expect("log").is_empty();
+        async move { started }
+    })
+    .await;
+    stop.send(true).expect("the scan listens");
+    let report = tokio::time::timeout(Duration::from_secs(10), scan)
+        .await
+        .expect("the scan ends at the stop")
+        .expect("join")
+        .expect("scan");
+    assert_eq!(
+        (report.claimed, report.unknown, report.released),
+        (4, 1, 3),
+        "{report:?}"
+    );
+    // Another scanner takes the three at once, each counted once; the row
+    // whose re-drive the stop cut keeps its lease (its outcome is unknown).
+    let now = now_ms() as i64;
+    let taken = store
+        .claim_due("scanner-b", now, now + 60_000, 10, Some(&queue))
+        .await
+        .expect("claim");
+    let started = log.lock().expect("log")[0].1;
+    assert_eq!(taken.len(), 3, "{taken:?}");
+    assert!(
+        taken
+            .iter()
+            .all(|row| row.redrives == 1 && row.id != started),
+        "{taken:?}"
+    );
+}
+
 // Every behaviour test, once per backend; PostgreSQL tests take turns.
 common::both_backends!(
     a_row_keeps_every_field,
@@ -672,6 +730,7 @@ common::both_backends!(
     a_batch_that_outlives_its_lease_is_never_redriven_twice,
     a_row_discarded_after_the_lease_ran_out_is_not_redriven,
     two_scanners_never_claim_the_same_row,
+    rows_a_stopped_scan_never_tried_are_given_back_uncounted,
 );
 
 #[tokio::test]

@@ -1007,11 +1007,16 @@ async fn a_scan_stopped_mid_batch_leaves_its_confirmed_rows_replayed(store: SqlS
 /// A copy of the batched path whose publish fails on its channel (the
 /// connection to the broker is cut mid-batch: the copy may have been
 /// stored) has an unknown outcome: no failure is recorded against its row
-/// nor against the rows not sent yet, and all of them keep this scanner's
-/// lease (another scanner claims none of them until it runs out). The scan
-/// sends nothing more after it.
+/// nor against the rows not sent yet. The copies in flight at the cut keep
+/// this scanner's lease (another scanner claims none of them until it runs
+/// out); the rows never sent are given back at once, their claim not
+/// counted. The scan sends nothing more after it.
 async fn a_batched_redrive_cut_off_is_unknown_and_keeps_its_lease(store: SqlStore) {
     let (connection, queue, ids) = retried_group(&store, "redrive-cut", 300).await;
+    let mut redrives_before = std::collections::HashMap::new();
+    for id in &ids {
+        redrives_before.insert(*id, store.get(*id).await.expect("get").redrives);
+    }
     let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
     // Each confirm takes at least 10 ms: a publish is nearly always in
     // flight when the connection is cut.
@@ -1077,13 +1082,26 @@ async fn a_batched_redrive_cut_off_is_unknown_and_keeps_its_lease(store: SqlStor
         );
         assert_eq!(row.attempts, 3, "{row:?}");
     }
-    // Every row not replayed is still leased by the first scanner.
+    // The copies in flight at the cut are still leased by the first
+    // scanner; the rows never sent were given back, their claim not counted.
     let now = now_ms() as i64;
     let taken = store
         .claim_due("another-scanner", now, now + 60_000, 1000, Some(&queue))
         .await
         .expect("claim");
-    assert!(taken.is_empty(), "rows lost their lease: {taken:?}");
+    assert_eq!(
+        taken.len() as u64,
+        300 - report.redriven - report.unknown,
+        "only the rows never sent are free: {report:?}"
+    );
+    assert_eq!(taken.len() as u64, report.released, "{report:?}");
+    for row in &taken {
+        assert_eq!(
+            row.redrives,
+            redrives_before[&row.id] + 1,
+            "the first scan's claim was given back: {row:?}"
+        );
+    }
     let channel = connection.create_channel().await.expect("channel");
     channel
         .queue_delete(queue.as_str().into(), Default::default())

@@ -572,6 +572,15 @@ async fn deduplicated<H: Handler>(
             debug!(%queue, %key, "shutting down while waiting for the dedup claim; requeueing");
             return (Settlement::Requeue, Verdict::Neutral);
         }
+        if ctx.is_stale(generation) {
+            // The session ended (a cut, a restart) while this delivery waited
+            // for its key: its tag is dead and the broker delivers it again.
+            // Waiting on (up to `max_wait` for a busy key) would keep it
+            // among the handlers of ended sessions, which bound how many
+            // deliveries the next session may start.
+            debug!(%queue, %key, "the session ended while waiting for the dedup claim; the broker has it back");
+            return (Settlement::Requeue, Verdict::Neutral);
+        }
         // A claim once sent is never cancelled by the stop: the SQL writers
         // run a batch's releases before its claims, so a release sent by a
         // dropped claim could land before the claim it frees and strand the

@@ -553,6 +553,22 @@ pub trait CompensationStore: Send + Sync + fmt::Debug + 'static {
         })
     }
 
+    /// Gives back `owner`'s live claims on `ids`, rows a scan claimed and
+    /// then never tried (it stopped, or ended at an unknown outcome): their
+    /// lease ends now and the re-drive their claim counted is taken back, so
+    /// that an early end never brings a row nearer to `needs_review`.
+    /// Returns how many rows were released. The default releases nothing:
+    /// the rows then keep their lease until it runs out.
+    fn release_untried<'a>(
+        &'a self,
+        owner: &'a str,
+        ids: &'a [i64],
+        now: i64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let _ = (owner, ids, now);
+        Box::pin(async { Ok(0) })
+    }
+
     /// Records how the re-drives of claimed rows went and releases their
     /// leases, in one transaction. A row that `owner` no longer holds is left
     /// alone: its re-driven message already failed again and updated it.

@@ -115,6 +115,9 @@ pub struct ScannerReport {
     pub failed: u64,
     /// Moved to `needs_review`.
     pub needs_review: u64,
+    /// Claimed and never tried (the scan stopped or ended early): given
+    /// back without counting a re-drive.
+    pub released: u64,
     /// Skipped because the lease was gone before the side effect (another
     /// scanner or a person took the row).
     pub lost_leases: u64,
@@ -123,7 +126,7 @@ pub struct ScannerReport {
     /// connection that failed during the publish): left leased, re-driven after the
     /// lease, so possibly duplicated. The scan ends after one (the broker
     /// or the handler is not answering, and the next row would wait as
-    /// long): the rows not started yet keep their lease until it runs out.
+    /// long): the rows not started yet are given back (`released`).
     pub unknown: u64,
 }
 
@@ -288,7 +291,7 @@ impl Scanner {
         let mut rows = rows.into_iter();
         while let Some(row) = rows.next() {
             if *stop.borrow() {
-                // Unstarted rows keep their lease until it runs out.
+                // Unstarted rows are given back after the loop.
                 break;
             }
             let id = row.id;
@@ -363,8 +366,8 @@ impl Scanner {
                         warn!(id, reason = %why, "re-drive outcome unknown; the row stays leased and is re-driven after its lease (possibly a duplicate)");
                         // The broker (or the handler) did not answer: every
                         // later row would wait as long, and the channel is
-                        // given up. They keep their lease untouched, as on a
-                        // stop, and no attempt of theirs is recorded.
+                        // given up. They are given back after the loop, as on
+                        // a stop, and no attempt of theirs is counted.
                         break;
                     }
                 };
@@ -399,15 +402,15 @@ impl Scanner {
             }
             if channel_lost && let Redrive::Republish(supervisor) = &self.redrive {
                 // The next row gets a channel of its own. If none can be
-                // opened, the scan ends: the rows not started keep their
-                // lease, with no failed attempt recorded against them.
+                // opened, the scan ends: the rows not started are given
+                // back, with no attempt counted against them.
                 let reopened = tokio::select! {
                     reopened = tokio::time::timeout(CHANNEL_TIMEOUT, open_publisher(supervisor)) => reopened,
                     _ = crate::wait_true(stop) => break,
                 };
                 match reopened {
                     Err(_) => {
-                        warn!(after = ?CHANNEL_TIMEOUT, "no new channel to re-drive on in time; ending the scan, the rows not started keep their lease");
+                        warn!(after = ?CHANNEL_TIMEOUT, "no new channel to re-drive on in time; ending the scan, the rows not started are given back");
                         break;
                     }
                     Ok(Ok(fresh)) => {
@@ -416,13 +419,35 @@ impl Scanner {
                         }
                     }
                     Ok(Err(e)) => {
-                        warn!(error = %e, "no new channel to re-drive on; ending the scan, the rows not started keep their lease");
+                        warn!(error = %e, "no new channel to re-drive on; ending the scan, the rows not started are given back");
                         break;
                     }
                 }
             }
         }
+        // Rows the scan claimed and never started (a stop, an unknown
+        // outcome, no channel): given back without counting an attempt.
+        let untried: Vec<i64> = rows.map(|row| row.id).collect();
+        self.release_untried(&untried, &mut report).await;
         Ok(report)
+    }
+
+    /// Gives back the claims on rows this scan never tried. A release that
+    /// fails leaves them leased until the lease ends, as before.
+    async fn release_untried(&self, ids: &[i64], report: &mut ScannerReport) {
+        if ids.is_empty() {
+            return;
+        }
+        match self
+            .store
+            .release_untried(&self.config.owner, ids, now_ms() as i64)
+            .await
+        {
+            Ok(released) => report.released += released,
+            Err(e) => {
+                warn!(rows = ids.len(), error = %e, "could not give back the rows this scan did not try; they stay leased until their lease ends");
+            }
+        }
     }
 
     /// Finishes `outcomes` (re-drives this scanner did) in one transaction,
@@ -611,8 +636,8 @@ impl Scanner {
                 }
             }
             // No new publish once one outcome is unknown (the broker is not
-            // answering) or past the last start: the rows not sent keep
-            // their lease untouched.
+            // answering) or past the last start: the rows not sent are
+            // given back below, with no attempt counted.
             if !unknown
                 && !*stop.borrow()
                 && tokio::time::Instant::now() < last_start
@@ -625,6 +650,9 @@ impl Scanner {
         drop(in_flight);
         // In flight at a stop or the deadline: unknown, like above.
         report.unknown += sent.len() as u64;
+        // Never sent: given back without counting an attempt.
+        let untried: Vec<i64> = queued.map(|row| row.id).collect();
+        self.release_untried(&untried, report).await;
         finished?;
         // Finished before the channels are closed: the close may wait.
         let finished = self.finish_chunk(&mut unfinished, report).await;

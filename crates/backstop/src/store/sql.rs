@@ -1208,6 +1208,40 @@ impl CompensationStore for SqlStore {
         Box::pin(self.finish_impl(owner, outcomes))
     }
 
+    fn release_untried<'a>(
+        &'a self,
+        owner: &'a str,
+        ids: &'a [i64],
+        now: i64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let mut released = 0;
+            for chunk in ids.chunks(IN_LIST_CHUNK) {
+                // Only a claim this owner still holds, on a row nobody
+                // changed since (a finish or an operator's action ends the
+                // lease or the 'retrying' status).
+                let sql = format!(
+                    "UPDATE backstop_failed_messages
+                     SET lease_owner = NULL, lease_until = NULL, updated_at = $1,
+                         redrives = CASE WHEN redrives > 0 THEN redrives - 1 ELSE 0 END
+                     WHERE lease_owner = $2 AND lease_until >= $1 AND status = 'retrying'
+                       AND id IN ({})",
+                    in_list(3, chunk.len())
+                );
+                let mut query = sqlx::query(&sql).bind(now).bind(owner);
+                for id in chunk {
+                    query = query.bind(*id);
+                }
+                released += query
+                    .execute(&self.pool)
+                    .await
+                    .map_err(unavailable)?
+                    .rows_affected();
+            }
+            Ok(released)
+        })
+    }
+
     fn list<'a>(
         &'a self,
         filter: &'a ListFilter,
