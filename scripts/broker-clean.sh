@@ -7,7 +7,9 @@
 # alone they pile up, and a node recovering more queues than it has file
 # handles does not finish booting (a CI run waited 30 minutes on 984 of them).
 # Queues of a test process that still runs (a second suite beside this one)
-# are kept.
+# are kept. Meant for the local test broker scripts/test starts: a queue of
+# another application named like `name.<number>.<number>.<number>` would be
+# taken for a test's.
 #
 #   scripts/broker-clean.sh [NODE]     default: the node rabbitmqctl names
 set -euo pipefail
@@ -26,7 +28,10 @@ chmod 644 "$stale"
 trap 'rm -f "$stale"' EXIT
 while IFS= read -r name; do
   pid=
-  if [[ $name =~ ^[A-Za-z0-9_-]+\.([0-9]+)\.[0-9]+\.[0-9]+([.-].*)?$ ]]; then
+  # The last three numbers are <pid>.<millis>.<n> (a prefix may hold
+  # numbers of its own, as torture's `torture.<seed>` does); a suffix starts
+  # with a letter (`.dlq`, `-dl`, `.retry.200ms`, `.store`).
+  if [[ $name =~ ^.+\.([0-9]+)\.[0-9]+\.[0-9]+([.-][A-Za-z][A-Za-z0-9_.-]*)?$ ]]; then
     pid=${BASH_REMATCH[1]}
   elif [[ $name =~ ^backstop\.bench\.([a-z-]+\.)?([0-9]+)(\..*)?$ ]]; then
     # `backstop bench`'s queues: backstop.bench[.<kind>].<pid>
@@ -47,8 +52,10 @@ deleted=$(timeout 300 rabbitmqctl -q "${node_args[@]}" eval "
   lists:foldl(fun(N, Acc) ->
       case rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, N)) of
         {ok, Q} ->
-          _ = (catch rabbit_amqqueue:delete(Q, false, false, <<\"backstop-tests\">>)),
-          Acc + 1;
+          case catch rabbit_amqqueue:delete(Q, false, false, <<\"backstop-tests\">>) of
+            {ok, _} -> Acc + 1;
+            _ -> Acc
+          end;
         _ -> Acc
       end
     end, 0, Names).") || {

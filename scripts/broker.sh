@@ -54,6 +54,10 @@ if [ -w "$(dirname "$conf")" ]; then
         ctl status >/dev/null 2>&1 || break
         sleep 1
       done
+      if ctl status >/dev/null 2>&1; then
+        log "the running node did not stop within 30 s; stop it (rabbitmqctl stop) and run this again"
+        exit 1
+      fi
     fi
     printf '%s\n' "${missing[@]}" >>"$conf"
   fi

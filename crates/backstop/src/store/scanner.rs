@@ -289,11 +289,14 @@ impl Scanner {
         // A side effect must finish well inside the renewed lease.
         let effect_limit = self.config.lease / 2;
         let mut rows = rows.into_iter();
-        while let Some(row) = rows.next() {
+        loop {
             if *stop.borrow() {
                 // Unstarted rows are given back after the loop.
                 break;
             }
+            let Some(row) = rows.next() else {
+                break;
+            };
             let id = row.id;
             let redrives = row.redrives;
             // The publisher's channel is given up after a publish that
@@ -508,6 +511,8 @@ impl Scanner {
     ) -> Result<(), StoreError> {
         use futures_util::stream::{FuturesUnordered, StreamExt};
         if *stop.borrow() {
+            let untried: Vec<i64> = rows.iter().map(|row| row.id).collect();
+            self.release_untried(&untried, report).await;
             return Ok(());
         }
         let owner = &self.config.owner;
@@ -650,12 +655,16 @@ impl Scanner {
         drop(in_flight);
         // In flight at a stop or the deadline: unknown, like above.
         report.unknown += sent.len() as u64;
-        // Never sent: given back without counting an attempt.
+        // Never sent: given back without counting an attempt, after the
+        // confirmed rows are recorded (those come first under a stop bound).
         let untried: Vec<i64> = queued.map(|row| row.id).collect();
-        self.release_untried(&untried, report).await;
-        finished?;
+        if let Err(e) = finished {
+            self.release_untried(&untried, report).await;
+            return Err(e);
+        }
         // Finished before the channels are closed: the close may wait.
         let finished = self.finish_chunk(&mut unfinished, report).await;
+        self.release_untried(&untried, report).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), publisher.close()).await;
         finished
     }
@@ -672,6 +681,7 @@ impl Scanner {
                         // due (a retried group), so the next scan starts now.
                         report.claimed >= self.config.batch.max(1) as u64
                             && report.unknown == 0
+                            && report.released == 0
                             && report.lost_leases == 0
                     }
                     Ok(_) => false,
