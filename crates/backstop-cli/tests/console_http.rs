@@ -3,8 +3,7 @@
 //! the refusal to listen off loopback without auth, secrets kept out of the
 //! logs, hostile rows shown inert, and audited actions.
 
-mod rows;
-
+use crate::rows;
 use backstop::retry::now_ms;
 use backstop::store::{CompensationStore, NewFailedMessage, SqlStore, Status};
 use backstop_testkit::unique;

@@ -1,7 +1,6 @@
 //! `backstop failed` against real stores, run as a user would.
 
-mod rows;
-
+use crate::rows;
 use backstop::retry::now_ms;
 use backstop::store::{CompensationStore, RedriveOutcome, SqlStore};
 use backstop_testkit::unique;

@@ -3,8 +3,7 @@
 //! an outage is a proxy of the test kit in front of it (the restart test is
 //! in `publish_restart.rs`).
 
-mod sidecar;
-
+use crate::sidecar;
 use backstop_testkit::{unique, wait_until};
 use lapin::options::QueueBindOptions;
 use lapin::types::{AMQPValue, FieldTable};

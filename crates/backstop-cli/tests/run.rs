@@ -1,8 +1,7 @@
 //! `backstop run` and `backstop config check`, as a user runs them: the real
 //! binary against the real broker and a test HTTP endpoint.
 
-mod sidecar;
-
+use crate::sidecar;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;

@@ -4,8 +4,7 @@
 //! is back at its full prefetch (as the broker reports it) once it closes,
 //! and every message is handled exactly once, none dead-lettered.
 
-mod sidecar;
-
+use crate::sidecar;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};

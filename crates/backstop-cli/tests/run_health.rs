@@ -1,11 +1,10 @@
 //! `/readyz` and `backstop_consumer_ready` of `backstop run` when the
 //! broker's view of the subscription and Backstop's differ (issue 14, item
 //! 4). Each test touches only its own queue; the first makes the broker drop
-//! a consumer with `rabbitmqctl eval`, so run this binary under
+//! a consumer with `rabbitmqctl eval`, so run these tests under
 //! `flock -s /tmp/broker.lock`.
 
-mod sidecar;
-
+use crate::sidecar;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};

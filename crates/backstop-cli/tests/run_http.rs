@@ -3,8 +3,7 @@
 //! mutual TLS to an HTTPS endpoint, the Dapr response contract, and
 //! `Retry-After` as an HTTP date. Real broker, real binary.
 
-mod sidecar;
-
+use crate::sidecar;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;

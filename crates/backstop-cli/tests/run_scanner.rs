@@ -2,9 +2,8 @@
 //! the running scanner uses the configured interval and batch, and
 //! `enabled = false` leaves the stored rows alone although a store is set.
 
-mod rows;
-mod sidecar;
-
+use crate::rows;
+use crate::sidecar;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;

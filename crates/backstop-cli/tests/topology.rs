@@ -5,8 +5,7 @@
 //! nothing here closes connections broker-wide (reconnects go through the
 //! testkit's fault proxy).
 
-mod sidecar;
-
+use crate::sidecar;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;

@@ -1,7 +1,6 @@
 //! Bad addresses and credentials fail clearly and at once.
 
-mod common;
-
+use crate::common;
 use backstop::Error;
 use backstop::connection::{ConnectionConfig, ConnectionState, ConnectionSupervisor};
 use backstop_testkit::{broker_addr, url_via};

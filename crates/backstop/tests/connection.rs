@@ -1,7 +1,6 @@
 //! The connection supervisor against the real broker.
 
-mod common;
-
+use crate::common;
 use backstop::connection::{Backoff, ConnectionConfig, ConnectionState, ConnectionSupervisor};
 use backstop::consumer::ConsumerConfig;
 use backstop::topology::{Queue, Topology};

@@ -1,8 +1,7 @@
 //! The consumer runtime against the real broker, with faults from the test
 //! kit's proxy. Every test uses its own queue, so they run in parallel.
 
-mod common;
-
+use crate::common;
 use backstop::connection::{Backoff, ConnectionConfig, ConnectionState, ConnectionSupervisor};
 use backstop::consumer::ConsumerConfig;
 use backstop::handler::Outcome;

@@ -3,8 +3,7 @@
 //! real broker, and the transactional inbox surviving a kill between its
 //! commit and the ack.
 
-mod common;
-
+use crate::common;
 use backstop::connection::ConnectionSupervisor;
 use backstop::consumer::{Consumer, ConsumerConfig, ConsumerHandle};
 use backstop::dedup::inbox::{Inbox, InboxHandler};
@@ -1166,7 +1165,11 @@ async fn the_inbox_applies_each_effect_once_across_a_kill_after_commit() {
 
     let mut child = common::KillOnDrop(
         std::process::Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--ignored", "--exact", "inbox_child_process"])
+            .args([
+                "--ignored",
+                "--exact",
+                &common::test_name(module_path!(), "inbox_child_process"),
+            ])
             .env("BACKSTOP_INBOX_QUEUE", &queue)
             .env("BACKSTOP_INBOX_DB", &db)
             .stdout(std::process::Stdio::null())

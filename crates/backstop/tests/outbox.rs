@@ -6,8 +6,7 @@
 //! between the publish and the mark) publishes the message after a restart,
 //! once or as a counted duplicate.
 
-mod common;
-
+use crate::common;
 use backstop::connection::ConnectionConfig;
 use backstop::publish::outbox::{Outbox, Relay, RelayConfig, RelayStats};
 use backstop::publish::{Message, Publisher};
@@ -520,7 +519,7 @@ fn child(role: &str, db: &Db, queue: &str) -> KillOnDrop {
             .args([
                 "--ignored",
                 "--exact",
-                "outbox_child_process",
+                &common::test_name(module_path!(), "outbox_child_process"),
                 "--nocapture",
             ])
             .env(ROLE, role)

@@ -2,8 +2,7 @@
 //! own answer (a `basic.return` is never pinned on another publish's
 //! confirm), and no confirm is awaited forever.
 
-mod common;
-
+use crate::common;
 use backstop::publish::{ConfirmedPublisher, PublishError};
 use backstop::topology::{Queue, Topology};
 use backstop_testkit::{FaultProxy, amqp_url, broker_addr, connect, delete_queue, unique, url_via};

@@ -3,8 +3,7 @@
 //! the offline spool (bounds, `kill -9`, restart). Broker-wide faults
 //! (restart, forced closes, memory alarm) are in `publisher_faults.rs`.
 
-mod common;
-
+use crate::common;
 use backstop::connection::ConnectionConfig;
 use backstop::publish::{Message, PublishError, Published, Publisher};
 use backstop_testkit::{amqp_url, connect, rabbitmqctl, unique};
@@ -397,7 +396,12 @@ async fn a_spool_survives_kill_nine_and_the_restart_drains_all_of_it() {
     let connection = connect().await;
     durable_queue(&connection, &queue).await;
     let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "spool_child", "--ignored", "--nocapture"])
+        .args([
+            "--exact",
+            &common::test_name(module_path!(), "spool_child"),
+            "--ignored",
+            "--nocapture",
+        ])
         .env("BACKSTOP_SPOOL_CHILD", &path)
         .env("BACKSTOP_SPOOL_QUEUE", &queue)
         .stdout(std::process::Stdio::piped())

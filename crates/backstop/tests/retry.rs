@@ -1,8 +1,7 @@
 //! Retries, dead letters, quorum delivery limits and the circuit breaker
 //! against the real broker.
 
-mod common;
-
+use crate::common;
 use backstop::breaker::{BreakerConfig, BreakerState};
 use backstop::consumer::ConsumerConfig;
 use backstop::handler::Outcome;

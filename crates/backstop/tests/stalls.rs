@@ -5,8 +5,7 @@
 //! connect-then-die loop retried at full speed, stale completions counted as
 //! probes, and a panicking store taking the whole consumer down.
 
-mod common;
-
+use crate::common;
 use backstop::breaker::{BreakerConfig, BreakerState};
 use backstop::connection::{Backoff, ConnectionConfig, ConnectionState, ConnectionSupervisor};
 use backstop::consumer::ConsumerConfig;

@@ -1,8 +1,7 @@
 //! One behaviour suite for the compensation store, run against SQLite and
 //! against the PostgreSQL that scripts/test starts.
 
-mod common;
-
+use crate::common;
 use backstop::retry::now_ms;
 use backstop::store::{
     CompensationStore, ListFilter, ManualAction, NewFailedMessage, Redrive, RedriveFn,

@@ -1,7 +1,6 @@
 //! The consumer and the scanner with a real compensation store and broker.
 
-mod common;
-
+use crate::common;
 use backstop::consumer::ConsumerConfig;
 use backstop::handler::Outcome;
 use backstop::retry::{Exhausted, RetryPolicy};

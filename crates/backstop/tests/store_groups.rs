@@ -2,8 +2,7 @@
 //! PostgreSQL; the last test re-drives an edited row through the real
 //! scanner and broker.
 
-mod common;
-
+use crate::common;
 use backstop::retry::now_ms;
 use backstop::store::ListFilter;
 use backstop::store::{

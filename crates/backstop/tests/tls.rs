@@ -2,8 +2,7 @@
 //! fail_if_no_peer_cert; set up by scripts/tls.sh): consuming with mutual
 //! TLS through forced closes, and a distinct error for each way TLS fails.
 
-mod common;
-
+use crate::common;
 use backstop::Error;
 use backstop::connection::{ConnectionConfig, ConnectionState, ConnectionSupervisor, TlsConfig};
 use backstop::consumer::ConsumerConfig;

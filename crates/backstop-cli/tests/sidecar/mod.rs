@@ -1,4 +1,4 @@
-//! Helpers shared by the `backstop run` test binaries: the real binary in
+//! Helpers shared by the `backstop run` tests: the real binary in
 //! the background, its endpoints, and publishing.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 

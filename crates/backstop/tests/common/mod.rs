@@ -209,6 +209,18 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The test harness's name for the test `test` of the module `module` (pass
+/// `module_path!()`), as `--exact` needs it when a test runs another test of
+/// its own binary as a child process: the module path without the crate's
+/// name, so `publisher::spool_child` in the `suite` binary, `spool_child` in
+/// a binary of its own.
+pub fn test_name(module: &str, test: &str) -> String {
+    match module.split_once("::") {
+        Some((_krate, path)) => format!("{path}::{test}"),
+        None => test.to_owned(),
+    }
+}
+
 /// Everything a thread-local subscriber writes, kept in memory. Use it on a
 /// current_thread runtime so the supervisor's and consumers' tasks log
 /// through it too.
@@ -328,8 +340,9 @@ pub fn tempdir(what: &str) -> std::path::PathBuf {
 
 // The compensation store tests' helpers.
 
-/// The PostgreSQL tests of a test binary share one database and claim due
-/// rows across it: they take turns.
+/// The compensation store's PostgreSQL tests share one database and claim due
+/// rows across it: they take turns (one turn for the whole test binary, so
+/// for store.rs and store_groups.rs together in `suite`).
 pub static POSTGRES_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The URL of a new SQLite store (a file of its own).
