@@ -11,7 +11,9 @@ use backstop::connection::ConnectionConfig;
 use backstop::publish::outbox::{Outbox, Relay, RelayConfig, RelayStats};
 use backstop::publish::{Message, Publisher};
 use backstop::retry::now_ms;
-use backstop_testkit::{amqp_url, postgres_url, unique, wait_until};
+use backstop_testkit::{
+    FaultProxy, amqp_url, broker_addr, postgres_url, unique, url_via, wait_until,
+};
 use common::{KillOnDrop, init_tracing};
 use lapin::BasicProperties;
 use lapin::options::BasicGetOptions;
@@ -833,7 +835,21 @@ async fn an_ambiguous_return_keeps_the_rows_in_doubt() {
             .expect("enqueue");
     }
     tx.commit().await.expect("commit");
-    let publisher = publisher("outbox-ambiguous").await;
+    // Both publishes must be in flight before either return arrives (a
+    // return that comes back before the twin is sent matches only its own
+    // publish, which is not ambiguous): the broker's replies reach the
+    // publisher through a link that holds each for a second.
+    let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
+    let publisher = Publisher::builder(
+        ConnectionConfig::new(url_via(&amqp_url(), proxy.addr()))
+            .connection_name("outbox-ambiguous")
+            .backoff(common::fast_backoff()),
+    )
+    .confirm_timeout(Duration::from_secs(10))
+    .start()
+    .await
+    .expect("publisher");
+    proxy.delay_replies(Duration::from_secs(1));
     let relay = Relay::start(
         outbox.clone(),
         publisher.clone(),
