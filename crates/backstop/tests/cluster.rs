@@ -11,9 +11,11 @@
 //! Every queue is a quorum queue with a member on each of the three nodes.
 //! The tests stop and kill nodes, so they run one at a time (a lock); each
 //! brings back a node that is down when it starts, and again when it ends,
-//! passed or failed. Run them under `flock /tmp/broker.lock`.
+//! passed or failed. They are a module of the library's `suite` (nothing else
+//! there uses the cluster; `backstop chaos`, which does, runs in another phase
+//! of scripts/test).
 
-mod common;
+use crate::common;
 
 use backstop::connection::{ConnectionConfig, ConnectionSupervisor};
 use backstop::consumer::{ConsumerConfig, ConsumerHandle, ConsumerReport};

@@ -8,6 +8,7 @@
 mod common;
 
 mod bad_input;
+mod cluster;
 mod connection;
 mod consumer;
 mod dedup;
