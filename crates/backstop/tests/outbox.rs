@@ -80,12 +80,18 @@ impl Db {
 
 /// A publisher without a spool, on a connection of its own.
 async fn publisher(name: &str) -> Publisher {
+    publisher_at(&amqp_url(), name, Duration::from_secs(5)).await
+}
+
+/// [`publisher`] to the broker at `url`, waiting `confirm_timeout` for each
+/// confirm.
+async fn publisher_at(url: &str, name: &str, confirm_timeout: Duration) -> Publisher {
     Publisher::builder(
-        ConnectionConfig::new(amqp_url())
+        ConnectionConfig::new(url)
             .connection_name(name)
             .backoff(common::fast_backoff()),
     )
-    .confirm_timeout(Duration::from_secs(5))
+    .confirm_timeout(confirm_timeout)
     .start()
     .await
     .expect("publisher")
@@ -840,15 +846,12 @@ async fn an_ambiguous_return_keeps_the_rows_in_doubt() {
     // publish, which is not ambiguous): the broker's replies reach the
     // publisher through a link that holds each for a second.
     let proxy = FaultProxy::start(broker_addr()).await.expect("proxy");
-    let publisher = Publisher::builder(
-        ConnectionConfig::new(url_via(&amqp_url(), proxy.addr()))
-            .connection_name("outbox-ambiguous")
-            .backoff(common::fast_backoff()),
+    let publisher = publisher_at(
+        &url_via(&amqp_url(), proxy.addr()),
+        "outbox-ambiguous",
+        Duration::from_secs(10),
     )
-    .confirm_timeout(Duration::from_secs(10))
-    .start()
-    .await
-    .expect("publisher");
+    .await;
     proxy.delay_replies(Duration::from_secs(1));
     let relay = Relay::start(
         outbox.clone(),
