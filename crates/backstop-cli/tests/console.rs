@@ -25,7 +25,7 @@ use backstop::store::{
     CompensationStore, FailedRow, ListFilter, NewFailedMessage, SqlStore, Status,
 };
 use backstop_testkit::browser::Browser;
-use backstop_testkit::{queue_is, unique, wait_until};
+use backstop_testkit::{RowLock, queue_is, unique, wait_until};
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -764,14 +764,25 @@ async fn click_refreshing(browser: &Browser, css: &str) {
 /// A large group retry, cancelled from its job page mid-way: it stops
 /// after a whole batch; the rows it acted on are the first ones (by id),
 /// each audited, and every row after the cancel is exactly as it was.
+///
+/// On PostgreSQL the test holds the first row of the second batch, so the
+/// job is mid-way for certain when the cancel lands: exactly two batches
+/// are done. SQLite has no row lock; there the job's 80 batches (about a
+/// second here) must outlast the click. Each cancel used to wait, on
+/// SQLite, for the write lock the job's batches hold back to back before
+/// taking effect, and landed after the job had ended.
 async fn cancel_group_job(kind: Store, flow: &str) {
-    const ROWS: u64 = 20_000;
+    const BATCH: usize = 500;
+    let rows_seeded: u64 = match kind {
+        Store::Sqlite => 40_000,
+        Store::Postgres => 5_000,
+    };
     let world = World::start(kind, "cancel").await;
     // A queue no consumer reads: the rows' re-drives go nowhere a test
     // counts.
     let queue = unique("console-cancel-rows");
     let due = backstop::retry::now_ms() as i64 + 3_600_000;
-    let messages: Vec<NewFailedMessage> = (0..ROWS)
+    let messages: Vec<NewFailedMessage> = (0..rows_seeded)
         .map(|n| NewFailedMessage {
             queue: queue.clone(),
             exchange: String::new(),
@@ -803,7 +814,7 @@ async fn cancel_group_job(kind: Store, flow: &str) {
         rows
     };
     let before = rows_of().await;
-    assert_eq!(before.len() as u64, ROWS);
+    assert_eq!(before.len() as u64, rows_seeded);
     let group = world
         .store
         .groups(Some(&queue))
@@ -812,6 +823,17 @@ async fn cancel_group_job(kind: Store, flow: &str) {
         .pop()
         .expect("the group");
 
+    let hold = match kind {
+        Store::Postgres => Some(
+            RowLock::take(
+                &backstop_testkit::postgres_url(),
+                "backstop_failed_messages",
+                before[BATCH].id,
+            )
+            .await,
+        ),
+        Store::Sqlite => None,
+    };
     let browser = world.login(flow).await;
     world.open(&browser, &format!("/groups/{}", group.id)).await;
     select(&browser, "#group-action select[name=action]", "retry").await;
@@ -819,9 +841,25 @@ async fn cancel_group_job(kind: Store, flow: &str) {
         .fill("#group-action textarea[name=note]", "try them again")
         .await;
     browser.click("#group-action-submit").await;
+    let page = &browser;
+    let status = move || async move { page.try_text("#job-status").await };
+    if hold.is_some() {
+        wait_until("the first batch done, the second held", WAIT, || async {
+            status().await.as_deref() == Some("running")
+                && browser.try_text("#job-done").await.as_deref() == Some("500")
+        })
+        .await;
+    }
     click_refreshing(&browser, "#job-cancel-submit").await;
+    if let Some(hold) = hold {
+        wait_until("the job is cancelling", WAIT, || async {
+            status().await.as_deref() == Some("cancelling")
+        })
+        .await;
+        hold.release().await;
+    }
     wait_until("the job is cancelled", WAIT, || async {
-        browser.try_text("#job-status").await.as_deref() == Some("cancelled")
+        status().await.as_deref() == Some("cancelled")
     })
     .await;
     browser.screenshot("job-cancelled").await;
@@ -831,8 +869,14 @@ async fn cancel_group_job(kind: Store, flow: &str) {
         .trim()
         .parse()
         .expect("a count");
-    assert!(done < ROWS, "cancelled mid-way: {done} of {ROWS}");
-    assert_eq!(done % 500, 0, "whole batches of 500: {done}");
+    assert!(
+        done < rows_seeded,
+        "cancelled mid-way: {done} of {rows_seeded}"
+    );
+    assert_eq!(done % BATCH as u64, 0, "whole batches of {BATCH}: {done}");
+    if matches!(kind, Store::Postgres) {
+        assert_eq!(done, 2 * BATCH as u64, "the held batch, then none");
+    }
     let after = rows_of().await;
     let changed: Vec<i64> = before
         .iter()

@@ -12,9 +12,11 @@ pub mod browser;
 pub mod cluster;
 pub mod effects;
 mod proxy;
+mod rowlock;
 pub mod servers;
 
 pub use proxy::FaultProxy;
+pub use rowlock::RowLock;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};

@@ -397,7 +397,15 @@ pub(crate) async fn cancel_job(
     Extension(op): Extension<Operator>,
     Path(id): Path<u64>,
 ) -> Result<Response, PageError> {
+    // A cancel takes effect before its audit entry is written, unlike
+    // every other action here: it only stops a job, and the job's own
+    // closing entry records that it was cancelled. Written first, the entry
+    // waited on SQLite for the write lock that the job's batches hold back
+    // to back, and the cancel landed after the job had ended (or, past the
+    // busy timeout, not at all).
     if let Some(replay) = console.jobs.replay(id) {
+        replay.cancel.store(true, Ordering::Release);
+        info!(job = id, actor = %op.actor(), "console DLQ replay cancelled");
         console
             .audit(
                 &op,
@@ -406,11 +414,11 @@ pub(crate) async fn cancel_job(
                 "",
             )
             .await?;
-        replay.cancel.store(true, Ordering::Release);
-        info!(job = id, actor = %op.actor(), "console DLQ replay cancelled");
         return Ok(Redirect::to(&format!("/jobs/{id}")).into_response());
     }
     let job = console.jobs.get(id)?;
+    job.progress.cancel();
+    info!(job = id, actor = %op.actor(), "console group action cancelled");
     console
         .audit(
             &op,
@@ -419,8 +427,6 @@ pub(crate) async fn cancel_job(
             "",
         )
         .await?;
-    job.progress.cancel();
-    info!(job = id, actor = %op.actor(), "console group action cancelled");
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
 }
 
