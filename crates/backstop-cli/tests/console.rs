@@ -877,6 +877,22 @@ async fn cancel_group_job(kind: Store, flow: &str) {
     if matches!(kind, Store::Postgres) {
         assert_eq!(done, 2 * BATCH as u64, "the held batch, then none");
     }
+    // The job's closing entry (written before its page says "cancelled")
+    // names who cancelled it, whatever became of the cancel's own entry.
+    let actions = world.store.console_actions(1000).await.expect("actions");
+    let group_target = format!("group {}", group.id);
+    let ends: Vec<_> = actions
+        .iter()
+        .filter(|a| a.action == "group_job_end" && a.target.ends_with(&group_target))
+        .map(|a| a.detail.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        ends,
+        [format!(
+            "acted={done} skipped=0 cancelled=true cancelled_by=console:alice"
+        )],
+        "{actions:?}"
+    );
     let after = rows_of().await;
     let changed: Vec<i64> = before
         .iter()

@@ -1822,6 +1822,11 @@ async fn a_console_replay_runs_as_a_job_and_stops_when_cancelled() {
     settled(&queue, moved).await;
     settled(&dlq, 20 - moved).await;
     audited(&console, "dlq_replay_cancel", "").await;
+    let end = audited(&console, "dlq_replay_end", "").await;
+    assert!(
+        end.ends_with("cancelled=true cancelled_by=console:alice"),
+        "{end}"
+    );
     backstop_testkit::delete_queue(&connection, &queue).await;
     backstop_testkit::delete_queue(&connection, &dlq).await;
 }

@@ -141,6 +141,8 @@ pub(crate) struct ReplayJob {
     outcome: Mutex<Option<Result<ReplayReport, String>>>,
     /// When it ended (its outcome set): finished jobs are dropped after a while.
     pub(super) finished_at: std::sync::OnceLock<std::time::Instant>,
+    /// Who cancelled it, named again in its closing audit entry.
+    pub(super) cancelled_by: std::sync::OnceLock<String>,
 }
 
 impl ReplayJob {
@@ -165,6 +167,7 @@ impl ReplayJob {
             progress: Arc::new(Mutex::new(ReplayProgress::default())),
             outcome: Mutex::new(None),
             finished_at: std::sync::OnceLock::new(),
+            cancelled_by: std::sync::OnceLock::new(),
         });
         console.jobs.prune();
         console
@@ -183,13 +186,14 @@ impl ReplayJob {
             .await;
             // A replay that fails partway has moved some messages for
             // good: its count is audited with the error.
+            let by = super::groups::cancelled_by(&running.cancelled_by);
             let end = match &report {
                 Ok(r) => format!(
-                    "moved={} matched={} seen={} failed={} unknown={} cancelled={}",
+                    "moved={} matched={} seen={} failed={} unknown={} cancelled={}{by}",
                     r.moved, r.matched, r.seen, r.failed, r.unknown, r.cancelled
                 ),
                 Err(p) => format!(
-                    "failed after moved={} matched={} seen={} failed={} unknown={}: {p}",
+                    "failed after moved={} matched={} seen={} failed={} unknown={}{by}: {p}",
                     p.done.moved, p.done.matched, p.done.seen, p.done.failed, p.done.unknown
                 ),
             };

@@ -40,6 +40,8 @@ pub(crate) struct Job {
     outcome: Mutex<Option<Result<GroupBatchTotals, String>>>,
     /// When it ended (its outcome set).
     finished_at: OnceLock<Instant>,
+    /// Who cancelled it, named again in its closing audit entry.
+    cancelled_by: OnceLock<String>,
 }
 
 /// A finished job's page stays this long after it ends.
@@ -144,6 +146,7 @@ impl Jobs {
             progress: GroupProgress::new(),
             outcome: Mutex::new(None),
             finished_at: OnceLock::new(),
+            cancelled_by: OnceLock::new(),
         });
         self.prune();
         self.jobs
@@ -165,10 +168,13 @@ impl Jobs {
             .await;
             let end = match &result {
                 Ok(totals) => format!(
-                    "acted={} skipped={} cancelled={}",
-                    totals.acted, totals.skipped, totals.cancelled
+                    "acted={} skipped={} cancelled={}{}",
+                    totals.acted,
+                    totals.skipped,
+                    totals.cancelled,
+                    cancelled_by(&running.cancelled_by)
                 ),
-                Err(e) => format!("failed: {e}"),
+                Err(e) => format!("failed: {e}{}", cancelled_by(&running.cancelled_by)),
             };
             if let Err(e) = store
                 .record_console_action(
@@ -399,35 +405,47 @@ pub(crate) async fn cancel_job(
 ) -> Result<Response, PageError> {
     // A cancel takes effect before its audit entry is written, unlike
     // every other action here: it only stops a job, and the job's own
-    // closing entry records that it was cancelled. Written first, the entry
-    // waited on SQLite for the write lock that the job's batches hold back
-    // to back, and the cancel landed after the job had ended (or, past the
-    // busy timeout, not at all).
-    if let Some(replay) = console.jobs.replay(id) {
+    // closing entry records that it was cancelled, and by whom. Written
+    // first, the entry waited on SQLite for the write lock that the job's
+    // batches hold back to back, and the cancel landed after the job had
+    // ended (or, past the busy timeout, not at all).
+    let (action, target) = if let Some(replay) = console.jobs.replay(id) {
+        let _ = replay.cancelled_by.set(op.actor());
         replay.cancel.store(true, Ordering::Release);
         info!(job = id, actor = %op.actor(), "console DLQ replay cancelled");
-        console
-            .audit(
-                &op,
-                "dlq_replay_cancel",
-                &format!("job {id} queue {}", replay.queue),
-                "",
-            )
-            .await?;
-        return Ok(Redirect::to(&format!("/jobs/{id}")).into_response());
-    }
-    let job = console.jobs.get(id)?;
-    job.progress.cancel();
-    info!(job = id, actor = %op.actor(), "console group action cancelled");
-    console
-        .audit(
-            &op,
-            "group_job_cancel",
-            &format!("job {id} group {}", job.group.id),
-            "",
+        (
+            "dlq_replay_cancel",
+            format!("job {id} queue {}", replay.queue),
         )
-        .await?;
+    } else {
+        let job = console.jobs.get(id)?;
+        let _ = job.cancelled_by.set(op.actor());
+        job.progress.cancel();
+        info!(job = id, actor = %op.actor(), "console group action cancelled");
+        (
+            "group_job_cancel",
+            format!("job {id} group {}", job.group.id),
+        )
+    };
+    console.audit(&op, action, &target, "").await.map_err(|e| {
+        warn!(job = id, error = %e.message, "the console audit of a cancel failed");
+        PageError::new(
+            e.status,
+            format!(
+                "the job is cancelled, but the audit entry of the cancel was not written \
+                     (the job's closing entry names you): {}",
+                e.message
+            ),
+        )
+    })?;
     Ok(Redirect::to(&format!("/jobs/{id}")).into_response())
+}
+
+/// ` cancelled_by=<actor>` once a job was cancelled, for its closing entry.
+pub(super) fn cancelled_by(by: &OnceLock<String>) -> String {
+    by.get()
+        .map(|actor| format!(" cancelled_by={actor}"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
