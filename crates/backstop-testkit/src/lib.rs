@@ -301,29 +301,53 @@ pub(crate) fn parse_queue_counts(
 /// The prefetch of every consumer of `queue` (virtual host `/`), as the
 /// broker reports it (`rabbitmqctl list_consumers queue_name
 /// prefetch_count`). Panics when `rabbitmqctl` fails or prints a line it
-/// cannot read: a line is never skipped, nor read as no consumer.
+/// cannot read: a line is never skipped, nor read as no consumer. A listing
+/// that raced a queue's exit (another test deleting its queue) is taken
+/// again, up to five times.
 pub async fn consumer_prefetches(queue: &str) -> Vec<u64> {
     let queue = queue.to_owned();
     tokio::task::spawn_blocking(move || {
-        let out = rabbitmqctl(&[
-            "-q",
-            "list_consumers",
-            "--no-table-headers",
-            "queue_name",
-            "prefetch_count",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        parse_consumer_prefetches(&out, &queue).unwrap_or_else(|e| panic!("{e}"))
+        let mut raced = Vec::new();
+        while raced.len() < 5 {
+            let out = rabbitmqctl(&[
+                "-q",
+                "list_consumers",
+                "--no-table-headers",
+                "queue_name",
+                "prefetch_count",
+            ])
+            .unwrap_or_else(|e| panic!("{e}"));
+            match parse_consumer_prefetches(&out, &queue).unwrap_or_else(|e| panic!("{e}")) {
+                Listing::Read(prefetches) => return prefetches,
+                Listing::QueueExited(line) => raced.push(line),
+            }
+        }
+        panic!("rabbitmqctl list_consumers raced a queue's exit five times: {raced:?}")
     })
     .await
     .unwrap_or_else(|e| panic!("the rabbitmqctl task: {e}"))
 }
 
+/// What one `rabbitmqctl list_consumers` said.
+#[derive(Debug, PartialEq)]
+enum Listing {
+    /// The prefetches of the queue's consumers.
+    Read(Vec<u64>),
+    /// A queue process exited while the listing asked it for its consumers
+    /// (its queue was deleted): the broker prints that line, `{:badrpc,
+    /// {:EXIT, ...}}`, in place of the queue's rows, and names no queue, so
+    /// the listing says nothing certain of any queue.
+    QueueExited(String),
+}
+
 /// Reads the lines of `rabbitmqctl list_consumers queue_name
 /// prefetch_count`: the prefetches of `queue`'s consumers.
-fn parse_consumer_prefetches(out: &str, queue: &str) -> Result<Vec<u64>, String> {
+fn parse_consumer_prefetches(out: &str, queue: &str) -> Result<Listing, String> {
     let mut prefetches = Vec::new();
     for line in out.lines().filter(|l| !l.trim().is_empty()) {
+        if line.starts_with("{:badrpc, {:EXIT, ") {
+            return Ok(Listing::QueueExited(line.to_owned()));
+        }
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [name, prefetch] = fields.as_slice() else {
             return Err(format!(
@@ -337,7 +361,7 @@ fn parse_consumer_prefetches(out: &str, queue: &str) -> Result<Vec<u64>, String>
             prefetches.push(prefetch);
         }
     }
-    Ok(prefetches)
+    Ok(Listing::Read(prefetches))
 }
 
 /// The number of messages ready in `queue`, by a passive declare on
@@ -491,12 +515,24 @@ pub async fn serve_http(app: axum::Router) -> String {
 mod tests {
     #[test]
     fn consumer_prefetches_are_read_and_nonsense_is_an_error() {
+        use super::Listing;
         let out = "orders\t20\nother\t5\norders\t1\n\n";
         assert_eq!(
             super::parse_consumer_prefetches(out, "orders"),
-            Ok(vec![20, 1])
+            Ok(Listing::Read(vec![20, 1]))
         );
-        assert_eq!(super::parse_consumer_prefetches("", "orders"), Ok(vec![]));
+        assert_eq!(
+            super::parse_consumer_prefetches("", "orders"),
+            Ok(Listing::Read(vec![]))
+        );
+        // Printed by RabbitMQ 3.10.8 in CI when another test deleted its
+        // queue during the listing: not a reading of any queue.
+        let exited = "{:badrpc, {:EXIT, {:normal, {:gen_server2, :call, \
+                      [#PID<12352.7407.2>, :consumers, :infinity]}}}}";
+        assert_eq!(
+            super::parse_consumer_prefetches(&format!("orders\t20\n{exited}\n"), "orders"),
+            Ok(Listing::QueueExited(exited.to_owned()))
+        );
         for bad in ["orders\tmany\n", "orders\n", "Listing consumers ...\n"] {
             assert!(
                 super::parse_consumer_prefetches(bad, "orders").is_err(),
