@@ -334,9 +334,11 @@ enum Listing {
     /// The prefetches of the queue's consumers.
     Read(Vec<u64>),
     /// A queue process exited while the listing asked it for its consumers
-    /// (its queue was deleted): the broker prints that line, `{:badrpc,
-    /// {:EXIT, ...}}`, in place of the queue's rows, and names no queue, so
-    /// the listing says nothing certain of any queue.
+    /// (most often: another test deleted its queue). The broker ends the
+    /// listing with that line, `{:badrpc, {:EXIT, ...}}`, which names no
+    /// queue, so the listing says nothing certain of any queue. Any exit
+    /// reason matches; one that persists (a node down) panics after five
+    /// listings.
     QueueExited(String),
 }
 

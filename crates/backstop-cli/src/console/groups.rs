@@ -432,8 +432,8 @@ pub(crate) async fn cancel_job(
         PageError::new(
             e.status,
             format!(
-                "the job is cancelled, but the audit entry of the cancel was not written \
-                     (the job's closing entry names you): {}",
+                "the cancel is applied (a running job stops before its next batch or \
+                 publish), but its audit entry was not written: {}",
                 e.message
             ),
         )
